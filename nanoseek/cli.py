@@ -1,0 +1,66 @@
+"""The `nanoseek` command: one subcommand per stage.
+
+    nanoseek --help
+    nanoseek pretrain            # tiny model on the built-in task corpus, CPU
+    nanoseek speedrun            # the whole pipeline on the embedded default
+
+Each subcommand lives in `nanoseek/commands/<name>.py` and exposes
+`add_arguments(parser)` and `run(args) -> int`; they are imported only when used,
+so `nanoseek --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order of the pipeline.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("nanoseek.commands.tokenizer", "train or inspect a byte-level BPE tokenizer"),
+    "data": ("nanoseek.commands.data", "generate verifiable-task datasets (JSONL)"),
+    "pretrain": ("nanoseek.commands.pretrain", "pretrain a model on text (default: the built-in task corpus)"),
+    "sft": ("nanoseek.commands.sft", "supervised fine-tuning on conversations"),
+    "rl": ("nanoseek.commands.rl", "GRPO / DAPO / Dr. GRPO with verifiable rewards"),
+    "generate": ("nanoseek.commands.generate", "batched generation from a checkpoint"),
+    "chat": ("nanoseek.commands.chat", "interactive chat with a checkpoint"),
+    "eval": ("nanoseek.commands.eval", "accuracy (pass@k, cons@k) and speed on a benchmark"),
+    "convert": ("nanoseek.commands.convert", "convert to and from Hugging Face checkpoints"),
+    "speedrun": ("nanoseek.commands.speedrun", "the whole pipeline: tokenizer, pretrain, SFT, RL, eval"),
+    "model": ("nanoseek.commands.model", "show a preset's size, FLOPs per token and KV bytes"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    """Subcommands whose module exists in this checkout."""
+    return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"nanoseek {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in _available().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def _version() -> str:
+    from nanoseek import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

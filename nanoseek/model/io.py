@@ -1,0 +1,60 @@
+"""Save and load a model directory: `config.json` + `model.safetensors` (never pickle)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.transformer import Transformer
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename: no torn files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """State dict as contiguous CPU tensors (safetensors wants no shared or strided storage)."""
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_model(model: Transformer, directory: str | Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / "config.json", lambda p: model.cfg.save(p))
+    atomic_write(directory / "model.safetensors", lambda p: save_file(model_state(model), p))
+
+
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """Build on the meta device (no random init, no second copy) and assign the stored tensors."""
+    directory = Path(directory)
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory}: no {name} (not a nanoseek model directory)")
+    cfg = ModelConfig.load(directory / "config.json")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = load_file(str(directory / "model.safetensors"), device=str(device))
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{directory / 'model.safetensors'}: missing tensors {missing}, unexpected {unexpected}")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    model.materialize_buffers(device)
+    return model.to(device)

@@ -1,0 +1,212 @@
+"""DeepSeekMoE: fine-grained routed SwiGLU experts + always-on shared experts.
+
+Routing is token-choice top-k. The per-expert `e_score_correction_bias` (DeepSeek-V3's
+name, so checkpoints map one to one) is added to the scores only to *choose* experts;
+the gate weights come from the unbiased scores. It is trained by no gradient: after
+each optimizer step `update_bias()` nudges it by `rate * sign(mean_load - load)`
+(auxiliary-loss-free load balancing), installed as an optimizer hook by
+`install_balancing_hook`.
+
+The experts run without a Python loop: token copies are sorted by expert and the
+three expert matmuls each go through one call, `grouped_mm`, which is the seam to
+swap kernels (torch._grouped_mm on CUDA, a padded bmm elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nanoseek.model.config import ModelConfig
+
+# Set to False to force the padded-bmm fallback everywhere (benchmarks compare both).
+USE_GROUPED_MM_KERNEL = True
+
+
+def _kernel_ok(x: Tensor) -> bool:
+    return (
+        USE_GROUPED_MM_KERNEL
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and x.shape[-1] % 8 == 0
+    )
+
+
+def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """Rows of `x` grouped by expert (group e has counts[e] rows, in order) times `w[e].T`.
+
+    x: [M, d_in], w: [E, d_out, d_in], counts: [E] int -> [M, d_out].
+    On CUDA bf16 this is one grouped GEMM with no host synchronisation.
+    """
+    if _kernel_ok(x):
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+    return _padded_grouped_mm(x, w, counts)
+
+
+def _padded_grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """Loop-free fallback: scatter rows into an [E, max_count, d_in] buffer and use one bmm.
+
+    Correct for any device and dtype (float64 included); reads max_count on the host.
+    """
+    n_experts = w.shape[0]
+    expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
+    capacity = int(counts.max()) if x.shape[0] else 0
+    buf = x.new_zeros(n_experts, capacity, x.shape[1])
+    buf = buf.index_put((expert_of_row, slot), x)
+    out = torch.bmm(buf, w.transpose(-2, -1))
+    return out[expert_of_row, slot]
+
+
+class SwiGLU(nn.Module):
+    """Dense gated MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, d_model, bias=False)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Router(nn.Module):
+    """Scores experts, picks top-k (optionally group-limited) with a selection-only bias."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.d_model))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        # Token copies routed to each expert since the last bias update (training only).
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # Loads of the most recent forward, for logging.
+        self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [N, D] -> (expert ids [N, k], gate weights [N, k] in x's dtype, scores [N, E] float)."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias.float()
+        if cfg.n_groups > 1:
+            grouped = choice.view(x.shape[0], cfg.n_groups, -1)
+            # DeepSeek-V3 ranks groups by the sum of their two best scores; softmax routers (V2) by the best.
+            best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values
+            group_score = best.sum(-1) if cfg.score_func == "sigmoid" else best[..., 0]
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(cfg.topk_groups, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        expert_ids = choice.topk(cfg.top_k, dim=-1).indices
+        weights = scores.gather(1, expert_ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * cfg.routed_scaling_factor
+        with torch.no_grad():
+            load = torch.bincount(expert_ids.flatten(), minlength=cfg.n_routed_experts).to(self.last_load.dtype)
+            self.last_load.copy_(load)
+            if self.training:
+                self.tokens_per_expert.add_(load)
+        return expert_ids, weights.to(x.dtype), scores
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Auxiliary-loss-free balancing step: raise the bias of under-loaded experts, lower over-loaded."""
+        load = self.tokens_per_expert
+        if load.sum() == 0:
+            return
+        self.e_score_correction_bias.add_(self.cfg.bias_update_rate * torch.sign(load.mean() - load))
+        load.zero_()
+
+
+class MoE(nn.Module):
+    """Routed experts (stacked weights, grouped GEMMs) + fused shared experts."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        E, D, F_ = cfg.n_routed_experts, cfg.d_model, cfg.moe_d_ff
+        self.router = Router(cfg)
+        # Stacked expert weights in nn.Linear layout ([out, in]) so per-expert HF tensors map directly.
+        self.w1 = nn.Parameter(torch.empty(E, F_, D))  # gate
+        self.w3 = nn.Parameter(torch.empty(E, F_, D))  # up
+        self.w2 = nn.Parameter(torch.empty(E, D, F_))  # down
+        self.shared = SwiGLU(D, cfg.shared_hidden) if cfg.shared_hidden > 0 else None
+        self.shared_gate = nn.Linear(D, 1, bias=False) if cfg.shared_expert_gate and self.shared else None
+        self.aux_loss: Tensor | None = None
+
+    def experts(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+        """SwiGLU of each row by its own expert; rows sorted by expert with `counts` per expert."""
+        gate = grouped_mm(x_sorted, self.w1, counts)
+        up = grouped_mm(x_sorted, self.w3, counts)
+        return grouped_mm(F.silu(gate) * up, self.w2, counts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        expert_ids, weights, scores = self.router(flat)
+        k = expert_ids.shape[1]
+
+        # Sort the N*k token copies by expert; stable so equal experts keep token order.
+        flat_ids = expert_ids.flatten()
+        order = torch.argsort(flat_ids, stable=True)
+        token_of_copy = order // k
+        counts = torch.bincount(flat_ids, minlength=self.cfg.n_routed_experts)
+        out_sorted = self.experts(flat[token_of_copy], counts)
+        out_sorted = out_sorted * weights.flatten()[order, None]
+        routed = torch.zeros_like(flat).index_add_(0, token_of_copy, out_sorted)
+
+        if self.shared is not None:
+            shared = self.shared(flat)
+            if self.shared_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_gate(flat))
+            routed = routed + shared
+
+        self.aux_loss = None
+        if self.training and self.cfg.aux_loss_coef > 0:
+            self.aux_loss = self._sequence_aux_loss(expert_ids, scores, shape)
+        return routed.view(shape)
+
+    def _sequence_aux_loss(self, expert_ids: Tensor, scores: Tensor, shape: torch.Size) -> Tensor:
+        """DeepSeek-V3 sequence-wise balance loss: alpha * sum_i f_i * P_i, averaged over sequences."""
+        E, k = self.cfg.n_routed_experts, expert_ids.shape[1]
+        B = shape[0] if len(shape) == 3 else 1
+        T = expert_ids.shape[0] // B
+        chosen = torch.zeros(B * T, E, device=scores.device).scatter_(1, expert_ids, 1.0).view(B, T, E)
+        f = chosen.sum(1) * E / (k * T)  # [B, E]
+        p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # [B, E]
+        return self.cfg.aux_loss_coef * (f * p).sum(-1).mean()
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def update_router_biases(model: nn.Module) -> None:
+    for m in moe_layers(model):
+        m.router.update_bias()
+
+
+def install_balancing_hook(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Run the auxiliary-loss-free bias update after every optimizer step."""
+    if moe_layers(model):
+        optimizer.register_step_post_hook(lambda *_: update_router_biases(model))
+
+
+@torch.no_grad()
+def router_stats(model: nn.Module) -> dict[str, list[float]]:
+    """Per MoE layer: max-violation (max load / mean load - 1) of the most recent forward.
+
+    One host transfer for all layers, so call it at logging time, not per step.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        return {}
+    loads = torch.stack([m.router.last_load for m in layers]).float()
+    violation = loads.max(-1).values / loads.mean(-1).clamp_min(1e-9) - 1
+    return {"max_violation": violation.tolist(), "tokens_per_expert": loads.tolist()}
