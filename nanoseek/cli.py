@@ -19,7 +19,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("nanoseek.commands.tokenizer", "train or inspect a byte-level BPE tokenizer"),
     "data": ("nanoseek.commands.data", "generate verifiable-task datasets (JSONL)"),
-    "pretrain": ("nanoseek.commands.pretrain", "pretrain a model on text (default: the built-in task corpus)"),
+    "pretrain": (
+        "nanoseek.commands.pretrain",
+        "pretrain a model on text (default: the built-in task corpus)",
+    ),
     "sft": ("nanoseek.commands.sft", "supervised fine-tuning on conversations"),
     "rl": ("nanoseek.commands.rl", "GRPO / DAPO / Dr. GRPO with verifiable rewards"),
     "generate": ("nanoseek.commands.generate", "batched generation from a checkpoint"),

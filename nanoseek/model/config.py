@@ -131,26 +131,45 @@ class ModelConfig:
         need(self.init_std > 0, "init_std", "> 0")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            need(kind in ("default", "linear", "dynamic", "yarn", "llama3"), "rope_scaling",
-                 "None or a dict with rope_type in default|linear|dynamic|yarn|llama3")
+            need(
+                kind in ("default", "linear", "dynamic", "yarn", "llama3"),
+                "rope_scaling",
+                "None or a dict with rope_type in default|linear|dynamic|yarn|llama3",
+            )
         if self.attn_type == "mla":
             need(self.kv_lora_rank >= 1, "kv_lora_rank", ">= 1 for MLA")
             need(self.q_lora_rank >= 0, "q_lora_rank", ">= 0 (0 = no query compression)")
-            need(self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even, >= 2")
+            need(
+                self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
+                "qk_rope_head_dim",
+                "even, >= 2",
+            )
             need(self.qk_nope_head_dim >= 0, "qk_nope_head_dim", ">= 0")
             need(self.v_head_dim >= 1, "v_head_dim", ">= 1")
         need(self.n_routed_experts >= 0, "n_routed_experts", ">= 0 (0 = dense)")
         if self.is_moe:
-            need(1 <= self.top_k <= self.n_routed_experts, "top_k", f"in [1, n_routed_experts={self.n_routed_experts}]")
+            need(
+                1 <= self.top_k <= self.n_routed_experts,
+                "top_k",
+                f"in [1, n_routed_experts={self.n_routed_experts}]",
+            )
             need(self.moe_d_ff >= 1, "moe_d_ff", ">= 1")
             need(self.n_shared_experts >= 0, "n_shared_experts", ">= 0")
             need(self.score_func in ("softmax", "sigmoid"), "score_func", "'softmax' or 'sigmoid'")
-            need(self.n_groups >= 1 and self.n_routed_experts % self.n_groups == 0, "n_groups",
-                 f"a divisor of n_routed_experts={self.n_routed_experts}")
+            need(
+                self.n_groups >= 1 and self.n_routed_experts % self.n_groups == 0,
+                "n_groups",
+                f"a divisor of n_routed_experts={self.n_routed_experts}",
+            )
             need(1 <= self.topk_groups <= self.n_groups, "topk_groups", f"in [1, n_groups={self.n_groups}]")
-            need(self.top_k <= self.topk_groups * (self.n_routed_experts // self.n_groups), "top_k",
-                 "<= the number of experts in the topk_groups allowed groups")
-            need(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", f"in [0, n_layers={self.n_layers}]")
+            need(
+                self.top_k <= self.topk_groups * (self.n_routed_experts // self.n_groups),
+                "top_k",
+                "<= the number of experts in the topk_groups allowed groups",
+            )
+            need(
+                0 <= self.first_k_dense <= self.n_layers, "first_k_dense", f"in [0, n_layers={self.n_layers}]"
+            )
             need(self.routed_scaling_factor > 0, "routed_scaling_factor", "> 0")
             need(self.bias_update_rate >= 0, "bias_update_rate", ">= 0")
             need(self.aux_loss_coef >= 0, "aux_loss_coef", ">= 0")
@@ -187,22 +206,60 @@ class ModelConfig:
 
 _TINY = dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=512)
 # ~100M-parameter shapes for one GPU; vocab 32768 as in the engine benchmark.
-_SMALL = dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048,
-              max_seq_len=2048, rope_theta=100000.0, qk_norm=True)
+_SMALL = dict(
+    vocab_size=32768,
+    d_model=768,
+    n_layers=12,
+    n_heads=12,
+    n_kv_heads=4,
+    d_ff=2048,
+    max_seq_len=2048,
+    rope_theta=100000.0,
+    qk_norm=True,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: a few hundred thousand parameters.
     "tiny": dict(_TINY),
-    "tiny-moe": dict(_TINY, n_routed_experts=8, n_shared_experts=1, moe_d_ff=96, top_k=2, first_k_dense=1,
-                     score_func="sigmoid", routed_scaling_factor=1.0),
+    "tiny-moe": dict(
+        _TINY,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_d_ff=96,
+        top_k=2,
+        first_k_dense=1,
+        score_func="sigmoid",
+        routed_scaling_factor=1.0,
+    ),
     # One GPU, ~100M total parameters.
     "small": dict(_SMALL),
-    "small-moe": dict(_SMALL, n_routed_experts=16, n_shared_experts=1, moe_d_ff=128, top_k=2,
-                      first_k_dense=1, score_func="sigmoid"),
+    "small-moe": dict(
+        _SMALL,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        moe_d_ff=128,
+        top_k=2,
+        first_k_dense=1,
+        score_func="sigmoid",
+    ),
     # ~1B total / ~200M active: DeepSeek-V3 style fine-grained experts.
-    "moe-1b": dict(_SMALL, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, d_ff=4096, n_routed_experts=64,
-                   n_shared_experts=2, moe_d_ff=384, top_k=6, first_k_dense=1, score_func="sigmoid",
-                   routed_scaling_factor=2.5, n_groups=8, topk_groups=4),
+    "moe-1b": dict(
+        _SMALL,
+        d_model=1024,
+        n_layers=12,
+        n_heads=16,
+        n_kv_heads=4,
+        d_ff=4096,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        moe_d_ff=384,
+        top_k=6,
+        first_k_dense=1,
+        score_func="sigmoid",
+        routed_scaling_factor=2.5,
+        n_groups=8,
+        topk_groups=4,
+    ),
 }
 
 

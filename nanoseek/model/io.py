@@ -53,7 +53,9 @@ def load_model(
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"{directory / 'model.safetensors'}: missing tensors {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"{directory / 'model.safetensors'}: missing tensors {missing}, unexpected {unexpected}"
+        )
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     model.materialize_buffers(device)

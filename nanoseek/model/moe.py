@@ -89,11 +89,13 @@ class Router(nn.Module):
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [N, D] -> (expert ids [N, k], gate weights [N, k] in x's dtype, scores [N, E] float)."""
+        """x: [N, D] -> (expert ids [N, k], gate weights [N, k] in x's dtype, scores [N, E] in >= float32)."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())
+        # Route in at least float32: bf16 scores would flip near-tied expert choices.
+        work = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(work), self.weight.to(work))
         scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores + self.e_score_correction_bias.float()
+        choice = scores + self.e_score_correction_bias.to(work)
         if cfg.n_groups > 1:
             grouped = choice.view(x.shape[0], cfg.n_groups, -1)
             # DeepSeek-V3 ranks groups by the sum of their two best scores; softmax routers (V2) by the best.
@@ -108,7 +110,9 @@ class Router(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * cfg.routed_scaling_factor
         with torch.no_grad():
-            load = torch.bincount(expert_ids.flatten(), minlength=cfg.n_routed_experts).to(self.last_load.dtype)
+            load = torch.bincount(expert_ids.flatten(), minlength=cfg.n_routed_experts).to(
+                self.last_load.dtype
+            )
             self.last_load.copy_(load)
             if self.training:
                 self.tokens_per_expert.add_(load)
@@ -177,7 +181,11 @@ class MoE(nn.Module):
         E, k = self.cfg.n_routed_experts, expert_ids.shape[1]
         B = shape[0] if len(shape) == 3 else 1
         T = expert_ids.shape[0] // B
-        chosen = torch.zeros(B * T, E, device=scores.device).scatter_(1, expert_ids, 1.0).view(B, T, E)
+        chosen = (
+            torch.zeros(B * T, E, device=scores.device, dtype=scores.dtype)
+            .scatter_(1, expert_ids, 1.0)
+            .view(B, T, E)
+        )
         f = chosen.sum(1) * E / (k * T)  # [B, E]
         p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # [B, E]
         return self.cfg.aux_loss_coef * (f * p).sum(-1).mean()

@@ -15,7 +15,8 @@ from torch import Tensor
 
 
 def _default(base: float, dim: int) -> Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    # Always on the CPU in float64, also under a meta-device build; moved to the device on use.
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -67,7 +68,7 @@ def rope_frequencies(
         low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
         extrapolate = 1 - ramp
         inv_freq = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
         return inv_freq, float(attn)
@@ -84,7 +85,9 @@ def dynamic_inv_freq(base: float, dim: int, scaling: dict[str, Any], max_positio
     return _default(base, dim)
 
 
-def rope_cos_sin(positions: Tensor, inv_freq: Tensor, attention_scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    positions: Tensor, inv_freq: Tensor, attention_scaling: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """cos, sin of shape [B, T, dim] for integer positions [B, T]."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     angles = positions.to(work)[..., None] * inv_freq.to(device=positions.device, dtype=work)
