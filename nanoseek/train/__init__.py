@@ -1,0 +1,1 @@
+"""Training: the one loop (pretraining, SFT, and the update step of RL), optimizers, checkpoints."""

@@ -1,0 +1,115 @@
+"""Checkpoints: everything needed to continue a run bit for bit, written atomically.
+
+    RUN_DIR/checkpoints/step_N/
+        config.json, model.safetensors      the model (loadable on its own: `--checkpoint`)
+        tokenizer.json, tokenizer_config.json
+        optimizer.pt                        optimizer states (tensors only; loaded with weights_only=True)
+        rng.safetensors                     torch (and CUDA) generator states
+        trainer_state.json                  step, data position, python/numpy RNG, stage-specific state
+
+The directory is assembled under a temporary name and renamed into place, so a
+crash mid-write never leaves a half checkpoint that `--resume` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanoseek.loading import latest_checkpoint
+from nanoseek.model.io import save_model
+from nanoseek.model.transformer import Transformer
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    plain = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    v, state, gauss = plain["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: Transformer,
+    optimizers: list[torch.optim.Optimizer] | None = None,
+    tokenizer: Any = None,
+    state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write RUN_DIR/checkpoints/step_N atomically and keep only the newest `keep` checkpoints."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step}.", suffix=".tmp"))
+    try:
+        save_model(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if optimizers is not None:
+            torch.save([opt.state_dict() for opt in optimizers], tmp / "optimizer.pt")
+        tensors, plain = rng_state()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "rng.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "rng": plain, **(state or {})}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(ckpt_root, keep)
+    return final
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    steps = sorted((int(d.name.split("_")[1]), d) for d in ckpt_root.glob("step_*") if d.name.split("_")[1].isdigit())
+    for _, d in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def load_trainer_state(
+    ckpt: Path, optimizers: list[torch.optim.Optimizer] | None = None, restore_rng: bool = True
+) -> dict[str, Any]:
+    """Restore optimizer and RNG states from a checkpoint directory; return trainer_state.json."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if optimizers is not None:
+        saved = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        if len(saved) != len(optimizers):
+            raise ValueError(f"{ckpt}/optimizer.pt: holds {len(saved)} optimizer states, the run has {len(optimizers)}")
+        for opt, s in zip(optimizers, saved):
+            opt.load_state_dict(s)
+    if restore_rng:
+        set_rng_state(load_file(str(ckpt / "rng.safetensors")), state["rng"])
+    return state
+
+
+def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
+    return latest_checkpoint(Path(run_dir))

@@ -1,0 +1,230 @@
+"""The one training loop, shared by pretraining and SFT.
+
+It takes a model, a stream of batches (dicts of `input_ids`, `targets`, `positions`,
+`doc_ids`; targets are -100 where no loss is taken) and a TrainConfig, and owns
+everything around the gradient step: the schedule, gradient accumulation (the loss
+is normalised by the tokens of the whole step, not per micro-batch), clipping, bf16
+autocast on CUDA, the MoE balancing update (an optimizer hook), progress, metrics,
+validation, checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from nanoseek.config import TrainConfig
+from nanoseek.model import Transformer, install_balancing_hook, router_stats
+from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, save_checkpoint
+from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+class BatchStream(Protocol):
+    def next_batch(self) -> dict[str, torch.Tensor] | None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy over target tokens, MoE aux loss)."""
+    return model.loss(
+        batch["input_ids"], batch["targets"], batch.get("positions"), batch.get("doc_ids"), reduction="sum"
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(model: Transformer, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(device):
+            ce, _ = batch_loss(model, batch)
+        total += ce.item()
+        count += int((batch["targets"] != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(
+    model: Transformer,
+    data: BatchStream,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    val_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None,
+    resume: bool = False,
+    stage: str = "train",
+    device: torch.device | None = None,
+    quiet: bool = False,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
+    """Train for cfg.steps optimizer steps; returns the summary (also written to RUN_DIR/summary.json).
+
+    `stop_at` ends this process early (with a checkpoint) as an interruption would; the
+    schedule still spans cfg.steps, and `resume=True` continues exactly where it stopped.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = device or next(model.parameters()).device
+    model.to(device).train()
+    optimizers = build_optimizers(model, cfg, device)
+    install_balancing_hook(optimizers[-1], model)
+
+    start = 0
+    ckpt = find_resume_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
+        state = load_trainer_state(ckpt, optimizers)
+        data.load_state_dict(state["data"])
+        start = state["step"]
+        if not quiet:
+            print(f"resuming {stage} from {ckpt} (step {start})")
+    log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt is not None else None)
+
+    step_model = torch.compile(model) if cfg.compile else model
+    flops_per_token = model.flops_per_token(cfg.seq_len)
+    peak = peak_flops(device)
+    bar = tqdm(total=cfg.steps, initial=start, desc=stage, disable=quiet, dynamic_ncols=True)
+    last_loss, val_loss, tokens_seen, done = math.nan, None, 0, start
+    t_start = time.perf_counter()
+
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        set_lr(optimizers, lr_factor(step, cfg))
+        micro = [to_device(_next(data), device) for _ in range(cfg.grad_accum)]
+        n_targets = sum(int((b["targets"] != -100).sum()) for b in micro)
+        ce_total, aux_total = 0.0, 0.0
+        for b in micro:
+            with autocast(device):
+                ce, aux = batch_loss(step_model, b)
+                loss = ce / max(n_targets, 1) + aux / cfg.grad_accum
+            loss.backward()
+            ce_total += ce.item()
+            aux_total += float(aux)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if cfg.grad_clip > 0
+            else torch.tensor(0.0)
+        )
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+        dt = time.perf_counter() - t0
+        step_tokens = sum(b["input_ids"].numel() for b in micro)
+        tokens_seen += step_tokens
+        last_loss = ce_total / max(n_targets, 1)
+        tok_s = step_tokens / dt
+        mfu = flops_per_token * tok_s / peak if peak else None
+        done = step + 1
+
+        if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
+            record: dict[str, Any] = dict(
+                step=done,
+                loss=last_loss,
+                lr=optimizers[0].param_groups[0]["lr"],
+                grad_norm=float(grad_norm),
+                tokens_per_s=tok_s,
+                time=time.perf_counter() - t_start,
+            )
+            if mfu is not None:
+                record["mfu"] = mfu
+            if aux_total:
+                record["aux_loss"] = aux_total
+            stats = router_stats(model)
+            if stats:
+                record["max_violation"] = stats["max_violation"]
+            log.write(record)
+        if val_batches is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+            val_loss = evaluate_loss(model, val_batches(), device)
+            log.write(dict(step=done, val_loss=val_loss))
+            model.train()
+        interrupted = stop_at is not None and done >= stop_at and done < cfg.steps
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or interrupted:
+            save_checkpoint(
+                run_dir,
+                done,
+                model,
+                optimizers,
+                tokenizer,
+                {"data": data.state_dict(), "stage": stage},
+                keep=cfg.keep_checkpoints,
+            )
+
+        postfix = dict(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        if mfu is not None:
+            postfix["mfu"] = f"{100 * mfu:.1f}%"
+        if val_loss is not None:
+            postfix["val"] = f"{val_loss:.3f}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+        if interrupted:
+            break
+    bar.close()
+
+    summary = dict(
+        stage=stage,
+        steps=done if cfg.steps > start else start,
+        final_loss=last_loss,
+        val_loss=val_loss,
+        wall_time_s=time.perf_counter() - t_start,
+        tokens=tokens_seen,
+        params=model.num_params(),
+        active_params=model.num_active_params(),
+    )
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _next(data: BatchStream) -> dict[str, torch.Tensor]:
+    batch = data.next_batch()
+    if batch is None:
+        raise RuntimeError("the training data ran out (train streams should repeat: epochs=None)")
+    return batch

@@ -1,0 +1,114 @@
+"""Optimizers and learning-rate schedules.
+
+AdamW: weight decay on matrices only (not norms, biases, embeddings, the router).
+Muon: momentum orthogonalised by a Newton-Schulz iteration, for the 2-D hidden weights
+(and each expert's matrices); everything else stays on AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from nanoseek.config import TrainConfig
+
+
+def _no_decay(name: str, p: Tensor) -> bool:
+    return p.dim() < 2 or "embed" in name or "router" in name
+
+
+def _muon_eligible(name: str, p: Tensor) -> bool:
+    """Hidden matrices: 2-D linear weights and 3-D stacked expert weights, not embedding/head/router."""
+    return p.dim() >= 2 and "embed" not in name and "lm_head" not in name and "router" not in name
+
+
+def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
+    """Approximately orthogonalise the last two dims of g (quintic iteration tuned for speed, as in Muon)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum" not in state:
+                    state["momentum"] = torch.zeros_like(p)
+                buf = state["momentum"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = newton_schulz(p.grad.lerp(buf, group["momentum"]))  # Nesterov
+                scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """One AdamW (and a Muon when asked); each group remembers its peak lr in 'base_lr'."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon_params = [p for n, p in named if cfg.optimizer == "muon" and _muon_eligible(n, p)]
+    muon_ids = {id(p) for p in muon_params}
+    decay = [p for n, p in named if id(p) not in muon_ids and not _no_decay(n, p)]
+    no_decay = [p for n, p in named if id(p) not in muon_ids and _no_decay(n, p)]
+    groups = [
+        dict(params=decay, weight_decay=cfg.weight_decay, lr=cfg.lr, base_lr=cfg.lr),
+        dict(params=no_decay, weight_decay=0.0, lr=cfg.lr, base_lr=cfg.lr),
+    ]
+    fused = device.type == "cuda"
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW([g for g in groups if g["params"]], betas=(cfg.beta1, cfg.beta2), fused=fused)
+    ]
+    if cfg.optimizer == "muon":
+        opts.append(
+            Muon(
+                [dict(params=muon_params, lr=cfg.muon_lr, base_lr=cfg.muon_lr)],
+                lr=cfg.muon_lr,
+                weight_decay=cfg.weight_decay,
+            )
+        )
+    elif cfg.optimizer != "adamw":
+        raise ValueError(f"train.optimizer = {cfg.optimizer!r}: must be 'adamw' or 'muon'")
+    return opts
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warmup, then cosine / WSD / constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, int(cfg.steps * cfg.decay_fraction))
+        decay_start = cfg.steps - decay_steps
+        if step < decay_start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * min(1.0, (step - decay_start) / decay_steps)
+    raise ValueError(f"train.schedule = {cfg.schedule!r}: must be 'cosine', 'wsd' or 'constant'")
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor

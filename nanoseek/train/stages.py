@@ -1,0 +1,166 @@
+"""Pretraining and SFT: build the data and the model for a run, then hand both to the one loop.
+
+nanoseek pretrain                       # tiny model, built-in task corpus, CPU
+nanoseek sft --checkpoint runs/pretrain # built-in task conversations
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.config import RunConfig, run_config_to_toml
+from nanoseek.data.errors import BadInputStats
+from nanoseek.data.packing import PackedTextDataset
+from nanoseek.data.sft import SFTDataset, load_conversations
+from nanoseek.loading import load_checkpoint, pick_device
+from nanoseek.model import Transformer
+from nanoseek.tasks.corpus import pretrain_texts, sft_conversations
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.loop import train
+
+
+def _task_weights(cfg: RunConfig) -> dict[str, float]:
+    return {name.strip(): 1.0 for name in cfg.data.tasks.split(",") if name.strip()}
+
+
+def _write_config(cfg: RunConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(run_config_to_toml(cfg))
+
+
+def _round_up(n: int, multiple: int = 64) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def pretrain_tokenizer(cfg: RunConfig, run_dir: Path, texts: list[str] | None) -> Tokenizer:
+    """The run's tokenizer: reuse RUN_DIR/tokenizer, else train one on the data (or the built-in corpus)."""
+    tok_dir = run_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        return Tokenizer.load(tok_dir)
+    if texts is None:
+        from itertools import islice
+
+        from nanoseek.data.text import iter_documents
+
+        texts = list(
+            islice(iter_documents(cfg.data.files, text_field=cfg.data.text_field, skip_bad=cfg.data.skip_bad), 50_000)
+        )
+    tokenizer = Tokenizer.train(texts, cfg.data.vocab_size)
+    tokenizer.save(tok_dir)
+    return tokenizer
+
+
+def pretrain(
+    cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: bool = False, stop_at: int | None = None
+) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    _write_config(cfg, run_dir)
+    torch.manual_seed(cfg.train.seed)
+    device = pick_device(cfg.train.device)
+    t = cfg.train
+    stats = BadInputStats()
+    if cfg.data.files:
+        tokenizer = pretrain_tokenizer(cfg, run_dir, None)
+        common = dict(
+            text_field=cfg.data.text_field,
+            skip_bad=cfg.data.skip_bad,
+            stats=stats,
+            val_fraction=cfg.data.val_fraction,
+            seed=t.seed,
+        )
+        data = PackedTextDataset.from_files(cfg.data.files, tokenizer, t.seq_len, t.batch_size, **common)
+        val = lambda: PackedTextDataset.from_files(
+            cfg.data.files, tokenizer, t.seq_len, t.batch_size, split="val", **common
+        )
+    else:
+        texts = pretrain_texts(cfg.data.builtin_examples, seed=t.seed, weights=_task_weights(cfg))
+        tokenizer = pretrain_tokenizer(cfg, run_dir, texts)
+        data = PackedTextDataset(
+            texts, tokenizer, t.seq_len, t.batch_size, val_fraction=cfg.data.val_fraction, seed=t.seed
+        )
+        val = lambda: PackedTextDataset(
+            texts, tokenizer, t.seq_len, t.batch_size, split="val", val_fraction=cfg.data.val_fraction, seed=t.seed
+        )
+    model = Transformer(cfg.model_config(vocab_size=_round_up(tokenizer.vocab_size)))
+    if not quiet:
+        print(
+            f"pretrain: {model.num_params() / 1e6:.2f}M parameters ({model.num_active_params() / 1e6:.2f}M active), "
+            f"vocab {tokenizer.vocab_size}, device {device}",
+            file=sys.stderr,
+        )
+    val_batches = lambda: _take(val(), t.eval_batches)
+    summary = train(
+        model,
+        data,
+        t,
+        run_dir,
+        tokenizer=tokenizer,
+        val_batches=val_batches,
+        resume=resume,
+        stage="pretrain",
+        device=device,
+        quiet=quiet,
+        stop_at=stop_at,
+    )
+    if stats.count:
+        print(stats.report(), file=sys.stderr)
+    return summary
+
+
+def sft(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    checkpoint: str | Path,
+    resume: bool = False,
+    quiet: bool = False,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `checkpoint` on conversations; loss only on assistant tokens."""
+    run_dir = Path(run_dir)
+    _write_config(cfg, run_dir)
+    torch.manual_seed(cfg.train.seed)
+    device = pick_device(cfg.train.device)
+    t = cfg.train
+    model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=torch.float32)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{checkpoint}: no tokenizer.json beside the weights")
+    stats = BadInputStats()
+    if cfg.data.files:
+        conversations = load_conversations(cfg.data.files, skip_bad=cfg.data.skip_bad, stats=stats)
+        n_val = max(1, int(len(conversations) * cfg.data.val_fraction))
+        train_conv, val_conv = conversations[n_val:], conversations[:n_val]
+    else:
+        weights = _task_weights(cfg)
+        train_conv = sft_conversations(cfg.data.builtin_examples, seed=t.seed, weights=weights)
+        val_conv = sft_conversations(max(64, t.batch_size * t.eval_batches), seed=t.seed, split="test", weights=weights)
+    data = SFTDataset(train_conv, tokenizer, t.seq_len, t.batch_size, seed=t.seed)
+    val_batches = lambda: _take(
+        SFTDataset(val_conv, tokenizer, t.seq_len, t.batch_size, shuffle=False, epochs=1), t.eval_batches
+    )
+    summary = train(
+        model,
+        data,
+        t,
+        run_dir,
+        tokenizer=tokenizer,
+        val_batches=val_batches,
+        resume=resume,
+        stage="sft",
+        device=device,
+        quiet=quiet,
+        stop_at=stop_at,
+    )
+    if stats.count:
+        print(stats.report(), file=sys.stderr)
+    return summary
+
+
+def _take(dataset: Any, n: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    while len(out) < n and (batch := dataset.next_batch()) is not None:
+        out.append(batch)
+    return out

@@ -1,0 +1,169 @@
+"""The training loop: exact resume, accumulation, schedules, optimizers, configs, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoseek.config import RunConfig, TrainConfig, load_run_config, run_config_to_toml
+from nanoseek.model import Transformer, get_preset
+from nanoseek.train import checkpoint as ckpt_mod
+from nanoseek.train.loop import batch_loss
+from nanoseek.train.optim import lr_factor, newton_schulz
+from nanoseek.train.stages import pretrain
+
+torch.set_num_threads(2)
+
+
+def small_run(optimizer: str = "adamw", **train) -> RunConfig:
+    cfg = RunConfig(preset="tiny-moe")
+    cfg.model.update(d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, moe_d_ff=16, n_layers=2)
+    cfg.data.builtin_examples = 300
+    cfg.data.vocab_size = 300
+    cfg.train = TrainConfig(
+        steps=6,
+        batch_size=4,
+        seq_len=48,
+        grad_accum=2,
+        warmup_steps=2,
+        eval_every=3,
+        eval_batches=1,
+        checkpoint_every=100,
+        log_every=1,
+        optimizer=optimizer,
+        **train,
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_exact(tmp_path, optimizer):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain(small_run(optimizer), straight, quiet=True)
+    pretrain(small_run(optimizer), resumed, quiet=True, stop_at=3)
+    assert (resumed / "checkpoints" / "step_3").is_dir() and not (resumed / "checkpoints" / "step_6").exists()
+    pretrain(small_run(optimizer), resumed, resume=True, quiet=True)
+
+    a = load_file(str(straight / "checkpoints" / "step_6" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_6" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The router's balancing bias (a buffer, not a parameter) is part of the exact state too.
+    assert any("e_score_correction_bias" in k and a[k].abs().sum() > 0 for k in a)
+    losses = lambda d: [
+        r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
+    assert losses(straight) == losses(resumed)
+    assert len(losses(straight)) == 6
+
+
+def test_accumulation_matches_one_big_batch():
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny")).double()
+    ids = torch.randint(0, 512, (4, 16))
+    targets = torch.randint(0, 512, (4, 16))
+    targets[0, :10] = -100  # unequal numbers of target tokens per micro-batch
+    batch = dict(input_ids=ids, targets=targets)
+
+    ce, _ = batch_loss(model, batch)
+    (ce / (targets != -100).sum()).backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    n = int((targets != -100).sum())
+    for half in (slice(0, 2), slice(2, 4)):
+        ce, _ = batch_loss(model, dict(input_ids=ids[half], targets=targets[half]))
+        (ce / n).backward()
+    for g, p in zip(big, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-12)
+
+
+def test_lr_schedules_closed_form():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    mid = 10 + 45
+    assert lr_factor(mid, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+    wsd = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert lr_factor(50, wsd) == 1.0
+    assert lr_factor(90, wsd) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="train.schedule"):
+        lr_factor(50, TrainConfig(schedule="linear"))
+
+
+def test_newton_schulz_orthogonalises():
+    torch.manual_seed(0)
+    for shape in [(32, 16), (16, 48), (3, 8, 8)]:
+        g = torch.randn(*shape)
+        s = torch.linalg.svdvals(newton_schulz(g))
+        # The quintic iteration trades exactness for speed: singular values land near 1, not on it.
+        assert s.min() > 0.5 and s.max() < 1.3, (shape, s.min(), s.max())
+
+
+def test_overrides_and_toml(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('preset = "tiny-moe"\n[train]\nlr = 0.01\nsteps = 7\n[model]\nn_layers = 3\n')
+    cfg = load_run_config(
+        None, f, ["train.batch_size=3", "model.top_k=1", "data.files=a.txt,b.txt", "train.compile=true"]
+    )
+    assert (cfg.preset, cfg.train.lr, cfg.train.steps, cfg.train.batch_size) == ("tiny-moe", 0.01, 7, 3)
+    assert cfg.model == {"n_layers": 3, "top_k": 1} and cfg.data.files == ["a.txt", "b.txt"] and cfg.train.compile
+    assert cfg.model_config().n_layers == 3
+    # What a run writes reads back to the same config.
+    again = tmp_path / "again.toml"
+    again.write_text(run_config_to_toml(cfg))
+    assert load_run_config(None, again) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lr=fast", "train.lr: expected a number"),
+        ("train.steps=1.5", "expected an integer"),
+        ("train.nope=1", "unknown setting"),
+        ("bogus.x=1", "unknown section"),
+        ("model.top_k=99", "top_k"),
+        ("model.d_modle=3", "unknown ModelConfig field"),
+        ("train.lr", "expected section.field=value"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, needle):
+    with pytest.raises(ValueError, match=needle):
+        load_run_config(RunConfig(preset="tiny-moe"), None, [override])
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[train]\nlr = = 3\n")
+    with pytest.raises(ValueError, match="bad.toml"):
+        load_run_config(None, f)
+    f.write_text("[train]\nlearning_rate = 3\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_run_config(None, f)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = Transformer(get_preset("tiny"))
+    ckpt_mod.save_checkpoint(tmp_path, 1, model, keep=5)
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", broken)
+    with pytest.raises(OSError):
+        ckpt_mod.save_checkpoint(tmp_path, 2, model, keep=5)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_1"]  # no half-written step_2, no temporary left behind
+    assert ckpt_mod.find_resume_checkpoint(tmp_path).name == "step_1"
+
+
+def test_old_checkpoints_pruned(tmp_path):
+    model = Transformer(get_preset("tiny"))
+    for step in (1, 2, 3, 10):
+        ckpt_mod.save_checkpoint(tmp_path, step, model, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_10", "step_3"]
