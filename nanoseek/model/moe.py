@@ -46,20 +46,32 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     return _padded_grouped_mm(x, w, counts)
 
 
+def _padded_rows(counts: Tensor) -> tuple[Tensor, int]:
+    """For rows grouped by expert: each row's index in a flat [E * capacity] padded buffer, and capacity."""
+    n_experts = counts.shape[0]
+    expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=counts.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    capacity = int(counts.max()) if counts.numel() else 0  # host read: the fallback's one sync
+    slot = torch.arange(expert_of_row.shape[0], device=counts.device) - starts[expert_of_row]
+    return expert_of_row * capacity + slot, capacity
+
+
+def _pad(x: Tensor, rows: Tensor, n_experts: int, capacity: int) -> Tensor:
+    # index_copy/index_select (not advanced indexing): their backward passes are plain gathers/scatters.
+    return x.new_zeros(n_experts * capacity, x.shape[1]).index_copy(0, rows, x).view(n_experts, capacity, -1)
+
+
+def _unpad(y: Tensor, rows: Tensor) -> Tensor:
+    return y.reshape(-1, y.shape[-1]).index_select(0, rows)
+
+
 def _padded_grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """Loop-free fallback: scatter rows into an [E, max_count, d_in] buffer and use one bmm.
 
     Correct for any device and dtype (float64 included); reads max_count on the host.
     """
-    n_experts = w.shape[0]
-    expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
-    capacity = int(counts.max()) if x.shape[0] else 0
-    buf = x.new_zeros(n_experts, capacity, x.shape[1])
-    buf = buf.index_put((expert_of_row, slot), x)
-    out = torch.bmm(buf, w.transpose(-2, -1))
-    return out[expert_of_row, slot]
+    rows, capacity = _padded_rows(counts)
+    return _unpad(torch.bmm(_pad(x, rows, w.shape[0], capacity), w.transpose(-2, -1)), rows)
 
 
 class SwiGLU(nn.Module):
@@ -146,9 +158,15 @@ class MoE(nn.Module):
 
     def experts(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         """SwiGLU of each row by its own expert; rows sorted by expert with `counts` per expert."""
-        gate = grouped_mm(x_sorted, self.w1, counts)
-        up = grouped_mm(x_sorted, self.w3, counts)
-        return grouped_mm(F.silu(gate) * up, self.w2, counts)
+        if _kernel_ok(x_sorted):
+            gate = grouped_mm(x_sorted, self.w1, counts)
+            up = grouped_mm(x_sorted, self.w3, counts)
+            return grouped_mm(F.silu(gate) * up, self.w2, counts)
+        # Fallback: pad once into [E, capacity, D], three bmm, unpad once (padding rows stay zero).
+        rows, capacity = _padded_rows(counts)
+        buf = _pad(x_sorted, rows, self.cfg.n_routed_experts, capacity)
+        h = F.silu(torch.bmm(buf, self.w1.transpose(-2, -1))) * torch.bmm(buf, self.w3.transpose(-2, -1))
+        return _unpad(torch.bmm(h, self.w2.transpose(-2, -1)), rows)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -161,7 +179,7 @@ class MoE(nn.Module):
         order = torch.argsort(flat_ids, stable=True)
         token_of_copy = order // k
         counts = torch.bincount(flat_ids, minlength=self.cfg.n_routed_experts)
-        out_sorted = self.experts(flat[token_of_copy], counts)
+        out_sorted = self.experts(flat.index_select(0, token_of_copy), counts)
         out_sorted = out_sorted * weights.flatten()[order, None]
         routed = torch.zeros_like(flat).index_add_(0, token_of_copy, out_sorted)
 
