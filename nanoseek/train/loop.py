@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from nanoseek.config import TrainConfig
 from nanoseek.model import Transformer, install_balancing_hook, router_stats
+from nanoseek.plots import plot_training
 from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, save_checkpoint
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
 
@@ -220,6 +221,7 @@ def train(
         active_params=model.num_active_params(),
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_training(run_dir, stage)
     return summary
 
 

@@ -1,0 +1,80 @@
+"""`nanoseek data make|list`: write verifiable-task examples as JSONL, or list the tasks and their knobs."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    make = sub.add_parser("make", help="generate examples of a task (or 'all': an equal mixture) as JSONL")
+    make.add_argument("--task", required=True, help="task name (see `nanoseek data list`), or 'all'")
+    make.add_argument("--n", type=int, required=True, help="number of examples")
+    make.add_argument("--split", choices=("train", "test"), default="train")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE", help="difficulty, e.g. digits=3")
+    make.add_argument("--unique", action="store_true", help="no problem twice (single task only)")
+    make.add_argument("--out", required=True, help="output .jsonl file")
+    sub.add_parser("list", help="list the registered tasks and their difficulty knobs")
+
+
+def _parse_settings(items: list[str]) -> dict[str, str]:
+    settings = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise SystemExit(f"--set expects KNOB=VALUE, got {item!r}")
+        settings[name.strip()] = value.strip()
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from nanoseek.tasks import get_task, list_tasks
+    from nanoseek.tasks.base import coerce_knobs
+
+    if args.action == "list":
+        for name in list_tasks():
+            task = get_task(name)
+            knobs = " ".join(f"{k}={v}" for k, v in task.defaults.items())
+            print(f"{name:16s} {task.description}\n{'':16s} knobs: {knobs}")
+        return 0
+
+    settings = _parse_settings(args.set)
+    try:
+        if args.task == "all":
+            from nanoseek.tasks.corpus import task_mixture
+
+            difficulty = {}
+            for name in list_tasks():
+                task = get_task(name)
+                difficulty[name] = coerce_knobs(task, {k: v for k, v in settings.items() if k in task.defaults})
+            unused = set(settings) - {k for name in list_tasks() for k in get_task(name).defaults}
+            if unused:
+                raise ValueError(f"no task has the knob(s) {sorted(unused)}")
+            if args.unique:
+                raise ValueError("--unique works with a single --task")
+            examples = task_mixture(args.n, split=args.split, seed=args.seed, difficulty=difficulty)
+        else:
+            task = get_task(args.task)
+            knobs = coerce_knobs(task, settings)
+            examples = task.generate(args.n, split=args.split, seed=args.seed, unique=args.unique, **knobs)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for ex in examples:
+            row = {
+                "task": ex.task,
+                "prompt": ex.prompt,
+                "answer": ex.answer,
+                "solution": ex.solution,
+                "messages": ex.messages(),
+                "meta": ex.meta,
+            }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {len(examples)} {args.split} examples of {args.task} to {out}")
+    return 0

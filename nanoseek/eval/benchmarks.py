@@ -1,0 +1,247 @@
+"""Benchmark files: load GSM8K, MATH/MATH-500, AIME or any JSONL/JSON/parquet, and grade completions.
+
+A benchmark is a list of `Problem`s: the text the model answers (`prompt`, without any instruction
+template: the evaluation loop adds that), the gold `answer`, and the `kind` that decides grading:
+
+- "math": MATH, MATH-500, AIME and anything else with a LaTeX/number answer, graded by math_equal.
+- "gsm8k": GSM8K (gold = the number after `####`), graded by exact numeric equality.
+- "task:<name>": rows written by nanoseek.tasks (`task`, `prompt`, `answer`), graded by the task's verifier.
+
+Layouts are recognised from the first row's fields; `prompt_field`/`answer_field` name them for any
+other file. A malformed row stops loading with a ValueError naming the file and line, unless
+`skip_bad=True`, which skips it and records why in `ProblemSet.skipped`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.rewards import (
+    answer_region,
+    extract_answer,
+    extract_boxed,
+    gsm8k_equal,
+    math_equal,
+    parse_gsm8k_number,
+)
+
+__all__ = ["Problem", "ProblemSet", "grade", "grade_many", "load_benchmark"]
+
+
+@dataclass
+class Problem:
+    """One benchmark problem. `row` is the original record (for solutions, subjects, levels...)."""
+
+    id: str
+    prompt: str
+    answer: str
+    kind: str
+    row: dict = field(repr=False)
+
+
+class ProblemSet(list):
+    """The problems of one file (a plain list of Problem), plus where they came from and what was skipped."""
+
+    def __init__(self, problems: Sequence[Problem] = (), path: str = "", layout: str = "", skipped: Sequence[str] = ()):
+        super().__init__(problems)
+        self.path = path
+        self.layout = layout
+        self.skipped: list[str] = list(skipped)
+
+
+class _BadRow(ValueError):
+    pass
+
+
+def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, record) for every record of a JSONL, JSON or parquet file; location is 'line N' etc."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for i, record in enumerate(table.to_pylist()):
+            yield f"row {i + 1}", record
+        return
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json" or (suffix != ".jsonl" and text.lstrip()[:1] in ("[", "{") and _is_single_json(text)):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+        if isinstance(data, dict):
+            if not isinstance(data.get("data"), list):
+                raise ValueError(f"{path}: a JSON object must hold the problems as a list under 'data'")
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: JSON must be a list of problems or {{'data': [...]}}")
+        for i, record in enumerate(data):
+            yield f"item {i + 1}", record
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield f"line {lineno}", _BadRow(f"not valid JSON: {e.msg}")
+            continue
+        yield f"line {lineno}", record
+
+
+def _is_single_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _detect_layout(record: dict, prompt_field: str | None, answer_field: str | None) -> str:
+    if prompt_field or answer_field:
+        return "custom"
+    if {"task", "prompt", "answer"} <= record.keys():
+        return "task"
+    if "question" in record and isinstance(record.get("answer"), str) and "####" in record["answer"]:
+        return "gsm8k"
+    if "problem" in record and ("answer" in record or "solution" in record):
+        return "math"
+    if "question" in record and "answer" in record:
+        return "aime"
+    raise ValueError(
+        f"cannot tell the layout from the fields {sorted(record)}: expected GSM8K (question, answer with "
+        "'#### n'), MATH (problem, solution/answer), AIME (problem or question, answer), nanoseek task rows "
+        "(task, prompt, answer), or pass prompt_field= and answer_field="
+    )
+
+
+def _text(record: dict, name: str) -> str:
+    if name not in record or record[name] is None:
+        raise _BadRow(f"missing field {name!r}")
+    value = record[name]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _BadRow(f"field {name!r} is a {type(value).__name__}, expected text or a number")
+    text = str(value).strip()
+    if not text:
+        raise _BadRow(f"field {name!r} is empty")
+    return text
+
+
+def _problem_from(record: Any, layout: str, prompt_field: str | None, answer_field: str | None, index: int, stem: str):
+    if isinstance(record, _BadRow):
+        raise record
+    if not isinstance(record, dict):
+        raise _BadRow(f"expected an object, got {type(record).__name__}")
+    ident = next((str(record[k]) for k in ("unique_id", "id", "idx") if record.get(k) not in (None, "")), None)
+    ident = ident or f"{stem}-{index}"
+    if layout == "gsm8k":
+        prompt = _text(record, prompt_field or "question")
+        solution = _text(record, answer_field or "answer")
+        if "####" not in solution:
+            raise _BadRow("GSM8K answer has no '#### <number>' line")
+        answer = solution.rsplit("####", 1)[1].strip()
+        if parse_gsm8k_number(answer) is None:
+            raise _BadRow(f"GSM8K answer after '####' is not a number: {answer!r}")
+        return Problem(ident, prompt, answer, "gsm8k", record)
+    if layout == "task":
+        task = _text(record, "task")
+        return Problem(ident, _text(record, "prompt"), _text(record, "answer"), f"task:{task}", record)
+    if layout in ("math", "aime"):
+        prompt_name = prompt_field or ("problem" if "problem" in record else "question")
+        prompt = _text(record, prompt_name)
+        if record.get("answer") not in (None, ""):
+            answer = _text(record, "answer")
+        else:
+            boxed = extract_boxed(record.get("solution") or "")
+            if boxed is None or not boxed.strip():
+                raise _BadRow("no 'answer' field and no \\boxed{} answer in 'solution'")
+            answer = boxed.strip()
+        return Problem(ident, prompt, answer, "math", record)
+    # custom layout: the caller named the fields
+    prompt = _text(record, prompt_field or "prompt")
+    raw = _text(record, answer_field or "answer")
+    if "####" in raw:
+        answer = raw.rsplit("####", 1)[1].strip()
+        return Problem(ident, prompt, answer, "gsm8k", record)
+    return Problem(ident, prompt, raw, "math", record)
+
+
+def load_benchmark(
+    path: str | Path,
+    prompt_field: str | None = None,
+    answer_field: str | None = None,
+    skip_bad: bool = False,
+) -> ProblemSet:
+    """Read a benchmark file (.jsonl, .json list or {"data": [...]}, .parquet) into Problems.
+
+    The layout comes from the first well-formed record (see module doc); every row must fit it. A
+    malformed row raises ValueError("<file>: line N: why"), or with `skip_bad` is skipped and
+    listed in the result's `.skipped`. A file with no problems is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: benchmark file not found")
+    problems: list[Problem] = []
+    skipped: list[str] = []
+    layout: str | None = None
+    for index, (where, record) in enumerate(_iter_records(path)):
+        try:
+            if layout is None and isinstance(record, dict):
+                try:
+                    layout = _detect_layout(record, prompt_field, answer_field)
+                except ValueError as e:
+                    raise _BadRow(str(e)) from None
+            problems.append(_problem_from(record, layout or "custom", prompt_field, answer_field, index, path.stem))
+        except _BadRow as e:
+            message = f"{path}: {where}: {e}"
+            if not skip_bad:
+                raise ValueError(message) from None
+            skipped.append(message)
+    if not problems:
+        detail = f" ({len(skipped)} malformed rows skipped; first: {skipped[0]})" if skipped else ""
+        raise ValueError(f"{path}: no problems in benchmark file{detail}")
+    return ProblemSet(problems, path=str(path), layout=layout or "", skipped=skipped)
+
+
+def grade(problem: Problem, completion: str, timeout_s: float = 5.0) -> tuple[bool, str | None]:
+    """(correct, extracted answer) for one completion. The answer comes after `</think>` if present."""
+    if problem.kind.startswith("task:"):
+        from nanoseek.tasks import get_task
+        from nanoseek.tasks.base import Example
+
+        name = problem.kind.split(":", 1)[1]
+        row = problem.row
+        example = Example(
+            task=name,
+            prompt=row.get("prompt", problem.prompt),
+            answer=problem.answer,
+            solution=row.get("solution", ""),
+            meta=row.get("meta") or {},
+        )
+        score = float(get_task(name).verify(completion, example))
+        return score >= 1.0, extract_answer(answer_region(completion))
+    extracted = extract_answer(answer_region(completion))
+    if extracted is None:
+        return False, None
+    if problem.kind == "gsm8k":
+        return gsm8k_equal(extracted, problem.answer), extracted
+    if problem.kind == "math":
+        return math_equal(extracted, problem.answer, timeout_s=timeout_s), extracted
+    raise ValueError(f"problem {problem.id}: unknown kind {problem.kind!r}")
+
+
+def grade_many(
+    problems: Sequence[Problem], completions: Sequence[str], workers: int = 4, timeout_s: float = 5.0
+) -> list[tuple[bool, str | None]]:
+    """grade() over pairs with a few threads, so that the math-verify worker processes run in parallel."""
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+    if workers <= 1 or len(problems) <= 1:
+        return [grade(p, c, timeout_s) for p, c in zip(problems, completions)]
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        return list(ex.map(lambda pc: grade(pc[0], pc[1], timeout_s), zip(problems, completions)))

@@ -1,0 +1,62 @@
+"""PNG plots of a run's metrics.jsonl (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_lines(path: str | Path, title: str, ylabel: str, lines: dict[str, tuple[list[float], list[float]]],
+               logy: bool = False) -> Path | None:
+    """One PNG with a line per entry; nothing is written when every line is empty."""
+    if not any(xs for xs, _ in lines.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    for label, (xs, ys) in lines.items():
+        if xs:
+            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 12 else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_training(run_dir: str | Path, stage: str) -> list[Path]:
+    """loss.png (train and validation) and, for MoE models, router_balance.png."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    out = [plot_lines(run_dir / "plots" / "loss.png", f"{stage} loss", "cross-entropy (nats/token)",
+                      {"train": series(records, "loss"), "validation": series(records, "val_loss")})]
+    balance = [(r["step"], max(r["max_violation"])) for r in records if r.get("max_violation")]
+    if balance:
+        out.append(plot_lines(run_dir / "plots" / "router_balance.png", "router balance (worst layer)",
+                              "max load / mean load - 1", {"max violation": ([b[0] for b in balance],
+                                                                              [b[1] for b in balance])}))
+    return [p for p in out if p is not None]

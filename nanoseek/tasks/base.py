@@ -1,0 +1,187 @@
+"""What a verifiable task is: a seeded problem generator with a worked solution, and a verifier.
+
+RL with verifiable rewards needs problems whose answers a program can check exactly; SFT and
+pretraining need the same problems with a worked solution. A `Task` provides both:
+
+- `generate(n, split, seed, **difficulty)` draws problems from a seeded RNG. Train and test are
+  disjoint by construction: a stable hash (sha256) of the task name and the *canonical problem*
+  (e.g. "47+38", or the sorted numbers and target of a countdown) puts each problem in exactly one
+  split (`test_fraction` of them in test), and the generator rejects problems of the other split.
+  The same problem worded differently (other names, other order) therefore never crosses splits.
+- `verify(completion, example)` returns a reward in [0, 1]; ours are exact (1.0 or 0.0).
+
+An `Example.solution` is the full assistant response used for SFT:
+`<think>\\n...worked steps...\\n</think>\\n\\boxed{ANSWER}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Any, ClassVar
+
+
+@dataclass
+class Example:
+    """One problem: the prompt the model sees, the gold answer, and the full gold response."""
+
+    task: str
+    prompt: str
+    answer: str
+    solution: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The SFT conversation: the prompt as the user turn, the solution as the assistant turn."""
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.solution}]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> Example:
+        return cls(row["task"], row["prompt"], row["answer"], row["solution"], dict(row.get("meta") or {}))
+
+
+def format_solution(steps: list[str] | str, answer: str) -> str:
+    """The one response format every task uses: reasoning inside <think>, then the boxed answer."""
+    body = steps if isinstance(steps, str) else "\n".join(steps)
+    return f"<think>\n{body}\n</think>\n\\boxed{{{answer}}}"
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` whose braces balance, or None if there is none."""
+    found = None
+    start = text.find("\\boxed{")
+    while start != -1:
+        i = start + len("\\boxed{")
+        depth = 1
+        j = i
+        while j < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            j += 1
+        if depth == 0:
+            found = text[i : j - 1]
+        start = text.find("\\boxed{", start + 1)
+    return found
+
+
+def final_answer(completion: str) -> str | None:
+    """The boxed answer after the reasoning: the last `\\boxed{}` after the last `</think>` (if any)."""
+    return extract_boxed(completion.rsplit("</think>", 1)[-1])
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)(/\d+)?")
+
+
+def parse_number(text: str | None) -> Fraction | None:
+    """An exact number from an answer like "42", "-3", "1,234", "$12", "2.5" or "3/4"; None otherwise."""
+    if text is None:
+        return None
+    s = text.strip().replace("$", "").replace("\\,", "").replace(" ", "")
+    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+", s):
+        s = s.replace(",", "")
+    if not _NUMBER.fullmatch(s):
+        return None
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def stable_unit(key: str) -> float:
+    """A number in [0, 1) from sha256 of `key`: the same on every machine and Python run."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:16], 16) / 16**16
+
+
+class Task:
+    """Base class. A subclass sets `name` and `defaults` (difficulty knobs), implements `sample`.
+
+    `sample(rng, **difficulty)` returns one Example whose `meta["key"]` is the canonical problem
+    (what decides the split). `verify` by default compares the boxed answer numerically.
+    """
+
+    name: str = ""
+    description: str = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    test_fraction: float = 0.1
+
+    def sample(self, rng: random.Random, **difficulty: Any) -> Example:
+        raise NotImplementedError
+
+    def split_of(self, key: str) -> str:
+        """The split of a canonical problem: "test" for about `test_fraction` of them, else "train"."""
+        return "test" if stable_unit(f"{self.name}|{key}") < self.test_fraction else "train"
+
+    def difficulty(self, **overrides: Any) -> dict[str, Any]:
+        """The defaults with `overrides` applied; unknown knobs are an error that lists the known ones."""
+        unknown = sorted(set(overrides) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"task {self.name!r} has no difficulty knob {unknown}; known: {sorted(self.defaults)}")
+        return {**self.defaults, **overrides}
+
+    def generate(
+        self, n: int, split: str = "train", seed: int = 0, *, unique: bool = False, **difficulty: Any
+    ) -> list[Example]:
+        """`n` examples of one split, from a RNG seeded by (task, split, seed).
+
+        The first k examples do not depend on n. With `unique=True` no canonical problem repeats
+        (useful for test sets; an error if the difficulty setting does not have n problems).
+        """
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+        knobs = self.difficulty(**difficulty)
+        rng = random.Random(f"{self.name}:{split}:{seed}")
+        out: list[Example] = []
+        seen: set[str] = set()
+        attempts = 0
+        budget = 1000 + 200 * n
+        while len(out) < n:
+            attempts += 1
+            if attempts > budget:
+                raise ValueError(
+                    f"task {self.name!r}: found only {len(out)} of {n} {'unique ' if unique else ''}{split} "
+                    f"problems in {budget} tries with {knobs}; make the problems harder or n smaller"
+                )
+            example = self.sample(rng, **knobs)
+            key = example.meta["key"]
+            if self.split_of(key) != split or (unique and key in seen):
+                continue
+            seen.add(key)
+            example.meta["split"] = split
+            out.append(example)
+        return out
+
+    def verify(self, completion: str, example: Example) -> float:
+        """1.0 if the final boxed answer equals the gold answer as a number, else 0.0."""
+        got = parse_number(final_answer(completion))
+        want = parse_number(example.answer)
+        return float(got is not None and got == want)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, defaults={self.defaults})"
+
+
+def coerce_knobs(task: Task, settings: dict[str, str]) -> dict[str, Any]:
+    """Turn command-line strings ("digits=3", "ops=+,-") into the types of the task's defaults."""
+    out: dict[str, Any] = {}
+    for name, raw in settings.items():
+        if name not in task.defaults:
+            raise ValueError(f"task {task.name!r} has no difficulty knob {name!r}; known: {sorted(task.defaults)}")
+        default = task.defaults[name]
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                out[name] = raw.lower() in ("true", "1", "yes")
+            elif isinstance(default, tuple):
+                kind = type(default[0]) if default else str
+                out[name] = tuple(kind(part.strip()) for part in raw.split(",") if part.strip())
+            else:
+                out[name] = type(default)(raw)
+        except ValueError:
+            raise ValueError(f"cannot read {name}={raw!r} as {type(default).__name__}") from None
+    return out

@@ -1,0 +1,291 @@
+"""Byte-level BPE tokenizer with a chat template, on top of Hugging Face `tokenizers`.
+
+Why a wrapper at all: the model code needs a handful of things (ids, eos/pad, the ids that
+stop generation, a chat template and a loss mask for SFT), and it needs them the same way
+whether the tokenizer was trained here in seconds or is Qwen2.5's 151k-token one.
+
+Choices for the tokenizers we train:
+- every digit is its own token (`Digits(individual_digits=True)` before `ByteLevel`), so the
+  model sees numbers digit by digit and can learn column arithmetic;
+- all 256 byte symbols are in the initial alphabet, so any Unicode text round-trips;
+- `<|endoftext|>` (eos and pad), `<|im_start|>`, `<|im_end|>`, `<think>`, `</think>` are
+  special tokens, i.e. always single ids that never merge with text;
+- a ChatML template: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
+
+Chat templates are rendered with jinja2 the way `transformers` renders them (sandboxed
+environment, `trim_blocks`, `lstrip_blocks`, `raise_exception`, a `tojson` filter), so a
+template from the Hub gives the same text here as there.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+EOS_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END, THINK_START, THINK_END]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# The named special tokens transformers passes to a chat template (its `special_tokens_map`).
+_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Used as eos when a tokenizer.json comes without a tokenizer_config.json naming one.
+_EOS_GUESSES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")
+
+
+def _token_content(value: Any) -> str | None:
+    """HF config files store a token as a string or as a dict with a "content" key (AddedToken)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"cannot read a token from {value!r}: expected a string or a dict with 'content'")
+
+
+def _pick_template(value: Any) -> str | None:
+    """A chat_template is a string, or a list of {name, template} of which we take "default" (or the first)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        by_name = {v.get("name"): v.get("template") for v in value}
+        return by_name.get("default", value[0].get("template"))
+    raise ValueError(f"cannot read chat_template of type {type(value).__name__}")
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(template: str):
+    """Compile a chat template in a jinja environment set up like transformers' one."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for HF masks; here it just renders."""
+
+        tags: ClassVar[set[str]] = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters, which would change the prompt text.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special tokens and chat template from tokenizer_config.json."""
+
+    def __init__(
+        self,
+        backend: Any,
+        chat_template: str | None = None,
+        eos_token: str | None = None,
+        bos_token: str | None = None,
+        pad_token: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ):
+        self.backend = backend  # a tokenizers.Tokenizer
+        self.chat_template = chat_template
+        if eos_token is None:
+            eos_token = next((t for t in _EOS_GUESSES if backend.token_to_id(t) is not None), None)
+            if eos_token is None:
+                raise ValueError("no eos_token given and none of the usual eos tokens is in the vocabulary")
+        self.eos_token = eos_token
+        self.bos_token = bos_token
+        self.pad_token = pad_token or eos_token
+        for name, token in (("eos", self.eos_token), ("bos", bos_token), ("pad", self.pad_token)):
+            if token is not None and backend.token_to_id(token) is None:
+                raise ValueError(f"{name}_token {token!r} is not in the vocabulary")
+        # What a chat template sees as bos_token, eos_token, ... (transformers' special_tokens_map).
+        self.special_tokens = dict(special_tokens or {})
+        self.special_tokens.update(
+            {k: v for k, v in (("eos_token", eos_token), ("bos_token", bos_token)) if v is not None}
+        )
+        if pad_token is not None:
+            self.special_tokens["pad_token"] = pad_token
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Train a byte-level BPE with one token per digit, the chat specials and the ChatML template."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        minimum = 256 + len(SPECIAL_TOKENS)
+        if vocab_size < minimum:
+            raise ValueError(f"vocab_size must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
+        backend = HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend, chat_template=CHATML_TEMPLATE, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a directory holding tokenizer.json (+ tokenizer_config.json), or a tokenizer.json file."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {file}")
+        backend = HFTokenizer.from_file(str(file))
+        folder = file.parent
+        config: dict[str, Any] = {}
+        if (folder / "tokenizer_config.json").is_file():
+            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        template = _pick_template(config.get("chat_template"))
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if template is None and (folder / "chat_template.json").is_file():
+            data = json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))
+            template = _pick_template(data.get("chat_template"))
+        named = {k: _token_content(config.get(k)) for k in _NAMED_TOKENS}
+        return cls(
+            backend,
+            chat_template=template,
+            eos_token=named["eos_token"],
+            bos_token=named["bos_token"],
+            pad_token=named["pad_token"],
+            special_tokens={k: v for k, v in named.items() if v is not None},
+        )
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json and tokenizer_config.json, readable by `load` and by transformers."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens}
+        config.update(eos_token=self.eos_token, bos_token=self.bos_token, pad_token=self.pad_token)
+        config["chat_template"] = self.chat_template
+        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
+
+    # ------------------------------------------------------------------ ids
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added/special tokens included (the embedding table needs at least this many rows)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        return self.backend.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int:
+        return self.backend.token_to_id(self.pad_token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Generation stops on any of these: eos, and `<|im_end|>` (the end of a chat turn) if present."""
+        ids = [self.eos_id]
+        im_end = self.backend.token_to_id(IM_END)
+        if im_end is not None and im_end not in ids:
+            ids.append(im_end)
+        return ids
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens written in the text become their ids; no bos/eos is added."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False, **kwargs: Any
+    ) -> str:
+        """Render a conversation to text, as transformers' `apply_chat_template(..., tokenize=False)`."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat_template (tokenizer_config.json has none)")
+        # transformers drops None values (an API's content=None) before rendering; so do we.
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        variables = {**self.special_tokens, **kwargs}
+        return _compile_template(self.chat_template).render(
+            messages=messages,
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        """Token ids of a rendered conversation and a loss mask (1 on what the assistant must produce).
+
+        The mask covers each assistant message's content and the end-of-turn token that closes it
+        (`<|im_end|>`), not the role header nor the whitespace after the turn. We find those character
+        spans by rendering prefixes of the conversation (`messages[:i]` with the generation prompt is
+        where the assistant starts, `messages[:i+1]` is where it ends), which works for any template that
+        renders a conversation as the concatenation of its turns; we check that it does.
+        """
+        text = self.apply_chat_template(messages)
+        spans: list[tuple[int, int]] = []
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            start_text = self.apply_chat_template(messages[:i], add_generation_prompt=True)
+            end_text = self.apply_chat_template(messages[: i + 1])
+            if not (text.startswith(end_text) and end_text.startswith(start_text)):
+                raise ValueError(
+                    "the chat template does not render a conversation as the concatenation of its turns "
+                    f"(message {i}), so the assistant tokens cannot be located"
+                )
+            spans.append((len(start_text), len(end_text.rstrip())))
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        mask = []
+        span = 0
+        for start, _end in encoding.offsets:
+            while span < len(spans) and start >= spans[span][1]:
+                span += 1
+            mask.append(int(span < len(spans) and spans[span][0] <= start))
+        return encoding.ids, mask
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, stop_ids={self.stop_ids})"
