@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -467,7 +469,7 @@ def test_reward_set_parse_and_validation() -> None:
 
 
 def test_configure_math_verify_resizes_the_pool() -> None:
-    old = rewards._MATH_WORKERS
+    old = rewards.mathcheck._MATH_WORKERS
     rewards.configure_math_verify(workers=1)
     try:
         assert math_equal("\\frac{4}{8}", "0.5", fast_path=False)
@@ -476,3 +478,31 @@ def test_configure_math_verify_resizes_the_pool() -> None:
     assert math_equal("\\frac{5}{10}", "0.5", fast_path=False)
     with pytest.raises(ValueError):
         rewards.configure_math_verify(workers=0)
+
+
+def test_math_equal_works_again_after_shutdown_workers() -> None:
+    assert math_equal("\\frac{3}{9}", "1/3", fast_path=False)
+    rewards.shutdown_workers()
+    assert math_equal("\\frac{3}{9}", "1/3", fast_path=False)  # a fresh pool replaces the closed one
+
+
+# ---------------------------------------------------------------------------------------------- package layout
+
+
+def test_tasks_grade_with_the_rewards_extract_boxed() -> None:
+    from nanoseek import tasks
+    from nanoseek.rewards import answers
+    from nanoseek.tasks import base
+
+    assert base.extract_boxed is answers.extract_boxed is extract_boxed is tasks.extract_boxed
+    assert base.final_answer("<think>\\boxed{1}</think> \\boxed{2} then \\boxed{3") is None  # cut off: no answer
+    assert base.final_answer("<think>x</think>\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
+
+
+def test_answer_extraction_imports_no_heavy_modules() -> None:
+    code = (
+        "import sys, nanoseek.rewards.answers, nanoseek.tasks\n"
+        "heavy = sorted({'torch', 'numpy', 'sympy', 'math_verify'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

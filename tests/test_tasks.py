@@ -206,7 +206,7 @@ def test_extract_boxed():
     assert extract_boxed("no answer") is None
     assert extract_boxed("\\boxed{1} then \\boxed{2}") == "2"
     assert extract_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
-    assert extract_boxed("\\boxed{3} and a cut-off \\boxed{4") == "3"
+    assert extract_boxed("\\boxed{3} and a cut-off \\boxed{4") is None  # a cut-off answer is no answer
     assert extract_boxed("\\boxed{}") == ""
     assert extract_boxed("\\boxed{{a}{b}}") == "{a}{b}"
 

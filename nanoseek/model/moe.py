@@ -46,6 +46,12 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     return _padded_grouped_mm(x, w, counts)
 
 
+def count_per_expert(expert_ids: Tensor, n_experts: int) -> Tensor:
+    """How many entries of expert_ids name each expert. Unlike torch.bincount, no host sync on CUDA."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def _padded_rows(counts: Tensor) -> tuple[Tensor, int]:
     """For rows grouped by expert: each row's index in a flat [E * capacity] padded buffer, and capacity."""
     n_experts = counts.shape[0]
@@ -122,9 +128,7 @@ class Router(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * cfg.routed_scaling_factor
         with torch.no_grad():
-            load = torch.bincount(expert_ids.flatten(), minlength=cfg.n_routed_experts).to(
-                self.last_load.dtype
-            )
+            load = count_per_expert(expert_ids, cfg.n_routed_experts).to(self.last_load.dtype)
             self.last_load.copy_(load)
             if self.training:
                 self.tokens_per_expert.add_(load)
@@ -178,7 +182,7 @@ class MoE(nn.Module):
         flat_ids = expert_ids.flatten()
         order = torch.argsort(flat_ids, stable=True)
         token_of_copy = order // k
-        counts = torch.bincount(flat_ids, minlength=self.cfg.n_routed_experts)
+        counts = count_per_expert(flat_ids, self.cfg.n_routed_experts)
         out_sorted = self.experts(flat.index_select(0, token_of_copy), counts)
         out_sorted = out_sorted * weights.flatten()[order, None]
         routed = torch.zeros_like(flat).index_add_(0, token_of_copy, out_sorted)

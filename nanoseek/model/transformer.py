@@ -114,7 +114,8 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.d_model, bias=False)
         self.scale = qk_dim**-0.5
         rs = cfg.rope_scaling or {}
-        if rs.get("mscale_all_dim"):  # YaRN also sharpens the softmax (DeepSeek-V3)
+        # YaRN also sharpens the softmax (DeepSeek-V3); no-op for factor <= 1, as in transformers.
+        if rs.get("mscale_all_dim") and float(rs["factor"]) > 1:
             mscale = 0.1 * rs["mscale_all_dim"] * math.log(rs["factor"]) + 1.0
             self.scale *= mscale * mscale
 

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any, ClassVar
 
+from nanoseek.rewards.answers import answer_region, extract_boxed
+
 
 @dataclass
 class Example:
@@ -52,26 +54,13 @@ def format_solution(steps: list[str] | str, answer: str) -> str:
     return f"<think>\n{body}\n</think>\n\\boxed{{{answer}}}"
 
 
-def extract_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` whose braces balance, or None if there is none."""
-    found = None
-    start = text.find("\\boxed{")
-    while start != -1:
-        i = start + len("\\boxed{")
-        depth = 1
-        j = i
-        while j < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            j += 1
-        if depth == 0:
-            found = text[i : j - 1]
-        start = text.find("\\boxed{", start + 1)
-    return found
-
-
 def final_answer(completion: str) -> str | None:
-    """The boxed answer after the reasoning: the last `\\boxed{}` after the last `</think>` (if any)."""
-    return extract_boxed(completion.rsplit("</think>", 1)[-1])
+    """The boxed answer after the reasoning: the last `\\boxed{}` after the last `</think>` (if any).
+
+    `extract_boxed` is the graders' own (`nanoseek.rewards.answers`): if the last box is cut off
+    (never closes) there is no answer, rather than an earlier box.
+    """
+    return extract_boxed(answer_region(completion))
 
 
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)(/\d+)?")

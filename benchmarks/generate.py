@@ -1,0 +1,219 @@
+"""Generation throughput: the nanoseek engine vs Hugging Face transformers' `generate`.
+
+    python benchmarks/generate.py                      # preset small, batch 1/32/128, 64 + 256 tokens
+    python benchmarks/generate.py --preset small-moe
+    python benchmarks/generate.py --quick --device cpu # a smoke run with tiny shapes
+
+Every sequence is forced to full length (ignore_eos / no eos), greedy, random weights and
+random prompts. transformers gets the equivalent architecture built from a config, random
+weights, same shapes: LlamaForCausalLM (no QK-norm), Qwen3ForCausalLM (QK-norm), or
+Qwen2MoeForCausalLM for MoE presets (routed + shared experts, first layers dense; it has no
+QK-norm, softmax routing and a d_model-wide shared-expert gate per layer, which cost about
+the same). It runs with its default dynamic cache and with cache_implementation="static".
+Each configuration runs once to warm up (CUDA graph capture, compilation), then once timed.
+Output tokens/s = batch x new tokens / wall time of the whole call (prefill included).
+Peak memory: torch.cuda.max_memory_allocated per run on CUDA; on CPU, the process's peak
+resident set size (it only grows). The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.model import ModelConfig, Transformer, get_preset
+
+
+def hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """The transformers model with our preset's shapes (random weights, built offline)."""
+    import transformers
+
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    if cfg.attn_type != "gqa":
+        raise ValueError("the transformers comparison covers GQA presets only")
+    if cfg.is_moe:
+        config = transformers.Qwen2MoeConfig(
+            **common,
+            intermediate_size=cfg.d_ff,
+            num_experts=cfg.n_routed_experts,
+            num_experts_per_tok=cfg.top_k,
+            moe_intermediate_size=cfg.moe_d_ff,
+            shared_expert_intermediate_size=cfg.shared_hidden,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(range(cfg.first_k_dense)),
+            norm_topk_prob=cfg.norm_topk_prob,
+            qkv_bias=cfg.qkv_bias,
+        )
+        cls = transformers.Qwen2MoeForCausalLM
+    elif cfg.qk_norm:
+        config = transformers.Qwen3Config(
+            **common, intermediate_size=cfg.d_ff, head_dim=cfg.attn_head_dim, attention_bias=cfg.qkv_bias
+        )
+        cls = transformers.Qwen3ForCausalLM
+    else:
+        config = transformers.LlamaConfig(
+            **common, intermediate_size=cfg.d_ff, head_dim=cfg.attn_head_dim, attention_bias=cfg.qkv_bias
+        )
+        cls = transformers.LlamaForCausalLM
+    with torch.device(device):
+        model = cls(config)
+    return model.to(dtype).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device: torch.device) -> tuple[float, float, object]:
+    """(seconds, peak memory MiB, result) of fn()."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    elapsed = time.perf_counter() - start
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return elapsed, peak, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default=None, help="small (default) or small-moe; tiny / tiny-moe with --quick")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,32,128; --quick: 1,4,16)")
+    p.add_argument("--prompt-len", type=int, default=None, help="default 64 (--quick: 16)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 256 (--quick: 32)")
+    p.add_argument("--quick", action="store_true", help="small shapes for a CPU smoke run")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    preset = args.preset or "small"
+    if args.quick and args.preset is None:
+        preset = "tiny"
+    if args.quick and preset.startswith("small"):
+        preset = preset.replace("small", "tiny")
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,4,16" if args.quick else "1,32,128")).split(",")]
+    prompt_len = args.prompt_len or (16 if args.quick else 64)
+    new_tokens = args.new_tokens or (32 if args.quick else 256)
+    max_seq_len = prompt_len + new_tokens
+    cfg = get_preset(preset, max_seq_len=max(max_seq_len, get_preset(preset).max_seq_len))
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(cfg)
+    model = model.to(dtype).eval()
+    gen = torch.Generator().manual_seed(0)
+    all_prompts = torch.randint(0, cfg.vocab_size, (max(batch_sizes), prompt_len), generator=gen)
+    results = []
+
+    def record(impl: str, batch: int, elapsed: float, peak: float, generated: int) -> None:
+        row = dict(
+            impl=impl,
+            batch=batch,
+            elapsed_s=round(elapsed, 4),
+            tokens_per_s=round(generated / elapsed, 1),
+            peak_mem_mb=round(peak, 1),
+        )
+        results.append(row)
+        print(
+            f"{impl:>22} batch {batch:>4}: {row['tokens_per_s']:>10.1f} tok/s  {elapsed:8.3f} s  "
+            f"peak {row['peak_mem_mb']:9.1f} MiB",
+            flush=True,
+        )
+
+    # --- the engine (eagerly too on CUDA, to show what the graphs buy)
+    variants = [("nanoseek", True)] + ([("nanoseek (no graphs)", False)] if device.type == "cuda" else [])
+    for name, graphs in variants:
+        engine = Engine(model, max_batch=max(batch_sizes), max_seq_len=max_seq_len, use_cuda_graphs=graphs)
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+        for batch in batch_sizes:
+            prompts = all_prompts[:batch].tolist()
+            engine.generate(prompts, params)  # warm-up: captures the graphs this shape needs
+            elapsed, peak, out = measure(partial(engine.generate, prompts, params), device)
+            assert all(len(c[0].token_ids) == new_tokens for c in out)
+            record(name, batch, elapsed, peak, batch * new_tokens)
+        engine.release()
+
+    # --- transformers
+    hf_params = None
+    if not args.no_hf:
+        hf = hf_model(cfg, device, dtype)
+        hf_params = sum(p.numel() for p in hf.parameters())
+        for cache in (None, "static"):
+            name = "transformers" + (" static" if cache else " dynamic")
+            for batch in batch_sizes:
+                ids = all_prompts[:batch].to(device)
+                kwargs = dict(
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+                if cache:
+                    kwargs["cache_implementation"] = cache
+                with torch.inference_mode():
+                    hf.generate(ids, **kwargs)  # warm-up
+                    elapsed, peak, out = measure(partial(hf.generate, ids, **kwargs), device)
+                assert out.shape[1] == prompt_len + new_tokens
+                record(name, batch, elapsed, peak, batch * new_tokens)
+        del hf
+
+    summary = dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        dtype=str(dtype).removeprefix("torch."),
+        torch=torch.__version__,
+        preset=preset,
+        params=model.num_params(),
+        hf_params=hf_params,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        batch_sizes=batch_sizes,
+        threads=torch.get_num_threads(),
+        results=results,
+        peak_memory_mb=round(max(r["peak_mem_mb"] for r in results), 1),
+        peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

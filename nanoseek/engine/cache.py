@@ -1,0 +1,128 @@
+"""A preallocated KV cache: one row ("slot") per running sequence, every layer in one tensor.
+
+Layout: k [n_layers, n_slots, n_kv_heads, max_seq_len, k_dim] and v likewise with v_dim
+(GQA: n_kv_heads key/value heads of attn_head_dim; MLA, cached decompressed: n_heads
+heads, k_dim = nope + rope, v_dim = v_head_dim). A slot's heads are contiguous
+[max_seq_len, dim] blocks, so the decode batch reads `k[layer, :B, :, :L]` as a strided
+view: no gather, no copy.
+
+The model calls `attend(layer, q, k, v, scale)` with the new tokens' q/k/v; what the cache
+does with them depends on the mode the engine set just before the forward:
+
+* `prefill(slots)`: batch row b is a prompt, right-padded, written to slot `slots[b]`
+  from position 0. Attention is plain causal attention over the chunk itself (padding
+  sits after every real token, so it never leaks into them).
+* `decode(positions, kv_len)`: batch row b IS slot b; its new tokens go to
+  `positions[b]` and attend to the slot's keys 0..position (keys up to kv_len are read,
+  the rest masked). Rows of free slots get position 0: they write junk into their own
+  free slot and are ignored. Fixed shapes given (B, kv_len): what a CUDA graph needs.
+
+GQA in decode without repeating k/v: the rep = n_heads // n_kv_heads query heads sharing
+a kv head are folded into the query-length axis ([B, Hkv, rep*T, d] against [B, Hkv, L, d]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        n_slots: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        k_dim: int,
+        v_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.n_slots, self.max_seq_len, self.dtype = n_slots, max_seq_len, dtype
+        # Zeros, not empty: masked keys must hold finite numbers (0 x NaN would poison the output).
+        self.k = torch.zeros(n_layers, n_slots, n_kv_heads, max_seq_len, k_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(n_layers, n_slots, n_kv_heads, max_seq_len, v_dim, dtype=dtype, device=device)
+        self._rows = torch.arange(n_slots, device=device)[:, None]  # [n_slots, 1]
+        self._key_pos = torch.arange(max_seq_len, device=device)
+        self._mode: str | None = None
+        self._slots: Tensor | None = None
+        self._positions: Tensor | None = None
+        self._kv_len = 0
+        self._mask: Tensor | None = None
+
+    # --- sizing ---
+    @staticmethod
+    def shape_for(model: torch.nn.Module) -> tuple[int, int, int, int]:
+        """(n_layers, kv heads, k_dim, v_dim) of a `Transformer`."""
+        cfg = model.cfg
+        if cfg.attn_type == "mla":
+            return cfg.n_layers, cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        return cfg.n_layers, cfg.n_kv_heads, cfg.attn_head_dim, cfg.attn_head_dim
+
+    @classmethod
+    def bytes_per_slot(cls, model: torch.nn.Module, max_seq_len: int, dtype: torch.dtype) -> int:
+        n_layers, heads, k_dim, v_dim = cls.shape_for(model)
+        return n_layers * heads * (k_dim + v_dim) * max_seq_len * torch.empty((), dtype=dtype).element_size()
+
+    @classmethod
+    def for_model(
+        cls, model: torch.nn.Module, n_slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device
+    ) -> KVCache:
+        n_layers, heads, k_dim, v_dim = cls.shape_for(model)
+        return cls(n_layers, n_slots, max_seq_len, heads, k_dim, v_dim, dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    # --- modes (set by the engine before each forward) ---
+    def prefill(self, slots: Tensor) -> KVCache:
+        """Next forward: row b is a (right-padded) prompt starting at position 0 of slot slots[b]."""
+        self._mode, self._slots = "prefill", slots
+        return self
+
+    def decode(self, positions: Tensor, kv_len: int) -> KVCache:
+        """Next forward: row b is slot b, its tokens at positions[b] ([B, T]); read keys [0, kv_len)."""
+        if not 0 < kv_len <= self.max_seq_len:
+            raise ValueError(f"kv_len {kv_len} outside [1, {self.max_seq_len}]")
+        self._mode, self._positions, self._kv_len, self._mask = "decode", positions, kv_len, None
+        return self
+
+    def copy_prefix(self, src: int, dst: list[int], length: int) -> None:
+        """Copy the first `length` positions of slot src into slots dst (n samples of one prompt)."""
+        if dst:
+            idx = torch.tensor(dst, device=self.k.device)
+            self.k[:, idx, :, :length] = self.k[:, src : src + 1, :, :length]
+            self.v[:, idx, :, :length] = self.v[:, src : src + 1, :, :length]
+
+    # --- the model's hook ---
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """q: [B, H, T, dk], k: [B, Hkv, T, dk], v: [B, Hkv, T, dv] (new tokens) -> [B, H, T, dv]."""
+        B, H, T, dk = q.shape
+        Hkv, rep = k.shape[1], H // k.shape[1]
+        out_dtype = q.dtype
+        q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
+        K, V = self.k[layer], self.v[layer]
+        if self._mode == "prefill":
+            K[self._slots, :, :T] = k
+            V[self._slots, :, :T] = v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
+            return out.to(out_dtype)
+        if self._mode != "decode":
+            raise RuntimeError("KVCache.attend called without prefill(...) or decode(...) set up")
+        pos, L = self._positions, self._kv_len
+        rows = self._rows[:B]
+        K[rows, :, pos] = k.transpose(1, 2)  # index [B, T] -> value [B, T, Hkv, dk]
+        V[rows, :, pos] = v.transpose(1, 2)
+        keys, values = K[:B, :, :L], V[:B, :, :L]  # views [B, Hkv, L, d]
+        if self._mask is None:  # the same for every layer: built once per forward
+            allowed = self._key_pos[:L] <= pos[:, :, None]  # [B, T, L]: key position <= query position
+            self._mask = allowed[:, None, None].expand(B, 1, rep, T, L).reshape(B, 1, rep * T, L)
+        q = q.reshape(B, Hkv, rep * T, dk)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask, scale=scale)
+        return out.reshape(B, H, T, -1).to(out_dtype)
+
+
+__all__ = ["KVCache"]

@@ -1,0 +1,554 @@
+"""The inference engine: continuous batching over a slot-based KV cache.
+
+    engine = Engine(model, tokenizer)                      # the trainer's live model works too
+    [[c]] = engine.generate(["2+2="], SamplingParams(max_new_tokens=8, temperature=0))
+    c.text, c.token_ids, c.logprobs, c.finish_reason, c.ttft_s, c.tokens_per_s
+    for delta in engine.stream(prompt_ids, params): print(delta.text, end="")
+
+Scheduling, one `step()` at a time:
+1. admit: while the oldest waiting request's n samples fit in free slots, it takes the
+   lowest free slots (requests wait, in order, when the cache is full: nothing fails);
+2. prefill the admitted prompts, right-padded into batches of at most
+   `max_prefill_tokens` (sorted by length, so little padding), writing each prompt's
+   k/v once into its first slot; the n - 1 other samples get a copy of that prefix; every
+   sample draws its first token from the same last-position logits;
+3. one decode step over slots 0..hi-1 (hi = highest running slot + 1; slot i is batch
+   row i, free slots in between are dummy rows), a CUDA graph on CUDA;
+4. sample, move the tokens to the host (the one synchronisation of the step) and check
+   stopping per sequence: a finished sequence frees its slot at once, and the next step's
+   admission fills it while the others keep decoding.
+"""
+
+from __future__ import annotations
+
+import heapq
+import numbers
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from nanoseek.engine.cache import KVCache
+from nanoseek.engine.cuda_graphs import DecodeGraphs
+from nanoseek.engine.sampling import SamplingBatch, SamplingParams, random_seed, sample, sequence_key
+
+CPU_KV_CACHE_GB = 2.0  # default KV budget on CPU (capped at a quarter of the available memory)
+
+
+@dataclass
+class Completion:
+    """One generated sample."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    """Generated tokens; a stop token that ended the sequence is included (RL needs its log-prob)."""
+    logprobs: list[float]
+    """log_softmax(logits / T) at each generated token, before top-k/top-p/min-p (T = 1 when greedy)."""
+    text: str | None
+    """Decoded token_ids without a final stop token and cut before a stop string; None without a tokenizer."""
+    finish_reason: str
+    """'stop' (stop id or string), 'length' (max_new_tokens or the context), 'error' (bad request), 'abort'."""
+    ttft_s: float = 0.0
+    """Time to first token, from submission (queueing included)."""
+    tokens_per_s: float = 0.0
+    """Decode speed of this sample: tokens after the first / time after the first (0 for one token)."""
+    latency_s: float = 0.0
+    """Submission to last token."""
+    index: int = 0
+    """Which prompt (position in `generate`'s list, or `submit(index=...)`)."""
+    sample: int = 0
+    """Which of the prompt's n samples."""
+    stop: int | str | None = None
+    """The stop id or stop string that ended it."""
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None or k == "text"}
+
+
+@dataclass
+class Delta:
+    """What `Engine.stream` yields: one sample's new tokens since the last delta, and their text."""
+
+    sample: int
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    completion: Completion | None = None
+    """Set on the sample's last delta."""
+
+
+@dataclass
+class EngineStats:
+    prefill_calls: int = 0
+    prefill_tokens: int = 0
+    """Prompt tokens prefilled (padding excluded)."""
+    prefill_padded_tokens: int = 0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    """Tokens produced by decode steps (dummy rows excluded)."""
+    decode_rows: int = 0
+    """Rows run by decode steps (dummy rows of free slots included)."""
+    max_running: int = 0
+
+
+class _Sequence:
+    """One sample being generated, in one slot."""
+
+    __slots__ = (
+        "finish_reason",
+        "finish_time",
+        "first_token_time",
+        "key",
+        "logprobs",
+        "request",
+        "sample",
+        "slot",
+        "stop",
+        "tokens",
+    )
+
+    def __init__(self, request: Request, sample: int, slot: int) -> None:
+        self.request, self.sample, self.slot = request, sample, slot
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.key = sequence_key(request.seed, request.index, sample)
+        self.finish_reason: str | None = None
+        self.stop: int | str | None = None
+        self.first_token_time = self.finish_time = 0.0
+
+    @property
+    def position(self) -> int:
+        """Position of the last token, the one the next decode step feeds."""
+        return len(self.request.prompt_ids) + len(self.tokens) - 1
+
+
+class Request:
+    """A submitted prompt and its n samples; `done` once all are finished."""
+
+    def __init__(
+        self,
+        index: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stop_ids: set[int],
+        max_new_tokens: int,
+        seed: int,
+    ) -> None:
+        self.index, self.prompt_ids, self.params, self.seed = index, prompt_ids, params, seed
+        self.stop_ids, self.max_new_tokens = stop_ids, max_new_tokens
+        # A stop string of c characters spans at most 4c tokens (every token decodes to >= 1 byte).
+        self.stop_window = 4 * max((len(s) for s in params.stop_strings), default=0) + 4
+        self.seqs: list[_Sequence] = []
+        self.submit_time = time.perf_counter()
+        self.aborted = False
+
+    @property
+    def started(self) -> bool:
+        return bool(self.seqs)
+
+    @property
+    def done(self) -> bool:
+        return self.aborted or (bool(self.seqs) and all(s.finish_reason is not None for s in self.seqs))
+
+
+class Engine:
+    """Batched generation with a preallocated KV cache, continuous batching and CUDA graphs.
+
+    model: a `Transformer` (the trainer's own object: no copy; its train/eval mode is
+    restored after each call). tokenizer: optional, for string prompts, eos ids and text.
+    max_batch: most sequences decoded at once (= KV slots, unless the budget allows fewer).
+    max_seq_len: prompt + generation length of a slot (default: the model's).
+    kv_cache_gb: KV budget in GiB; default: kv_cache_fraction of the free GPU memory on CUDA,
+    min(2 GiB, a quarter of the available RAM) on CPU. Only what max_batch slots need is allocated.
+    kv_dtype: default bfloat16 on CUDA, the model's dtype elsewhere.
+    eos_ids: ids that end a sequence unless ignore_eos (default: the tokenizer's stop_ids).
+    detokenize: ids -> text, for text and stop strings (default: tokenizer.decode).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        *,
+        max_batch: int = 64,
+        max_seq_len: int | None = None,
+        kv_cache_gb: float | None = None,
+        kv_cache_fraction: float = 0.5,
+        kv_dtype: torch.dtype | None = None,
+        use_cuda_graphs: bool = True,
+        max_prefill_tokens: int = 8192,
+        eos_ids: Sequence[int] | None = None,
+        detokenize: Callable[[Sequence[int]], str] | None = None,
+    ) -> None:
+        cfg = model.cfg
+        self.model, self.tokenizer = model, tokenizer
+        weight = model.embed.weight
+        self.device, self.vocab_size = weight.device, cfg.vocab_size
+        self.max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch = {max_batch!r}: must be an integer >= 1")
+        if not isinstance(self.max_seq_len, int) or not 2 <= self.max_seq_len <= cfg.max_seq_len:
+            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be in [2, model max_seq_len={cfg.max_seq_len}]")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens = {max_prefill_tokens!r}: must be >= 1")
+        self.kv_dtype = kv_dtype or (torch.bfloat16 if self.device.type == "cuda" else weight.dtype)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.eos_ids = list(eos_ids) if eos_ids is not None else list(tokenizer.stop_ids if tokenizer else [])
+        self.detokenize = detokenize or (tokenizer.decode if tokenizer is not None else None)
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self._capture_graphs = self.device.type == "cuda"  # False: run the static-shape path eagerly (tests)
+
+        per_slot = KVCache.bytes_per_slot(model, self.max_seq_len, self.kv_dtype)
+        budget = self._kv_budget(kv_cache_gb, kv_cache_fraction)
+        self.n_slots = min(max_batch, budget // per_slot)
+        if self.n_slots < 1:
+            raise ValueError(
+                f"the KV cache budget ({budget / 2**30:.3f} GiB) cannot hold one sequence of max_seq_len="
+                f"{self.max_seq_len} ({per_slot / 2**20:.1f} MiB): lower max_seq_len or raise kv_cache_gb"
+            )
+        self.kv_cache_bytes = self.n_slots * per_slot
+        self.cache: KVCache | None = None
+        self._graphs: DecodeGraphs | None = None
+        self._waiting: deque[Request] = deque()
+        self._running: dict[int, _Sequence] = {}  # slot -> sequence
+        self._free: list[int] = list(range(self.n_slots))  # a heap: lowest slot first keeps the batch compact
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------ memory
+    def _kv_budget(self, kv_cache_gb: float | None, fraction: float) -> int:
+        if kv_cache_gb is not None:
+            if not kv_cache_gb > 0:
+                raise ValueError(f"kv_cache_gb = {kv_cache_gb!r}: must be > 0")
+            return int(kv_cache_gb * 2**30)
+        if self.device.type == "cuda":
+            if not 0 < fraction <= 1:
+                raise ValueError(f"kv_cache_fraction = {fraction!r}: must be in (0, 1]")
+            free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            return int(fraction * free)
+        budget = int(CPU_KV_CACHE_GB * 2**30)
+        try:
+            budget = min(budget, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+        except (ValueError, OSError, AttributeError):
+            pass
+        return budget
+
+    def _ensure_cache(self) -> None:
+        if self.cache is None:
+            self.cache = KVCache.for_model(self.model, self.n_slots, self.max_seq_len, self.kv_dtype, self.device)
+
+    def release(self) -> None:
+        """Free the KV cache and CUDA graphs (e.g. while the trainer trains); reallocated on next use."""
+        if self._running or self._waiting:
+            raise RuntimeError("release() with requests in flight; abort them first")
+        self.cache, self._graphs = None, None
+
+    # ------------------------------------------------------------------ requests
+    def _prompt_ids(self, prompt: str | Sequence[int] | Tensor) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: a string, but the engine has no tokenizer (pass token ids)")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, Tensor):
+            if prompt.dim() != 1:
+                raise ValueError(f"prompt: a tensor of shape {tuple(prompt.shape)}, expected 1-D token ids")
+            ids = prompt.tolist()
+        elif isinstance(prompt, list | tuple):
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+                raise ValueError("prompt: expected a list of integer token ids")
+            ids = [int(t) for t in prompt]
+        else:
+            raise ValueError(f"prompt: expected a string or token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt: empty (needs at least one token)")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad} outside [0, vocab_size={self.vocab_size})")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens, longer than the context allows (max_seq_len={self.max_seq_len}, "
+                "and at least one new token must fit)"
+            )
+        return ids
+
+    def submit(
+        self, prompt: str | Sequence[int] | Tensor, params: SamplingParams | None = None, *, index: int = 0
+    ) -> Request:
+        """Validate and queue a request (ValueError naming the bad field; nothing is queued then).
+
+        `index` goes into the sampling keys (prompts of one seeded `generate` call get different
+        noise) and into Completion.index.
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        params.validate(self.vocab_size)
+        if params.n > self.n_slots:
+            raise ValueError(f"SamplingParams.n = {params.n}: must be <= the engine's KV slots ({self.n_slots})")
+        if params.stop_strings and self.detokenize is None:
+            raise ValueError("SamplingParams.stop_strings: needs a tokenizer or a detokenize callback")
+        ids = self._prompt_ids(prompt)
+        stop_ids = set(params.stop_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+        max_new = min(params.max_new_tokens, self.max_seq_len - len(ids))
+        seed = params.seed if params.seed is not None else random_seed()
+        request = Request(index, ids, params, stop_ids, max_new, seed)
+        self._waiting.append(request)
+        return request
+
+    def abort(self, request: Request) -> None:
+        """Drop a request: out of the queue, or its running samples finished with 'abort'."""
+        if request in self._waiting:
+            self._waiting.remove(request)
+        request.aborted = True
+        for seq in request.seqs:
+            if seq.finish_reason is None:
+                self._finish(seq, "abort")
+
+    def abort_all(self) -> None:
+        for request in list(self._waiting) + list({s.request for s in self._running.values()}):
+            self.abort(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    # ------------------------------------------------------------------ the loop
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            if was_training:
+                self.model.train()
+
+    def step(self) -> None:
+        """Admit and prefill what fits, then one decode step over everything running."""
+        with self._inference():
+            self._ensure_cache()
+            admitted = []
+            while self._waiting and len(self._free) >= self._waiting[0].params.n:
+                request = self._waiting.popleft()
+                slots = sorted(heapq.heappop(self._free) for _ in range(request.params.n))
+                request.seqs = [_Sequence(request, i, slot) for i, slot in enumerate(slots)]
+                for seq in request.seqs:
+                    self._running[seq.slot] = seq
+                admitted.append(request)
+            self.stats.max_running = max(self.stats.max_running, len(self._running))
+            if admitted:
+                self._prefill(admitted)
+            if self._running:
+                self._decode()
+
+    def _prefill(self, requests: list[Request]) -> None:
+        requests = sorted(requests, key=lambda r: len(r.prompt_ids))
+        chunk: list[Request] = []
+        for request in requests:
+            if chunk and (len(chunk) + 1) * len(request.prompt_ids) > self.max_prefill_tokens:
+                self._prefill_chunk(chunk)
+                chunk = []
+            chunk.append(request)
+        self._prefill_chunk(chunk)
+
+    def _prefill_chunk(self, requests: list[Request]) -> None:
+        """One forward over right-padded prompts; each prompt's k/v go to its first slot."""
+        lengths = [len(r.prompt_ids) for r in requests]
+        B, T = len(requests), max(lengths)
+        ids = torch.tensor([r.prompt_ids + [0] * (T - len(r.prompt_ids)) for r in requests])
+        meta = torch.tensor([[r.seqs[0].slot for r in requests], [n - 1 for n in lengths]])
+        ids, meta = ids.to(self.device, non_blocking=True), meta.to(self.device, non_blocking=True)
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        hidden = self.model.hidden_states(ids, positions, cache=self.cache.prefill(meta[0]))
+        logits = self.model.logits(hidden[torch.arange(B, device=self.device), meta[1]])  # [B, V]
+        for r in requests:
+            self.cache.copy_prefix(r.seqs[0].slot, [s.slot for s in r.seqs[1:]], len(r.prompt_ids))
+        seqs = [s for r in requests for s in r.seqs]
+        rows = [b for b, r in enumerate(requests) for _ in r.seqs]
+        if rows != list(range(B)):
+            logits = logits[torch.tensor(rows, device=self.device)]
+        self.stats.prefill_calls += 1
+        self.stats.prefill_tokens += sum(lengths)
+        self.stats.prefill_padded_tokens += B * T
+        self._sample_and_append(logits, seqs)
+
+    def _decode(self) -> None:
+        hi = max(self._running) + 1
+        rows: list[_Sequence | None] = [self._running.get(slot) for slot in range(hi)]
+        inputs = [[s.tokens[-1], s.position] if s else [0, 0] for s in rows]
+        kv_len = max(p for _, p in inputs) + 1
+        inputs = torch.tensor(inputs).to(self.device, non_blocking=True)
+        ids, pos = inputs[:, 0], inputs[:, 1]
+        if self.use_cuda_graphs and (self._graphs is None or self._graphs.disabled_reason is None):
+            if self._graphs is None or not self._graphs.matches(self.model, self.cache):
+                self._graphs = DecodeGraphs(self.model, self.cache, capture=self._capture_graphs)
+            logits = self._graphs.run(ids, pos, kv_len)
+        else:
+            hidden = self.model.hidden_states(ids[:, None], pos[:, None], cache=self.cache.decode(pos[:, None], kv_len))
+            logits = self.model.logits(hidden[:, -1])
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += hi
+        self.stats.decode_tokens += len(self._running)
+        self._sample_and_append(logits, rows)
+
+    def _sample_and_append(self, logits: Tensor, rows: list[_Sequence | None]) -> None:
+        batch = SamplingBatch.build(
+            [s.request.params if s else None for s in rows],
+            [s.key if s else (0, 0) for s in rows],
+            [len(s.tokens) if s else 0 for s in rows],
+            self.device,
+        )
+        tokens, logprobs = sample(logits, batch)
+        # The one host synchronisation of a step: the host decides who stops.
+        tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()
+        now = time.perf_counter()
+        for seq, token, logprob in zip(rows, tokens, logprobs):
+            if seq is not None:
+                self._append(seq, int(token), logprob, now)
+
+    def _append(self, seq: _Sequence, token: int, logprob: float, now: float) -> None:
+        request = seq.request
+        seq.tokens.append(token)
+        seq.logprobs.append(logprob)
+        if len(seq.tokens) == 1:
+            seq.first_token_time = now
+        if token in request.stop_ids:
+            self._finish(seq, "stop", token)
+        elif request.params.stop_strings and (match := self._stop_string(seq)) is not None:
+            self._finish(seq, "stop", match)
+        elif len(seq.tokens) >= request.max_new_tokens:
+            self._finish(seq, "length")
+
+    def _stop_string(self, seq: _Sequence) -> str | None:
+        tail = self.detokenize(seq.tokens[-seq.request.stop_window :])
+        return next((s for s in seq.request.params.stop_strings if s in tail), None)
+
+    def _finish(self, seq: _Sequence, reason: str, stop: int | str | None = None) -> None:
+        seq.finish_reason, seq.stop, seq.finish_time = reason, stop, time.perf_counter()
+        if self._running.get(seq.slot) is seq:
+            del self._running[seq.slot]
+            heapq.heappush(self._free, seq.slot)
+
+    # ------------------------------------------------------------------ results
+    def _text(self, seq: _Sequence) -> str | None:
+        if self.detokenize is None:
+            return None
+        tokens = seq.tokens[:-1] if isinstance(seq.stop, int) else seq.tokens
+        text = self.detokenize(tokens)
+        if isinstance(seq.stop, str):
+            text = text[
+                : min((i for s in seq.request.params.stop_strings if (i := text.find(s)) >= 0), default=len(text))
+            ]
+        return text
+
+    def completion(self, seq: _Sequence) -> Completion:
+        request, n = seq.request, len(seq.tokens)
+        after_first = seq.finish_time - seq.first_token_time
+        return Completion(
+            prompt_ids=request.prompt_ids,
+            token_ids=list(seq.tokens),
+            logprobs=list(seq.logprobs),
+            text=self._text(seq),
+            finish_reason=seq.finish_reason or "abort",
+            ttft_s=max(seq.first_token_time - request.submit_time, 0.0) if n else 0.0,
+            tokens_per_s=(n - 1) / after_first if n > 1 and after_first > 0 else 0.0,
+            latency_s=seq.finish_time - request.submit_time,
+            index=request.index,
+            sample=seq.sample,
+            stop=seq.stop,
+        )
+
+    def completions(self, request: Request) -> list[Completion]:
+        return [self.completion(seq) for seq in request.seqs]
+
+    # ------------------------------------------------------------------ high-level APIs
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order. A bad request gets one Completion with
+        finish_reason 'error' and the message in `error`; the others are generated normally."""
+        if isinstance(prompts, str | Tensor) or (prompts and isinstance(prompts[0], int)):
+            raise TypeError("prompts: expected a list of prompts (strings or token-id lists)")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params: {len(params)} SamplingParams for {len(prompts)} prompts")
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                requests.append(self.submit(prompt, p, index=i))
+            except ValueError as e:
+                ids = list(prompt) if isinstance(prompt, list | tuple) else []
+                results[i] = [Completion(ids, [], [], None, "error", index=i, error=str(e))]
+        try:
+            with self._inference():
+                while self.has_work:
+                    self.step()
+        except BaseException:
+            self.abort_all()  # a failed step leaves no half-done state behind
+            raise
+        for r in requests:
+            results[r.index] = self.completions(r)
+        return results
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Generate one request, yielding each sample's new tokens (and text) after every step.
+
+        Text is held back while it ends in an incomplete character or could be the start of a
+        stop string. Stopping the iteration early aborts the request.
+        """
+        request = self.submit(prompt, params)
+        sent_tokens = [0] * request.params.n
+        sent_text = [""] * request.params.n
+        closed: set[int] = set()
+        try:
+            while not request.done:
+                self.step()
+                for seq in request.seqs:
+                    if seq.sample in closed:
+                        continue
+                    start, finished = sent_tokens[seq.sample], seq.finish_reason is not None
+                    if start == len(seq.tokens) and not finished:
+                        continue
+                    text = self._stream_text(seq, sent_text[seq.sample])
+                    sent_text[seq.sample] += text
+                    sent_tokens[seq.sample] = len(seq.tokens)
+                    if finished:
+                        closed.add(seq.sample)
+                    yield Delta(
+                        seq.sample,
+                        seq.tokens[start:],
+                        seq.logprobs[start:],
+                        text,
+                        self.completion(seq) if finished else None,
+                    )
+        finally:
+            if not request.done:
+                self.abort(request)
+
+    def _stream_text(self, seq: _Sequence, sent: str) -> str:
+        if self.detokenize is None:
+            return ""
+        if seq.finish_reason is not None:
+            full = self._text(seq) or ""
+        else:
+            full = self.detokenize(seq.tokens).rstrip("\ufffd")  # an unfinished UTF-8 character
+            hold = 0
+            for s in seq.request.params.stop_strings:
+                hold = max(hold, next((k for k in range(min(len(s) - 1, len(full)), 0, -1) if full.endswith(s[:k])), 0))
+            full = full[: len(full) - hold]
+        return full[len(sent) :] if full.startswith(sent) else ""
+
+
+__all__ = ["Completion", "Delta", "Engine", "EngineStats", "Request"]

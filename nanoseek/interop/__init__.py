@@ -1,0 +1,1 @@
+"""Interoperability with other checkpoint formats (Hugging Face transformers)."""

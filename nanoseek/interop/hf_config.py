@@ -1,0 +1,367 @@
+"""Hugging Face `config.json` <-> `ModelConfig`, for the architectures nanoseek can express exactly.
+
+Supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen2MoeForCausalLM,
+Qwen3MoeForCausalLM, DeepseekV3ForCausalLM. Anything a `ModelConfig` cannot reproduce
+(sliding windows, partial rotary, longrope, biased MLPs, MoE layer patterns other than
+"the first k layers are dense", quantized weights, ...) is refused with an error that
+names the offending field, rather than loaded into a model that computes something else.
+
+Conventions (what transformers does when a field is absent): behaviour flags fall back to
+the transformers class default; size fields are required.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nanoseek.model.config import ModelConfig
+
+# architecture -> model_type
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+}
+MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+_REQUIRED = object()
+
+
+class HFConfigError(ValueError):
+    """A Hugging Face config that nanoseek cannot load faithfully."""
+
+
+def read_hf_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def architecture_of(hf: dict[str, Any]) -> str:
+    """The one supported architecture named by `architectures` (or, failing that, `model_type`)."""
+    archs = hf.get("architectures") or []
+    if archs:
+        known = [a for a in archs if a in ARCHITECTURES]
+        if not known:
+            raise HFConfigError(
+                f"unsupported architecture {', '.join(map(repr, archs))} (config.json 'architectures'); "
+                f"supported: {', '.join(ARCHITECTURES)}"
+            )
+        return known[0]
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise HFConfigError(
+            f"unsupported model_type {model_type!r} (config.json has no 'architectures'); "
+            f"supported: {', '.join(MODEL_TYPES)}"
+        )
+    return MODEL_TYPES[model_type]
+
+
+def _field(hf: dict[str, Any], name: str, default: Any = _REQUIRED, nullable: bool = False) -> Any:
+    value = hf.get(name, default)
+    if value is _REQUIRED or (value is None and not nullable):
+        raise HFConfigError(f"config.json: missing required field {name!r}")
+    return value
+
+
+def _refuse(name: str, value: Any, why: str) -> HFConfigError:
+    return HFConfigError(f"config.json: {name} = {value!r} is not supported: {why}")
+
+
+def _rope(hf: dict[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, our rope_scaling dict or None) from transformers 5.x `rope_parameters` or 4.x fields.
+
+    Like transformers, a legacy `rope_scaling` dict wins over `rope_parameters`, and the
+    implicit lengths are written out explicitly so that our config does not depend on
+    `max_seq_len` (which users may change) for its frequencies.
+    """
+    legacy = hf.get("rope_scaling")
+    field = "rope_scaling" if legacy else "rope_parameters"
+    params = dict(legacy or hf.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise _refuse(field, params, "per-layer-type RoPE parameters")
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    partial = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise _refuse("partial_rotary_factor", partial, "rotary embedding on part of the head only")
+    if kind not in ROPE_TYPES:
+        raise _refuse(f"{field}.rope_type", kind, f"supported rope types are {', '.join(ROPE_TYPES)}")
+    if kind == "default":
+        return theta, None
+    scaling: dict[str, Any] = {"rope_type": kind, **params}
+    if kind == "dynamic":
+        # transformers' dynamic NTK measures the sequence against max_position_embeddings.
+        scaling["original_max_position_embeddings"] = max_pos
+    if kind in ("yarn", "llama3"):
+        original = hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = int(original or max_pos)
+    if kind == "yarn" and scaling.get("factor") is None:
+        scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
+    needed = {"linear": ["factor"], "dynamic": ["factor"], "yarn": ["factor"],
+              "llama3": ["factor", "low_freq_factor", "high_freq_factor"]}[kind]
+    for name in needed:
+        if scaling.get(name) is None:
+            raise HFConfigError(f"config.json: {field}.{name} is required for rope_type {kind!r}")
+    return theta, scaling
+
+
+def _moe_suffix(hf: dict[str, Any], n_layers: int) -> int:
+    """first_k_dense for Qwen-MoE's (decoder_sparse_step, mlp_only_layers), or an error naming them."""
+    step = int(hf.get("decoder_sparse_step", 1) or 1)
+    only = set(hf.get("mlp_only_layers") or [])
+    moe = [i for i in range(n_layers) if i not in only and (i + 1) % step == 0]
+    k = moe[0] if moe else n_layers
+    if moe != list(range(k, n_layers)):
+        name = "decoder_sparse_step" if step != 1 else "mlp_only_layers"
+        raise _refuse(name, step if step != 1 else sorted(only),
+                      f"MoE layers {moe} are not a suffix of the {n_layers} layers (nanoseek models have "
+                      "dense layers first, then MoE layers: first_k_dense)")
+    return k
+
+
+def hf_config_to_model_config(hf: dict[str, Any]) -> ModelConfig:
+    """Translate a Hugging Face config.json dict into a `ModelConfig` (errors name the refused field)."""
+    arch = architecture_of(hf)
+    family = ARCHITECTURES[arch]
+    if hf.get("quantization_config"):
+        raise _refuse("quantization_config", hf["quantization_config"].get("quant_method", "?"),
+                      "quantized checkpoints (dequantize to bf16 first)")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise _refuse("hidden_act", act, "nanoseek MLPs are SwiGLU (silu)")
+    if hf.get("mlp_bias"):
+        raise _refuse("mlp_bias", True, "nanoseek MLPs have no bias")
+    if any(t != "full_attention" for t in hf.get("layer_types") or []):
+        raise _refuse("layer_types", hf["layer_types"], "only full attention (no sliding window)")
+    if hf.get("use_sliding_window") and hf.get("sliding_window") and not hf.get("layer_types"):
+        raise _refuse("use_sliding_window", True, "only full attention (no sliding window)")
+
+    d_model = int(_field(hf, "hidden_size"))
+    n_layers = int(_field(hf, "num_hidden_layers"))
+    n_heads = int(_field(hf, "num_attention_heads"))
+    max_pos = int(_field(hf, "max_position_embeddings"))
+    theta, scaling = _rope(hf, max_pos)
+    c: dict[str, Any] = dict(
+        vocab_size=int(_field(hf, "vocab_size")),
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_ff=int(_field(hf, "intermediate_size")),
+        max_seq_len=max_pos,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+    if family == "deepseek_v3":
+        if hf.get("attention_bias"):
+            raise _refuse("attention_bias", True, "MLA projections without bias only")
+        scoring = hf.get("scoring_func", "sigmoid")
+        if scoring != "sigmoid":
+            raise _refuse("scoring_func", scoring, "transformers' DeepseekV3 router is sigmoid")
+        method = hf.get("topk_method", "noaux_tc")
+        if method != "noaux_tc":
+            raise _refuse("topk_method", method, "transformers' DeepseekV3 routes with noaux_tc")
+        if hf.get("moe_layer_freq", 1) != 1:
+            raise _refuse("moe_layer_freq", hf["moe_layer_freq"], "every layer after first_k_dense_replace is MoE")
+        c.update(
+            attn_type="mla",
+            n_kv_heads=n_heads,  # MLA decompresses a key/value per head; num_key_value_heads is not used
+            q_lora_rank=int(_field(hf, "q_lora_rank", nullable=True) or 0),  # null: full-rank q_proj
+            kv_lora_rank=int(_field(hf, "kv_lora_rank")),
+            qk_nope_head_dim=int(_field(hf, "qk_nope_head_dim")),
+            qk_rope_head_dim=int(_field(hf, "qk_rope_head_dim")),
+            v_head_dim=int(_field(hf, "v_head_dim")),
+        )
+        first_dense = int(hf.get("first_k_dense_replace", 3) or 0)
+        n_experts = int(_field(hf, "n_routed_experts"))
+        if first_dense < n_layers and n_experts > 0:
+            n_groups, topk_groups = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
+            if n_experts % n_groups or n_experts // n_groups < 2:
+                raise _refuse("n_group", n_groups, "transformers ranks each group by its best two experts, so "
+                              "n_routed_experts / n_group must be an integer >= 2")
+            c.update(
+                n_routed_experts=n_experts,
+                n_shared_experts=int(hf.get("n_shared_experts", 1) or 0),
+                moe_d_ff=int(_field(hf, "moe_intermediate_size")),
+                top_k=int(_field(hf, "num_experts_per_tok")),
+                score_func="sigmoid",
+                norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+                routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                n_groups=n_groups,
+                topk_groups=topk_groups,
+                first_k_dense=first_dense,
+            )
+        return ModelConfig(**c)
+
+    # --- GQA families ---
+    head_dim_default = 128 if family == "qwen3" else d_model // n_heads
+    head_dim = int(hf.get("head_dim") or head_dim_default)
+    n_kv = int(hf.get("num_key_value_heads") or n_heads)
+    if family == "qwen2":
+        qkv_bias = True  # Qwen2Attention hard-codes bias on q, k, v
+    elif family == "qwen2_moe":
+        qkv_bias = bool(hf.get("qkv_bias", True))
+    else:
+        # Llama / Qwen3 `attention_bias` adds a bias to o_proj too; we load it only when that
+        # o_proj bias is all zeros (checked against the weights at load time).
+        qkv_bias = bool(hf.get("attention_bias", False))
+    c.update(
+        n_kv_heads=n_kv,
+        head_dim=0 if head_dim * n_heads == d_model else head_dim,
+        qk_norm=family in ("qwen3", "qwen3_moe"),
+        qkv_bias=qkv_bias,
+    )
+    if family in ("qwen2_moe", "qwen3_moe"):
+        n_experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+        first_dense = _moe_suffix(hf, n_layers) if n_experts > 0 else n_layers
+        if n_experts > 0 and first_dense < n_layers:
+            c.update(
+                n_routed_experts=n_experts,
+                moe_d_ff=int(_field(hf, "moe_intermediate_size")),
+                top_k=int(_field(hf, "num_experts_per_tok")),
+                score_func="softmax",
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                routed_scaling_factor=1.0,
+                first_k_dense=first_dense,
+            )
+            if family == "qwen2_moe":
+                shared = int(_field(hf, "shared_expert_intermediate_size"))
+                if shared <= 0:
+                    raise _refuse("shared_expert_intermediate_size", shared, "Qwen2-MoE always has a shared expert")
+                c.update(n_shared_experts=1, shared_d_ff=shared, shared_expert_gate=True)
+    return ModelConfig(**c)
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling:
+        params.update(cfg.rope_scaling)
+        params["rope_type"] = params.pop("type", params.get("rope_type", "default"))
+        if params["rope_type"] == "dynamic":
+            # transformers measures dynamic NTK against max_position_embeddings (set by the caller).
+            params.pop("original_max_position_embeddings", None)
+    return params
+
+
+def _dynamic_max_pos(cfg: ModelConfig) -> int:
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type", rs.get("type")) == "dynamic":
+        return int(rs.get("original_max_position_embeddings") or cfg.max_seq_len)
+    return cfg.max_seq_len
+
+
+def pick_architecture(cfg: ModelConfig) -> str:
+    """The transformers architecture that computes exactly what `cfg` computes, or an error saying why none does."""
+    def no(why: str) -> HFConfigError:
+        return HFConfigError(f"no transformers architecture matches this model: {why}")
+
+    if cfg.attn_type == "mla":
+        if cfg.qkv_bias or cfg.qk_norm:
+            raise no("MLA with qkv_bias/qk_norm")
+        if cfg.is_moe:
+            if cfg.score_func != "sigmoid":
+                raise no("DeepseekV3 routes with sigmoid scores (score_func='softmax' given)")
+            if cfg.shared_expert_gate:
+                raise no("DeepseekV3 has no shared_expert_gate")
+            if cfg.shared_hidden % cfg.moe_d_ff:
+                raise no(f"DeepseekV3's shared experts are n x moe_d_ff wide (shared width {cfg.shared_hidden})")
+            if cfg.n_routed_experts // cfg.n_groups < 2:
+                raise no("DeepseekV3 needs >= 2 experts per group")
+        return "DeepseekV3ForCausalLM"
+    if not cfg.is_moe:
+        if cfg.qk_norm:
+            return "Qwen3ForCausalLM"
+        return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    if cfg.score_func != "softmax" or cfg.n_groups != 1 or cfg.routed_scaling_factor != 1.0:
+        raise no("Qwen-MoE routers are plain softmax top-k (score_func='softmax', n_groups=1, "
+                 "routed_scaling_factor=1); sigmoid/grouped GQA-MoE has no transformers counterpart")
+    if cfg.qk_norm and cfg.shared_hidden == 0:
+        return "Qwen3MoeForCausalLM"
+    if not cfg.qk_norm and cfg.shared_hidden > 0 and cfg.shared_expert_gate:
+        return "Qwen2MoeForCausalLM"
+    raise no("GQA-MoE maps to Qwen3-MoE (qk_norm, no shared expert) or Qwen2-MoE (no qk_norm, one "
+             "sigmoid-gated shared expert)")
+
+
+def model_config_to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
+    """A transformers 5.x config.json dict for `cfg` (see `pick_architecture`)."""
+    arch = pick_architecture(cfg)
+    family = ARCHITECTURES[arch]
+    hf: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_heads if cfg.attn_type == "mla" else cfg.n_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": _dynamic_max_pos(cfg),
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": _rope_parameters(cfg),
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "dtype": dtype,
+    }
+    if family == "deepseek_v3":
+        moe = cfg.is_moe
+        hf.update(
+            q_lora_rank=cfg.q_lora_rank or None,
+            kv_lora_rank=cfg.kv_lora_rank,
+            qk_nope_head_dim=cfg.qk_nope_head_dim,
+            qk_rope_head_dim=cfg.qk_rope_head_dim,
+            v_head_dim=cfg.v_head_dim,
+            attention_bias=False,
+            # Exported in DeepSeek's own interleaved rotary layout (see hf_weights.interleave_rows).
+            rope_interleave=True,
+            num_nextn_predict_layers=0,
+            first_k_dense_replace=cfg.first_k_dense if moe else cfg.n_layers,
+            n_routed_experts=cfg.n_routed_experts if moe else 2,
+            n_shared_experts=cfg.shared_hidden // cfg.moe_d_ff if moe else 0,
+            moe_intermediate_size=cfg.moe_d_ff,
+            num_experts_per_tok=cfg.top_k if moe else 1,
+            norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+            n_group=cfg.n_groups if moe else 1,
+            topk_group=cfg.topk_groups if moe else 1,
+        )
+        return hf
+    hf["head_dim"] = cfg.attn_head_dim
+    if family in ("llama", "qwen3", "qwen3_moe"):
+        hf["attention_bias"] = cfg.qkv_bias  # o_proj.bias is written as zeros
+    if family == "llama":
+        hf["mlp_bias"] = False
+    if family == "qwen2_moe":
+        hf["qkv_bias"] = cfg.qkv_bias
+    if family in ("qwen2_moe", "qwen3_moe"):
+        hf.update(
+            num_experts=cfg.n_routed_experts,
+            num_experts_per_tok=cfg.top_k,
+            moe_intermediate_size=cfg.moe_d_ff,
+            norm_topk_prob=cfg.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(range(cfg.first_k_dense)),
+        )
+        if family == "qwen2_moe":
+            hf["shared_expert_intermediate_size"] = cfg.shared_hidden
+    if family != "llama":
+        hf["use_sliding_window"] = False
+    return hf
+

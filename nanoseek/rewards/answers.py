@@ -1,0 +1,166 @@
+"""Answer extraction and GSM8K numeric equality: plain string work, no sympy, no torch.
+
+The model's answer is the last `\\boxed{...}` (braces balanced), else an "answer is X" / "Answer: X"
+line, else a GSM8K `#### X` line. When the completion has a `</think>` only the text after the last
+one is the answer (`answer_region`). `nanoseek.tasks` grades with the same `extract_boxed`, so this
+module must stay light to import.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+__all__ = ["answer_region", "extract_answer", "extract_boxed", "gsm8k_equal", "parse_gsm8k_number"]
+
+# --------------------------------------------------------------------------------------------------
+# Answer extraction
+# --------------------------------------------------------------------------------------------------
+
+_BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    """Index of the `}` closing the group whose content starts at `start`; None if it never closes.
+
+    `\\{` and `\\}` are escaped (literal) braces and do not count, so `\\boxed{\\{1, 2\\}}` works.
+    """
+    depth = 1
+    i = start
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2  # skip the escaped character (`\{`, `\}`, `\\`)
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def extract_boxed(text: str | None) -> str | None:
+    """The content of the LAST `\\boxed{...}` or `\\fbox{...}`, matching balanced braces.
+
+    If the last box never closes (a generation cut off mid-answer) the result is None rather than an
+    earlier box: an answer the model was in the middle of replacing is not its answer.
+    """
+    if not text:
+        return None
+    last = None
+    for m in _BOX_START.finditer(text):
+        last = m
+    if last is None:
+        return None
+    end = _closing_brace(text, last.end())
+    return None if end is None else text[last.end() : end]
+
+
+_ANSWER_IS = re.compile(r"\banswer\b\s*(?:is\b\s*:?|:)[ \t*]*(?P<ans>[^\n]+)", re.IGNORECASE)
+_GSM8K_MARK = re.compile(r"####[ \t]*(?P<ans>[^\n]+)")
+_SENTENCE_END = re.compile(r"\.\s")
+
+
+def _clean_inline_answer(text: str) -> str:
+    """Trim an answer taken from running text: markdown bold, math delimiters, the final full stop."""
+    s = text.strip()
+    cut = _SENTENCE_END.search(s)  # "The answer is 3.5. So ..." -> "3.5." (the sentence, not the paragraph)
+    if cut:
+        s = s[: cut.start() + 1]
+    s = s.strip().strip("*").strip()
+    s = s.rstrip(".").strip()
+    return _strip_math_delimiters(s)
+
+
+def _strip_math_delimiters(s: str) -> str:
+    s = s.strip()
+    changed = True
+    while changed and s:
+        changed = False
+        for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+            if len(s) >= len(left) + len(right) and s.startswith(left) and s.endswith(right):
+                s = s[len(left) : len(s) - len(right)].strip()
+                changed = True
+                break
+    return s
+
+
+def answer_region(completion: str) -> str:
+    """The part of a completion that holds the answer: after the last `</think>` if there is one."""
+    _head, sep, tail = completion.rpartition("</think>")
+    return tail if sep else completion
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The model's final answer: the last boxed; else the last "answer is X"/"Answer: X"; else `#### X`.
+
+    Returns a stripped string, or None when the text contains no recognisable answer.
+    """
+    if not text:
+        return None
+    boxed = extract_boxed(text)
+    if boxed is not None and boxed.strip():
+        return boxed.strip()
+    for pattern in (_ANSWER_IS, _GSM8K_MARK):
+        matches = list(pattern.finditer(text))
+        for m in reversed(matches):
+            ans = _clean_inline_answer(m.group("ans"))
+            if ans:
+                return ans
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# GSM8K numeric equality
+# --------------------------------------------------------------------------------------------------
+
+_GSM_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*\d+(?:\.\d*)?)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}")
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+
+
+def parse_gsm8k_number(text: str | None) -> Fraction | None:
+    """The exact number in a GSM8K-style answer ("$1,234.50", "18 dollars", "-3", "3/4", "25%").
+
+    Dollar signs, thousands separators, LaTeX spacing, a trailing full stop and trailing units are
+    dropped. Anything else that carries a second number ("18 or 19") is not a single answer: None.
+    """
+    if text is None:
+        return None
+    s = text.strip()
+    if "####" in s:
+        s = s.rsplit("####", 1)[1]
+    boxed = extract_boxed(s)
+    if boxed is not None:
+        s = boxed
+    s = s.replace("\u2212", "-").replace("\\$", "").replace("$", "")
+    s = s.replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\ ", " ")
+    s = s.replace("\\%", "").replace("%", "")
+    s = _LATEX_TEXT.sub(r" \1", s)
+    s = _LATEX_FRAC.sub(r"(\1)/(\2)", s).replace("(", "").replace(")", "")
+    s = _THOUSANDS.sub("", s).strip().lstrip("=").strip()
+    m = _GSM_NUMBER.match(s)
+    if not m:
+        return None
+    rest = s[m.end() :].strip().rstrip(".")
+    if any(ch.isdigit() for ch in rest):
+        return None
+    num = m.group(0).replace(" ", "")
+    try:
+        if "/" in num:
+            a, b = num.split("/")
+            return Fraction(a) / Fraction(b)
+        return Fraction(num)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def gsm8k_equal(pred: str | None, gold: str | None) -> bool:
+    """Exact numeric equality of two GSM8K answers (`18`, `$18.00` and `18 dollars` are all 18)."""
+    a, b = parse_gsm8k_number(pred), parse_gsm8k_number(gold)
+    return a is not None and b is not None and a == b

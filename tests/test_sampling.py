@@ -1,0 +1,177 @@
+"""Sampling: filters against a brute-force reference, the sampler's draws, log-probs, seeds, validation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from nanoseek.engine.sampling import (
+    SamplingBatch,
+    SamplingParams,
+    _mix32,
+    _mul32,
+    filter_logits,
+    gumbel_noise,
+    sample,
+    sequence_key,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def reference_keep(logits: list[float], k: int, p: float, m: float) -> set[int]:
+    """The kept set, written from the definitions with Python floats (float64)."""
+    order = sorted(range(len(logits)), key=lambda i: -logits[i])
+    if k > 0:
+        order = order[:k]
+    top = logits[order[0]]
+    weight = {i: math.exp(logits[i] - top) for i in order}
+    total = sum(weight.values())
+    if p < 1:
+        kept, mass_before = [], 0.0
+        for i in order:
+            if mass_before < p:
+                kept.append(i)
+            mass_before += weight[i] / total
+        order = kept
+    # min-p: p_i >= m * p_max, i.e. exp(l_i - l_max) >= m
+    return {i for i in order if weight[i] >= m}
+
+
+def random_settings(rng: random.Random, V: int) -> tuple[int, float, float]:
+    k = rng.choice([0, 0, 1, 2, 5, rng.randint(1, V), V + 3])
+    p = rng.choice([1.0, 1.0, rng.uniform(0.05, 0.999), 0.5])
+    m = rng.choice([0.0, 0.0, rng.uniform(0.001, 0.5), 1.0])
+    return k, p, m
+
+
+def batch_for(temps, ks, ps, ms, keys=None, steps=None) -> SamplingBatch:
+    B = len(temps)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m) for t, k, p, m in zip(temps, ks, ps, ms)]
+    keys = keys or [sequence_key(0, i) for i in range(B)]
+    return SamplingBatch.build(params, keys, steps or [0] * B, torch.device("cpu"))
+
+
+def test_filter_matches_brute_force_reference():
+    rng = random.Random(0)
+    gen = torch.Generator().manual_seed(0)
+    B, V = 64, 40
+    logits = torch.randn(B, V, generator=gen) * torch.rand(B, 1, generator=gen) * 4
+    settings = [random_settings(rng, V) for _ in range(B)]
+    k, p, m = (torch.tensor([s[j] for s in settings]) for j in range(3))
+    kept = filter_logits(logits, k, p.float(), m.float())
+    for b in range(B):
+        got = set(torch.nonzero(kept[b] > float("-inf")).flatten().tolist())
+        assert got == reference_keep(logits[b].tolist(), *settings[b]), (b, settings[b])
+        # kept logits are unchanged
+        assert torch.equal(kept[b][list(got)], logits[b][list(got)])
+
+
+def test_filters_off_keep_everything():
+    logits = torch.randn(3, 17)
+    kept = filter_logits(logits, torch.zeros(3, dtype=torch.long), torch.ones(3), torch.zeros(3))
+    assert torch.equal(kept, logits)
+
+
+def test_sampled_tokens_stay_in_the_set_and_follow_the_distribution():
+    gen = torch.Generator().manual_seed(1)
+    V, draws = 12, 4000
+    base = torch.randn(V, generator=gen) * 1.5
+    for k, p, m, t in [(4, 1.0, 0.0, 1.0), (0, 0.7, 0.0, 0.8), (0, 1.0, 0.2, 1.3), (6, 0.9, 0.05, 1.0)]:
+        logits = base.expand(draws, V)
+        batch = batch_for(
+            [t] * draws, [k] * draws, [p] * draws, [m] * draws, keys=[sequence_key(7, i) for i in range(draws)]
+        )
+        tokens, _ = sample(logits, batch)
+        allowed = reference_keep((base / t).tolist(), k, p, m)
+        assert set(tokens.tolist()) <= allowed
+        # frequencies match the renormalised, filtered distribution
+        mask = torch.full((V,), float("-inf"))
+        mask[list(allowed)] = 0
+        target = (base / t + mask).softmax(-1)
+        freq = torch.bincount(tokens, minlength=V).float() / draws
+        assert (freq - target).abs().max() < 0.035, (k, p, m, t)
+
+
+def test_greedy_rows_ignore_filters_and_logprobs_come_before_filtering():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 30, generator=gen) * 3
+    temps, ks, ps, ms = [0.0, 0.7, 0.7, 1.0], [3, 3, 0, 0], [0.5, 1.0, 0.3, 1.0], [0.0, 0.0, 0.0, 0.5]
+    tokens, logprobs = sample(logits, batch_for(temps, ks, ps, ms))
+    assert tokens[0] == logits[0].argmax()
+    for b, t in enumerate(temps):
+        expected = torch.log_softmax(logits[b] / (t or 1.0), -1)[tokens[b]]
+        torch.testing.assert_close(logprobs[b], expected, rtol=0, atol=1e-6)
+
+
+def test_sampling_is_seeded_and_independent_of_the_batch():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=gen)
+    keys = [sequence_key(s, 0, 0) for s in range(6)]
+    a, _ = sample(logits, batch_for([1.0] * 6, [0] * 6, [1.0] * 6, [0.0] * 6, keys=keys, steps=[5] * 6))
+    b, _ = sample(logits, batch_for([1.0] * 6, [0] * 6, [1.0] * 6, [0.0] * 6, keys=keys, steps=[5] * 6))
+    assert torch.equal(a, b)
+    # row 3 alone draws what it drew in the batch
+    c, _ = sample(logits[3:4], batch_for([1.0], [0], [1.0], [0.0], keys=keys[3:4], steps=[5]))
+    assert c.item() == a[3].item()
+    # other steps / keys give other noise
+    assert not torch.equal(
+        gumbel_noise(torch.tensor([keys[0]]), torch.tensor([5]), 50),
+        gumbel_noise(torch.tensor([keys[0]]), torch.tensor([6]), 50),
+    )
+    assert sequence_key(1, 0, 0) != sequence_key(1, 0, 1) != sequence_key(1, 1, 0)
+
+
+def test_hash_arithmetic_and_noise_statistics():
+    rng = random.Random(4)
+    xs = [rng.getrandbits(32) for _ in range(1000)] + [0, 2**32 - 1]
+    for c in (0x7FEB352D, 0x846CA68B, 0xFFFFFFFF):
+        assert _mul32(torch.tensor(xs), c).tolist() == [(x * c) % 2**32 for x in xs]
+    assert _mix32(torch.tensor(xs)).max() < 2**32 and _mix32(torch.tensor(xs)).min() >= 0
+    keys = torch.tensor([sequence_key(9, i) for i in range(64)])
+    g = gumbel_noise(keys, torch.arange(64), 1000)
+    assert torch.isfinite(g).all()
+    assert abs(g.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni
+    assert abs(g.std().item() - math.pi / math.sqrt(6)) < 0.01
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_new_tokens", 0),
+        ("max_new_tokens", 2.5),
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("top_k", -1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("min_p", -0.1),
+        ("min_p", 1.01),
+        ("n", 0),
+        ("seed", -3),
+        ("stop_ids", [-1]),
+        ("stop_ids", [10**6]),
+        ("stop_strings", [""]),
+        ("ignore_eos", "yes"),
+    ],
+)
+def test_bad_params_name_the_field(field, value):
+    params = SamplingParams(**{field: value})
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        params.validate(vocab_size=1000)
+
+
+def test_good_params_pass():
+    SamplingParams().validate(10)
+    SamplingParams(
+        temperature=0, top_k=5, top_p=0.3, min_p=0.1, n=4, seed=0, stop_ids=[1], stop_strings=["\n"]
+    ).validate(10)
