@@ -62,6 +62,8 @@ class TrainConfig:
     """Checkpoints kept in RUN_DIR/checkpoints (older ones deleted)."""
     log_every: int = 10
     """Write a metrics line every N steps."""
+    print_every: int = 50
+    """Print a loss line every N steps (beside the progress bar); 0 = never."""
     seed: int = 0
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
@@ -86,6 +88,58 @@ class DataConfig:
 
 
 @dataclass
+class RLConfig:
+    prompts_per_step: int = 16
+    """P: prompts per RL step."""
+    group_size: int = 8
+    """G: samples per prompt (the group that advantages are relative to)."""
+    max_new_tokens: int = 96
+    """Longest completion; longer ones are truncated (see overlong)."""
+    temperature: float = 1.0
+    """Rollout sampling temperature (log-probs are taken at this temperature too)."""
+    top_p: float = 1.0
+    num_iterations: int = 1
+    """Policy updates per batch of rollouts (mu in GRPO)."""
+    micro_batch_size: int = 64
+    """Sequences per forward/backward in the update."""
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    """Clip range [1 - epsilon_low, 1 + epsilon_high] (DAPO's clip-higher)."""
+    scale_rewards: str = "group"
+    """Advantage scaling: 'group' (GRPO), 'batch', or 'none' (Dr. GRPO)."""
+    loss_agg: str = "token-mean"
+    """'token-mean' (DAPO), 'seq-mean' (GRPO) or 'dr-grpo' (constant normaliser)."""
+    beta: float = 0.0
+    """KL penalty to the frozen starting policy (k3); 0 keeps no reference model."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and sample more prompts to refill."""
+    max_sampling_rounds: int = 3
+    """Dynamic sampling: at most this many generation rounds per step."""
+    overlong: str = "none"
+    """Truncated samples: 'none', 'mask' (no loss on them) or 'soft' (DAPO's length penalty)."""
+    overlong_buffer: int = 16
+    """'soft': the penalty ramps from 0 to -1 over the last this-many tokens."""
+    tis_cap: float = 2.0
+    """Truncated importance sampling cap on pi_trainer / pi_engine per token; 0 disables."""
+    rewards: str = "task=1.0"
+    """Weighted reward functions: built-ins (task, math, format) or import paths, e.g. 'task=1,format=0.1'."""
+    tasks: str = "arithmetic,countdown,linear_equation,word_problems"
+    """Built-in prompt mixture: 'name' or 'name:weight', comma separated."""
+    difficulty: dict[str, Any] = field(default_factory=dict)
+    """Per-task difficulty knobs, e.g. {arithmetic = {digits = 3}}."""
+    prompts_file: str = ""
+    """A JSONL of {prompt or messages, answer[, task]} instead of the built-in tasks."""
+    eval_every: int = 0
+    """Held-out evaluation every N steps (0 = only before and after)."""
+    eval_problems: int = 200
+    """Held-out problems per evaluation."""
+    eval_samples: int = 4
+    """k samples per held-out problem (pass@1 is averaged over them)."""
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+
+
+@dataclass
 class RunConfig:
     preset: str = "tiny"
     """Model preset; individual fields can still be overridden under [model]."""
@@ -93,6 +147,7 @@ class RunConfig:
     """Overrides of the preset's ModelConfig fields."""
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         overrides = dict(self.model)
@@ -149,9 +204,19 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
 
 
 def load_run_config(
-    base: RunConfig | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
+    base: RunConfig | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+    where: str = "",
 ) -> RunConfig:
+    """Defaults (`base`) < `values` (an already-parsed TOML table, named `where` in errors) < file < overrides."""
     cfg = base or RunConfig()
+    if values:
+        try:
+            _apply(cfg, values, "")
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
     if config_file:
         path = Path(config_file)
         try:
@@ -224,5 +289,6 @@ def run_config_to_toml(cfg: RunConfig) -> str:
             "model": dict(cfg.model),
             "train": dataclasses.asdict(cfg.train),
             "data": dataclasses.asdict(cfg.data),
+            "rl": dataclasses.asdict(cfg.rl),
         }
     )

@@ -23,11 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from nanoseek.config import RunConfig, TrainConfig
-    from nanoseek.train.stages import sft
+    from nanoseek.train.stages import sft, sft_defaults
 
-    base = RunConfig(train=TrainConfig(steps=300, lr=1e-3, warmup_steps=10))
-    cfg = run_config_from_args(args, base)
+    cfg = run_config_from_args(args, sft_defaults())
     summary = sft(cfg, args.out, args.checkpoint, resume=args.resume, quiet=args.quiet, stop_at=args.stop_at)
     print(json.dumps(summary))
     return 0

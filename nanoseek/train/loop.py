@@ -199,6 +199,9 @@ def train(
                 keep=cfg.keep_checkpoints,
             )
 
+        if not quiet and cfg.print_every and (done % cfg.print_every == 0 or done == start + 1):
+            val_text = f"  val {val_loss:.4f}" if val_loss is not None else ""
+            bar.write(f"{stage} step {done:>6}/{cfg.steps}  loss {last_loss:.4f}{val_text}  {tok_s:,.0f} tok/s")
         postfix = dict(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}")
         if mfu is not None:
             postfix["mfu"] = f"{100 * mfu:.1f}%"

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from nanoseek.config import RunConfig, run_config_to_toml
+from nanoseek.config import RunConfig, TrainConfig, run_config_to_toml
 from nanoseek.data.errors import BadInputStats
 from nanoseek.data.packing import PackedTextDataset
 from nanoseek.data.sft import SFTDataset, load_conversations
@@ -21,6 +21,11 @@ from nanoseek.model import Transformer
 from nanoseek.tasks.corpus import pretrain_texts, sft_conversations
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import train
+
+
+def sft_defaults() -> RunConfig:
+    """SFT starts from a trained model: a lower peak lr and fewer steps than pretraining."""
+    return RunConfig(train=TrainConfig(steps=300, lr=1e-3, warmup_steps=10))
 
 
 def _task_weights(cfg: RunConfig) -> dict[str, float]:
@@ -135,7 +140,8 @@ def sft(
         train_conv, val_conv = conversations[n_val:], conversations[:n_val]
     else:
         weights = _task_weights(cfg)
-        train_conv = sft_conversations(cfg.data.builtin_examples, seed=t.seed, weights=weights)
+        # A different seed from pretraining's, so SFT sees new problems of the same tasks.
+        train_conv = sft_conversations(cfg.data.builtin_examples, seed=t.seed + 1, weights=weights)
         val_conv = sft_conversations(max(64, t.batch_size * t.eval_batches), seed=t.seed, split="test", weights=weights)
     data = SFTDataset(train_conv, tokenizer, t.seq_len, t.batch_size, seed=t.seed)
     val_batches = lambda: _take(

@@ -1,0 +1,290 @@
+"""Seconds per RL step and completion tokens/s: nanoseek's GRPO loop vs TRL's GRPOTrainer.
+
+    python benchmarks/rl_step.py                       # `small` preset shape (~100M), 8 prompts x 8 samples, 256 tokens
+    python benchmarks/rl_step.py --quick --device cpu  # a tiny CPU smoke run
+    python benchmarks/rl_step.py --no-trl              # nanoseek only
+
+One step = generate P prompts x G samples with the live policy, score them, group advantages,
+one optimizer step over the batch (micro-batches of --micro-batch sequences, gradients accumulated).
+Both sides get the same model shape with random weights, the same tokenizer (one trained here on
+the built-in task corpus), the same chat-formatted arithmetic prompts and the same reward: a
+length-independent dummy (character codes mod 7), so grading costs nothing on either side.
+Every completion runs to max_new_tokens: nanoseek's engine gets no eos ids; TRL gets
+generation_kwargs min_new_tokens = max_completion_length (eos suppressed until then).
+
+nanoseek: `collect` (Engine rollouts) + `update` from nanoseek.train.rl, as `nanoseek rl` runs them
+(float32 master weights, bf16 autocast on CUDA; the update also takes one no-grad forward for the
+old/trainer log-probs that the truncated importance-sampling weights need).
+TRL: GRPOConfig(per_device_train_batch_size=micro-batch, gradient_accumulation_steps=P*G/micro-batch,
+num_generations=G, loss_type="dapo", beta=0, epsilon 0.2 / epsilon_high 0.28, bf16 on CUDA), a
+transformers model of the same shape (Qwen3ForCausalLM when the preset has QK-norm, else Llama),
+generation with transformers' `generate` (no vLLM). Its steps are timed with a callback
+(on_step_begin -> on_step_end: generation, scoring, forward/backward and the optimizer step).
+
+Both time steady-state steps after --warmup steps. completion tokens/s = completion tokens of a
+step / seconds of the whole step. TRL is optional (pip install trl); without it only nanoseek is
+reported. The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally; never reach the Hub
+
+from nanoseek.config import RLConfig, TrainConfig
+from nanoseek.engine import Engine
+from nanoseek.eval.runner import prompt_ids
+from nanoseek.loading import pick_device
+from nanoseek.model import ModelConfig, Transformer, get_preset, install_balancing_hook
+from nanoseek.rewards import RewardSet
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train import grpo
+from nanoseek.train.optim import build_optimizers
+from nanoseek.train.rl import PromptSampler, collect, update
+
+QUICK_SHAPE = dict(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256)
+
+
+def dummy_reward(completions: list[str]) -> list[float]:
+    """Length-independent and free to compute; varies with the text so groups have some spread."""
+    return [(sum(map(ord, c)) % 7) / 6 for c in completions]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_tokenizer(directory: Path) -> Tokenizer:
+    from nanoseek.tasks.corpus import pretrain_texts
+
+    tokenizer = Tokenizer.train(pretrain_texts(2000, seed=0), 4096)
+    tokenizer.save(directory)
+    return tokenizer
+
+
+def build_rows(tokenizer: Tokenizer, n: int) -> list[dict]:
+    """Arithmetic prompts; `text` is the chat-formatted prompt both sides feed to the model."""
+    from nanoseek.tasks.corpus import task_mixture
+
+    rows = []
+    for i, e in enumerate(task_mixture(n, split="train", seed=0, weights={"arithmetic": 1.0})):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": e.prompt}], add_generation_prompt=True)
+        rows.append(dict(id=f"p{i}", prompt=e.prompt, answer=e.answer, text=text))
+    return rows
+
+
+def summarize(step_s: list[float], tokens: list[int], **extra: list[float]) -> dict:
+    mean_s = statistics.mean(step_s)
+    out = dict(seconds_per_step=mean_s, step_s=step_s, completion_tokens_per_step=statistics.mean(tokens),
+               completion_tokens_per_s=sum(tokens) / sum(step_s))
+    out.update({k: statistics.mean(v) for k, v in extra.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- nanoseek
+def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(cfg)
+    model.train()  # float32 master weights, as `nanoseek rl` loads them
+    tcfg = TrainConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0)
+    optimizers = build_optimizers(model, tcfg, device)
+    install_balancing_hook(optimizers[-1], model)
+    rcfg = RLConfig(prompts_per_step=args.prompts, group_size=args.samples, max_new_tokens=args.max_new_tokens,
+                    micro_batch_size=args.micro_batch)
+    max_prompt = max(len(prompt_ids(tokenizer, r["prompt"])) for r in rows)
+    engine = Engine(model, tokenizer, max_batch=args.prompts * args.samples, eos_ids=[],
+                    max_seq_len=min(cfg.max_seq_len, max_prompt + args.max_new_tokens + 8))
+    sampler = PromptSampler(rows, seed=0)
+    rewards = RewardSet().add("dummy", lambda prompts, completions, rows_: dummy_reward(completions))
+
+    step_s, rollout_s, update_s, tokens = [], [], [], []
+    for step in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        batch = collect(engine, tokenizer, sampler, rewards, rcfg, seed=step)
+        sync(device)
+        t1 = time.perf_counter()
+        advantages = grpo.group_advantages(batch.rewards, rcfg.group_size, rcfg.scale_rewards)
+        update(model, None, optimizers, batch, advantages, rcfg, tcfg.grad_clip, device)
+        sync(device)
+        t2 = time.perf_counter()
+        n_tokens = sum(len(c) for c in batch.completion_ids)
+        print(f"nanoseek step {step}{' (warmup)' if step < args.warmup else ''}: {t2 - t0:.2f} s "
+              f"(rollout {t1 - t0:.2f} s, update {t2 - t1:.2f} s), {n_tokens} completion tokens", file=sys.stderr)
+        if step >= args.warmup:
+            step_s.append(t2 - t0)
+            rollout_s.append(t1 - t0)
+            update_s.append(t2 - t1)
+            tokens.append(n_tokens)
+    engine.release()
+    return summarize(step_s, tokens, rollout_s=rollout_s, update_s=update_s)
+
+
+# ----------------------------------------------------------------------------- TRL
+def bench_trl(cfg: ModelConfig, tok_dir: Path, tokenizer: Tokenizer, rows: list[dict], args,
+              device: torch.device) -> dict:
+    try:
+        import trl
+    except ImportError as e:
+        print(f"note: TRL is not installed ({e}); reporting nanoseek only (pip install trl to compare)",
+              file=sys.stderr)
+        return {"skipped": f"trl not installed: {e}"}
+    import importlib.util
+
+    import transformers
+    from datasets import Dataset
+
+    # The transformers model of the same shape, built offline by the generation benchmark's helper.
+    spec = importlib.util.spec_from_file_location("nanoseek_bench_generate", Path(__file__).with_name("generate.py"))
+    gen_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_bench)
+    torch.manual_seed(0)
+    model = gen_bench.hf_model(cfg, device, torch.float32)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"),
+                                                  eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token)
+    model.config.pad_token_id = hf_tok.pad_token_id
+    model.generation_config.pad_token_id = hf_tok.pad_token_id
+    # Plain-text prompts, already chat-formatted: the same token ids nanoseek's engine is given.
+    dataset = Dataset.from_dict({"prompt": [r["text"] for r in rows]})
+
+    lengths: list[int] = []
+
+    def reward(prompts, completions, completion_ids, **_):
+        lengths.extend(len(c) for c in completion_ids)
+        return dummy_reward(completions)
+
+    class StepTimer(transformers.TrainerCallback):
+        def __init__(self) -> None:
+            self.start, self.times, self.tokens = 0.0, [], []
+
+        def on_step_begin(self, a, state, control, **kw):
+            sync(device)
+            lengths.clear()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            sync(device)
+            self.times.append(time.perf_counter() - self.start)
+            self.tokens.append(sum(lengths))
+            step = len(self.times) - 1
+            print(f"trl step {step}{' (warmup)' if step < args.warmup else ''}: {self.times[-1]:.2f} s, "
+                  f"{self.tokens[-1]} completion tokens", file=sys.stderr)
+
+    batch = args.prompts * args.samples
+    with tempfile.TemporaryDirectory() as out:
+        config = trl.GRPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=args.micro_batch,
+            gradient_accumulation_steps=batch // args.micro_batch,
+            num_generations=args.samples,
+            max_completion_length=args.max_new_tokens,
+            generation_kwargs={"min_new_tokens": args.max_new_tokens},
+            temperature=1.0,
+            learning_rate=1e-6,
+            weight_decay=0.0,
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            beta=0.0,
+            epsilon=0.2,
+            epsilon_high=0.28,
+            loss_type="dapo",
+            scale_rewards="group",
+            num_iterations=1,
+            max_steps=args.warmup + args.steps,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            bf16=device.type == "cuda",
+            use_cpu=device.type == "cpu",
+            dataloader_num_workers=0,
+            seed=0,
+        )
+        timer = StepTimer()
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset,
+                                  processing_class=hf_tok, callbacks=[timer])
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # keep stdout for the JSON line
+        trainer.train()
+    result = summarize(timer.times[args.warmup:], timer.tokens[args.warmup:])
+    result["version"] = trl.__version__
+    result["transformers_version"] = transformers.__version__
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small", help="model preset whose shape both sides use (default small)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--prompts", type=int, default=8, help="P: prompts per step")
+    p.add_argument("--samples", type=int, default=8, help="G: samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward in the update")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
+    p.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny smoke shape: d_model 64, 2 layers, vocab 1024, 4 prompts x 4 samples, 32 tokens")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    cfg = get_preset(args.preset)
+    if args.quick:
+        cfg = cfg.replace(**QUICK_SHAPE)
+        args.prompts, args.samples, args.max_new_tokens = 4, 4, 32
+        args.micro_batch, args.steps = 8, 2
+    batch = args.prompts * args.samples
+    if args.micro_batch < 1 or batch % args.micro_batch:
+        p.error(f"--micro-batch {args.micro_batch} must divide prompts x samples = {batch}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = Path(tmp)
+        tokenizer = build_tokenizer(tok_dir)
+        # Distinct prompts for every step (enough for warmup + steps without repeating).
+        rows = build_rows(tokenizer, args.prompts * (args.warmup + args.steps))
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's {cfg.vocab_size}")
+        results: dict = {}
+        results["nanoseek"] = bench_nanoseek(cfg, tokenizer, rows, args, device)
+        results["trl"] = {"skipped": "--no-trl"} if args.no_trl else bench_trl(cfg, tok_dir, tokenizer, rows, args,
+                                                                                device)
+
+    with torch.device("meta"):
+        params_m = Transformer(cfg).num_params() / 1e6
+    cpu_name = platform.processor() or platform.machine()
+    figures = dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name})",
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        torch=torch.__version__,
+        preset=args.preset + (" (--quick shape)" if args.quick else ""),
+        shape=dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                   n_kv_heads=cfg.n_kv_heads, d_ff=cfg.d_ff, qk_norm=cfg.qk_norm, moe=cfg.is_moe),
+        params_m=round(params_m, 2),
+        prompts=args.prompts, samples=args.samples, max_new_tokens=args.max_new_tokens,
+        micro_batch=args.micro_batch, warmup_steps=args.warmup, timed_steps=args.steps,
+        prompt_tokens=[len(prompt_ids(tokenizer, r["prompt"])) for r in rows[: args.prompts]],
+        **results,
+    )
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""`nanoseek eval`: accuracy (pass@k, cons@k) and speed of a checkpoint on benchmarks; `eval compare A B`.
+
+    nanoseek eval --checkpoint runs/rl --bench arithmetic --bench countdown --out runs/eval-rl
+    nanoseek eval --checkpoint runs/rl --bench tasks --n-problems 200 --set arithmetic.digits=3
+    nanoseek eval --checkpoint R1-Distill-Qwen-1.5B/ --bench math500_test.jsonl --bench gsm8k_test.jsonl \\
+        --k 4 --max-new-tokens 8192 --think-prefill --out runs/eval-r1
+    nanoseek eval --checkpoint Qwen2.5-Math-1.5B/ --bench gsm8k_test.jsonl --few-shot 4 --temperature 0
+    nanoseek eval compare runs/eval-sft runs/eval-rl          # markdown table of both, with the difference
+
+--bench (repeatable) is a file (.jsonl/.json/.parquet: GSM8K, MATH/MATH-500, AIME, `nanoseek data`
+task rows, or any layout with --prompt-field/--answer-field) or a built-in task (`nanoseek data
+list`; `tasks` = all of them) whose held-out test split is generated (--n-problems, --seed,
+--set TASK.KNOB=VALUE).
+
+Prompts: the chat template, with the user turn = the problem + an instruction chosen by
+--instruction: `auto` (default: the R1 suffix "Please reason step by step, and put your final
+answer within \\boxed{}." for files, nothing for built-in tasks, whose models never saw one), `r1`
+(the suffix for everything), `none`, or your own text. --few-shot K (base models) writes plain
+"Problem: ...\\nSolution: ..." text with K solved examples instead of using the chat template.
+
+Sampling defaults follow R1: temperature 0.6, top-p 0.95, --k 4 samples per problem (--temperature 0:
+one greedy sample). Writes RUN_DIR/summary.json, records.jsonl, report.md and plots/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nanoseek.commands.generate import add_engine_arguments, add_sampling_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__
+    add_engine_arguments(parser)
+    for action in parser._actions:  # not required: `eval compare A B` needs no checkpoint
+        if action.dest == "checkpoint":
+            action.required = False
+    parser.add_argument(
+        "--bench", action="append", default=[], metavar="FILE_OR_TASK", help="benchmark file or task (repeatable)"
+    )
+    parser.add_argument("--out", default="runs/eval", metavar="RUN_DIR", help="output directory (default: runs/eval)")
+    problems = parser.add_argument_group("problems")
+    problems.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems of each")
+    problems.add_argument("--n-problems", type=int, default=100, help="problems per built-in task benchmark (100)")
+    problems.add_argument(
+        "--set",
+        dest="task_settings",
+        action="append",
+        default=[],
+        metavar="TASK.KNOB=VALUE",
+        help="task difficulty, e.g. arithmetic.digits=3 (KNOB=VALUE: every task with that knob)",
+    )
+    problems.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of failing")
+    problems.add_argument("--prompt-field", default=None, help="the problem's field, for other file layouts")
+    problems.add_argument("--answer-field", default=None, help="the gold answer's field, for other file layouts")
+    prompts = parser.add_argument_group("prompts")
+    prompts.add_argument(
+        "--instruction",
+        default="auto",
+        metavar="auto|r1|none|TEXT",
+        help="appended to each problem (default auto: R1 suffix for files, none for built-in tasks)",
+    )
+    prompts.add_argument("--system", default=None, help="system message")
+    prompts.add_argument("--think-prefill", action="store_true", help="start the answer with '<think>\\n'")
+    prompts.add_argument("--few-shot", type=int, default=0, metavar="K", help="K solved examples, plain text (base)")
+    sampling = parser.add_argument_group("sampling")
+    add_sampling_arguments(sampling, max_new_tokens=2048, temperature=0.6)
+    sampling.add_argument("--k", type=int, default=4, help="samples per problem (default 4; 1 when greedy)")
+    parser.set_defaults(top_p=0.95, seed=0)
+    parser.add_argument("--max-batch", type=int, default=64, help="sequences decoded at once")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--quiet", action="store_true")
+    sub = parser.add_subparsers(dest="action", metavar="{compare}")
+    compare = sub.add_parser("compare", help="side-by-side markdown table of two eval runs")
+    compare.add_argument("run_a", metavar="RUN_A", help="eval run directory (or its summary.json)")
+    compare.add_argument("run_b", metavar="RUN_B")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nanoseek.eval.report import compare_table, load_summary
+
+    try:
+        a, b = load_summary(args.run_a), load_summary(args.run_b)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name_a, name_b = Path(args.run_a).name or "A", Path(args.run_b).name or "B"
+    if name_a == name_b:
+        name_a, name_b = f"A ({name_a})", f"B ({name_b})"
+    print(compare_table(a, b, name_a, name_b))
+    return 0
+
+
+def _load_engine(args: argparse.Namespace, benches, cfg):
+    """(engine, tokenizer) from the engine options; sequences as long as the benchmarks need."""
+    import torch
+
+    from nanoseek.eval.harness import build_engine
+    from nanoseek.loading import load_checkpoint, pick_device
+
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer = load_checkpoint(args.checkpoint, pick_device(args.device), dtype)
+    if args.tokenizer:
+        from nanoseek.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(args.tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint}: no tokenizer.json; pass --tokenizer DIR")
+    engine = build_engine(
+        model,
+        tokenizer,
+        benches,
+        cfg,
+        max_seq_len=args.max_seq_len,
+        kv_cache_gb=args.kv_cache_gb,
+        use_cuda_graphs=not args.no_cuda_graphs,
+    )
+    return engine, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "action", None) == "compare":
+        return _compare(args)
+    if not args.checkpoint or not args.bench:
+        print(
+            "error: nanoseek eval needs --checkpoint and --bench (or: nanoseek eval compare RUN_A RUN_B)",
+            file=sys.stderr,
+        )
+        return 2
+
+    from nanoseek.eval.harness import EvalConfig, evaluate, load_bench, parse_task_settings
+    from nanoseek.eval.report import overview_table
+
+    try:
+        cfg = EvalConfig(
+            k=args.k,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            stop=list(args.stop),
+            ignore_eos=args.ignore_eos,
+            n_problems=args.n_problems,
+            limit=args.limit,
+            difficulty=parse_task_settings(args.task_settings),
+            skip_bad=args.skip_bad,
+            prompt_field=args.prompt_field,
+            answer_field=args.answer_field,
+            few_shot=args.few_shot,
+            instruction=args.instruction,
+            system=args.system,
+            think_prefill=args.think_prefill,
+            max_batch=args.max_batch,
+            plots=not args.no_plots,
+            quiet=args.quiet,
+        )
+        cfg.check()
+        benches = [load_bench(spec, cfg) for spec in args.bench]  # bad files fail before the model loads
+        engine, tokenizer = _load_engine(args, benches, cfg)
+        summary = evaluate(engine, tokenizer, benches, args.out, cfg, model=args.checkpoint)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    print(overview_table(summary))
+    if not args.quiet:
+        print(f"wrote {args.out}/summary.json, records.jsonl, report.md", file=sys.stderr)
+    return 0

@@ -1,0 +1,216 @@
+"""The whole R1-Zero-style pipeline in one command: tokenizer, pretraining, SFT, RL, evaluation.
+
+    nanoseek speedrun                        # preset cpu: the tiny model on the built-in tasks, 2 CPU cores
+    nanoseek speedrun --preset gpu --out runs/gpu
+    nanoseek speedrun --set rl.rl.group_size=4 --set sft.train.steps=100
+
+Each stage writes its own run directory under OUT and resumes from its latest
+checkpoint; a stage whose summary shows all its steps done is skipped, so running
+the command again after an interruption continues where it stopped. The run ends
+with OUT/report.md: accuracy and speed after each stage, wall times, and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from nanoseek.config import RunConfig, load_run_config
+
+STAGES = ("pretrain", "sft", "rl")
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        text, where = path.read_text(), str(path)
+    else:
+        try:
+            text = resources.files("nanoseek.configs").joinpath(f"{name_or_path}.toml").read_text()
+        except FileNotFoundError:
+            raise ValueError(f"unknown speedrun preset {name_or_path!r} (cpu, gpu, or a .toml file)") from None
+        where = f"preset {name_or_path}"
+    try:
+        spec = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{where}: {e}") from None
+    unknown = set(spec) - {*STAGES, "eval"}
+    if unknown:
+        raise ValueError(f"{where}: unknown table(s) {sorted(unknown)}; expected {[*STAGES, 'eval']}")
+    return spec
+
+
+def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """'sft.train.steps=5' -> {'sft': ['train.steps=5']}."""
+    out: dict[str, list[str]] = {s: [] for s in (*STAGES, "eval")}
+    for item in overrides:
+        stage, _, rest = item.partition(".")
+        if stage not in out or not rest:
+            raise ValueError(f"--set {item!r}: expected STAGE.SECTION.FIELD=VALUE with STAGE in {list(out)}")
+        out[stage].append(rest)
+    return out
+
+
+def stage_config(stage: str, spec: dict[str, Any], overrides: list[str]) -> RunConfig:
+    from nanoseek.train.rl import rl_defaults
+    from nanoseek.train.stages import sft_defaults
+
+    base = {"pretrain": RunConfig, "sft": sft_defaults, "rl": rl_defaults}[stage]()
+    try:
+        return load_run_config(base, values=spec.get(stage, {}), overrides=overrides)
+    except ValueError as e:
+        raise ValueError(f"[{stage}] {e}") from None
+
+
+def stage_done(run_dir: Path, steps: int) -> bool:
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        return False
+    return json.loads(summary.read_text()).get("steps", -1) >= steps
+
+
+def eval_settings(spec: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    settings: dict[str, Any] = dict(benches=["tasks"], n_problems=200, k=4, temperature=0.6, max_new_tokens=128,
+                                    few_shot_base=3)
+    settings.update(spec.get("eval", {}))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in settings:
+            raise ValueError(f"--set eval.{key}: unknown (known: {', '.join(settings)})")
+        settings[key] = tomllib.loads(f"v = {value}")["v"]
+    return settings
+
+
+def evaluate_stage(checkpoint: Path, out_dir: Path, settings: dict[str, Any], base_model: bool,
+                   quiet: bool) -> dict[str, Any]:
+    """The stage's model on the held-out benchmarks; cached in out_dir/summary.json.
+
+    A pretrained (base) model has never seen the chat format: it is prompted few-shot, as
+    the R1 paper evaluates base models.
+    """
+    summary_path = out_dir / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    from nanoseek.eval.harness import evaluate_checkpoint
+
+    return evaluate_checkpoint(checkpoint, None, settings["benches"], out_dir, k=settings["k"],
+                               temperature=settings["temperature"], n_problems=settings["n_problems"],
+                               max_new_tokens=settings["max_new_tokens"],
+                               few_shot=settings["few_shot_base"] if base_model else 0, quiet=quiet)
+
+
+def speedrun(preset: str = "cpu", out: str | Path = "runs/speedrun", overrides: list[str] | None = None,
+             quiet: bool = False) -> Path:
+    from nanoseek.tasks.corpus import pretrain_texts
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.rl import rl
+    from nanoseek.train.stages import _task_weights, pretrain, sft
+
+    spec = load_preset(preset)
+    per_stage = split_overrides(overrides or [])
+    configs = {s: stage_config(s, spec, per_stage[s]) for s in STAGES}  # validate everything before starting
+    settings = eval_settings(spec, per_stage["eval"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    def timed(name: str, fn, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        timings_path.write_text(json.dumps(timings, indent=2))
+        return result
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"[speedrun] {msg}", file=sys.stderr, flush=True)
+
+    # 1. tokenizer: trained once on the pretraining corpus, shared by every stage.
+    pt = configs["pretrain"]
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        def train_tokenizer() -> None:
+            texts = pretrain_texts(min(pt.data.builtin_examples, 20000), seed=pt.train.seed,
+                                   weights=_task_weights(pt))
+            Tokenizer.train(texts, pt.data.vocab_size).save(tok_dir)
+        say(f"tokenizer: vocab {pt.data.vocab_size}")
+        timed("tokenizer", train_tokenizer)
+    if not (out / "pretrain" / "tokenizer" / "tokenizer.json").exists():
+        shutil.copytree(tok_dir, out / "pretrain" / "tokenizer", dirs_exist_ok=True)
+
+    # 2-4. the training stages, each resumable and skipped when complete.
+    runs = {
+        "pretrain": lambda: pretrain(pt, out / "pretrain", resume=True, quiet=quiet),
+        "sft": lambda: sft(configs["sft"], out / "sft", out / "pretrain", resume=True, quiet=quiet),
+        "rl": lambda: rl(configs["rl"], out / "rl", out / "sft", resume=True, quiet=quiet),
+    }
+    for stage in STAGES:
+        if stage_done(out / stage, configs[stage].train.steps):
+            say(f"{stage}: complete, skipped")
+            continue
+        say(f"{stage}: {configs[stage].train.steps} steps")
+        timed(stage, runs[stage])
+
+    # 5. evaluation of every stage's model on the same held-out problems.
+    results = {}
+    for stage in STAGES:
+        say(f"eval: {stage} model")
+        results[stage] = timed(f"eval_{stage}", evaluate_stage, out / stage, out / "eval" / stage, settings,
+                               base_model=stage == "pretrain", quiet=quiet)
+    report = write_report(out, results, timings, settings, preset)
+    say(f"report: {report}")
+    return report
+
+
+def _fmt_pct(summary: dict[str, Any], key: str) -> str:
+    if key not in summary:
+        return "–"
+    se = summary.get(f"{key}_se")
+    return f"{100 * summary[key]:.1f}" + (f" ± {100 * se:.1f}" if se == se and se is not None else "")
+
+
+def write_report(out: Path, results: dict[str, dict[str, Any]], timings: dict[str, float],
+                 settings: dict[str, Any], preset: str) -> Path:
+    k = settings["k"]
+    lines = [f"# nanoseek speedrun (preset `{preset}`)", "",
+             f"Held-out problems: {settings['n_problems']} per benchmark; {k} samples each at temperature "
+             f"{settings['temperature']} (the pretrained model few-shot, the others through the chat template). "
+             "Accuracy in %, ± one standard error.", ""]
+    benches = sorted({b for res in results.values() for b in res.get("benchmarks", {})})
+    for bench in benches:
+        lines += [f"## {bench}", "",
+                  f"| stage | pass@1 | pass@{k} | cons@{k} | output tokens/s | mean length (tokens) | stage time (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        for stage, res in results.items():
+            entry = res.get("benchmarks", {}).get(bench, {})
+            m, speed = entry.get("metrics", {}), entry.get("speed", {})
+            lines.append(f"| {stage} | {_fmt_pct(m, 'pass@1')} | {_fmt_pct(m, f'pass@{k}')} | "
+                         f"{_fmt_pct(m, f'cons@{k}')} | {speed.get('tokens_per_s') or 0:,.0f} | "
+                         f"{speed.get('mean_response_tokens') or 0:.0f} | {timings.get(stage, 0):.0f} |")
+        groups = sorted({g for res in results.values() for g in res.get("benchmarks", {}).get(bench, {})
+                         .get("groups", {})})
+        if groups:
+            lines += ["", "pass@1 per task:", "", "| stage | " + " | ".join(groups) + " |",
+                      "|---|" + "---|" * len(groups)]
+            for stage, res in results.items():
+                per = res.get("benchmarks", {}).get(bench, {}).get("groups", {})
+                lines.append(f"| {stage} | " + " | ".join(_fmt_pct(per.get(g, {}), "pass@1") for g in groups) + " |")
+        lines.append("")
+    total = sum(timings.values())
+    lines += [f"Wall time: {total / 60:.1f} min in all (" +
+              ", ".join(f"{name} {sec:.0f} s" for name, sec in timings.items()) + ").", ""]
+    for stage, names in (("pretrain", ["loss", "router_balance"]), ("sft", ["loss"]),
+                         ("rl", ["reward", "accuracy", "length"])):
+        for name in names:
+            if (out / stage / "plots" / f"{name}.png").exists():
+                lines.append(f"![{stage} {name}]({stage}/plots/{name}.png)")
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

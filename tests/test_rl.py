@@ -1,0 +1,316 @@
+"""The RL run loop: dynamic sampling, reward containment during a step, the update, exact resume.
+
+A scripted fake engine (known texts, hence known rewards) stands in for generation where the test
+is about what happens to the samples; the resume test runs the real `rl()` on a tiny checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoseek.config import RLConfig, RunConfig, TrainConfig
+from nanoseek.model import Transformer, get_preset
+from nanoseek.model.io import save_model
+from nanoseek.rewards import RewardSet
+from nanoseek.train import grpo
+from nanoseek.train.rl import PromptSampler, Rollouts, collect, pack_sequences, rl, sequence_logprobs, update
+
+torch.set_num_threads(1)
+
+FIXTURES = Path(__file__).resolve().parent / "rl_reward_fixtures.py"
+
+
+def fixture(name: str) -> str:
+    return f"{FIXTURES}:{name}"
+
+
+# ----------------------------------------------------------------------------- fakes
+class CharTokenizer:
+    """One token per character (its code point): prompts and texts map to ids and back exactly."""
+
+    stop_ids = ()
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **_):
+        return "".join(m["content"] for m in messages) + ">"
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+@dataclass
+class FakeCompletion:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    error: str | None = None
+
+
+class ScriptedEngine:
+    """`generate` answers each prompt, in call order, with the next scripted group of texts."""
+
+    def __init__(self, script: list[list[str]], max_new_tokens: int | None = None) -> None:
+        self.script = list(script)
+        self.max_new_tokens = max_new_tokens
+        self.calls: list[dict] = []  # per generate call: the prompts (as text), the seed, n
+
+    def generate(self, prompt_ids_list, params):
+        tok = CharTokenizer()
+        self.calls.append(dict(prompts=[tok.decode(p) for p in prompt_ids_list], seed=params.seed, n=params.n))
+        out = []
+        for _ in prompt_ids_list:
+            texts = self.script.pop(0)
+            assert len(texts) == params.n
+            out.append([
+                FakeCompletion(tok.encode(t), [-1.0] * len(t), t,
+                               "length" if self.max_new_tokens and len(t) >= self.max_new_tokens else "stop")
+                for t in texts
+            ])
+        return out
+
+
+def rows(n: int = 8) -> list[dict]:
+    return [dict(id=f"q{i}", prompt=f"question {i}", answer="yes") for i in range(n)]
+
+
+def exact_reward(prompts, completions, rows_):
+    return [float(c == r["answer"]) for c, r in zip(completions, rows_)]
+
+
+def reward_set() -> RewardSet:
+    return RewardSet().add("exact", exact_reward, 1.0)
+
+
+def prompt_of(row: dict) -> str:
+    return CharTokenizer().apply_chat_template([{"role": "user", "content": row["prompt"]}])
+
+
+# ----------------------------------------------------------------------------- dynamic sampling
+def test_dynamic_sampling_drops_exactly_the_zero_variance_groups_and_refills():
+    cfg = RLConfig(prompts_per_step=2, group_size=2, dynamic_sampling=True, max_sampling_rounds=3)
+    data = rows()
+    sampler, twin = PromptSampler(data, seed=5), PromptSampler(data, seed=5)
+    order = twin.take(4)  # the order the sampler hands prompts out in
+    # Round 1 (2 prompts): a mixed group (kept) and an all-wrong one (dropped); 1 group missing.
+    # Round 2 (1 new prompt): all right (dropped). Round 3 (1 new prompt): mixed (kept): batch full.
+    engine = ScriptedEngine([["yes", "no"], ["no", "no"], ["yes", "yes"], ["no", "yes"]])
+    batch = collect(engine, CharTokenizer(), sampler, reward_set(), cfg, seed=7)
+
+    assert [c["prompts"] for c in engine.calls] == [[prompt_of(order[0]), prompt_of(order[1])],
+                                                     [prompt_of(order[2])], [prompt_of(order[3])]]
+    assert len({c["seed"] for c in engine.calls}) == 3  # each round draws fresh noise
+    assert all(c["n"] == 2 for c in engine.calls)
+    assert sampler.state_dict() == twin.state_dict()  # the next step continues after the refills
+
+    assert [r["id"] for r in batch.rows] == [order[0]["id"]] * 2 + [order[3]["id"]] * 2
+    assert batch.texts == ["yes", "no", "no", "yes"]
+    assert batch.rewards.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert batch.per_function == {"exact": [1.0, 0.0, 0.0, 1.0]}
+    assert batch.correct == [True, False, False, True]
+    assert batch.completion_ids == [[ord(c) for c in t] for t in batch.texts]
+    assert batch.prompt_ids[0] == [ord(c) for c in prompt_of(order[0])]
+    assert batch.groups_generated == 4 and batch.zero_variance_fraction == pytest.approx(2 / 4)
+
+
+def test_without_dynamic_sampling_every_group_is_kept_and_counted():
+    cfg = RLConfig(prompts_per_step=3, group_size=2, dynamic_sampling=False)
+    engine = ScriptedEngine([["yes", "no"], ["no", "no"], ["yes", "yes"]])
+    batch = collect(engine, CharTokenizer(), PromptSampler(rows(), 0), reward_set(), cfg, seed=0)
+    assert len(engine.calls) == 1
+    assert batch.rewards.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    assert batch.groups_generated == 3 and batch.zero_variance_fraction == pytest.approx(2 / 3)
+
+
+def test_dynamic_sampling_when_the_rounds_run_out():
+    cfg = RLConfig(prompts_per_step=2, group_size=2, dynamic_sampling=True, max_sampling_rounds=3)
+    # Some signal, then none: the step goes on with the one informative group it found.
+    engine = ScriptedEngine([["yes", "no"], ["no", "no"], ["no", "no"], ["yes", "yes"]])
+    batch = collect(engine, CharTokenizer(), PromptSampler(rows(), 0), reward_set(), cfg, seed=0)
+    assert batch.texts == ["yes", "no"] and batch.groups_generated == 4
+    assert batch.zero_variance_fraction == pytest.approx(3 / 4)
+    # No signal at all: the last round's groups are kept rather than an empty batch.
+    engine = ScriptedEngine([["no", "no"]] * 4 + [["yes", "yes"], ["no", "no"]])
+    sampler = PromptSampler(rows(), 0)
+    batch = collect(engine, CharTokenizer(), sampler, reward_set(), cfg, seed=0)
+    assert batch.texts == ["yes", "yes", "no", "no"] and batch.rewards.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert [r["id"] for r in batch.rows[::2]] == [r["id"] for r in PromptSampler(rows(), 0).take(6)[4:]]
+    assert batch.groups_generated == 6 and batch.zero_variance_fraction == 1.0
+
+
+def test_soft_overlong_penalty_enters_the_rewards():
+    # max_new_tokens 8, buffer 4: a 3-token "yes" keeps its 1.0; the 8-token "yesyesye" gets 0 - 1
+    # (length 8 = L), the 6-token "noooo!" gets (4 - 6) / 4 = -0.5 on its 0.
+    cfg = RLConfig(prompts_per_step=1, group_size=3, max_new_tokens=8, overlong="soft", overlong_buffer=4)
+    engine = ScriptedEngine([["yes", "yesyesye", "noooo!"]], max_new_tokens=8)
+    batch = collect(engine, CharTokenizer(), PromptSampler(rows(), 0), reward_set(), cfg, seed=0)
+    assert batch.rewards.tolist() == [1.0, -1.0, -0.5]
+    assert batch.truncated == [False, True, False]
+    assert batch.per_function == {"exact": [1.0, 0.0, 0.0]}  # the penalty is not a reward function's
+
+
+def test_prompt_sampler_resumes_where_it_stopped():
+    data = rows(5)
+    a = PromptSampler(data, seed=3)
+    a.take(7)  # into the second epoch
+    b = PromptSampler(data, seed=3)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert [r["id"] for r in a.take(6)] == [r["id"] for r in b.take(6)]
+    # Every epoch is a permutation of the rows.
+    c = PromptSampler(data, seed=3)
+    assert sorted(r["id"] for r in c.take(5)) == sorted(r["id"] for r in data)
+
+
+# ----------------------------------------------------------------------------- the update
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = get_preset("tiny", vocab_size=128, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+                     max_seq_len=64)
+    return Transformer(cfg).train()
+
+
+def test_pack_sequences_aligns_the_completion_mask():
+    ids, targets, mask = pack_sequences([[5, 6, 7], [1]], [[8, 9], [2, 3, 4]], torch.device("cpu"))
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 4, 0]]
+    assert targets.tolist() == [[6, 7, 8, 9, 0], [2, 3, 4, 0, 0]]
+    # Position t predicts token t + 1: the mask covers the positions whose target is a completion token.
+    assert mask.tolist() == [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]]
+
+
+def scripted_batch(texts: list[list[str]], cfg: RLConfig) -> Rollouts:
+    return collect(ScriptedEngine(texts), CharTokenizer(), PromptSampler(rows(), 0), reward_set(), cfg, seed=0)
+
+
+def test_update_micro_batches_give_the_one_piece_gradient():
+    # With SGD at lr 1 and no clipping, the weight change of one update is minus the gradient.
+    cfg = RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=8, tis_cap=0.0)
+    batch = scripted_batch([["yes", "no!"], ["yesss", "n"]], cfg)
+    adv = grpo.group_advantages(batch.rewards, 2)
+    deltas = []
+    for mb in (4, 1, 3):
+        model = tiny_model()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        update(model, None, [opt], batch, adv, RLConfig(**{**cfg.__dict__, "micro_batch_size": mb}), 0.0,
+               torch.device("cpu"))
+        deltas.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]))
+    assert deltas[0].abs().max() > 0
+    for d in deltas[1:]:
+        torch.testing.assert_close(d, deltas[0], rtol=1e-4, atol=1e-6)
+
+
+def test_update_statistics_are_per_token_whatever_num_iterations():
+    # Engine log-probs equal to the trainer's make every importance weight 1, so their mean is 1;
+    # before any step ratio = 1, so nothing is clipped on the first pass.
+    cfg = RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=8, tis_cap=2.0, num_iterations=2)
+    batch = scripted_batch([["yes", "no!"], ["yesss", "n"]], cfg)
+    model = tiny_model()
+    ids, targets, _ = pack_sequences(batch.prompt_ids, batch.completion_ids, torch.device("cpu"))
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(model, ids, targets, 1.0)
+    for i, p in enumerate(batch.prompt_ids):
+        n = len(batch.completion_ids[i])
+        batch.engine_logprobs[i] = logp[i, len(p) - 1:len(p) - 1 + n].tolist()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = update(model, None, [opt], batch, grpo.group_advantages(batch.rewards, 2), cfg, 1.0, torch.device("cpu"))
+    assert stats["is_weight"] == pytest.approx(1.0, abs=1e-5)
+    # Fractions of tokens per pass, averaged over the 2 passes; the first pass clips nothing.
+    assert 0.0 <= stats["clip_low"] and 0.0 <= stats["clip_high"] and stats["clip_low"] + stats["clip_high"] <= 0.5
+    assert all(map(lambda v: v == v, stats.values()))  # no NaN
+
+
+# ----------------------------------------------------------------------------- containment
+def test_raising_and_hanging_rewards_are_contained_during_an_rl_step():
+    # Three isolated (import-path) reward functions on P = 2 prompts x G = 2 samples:
+    #   has_a:  1 when the text has an 'a'                     -> [1, 1, 0, 0]
+    #   raiser: 0.5 each, raises on a text with BAD            -> the batch raises, the retry per sample
+    #           fails only on "a BAD"                          -> [0, 0.5, 0.5, 0.5], 1 warning
+    #   hanger: 0.25 each, sleeps on any batch with HANG       -> timeout: all 4 get 0, 4 warnings
+    # totals [1, 1.5, 0.5, 0.5].
+    rs = (RewardSet().add("has_a", fixture("has_a"), 1.0)
+          .add("raiser", fixture("raise_on_bad"), 1.0)
+          .add("hanger", fixture("sleep_on_hang"), 1.0, timeout_s=1.0))
+    try:
+        assert all(t.isolated for t in rs.terms)
+        cfg = RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=8)
+        engine = ScriptedEngine([["a BAD", "a"], ["HANG", "b"]])
+        model = tiny_model()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        t0 = time.perf_counter()
+        batch = collect(engine, CharTokenizer(), PromptSampler(rows(), 0), rs, cfg, seed=0)
+        adv = grpo.group_advantages(batch.rewards, cfg.group_size, cfg.scale_rewards)
+        stats = update(model, None, [opt], batch, adv, cfg, 1.0, torch.device("cpu"))
+        assert time.perf_counter() - t0 < 30
+    finally:
+        rs.close()
+    assert batch.per_function == {"has_a": [1.0, 1.0, 0.0, 0.0], "raiser": [0.0, 0.5, 0.5, 0.5],
+                                  "hanger": [0.0, 0.0, 0.0, 0.0]}
+    assert batch.rewards.tolist() == [1.0, 1.5, 0.5, 0.5]
+    assert dict(rs.warnings) == {"raiser:raised:RuntimeError": 1, "hanger:timeout": 4}
+    assert stats["loss"] == stats["loss"] and stats["grad_norm"] > 0  # a finite step was taken
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# ----------------------------------------------------------------------------- exact resume
+def tiny_checkpoint(directory: Path) -> Path:
+    """A random tiny MoE model and a tokenizer trained on a few task texts, saved as a checkpoint."""
+    from nanoseek.tasks.corpus import pretrain_texts
+    from nanoseek.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(pretrain_texts(200, seed=0), 300)
+    torch.manual_seed(0)
+    cfg = get_preset("tiny-moe", vocab_size=320, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, moe_d_ff=16,
+                     n_layers=2)
+    save_model(Transformer(cfg), directory)
+    tokenizer.save(directory)
+    return directory
+
+
+def rl_run() -> RunConfig:
+    cfg = RunConfig(preset="tiny-moe")
+    cfg.train = TrainConfig(steps=4, warmup_steps=1, lr=1e-2, checkpoint_every=100, seed=0, device="cpu")
+    cfg.rl = RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=8, eval_problems=4, eval_samples=1,
+                      rewards=f"{fixture('char_code_reward')}=1.0", micro_batch_size=2)
+    return cfg
+
+
+def test_rl_resume_is_exact(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "sft")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    rl(rl_run(), straight, ckpt, quiet=True)
+    rl(rl_run(), resumed, ckpt, quiet=True, stop_at=2)
+    assert (resumed / "checkpoints" / "step_2").is_dir() and not (resumed / "checkpoints" / "step_4").exists()
+    summary = rl(rl_run(), resumed, ckpt, quiet=True, resume=True)
+    assert summary["steps"] == 4
+
+    a = load_file(str(straight / "checkpoints" / "step_4" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_4" / "model.safetensors"))
+    start = load_file(str(ckpt / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # RL did change the weights
+    # The router's balancing bias (a buffer the optimizer hook moves) is part of the exact state too.
+    assert any("e_score_correction_bias" in k and a[k].abs().sum() > 0 for k in a)
+
+    def records(run: Path) -> list[dict]:
+        out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        # Everything but the wall-clock figures must match.
+        return [{k: v for k, v in r.items() if not k.startswith("time_") and not k.endswith("_per_s")} for r in out]
+
+    ra, rb = records(straight), records(resumed)
+    assert ra == rb
+    steps = [r for r in ra if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    # Not a vacuous comparison: the reward varied, so the updates had a signal.
+    assert any(r["reward_std"] > 0 for r in steps) and any(r["loss"] != 0 for r in steps)
