@@ -135,6 +135,14 @@ class Rollouts:
     """Groups sampled this step (more than P when dynamic sampling refilled)."""
     zero_variance_fraction: float
     """Of the groups sampled, the fraction whose rewards were all equal."""
+    sampled_reward: float
+    """Mean reward over every sample generated this step (dropped groups included: an unbiased view)."""
+    sampled_accuracy: float
+    """Fraction correct over every sample generated this step."""
+    sampled_tokens: int
+    """Completion tokens generated this step, dropped groups included."""
+    reward_warnings: dict[str, int]
+    """Reward functions that raised or timed out this step, by kind."""
 
 
 def rollout(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int) -> dict[str, Any]:
@@ -171,7 +179,7 @@ def score(flat: dict[str, Any], reward_set: RewardSet, cfg: RLConfig) -> dict[st
     else:
         first = next(iter(result.per_function.values()))
         correct = [v >= 1.0 for v in first]
-    return dict(rewards=rewards, per_function=result.per_function, correct=correct)
+    return dict(rewards=rewards, per_function=result.per_function, correct=correct, warnings=dict(result.warnings))
 
 
 def collect(engine: Engine, tokenizer: Any, sampler: PromptSampler, reward_set: RewardSet, cfg: RLConfig,
@@ -180,6 +188,8 @@ def collect(engine: Engine, tokenizer: Any, sampler: PromptSampler, reward_set: 
     G, P = cfg.group_size, cfg.prompts_per_step
     kept: dict[str, list] = {}
     generated, zero_var = 0, 0
+    reward_sum, n_correct, n_samples, n_tokens = 0.0, 0, 0, 0
+    warnings: dict[str, int] = {}
     rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
     for r in range(rounds):
         need = P - (len(kept.get("rows", [])) // G)
@@ -187,15 +197,21 @@ def collect(engine: Engine, tokenizer: Any, sampler: PromptSampler, reward_set: 
             break
         flat = rollout(engine, tokenizer, sampler.take(need), cfg, seed=seed * 1000 + r)
         flat.update(score(flat, reward_set, cfg))
+        for kind, count in flat.pop("warnings").items():
+            warnings[kind] = warnings.get(kind, 0) + count
         flat["rewards"] = flat["rewards"].tolist()
+        reward_sum += sum(flat["rewards"])
+        n_correct += sum(flat["correct"])
+        n_samples += len(flat["rewards"])
+        n_tokens += sum(len(c) for c in flat["completion_ids"])
         zero = grpo.zero_variance_groups(torch.tensor(flat["rewards"]), G).tolist()
         generated += len(zero)
         zero_var += sum(zero)
         keep_groups = [g for g, z in enumerate(zero) if not (cfg.dynamic_sampling and z)]
-        # Fix (test_rl): `kept` holds empty lists once a round ran, so test its rows, not the dict; `not kept`
-        # skipped this fallback after 2+ rounds and left an empty batch (ZeroDivisionError in the step record).
+        # When no round of the step found an informative group, keep the last round rather than
+        # return an empty batch (its advantages are all zero: the step only moves the optimizer state).
         if cfg.dynamic_sampling and r == rounds - 1 and not kept.get("rows") and not keep_groups:
-            keep_groups = list(range(len(zero)))  # nothing informative at all: keep the batch rather than none
+            keep_groups = list(range(len(zero)))
         for key, values in flat.items():
             if key == "per_function":
                 for name, v in values.items():
@@ -207,7 +223,9 @@ def collect(engine: Engine, tokenizer: Any, sampler: PromptSampler, reward_set: 
         rows=kept["rows"], prompt_ids=kept["prompt_ids"], completion_ids=kept["completion_ids"],
         engine_logprobs=kept["engine_logprobs"], texts=kept["texts"], truncated=kept["truncated"],
         rewards=torch.tensor(kept["rewards"], dtype=torch.float32), per_function=kept["per_function"],
-        correct=kept["correct"], groups_generated=generated, zero_variance_fraction=zero_var / max(generated, 1))
+        correct=kept["correct"], groups_generated=generated, zero_variance_fraction=zero_var / max(generated, 1),
+        sampled_reward=reward_sum / max(n_samples, 1), sampled_accuracy=n_correct / max(n_samples, 1),
+        sampled_tokens=n_tokens, reward_warnings=warnings)
 
 
 # ----------------------------------------------------------------------------- update
@@ -261,26 +279,34 @@ def update(model: Transformer, ref_model: Transformer | None, optimizers: list[t
     norm = grpo.AggregationNorm(max(total_tokens, 1.0), n, cfg.max_new_tokens)
 
     # The policy that produced the batch, as the trainer computes it (and the reference, if any).
-    old, ref = [], []
+    # With one update per batch the current policy *is* that policy, so its detached log-probs
+    # serve and this extra forward pass is skipped. Eval mode: these passes must not count
+    # towards the routers' load statistics.
+    old: list[torch.Tensor | None] = [None] * len(packed)
+    ref: list[torch.Tensor] = []
+    model.eval()
     with torch.no_grad(), autocast(device):
-        for _, ids, targets, _, _ in packed:
-            old.append(sequence_logprobs(model, ids, targets, cfg.temperature)[0])
+        for k, (_, ids, targets, _, _) in enumerate(packed):
+            if cfg.num_iterations > 1:
+                old[k] = sequence_logprobs(model, ids, targets, cfg.temperature)[0]
             if ref_model is not None:
                 ref.append(sequence_logprobs(ref_model, ids, targets, cfg.temperature)[0])
+    model.train()
 
     stats = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0, grad_norm=0.0, is_weight=0.0)
     for it in range(cfg.num_iterations):
         for k, (idx, ids, targets, mask, engine_lp) in enumerate(packed):
             with autocast(device):
                 logp, entropy = sequence_logprobs(model, ids, targets, cfg.temperature, with_entropy=it == 0)
-                is_w = grpo.truncated_is_weights(old[k], engine_lp, cfg.tis_cap) if cfg.tis_cap > 0 else None
+                old_k = old[k] if old[k] is not None else logp.detach()
+                is_w = grpo.truncated_is_weights(old_k, engine_lp, cfg.tis_cap) if cfg.tis_cap > 0 else None
                 parts = grpo.policy_loss(
-                    logp, old[k], advantages[idx].to(device), mask, norm, epsilon_low=cfg.epsilon_low,
+                    logp, old_k, advantages[idx].to(device), mask, norm, epsilon_low=cfg.epsilon_low,
                     epsilon_high=cfg.epsilon_high, loss_agg=cfg.loss_agg, ref_logp=ref[k] if ref else None,
                     beta=cfg.beta, is_weights=is_w)
                 loss = parts.loss + model.aux_loss() / len(packed)
             loss.backward()
-            stats["loss"] += float(parts.loss.detach())  # Fix: float() of a grad tensor warned every run
+            stats["loss"] += float(parts.loss.detach())
             stats["clip_low"] += float(parts.clipped_low)
             stats["clip_high"] += float(parts.clipped_high)
             stats["kl"] += float(parts.kl)
@@ -299,8 +325,6 @@ def update(model: Transformer, ref_model: Transformer | None, optimizers: list[t
     return dict(loss=stats["loss"] / iters, clip_low=stats["clip_low"] / (per_tok * iters),
                 clip_high=stats["clip_high"] / (per_tok * iters), kl=stats["kl"] / (per_tok * iters),
                 entropy=stats["entropy"] / per_tok, grad_norm=stats["grad_norm"],
-                # Fix (test_rl): is_weight is summed on every iteration, so it is averaged over them too
-                # (it read num_iterations x the mean weight).
                 is_weight=stats["is_weight"] / (per_tok * iters) if cfg.tis_cap > 0 else 1.0)
 
 
@@ -363,7 +387,7 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, resume: bool
         train_rows = task_rows(r, max(4096, r.prompts_per_step * t.steps), "train", t.seed)
         eval_rows = task_rows(r, r.eval_problems, "test", t.seed + 1)
     sampler = PromptSampler(train_rows, t.seed)
-    max_prompt = max(len(prompt_ids(tokenizer, row["prompt"])) for row in train_rows[:512] + eval_rows)
+    max_prompt = max(len(prompt_ids(tokenizer, row["prompt"])) for row in train_rows + eval_rows)
     engine = Engine(model, tokenizer, max_batch=max(r.prompts_per_step * r.group_size, 8),
                     max_seq_len=min(model.cfg.max_seq_len, max_prompt + r.max_new_tokens + 8))
 
@@ -400,12 +424,14 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, resume: bool
 
         lengths = torch.tensor([len(c) for c in batch.completion_ids], dtype=torch.float32)
         record: dict[str, Any] = dict(
-            step=done, reward=float(batch.rewards.mean()), reward_std=float(batch.rewards.std()),
-            accuracy=sum(batch.correct) / len(batch.correct), zero_variance_groups=batch.zero_variance_fraction,
+            step=done, reward=batch.sampled_reward, reward_std=float(batch.rewards.std()),
+            accuracy=batch.sampled_accuracy, zero_variance_groups=batch.zero_variance_fraction,
             length_mean=float(lengths.mean()), length_max=int(lengths.max()),
             truncation_rate=sum(batch.truncated) / len(batch.truncated), lr=optimizers[0].param_groups[0]["lr"],
-            time_rollout=t_rollout, time_update=t_update, rollout_tokens_per_s=float(lengths.sum()) / t_rollout,
+            time_rollout=t_rollout, time_update=t_update, rollout_tokens_per_s=batch.sampled_tokens / t_rollout,
             **upd)
+        if batch.reward_warnings:
+            record["reward_warnings"] = batch.reward_warnings
         for name, values in batch.per_function.items():
             v = torch.tensor(values)
             record[f"reward/{name}"] = float(v.mean())
@@ -426,6 +452,7 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, resume: bool
             break
     bar.close()
     engine.release()
+    reward_set.close()  # its worker processes (import-path rewards) end here
 
     summary: dict[str, Any] = dict(stage="rl", steps=done, wall_time_s=time.perf_counter() - t_run)
     if eval_rows and done == t.steps:
