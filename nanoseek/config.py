@@ -30,8 +30,8 @@ class TrainConfig:
     """Tokens per row (packed pretraining rows; the SFT pad length limit)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    optimizer: str = "adamw"
-    """'adamw', or 'muon' (Muon for 2-D hidden weights, AdamW for embeddings, head, norms, router)."""
+    optimizer: str = "muon"
+    """'muon' (Muon for hidden weight matrices, AdamW for embeddings, head, norms, router) or 'adamw'."""
     lr: float = 3e-3
     """Peak AdamW learning rate."""
     muon_lr: float = 0.02

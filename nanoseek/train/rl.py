@@ -41,8 +41,8 @@ def rl_defaults() -> RunConfig:
     """RL fine-tunes a trained policy: a constant, small lr and no weight decay."""
     from nanoseek.config import TrainConfig
 
-    return RunConfig(train=TrainConfig(steps=60, lr=5e-4, warmup_steps=5, schedule="constant", checkpoint_every=20,
-                                       weight_decay=0.0))
+    return RunConfig(train=TrainConfig(steps=60, optimizer="adamw", lr=5e-4, warmup_steps=5, schedule="constant",
+                                       checkpoint_every=20, weight_decay=0.0))
 
 
 # ----------------------------------------------------------------------------- prompts
