@@ -374,3 +374,13 @@ def test_save_load_roundtrip(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded.eval()(x))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bf16_load_keeps_router_bias_float32(tmp_path):
+    model = Transformer(get_preset("tiny-moe"))
+    model.layers[1].mlp.router.e_score_correction_bias.fill_(1e-3 + 1e-6)
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path, dtype=torch.bfloat16)
+    bias = loaded.layers[1].mlp.router.e_score_correction_bias
+    assert loaded.embed.weight.dtype == torch.bfloat16 and bias.dtype == torch.float32
+    assert torch.equal(bias, model.layers[1].mlp.router.e_score_correction_bias)

@@ -56,7 +56,11 @@ def load_model(
         raise ValueError(
             f"{directory / 'model.safetensors'}: missing tensors {missing}, unexpected {unexpected}"
         )
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # The routers' selection bias stays float32: bf16 would round away its small balancing steps.
+    state = {
+        k: v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v
+        for k, v in state.items()
+    }
     model.load_state_dict(state, assign=True)
     model.materialize_buffers(device)
     return model.to(device)
