@@ -25,13 +25,7 @@ from nanoseek.eval.harness import (
 )
 from nanoseek.tasks import get_task
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MATH_ROWS = [

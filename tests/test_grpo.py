@@ -14,7 +14,7 @@ import torch
 from nanoseek.train import grpo
 from nanoseek.train.grpo import AggregationNorm
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS = 1e-4  # group_advantages' default epsilon in the denominator
 F64 = torch.float64

@@ -11,8 +11,6 @@ import torch.nn.functional as F
 from nanoseek.model import ModelConfig, Transformer, get_preset, load_model, router_stats, save_model
 from nanoseek.model.moe import MoE, _padded_grouped_mm, install_balancing_hook
 
-torch.set_num_threads(2)
-
 
 def moe_config(**kw) -> ModelConfig:
     base = dict(

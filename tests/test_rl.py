@@ -22,7 +22,7 @@ from nanoseek.rewards import RewardSet
 from nanoseek.train import grpo
 from nanoseek.train.rl import PromptSampler, Rollouts, collect, pack_sequences, rl, sequence_logprobs, update
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIXTURES = Path(__file__).resolve().parent / "rl_reward_fixtures.py"
 

@@ -19,13 +19,7 @@ from nanoseek.engine.sampling import (
     sequence_key,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_keep(logits: list[float], k: int, p: float, m: float) -> set[int]:

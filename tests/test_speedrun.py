@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from nanoseek.speedrun import load_preset, speedrun, split_overrides
-
-torch.set_num_threads(2)
 
 TINY = [
     "pretrain.preset=tiny-moe",

@@ -16,8 +16,6 @@ from nanoseek.train.loop import batch_loss
 from nanoseek.train.optim import lr_factor, newton_schulz
 from nanoseek.train.stages import pretrain
 
-torch.set_num_threads(2)
-
 
 def small_run(optimizer: str = "adamw", **train) -> RunConfig:
     cfg = RunConfig(preset="tiny-moe")
