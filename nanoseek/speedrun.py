@@ -170,10 +170,9 @@ def speedrun(preset: str = "cpu", out: str | Path = "runs/speedrun", overrides: 
 
 
 def _fmt_pct(summary: dict[str, Any], key: str) -> str:
-    if key not in summary:
-        return "–"
-    se = summary.get(f"{key}_se")
-    return f"{100 * summary[key]:.1f}" + (f" ± {100 * se:.1f}" if se == se and se is not None else "")
+    from nanoseek.eval.report import format_pct
+
+    return format_pct(summary.get(key), summary.get(f"{key}_se"))
 
 
 def write_report(out: Path, results: dict[str, dict[str, Any]], timings: dict[str, float],

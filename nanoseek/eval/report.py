@@ -28,7 +28,8 @@ SPEED_ROWS = (
 )
 
 
-def _pct(value: float | None, se: float | None = None) -> str:
+def format_pct(value: float | None, se: float | None = None) -> str:
+    """A fraction as a percentage with one decimal, "± se" when known, "–" when missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     text = f"{100 * value:.1f}"
@@ -47,7 +48,9 @@ def _accuracy_table(metrics: dict[str, Any], ks: list[int]) -> list[str]:
         p, c = metrics.get(f"pass@{k}"), metrics.get(f"cons@{k}")
         if p is None and c is None:
             continue
-        lines.append(f"| {k} | {_pct(p, metrics.get(f'pass@{k}_se'))} | {_pct(c, metrics.get(f'cons@{k}_se'))} |")
+        lines.append(
+            f"| {k} | {format_pct(p, metrics.get(f'pass@{k}_se'))} | {format_pct(c, metrics.get(f'cons@{k}_se'))} |"
+        )
     return lines
 
 
@@ -60,7 +63,7 @@ def overview_table(summary: dict[str, Any]) -> str:
     ]
     for name, entry in summary["benchmarks"].items():
         m, tps = entry["metrics"], entry["speed"].get("tokens_per_s")
-        cells = [_pct(m.get(key), m.get(f"{key}_se")) for key in ("pass@1", f"pass@{top}", f"cons@{top}")]
+        cells = [format_pct(m.get(key), m.get(f"{key}_se")) for key in ("pass@1", f"pass@{top}", f"cons@{top}")]
         lines.append(f"| {name} | {entry['problems']} | {' | '.join(cells)} | {_fmt(tps, '{:.1f}')} |")
     return "\n".join(lines)
 
@@ -74,9 +77,9 @@ def _bench_section(name: str, entry: dict[str, Any]) -> list[str]:
         out += ["", f"| group | problems | pass@1 (%) | pass@{top} (%) | cons@{top} (%) |", "|---|--:|--:|--:|--:|"]
         for group, m in entry["groups"].items():
             out.append(
-                f"| {group} | {m['problems']} | {_pct(m.get('pass@1'), m.get('pass@1_se'))} "
-                f"| {_pct(m.get(f'pass@{top}'), m.get(f'pass@{top}_se'))} "
-                f"| {_pct(m.get(f'cons@{top}'), m.get(f'cons@{top}_se'))} |"
+                f"| {group} | {m['problems']} | {format_pct(m.get('pass@1'), m.get('pass@1_se'))} "
+                f"| {format_pct(m.get(f'pass@{top}'), m.get(f'pass@{top}_se'))} "
+                f"| {format_pct(m.get(f'cons@{top}'), m.get(f'cons@{top}_se'))} |"
             )
     g = entry["grading"]
     out += [
@@ -216,8 +219,8 @@ def compare_table(a: dict[str, Any], b: dict[str, Any], name_a: str = "A", name_
                 continue
             diff = 100 * (mb[metric] - ma[metric])
             lines.append(
-                f"| {bench} | {metric} (%) | {_pct(ma[metric], ma.get(metric + '_se'))} "
-                f"| {_pct(mb[metric], mb.get(metric + '_se'))} | {diff:+.1f} |"
+                f"| {bench} | {metric} (%) | {format_pct(ma[metric], ma.get(metric + '_se'))} "
+                f"| {format_pct(mb[metric], mb.get(metric + '_se'))} | {diff:+.1f} |"
             )
         for key, label in (("tokens_per_s", "output tokens/s"), ("mean_response_tokens", "response length")):
             va, vb = ea["speed"].get(key), eb["speed"].get(key)
