@@ -208,6 +208,33 @@ def test_update_micro_batches_give_the_one_piece_gradient():
         torch.testing.assert_close(d, deltas[0], rtol=1e-4, atol=1e-6)
 
 
+def test_update_skips_zero_advantage_samples_without_changing_the_gradient():
+    # Group 2 is all correct (zero variance, zero advantages): the update leaves it out of the
+    # forward/backward, yet its weight change must equal minus the gradient of the loss over the
+    # whole batch, computed here in one piece with every sample in it.
+    cfg = RLConfig(prompts_per_step=3, group_size=2, max_new_tokens=8, tis_cap=0.0, micro_batch_size=2)
+    batch = scripted_batch([["yes", "no!"], ["yes", "yes"], ["yesss", "yes"]], cfg)
+    adv = grpo.group_advantages(batch.rewards, 2)
+    assert adv[2:4].abs().max() == 0 and adv.abs().max() > 0
+    for loss_agg in grpo.LOSS_AGGREGATIONS:
+        c = RLConfig(**{**cfg.__dict__, "loss_agg": loss_agg})
+        model = tiny_model()
+        reference = tiny_model()
+        reference.load_state_dict(model.state_dict())
+        before = [p.detach().clone() for p in model.parameters()]
+        stats = update(model, None, [torch.optim.SGD(model.parameters(), lr=1.0)], batch, adv, c, 0.0,
+                       torch.device("cpu"))
+        assert stats["trained_fraction"] == pytest.approx(4 / 6)
+        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+
+        ids, targets, mask = pack_sequences(batch.prompt_ids, batch.completion_ids, torch.device("cpu"))
+        logp, _ = sequence_logprobs(reference, ids, targets, c.temperature)
+        norm = grpo.AggregationNorm(float(mask.sum()), len(batch.rows), c.max_new_tokens)
+        grpo.policy_loss(logp, logp.detach(), adv, mask, norm, loss_agg=loss_agg).loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in reference.parameters()])
+        torch.testing.assert_close(delta, -grad, rtol=1e-4, atol=1e-7)
+
+
 def test_update_statistics_are_per_token_whatever_num_iterations():
     # Engine log-probs equal to the trainer's make every importance weight 1, so their mean is 1;
     # before any step ratio = 1, so nothing is clipped on the first pass.

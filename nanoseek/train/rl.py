@@ -264,10 +264,20 @@ def sequence_logprobs(model: Transformer, ids: torch.Tensor, targets: torch.Tens
 def update(model: Transformer, ref_model: Transformer | None, optimizers: list[torch.optim.Optimizer],
            batch: Rollouts, advantages: torch.Tensor, cfg: RLConfig, grad_clip: float, device: torch.device
            ) -> dict[str, float]:
-    """num_iterations passes of clipped policy-gradient updates over the batch; returns statistics."""
+    """num_iterations passes of clipped policy-gradient updates over the batch; returns statistics.
+
+    A sample whose advantage is zero adds nothing to the loss or its gradient (and, without a KL
+    term, nothing at all), so it is left out of the forward and backward passes; the normalisers
+    still count the whole batch, so the loss is the one over every sample. With GRPO's all-equal
+    groups (most groups of a weak policy) this skips most of the update's work.
+    """
     n = len(batch.rows)
     mb = cfg.micro_batch_size
-    chunks = [list(range(i, min(i + mb, n))) for i in range(0, n, mb)]
+    if cfg.beta > 0:
+        active = list(range(n))
+    else:
+        active = [i for i in range(n) if float(advantages[i]) != 0.0]
+    chunks = [active[i:i + mb] for i in range(0, len(active), mb)]
     packed = []
     for idx in chunks:
         ids, targets, mask = pack_sequences([batch.prompt_ids[i] for i in idx],
@@ -280,7 +290,8 @@ def update(model: Transformer, ref_model: Transformer | None, optimizers: list[t
             start = len(batch.prompt_ids[i]) - 1
             engine_lp[row, start:start + len(batch.engine_logprobs[i])] = torch.tensor(batch.engine_logprobs[i])
         packed.append((idx, ids, targets, mask, engine_lp))
-    total_tokens = float(sum(p[3].sum() for p in packed))
+    total_tokens = float(sum(len(c) for i, c in enumerate(batch.completion_ids)
+                             if not (cfg.overlong == "mask" and batch.truncated[i])))
     norm = grpo.AggregationNorm(max(total_tokens, 1.0), n, cfg.max_new_tokens)
 
     # The policy that produced the batch, as the trainer computes it (and the reference, if any).
@@ -325,12 +336,15 @@ def update(model: Transformer, ref_model: Transformer | None, optimizers: list[t
             opt.step()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-    per_tok = max(total_tokens, 1.0)
+    # Clip fractions and KL are per token of the whole batch (a skipped sample is never clipped and
+    # has no KL term); entropy and the IS weight are means over the tokens that were trained on.
+    per_tok, trained = max(total_tokens, 1.0), max(float(sum(p[3].sum() for p in packed)), 1.0)
     iters = cfg.num_iterations
     return dict(loss=stats["loss"] / iters, clip_low=stats["clip_low"] / (per_tok * iters),
                 clip_high=stats["clip_high"] / (per_tok * iters), kl=stats["kl"] / (per_tok * iters),
-                entropy=stats["entropy"] / per_tok, grad_norm=stats["grad_norm"],
-                is_weight=stats["is_weight"] / (per_tok * iters) if cfg.tis_cap > 0 else 1.0)
+                entropy=stats["entropy"] / trained, grad_norm=stats["grad_norm"],
+                is_weight=stats["is_weight"] / (trained * iters) if cfg.tis_cap > 0 else 1.0,
+                trained_fraction=len(active) / max(n, 1))
 
 
 # ----------------------------------------------------------------------------- evaluation
