@@ -1,0 +1,420 @@
+"""Training throughput: forward + backward + AdamW step, tokens/s, MFU and peak memory, vs transformers' Qwen3-MoE.
+
+    python benchmarks/train_step.py                                   # all three models, seq 2048, batch 8
+    python benchmarks/train_step.py --presets moe-1b --precisions amp # the issue's MFU figure alone
+    python benchmarks/train_step.py --compile --presets moe-1b        # the same through torch.compile
+    python benchmarks/train_step.py --quick --device cpu              # tiny shapes, a CPU smoke run (seconds)
+
+One step = forward with the loss (cross-entropy, logits upcast to float32, as both libraries compute it),
+backward, gradient clipping at 1.0, AdamW (fused on CUDA; nanoseek's `build_optimizers` with
+optimizer="adamw" for both sides), zero_grad. Random weights, random token ids, no download.
+
+Models (--presets, comma-separated):
+  * a nanoseek preset (`small-moe`, `moe-1b`, ...): nanoseek only, trained as `nanoseek pretrain` trains it
+    (float32 master weights, the balancing-bias optimizer hook);
+  * `qwen3-moe-1.3b`: the issue's peer shape, 1.31B total / 0.25B active (hidden 1024, 12 layers, 16 heads /
+    4 kv heads of 64, 64 experts of width 512, top-8, all layers MoE, vocab 32768, untied, QK-norm). It is
+    written once as a Hugging Face config; transformers builds `Qwen3MoeForCausalLM` from it and nanoseek
+    builds its model from the same dict through `nanoseek.interop.hf_config` (no balancing bias, like
+    Qwen3-MoE), so both sides train the same architecture with the same parameter count.
+
+Precisions (--precisions): `amp` = float32 weights and optimizer under bf16 autocast on CUDA (the nanoseek
+trainer's recipe, and transformers' Trainer with bf16=True); on CPU there is no autocast, so `amp` is plain
+float32. `bf16` = bf16 weights and AdamW states, no autocast. The JSON says per run whether nanoseek's MoE
+layers took the grouped-GEMM kernel (`moe_grouped_kernel`: it needs bf16 activations at the MoE input) and
+which experts implementation transformers used.
+
+Timing: --warmup untimed steps (the first compiles with --compile), then --steps steps, each bracketed by
+CUDA events on CUDA (host clock elsewhere). tokens/s = batch x seq-len / median step time. MFU =
+flops_per_token(seq-len) (nanoseek's accounting: 6 x active matmul parameters + attention, the same for
+both sides of the peer shape) x tokens/s / peak dense bf16 FLOP/s of the GPU (by name; --peak-tflops
+otherwise). Peak memory: torch.cuda.max_memory_allocated from the model's build to the last step. A run
+that runs out of memory is reported as such and the next one starts. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanoseek.config import TrainConfig
+from nanoseek.interop.hf_config import hf_config_to_model_config
+from nanoseek.loading import pick_device
+from nanoseek.model import PRESETS, ModelConfig, Transformer, get_preset, install_balancing_hook
+from nanoseek.model import moe as moe_mod
+from nanoseek.train.loop import peak_flops
+from nanoseek.train.optim import build_optimizers
+
+PEER = "qwen3-moe-1.3b"
+# The issue's Qwen3-MoE shape, as a transformers config.json. moe_intermediate_size 512 puts the total at 1.31B.
+QWEN3_MOE_SHAPE = dict(
+    architectures=["Qwen3MoeForCausalLM"],
+    model_type="qwen3_moe",
+    vocab_size=32768,
+    hidden_size=1024,
+    intermediate_size=3072,  # dense MLP width: unused, every layer is MoE
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_experts=64,
+    num_experts_per_tok=8,
+    moe_intermediate_size=512,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    attention_bias=False,
+    use_sliding_window=False,
+    output_router_logits=False,
+)
+# --quick: every model shrunk to this (expert counts and top-k kept), seq 64, batch 2.
+QUICK_SHAPE = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=0, d_ff=128, moe_d_ff=32)
+QUICK_HF = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    moe_intermediate_size=32,
+)
+# Dense bf16 peaks the trainer's table (nanoseek.train.loop.PEAK_FLOPS, SXM parts) would get wrong.
+PEAK_OVERRIDES = {"H100 PCIe": 756e12, "H100 NVL": 835e12}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_tflops(device: torch.device, flag: float | None) -> tuple[float | None, str]:
+    """(dense bf16 peak FLOP/s, where it came from)."""
+    if flag:
+        return flag * 1e12, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "no peak on CPU"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_OVERRIDES.items():
+        if key in name:
+            return value, f"table ({key})"
+    value = peak_flops(device)
+    return value, ("table (nanoseek.train.loop.PEAK_FLOPS)" if value else f"unknown GPU {name!r}: pass --peak-tflops")
+
+
+def peer_hf_dict(seq_len: int, quick: bool) -> dict:
+    hf = dict(QWEN3_MOE_SHAPE, max_position_embeddings=seq_len)
+    return dict(hf, **QUICK_HF) if quick else hf
+
+
+def nanoseek_config(name: str, seq_len: int, quick: bool) -> ModelConfig:
+    if name == PEER:
+        # No balancing bias: Qwen3-MoE routes by plain softmax top-k, and so does this model then.
+        return hf_config_to_model_config(peer_hf_dict(seq_len, quick)).replace(bias_update_rate=0.0)
+    cfg = get_preset(name, max_seq_len=max(seq_len, get_preset(name).max_seq_len))
+    return cfg.replace(**QUICK_SHAPE) if quick else cfg
+
+
+def build_hf(seq_len: int, quick: bool, device: torch.device, experts_impl: str | None):
+    import transformers
+
+    kwargs = {k: v for k, v in peer_hf_dict(seq_len, quick).items() if k != "model_type"}
+    if experts_impl:
+        kwargs["experts_implementation"] = experts_impl
+    config = transformers.Qwen3MoeConfig(**kwargs)
+    with torch.device(device):
+        model = transformers.Qwen3MoeForCausalLM(config)
+    impl = getattr(model.config, "_experts_implementation", None)
+    return model, dict(
+        transformers_version=transformers.__version__,
+        experts_implementation=impl,
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+    )
+
+
+def moe_input_probe(model: torch.nn.Module) -> dict:
+    """Records the dtype reaching the first nanoseek MoE layer (the grouped kernel needs bf16 there)."""
+    seen: dict = {}
+    layers = moe_mod.moe_layers(model)
+    if layers:
+
+        def hook(module, args):
+            x = args[0]
+            seen["dtype"] = x.dtype
+            seen["kernel"] = moe_mod._kernel_ok(x.reshape(-1, x.shape[-1]))
+
+        layers[0].register_forward_pre_hook(hook)
+    return seen
+
+
+def run_one(model_name: str, impl: str, precision: str, args, device: torch.device, peak: float | None) -> dict:
+    """Build, warm up and time one (model, implementation, precision); the row of the results table."""
+    quick, seq, batch = args.quick, args.seq_len, args.batch_size
+    cfg = nanoseek_config(model_name, seq, quick)
+    with torch.device("meta"):
+        meta = Transformer(cfg)
+    flops_per_token = meta.flops_per_token(seq)
+    row: dict = dict(
+        model=model_name,
+        impl=impl,
+        precision=precision,
+        batch=batch,
+        seq_len=seq,
+        params=meta.num_params(),
+        active_params=meta.num_active_params(),
+        flops_per_token=flops_per_token,
+    )
+    del meta
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    use_autocast = precision == "amp" and device.type == "cuda"
+    param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    tcfg = TrainConfig(optimizer="adamw", lr=1e-4, weight_decay=0.1, grad_clip=1.0)
+
+    if impl == "nanoseek":
+        with torch.device(device):
+            model = Transformer(cfg)
+        model.to(param_dtype).train()
+        optimizers = build_optimizers(model, tcfg, device)
+        if cfg.is_moe and cfg.bias_update_rate > 0:
+            install_balancing_hook(optimizers[-1], model)
+        probe = moe_input_probe(model)
+    else:
+        model, info = build_hf(seq, quick, device, args.hf_experts)
+        model.to(param_dtype).train()
+        row.update(info)
+        row["hf_params"] = sum(p.numel() for p in model.parameters())
+        optimizers = build_optimizers(model, tcfg, device)
+        probe = {}
+    # nanoseek: compile the loss method itself (forward + cross-entropy in one graph); compiling the module and
+    # calling `.loss` on the wrapper would run the original, uncompiled forward.
+    if impl == "nanoseek":
+        forward_loss = torch.compile(model.loss) if args.compile else model.loss
+    else:
+        forward_loss = torch.compile(model) if args.compile else model
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = cfg.vocab_size
+    batches = [torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device) for _ in range(2)]
+
+    def step(i: int) -> torch.Tensor:
+        ids = batches[i % len(batches)]
+        with torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else nullcontext():
+            if impl == "nanoseek":
+                ce, aux = forward_loss(ids[:, :-1], ids[:, 1:])
+                loss = ce + aux
+            else:
+                # transformers shifts the labels itself: seq-1 predicted tokens per row (nanoseek: seq).
+                loss = forward_loss(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    losses = []
+    t_warm = time.perf_counter()
+    for i in range(args.warmup):
+        losses.append(step(i))
+    sync(device)
+    row["warmup_s"] = round(time.perf_counter() - t_warm, 2)
+    times: list[float] = []
+    events = []
+    for i in range(args.steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses.append(step(args.warmup + i))
+            end.record()
+            events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            losses.append(step(args.warmup + i))
+            times.append(time.perf_counter() - t0)
+    sync(device)
+    if events:
+        times = [s.elapsed_time(e) / 1e3 for s, e in events]
+    loss_values = torch.stack(losses).float().tolist()
+    median = statistics.median(times)
+    tokens = batch * seq
+    row.update(
+        step_ms=round(1e3 * median, 2),
+        step_ms_mean=round(1e3 * statistics.mean(times), 2),
+        step_ms_min=round(1e3 * min(times), 2),
+        tokens_per_s=round(tokens / median, 1),
+        achieved_tflops=round(flops_per_token * tokens / median / 1e12, 2),
+        mfu=round(flops_per_token * tokens / median / peak, 4) if peak else None,
+        peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        loss_first=round(loss_values[0], 4),
+        loss_last=round(loss_values[-1], 4),
+        finite=all(v == v and abs(v) != float("inf") for v in loss_values),
+    )
+    if probe:
+        row["moe_input_dtype"] = str(probe["dtype"]).removeprefix("torch.")
+        row["moe_grouped_kernel"] = bool(probe["kernel"])
+    return row
+
+
+def count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (
+        f"{'model':<16} {'impl':<13} {'prec':<5} {'params':>8} {'active':>8} {'step ms':>9} {'tok/s':>11} "
+        f"{'TFLOP/s':>8} {'MFU':>7} {'peak GiB':>9}  notes"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<16} {r['impl']:<13} {r['precision']:<5} {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:6.1f}%" if r.get("mfu") is not None else "      -"
+        mem = f"{r['peak_mem_gb']:9.2f}" if r.get("peak_mem_gb") is not None else "        -"
+        notes = []
+        if "moe_grouped_kernel" in r:
+            notes.append(
+                f"moe in {r['moe_input_dtype']}, " + ("grouped kernel" if r["moe_grouped_kernel"] else "padded bmm")
+            )
+        if r.get("experts_implementation"):
+            notes.append(f"experts={r['experts_implementation']}")
+        if not r["finite"]:
+            notes.append("NON-FINITE LOSS")
+        print(
+            f"{r['model']:<16} {r['impl']:<13} {r['precision']:<5} {count(r['params']):>8} "
+            f"{count(r['active_params']):>8} {r['step_ms']:9.1f} {r['tokens_per_s']:11,.0f} "
+            f"{r['achieved_tflops']:8.1f} {mfu} {mem}  {'; '.join(notes)}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--presets",
+        default=f"small-moe,moe-1b,{PEER}",
+        help=f"comma-separated nanoseek presets and/or {PEER} (the transformers peer shape)",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seq-len", type=int, default=None, help="default 2048 (--quick: 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 8; --quick: 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --quick: 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --quick: 1)")
+    p.add_argument("--precisions", default=None, help="comma-separated amp,bf16 (default: both on CUDA, amp on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (warmup covers compilation)")
+    p.add_argument("--no-hf", action="store_true", help=f"skip transformers' model on {PEER}")
+    p.add_argument(
+        "--hf-experts",
+        default=None,
+        help="transformers experts_implementation (eager, batched_mm, grouped_mm; default: its own)",
+    )
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU, for MFU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (d_model 64, 2 layers), seq 64, batch 2")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    args.seq_len = args.seq_len or (64 if args.quick else 2048)
+    args.batch_size = args.batch_size or (2 if args.quick else 8)
+    args.steps = args.steps or (2 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1 (the first step compiles)")
+    precisions = (args.precisions or ("amp,bf16" if device.type == "cuda" else "amp")).split(",")
+    if not set(precisions) <= {"amp", "bf16"}:
+        p.error(f"--precisions: amp and/or bf16, not {args.precisions!r}")
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    unknown = [n for n in names if n != PEER and n not in PRESETS]
+    if unknown:
+        p.error(f"--presets: unknown {', '.join(unknown)}; known: {', '.join(PRESETS)}, {PEER}")
+    peak, peak_source = peak_tflops(device, args.peak_tflops)
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"train step on {device_name}: seq {args.seq_len} x batch {args.batch_size}, {args.warmup} warmup + "
+        f"{args.steps} timed steps, precisions {','.join(precisions)}{', compiled' if args.compile else ''}; "
+        f"peak {peak / 1e12 if peak else '-'} TFLOP/s ({peak_source})",
+        flush=True,
+    )
+    rows: list[dict] = []
+    failed = False
+    for name in names:
+        impls = ["nanoseek"] + (["transformers"] if name == PEER and not args.no_hf else [])
+        for precision in precisions:
+            for impl in impls:
+                try:
+                    row = run_one(name, impl, precision, args, device, peak)
+                except torch.OutOfMemoryError as e:
+                    row = dict(model=name, impl=impl, precision=precision, error=f"OOM: {str(e).splitlines()[0]}")
+                except Exception as e:  # report and go on: one broken configuration must not hide the rest
+                    row = dict(model=name, impl=impl, precision=precision, error=f"{type(e).__name__}: {e}")
+                    failed = True
+                free_memory(device)
+                rows.append(row)
+                if "error" in row:
+                    print(f"  {name} {impl} {precision}: {row['error']}", file=sys.stderr, flush=True)
+                else:
+                    print(
+                        f"  {name} {impl} {precision}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:,.0f} tok/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    print_table(rows)
+    # Per precision: nanoseek tokens/s over transformers' on the peer shape.
+    speedups = {}
+    for precision in precisions:
+        pair = {r["impl"]: r for r in rows if r["model"] == PEER and r["precision"] == precision and "error" not in r}
+        if {"nanoseek", "transformers"} <= set(pair):
+            speedups[precision] = round(pair["nanoseek"]["tokens_per_s"] / pair["transformers"]["tokens_per_s"], 3)
+    for precision, s in speedups.items():
+        print(f"{PEER} {precision}: nanoseek / transformers tokens/s = {s:.2f}x")
+    summary = dict(
+        benchmark="train_step",
+        device=device_name,
+        capability=".".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else None,
+        torch=torch.__version__,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        steps=args.steps,
+        compile=args.compile,
+        quick=args.quick,
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        peak_tflops=peak / 1e12 if peak else None,
+        peak_source=peak_source,
+        results=rows,
+        speedup_vs_transformers=speedups,
+    )
+    print(json.dumps(summary))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
