@@ -7,7 +7,7 @@
 #   QUICK=1 PYTHON=.venv/bin/python bash benchmarks/gpu_suite.sh   # CPU smoke of the plumbing (--quick shapes)
 #
 # Parts, in this order (the most wanted first, so a deadline cuts the least wanted):
-#   cuda_tests          pytest tests/test_engine.py -k cuda (the tests that skip without CUDA)
+#   cuda_tests          pytest tests -k cuda (the tests that skip without CUDA)
 #   moe_kernel_check    torch._grouped_mm path vs the float64 padded-bmm path: forward and gradients
 #   moe_layer           benchmarks/moe_layer.py at D=2048 F=1408 E=64 top-6, 16384 tokens (issue 2)
 #   train_step          benchmarks/train_step.py: small-moe, moe-1b, Qwen3-MoE 1.3B shape vs transformers (issue 3)
@@ -153,7 +153,7 @@ EOF
 
 for part in $PARTS; do
     case $part in
-    cuda_tests) run_part "$part" 120 tests.log "$PY" -m pytest -p no:cacheprovider -rs tests/test_engine.py -k cuda ;;
+    cuda_tests) run_part "$part" 120 tests.log "$PY" -m pytest -p no:cacheprovider -rs tests -k cuda ;;
     moe_kernel_check) run_part "$part" 60 tests.log "$PY" "$KERNEL_CHECK" ;;
     moe_layer)
         args=(--tokens 16384 --d-model 2048 --d-ff 1408 --experts 64 --top-k 6)

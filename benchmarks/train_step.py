@@ -94,10 +94,6 @@ QUICK_HF = dict(
     head_dim=16,
     moe_intermediate_size=32,
 )
-# Dense bf16 peaks the trainer's table (nanoseek.train.loop.PEAK_FLOPS, SXM parts) would get wrong.
-PEAK_OVERRIDES = {"H100 PCIe": 756e12, "H100 NVL": 835e12}
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -116,9 +112,6 @@ def peak_tflops(device: torch.device, flag: float | None) -> tuple[float | None,
     if device.type != "cuda":
         return None, "no peak on CPU"
     name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_OVERRIDES.items():
-        if key in name:
-            return value, f"table ({key})"
     value = peak_flops(device)
     return value, ("table (nanoseek.train.loop.PEAK_FLOPS)" if value else f"unknown GPU {name!r}: pass --peak-tflops")
 
@@ -161,8 +154,11 @@ def moe_input_probe(model: torch.nn.Module) -> dict:
 
         def hook(module, args):
             x = args[0]
-            seen["dtype"] = x.dtype
-            seen["kernel"] = moe_mod._kernel_ok(x.reshape(-1, x.shape[-1]))
+            dtype = x.dtype
+            if torch.is_autocast_enabled(x.device.type):  # the experts cast to the autocast dtype
+                dtype = torch.get_autocast_dtype(x.device.type)
+            seen["dtype"] = dtype
+            seen["kernel"] = moe_mod._kernel_ok(x.reshape(-1, x.shape[-1]), dtype)
 
         layers[0].register_forward_pre_hook(hook)
     return seen

@@ -110,6 +110,34 @@ def test_padded_grouped_mm_equals_loop():
         start += c
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["bf16 weights", "float32 weights under bf16 autocast"])
+def test_cuda_grouped_kernel_matches_float64_loop(mode, monkeypatch):
+    # The trainer's case is the second: float32 weights, bf16 autocast, float32 rows from the RMSNorm.
+    torch.manual_seed(0)
+    cfg = moe_config(d_model=64, moe_d_ff=32, n_routed_experts=16, top_k=4)
+    ref_layer = MoE(cfg).double()
+    for p in ref_layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(300, 64, dtype=torch.float64)
+    counts = torch.tensor([40, 0, 75, 5, 0, 60, 20, 100] + [0] * 8)  # ragged, empty experts included
+    ref = ref_layer.experts(x, counts)
+
+    layer = MoE(cfg).cuda()
+    layer.load_state_dict(ref_layer.state_dict())
+    seen = []
+    real_kernel = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: seen.append(1) or real_kernel(*a, **k))
+    if mode == "bf16 weights":
+        out = layer.to(torch.bfloat16).experts(x.cuda().bfloat16(), counts.cuda())
+    else:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer.experts(x.cuda().float(), counts.cuda())
+    assert len(seen) == 3  # gate, up and down each ran as one grouped GEMM
+    rel = (out.double().cpu() - ref).norm() / ref.norm()
+    assert rel < 2e-2
+
+
 def test_selection_bias_changes_choice_not_gate_weights():
     torch.manual_seed(0)
     cfg = moe_config(score_func="sigmoid", norm_topk_prob=False)

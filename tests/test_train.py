@@ -68,13 +68,13 @@ def test_accumulation_matches_one_big_batch():
     targets[0, :10] = -100  # unequal numbers of target tokens per micro-batch
     batch = dict(input_ids=ids, targets=targets)
 
-    ce, _ = batch_loss(model, batch)
+    ce, _ = batch_loss(model.loss, batch)
     (ce / (targets != -100).sum()).backward()
     big = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     n = int((targets != -100).sum())
     for half in (slice(0, 2), slice(2, 4)):
-        ce, _ = batch_loss(model, dict(input_ids=ids[half], targets=targets[half]))
+        ce, _ = batch_loss(model.loss, dict(input_ids=ids[half], targets=targets[half]))
         (ce / n).backward()
     for g, p in zip(big, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-12)

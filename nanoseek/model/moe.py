@@ -24,11 +24,12 @@ from nanoseek.model.config import ModelConfig
 USE_GROUPED_MM_KERNEL = True
 
 
-def _kernel_ok(x: Tensor) -> bool:
+def _kernel_ok(x: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether torch._grouped_mm can take these rows (in `dtype`, when they are about to be cast)."""
     return (
         USE_GROUPED_MM_KERNEL
         and x.is_cuda
-        and x.dtype == torch.bfloat16
+        and (dtype or x.dtype) == torch.bfloat16
         and hasattr(torch, "_grouped_mm")
         and x.shape[-1] % 8 == 0
     )
@@ -138,8 +139,8 @@ class Router(nn.Module):
     def update_bias(self) -> None:
         """Auxiliary-loss-free balancing step: raise the bias of under-loaded experts, lower over-loaded."""
         load = self.tokens_per_expert
-        if load.sum() == 0:
-            return
+        # No `if load.sum() == 0: return` (a host sync per layer per step): with no tokens counted,
+        # sign(mean - load) is 0 everywhere and the bias does not move anyway.
         self.e_score_correction_bias.add_(self.cfg.bias_update_rate * torch.sign(load.mean() - load))
         load.zero_()
 
@@ -162,10 +163,16 @@ class MoE(nn.Module):
 
     def experts(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         """SwiGLU of each row by its own expert; rows sorted by expert with `counts` per expert."""
-        if _kernel_ok(x_sorted):
-            gate = grouped_mm(x_sorted, self.w1, counts)
-            up = grouped_mm(x_sorted, self.w3, counts)
-            return grouped_mm(F.silu(gate) * up, self.w2, counts)
+        # Training keeps float32 weights under bf16 autocast, and the RMSNorm before this layer hands
+        # over float32 rows; autocast does not cover _grouped_mm, so cast here as autocast would for a
+        # matmul, or the trainer would never reach the kernel. (.to is a no-op when nothing changes.)
+        dtype = x_sorted.dtype
+        if torch.is_autocast_enabled(x_sorted.device.type):
+            dtype = torch.get_autocast_dtype(x_sorted.device.type)
+        if _kernel_ok(x_sorted, dtype):
+            x = x_sorted.to(dtype)
+            h = F.silu(grouped_mm(x, self.w1.to(dtype), counts)) * grouped_mm(x, self.w3.to(dtype), counts)
+            return grouped_mm(h, self.w2.to(dtype), counts)
         # Fallback: pad once into [E, capacity, D], three bmm, unpad once (padding rows stay zero).
         rows, capacity = _padded_rows(counts)
         buf = _pad(x_sorted, rows, self.cfg.n_routed_experts, capacity)

@@ -29,7 +29,9 @@ from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+# Dense bf16 peak FLOP/s by device-name substring; the first match wins, so variants precede their family.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
+              "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
 class BatchStream(Protocol):
@@ -69,9 +71,10 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy over target tokens, MoE aux loss)."""
-    return model.loss(
+def batch_loss(loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], batch: dict[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy over target tokens, MoE aux loss); loss_fn is `model.loss` or its compiled form."""
+    return loss_fn(
         batch["input_ids"], batch["targets"], batch.get("positions"), batch.get("doc_ids"), reduction="sum"
     )
 
@@ -84,7 +87,7 @@ def evaluate_loss(model: Transformer, batches: Iterable[dict[str, torch.Tensor]]
     for batch in batches:
         batch = to_device(batch, device)
         with autocast(device):
-            ce, _ = batch_loss(model, batch)
+            ce, _ = batch_loss(model.loss, batch)
         total += ce.item()
         count += int((batch["targets"] != -100).sum())
     model.train(was_training)
@@ -128,7 +131,8 @@ def train(
             print(f"resuming {stage} from {ckpt} (step {start})")
     log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt is not None else None)
 
-    step_model = torch.compile(model) if cfg.compile else model
+    # Compile the loss method itself: `torch.compile(model).loss(...)` would run the eager model.
+    loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak = peak_flops(device)
     bar = tqdm(total=cfg.steps, initial=start, desc=stage, disable=quiet, dynamic_ncols=True)
@@ -143,7 +147,7 @@ def train(
         ce_total, aux_total = 0.0, 0.0
         for b in micro:
             with autocast(device):
-                ce, aux = batch_loss(step_model, b)
+                ce, aux = batch_loss(loss_fn, b)
                 loss = ce / max(n_targets, 1) + aux / cfg.grad_accum
             loss.backward()
             ce_total += ce.item()
