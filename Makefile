@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check nanoseek tests benchmarks
+	$(PY) -m ruff format --check nanoseek tests benchmarks
 	$(PY) -m pytest
 
 clean:

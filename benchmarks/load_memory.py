@@ -59,10 +59,20 @@ def write_checkpoint(directory: Path, target_mb: float, shard_mb: float, dtype: 
     per_layer = (4 * d * d + 3 * d * 2816 + 2 * d) * element
     fixed = 2 * vocab * d * element + d * element
     layers = max(1, round((target_mb * 2**20 - fixed) / per_layer))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": d,
-              "intermediate_size": 2816, "num_hidden_layers": layers, "num_attention_heads": 16,
-              "num_key_value_heads": 16, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-              "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "tie_word_embeddings": False}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": d,
+        "intermediate_size": 2816,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "tie_word_embeddings": False,
+    }
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
 
@@ -97,8 +107,9 @@ def write_checkpoint(directory: Path, target_mb: float, shard_mb: float, dtype: 
 
 
 def measure(directory: Path, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(directory), dtype], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(directory), dtype], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -117,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"weights {result['weights_mb']:.0f} MB, peak RSS increase {result['peak_increase_mb']:.0f} MB "
-              f"= {result['ratio']:.2f}x the weights, load {result['load_s']:.2f}s")
+        print(
+            f"weights {result['weights_mb']:.0f} MB, peak RSS increase {result['peak_increase_mb']:.0f} MB "
+            f"= {result['ratio']:.2f}x the weights, load {result['load_s']:.2f}s"
+        )
     return 0
 
 

@@ -79,8 +79,17 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=8, d_model=args.d_model, n_heads=8, n_kv_heads=8, n_routed_experts=args.experts,
-                      n_shared_experts=0, moe_d_ff=args.d_ff, top_k=args.top_k, score_func="sigmoid")
+    cfg = ModelConfig(
+        vocab_size=8,
+        d_model=args.d_model,
+        n_heads=8,
+        n_kv_heads=8,
+        n_routed_experts=args.experts,
+        n_shared_experts=0,
+        moe_d_ff=args.d_ff,
+        top_k=args.top_k,
+        score_func="sigmoid",
+    )
     layer = moe_mod.MoE(cfg)
     for prm in layer.parameters():
         torch.nn.init.normal_(prm, std=0.02)
@@ -111,15 +120,29 @@ def main() -> None:
         if name in peak_mem:
             results[name]["peak_mem_gb"] = peak_mem[name]
 
-    print(f"MoE layer fwd+bwd on {device} {dtype}: tokens={args.tokens} D={args.d_model} F={args.d_ff} "
-          f"E={args.experts} top-{args.top_k}")
+    print(
+        f"MoE layer fwd+bwd on {device} {dtype}: tokens={args.tokens} D={args.d_model} F={args.d_ff} "
+        f"E={args.experts} top-{args.top_k}"
+    )
     for name, r in results.items():
         print(f"  {name:<11} {r['ms']:9.2f} ms  {r['tokens_per_s']:12,.0f} tok/s  {r['tflops']:8.2f} TFLOP/s")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(json.dumps(dict(benchmark="moe_layer", device=device_name, dtype=str(dtype).removeprefix("torch."),
-                          tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, experts=args.experts,
-                          top_k=args.top_k, results=results,
-                          speedup_vs_loop=results["grouped"]["tokens_per_s"] / results["loop"]["tokens_per_s"])))
+    print(
+        json.dumps(
+            dict(
+                benchmark="moe_layer",
+                device=device_name,
+                dtype=str(dtype).removeprefix("torch."),
+                tokens=args.tokens,
+                d_model=args.d_model,
+                d_ff=args.d_ff,
+                experts=args.experts,
+                top_k=args.top_k,
+                results=results,
+                speedup_vs_loop=results["grouped"]["tokens_per_s"] / results["loop"]["tokens_per_s"],
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

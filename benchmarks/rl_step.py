@@ -88,8 +88,12 @@ def build_rows(tokenizer: Tokenizer, n: int) -> list[dict]:
 
 def summarize(step_s: list[float], tokens: list[int], **extra: list[float]) -> dict:
     mean_s = statistics.mean(step_s)
-    out = dict(seconds_per_step=mean_s, step_s=step_s, completion_tokens_per_step=statistics.mean(tokens),
-               completion_tokens_per_s=sum(tokens) / sum(step_s))
+    out = dict(
+        seconds_per_step=mean_s,
+        step_s=step_s,
+        completion_tokens_per_step=statistics.mean(tokens),
+        completion_tokens_per_s=sum(tokens) / sum(step_s),
+    )
     out.update({k: statistics.mean(v) for k, v in extra.items()})
     return out
 
@@ -103,11 +107,20 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
     tcfg = TrainConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0)
     optimizers = build_optimizers(model, tcfg, device)
     install_balancing_hook(optimizers[-1], model)
-    rcfg = RLConfig(prompts_per_step=args.prompts, group_size=args.samples, max_new_tokens=args.max_new_tokens,
-                    micro_batch_size=args.micro_batch)
+    rcfg = RLConfig(
+        prompts_per_step=args.prompts,
+        group_size=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        micro_batch_size=args.micro_batch,
+    )
     max_prompt = max(len(prompt_ids(tokenizer, r["prompt"])) for r in rows)
-    engine = Engine(model, tokenizer, max_batch=args.prompts * args.samples, eos_ids=[],
-                    max_seq_len=min(cfg.max_seq_len, max_prompt + args.max_new_tokens + 8))
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=args.prompts * args.samples,
+        eos_ids=[],
+        max_seq_len=min(cfg.max_seq_len, max_prompt + args.max_new_tokens + 8),
+    )
     sampler = PromptSampler(rows, seed=0)
     rewards = RewardSet().add("dummy", lambda prompts, completions, rows_: dummy_reward(completions))
 
@@ -123,8 +136,11 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
         sync(device)
         t2 = time.perf_counter()
         n_tokens = sum(len(c) for c in batch.completion_ids)
-        print(f"nanoseek step {step}{' (warmup)' if step < args.warmup else ''}: {t2 - t0:.2f} s "
-              f"(rollout {t1 - t0:.2f} s, update {t2 - t1:.2f} s), {n_tokens} completion tokens", file=sys.stderr)
+        print(
+            f"nanoseek step {step}{' (warmup)' if step < args.warmup else ''}: {t2 - t0:.2f} s "
+            f"(rollout {t1 - t0:.2f} s, update {t2 - t1:.2f} s), {n_tokens} completion tokens",
+            file=sys.stderr,
+        )
         if step >= args.warmup:
             step_s.append(t2 - t0)
             rollout_s.append(t1 - t0)
@@ -135,13 +151,15 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
 
 
 # ----------------------------------------------------------------------------- TRL
-def bench_trl(cfg: ModelConfig, tok_dir: Path, tokenizer: Tokenizer, rows: list[dict], args,
-              device: torch.device) -> dict:
+def bench_trl(
+    cfg: ModelConfig, tok_dir: Path, tokenizer: Tokenizer, rows: list[dict], args, device: torch.device
+) -> dict:
     try:
         import trl
     except ImportError as e:
-        print(f"note: TRL is not installed ({e}); reporting nanoseek only (pip install trl to compare)",
-              file=sys.stderr)
+        print(
+            f"note: TRL is not installed ({e}); reporting nanoseek only (pip install trl to compare)", file=sys.stderr
+        )
         return {"skipped": f"trl not installed: {e}"}
     import importlib.util
 
@@ -154,8 +172,9 @@ def bench_trl(cfg: ModelConfig, tok_dir: Path, tokenizer: Tokenizer, rows: list[
     spec.loader.exec_module(gen_bench)
     torch.manual_seed(0)
     model = gen_bench.hf_model(cfg, device, torch.float32)
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"),
-                                                  eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token)
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tok_dir / "tokenizer.json"), eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token
+    )
     model.config.pad_token_id = hf_tok.pad_token_id
     model.generation_config.pad_token_id = hf_tok.pad_token_id
     # Plain-text prompts, already chat-formatted: the same token ids nanoseek's engine is given.
@@ -181,8 +200,11 @@ def bench_trl(cfg: ModelConfig, tok_dir: Path, tokenizer: Tokenizer, rows: list[
             self.times.append(time.perf_counter() - self.start)
             self.tokens.append(sum(lengths))
             step = len(self.times) - 1
-            print(f"trl step {step}{' (warmup)' if step < args.warmup else ''}: {self.times[-1]:.2f} s, "
-                  f"{self.tokens[-1]} completion tokens", file=sys.stderr)
+            print(
+                f"trl step {step}{' (warmup)' if step < args.warmup else ''}: {self.times[-1]:.2f} s, "
+                f"{self.tokens[-1]} completion tokens",
+                file=sys.stderr,
+            )
 
     batch = args.prompts * args.samples
     with tempfile.TemporaryDirectory() as out:
@@ -215,11 +237,17 @@ def bench_trl(cfg: ModelConfig, tok_dir: Path, tokenizer: Tokenizer, rows: list[
             seed=0,
         )
         timer = StepTimer()
-        trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset,
-                                  processing_class=hf_tok, callbacks=[timer])
+        trainer = trl.GRPOTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=config,
+            train_dataset=dataset,
+            processing_class=hf_tok,
+            callbacks=[timer],
+        )
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # keep stdout for the JSON line
         trainer.train()
-    result = summarize(timer.times[args.warmup:], timer.tokens[args.warmup:])
+    result = summarize(timer.times[args.warmup :], timer.tokens[args.warmup :])
     result["version"] = trl.__version__
     result["transformers_version"] = transformers.__version__
     return result
@@ -238,8 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny smoke shape: d_model 64, 2 layers, vocab 1024, 4 prompts x 4 samples, 32 tokens")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny smoke shape: d_model 64, 2 layers, vocab 1024, 4 prompts x 4 samples, 32 tokens",
+    )
     args = p.parse_args(argv)
 
     device = pick_device(args.device)
@@ -263,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's {cfg.vocab_size}")
         results: dict = {}
         results["nanoseek"] = bench_nanoseek(cfg, tokenizer, rows, args, device)
-        results["trl"] = {"skipped": "--no-trl"} if args.no_trl else bench_trl(cfg, tok_dir, tokenizer, rows, args,
-                                                                                device)
+        results["trl"] = (
+            {"skipped": "--no-trl"} if args.no_trl else bench_trl(cfg, tok_dir, tokenizer, rows, args, device)
+        )
 
     with torch.device("meta"):
         params_m = Transformer(cfg).num_params() / 1e6
@@ -274,11 +306,23 @@ def main(argv: list[str] | None = None) -> int:
         threads=torch.get_num_threads() if device.type == "cpu" else None,
         torch=torch.__version__,
         preset=args.preset + (" (--quick shape)" if args.quick else ""),
-        shape=dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                   n_kv_heads=cfg.n_kv_heads, d_ff=cfg.d_ff, qk_norm=cfg.qk_norm, moe=cfg.is_moe),
+        shape=dict(
+            vocab_size=cfg.vocab_size,
+            d_model=cfg.d_model,
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            d_ff=cfg.d_ff,
+            qk_norm=cfg.qk_norm,
+            moe=cfg.is_moe,
+        ),
         params_m=round(params_m, 2),
-        prompts=args.prompts, samples=args.samples, max_new_tokens=args.max_new_tokens,
-        micro_batch=args.micro_batch, warmup_steps=args.warmup, timed_steps=args.steps,
+        prompts=args.prompts,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        micro_batch=args.micro_batch,
+        warmup_steps=args.warmup,
+        timed_steps=args.steps,
         prompt_tokens=[len(prompt_ids(tokenizer, r["prompt"])) for r in rows[: args.prompts]],
         **results,
     )

@@ -94,6 +94,8 @@ QUICK_HF = dict(
     head_dim=16,
     moe_intermediate_size=32,
 )
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -19,8 +19,9 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_lines(path: str | Path, title: str, ylabel: str, lines: dict[str, tuple[list[float], list[float]]],
-               logy: bool = False) -> Path | None:
+def plot_lines(
+    path: str | Path, title: str, ylabel: str, lines: dict[str, tuple[list[float], list[float]]], logy: bool = False
+) -> Path | None:
     """One PNG with a line per entry; nothing is written when every line is empty."""
     if not any(xs for xs, _ in lines.values()):
         return None
@@ -52,11 +53,22 @@ def plot_training(run_dir: str | Path, stage: str) -> list[Path]:
     """loss.png (train and validation) and, for MoE models, router_balance.png."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    out = [plot_lines(run_dir / "plots" / "loss.png", f"{stage} loss", "cross-entropy (nats/token)",
-                      {"train": series(records, "loss"), "validation": series(records, "val_loss")})]
+    out = [
+        plot_lines(
+            run_dir / "plots" / "loss.png",
+            f"{stage} loss",
+            "cross-entropy (nats/token)",
+            {"train": series(records, "loss"), "validation": series(records, "val_loss")},
+        )
+    ]
     balance = [(r["step"], max(r["max_violation"])) for r in records if r.get("max_violation")]
     if balance:
-        out.append(plot_lines(run_dir / "plots" / "router_balance.png", "router balance (worst layer)",
-                              "max load / mean load - 1", {"max violation": ([b[0] for b in balance],
-                                                                              [b[1] for b in balance])}))
+        out.append(
+            plot_lines(
+                run_dir / "plots" / "router_balance.png",
+                "router balance (worst layer)",
+                "max load / mean load - 1",
+                {"max violation": ([b[0] for b in balance], [b[1] for b in balance])},
+            )
+        )
     return [p for p in out if p is not None]

@@ -76,8 +76,9 @@ def stage_done(run_dir: Path, steps: int) -> bool:
 
 
 def eval_settings(spec: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    settings: dict[str, Any] = dict(benches=["tasks"], n_problems=200, k=4, temperature=0.6, max_new_tokens=128,
-                                    few_shot_base=3)
+    settings: dict[str, Any] = dict(
+        benches=["tasks"], n_problems=200, k=4, temperature=0.6, max_new_tokens=128, few_shot_base=3
+    )
     settings.update(spec.get("eval", {}))
     for item in overrides:
         key, _, value = item.partition("=")
@@ -87,8 +88,9 @@ def eval_settings(spec: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return settings
 
 
-def evaluate_stage(checkpoint: Path, out_dir: Path, settings: dict[str, Any], base_model: bool,
-                   quiet: bool) -> dict[str, Any]:
+def evaluate_stage(
+    checkpoint: Path, out_dir: Path, settings: dict[str, Any], base_model: bool, quiet: bool
+) -> dict[str, Any]:
     """The stage's model on the held-out benchmarks; cached in out_dir/summary.json.
 
     A pretrained (base) model has never seen the chat format: it is prompted few-shot, as
@@ -99,14 +101,23 @@ def evaluate_stage(checkpoint: Path, out_dir: Path, settings: dict[str, Any], ba
         return json.loads(summary_path.read_text())
     from nanoseek.eval.harness import evaluate_checkpoint
 
-    return evaluate_checkpoint(checkpoint, None, settings["benches"], out_dir, k=settings["k"],
-                               temperature=settings["temperature"], n_problems=settings["n_problems"],
-                               max_new_tokens=settings["max_new_tokens"],
-                               few_shot=settings["few_shot_base"] if base_model else 0, quiet=quiet)
+    return evaluate_checkpoint(
+        checkpoint,
+        None,
+        settings["benches"],
+        out_dir,
+        k=settings["k"],
+        temperature=settings["temperature"],
+        n_problems=settings["n_problems"],
+        max_new_tokens=settings["max_new_tokens"],
+        few_shot=settings["few_shot_base"] if base_model else 0,
+        quiet=quiet,
+    )
 
 
-def speedrun(preset: str = "cpu", out: str | Path = "runs/speedrun", overrides: list[str] | None = None,
-             quiet: bool = False) -> Path:
+def speedrun(
+    preset: str = "cpu", out: str | Path = "runs/speedrun", overrides: list[str] | None = None, quiet: bool = False
+) -> Path:
     from nanoseek.tasks.corpus import pretrain_texts
     from nanoseek.tokenizer import Tokenizer
     from nanoseek.train.rl import rl
@@ -136,10 +147,11 @@ def speedrun(preset: str = "cpu", out: str | Path = "runs/speedrun", overrides: 
     pt = configs["pretrain"]
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
+
         def train_tokenizer() -> None:
-            texts = pretrain_texts(min(pt.data.builtin_examples, 20000), seed=pt.train.seed,
-                                   weights=_task_weights(pt))
+            texts = pretrain_texts(min(pt.data.builtin_examples, 20000), seed=pt.train.seed, weights=_task_weights(pt))
             Tokenizer.train(texts, pt.data.vocab_size).save(tok_dir)
+
         say(f"tokenizer: vocab {pt.data.vocab_size}")
         timed("tokenizer", train_tokenizer)
     if not (out / "pretrain" / "tokenizer" / "tokenizer.json").exists():
@@ -162,8 +174,15 @@ def speedrun(preset: str = "cpu", out: str | Path = "runs/speedrun", overrides: 
     results = {}
     for stage in STAGES:
         say(f"eval: {stage} model")
-        results[stage] = timed(f"eval_{stage}", evaluate_stage, out / stage, out / "eval" / stage, settings,
-                               base_model=stage == "pretrain", quiet=quiet)
+        results[stage] = timed(
+            f"eval_{stage}",
+            evaluate_stage,
+            out / stage,
+            out / "eval" / stage,
+            settings,
+            base_model=stage == "pretrain",
+            quiet=quiet,
+        )
     report = write_report(out, results, timings, settings, preset)
     say(f"report: {report}")
     return report
@@ -175,38 +194,61 @@ def _fmt_pct(summary: dict[str, Any], key: str) -> str:
     return format_pct(summary.get(key), summary.get(f"{key}_se"))
 
 
-def write_report(out: Path, results: dict[str, dict[str, Any]], timings: dict[str, float],
-                 settings: dict[str, Any], preset: str) -> Path:
+def write_report(
+    out: Path, results: dict[str, dict[str, Any]], timings: dict[str, float], settings: dict[str, Any], preset: str
+) -> Path:
     k = settings["k"]
-    lines = [f"# nanoseek speedrun (preset `{preset}`)", "",
-             f"Held-out problems: {settings['n_problems']} per benchmark; {k} samples each at temperature "
-             f"{settings['temperature']} (the pretrained model few-shot, the others through the chat template). "
-             "Accuracy in %, ± one standard error.", ""]
+    lines = [
+        f"# nanoseek speedrun (preset `{preset}`)",
+        "",
+        f"Held-out problems: {settings['n_problems']} per benchmark; {k} samples each at temperature "
+        f"{settings['temperature']} (the pretrained model few-shot, the others through the chat template). "
+        "Accuracy in %, ± one standard error.",
+        "",
+    ]
     benches = sorted({b for res in results.values() for b in res.get("benchmarks", {})})
     for bench in benches:
-        lines += [f"## {bench}", "",
-                  f"| stage | pass@1 | pass@{k} | cons@{k} | output tokens/s | mean length (tokens) | stage time (s) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {bench}",
+            "",
+            f"| stage | pass@1 | pass@{k} | cons@{k} | output tokens/s | mean length (tokens) | stage time (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for stage, res in results.items():
             entry = res.get("benchmarks", {}).get(bench, {})
             m, speed = entry.get("metrics", {}), entry.get("speed", {})
-            lines.append(f"| {stage} | {_fmt_pct(m, 'pass@1')} | {_fmt_pct(m, f'pass@{k}')} | "
-                         f"{_fmt_pct(m, f'cons@{k}')} | {speed.get('tokens_per_s') or 0:,.0f} | "
-                         f"{speed.get('mean_response_tokens') or 0:.0f} | {timings.get(stage, 0):.0f} |")
-        groups = sorted({g for res in results.values() for g in res.get("benchmarks", {}).get(bench, {})
-                         .get("groups", {})})
+            lines.append(
+                f"| {stage} | {_fmt_pct(m, 'pass@1')} | {_fmt_pct(m, f'pass@{k}')} | "
+                f"{_fmt_pct(m, f'cons@{k}')} | {speed.get('tokens_per_s') or 0:,.0f} | "
+                f"{speed.get('mean_response_tokens') or 0:.0f} | {timings.get(stage, 0):.0f} |"
+            )
+        groups = sorted(
+            {g for res in results.values() for g in res.get("benchmarks", {}).get(bench, {}).get("groups", {})}
+        )
         if groups:
-            lines += ["", "pass@1 per task:", "", "| stage | " + " | ".join(groups) + " |",
-                      "|---|" + "---|" * len(groups)]
+            lines += [
+                "",
+                "pass@1 per task:",
+                "",
+                "| stage | " + " | ".join(groups) + " |",
+                "|---|" + "---|" * len(groups),
+            ]
             for stage, res in results.items():
                 per = res.get("benchmarks", {}).get(bench, {}).get("groups", {})
                 lines.append(f"| {stage} | " + " | ".join(_fmt_pct(per.get(g, {}), "pass@1") for g in groups) + " |")
         lines.append("")
     total = sum(timings.values())
-    lines += [f"Wall time: {total / 60:.1f} min in all (" +
-              ", ".join(f"{name} {sec:.0f} s" for name, sec in timings.items()) + ").", ""]
-    for stage, names in (("pretrain", ["loss", "router_balance"]), ("sft", ["loss"]),
-                         ("rl", ["reward", "accuracy", "length"])):
+    lines += [
+        f"Wall time: {total / 60:.1f} min in all ("
+        + ", ".join(f"{name} {sec:.0f} s" for name, sec in timings.items())
+        + ").",
+        "",
+    ]
+    for stage, names in (
+        ("pretrain", ["loss", "router_balance"]),
+        ("sft", ["loss"]),
+        ("rl", ["reward", "accuracy", "length"]),
+    ):
         for name in names:
             if (out / stage / "plots" / f"{name}.png").exists():
                 lines.append(f"![{stage} {name}]({stage}/plots/{name}.png)")

@@ -90,19 +90,25 @@ def test_truncated_is_weights_capped():
     # trainer / engine probabilities: 0.5 / 0.25 = 2, 0.2 / 0.4 = 0.5, 0.9 / 0.1 = 9 -> capped at 3.
     trainer = torch.tensor([0.5, 0.2, 0.9], dtype=F64).log()
     engine = torch.tensor([0.25, 0.4, 0.1], dtype=F64).log()
-    torch.testing.assert_close(grpo.truncated_is_weights(trainer, engine, 3.0),
-                               torch.tensor([2.0, 0.5, 3.0], dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        grpo.truncated_is_weights(trainer, engine, 3.0), torch.tensor([2.0, 0.5, 3.0], dtype=F64), rtol=0, atol=1e-12
+    )
 
 
 def test_token_logprobs_closed_form():
     # logits [0, ln 3] -> probabilities [1/4, 3/4]; at temperature 2 -> [1, sqrt 3] / (1 + sqrt 3).
     logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])
     targets = torch.tensor([[1, 0]])
-    torch.testing.assert_close(grpo.token_logprobs(logits, targets),
-                               torch.tensor([[math.log(0.75), math.log(0.25)]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        grpo.token_logprobs(logits, targets), torch.tensor([[math.log(0.75), math.log(0.25)]]), rtol=0, atol=1e-6
+    )
     r3 = math.sqrt(3.0)
-    torch.testing.assert_close(grpo.token_logprobs(logits, targets, temperature=2.0),
-                               torch.tensor([[math.log(r3 / (1 + r3)), math.log(1 / (1 + r3))]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        grpo.token_logprobs(logits, targets, temperature=2.0),
+        torch.tensor([[math.log(r3 / (1 + r3)), math.log(1 / (1 + r3))]]),
+        rtol=0,
+        atol=1e-6,
+    )
     # Entropy of [1/4, 3/4]: -(1/4 ln 1/4 + 3/4 ln 3/4).
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     torch.testing.assert_close(grpo.token_entropy(logits)[0, 0], torch.tensor(h), rtol=0, atol=1e-6)

@@ -315,13 +315,28 @@ def test_scaled_rope_llama_parity(tmp_path, variant):
 
 def test_transformers_4_style_config_fields():
     """Older config.json files: rope_theta and rope_scaling at the top level, `type` for the rope type."""
-    hf = dict(COMMON, architectures=["LlamaForCausalLM"], rope_theta=500000.0,
-              rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                            "original_max_position_embeddings": 64}, torch_dtype="bfloat16")
+    hf = dict(
+        COMMON,
+        architectures=["LlamaForCausalLM"],
+        rope_theta=500000.0,
+        rope_scaling={
+            "type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        torch_dtype="bfloat16",
+    )
     cfg = hf_config_to_model_config(hf)
     assert cfg.rope_theta == 500000.0
-    assert cfg.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    assert cfg.rope_scaling == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     del hf["architectures"]
     hf["model_type"] = "llama"  # no `architectures`: the model_type decides
     assert hf_config_to_model_config(hf) == cfg

@@ -47,9 +47,7 @@ def naive_moe(m: MoE, x: torch.Tensor) -> torch.Tensor:
             allowed[:] = False
             for g in top_groups:
                 allowed[g * size : (g + 1) * size] = True
-        ranked = sorted(
-            (i for i in range(cfg.n_routed_experts) if allowed[i]), key=lambda i: -choice[i].item()
-        )
+        ranked = sorted((i for i in range(cfg.n_routed_experts) if allowed[i]), key=lambda i: -choice[i].item())
         chosen = ranked[: cfg.top_k]
         gates = torch.stack([s[i] for i in chosen])
         if cfg.norm_topk_prob:

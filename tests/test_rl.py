@@ -71,11 +71,17 @@ class ScriptedEngine:
         for _ in prompt_ids_list:
             texts = self.script.pop(0)
             assert len(texts) == params.n
-            out.append([
-                FakeCompletion(tok.encode(t), [-1.0] * len(t), t,
-                               "length" if self.max_new_tokens and len(t) >= self.max_new_tokens else "stop")
-                for t in texts
-            ])
+            out.append(
+                [
+                    FakeCompletion(
+                        tok.encode(t),
+                        [-1.0] * len(t),
+                        t,
+                        "length" if self.max_new_tokens and len(t) >= self.max_new_tokens else "stop",
+                    )
+                    for t in texts
+                ]
+            )
         return out
 
 
@@ -106,8 +112,11 @@ def test_dynamic_sampling_drops_exactly_the_zero_variance_groups_and_refills():
     engine = ScriptedEngine([["yes", "no"], ["no", "no"], ["yes", "yes"], ["no", "yes"]])
     batch = collect(engine, CharTokenizer(), sampler, reward_set(), cfg, seed=7)
 
-    assert [c["prompts"] for c in engine.calls] == [[prompt_of(order[0]), prompt_of(order[1])],
-                                                     [prompt_of(order[2])], [prompt_of(order[3])]]
+    assert [c["prompts"] for c in engine.calls] == [
+        [prompt_of(order[0]), prompt_of(order[1])],
+        [prompt_of(order[2])],
+        [prompt_of(order[3])],
+    ]
     assert len({c["seed"] for c in engine.calls}) == 3  # each round draws fresh noise
     assert all(c["n"] == 2 for c in engine.calls)
     assert sampler.state_dict() == twin.state_dict()  # the next step continues after the refills
@@ -173,8 +182,7 @@ def test_prompt_sampler_resumes_where_it_stopped():
 # ----------------------------------------------------------------------------- the update
 def tiny_model(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    cfg = get_preset("tiny", vocab_size=128, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
-                     max_seq_len=64)
+    cfg = get_preset("tiny", vocab_size=128, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=64)
     return Transformer(cfg).train()
 
 
@@ -200,8 +208,16 @@ def test_update_micro_batches_give_the_one_piece_gradient():
         model = tiny_model()
         before = [p.detach().clone() for p in model.parameters()]
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        update(model, None, [opt], batch, adv, RLConfig(**{**cfg.__dict__, "micro_batch_size": mb}), 0.0,
-               torch.device("cpu"))
+        update(
+            model,
+            None,
+            [opt],
+            batch,
+            adv,
+            RLConfig(**{**cfg.__dict__, "micro_batch_size": mb}),
+            0.0,
+            torch.device("cpu"),
+        )
         deltas.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]))
     assert deltas[0].abs().max() > 0
     for d in deltas[1:]:
@@ -222,8 +238,9 @@ def test_update_skips_zero_advantage_samples_without_changing_the_gradient():
         reference = tiny_model()
         reference.load_state_dict(model.state_dict())
         before = [p.detach().clone() for p in model.parameters()]
-        stats = update(model, None, [torch.optim.SGD(model.parameters(), lr=1.0)], batch, adv, c, 0.0,
-                       torch.device("cpu"))
+        stats = update(
+            model, None, [torch.optim.SGD(model.parameters(), lr=1.0)], batch, adv, c, 0.0, torch.device("cpu")
+        )
         assert stats["trained_fraction"] == pytest.approx(4 / 6)
         delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
 
@@ -246,7 +263,7 @@ def test_update_statistics_are_per_token_whatever_num_iterations():
         logp, _ = sequence_logprobs(model, ids, targets, 1.0)
     for i, p in enumerate(batch.prompt_ids):
         n = len(batch.completion_ids[i])
-        batch.engine_logprobs[i] = logp[i, len(p) - 1:len(p) - 1 + n].tolist()
+        batch.engine_logprobs[i] = logp[i, len(p) - 1 : len(p) - 1 + n].tolist()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stats = update(model, None, [opt], batch, grpo.group_advantages(batch.rewards, 2), cfg, 1.0, torch.device("cpu"))
     assert stats["is_weight"] == pytest.approx(1.0, abs=1e-5)
@@ -263,9 +280,12 @@ def test_raising_and_hanging_rewards_are_contained_during_an_rl_step():
     #           fails only on "a BAD"                          -> [0, 0.5, 0.5, 0.5], 1 warning
     #   hanger: 0.25 each, sleeps on any batch with HANG       -> timeout: all 4 get 0, 4 warnings
     # totals [1, 1.5, 0.5, 0.5].
-    rs = (RewardSet().add("has_a", fixture("has_a"), 1.0)
-          .add("raiser", fixture("raise_on_bad"), 1.0)
-          .add("hanger", fixture("sleep_on_hang"), 1.0, timeout_s=1.0))
+    rs = (
+        RewardSet()
+        .add("has_a", fixture("has_a"), 1.0)
+        .add("raiser", fixture("raise_on_bad"), 1.0)
+        .add("hanger", fixture("sleep_on_hang"), 1.0, timeout_s=1.0)
+    )
     try:
         assert all(t.isolated for t in rs.terms)
         cfg = RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=8)
@@ -280,8 +300,11 @@ def test_raising_and_hanging_rewards_are_contained_during_an_rl_step():
         assert time.perf_counter() - t0 < 30
     finally:
         rs.close()
-    assert batch.per_function == {"has_a": [1.0, 1.0, 0.0, 0.0], "raiser": [0.0, 0.5, 0.5, 0.5],
-                                  "hanger": [0.0, 0.0, 0.0, 0.0]}
+    assert batch.per_function == {
+        "has_a": [1.0, 1.0, 0.0, 0.0],
+        "raiser": [0.0, 0.5, 0.5, 0.5],
+        "hanger": [0.0, 0.0, 0.0, 0.0],
+    }
     assert batch.rewards.tolist() == [1.0, 1.5, 0.5, 0.5]
     assert dict(rs.warnings) == {"raiser:raised:RuntimeError": 1, "hanger:timeout": 4}
     assert stats["loss"] == stats["loss"] and stats["grad_norm"] > 0  # a finite step was taken
@@ -296,8 +319,7 @@ def tiny_checkpoint(directory: Path) -> Path:
 
     tokenizer = Tokenizer.train(pretrain_texts(200, seed=0), 300)
     torch.manual_seed(0)
-    cfg = get_preset("tiny-moe", vocab_size=320, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, moe_d_ff=16,
-                     n_layers=2)
+    cfg = get_preset("tiny-moe", vocab_size=320, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, moe_d_ff=16, n_layers=2)
     save_model(Transformer(cfg), directory)
     tokenizer.save(directory)
     return directory
@@ -306,8 +328,15 @@ def tiny_checkpoint(directory: Path) -> Path:
 def rl_run() -> RunConfig:
     cfg = RunConfig(preset="tiny-moe")
     cfg.train = TrainConfig(steps=4, warmup_steps=1, lr=1e-2, checkpoint_every=100, seed=0, device="cpu")
-    cfg.rl = RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=8, eval_problems=4, eval_samples=1,
-                      rewards=f"{fixture('char_code_reward')}=1.0", micro_batch_size=2)
+    cfg.rl = RLConfig(
+        prompts_per_step=2,
+        group_size=2,
+        max_new_tokens=8,
+        eval_problems=4,
+        eval_samples=1,
+        rewards=f"{fixture('char_code_reward')}=1.0",
+        micro_batch_size=2,
+    )
     return cfg
 
 

@@ -59,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"nanoseek convert: {e}")
         return 1
     what = "nanoseek checkpoint" if args.from_hf else f"Hugging Face {model_arch(model)} model"
-    print(f"wrote {what} to {out} ({model.num_params() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}"
-          f"{', tokenizer: ' + ', '.join(copied) if copied else ', no tokenizer'})")
+    print(
+        f"wrote {what} to {out} ({model.num_params() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}"
+        f"{', tokenizer: ' + ', '.join(copied) if copied else ', no tokenizer'})"
+    )
     return 0
 
 

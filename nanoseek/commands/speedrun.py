@@ -1,8 +1,8 @@
 """`nanoseek speedrun`: tokenizer, pretraining, SFT, RL and evaluation in one resumable command.
 
-    nanoseek speedrun                          # preset cpu: ~20 minutes on 2 CPU cores
-    nanoseek speedrun --preset gpu --out runs/gpu
-    nanoseek speedrun --set rl.train.steps=100 --set eval.k=8
+nanoseek speedrun                          # preset cpu: ~20 minutes on 2 CPU cores
+nanoseek speedrun --preset gpu --out runs/gpu
+nanoseek speedrun --set rl.train.steps=100 --set eval.k=8
 """
 
 from __future__ import annotations
@@ -13,8 +13,14 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu", help="cpu (default), gpu, or a speedrun .toml file")
     p.add_argument("--out", default="runs/speedrun", metavar="RUN_DIR", help="run directory (default: runs/speedrun)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.SECTION.FIELD=VALUE",
-                   help="override a stage setting, e.g. --set sft.train.steps=100 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STAGE.SECTION.FIELD=VALUE",
+        help="override a stage setting, e.g. --set sft.train.steps=100 (repeatable)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

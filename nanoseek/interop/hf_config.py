@@ -107,8 +107,12 @@ def _rope(hf: dict[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | Non
         scaling["original_max_position_embeddings"] = int(original or max_pos)
     if kind == "yarn" and scaling.get("factor") is None:
         scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
-    needed = {"linear": ["factor"], "dynamic": ["factor"], "yarn": ["factor"],
-              "llama3": ["factor", "low_freq_factor", "high_freq_factor"]}[kind]
+    needed = {
+        "linear": ["factor"],
+        "dynamic": ["factor"],
+        "yarn": ["factor"],
+        "llama3": ["factor", "low_freq_factor", "high_freq_factor"],
+    }[kind]
     for name in needed:
         if scaling.get(name) is None:
             raise HFConfigError(f"config.json: {field}.{name} is required for rope_type {kind!r}")
@@ -123,9 +127,12 @@ def _moe_suffix(hf: dict[str, Any], n_layers: int) -> int:
     k = moe[0] if moe else n_layers
     if moe != list(range(k, n_layers)):
         name = "decoder_sparse_step" if step != 1 else "mlp_only_layers"
-        raise _refuse(name, step if step != 1 else sorted(only),
-                      f"MoE layers {moe} are not a suffix of the {n_layers} layers (nanoseek models have "
-                      "dense layers first, then MoE layers: first_k_dense)")
+        raise _refuse(
+            name,
+            step if step != 1 else sorted(only),
+            f"MoE layers {moe} are not a suffix of the {n_layers} layers (nanoseek models have "
+            "dense layers first, then MoE layers: first_k_dense)",
+        )
     return k
 
 
@@ -134,8 +141,11 @@ def hf_config_to_model_config(hf: dict[str, Any]) -> ModelConfig:
     arch = architecture_of(hf)
     family = ARCHITECTURES[arch]
     if hf.get("quantization_config"):
-        raise _refuse("quantization_config", hf["quantization_config"].get("quant_method", "?"),
-                      "quantized checkpoints (dequantize to bf16 first)")
+        raise _refuse(
+            "quantization_config",
+            hf["quantization_config"].get("quant_method", "?"),
+            "quantized checkpoints (dequantize to bf16 first)",
+        )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise _refuse("hidden_act", act, "nanoseek MLPs are SwiGLU (silu)")
@@ -190,8 +200,12 @@ def hf_config_to_model_config(hf: dict[str, Any]) -> ModelConfig:
         if first_dense < n_layers and n_experts > 0:
             n_groups, topk_groups = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
             if n_experts % n_groups or n_experts // n_groups < 2:
-                raise _refuse("n_group", n_groups, "transformers ranks each group by its best two experts, so "
-                              "n_routed_experts / n_group must be an integer >= 2")
+                raise _refuse(
+                    "n_group",
+                    n_groups,
+                    "transformers ranks each group by its best two experts, so "
+                    "n_routed_experts / n_group must be an integer >= 2",
+                )
             c.update(
                 n_routed_experts=n_experts,
                 n_shared_experts=int(hf.get("n_shared_experts", 1) or 0),
@@ -265,6 +279,7 @@ def _dynamic_max_pos(cfg: ModelConfig) -> int:
 
 def pick_architecture(cfg: ModelConfig) -> str:
     """The transformers architecture that computes exactly what `cfg` computes, or an error saying why none does."""
+
     def no(why: str) -> HFConfigError:
         return HFConfigError(f"no transformers architecture matches this model: {why}")
 
@@ -286,14 +301,18 @@ def pick_architecture(cfg: ModelConfig) -> str:
             return "Qwen3ForCausalLM"
         return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
     if cfg.score_func != "softmax" or cfg.n_groups != 1 or cfg.routed_scaling_factor != 1.0:
-        raise no("Qwen-MoE routers are plain softmax top-k (score_func='softmax', n_groups=1, "
-                 "routed_scaling_factor=1); sigmoid/grouped GQA-MoE has no transformers counterpart")
+        raise no(
+            "Qwen-MoE routers are plain softmax top-k (score_func='softmax', n_groups=1, "
+            "routed_scaling_factor=1); sigmoid/grouped GQA-MoE has no transformers counterpart"
+        )
     if cfg.qk_norm and cfg.shared_hidden == 0:
         return "Qwen3MoeForCausalLM"
     if not cfg.qk_norm and cfg.shared_hidden > 0 and cfg.shared_expert_gate:
         return "Qwen2MoeForCausalLM"
-    raise no("GQA-MoE maps to Qwen3-MoE (qk_norm, no shared expert) or Qwen2-MoE (no qk_norm, one "
-             "sigmoid-gated shared expert)")
+    raise no(
+        "GQA-MoE maps to Qwen3-MoE (qk_norm, no shared expert) or Qwen2-MoE (no qk_norm, one "
+        "sigmoid-gated shared expert)"
+    )
 
 
 def model_config_to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
@@ -364,4 +383,3 @@ def model_config_to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[
     if family != "llama":
         hf["use_sliding_window"] = False
     return hf
-

@@ -175,8 +175,12 @@ def plan(cfg: ModelConfig, arch: str, hf_config: dict, fused_layers: set[int] = 
                 q = [("wq_a", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("wq_b", "q_b_proj")]
             else:
                 q = [("wq", "q_proj")]
-            kv = [("wkv_a", "kv_a_proj_with_mqa"), ("kv_norm", "kv_a_layernorm"), ("wkv_b", "kv_b_proj"),
-                  ("wo", "o_proj")]
+            kv = [
+                ("wkv_a", "kv_a_proj_with_mqa"),
+                ("kv_norm", "kv_a_layernorm"),
+                ("wkv_b", "kv_b_proj"),
+                ("wo", "o_proj"),
+            ]
             pairs += [(f"attn.{ours}.weight", f"self_attn.{theirs}.weight") for ours, theirs in q + kv]
         else:
             for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
@@ -193,23 +197,30 @@ def plan(cfg: ModelConfig, arch: str, hf_config: dict, fused_layers: set[int] = 
                 pairs.append(("mlp.router.e_score_correction_bias", "mlp.gate.e_score_correction_bias"))
             if cfg.shared_hidden > 0:
                 shared = "mlp.shared_experts." if arch == "DeepseekV3ForCausalLM" else "mlp.shared_expert."
-                pairs += [("mlp.shared.w1.weight", shared + "gate_proj.weight"),
-                          ("mlp.shared.w3.weight", shared + "up_proj.weight"),
-                          ("mlp.shared.w2.weight", shared + "down_proj.weight")]
+                pairs += [
+                    ("mlp.shared.w1.weight", shared + "gate_proj.weight"),
+                    ("mlp.shared.w3.weight", shared + "up_proj.weight"),
+                    ("mlp.shared.w2.weight", shared + "down_proj.weight"),
+                ]
             if cfg.shared_expert_gate:
                 pairs.append(("mlp.shared_gate.weight", "mlp.shared_expert_gate.weight"))
             experts = range(cfg.n_routed_experts)
             if i in fused_layers:
-                links += [Link(o + "mlp.w1", [h + "mlp.experts.gate_up_proj"], "fused_gate"),
-                          Link(o + "mlp.w3", [h + "mlp.experts.gate_up_proj"], "fused_up"),
-                          Link(o + "mlp.w2", [h + "mlp.experts.down_proj"])]
+                links += [
+                    Link(o + "mlp.w1", [h + "mlp.experts.gate_up_proj"], "fused_gate"),
+                    Link(o + "mlp.w3", [h + "mlp.experts.gate_up_proj"], "fused_up"),
+                    Link(o + "mlp.w2", [h + "mlp.experts.down_proj"]),
+                ]
             else:
                 for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                     names = [f"{h}mlp.experts.{e}.{theirs}.weight" for e in experts]
                     links.append(Link(o + f"mlp.{ours}", names, "experts"))
         else:
-            pairs += [("mlp.w1.weight", "mlp.gate_proj.weight"), ("mlp.w3.weight", "mlp.up_proj.weight"),
-                      ("mlp.w2.weight", "mlp.down_proj.weight")]
+            pairs += [
+                ("mlp.w1.weight", "mlp.gate_proj.weight"),
+                ("mlp.w3.weight", "mlp.up_proj.weight"),
+                ("mlp.w2.weight", "mlp.down_proj.weight"),
+            ]
         for ours, theirs in pairs:
             link = Link(o + ours, [h + theirs])
             if interleaved and ours in ("attn.wq.weight", "attn.wq_b.weight"):
@@ -247,10 +258,14 @@ def check(p: Plan, our_shapes: dict[str, tuple[int, ...]], reader: SafetensorsDi
     want.update(dict(p.zeros))
     have = reader.names()
     missing = sorted(set(want) - have)
-    unexpected = sorted(n for n in have - set(want)
-                        if not p.ignorable.search(n) and 0 not in reader.shape[n])  # empty tensors are harmless
-    bad_shape = sorted(f"{n} {list(reader.shape[n])} (expected {list(s)})"
-                       for n, s in want.items() if n in have and reader.shape[n] != s)
+    unexpected = sorted(
+        n for n in have - set(want) if not p.ignorable.search(n) and 0 not in reader.shape[n]
+    )  # empty tensors are harmless
+    bad_shape = sorted(
+        f"{n} {list(reader.shape[n])} (expected {list(s)})"
+        for n, s in want.items()
+        if n in have and reader.shape[n] != s
+    )
     problems = []
     if missing:
         problems.append(f"missing tensors: {_listing(missing)}")
@@ -269,8 +284,9 @@ def fused_expert_layers(names: set[str]) -> set[int]:
 # ----------------------------------------------------------------------------- load
 
 
-def load_tensor(link: Link, reader: SafetensorsDir, shape: tuple[int, ...], device: torch.device,
-                dtype: torch.dtype) -> Tensor:
+def load_tensor(
+    link: Link, reader: SafetensorsDir, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """Our tensor for `link`, built straight on `device` in `dtype` (one stored tensor in flight at a time)."""
     if link.ours.endswith("e_score_correction_bias"):
         dtype = torch.float32  # a selection-only bias: bf16 would reorder near-tied experts (transformers keeps fp32)

@@ -167,9 +167,7 @@ class ModelConfig:
                 "top_k",
                 "<= the number of experts in the topk_groups allowed groups",
             )
-            need(
-                0 <= self.first_k_dense <= self.n_layers, "first_k_dense", f"in [0, n_layers={self.n_layers}]"
-            )
+            need(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", f"in [0, n_layers={self.n_layers}]")
             need(self.routed_scaling_factor > 0, "routed_scaling_factor", "> 0")
             need(self.bias_update_rate >= 0, "bias_update_rate", ">= 0")
             need(self.aux_loss_coef >= 0, "aux_loss_coef", ">= 0")

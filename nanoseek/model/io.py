@@ -53,9 +53,7 @@ def load_model(
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(
-            f"{directory / 'model.safetensors'}: missing tensors {missing}, unexpected {unexpected}"
-        )
+        raise ValueError(f"{directory / 'model.safetensors'}: missing tensors {missing}, unexpected {unexpected}")
     # The routers' selection bias stays float32: bf16 would round away its small balancing steps.
     state = {
         k: v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v

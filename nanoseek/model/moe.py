@@ -211,9 +211,7 @@ class MoE(nn.Module):
         B = shape[0] if len(shape) == 3 else 1
         T = expert_ids.shape[0] // B
         chosen = (
-            torch.zeros(B * T, E, device=scores.device, dtype=scores.dtype)
-            .scatter_(1, expert_ids, 1.0)
-            .view(B, T, E)
+            torch.zeros(B * T, E, device=scores.device, dtype=scores.dtype).scatter_(1, expert_ids, 1.0).view(B, T, E)
         )
         f = chosen.sum(1) * E / (k * T)  # [B, E]
         p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # [B, E]

@@ -23,9 +23,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_frequencies(
-    base: float, dim: int, scaling: dict[str, Any] | None, max_position: int
-) -> tuple[Tensor, float]:
+def rope_frequencies(base: float, dim: int, scaling: dict[str, Any] | None, max_position: int) -> tuple[Tensor, float]:
     """Inverse frequencies [dim/2] (float64) and the attention scaling factor applied to cos/sin.
 
     `scaling` is a Hugging Face `rope_scaling` dict or None; `max_position` is the
@@ -55,8 +53,11 @@ def rope_frequencies(
         attn = scaling.get("attention_factor")
         mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
         if attn is None:
-            attn = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
-                    if mscale and mscale_all else _yarn_mscale(factor))
+            attn = (
+                _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+                if mscale and mscale_all
+                else _yarn_mscale(factor)
+            )
         beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
 
         def correction_dim(rotations: float) -> float:

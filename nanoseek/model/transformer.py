@@ -191,8 +191,11 @@ class Transformer(nn.Module):
         for module in self.modules():
             for name, buf in module.named_buffers(recurse=False):
                 if buf.is_meta:
-                    module.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype, device=device),
-                                           persistent=name not in module._non_persistent_buffers_set)
+                    module.register_buffer(
+                        name,
+                        torch.zeros(buf.shape, dtype=buf.dtype, device=device),
+                        persistent=name not in module._non_persistent_buffers_set,
+                    )
 
     # --- forward ---
     def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

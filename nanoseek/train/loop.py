@@ -30,8 +30,16 @@ from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
 # Dense bf16 peak FLOP/s by device-name substring; the first match wins, so variants precede their family.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
-              "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "4090": 165e12,
+}
 
 
 class BatchStream(Protocol):
@@ -71,12 +79,11 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def batch_loss(loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], batch: dict[str, torch.Tensor]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(
+    loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy over target tokens, MoE aux loss); loss_fn is `model.loss` or its compiled form."""
-    return loss_fn(
-        batch["input_ids"], batch["targets"], batch.get("positions"), batch.get("doc_ids"), reduction="sum"
-    )
+    return loss_fn(batch["input_ids"], batch["targets"], batch.get("positions"), batch.get("doc_ids"), reduction="sum")
 
 
 @torch.no_grad()

@@ -43,10 +43,22 @@ def rl_defaults() -> RunConfig:
     from nanoseek.config import RLConfig, TrainConfig
 
     return RunConfig(
-        train=TrainConfig(steps=60, optimizer="adamw", lr=1e-4, warmup_steps=5, schedule="constant",
-                          checkpoint_every=20, weight_decay=0.0),
-        rl=RLConfig(prompts_per_step=64, group_size=8, temperature=0.7, tasks="countdown,linear_equation,arithmetic",
-                    difficulty={"arithmetic": {"ops": ["*"]}}),
+        train=TrainConfig(
+            steps=60,
+            optimizer="adamw",
+            lr=1e-4,
+            warmup_steps=5,
+            schedule="constant",
+            checkpoint_every=20,
+            weight_decay=0.0,
+        ),
+        rl=RLConfig(
+            prompts_per_step=64,
+            group_size=8,
+            temperature=0.7,
+            tasks="countdown,linear_equation,arithmetic",
+            difficulty={"arithmetic": {"ops": ["*"]}},
+        ),
     )
 
 
@@ -66,8 +78,9 @@ def parse_weights(spec: str) -> dict[str, float]:
 def task_rows(cfg: RLConfig, n: int, split: str, seed: int) -> list[dict[str, Any]]:
     from nanoseek.tasks.corpus import task_mixture
 
-    examples = task_mixture(n, split=split, seed=seed, weights=parse_weights(cfg.tasks),
-                            difficulty=cfg.difficulty or None)
+    examples = task_mixture(
+        n, split=split, seed=seed, weights=parse_weights(cfg.tasks), difficulty=cfg.difficulty or None
+    )
     return [dict(e.to_dict(), id=f"{e.task}-{i}", group=e.task) for i, e in enumerate(examples)]
 
 
@@ -153,11 +166,13 @@ class Rollouts:
 def rollout(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int) -> dict[str, Any]:
     """Sample G completions for each prompt row; flat per-sample lists."""
     ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            n=cfg.group_size, seed=seed)
+    params = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.group_size, seed=seed
+    )
     outputs = engine.generate(ids, params)
-    flat: dict[str, list] = {k: [] for k in ("rows", "prompt_ids", "completion_ids", "engine_logprobs", "texts",
-                                             "truncated")}
+    flat: dict[str, list] = {
+        k: [] for k in ("rows", "prompt_ids", "completion_ids", "engine_logprobs", "texts", "truncated")
+    }
     for row, p_ids, completions in zip(rows, ids, outputs):
         if any(c.finish_reason == "error" for c in completions):
             raise ValueError(f"prompt {row.get('id')}: {completions[0].error}")
@@ -187,8 +202,9 @@ def score(flat: dict[str, Any], reward_set: RewardSet, cfg: RLConfig) -> dict[st
     return dict(rewards=rewards, per_function=result.per_function, correct=correct, warnings=dict(result.warnings))
 
 
-def collect(engine: Engine, tokenizer: Any, sampler: PromptSampler, reward_set: RewardSet, cfg: RLConfig,
-            seed: int) -> Rollouts:
+def collect(
+    engine: Engine, tokenizer: Any, sampler: PromptSampler, reward_set: RewardSet, cfg: RLConfig, seed: int
+) -> Rollouts:
     """One step's rollouts; with dynamic sampling, zero-variance groups are dropped and refilled."""
     G, P = cfg.group_size, cfg.prompts_per_step
     kept: dict[str, list] = {}
@@ -221,21 +237,33 @@ def collect(engine: Engine, tokenizer: Any, sampler: PromptSampler, reward_set: 
             if key == "per_function":
                 for name, v in values.items():
                     kept.setdefault("per_function", {}).setdefault(name, []).extend(
-                        x for g in keep_groups for x in v[g * G:(g + 1) * G])
+                        x for g in keep_groups for x in v[g * G : (g + 1) * G]
+                    )
             else:
-                kept.setdefault(key, []).extend(x for g in keep_groups for x in values[g * G:(g + 1) * G])
+                kept.setdefault(key, []).extend(x for g in keep_groups for x in values[g * G : (g + 1) * G])
     return Rollouts(
-        rows=kept["rows"], prompt_ids=kept["prompt_ids"], completion_ids=kept["completion_ids"],
-        engine_logprobs=kept["engine_logprobs"], texts=kept["texts"], truncated=kept["truncated"],
-        rewards=torch.tensor(kept["rewards"], dtype=torch.float32), per_function=kept["per_function"],
-        correct=kept["correct"], groups_generated=generated, zero_variance_fraction=zero_var / max(generated, 1),
-        sampled_reward=reward_sum / max(n_samples, 1), sampled_accuracy=n_correct / max(n_samples, 1),
-        sampled_tokens=n_tokens, reward_warnings=warnings)
+        rows=kept["rows"],
+        prompt_ids=kept["prompt_ids"],
+        completion_ids=kept["completion_ids"],
+        engine_logprobs=kept["engine_logprobs"],
+        texts=kept["texts"],
+        truncated=kept["truncated"],
+        rewards=torch.tensor(kept["rewards"], dtype=torch.float32),
+        per_function=kept["per_function"],
+        correct=kept["correct"],
+        groups_generated=generated,
+        zero_variance_fraction=zero_var / max(generated, 1),
+        sampled_reward=reward_sum / max(n_samples, 1),
+        sampled_accuracy=n_correct / max(n_samples, 1),
+        sampled_tokens=n_tokens,
+        reward_warnings=warnings,
+    )
 
 
 # ----------------------------------------------------------------------------- update
-def pack_sequences(prompt: list[list[int]], completion: list[list[int]], device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_sequences(
+    prompt: list[list[int]], completion: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded [n, L] prompt+completion ids, next-token targets, and the completion mask."""
     n = len(prompt)
     length = max(len(p) + len(c) for p, c in zip(prompt, completion))
@@ -244,14 +272,15 @@ def pack_sequences(prompt: list[list[int]], completion: list[list[int]], device:
     mask = torch.zeros(n, length)
     for i, (p, c) in enumerate(zip(prompt, completion)):
         seq = p + c
-        ids[i, :len(seq)] = torch.tensor(seq)
-        targets[i, :len(seq) - 1] = torch.tensor(seq[1:])
-        mask[i, len(p) - 1:len(seq) - 1] = 1.0  # position t predicts token t + 1: the completion tokens
+        ids[i, : len(seq)] = torch.tensor(seq)
+        targets[i, : len(seq) - 1] = torch.tensor(seq[1:])
+        mask[i, len(p) - 1 : len(seq) - 1] = 1.0  # position t predicts token t + 1: the completion tokens
     return ids.to(device), targets.to(device), mask.to(device)
 
 
-def sequence_logprobs(model: Transformer, ids: torch.Tensor, targets: torch.Tensor, temperature: float,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sequence_logprobs(
+    model: Transformer, ids: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     logits = model(ids)
     logp = grpo.token_logprobs(logits, targets, temperature)
     entropy = None
@@ -261,9 +290,16 @@ def sequence_logprobs(model: Transformer, ids: torch.Tensor, targets: torch.Tens
     return logp, entropy
 
 
-def update(model: Transformer, ref_model: Transformer | None, optimizers: list[torch.optim.Optimizer],
-           batch: Rollouts, advantages: torch.Tensor, cfg: RLConfig, grad_clip: float, device: torch.device
-           ) -> dict[str, float]:
+def update(
+    model: Transformer,
+    ref_model: Transformer | None,
+    optimizers: list[torch.optim.Optimizer],
+    batch: Rollouts,
+    advantages: torch.Tensor,
+    cfg: RLConfig,
+    grad_clip: float,
+    device: torch.device,
+) -> dict[str, float]:
     """num_iterations passes of clipped policy-gradient updates over the batch; returns statistics.
 
     A sample whose advantage is zero adds nothing to the loss or its gradient (and, without a KL
@@ -277,21 +313,23 @@ def update(model: Transformer, ref_model: Transformer | None, optimizers: list[t
         active = list(range(n))
     else:
         active = [i for i in range(n) if float(advantages[i]) != 0.0]
-    chunks = [active[i:i + mb] for i in range(0, len(active), mb)]
+    chunks = [active[i : i + mb] for i in range(0, len(active), mb)]
     packed = []
     for idx in chunks:
-        ids, targets, mask = pack_sequences([batch.prompt_ids[i] for i in idx],
-                                            [batch.completion_ids[i] for i in idx], device)
+        ids, targets, mask = pack_sequences(
+            [batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx], device
+        )
         if cfg.overlong == "mask":
             keep = torch.tensor([0.0 if batch.truncated[i] else 1.0 for i in idx], device=device)
             mask = mask * keep[:, None]
         engine_lp = torch.zeros_like(mask)
         for row, i in enumerate(idx):
             start = len(batch.prompt_ids[i]) - 1
-            engine_lp[row, start:start + len(batch.engine_logprobs[i])] = torch.tensor(batch.engine_logprobs[i])
+            engine_lp[row, start : start + len(batch.engine_logprobs[i])] = torch.tensor(batch.engine_logprobs[i])
         packed.append((idx, ids, targets, mask, engine_lp))
-    total_tokens = float(sum(len(c) for i, c in enumerate(batch.completion_ids)
-                             if not (cfg.overlong == "mask" and batch.truncated[i])))
+    total_tokens = float(
+        sum(len(c) for i, c in enumerate(batch.completion_ids) if not (cfg.overlong == "mask" and batch.truncated[i]))
+    )
     norm = grpo.AggregationNorm(max(total_tokens, 1.0), n, cfg.max_new_tokens)
 
     # The policy that produced the batch, as the trainer computes it (and the reference, if any).
@@ -317,9 +355,18 @@ def update(model: Transformer, ref_model: Transformer | None, optimizers: list[t
                 old_k = old[k] if old[k] is not None else logp.detach()
                 is_w = grpo.truncated_is_weights(old_k, engine_lp, cfg.tis_cap) if cfg.tis_cap > 0 else None
                 parts = grpo.policy_loss(
-                    logp, old_k, advantages[idx].to(device), mask, norm, epsilon_low=cfg.epsilon_low,
-                    epsilon_high=cfg.epsilon_high, loss_agg=cfg.loss_agg, ref_logp=ref[k] if ref else None,
-                    beta=cfg.beta, is_weights=is_w)
+                    logp,
+                    old_k,
+                    advantages[idx].to(device),
+                    mask,
+                    norm,
+                    epsilon_low=cfg.epsilon_low,
+                    epsilon_high=cfg.epsilon_high,
+                    loss_agg=cfg.loss_agg,
+                    ref_logp=ref[k] if ref else None,
+                    beta=cfg.beta,
+                    is_weights=is_w,
+                )
                 loss = parts.loss + model.aux_loss() / len(packed)
             loss.backward()
             stats["loss"] += float(parts.loss.detach())
@@ -340,30 +387,43 @@ def update(model: Transformer, ref_model: Transformer | None, optimizers: list[t
     # has no KL term); entropy and the IS weight are means over the tokens that were trained on.
     per_tok, trained = max(total_tokens, 1.0), max(float(sum(p[3].sum() for p in packed)), 1.0)
     iters = cfg.num_iterations
-    return dict(loss=stats["loss"] / iters, clip_low=stats["clip_low"] / (per_tok * iters),
-                clip_high=stats["clip_high"] / (per_tok * iters), kl=stats["kl"] / (per_tok * iters),
-                entropy=stats["entropy"] / trained, grad_norm=stats["grad_norm"],
-                is_weight=stats["is_weight"] / (trained * iters) if cfg.tis_cap > 0 else 1.0,
-                trained_fraction=len(active) / max(n, 1))
+    return dict(
+        loss=stats["loss"] / iters,
+        clip_low=stats["clip_low"] / (per_tok * iters),
+        clip_high=stats["clip_high"] / (per_tok * iters),
+        kl=stats["kl"] / (per_tok * iters),
+        entropy=stats["entropy"] / trained,
+        grad_norm=stats["grad_norm"],
+        is_weight=stats["is_weight"] / (trained * iters) if cfg.tis_cap > 0 else 1.0,
+        trained_fraction=len(active) / max(n, 1),
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int
-             ) -> dict[str, Any]:
+def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int) -> dict[str, Any]:
     """pass@1 over k samples on held-out rows, overall and per task."""
+
     def grade(row: dict[str, Any], text: str) -> tuple[bool, str | None]:
         from nanoseek.rewards import extract_boxed
 
         return task_reward([row["prompt"]], [text], [row])[0] >= 1.0, extract_boxed(text)
 
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
-                            top_p=cfg.eval_top_p if cfg.eval_temperature > 0 else 1.0, n=cfg.eval_samples,
-                            seed=seed)
+    params = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.eval_temperature,
+        top_p=cfg.eval_top_p if cfg.eval_temperature > 0 else 1.0,
+        n=cfg.eval_samples,
+        seed=seed,
+    )
     records, wall = run_problems(engine, tokenizer, rows, grade, params)
     summary = summarize_records(records, ks=[1, cfg.eval_samples])
     tokens = sum(s.tokens for r in records for s in r.samples)
-    return dict(accuracy={g: v["pass@1"] for g, v in summary.items()}, detail=summary, wall_s=wall,
-                tokens_per_s=tokens / max(wall, 1e-9))
+    return dict(
+        accuracy={g: v["pass@1"] for g, v in summary.items()},
+        detail=summary,
+        wall_s=wall,
+        tokens_per_s=tokens / max(wall, 1e-9),
+    )
 
 
 def _print_eval_table(before: dict[str, float], after: dict[str, float], file=sys.stderr) -> None:
@@ -374,17 +434,25 @@ def _print_eval_table(before: dict[str, float], after: dict[str, float], file=sy
 
 
 # ----------------------------------------------------------------------------- the run
-def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, resume: bool = False, quiet: bool = False,
-       stop_at: int | None = None) -> dict[str, Any]:
+def rl(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    checkpoint: str | Path,
+    resume: bool = False,
+    quiet: bool = False,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(run_config_to_toml(cfg))
     t, r = cfg.train, cfg.rl
     if r.prompts_per_step < 1 or r.group_size < 2:
         raise ValueError("rl.prompts_per_step must be >= 1 and rl.group_size >= 2 (advantages are relative)")
-    for name, value, allowed in (("scale_rewards", r.scale_rewards, grpo.REWARD_SCALINGS),
-                                 ("loss_agg", r.loss_agg, grpo.LOSS_AGGREGATIONS),
-                                 ("overlong", r.overlong, ("none", "mask", "soft"))):
+    for name, value, allowed in (
+        ("scale_rewards", r.scale_rewards, grpo.REWARD_SCALINGS),
+        ("loss_agg", r.loss_agg, grpo.LOSS_AGGREGATIONS),
+        ("overlong", r.overlong, ("none", "mask", "soft")),
+    ):
         if value not in allowed:
             raise ValueError(f"rl.{name} = {value!r}: must be one of {', '.join(allowed)}")
     torch.manual_seed(t.seed)
@@ -407,8 +475,12 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, resume: bool
         eval_rows = task_rows(r, r.eval_problems, "test", t.seed + 1)
     sampler = PromptSampler(train_rows, t.seed)
     max_prompt = max(len(prompt_ids(tokenizer, row["prompt"])) for row in train_rows + eval_rows)
-    engine = Engine(model, tokenizer, max_batch=max(r.prompts_per_step * r.group_size, 8),
-                    max_seq_len=min(model.cfg.max_seq_len, max_prompt + r.max_new_tokens + 8))
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=max(r.prompts_per_step * r.group_size, 8),
+        max_seq_len=min(model.cfg.max_seq_len, max_prompt + r.max_new_tokens + 8),
+    )
 
     start, before = 0, None
     ckpt = find_resume_checkpoint(run_dir) if resume else None
@@ -443,12 +515,20 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, resume: bool
 
         lengths = torch.tensor([len(c) for c in batch.completion_ids], dtype=torch.float32)
         record: dict[str, Any] = dict(
-            step=done, reward=batch.sampled_reward, reward_std=float(batch.rewards.std()),
-            accuracy=batch.sampled_accuracy, zero_variance_groups=batch.zero_variance_fraction,
-            length_mean=float(lengths.mean()), length_max=int(lengths.max()),
-            truncation_rate=sum(batch.truncated) / len(batch.truncated), lr=optimizers[0].param_groups[0]["lr"],
-            time_rollout=t_rollout, time_update=t_update, rollout_tokens_per_s=batch.sampled_tokens / t_rollout,
-            **upd)
+            step=done,
+            reward=batch.sampled_reward,
+            reward_std=float(batch.rewards.std()),
+            accuracy=batch.sampled_accuracy,
+            zero_variance_groups=batch.zero_variance_fraction,
+            length_mean=float(lengths.mean()),
+            length_max=int(lengths.max()),
+            truncation_rate=sum(batch.truncated) / len(batch.truncated),
+            lr=optimizers[0].param_groups[0]["lr"],
+            time_rollout=t_rollout,
+            time_update=t_update,
+            rollout_tokens_per_s=batch.sampled_tokens / t_rollout,
+            **upd,
+        )
         if batch.reward_warnings:
             record["reward_warnings"] = batch.reward_warnings
         for name, values in batch.per_function.items():
@@ -461,11 +541,21 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, resume: bool
         log.write(record)
         interrupted = stop_at is not None and done >= stop_at and done < t.steps
         if done % t.checkpoint_every == 0 or done == t.steps or interrupted:
-            save_checkpoint(run_dir, done, model, optimizers, tokenizer,
-                            {"sampler": sampler.state_dict(), "before": before, "stage": "rl"},
-                            keep=t.keep_checkpoints)
-        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{100 * record['accuracy']:.0f}%",
-                        len=f"{record['length_mean']:.0f}", refresh=False)
+            save_checkpoint(
+                run_dir,
+                done,
+                model,
+                optimizers,
+                tokenizer,
+                {"sampler": sampler.state_dict(), "before": before, "stage": "rl"},
+                keep=t.keep_checkpoints,
+            )
+        bar.set_postfix(
+            reward=f"{record['reward']:.2f}",
+            acc=f"{100 * record['accuracy']:.0f}%",
+            len=f"{record['length_mean']:.0f}",
+            refresh=False,
+        )
         bar.update(1)
         if interrupted:
             break
@@ -478,8 +568,12 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, resume: bool
         after = evaluate(engine, tokenizer, eval_rows, r, seed=t.seed)
         engine.release()
         log.write(dict(step=done, eval_accuracy=after["accuracy"]["all"], eval=after["accuracy"]))
-        summary.update(before=before["accuracy"], after=after["accuracy"],
-                       eval_samples=r.eval_samples, eval_problems=len(eval_rows))
+        summary.update(
+            before=before["accuracy"],
+            after=after["accuracy"],
+            eval_samples=r.eval_samples,
+            eval_problems=len(eval_rows),
+        )
         if not quiet:
             _print_eval_table(before["accuracy"], after["accuracy"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -491,7 +585,15 @@ def plot_rl(run_dir: Path) -> None:
     records = read_metrics(run_dir)
     plots = run_dir / "plots"
     plot_lines(plots / "reward.png", "RL reward", "mean reward", {"reward": series(records, "reward")})
-    plot_lines(plots / "accuracy.png", "RL accuracy", "fraction correct",
-               {"rollouts": series(records, "accuracy"), "held-out pass@1": series(records, "eval_accuracy")})
-    plot_lines(plots / "length.png", "response length", "tokens",
-               {"mean": series(records, "length_mean"), "max": series(records, "length_max")})
+    plot_lines(
+        plots / "accuracy.png",
+        "RL accuracy",
+        "fraction correct",
+        {"rollouts": series(records, "accuracy"), "held-out pass@1": series(records, "eval_accuracy")},
+    )
+    plot_lines(
+        plots / "length.png",
+        "response length",
+        "tokens",
+        {"mean": series(records, "length_mean"), "max": series(records, "length_max")},
+    )
