@@ -408,3 +408,22 @@ def test_bf16_load_keeps_router_bias_float32(tmp_path):
     bias = loaded.layers[1].mlp.router.e_score_correction_bias
     assert loaded.embed.weight.dtype == torch.bfloat16 and bias.dtype == torch.float32
     assert torch.equal(bias, model.layers[1].mlp.router.e_score_correction_bias)
+
+
+def test_module_to_bf16_keeps_router_buffers_float32():
+    # `.to(bfloat16)` casts every floating buffer by default; the router's would lose the bias's small
+    # balancing steps and make token counts above 256 inexact.
+    model = Transformer(get_preset("tiny-moe"))
+    router = model.layers[1].mlp.router
+    router.e_score_correction_bias.fill_(0.1 + 3e-4)  # bf16 rounds this to 0.10009765625
+    want = router.e_score_correction_bias.clone()
+    model.to(torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16 and router.weight.dtype == torch.bfloat16
+    for name in ("e_score_correction_bias", "tokens_per_expert", "last_load"):
+        assert getattr(router, name).dtype == torch.float32, name
+    assert torch.equal(router.e_score_correction_bias, want)
+    router.train()
+    router(torch.randn(300, model.cfg.d_model, dtype=torch.bfloat16))
+    assert router.tokens_per_expert.sum().item() == 300 * model.cfg.top_k  # exact, not rounded
+    model.float()
+    assert torch.equal(router.e_score_correction_bias, want)

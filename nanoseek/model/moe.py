@@ -14,6 +14,8 @@ swap kernels (torch._grouped_mm on CUDA, a padded bmm elsewhere).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -106,6 +108,19 @@ class Router(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         # Loads of the most recent forward, for logging.
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    _FLOAT32_BUFFERS = ("e_score_correction_bias", "tokens_per_expert", "last_load")
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Router:
+        """`.to(bfloat16)` / `.half()` move these buffers but keep them float32: the selection bias moves
+        by ~1e-3 per step, below bf16's resolution near 0.1, and bf16 token counts are inexact above 256."""
+        kept = {name: getattr(self, name) for name in self._FLOAT32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if old.dtype == torch.float32 and new.dtype != torch.float32:
+                setattr(self, name, old.to(new.device))
+        return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: [N, D] -> (expert ids [N, k], gate weights [N, k] in x's dtype, scores [N, E] in >= float32)."""
