@@ -9,11 +9,18 @@ random prompts. transformers gets the equivalent architecture built from a confi
 weights, same shapes: LlamaForCausalLM (no QK-norm), Qwen3ForCausalLM (QK-norm), or
 Qwen2MoeForCausalLM for MoE presets (routed + shared experts, first layers dense; it has no
 QK-norm, softmax routing and a d_model-wide shared-expert gate per layer, which cost about
-the same). It runs with its default dynamic cache and with cache_implementation="static".
+the same). It runs with its default dynamic cache and with cache_implementation="static"
+(on CUDA, transformers compiles the static-cache decode step itself: slow to warm up, so last).
 Each configuration runs once to warm up (CUDA graph capture, compilation), then once timed.
 Output tokens/s = batch x new tokens / wall time of the whole call (prefill included).
-Peak memory: torch.cuda.max_memory_allocated per run on CUDA; on CPU, the process's peak
-resident set size (it only grows). The last line printed is one JSON object with every figure.
+Peak memory: torch.cuda.max_memory_allocated per run on CUDA (after reset_peak_memory_stats:
+weights, KV cache, graph pools and the run's activations); on CPU, the process's peak resident
+set size (it only grows). `cuda_graphs` (per nanoseek row and in the summary) says whether the
+engine's decode steps replayed CUDA graphs, and if not, why (`disabled_reason`).
+
+After every configuration a JSON line with every figure so far is printed ("complete": false),
+so a run cut by a timeout still ends with one; the last line has "complete": true. A configuration
+that fails (out of memory, an unsupported option) goes to "errors" and the next one runs.
 """
 
 from __future__ import annotations
@@ -143,20 +150,56 @@ def main(argv: list[str] | None = None) -> int:
     all_prompts = torch.randint(0, cfg.vocab_size, (max(batch_sizes), prompt_len), generator=gen)
     results = []
 
-    def record(impl: str, batch: int, elapsed: float, peak: float, generated: int) -> None:
+    errors: list[dict] = []
+    graph_status: dict[str, dict] = {}
+    hf_params = None
+
+    def report(complete: bool) -> None:
+        """The JSON line with every figure so far (printed after each configuration)."""
+        summary = dict(
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            dtype=str(dtype).removeprefix("torch."),
+            torch=torch.__version__,
+            preset=preset,
+            params=model.num_params(),
+            hf_params=hf_params,
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            batch_sizes=batch_sizes,
+            threads=torch.get_num_threads(),
+            cuda_graphs=graph_status.get("nanoseek"),
+            results=results,
+            errors=errors,
+            peak_memory_mb=round(max((r["peak_mem_mb"] for r in results), default=0.0), 1),
+            peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+            complete=complete,
+        )
+        print(json.dumps(summary), flush=True)
+
+    def record(impl: str, batch: int, elapsed: float, peak: float, generated: int, **extra) -> None:
         row = dict(
             impl=impl,
             batch=batch,
             elapsed_s=round(elapsed, 4),
             tokens_per_s=round(generated / elapsed, 1),
             peak_mem_mb=round(peak, 1),
+            **extra,
         )
         results.append(row)
         print(
             f"{impl:>22} batch {batch:>4}: {row['tokens_per_s']:>10.1f} tok/s  {elapsed:8.3f} s  "
-            f"peak {row['peak_mem_mb']:9.1f} MiB",
+            f"peak {row['peak_mem_mb']:9.1f} MiB" + (f"  graphs {extra['cuda_graphs']}" if extra else ""),
             flush=True,
         )
+        report(complete=False)
+
+    def failed(impl: str, batch: int, e: BaseException) -> None:
+        message = f"{type(e).__name__}: {str(e).strip()[:500]}"
+        errors.append(dict(impl=impl, batch=batch, error=message))
+        print(f"{impl:>22} batch {batch:>4}: FAILED {message}", file=sys.stderr, flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        report(complete=False)
 
     # --- the engine (eagerly too on CUDA, to show what the graphs buy)
     variants = [("nanoseek", True)] + ([("nanoseek (no graphs)", False)] if device.type == "cuda" else [])
@@ -165,14 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
         for batch in batch_sizes:
             prompts = all_prompts[:batch].tolist()
-            engine.generate(prompts, params)  # warm-up: captures the graphs this shape needs
-            elapsed, peak, out = measure(partial(engine.generate, prompts, params), device)
-            assert all(len(c[0].token_ids) == new_tokens for c in out)
-            record(name, batch, elapsed, peak, batch * new_tokens)
+            try:
+                engine.generate(prompts, params)  # warm-up: captures the graphs this shape needs
+                elapsed, peak, out = measure(partial(engine.generate, prompts, params), device)
+                assert all(len(c[0].token_ids) == new_tokens for c in out), "a sequence stopped early"
+            except Exception as e:  # reported in the JSON; the next configuration runs
+                failed(name, batch, e)
+                continue
+            graph_status[name] = status = engine.cuda_graph_status()
+            used = status["enabled"] and status["captured"] > 0  # decode steps replayed captured graphs
+            record(name, batch, elapsed, peak, batch * new_tokens, cuda_graphs=used)
         engine.release()
 
     # --- transformers
-    hf_params = None
     if not args.no_hf:
         hf = hf_model(cfg, device, dtype)
         hf_params = sum(p.numel() for p in hf.parameters())
@@ -189,29 +237,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if cache:
                     kwargs["cache_implementation"] = cache
-                with torch.inference_mode():
-                    hf.generate(ids, **kwargs)  # warm-up
-                    elapsed, peak, out = measure(partial(hf.generate, ids, **kwargs), device)
-                assert out.shape[1] == prompt_len + new_tokens
+                try:
+                    with torch.inference_mode():
+                        hf.generate(ids, **kwargs)  # warm-up
+                        elapsed, peak, out = measure(partial(hf.generate, ids, **kwargs), device)
+                    assert out.shape[1] == prompt_len + new_tokens, "a sequence stopped early"
+                except Exception as e:  # reported in the JSON; the next configuration runs
+                    failed(name, batch, e)
+                    continue
                 record(name, batch, elapsed, peak, batch * new_tokens)
         del hf
 
-    summary = dict(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        dtype=str(dtype).removeprefix("torch."),
-        torch=torch.__version__,
-        preset=preset,
-        params=model.num_params(),
-        hf_params=hf_params,
-        prompt_len=prompt_len,
-        new_tokens=new_tokens,
-        batch_sizes=batch_sizes,
-        threads=torch.get_num_threads(),
-        results=results,
-        peak_memory_mb=round(max(r["peak_mem_mb"] for r in results), 1),
-        peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-    )
-    print(json.dumps(summary))
+    report(complete=True)
     return 0
 
 

@@ -22,13 +22,18 @@ generation with transformers' `generate` (no vLLM). Its steps are timed with a c
 (on_step_begin -> on_step_end: generation, scoring, forward/backward and the optimizer step).
 
 Both time steady-state steps after --warmup steps. completion tokens/s = completion tokens of a
-step / seconds of the whole step. TRL is optional (pip install trl); without it only nanoseek is
-reported. The last line printed is one JSON object with every figure.
+step / seconds of the whole step. peak_mem_gb (CUDA): torch.cuda.max_memory_allocated over the
+timed steps (reset after the warmup; weights, optimizer states, KV cache and graph pools included).
+nanoseek's `cuda_graphs` says whether its engine's decode steps replayed CUDA graphs (and if not,
+why). TRL is optional (pip install trl); without it, or if it fails, only nanoseek is reported.
+A JSON line with nanoseek's figures is printed before TRL runs ("complete": false), so a run cut
+by a timeout still ends with one; the last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -65,6 +70,15 @@ def dummy_reward(completions: list[str]) -> list[float]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
 
 
 def build_tokenizer(directory: Path) -> Tokenizer:
@@ -127,6 +141,8 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
     step_s, rollout_s, update_s, tokens = [], [], [], []
     for step in range(args.warmup + args.steps):
         sync(device)
+        if step == args.warmup:
+            reset_peak(device)
         t0 = time.perf_counter()
         batch = collect(engine, tokenizer, sampler, rewards, rcfg, seed=step)
         sync(device)
@@ -146,8 +162,11 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
             rollout_s.append(t1 - t0)
             update_s.append(t2 - t1)
             tokens.append(n_tokens)
+    result = summarize(step_s, tokens, rollout_s=rollout_s, update_s=update_s)
+    result["peak_mem_gb"] = peak_gb(device)
+    result["cuda_graphs"] = engine.cuda_graph_status()
     engine.release()
-    return summarize(step_s, tokens, rollout_s=rollout_s, update_s=update_s)
+    return result
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -192,6 +211,8 @@ def bench_trl(
 
         def on_step_begin(self, a, state, control, **kw):
             sync(device)
+            if len(self.times) == args.warmup:
+                reset_peak(device)
             lengths.clear()
             self.start = time.perf_counter()
 
@@ -248,6 +269,7 @@ def bench_trl(
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # keep stdout for the JSON line
         trainer.train()
     result = summarize(timer.times[args.warmup :], timer.tokens[args.warmup :])
+    result["peak_mem_gb"] = peak_gb(device)
     result["version"] = trl.__version__
     result["transformers_version"] = transformers.__version__
     return result
@@ -292,41 +314,46 @@ def main(argv: list[str] | None = None) -> int:
         rows = build_rows(tokenizer, args.prompts * (args.warmup + args.steps))
         if tokenizer.vocab_size > cfg.vocab_size:
             raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's {cfg.vocab_size}")
-        results: dict = {}
-        results["nanoseek"] = bench_nanoseek(cfg, tokenizer, rows, args, device)
-        results["trl"] = (
-            {"skipped": "--no-trl"} if args.no_trl else bench_trl(cfg, tok_dir, tokenizer, rows, args, device)
+        with torch.device("meta"):
+            params_m = Transformer(cfg).num_params() / 1e6
+        cpu_name = platform.processor() or platform.machine()
+        figures = dict(
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name})",
+            threads=torch.get_num_threads() if device.type == "cpu" else None,
+            torch=torch.__version__,
+            preset=args.preset + (" (--quick shape)" if args.quick else ""),
+            shape=dict(
+                vocab_size=cfg.vocab_size,
+                d_model=cfg.d_model,
+                n_layers=cfg.n_layers,
+                n_heads=cfg.n_heads,
+                n_kv_heads=cfg.n_kv_heads,
+                d_ff=cfg.d_ff,
+                qk_norm=cfg.qk_norm,
+                moe=cfg.is_moe,
+            ),
+            params_m=round(params_m, 2),
+            prompts=args.prompts,
+            samples=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            micro_batch=args.micro_batch,
+            warmup_steps=args.warmup,
+            timed_steps=args.steps,
+            prompt_tokens=[len(prompt_ids(tokenizer, r["prompt"])) for r in rows[: args.prompts]],
         )
-
-    with torch.device("meta"):
-        params_m = Transformer(cfg).num_params() / 1e6
-    cpu_name = platform.processor() or platform.machine()
-    figures = dict(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name})",
-        threads=torch.get_num_threads() if device.type == "cpu" else None,
-        torch=torch.__version__,
-        preset=args.preset + (" (--quick shape)" if args.quick else ""),
-        shape=dict(
-            vocab_size=cfg.vocab_size,
-            d_model=cfg.d_model,
-            n_layers=cfg.n_layers,
-            n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_kv_heads,
-            d_ff=cfg.d_ff,
-            qk_norm=cfg.qk_norm,
-            moe=cfg.is_moe,
-        ),
-        params_m=round(params_m, 2),
-        prompts=args.prompts,
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        micro_batch=args.micro_batch,
-        warmup_steps=args.warmup,
-        timed_steps=args.steps,
-        prompt_tokens=[len(prompt_ids(tokenizer, r["prompt"])) for r in rows[: args.prompts]],
-        **results,
-    )
-    print(json.dumps(figures))
+        figures["nanoseek"] = bench_nanoseek(cfg, tokenizer, rows, args, device)
+        gc.collect()  # nanoseek's model, optimizer and engine go before TRL's peak memory is measured
+        if args.no_trl:
+            figures["trl"] = {"skipped": "--no-trl"}
+        else:
+            print(json.dumps({**figures, "trl": {"skipped": "not run yet"}, "complete": False}), flush=True)
+            try:
+                figures["trl"] = bench_trl(cfg, tok_dir, tokenizer, rows, args, device)
+            except Exception as e:  # reported in the JSON next to nanoseek's figures
+                message = f"{type(e).__name__}: {str(e).strip()[:500]}"
+                print(f"TRL failed: {message}", file=sys.stderr)
+                figures["trl"] = {"skipped": f"error: {message}", "error": message}
+    print(json.dumps({**figures, "complete": True}))
     return 0
 
 

@@ -13,6 +13,7 @@ import torch
 from nanoseek.engine import Engine, KVCache, SamplingParams
 from nanoseek.engine.cuda_graphs import batch_buckets, kv_len_bucket
 from nanoseek.model import ModelConfig, Transformer, get_preset, save_model
+from nanoseek.model.transformer import RMSNorm
 
 MLA = dict(attn_type="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 
@@ -135,6 +136,67 @@ def test_static_shape_decode_path_matches_eager(models):
     assert batch_buckets(5) == [1, 2, 4, 5] and kv_len_bucket(65, 512) == 128 and kv_len_bucket(500, 300) == 300
 
 
+def static_engine(model: Transformer, **kwargs) -> Engine:
+    """An engine on the padded, static-buffer decode path that CUDA graphs replay (not captured: CPU)."""
+    engine = Engine(model, **kwargs)
+    engine.use_cuda_graphs, engine._capture_graphs = True, False
+    return engine
+
+
+def test_graph_weight_check_is_cheap_per_step_and_full_on_admission():
+    model = build("tiny")
+    prompts = prompts_of([4, 9], seed=17)
+    engine = static_engine(model, max_batch=2)
+    first = engine.generate(prompts, GREEDY)
+    graphs = engine._graphs
+    assert graphs.matches(model, engine.cache, full=False) and graphs.matches(model, engine.cache, full=True)
+    # A parameter replaced by a new object (load_state_dict(assign=True), a hand edit): only the full
+    # check sees it; the engine runs it when requests are admitted, so the next call rebuilds the graphs.
+    model.norm.weight = torch.nn.Parameter(model.norm.weight.detach().clone())
+    assert graphs.matches(model, engine.cache, full=False) and not graphs.matches(model, engine.cache, full=True)
+    again = engine.generate(prompts, GREEDY)
+    assert engine._graphs is not graphs
+    assert [g[0].token_ids for g in again] == [g[0].token_ids for g in first]
+    # New storage behind the same parameter (.to(), p.data = ...): the per-step check sees it.
+    graphs = engine._graphs
+    with torch.no_grad():
+        model.norm.weight.data = model.norm.weight.data.clone()
+    assert not graphs.matches(model, engine.cache, full=False)
+    status = engine.cuda_graph_status()
+    assert status == dict(enabled=True, captured=0, disabled_reason=None)  # static path: nothing captured
+    assert Engine(model).cuda_graph_status() == dict(enabled=False, captured=0, disabled_reason="device cpu")
+
+
+def test_decode_under_the_callers_autocast(models):
+    """Under the caller's autocast the engine runs without autocast's weight-cast cache (a captured
+    graph would keep reading cached casts freed when the caller's autocast exits), and the graphs
+    are keyed by the autocast state."""
+    model = models["tiny"]
+    prompts = prompts_of([5, 2], seed=18)
+    seen = []
+    original = model.hidden_states
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+        return original(*args, **kwargs)
+
+    engine = static_engine(model, max_batch=2)
+    model.hidden_states = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = engine.generate(prompts, GREEDY)
+            assert torch.is_autocast_cache_enabled()  # the caller's setting is back
+    finally:
+        del model.hidden_states
+    assert seen and all(s == (True, False) for s in seen)  # prefill and every decode step
+    assert [len(g[0].token_ids) for g in under] == [12, 12]
+    graphs = engine._graphs
+    assert graphs.autocast == (True, torch.bfloat16) and not graphs.matches(model, engine.cache)
+    plain = engine.generate(prompts, GREEDY)
+    assert engine._graphs is not graphs and engine._graphs.autocast == (False, None)
+    assert [g[0].token_ids for g in plain] == [g[0].token_ids for g in Engine(model).generate(prompts, GREEDY)]
+
+
 # ----------------------------------------------------------------------------- sampling
 def test_seeded_sampling_is_reproducible_and_batch_independent(models):
     model = models["tiny"]
@@ -177,6 +239,17 @@ def test_n_samples_share_one_prefill(models):
     # greedy samples over the copied prefix equal naive generation
     [greedy] = Engine(model, max_batch=8).generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, n=3))
     assert all(c.token_ids == naive_greedy(model, prompt, 8) for c in greedy)
+
+
+def test_n_samples_of_prompts_of_different_lengths_in_one_prefill(models):
+    """Every prompt's prefix reaches its other samples' slots (one copy for the chunk, at its padded length)."""
+    model = models["mla"]
+    prompts = prompts_of([3, 17, 9], seed=16)
+    engine = Engine(model, max_batch=9)
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0, n=3))
+    assert engine.stats.prefill_calls == 1
+    for prompt, samples in zip(prompts, results):
+        assert [c.token_ids for c in samples] == [naive_greedy(model, prompt, 6)] * 3
 
 
 # ----------------------------------------------------------------------------- stopping
@@ -450,6 +523,25 @@ def test_release_frees_the_cache_and_the_engine_still_works(models):
     assert json.loads(json.dumps(first[0][0].to_dict()))["finish_reason"] == "length"
 
 
+# ----------------------------------------------------------------------------- model pieces of the decode step
+def rms_norm_reference(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """Normalise in float32 (float64 stays), cast back, then scale: the Hugging Face definition."""
+    x32 = x if x.dtype == torch.float64 else x.float()
+    return norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_rms_norm_is_the_float32_formula_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-6).to(dtype)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    x = (3 * torch.randn(2, 5, 96)).to(dtype)
+    assert torch.equal(norm(x), rms_norm_reference(norm, x)) and norm(x).dtype == dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's float32 residual stream
+        norm32, x32 = RMSNorm(96, 1e-6), 3 * torch.randn(4, 96)
+        assert torch.equal(norm32(x32), rms_norm_reference(norm32, x32))
+
+
 # ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -479,4 +571,35 @@ def test_cuda_engine_matches_naive_generation(name):
     for prompt, [c] in zip(prompts, results):
         assert c.token_ids == naive_greedy(model, prompt, 12)
     if engine._graphs.disabled_reason is not None:
-        assert name == "tiny-moe"  # only the MoE layer may synchronise (torch.bincount)
+        assert name == "tiny-moe"  # only float32 MoE layers may synchronise (the padded-bmm fallback)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["tiny-moe", "mla"])
+def test_cuda_bf16_decode_is_captured_and_replays_the_eager_step(name):
+    # In bf16 the MoE experts run torch._grouped_mm, which reads the expert counts on the GPU: the
+    # decode step must capture (no host sync), and replaying it must give the tokens of the same
+    # padded step run eagerly.
+    model = build(name).cuda().to(torch.bfloat16)
+    prompts = prompts_of([3, 40, 8, 15, 1], seed=19)
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (20, 3, 30, 7, 12)]
+    graphed = Engine(model, max_batch=3)
+    static = Engine(model, max_batch=3)
+    static._capture_graphs = False
+    a, b = graphed.generate(prompts, params), static.generate(prompts, params)
+    status = graphed.cuda_graph_status()
+    assert status["enabled"] and status["captured"] > 0 and status["disabled_reason"] is None, status
+    assert [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2**-7), (torch.float32, 1e-6)])
+def test_cuda_rms_norm_matches_the_float32_formula(dtype, tol):
+    # On CUDA F.rms_norm is one fused kernel; only its reduction order may differ from the formula.
+    torch.manual_seed(0)
+    norm = RMSNorm(768, 1e-6).cuda().to(dtype)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    x = (3 * torch.randn(64, 768, device="cuda")).to(dtype)
+    out, ref = norm(x), rms_norm_reference(norm, x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)

@@ -125,6 +125,18 @@ def test_sampling_is_seeded_and_independent_of_the_batch():
     assert sequence_key(1, 0, 0) != sequence_key(1, 0, 1) != sequence_key(1, 1, 0)
 
 
+def test_batch_upload_keeps_keys_steps_and_top_k_exact():
+    """The per-step parameters travel as one float64 tensor: integers below 2^53 come back exactly."""
+    keys = [(2**32 - 1, 2**32 - 2), (0, 1)]
+    params = [SamplingParams(temperature=0.7, top_k=151_935, top_p=0.9, min_p=0.05), None]
+    batch = SamplingBatch.build(params, keys, [2**31 + 5, 0], torch.device("cpu"))
+    assert batch.keys.dtype == batch.steps.dtype == batch.top_k.dtype == torch.int64
+    assert batch.keys.tolist() == [list(k) for k in keys] and batch.steps.tolist() == [2**31 + 5, 0]
+    assert batch.top_k.tolist() == [151_935, 0] and batch.temperature.tolist() == [0.7, 0.0]
+    assert batch.top_p.tolist() == [0.9, 1.0] and batch.min_p.tolist() == [0.05, 0.0]
+    assert batch.any_sampling and batch.any_filter
+
+
 def test_hash_arithmetic_and_noise_statistics():
     rng = random.Random(4)
     xs = [rng.getrandbits(32) for _ in range(1000)] + [0, 2**32 - 1]

@@ -45,7 +45,7 @@ class KVCache:
         self.k = torch.zeros(n_layers, n_slots, n_kv_heads, max_seq_len, k_dim, dtype=dtype, device=device)
         self.v = torch.zeros(n_layers, n_slots, n_kv_heads, max_seq_len, v_dim, dtype=dtype, device=device)
         self._rows = torch.arange(n_slots, device=device)[:, None]  # [n_slots, 1]
-        self._key_pos = torch.arange(max_seq_len, device=device)
+        self._key_pos = torch.arange(_aligned(max_seq_len), device=device)
         self._mode: str | None = None
         self._slots: Tensor | None = None
         self._positions: Tensor | None = None
@@ -90,12 +90,13 @@ class KVCache:
         self._mode, self._positions, self._kv_len, self._mask = "decode", positions, kv_len, None
         return self
 
-    def copy_prefix(self, src: int, dst: list[int], length: int) -> None:
-        """Copy the first `length` positions of slot src into slots dst (n samples of one prompt)."""
-        if dst:
-            idx = torch.tensor(dst, device=self.k.device)
-            self.k[:, idx, :, :length] = self.k[:, src : src + 1, :, :length]
-            self.v[:, idx, :, :length] = self.v[:, src : src + 1, :, :length]
+    def copy_slots(self, src: Tensor, dst: Tensor, length: int) -> None:
+        """Copy the first `length` positions of slot src[i] into slot dst[i] (slot indices on the cache's
+        device), all pairs in one gather/scatter: the n samples of the prompts of a prefill chunk
+        (positions past a prompt's end hold junk that decoding overwrites before reading)."""
+        if dst.numel():
+            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
     # --- the model's hook ---
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -118,11 +119,19 @@ class KVCache:
         V[rows, :, pos] = v.transpose(1, 2)
         keys, values = K[:B, :, :L], V[:B, :, :L]  # views [B, Hkv, L, d]
         if self._mask is None:  # the same for every layer: built once per forward
-            allowed = self._key_pos[:L] <= pos[:, :, None]  # [B, T, L]: key position <= query position
-            self._mask = allowed[:, None, None].expand(B, 1, rep, T, L).reshape(B, 1, rep * T, L)
+            # Additive, in the attention dtype (SDPA would convert a boolean mask again at every layer),
+            # rows padded to a multiple of 16 keys (the memory-efficient kernel copies unaligned masks).
+            Lp = _aligned(L)
+            blocked = self._key_pos[:Lp] > pos[:, :, None]  # [B, T, Lp]: key position > query position
+            bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device).masked_fill_(blocked, float("-inf"))
+            self._mask = bias[:, None, None].expand(B, 1, rep, T, Lp).reshape(B, 1, rep * T, Lp)[..., :L]
         q = q.reshape(B, Hkv, rep * T, dk)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask, scale=scale)
         return out.reshape(B, H, T, -1).to(out_dtype)
+
+
+def _aligned(n: int, multiple: int = 16) -> int:
+    return -(-n // multiple) * multiple
 
 
 __all__ = ["KVCache"]

@@ -14,7 +14,11 @@ one call. What it needs, and how this file provides it:
 * no host synchronisation inside the step: checked before capture by running the step
   once under `torch.cuda.set_sync_debug_mode("error")`. If it does synchronise (e.g. a
   data-dependent shape), graphs are switched off with a warning and the engine decodes
-  eagerly.
+  eagerly;
+* the same weights and autocast state: the graphs are rebuilt when a weight's storage moves
+  (checked at every step, cheaply), a parameter is replaced (checked when requests are
+  admitted) or the caller's autocast differs from the one at capture (the engine runs
+  autocast without its weight-cast cache, which a graph must not bake in).
 
 With `capture=False` the same padded, static-buffer path runs eagerly; the CPU tests use
 that to check the padding logic the graphs rely on.
@@ -45,7 +49,18 @@ def kv_len_bucket(kv_len: int, max_seq_len: int) -> int:
 
 def weights_signature(model: nn.Module) -> tuple[int, ...]:
     """Addresses of the weights a graph baked in; they change if parameters are re-assigned."""
-    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    return tuple(t.data_ptr() for t in _weights(model))
+
+
+def _weights(model: nn.Module) -> list[Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
+    """Whether (and to what) autocast casts: a graph captured under one state replays only under it."""
+    if not torch.is_autocast_enabled(device_type):
+        return False, None
+    return True, torch.get_autocast_dtype(device_type)
 
 
 class DecodeGraphs:
@@ -58,10 +73,23 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = None
         self.disabled_reason: str | None = None
-        self.signature = weights_signature(model)
+        self.weights = _weights(model)
+        self.signature = tuple(t.data_ptr() for t in self.weights)
+        self.autocast = autocast_state(device.type)
 
-    def matches(self, model: nn.Module, cache: KVCache) -> bool:
-        return model is self.model and cache is self.cache and weights_signature(model) == self.signature
+    def matches(self, model: nn.Module, cache: KVCache, full: bool = True) -> bool:
+        """Whether the graphs still read this model's weights and this cache.
+
+        full=False only checks that the tensors seen at capture still have their storage (catches
+        `.to()` and `p.data = ...`): a few microseconds, for every decode step. full=True also walks
+        the modules (catches parameters replaced by new objects): about a millisecond on a 12-layer
+        model, so the engine does it when requests are admitted, not at every step.
+        """
+        if model is not self.model or cache is not self.cache or autocast_state(self.ids.device.type) != self.autocast:
+            return False
+        if full:
+            return weights_signature(model) == self.signature
+        return tuple(t.data_ptr() for t in self.weights) == self.signature
 
     def bucket(self, hi: int, kv_len: int) -> tuple[int, int]:
         b = next(x for x in self.buckets if x >= hi)
@@ -76,10 +104,10 @@ class DecodeGraphs:
         """Logits [hi, V] for row i = slot i feeding ids[i] at pos[i] (free slots: 0, 0)."""
         hi = ids.shape[0]
         b, L = self.bucket(hi, kv_len)
-        self.ids[:b].zero_()
-        self.pos[:b].zero_()
         self.ids[:hi, 0].copy_(ids)
         self.pos[:hi, 0].copy_(pos)
+        self.ids[hi:b].zero_()  # padding rows: token 0 at position 0 of free slots (no kernel when hi == b)
+        self.pos[hi:b].zero_()
         if not self.capture:
             return self._forward(b, L)[:hi]
         if (b, L) not in self.graphs:
@@ -117,7 +145,8 @@ class DecodeGraphs:
             self.disabled_reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             warnings.warn(
                 f"CUDA graphs disabled, decoding eagerly: capturing the decode step failed ({self.disabled_reason}). "
-                "MoE layers that count tokens per expert with torch.bincount synchronise with the host on CUDA.",
+                "MoE layers synchronise with the host unless their experts run torch._grouped_mm (bfloat16 "
+                "activations on a GPU that has the kernel, e.g. sm90); float32 MoE models take the padded path.",
                 stacklevel=3,
             )
             return None

@@ -27,7 +27,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -215,6 +215,7 @@ class Engine:
         self.kv_cache_bytes = self.n_slots * per_slot
         self.cache: KVCache | None = None
         self._graphs: DecodeGraphs | None = None
+        self._check_weights = True
         self._waiting: deque[Request] = deque()
         self._running: dict[int, _Sequence] = {}  # slot -> sequence
         self._free: list[int] = list(range(self.n_slots))  # a heap: lowest slot first keeps the batch compact
@@ -248,6 +249,22 @@ class Engine:
         if self._running or self._waiting:
             raise RuntimeError("release() with requests in flight; abort them first")
         self.cache, self._graphs = None, None
+
+    def cuda_graph_status(self) -> dict:
+        """Whether decode steps replay CUDA graphs: {"enabled", "captured" (graphs held now), "disabled_reason"}.
+
+        enabled: graphs are asked for and possible (CUDA, use_cuda_graphs) and no capture has failed;
+        disabled_reason: why a capture failed (the engine then decodes eagerly), else None.
+        """
+        graphs = self._graphs
+        reason = graphs.disabled_reason if graphs is not None else None
+        if not self.use_cuda_graphs:
+            reason = "use_cuda_graphs=False" if self.device.type == "cuda" else f"device {self.device.type}"
+        return dict(
+            enabled=self.use_cuda_graphs and reason is None,
+            captured=len(graphs.graphs) if graphs is not None else 0,
+            disabled_reason=reason,
+        )
 
     # ------------------------------------------------------------------ requests
     def _prompt_ids(self, prompt: str | Sequence[int] | Tensor) -> list[int]:
@@ -325,11 +342,19 @@ class Engine:
         if was_training:
             self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast_without_cache():
                 yield
         finally:
             if was_training:
                 self.model.train()
+
+    def _autocast_without_cache(self):
+        """The caller's autocast (if any) without its cache of weight casts: a captured decode step
+        would keep reading cached casts that the caller's autocast frees when it exits."""
+        kind = self.device.type
+        if not torch.is_autocast_enabled(kind):
+            return nullcontext()
+        return torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), cache_enabled=False)
 
     def step(self) -> None:
         """Admit and prefill what fits, then one decode step over everything running."""
@@ -345,6 +370,7 @@ class Engine:
                 admitted.append(request)
             self.stats.max_running = max(self.stats.max_running, len(self._running))
             if admitted:
+                self._check_weights = True
                 self._prefill(admitted)
             if self._running:
                 self._decode()
@@ -363,32 +389,42 @@ class Engine:
         """One forward over right-padded prompts; each prompt's k/v go to its first slot."""
         lengths = [len(r.prompt_ids) for r in requests]
         B, T = len(requests), max(lengths)
-        ids = torch.tensor([r.prompt_ids + [0] * (T - len(r.prompt_ids)) for r in requests])
-        meta = torch.tensor([[r.seqs[0].slot for r in requests], [n - 1 for n in lengths]])
-        ids, meta = ids.to(self.device, non_blocking=True), meta.to(self.device, non_blocking=True)
-        positions = torch.arange(T, device=self.device).expand(B, T)
-        hidden = self.model.hidden_states(ids, positions, cache=self.cache.prefill(meta[0]))
-        logits = self.model.logits(hidden[torch.arange(B, device=self.device), meta[1]])  # [B, V]
-        for r in requests:
-            self.cache.copy_prefix(r.seqs[0].slot, [s.slot for s in r.seqs[1:]], len(r.prompt_ids))
         seqs = [s for r in requests for s in r.seqs]
-        rows = [b for b, r in enumerate(requests) for _ in r.seqs]
+        rows = [b for b, r in enumerate(requests) for _ in r.seqs]  # logits row of each sample
+        copies = [(r.seqs[0].slot, s.slot) for r in requests for s in r.seqs[1:]]  # prefix: first slot -> others
+        ids, slots, last, src, dst, rows_t = self._upload(
+            [t for r in requests for t in r.prompt_ids + [0] * (T - len(r.prompt_ids))],
+            [r.seqs[0].slot for r in requests],
+            [n - 1 for n in lengths],
+            [a for a, _ in copies],
+            [b for _, b in copies],
+            rows,
+        )
+        batch = self._sampling_batch(seqs)
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        hidden = self.model.hidden_states(ids.view(B, T), positions, cache=self.cache.prefill(slots))
+        logits = self.model.logits(hidden[torch.arange(B, device=self.device), last])  # [B, V]
+        self.cache.copy_slots(src, dst, T)  # one gather/scatter for the chunk
         if rows != list(range(B)):
-            logits = logits[torch.tensor(rows, device=self.device)]
+            logits = logits[rows_t]
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += sum(lengths)
         self.stats.prefill_padded_tokens += B * T
-        self._sample_and_append(logits, seqs)
+        self._sample_and_append(logits, seqs, batch)
 
     def _decode(self) -> None:
         hi = max(self._running) + 1
         rows: list[_Sequence | None] = [self._running.get(slot) for slot in range(hi)]
-        inputs = [[s.tokens[-1], s.position] if s else [0, 0] for s in rows]
-        kv_len = max(p for _, p in inputs) + 1
-        inputs = torch.tensor(inputs).to(self.device, non_blocking=True)
-        ids, pos = inputs[:, 0], inputs[:, 1]
+        tokens = [s.tokens[-1] if s else 0 for s in rows]
+        positions = [s.position if s else 0 for s in rows]
+        kv_len = max(positions) + 1
+        ids, pos = self._upload(tokens, positions)
+        batch = self._sampling_batch(rows)
         if self.use_cuda_graphs and (self._graphs is None or self._graphs.disabled_reason is None):
-            if self._graphs is None or not self._graphs.matches(self.model, self.cache):
+            # Full check of the weights (re-assigned parameters too) when requests were admitted; the
+            # cheap one (same tensors, same storage) at every other step.
+            full, self._check_weights = self._check_weights, False
+            if self._graphs is None or not self._graphs.matches(self.model, self.cache, full=full):
                 self._graphs = DecodeGraphs(self.model, self.cache, capture=self._capture_graphs)
             logits = self._graphs.run(ids, pos, kv_len)
         else:
@@ -397,15 +433,25 @@ class Engine:
         self.stats.decode_steps += 1
         self.stats.decode_rows += hi
         self.stats.decode_tokens += len(self._running)
-        self._sample_and_append(logits, rows)
+        self._sample_and_append(logits, rows, batch)
 
-    def _sample_and_append(self, logits: Tensor, rows: list[_Sequence | None]) -> None:
-        batch = SamplingBatch.build(
+    # Host-to-device copies are made before a step's forward is queued, while the stream is idle (the
+    # previous step ended with its one synchronisation): a copy from pageable memory queued behind GPU
+    # work may wait for it ("the driver may synchronize with the stream"), stalling the host.
+    def _upload(self, *columns: list[int]) -> list[Tensor]:
+        """Integer lists as int64 tensors on the device, in one copy."""
+        flat = torch.tensor([x for column in columns for x in column], dtype=torch.int64)
+        return list(flat.to(self.device, non_blocking=True).split([len(c) for c in columns]))
+
+    def _sampling_batch(self, rows: list[_Sequence | None]) -> SamplingBatch:
+        return SamplingBatch.build(
             [s.request.params if s else None for s in rows],
             [s.key if s else (0, 0) for s in rows],
             [len(s.tokens) if s else 0 for s in rows],
             self.device,
         )
+
+    def _sample_and_append(self, logits: Tensor, rows: list[_Sequence | None], batch: SamplingBatch) -> None:
         tokens, logprobs = sample(logits, batch)
         # The one host synchronisation of a step: the host decides who stops.
         tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()

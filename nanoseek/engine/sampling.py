@@ -199,19 +199,20 @@ class SamplingBatch:
         device: torch.device,
     ) -> SamplingBatch:
         """Rows with params None (padding) are greedy."""
-        floats = torch.tensor(
-            [[p.temperature, p.top_p, p.min_p] if p else [0.0, 1.0, 0.0] for p in params], dtype=torch.float64
-        )
-        ints = torch.tensor(
-            [[p.top_k if p else 0, a, b, s] for p, (a, b), s in zip(params, keys, steps, strict=True)],
-            dtype=torch.int64,
-        )
-        floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
+        # One float64 upload per step: the integers (keys < 2^32, steps, top_k) are exact in float64.
+        rows = torch.tensor(
+            [
+                [p.temperature, p.top_p, p.min_p, p.top_k, a, b, s] if p else [0.0, 1.0, 0.0, 0, a, b, s]
+                for p, (a, b), s in zip(params, keys, steps, strict=True)
+            ],
+            dtype=torch.float64,
+        ).to(device, non_blocking=True)
+        ints = rows[:, 3:].long()
         sampled = [p for p in params if p is not None and not p.greedy]
         return cls(
-            temperature=floats[:, 0],
-            top_p=floats[:, 1],
-            min_p=floats[:, 2],
+            temperature=rows[:, 0],
+            top_p=rows[:, 1],
+            min_p=rows[:, 2],
             top_k=ints[:, 0],
             keys=ints[:, 1:3],
             steps=ints[:, 3],

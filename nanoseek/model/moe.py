@@ -43,7 +43,7 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     x: [M, d_in], w: [E, d_out, d_in], counts: [E] int -> [M, d_out].
     On CUDA bf16 this is one grouped GEMM with no host synchronisation.
     """
-    if _kernel_ok(x):
+    if _kernel_ok(x) and w.shape[-2] % 8 == 0:  # 16-byte aligned output rows too
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     return _padded_grouped_mm(x, w, counts)
@@ -184,7 +184,7 @@ class MoE(nn.Module):
         dtype = x_sorted.dtype
         if torch.is_autocast_enabled(x_sorted.device.type):
             dtype = torch.get_autocast_dtype(x_sorted.device.type)
-        if _kernel_ok(x_sorted, dtype):
+        if _kernel_ok(x_sorted, dtype) and self.cfg.moe_d_ff % 8 == 0:
             x = x_sorted.to(dtype)
             h = F.silu(grouped_mm(x, self.w1.to(dtype), counts)) * grouped_mm(x, self.w3.to(dtype), counts)
             return grouped_mm(h, self.w2.to(dtype), counts)

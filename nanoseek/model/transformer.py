@@ -40,11 +40,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 (as the reference implementations do), scale in the input dtype.
-        dtype = x.dtype
-        x32 = x.float() if dtype != torch.float64 else x
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Normalise in float32 (as the reference implementations do), scale in the input dtype:
+        # weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype). F.rms_norm without a weight is that
+        # normalisation (float32 inside, x's dtype out; float64 stays float64), one fused kernel on CUDA
+        # instead of eight (a decode step has 2 * n_layers + 1 of them, or 4 * n_layers + 1 with QK-norm).
+        # .to: autocast may run rms_norm in float32.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | None) -> Tensor:

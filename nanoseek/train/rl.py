@@ -312,7 +312,7 @@ def update(
     if cfg.beta > 0:
         active = list(range(n))
     else:
-        active = [i for i in range(n) if float(advantages[i]) != 0.0]
+        active = torch.nonzero(advantages.cpu() != 0).flatten().tolist()
     chunks = [active[i : i + mb] for i in range(0, len(active), mb)]
     packed = []
     for idx in chunks:
@@ -322,11 +322,11 @@ def update(
         if cfg.overlong == "mask":
             keep = torch.tensor([0.0 if batch.truncated[i] else 1.0 for i in idx], device=device)
             mask = mask * keep[:, None]
-        engine_lp = torch.zeros_like(mask)
+        engine_lp = torch.zeros(mask.shape, dtype=mask.dtype)  # filled on the host, one copy to the device
         for row, i in enumerate(idx):
             start = len(batch.prompt_ids[i]) - 1
             engine_lp[row, start : start + len(batch.engine_logprobs[i])] = torch.tensor(batch.engine_logprobs[i])
-        packed.append((idx, ids, targets, mask, engine_lp))
+        packed.append((idx, ids, targets, mask, engine_lp.to(device, non_blocking=True)))
     total_tokens = float(
         sum(len(c) for i, c in enumerate(batch.completion_ids) if not (cfg.overlong == "mask" and batch.truncated[i]))
     )
@@ -347,7 +347,10 @@ def update(
                 ref.append(sequence_logprobs(ref_model, ids, targets, cfg.temperature)[0])
     model.train()
 
-    stats = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0, grad_norm=0.0, is_weight=0.0)
+    # Statistics stay on the device until the end: a float() per micro-batch would make the host wait
+    # for each backward before it could queue the next forward.
+    names = ("loss", "clip_low", "clip_high", "kl", "entropy", "grad_norm", "is_weight")
+    acc = {name: torch.zeros((), device=device) for name in names}
     for it in range(cfg.num_iterations):
         for k, (idx, ids, targets, mask, engine_lp) in enumerate(packed):
             with autocast(device):
@@ -369,22 +372,23 @@ def update(
                 )
                 loss = parts.loss + model.aux_loss() / len(packed)
             loss.backward()
-            stats["loss"] += float(parts.loss.detach())
-            stats["clip_low"] += float(parts.clipped_low)
-            stats["clip_high"] += float(parts.clipped_high)
-            stats["kl"] += float(parts.kl)
+            acc["loss"] += parts.loss.detach()
+            acc["clip_low"] += parts.clipped_low
+            acc["clip_high"] += parts.clipped_high
+            acc["kl"] += parts.kl
             if entropy is not None:
-                stats["entropy"] += float((entropy * mask).sum())
+                acc["entropy"] += (entropy * mask).sum()
             if is_w is not None:
-                stats["is_weight"] += float((is_w * mask).sum())
+                acc["is_weight"] += (is_w * mask).sum()
         if grad_clip > 0:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+            acc["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).detach().float()
         for opt in optimizers:
             opt.step()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
     # Clip fractions and KL are per token of the whole batch (a skipped sample is never clipped and
     # has no KL term); entropy and the IS weight are means over the tokens that were trained on.
+    stats = dict(zip(names, torch.stack([acc[name].float() for name in names]).tolist()))
     per_tok, trained = max(total_tokens, 1.0), max(float(sum(p[3].sum() for p in packed)), 1.0)
     iters = cfg.num_iterations
     return dict(
