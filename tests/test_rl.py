@@ -59,6 +59,8 @@ class FakeCompletion:
 class ScriptedEngine:
     """`generate` answers each prompt, in call order, with the next scripted group of texts."""
 
+    device = torch.device("cpu")
+
     def __init__(self, script: list[list[str]], max_new_tokens: int | None = None) -> None:
         self.script = list(script)
         self.max_new_tokens = max_new_tokens

@@ -44,7 +44,7 @@ def rl_defaults() -> RunConfig:
 
     return RunConfig(
         train=TrainConfig(
-            steps=60,
+            steps=100,
             optimizer="adamw",
             lr=1e-4,
             warmup_steps=5,
@@ -169,7 +169,10 @@ def rollout(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLC
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.group_size, seed=seed
     )
-    outputs = engine.generate(ids, params)
+    # The policy keeps float32 master weights; on CUDA, rollouts decode under bf16 autocast like the
+    # trainer's forward (MoE experts then reach the grouped GEMM, and decode runs as CUDA graphs).
+    with autocast(engine.device):
+        outputs = engine.generate(ids, params)
     flat: dict[str, list] = {
         k: [] for k in ("rows", "prompt_ids", "completion_ids", "engine_logprobs", "texts", "truncated")
     }
@@ -419,7 +422,8 @@ def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RL
         n=cfg.eval_samples,
         seed=seed,
     )
-    records, wall = run_problems(engine, tokenizer, rows, grade, params)
+    with autocast(engine.device):
+        records, wall = run_problems(engine, tokenizer, rows, grade, params)
     summary = summarize_records(records, ks=[1, cfg.eval_samples])
     tokens = sum(s.tokens for r in records for s in r.samples)
     return dict(
