@@ -401,3 +401,19 @@ def test_task_row_files_are_prompted_bare(tok, tmp_path) -> None:
     assert R1_INSTRUCTION not in engine.calls[0][0][0] and examples[0].prompt + "<|im_end|>" in engine.calls[0][0][0]
     entry = summary["benchmarks"]["arith_rows"]
     assert entry["metrics"]["pass@1"] == 1.0 and entry["groups"] == {}  # one task: no per-group split
+
+
+def test_overview_table_has_one_column_per_distinct_metric():
+    from nanoseek.eval.report import overview_table
+
+    def summary(k: int) -> dict:
+        metrics = {"pass@1": 0.5, "pass@1_se": 0.1, f"pass@{k}": 0.75, f"cons@{k}": 0.5}
+        entry = dict(samples_per_problem=k, problems=4, metrics=metrics, speed={"tokens_per_s": 10.0})
+        return {"benchmarks": {"b": entry}}
+
+    one = overview_table(summary(1)).splitlines()
+    assert one[0] == "| benchmark | problems | pass@1 (%) | tokens/s |"  # cons@1 = pass@1 with one sample
+    assert one[2].count("|") == one[0].count("|") == one[1].count("|")
+    four = overview_table(summary(4)).splitlines()
+    assert four[0] == "| benchmark | problems | pass@1 (%) | pass@4 (%) | cons@4 (%) | tokens/s |"
+    assert "75.0" in four[2] and four[2].count("|") == four[0].count("|")

@@ -54,17 +54,24 @@ def _accuracy_table(metrics: dict[str, Any], ks: list[int]) -> list[str]:
     return lines
 
 
+def _columns(top: int) -> list[str]:
+    """pass@1, and pass@K / cons@K when there are K > 1 samples (with one sample both equal pass@1)."""
+    return ["pass@1"] + ([f"pass@{top}", f"cons@{top}"] if top > 1 else [])
+
+
+def _cells(m: dict[str, Any], keys: list[str]) -> str:
+    return " | ".join(format_pct(m.get(key), m.get(f"{key}_se")) for key in keys)
+
+
 def overview_table(summary: dict[str, Any]) -> str:
     """One line per benchmark: problems, pass@1, pass@K and cons@K (K = the samples per problem), tokens/s."""
     top = max((e["samples_per_problem"] for e in summary["benchmarks"].values()), default=1)
-    lines = [
-        f"| benchmark | problems | pass@1 (%) | pass@{top} (%) | cons@{top} (%) | tokens/s |",
-        "|---|--:|--:|--:|--:|--:|",
-    ]
+    keys = _columns(top)
+    head = " | ".join(f"{key} (%)" for key in keys)
+    lines = [f"| benchmark | problems | {head} | tokens/s |", "|---|--:|" + "--:|" * len(keys) + "--:|"]
     for name, entry in summary["benchmarks"].items():
         m, tps = entry["metrics"], entry["speed"].get("tokens_per_s")
-        cells = [format_pct(m.get(key), m.get(f"{key}_se")) for key in ("pass@1", f"pass@{top}", f"cons@{top}")]
-        lines.append(f"| {name} | {entry['problems']} | {' | '.join(cells)} | {_fmt(tps, '{:.1f}')} |")
+        lines.append(f"| {name} | {entry['problems']} | {_cells(m, keys)} | {_fmt(tps, '{:.1f}')} |")
     return "\n".join(lines)
 
 
@@ -73,14 +80,11 @@ def _bench_section(name: str, entry: dict[str, Any]) -> list[str]:
     out = [f"## {name}", "", f"`{entry['source']}`: {entry['problems']} problems, {n} sample(s) each.", ""]
     out += _accuracy_table(entry["metrics"], ks)
     if entry.get("groups"):
-        top = max(ks)
-        out += ["", f"| group | problems | pass@1 (%) | pass@{top} (%) | cons@{top} (%) |", "|---|--:|--:|--:|--:|"]
+        keys = _columns(max(ks))
+        head = " | ".join(f"{key} (%)" for key in keys)
+        out += ["", f"| group | problems | {head} |", "|---|--:|" + "--:|" * len(keys)]
         for group, m in entry["groups"].items():
-            out.append(
-                f"| {group} | {m['problems']} | {format_pct(m.get('pass@1'), m.get('pass@1_se'))} "
-                f"| {format_pct(m.get(f'pass@{top}'), m.get(f'pass@{top}_se'))} "
-                f"| {format_pct(m.get(f'cons@{top}'), m.get(f'cons@{top}_se'))} |"
-            )
+            out.append(f"| {group} | {m['problems']} | {_cells(m, keys)} |")
     g = entry["grading"]
     out += [
         "",
