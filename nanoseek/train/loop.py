@@ -149,16 +149,19 @@ def train(
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         set_lr(optimizers, lr_factor(step, cfg))
-        micro = [to_device(_next(data), device) for _ in range(cfg.grad_accum)]
-        n_targets = sum(int((b["targets"] != -100).sum()) for b in micro)
-        ce_total, aux_total = 0.0, 0.0
+        host_batches = [_next(data) for _ in range(cfg.grad_accum)]
+        # Counted on the host batches: on the device this would wait for the previous step to finish.
+        n_targets = sum(int((b["targets"] != -100).sum()) for b in host_batches)
+        micro = [to_device(b, device) for b in host_batches]
+        ce_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)
         for b in micro:
             with autocast(device):
                 ce, aux = batch_loss(loss_fn, b)
                 loss = ce / max(n_targets, 1) + aux / cfg.grad_accum
             loss.backward()
-            ce_total += ce.item()
-            aux_total += float(aux)
+            ce_sum += ce.detach().float()
+            aux_sum += aux.detach().float() if isinstance(aux, torch.Tensor) else aux
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if cfg.grad_clip > 0
@@ -168,6 +171,8 @@ def train(
             opt.step()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+        # One host sync per step, after the optimizer step is queued, so dt covers the whole step.
+        ce_total, aux_total = torch.stack([ce_sum, aux_sum]).tolist()
 
         dt = time.perf_counter() - t0
         step_tokens = sum(b["input_ids"].numel() for b in micro)
