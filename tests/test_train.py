@@ -165,3 +165,24 @@ def test_old_checkpoints_pruned(tmp_path):
     for step in (1, 2, 3, 10):
         ckpt_mod.save_checkpoint(tmp_path, step, model, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_10", "step_3"]
+
+
+def test_compile_option_compiles_the_loss_the_loop_calls(tmp_path, monkeypatch):
+    # `torch.compile(model).loss(...)` would run the eager model; the loop must call the compiled loss.
+    compiled, calls = [], []
+
+    def fake_compile(fn, **kwargs):
+        compiled.append(fn)
+
+        def wrapper(*args, **kw):
+            calls.append(1)
+            return fn(*args, **kw)
+
+        return wrapper
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = small_run()
+    cfg.train.compile = True
+    pretrain(cfg, tmp_path / "run", quiet=True)
+    assert len(compiled) == 1 and getattr(compiled[0], "__name__", "") == "loss"
+    assert len(calls) == cfg.train.steps * cfg.train.grad_accum
