@@ -25,7 +25,7 @@ from nanoseek.train.loop import train
 
 def sft_defaults() -> RunConfig:
     """SFT starts from a trained model: a lower peak lr and fewer steps than pretraining."""
-    return RunConfig(train=TrainConfig(steps=300, lr=1e-3, warmup_steps=10))
+    return RunConfig(train=TrainConfig(steps=600, lr=1e-3, warmup_steps=10))
 
 
 def _task_weights(cfg: RunConfig) -> dict[str, float]:
