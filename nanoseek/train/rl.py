@@ -330,9 +330,14 @@ def update(
             start = len(batch.prompt_ids[i]) - 1
             engine_lp[row, start : start + len(batch.engine_logprobs[i])] = torch.tensor(batch.engine_logprobs[i])
         packed.append((idx, ids, targets, mask, engine_lp.to(device, non_blocking=True)))
-    total_tokens = float(
-        sum(len(c) for i, c in enumerate(batch.completion_ids) if not (cfg.overlong == "mask" and batch.truncated[i]))
-    )
+
+    def loss_tokens(indices: list[int]) -> float:
+        """Completion tokens that enter the loss (truncated samples are masked out under overlong=mask)."""
+        return float(
+            sum(len(batch.completion_ids[i]) for i in indices if not (cfg.overlong == "mask" and batch.truncated[i]))
+        )
+
+    total_tokens = loss_tokens(list(range(n)))
     norm = grpo.AggregationNorm(max(total_tokens, 1.0), n, cfg.max_new_tokens)
 
     # The policy that produced the batch, as the trainer computes it (and the reference, if any).
@@ -392,7 +397,7 @@ def update(
     # Clip fractions and KL are per token of the whole batch (a skipped sample is never clipped and
     # has no KL term); entropy and the IS weight are means over the tokens that were trained on.
     stats = dict(zip(names, torch.stack([acc[name].float() for name in names]).tolist()))
-    per_tok, trained = max(total_tokens, 1.0), max(float(sum(p[3].sum() for p in packed)), 1.0)
+    per_tok, trained = max(total_tokens, 1.0), max(loss_tokens(active), 1.0)
     iters = cfg.num_iterations
     return dict(
         loss=stats["loss"] / iters,
