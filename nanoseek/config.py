@@ -129,6 +129,9 @@ class RLConfig:
     """Per-task difficulty knobs, e.g. {arithmetic = {digits = 3}}."""
     prompts_file: str = ""
     """A JSONL of {prompt or messages, answer[, task]} instead of the built-in tasks."""
+    eval_file: str = ""
+    """Held-out prompts in the same format for the before/after and periodic evaluations (the
+    first eval_problems rows); default: the built-in tasks' test split, or none with prompts_file."""
     eval_every: int = 0
     """Held-out evaluation every N steps (0 = only before and after)."""
     eval_problems: int = 200

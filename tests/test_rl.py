@@ -20,7 +20,17 @@ from nanoseek.model import Transformer, get_preset
 from nanoseek.model.io import save_model
 from nanoseek.rewards import RewardSet
 from nanoseek.train import grpo
-from nanoseek.train.rl import PromptSampler, Rollouts, collect, pack_sequences, rl, sequence_logprobs, update
+from nanoseek.train.rl import (
+    PromptSampler,
+    Rollouts,
+    collect,
+    evaluate,
+    file_rows,
+    pack_sequences,
+    rl,
+    sequence_logprobs,
+    update,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,6 +64,8 @@ class FakeCompletion:
     text: str
     finish_reason: str
     error: str | None = None
+    latency_s: float = 0.0
+    ttft_s: float = 0.0
 
 
 class ScriptedEngine:
@@ -372,3 +384,50 @@ def test_rl_resume_is_exact(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     # Not a vacuous comparison: the reward varied, so the updates had a signal.
     assert any(r["reward_std"] > 0 for r in steps) and any(r["loss"] != 0 for r in steps)
+
+
+# ----------------------------------------------------------------------------- held-out evaluation
+def write_jsonl(path: Path, rows_: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    return path
+
+
+def test_evaluate_grades_file_rows_by_math_equivalence_and_task_rows_by_their_verifier(tmp_path):
+    from nanoseek.tasks import get_task
+
+    file = write_jsonl(
+        tmp_path / "held.jsonl",
+        [
+            {"prompt": "half of one?", "answer": "0.5", "group": "frac"},
+            {"messages": [{"role": "user", "content": "two?"}], "answer": "2"},
+        ],
+    )
+    example = get_task("arithmetic").generate(1, split="test", seed=0)[0]
+    wrong = str(int(example.answer) + 1)
+    rows_ = [*file_rows(str(file)), dict(example.to_dict(), id="t0", group="arithmetic")]
+    engine = ScriptedEngine(
+        [
+            ["<think>h</think>\\boxed{\\frac{1}{2}}", "<think>h</think>\\boxed{0.4}"],  # 1 of 2 (1/2 == 0.5)
+            ["The answer is 2.", "<think>1+1</think>\\boxed{2}"],  # 2 of 2
+            [example.solution, f"<think>x</think>\\boxed{{{wrong}}}"],  # 1 of 2
+        ]
+    )
+    result = evaluate(engine, CharTokenizer(), rows_, RLConfig(eval_samples=2), seed=0)
+    assert result["accuracy"] == {"all": pytest.approx(4 / 6), "arithmetic": 0.5, "file": 1.0, "frac": 0.5}
+
+
+def test_rl_with_a_prompts_file_evaluates_on_its_eval_file(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "sft")
+    questions = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(11)]
+    train = write_jsonl(tmp_path / "train.jsonl", questions[:6])
+    held = write_jsonl(tmp_path / "held.jsonl", questions[6:])
+    cfg = rl_run()
+    cfg.train.steps = 1
+    cfg.rl.prompts_file, cfg.rl.eval_file, cfg.rl.eval_problems = str(train), str(held), 3
+    summary = rl(cfg, tmp_path / "run", ckpt, quiet=True)
+    assert summary["eval_problems"] == 3
+    assert set(summary["before"]) == set(summary["after"]) == {"all"}
+    # Without eval_file a prompts_file run has nothing held out to evaluate on.
+    cfg.rl.eval_file = ""
+    summary = rl(cfg, tmp_path / "run2", ckpt, quiet=True)
+    assert "before" not in summary and "eval_problems" not in summary

@@ -413,12 +413,18 @@ def update(
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int) -> dict[str, Any]:
-    """pass@1 over k samples on held-out rows, overall and per task."""
+    """pass@1 over k samples on held-out rows, overall and per task (or per file row `group`).
+
+    A row of a built-in task is graded by its task's verifier; a row without one (from a file)
+    by math-verify's equivalence of the extracted answer with the row's `answer`.
+    """
 
     def grade(row: dict[str, Any], text: str) -> tuple[bool, str | None]:
-        from nanoseek.rewards import extract_boxed
+        from nanoseek.rewards import answer_region, extract_answer, extract_boxed, math_reward
 
-        return task_reward([row["prompt"]], [text], [row])[0] >= 1.0, extract_boxed(text)
+        if "task" in row:
+            return task_reward([row["prompt"]], [text], [row])[0] >= 1.0, extract_boxed(text)
+        return math_reward([""], [text], [row])[0] >= 1.0, extract_answer(answer_region(text))
 
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens,
@@ -486,6 +492,8 @@ def rl(
     else:
         train_rows = task_rows(r, max(4096, r.prompts_per_step * t.steps), "train", t.seed)
         eval_rows = task_rows(r, r.eval_problems, "test", t.seed + 1)
+    if r.eval_file:
+        eval_rows = file_rows(r.eval_file)[: r.eval_problems]
     sampler = PromptSampler(train_rows, t.seed)
     max_prompt = max(len(prompt_ids(tokenizer, row["prompt"])) for row in train_rows + eval_rows)
     engine = Engine(
