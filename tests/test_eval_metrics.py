@@ -10,7 +10,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from nanoseek.eval.metrics import ProblemResult, majority_vote, pass_at_k, summarize
+from nanoseek.eval.metrics import ProblemResult, answer_key, majority_vote, pass_at_k, summarize
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:
@@ -55,6 +55,17 @@ def test_majority_vote_picks_the_most_frequent_answer() -> None:
     assert majority_vote([" 7", "7 ", "8"], [True, True, False]) is True  # default key strips
 
 
+def test_majority_vote_counts_equal_numbers_as_one_answer() -> None:
+    # 0.5 four ways against 0.4 twice: 0.5 wins only if its forms vote together.
+    forms = ["0.4", "1/2", "0.4", "\\frac{1}{2}", "$0.50", "0.5"]
+    assert majority_vote(forms, [x != "0.4" for x in forms]) is True
+    assert majority_vote(["1,000", "999", "1000", "999"], [True, False, True, False]) is True
+    assert majority_vote(["x + 1", "2", "x+1"], [True, False, True]) is True  # whitespace never matters
+    # Not numbers, so kept apart from the numbers they start with.
+    assert majority_vote(["2\\pi", "2", "2\\pi", "2", "2"], [True, False, True, False, False]) is False
+    assert answer_key("-\\dfrac{3}{4}") == Fraction(-3, 4) and answer_key("4x") == "4x"
+
+
 def test_majority_vote_ties_go_to_the_first_seen() -> None:
     assert majority_vote(["a", "b", "b", "a"], [True, False, False, True]) is True
     assert majority_vote(["b", "a", "a", "b"], [False, True, True, False]) is False
@@ -68,11 +79,10 @@ def test_majority_vote_none_never_wins_unless_all_none() -> None:
         majority_vote(["1"], [True, False])
 
 
-def test_majority_vote_with_a_normalising_key() -> None:
-    key = lambda s: Fraction(s)
+def test_majority_vote_with_another_key() -> None:
     answers = ["1/2", "0.5", "3", "3"]
-    assert majority_vote(answers, [True, True, False, False]) is False  # by string: "3" wins
-    assert majority_vote(answers, [True, True, False, False], key=key) is True  # 1/2 == 0.5: tie, first wins
+    assert majority_vote(answers, [True, True, False, False], key=str) is False  # by string: "3" wins
+    assert majority_vote(answers, [True, True, False, False]) is True  # by value 1/2 == 0.5: tie, first wins
 
 
 def brute_majority(answers: list[str | None], correct: list[bool]) -> bool:

@@ -214,8 +214,9 @@ def test_extract_boxed():
 def test_parse_number():
     assert parse_number("42") == 42 and parse_number(" -7 ") == -7 and parse_number("+3") == 3
     assert parse_number("1,234") == 1234 and parse_number("$12") == 12 and parse_number("2.50") == Fraction(5, 2)
-    assert parse_number("3/4") == Fraction(3, 4)
-    for bad in (None, "", "abc", "1,2", "4x", "1/0", "--1"):
+    assert parse_number("3/4") == Fraction(3, 4) and parse_number("\\frac{3}{4}") == Fraction(3, 4)
+    assert parse_number("-\\dfrac{1}{2}") == Fraction(-1, 2) and parse_number("1,234.5") == Fraction(2469, 2)
+    for bad in (None, "", "abc", "1,2", "4x", "1/0", "--1", "2\\pi", "\\frac{x}{2}"):
         assert parse_number(bad) is None, bad
 
 

@@ -16,7 +16,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["ProblemResult", "majority_vote", "pass_at_k", "summarize"]
+from nanoseek.rewards.answers import parse_number
+
+__all__ = ["ProblemResult", "answer_key", "majority_vote", "pass_at_k", "summarize"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -33,20 +35,24 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prob_all_wrong
 
 
-def _default_key(answer: str) -> str:
-    return answer.strip()
+def answer_key(answer: str) -> object:
+    """What two answers must share to vote together: the exact value when the answer is a number
+    ("0.5", "1/2", "\\frac{1}{2}" and "$0.50" are one vote), else the text without whitespace."""
+    value = parse_number(answer)
+    return value if value is not None else "".join(answer.split())
 
 
 def majority_vote(
     answers: Sequence[str | None],
     correct: Sequence[bool],
-    key: Callable[[str], object] = _default_key,
+    key: Callable[[str], object] = answer_key,
 ) -> bool:
     """cons@k for one problem: is the most frequent extracted answer a correct one?
 
-    Answers are grouped by `key(answer)` (default: the stripped string; pass a stronger
-    normalisation to merge `1/2` and `0.5`). None (no answer) never wins unless every answer is None.
-    Ties go to the group seen first. A group's correctness is that of its first member.
+    Answers are grouped by `key(answer)` (default `answer_key`: numbers by value, other answers by
+    their text without whitespace; pass a stronger key for symbolic answers). None (no answer) never
+    wins unless every answer is None. Ties go to the group seen first. A group's correctness is
+    that of its first member.
     """
     if len(answers) != len(correct):
         raise ValueError(f"{len(answers)} answers but {len(correct)} correctness flags")
@@ -101,7 +107,7 @@ def _mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
 def summarize(
     per_problem: Sequence[ProblemResult],
     ks: Sequence[int] = (1,),
-    key: Callable[[str], object] = _default_key,
+    key: Callable[[str], object] = answer_key,
 ) -> dict[str, float | int]:
     """pass@1, pass@k and cons@k averaged over problems, each with its standard error ("<metric>_se").
 

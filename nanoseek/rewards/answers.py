@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["answer_region", "extract_answer", "extract_boxed", "gsm8k_equal", "parse_gsm8k_number"]
+__all__ = ["answer_region", "extract_answer", "extract_boxed", "gsm8k_equal", "parse_gsm8k_number", "parse_number"]
 
 # --------------------------------------------------------------------------------------------------
 # Answer extraction
@@ -164,3 +164,28 @@ def gsm8k_equal(pred: str | None, gold: str | None) -> bool:
     """Exact numeric equality of two GSM8K answers (`18`, `$18.00` and `18 dollars` are all 18)."""
     a, b = parse_gsm8k_number(pred), parse_gsm8k_number(gold)
     return a is not None and b is not None and a == b
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)(/\d+)?")
+_INT_FRAC = re.compile(r"\\[dt]?frac\{(\d+)\}\{(\d+)\}")
+
+
+def parse_number(text: str | None) -> Fraction | None:
+    """The exact number an answer is, when it is nothing but a number; None otherwise.
+
+    Accepts "42", "-3", "1,234", "$12", "2.5", "3/4", "\\frac{3}{4}", "-\\dfrac{1}{2}". Stricter than
+    `parse_gsm8k_number`: no trailing words or units, so "2\\pi" or "4x" are not numbers.
+    """
+    if text is None:
+        return None
+    s = text.strip().replace("\u2212", "-").replace("\\$", "").replace("$", "")
+    s = s.replace("\\,", "").replace("\\!", "").replace(" ", "")
+    s = _INT_FRAC.sub(r"\1/\2", s)
+    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?", s):
+        s = s.replace(",", "")
+    if not _NUMBER.fullmatch(s):
+        return None
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from typing import Any, ClassVar
 
-from nanoseek.rewards.answers import answer_region, extract_boxed
+from nanoseek.rewards.answers import answer_region, extract_boxed, parse_number
 
 
 @dataclass
@@ -61,24 +59,6 @@ def final_answer(completion: str) -> str | None:
     (never closes) there is no answer, rather than an earlier box.
     """
     return extract_boxed(answer_region(completion))
-
-
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)(/\d+)?")
-
-
-def parse_number(text: str | None) -> Fraction | None:
-    """An exact number from an answer like "42", "-3", "1,234", "$12", "2.5" or "3/4"; None otherwise."""
-    if text is None:
-        return None
-    s = text.strip().replace("$", "").replace("\\,", "").replace(" ", "")
-    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+", s):
-        s = s.replace(",", "")
-    if not _NUMBER.fullmatch(s):
-        return None
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
 
 
 def stable_unit(key: str) -> float:
