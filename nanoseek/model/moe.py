@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -106,7 +107,8 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
         # Token copies routed to each expert since the last bias update (training only).
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
-        # Loads of the most recent forward, for logging.
+        # For logging: the loads of the most recent forward, or, once a training step's bias update
+        # has run, of that whole step (every micro-batch, and every rank under torchrun).
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
 
     _FLOAT32_BUFFERS = ("e_score_correction_bias", "tokens_per_expert", "last_load")
@@ -157,6 +159,7 @@ class Router(nn.Module):
         # No `if load.sum() == 0: return` (a host sync per layer per step): with no tokens counted,
         # sign(mean - load) is 0 everywhere and the bias does not move anyway.
         self.e_score_correction_bias.add_(self.cfg.bias_update_rate * torch.sign(load.mean() - load))
+        self.last_load.copy_(load)
         load.zero_()
 
 
@@ -238,7 +241,16 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 
 
 def update_router_biases(model: nn.Module) -> None:
-    for m in moe_layers(model):
+    layers = moe_layers(model)
+    if layers and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Data parallel (torchrun): DDP averages gradients, not buffers. Every rank must move the
+        # bias by the same, global load, so the token counts are summed over ranks first (one
+        # collective for all layers).
+        loads = torch.stack([m.router.tokens_per_expert for m in layers])
+        dist.all_reduce(loads)
+        for m, load in zip(layers, loads):
+            m.router.tokens_per_expert.copy_(load)
+    for m in layers:
         m.router.update_bias()
 
 

@@ -5,11 +5,13 @@ It takes a model, a stream of batches (dicts of `input_ids`, `targets`, `positio
 everything around the gradient step: the schedule, gradient accumulation (the loss
 is normalised by the tokens of the whole step, not per micro-batch), clipping, bf16
 autocast on CUDA, the MoE balancing update (an optimizer hook), progress, metrics,
-validation, checkpoints and exact resume.
+validation, checkpoints and exact resume. Under `torchrun` the same loop trains data-parallel
+with DDP (`nanoseek.train.distributed`): each rank takes its share of the step's micro-batches.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -20,15 +22,17 @@ from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nanoseek.config import TrainConfig
 from nanoseek.model import Transformer, install_balancing_hook, router_stats
 from nanoseek.plots import plot_training
+from nanoseek.train import distributed
 from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, save_checkpoint
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
 
-# Dense bf16 peak FLOP/s by GPU name, for MFU.
 # Dense bf16 peak FLOP/s by device-name substring; the first match wins, so variants precede their family.
 PEAK_FLOPS = {
     "H100 PCIe": 756e12,
@@ -73,6 +77,38 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+# Newer torch renames DDP's `broadcast_buffers` (and warns on the old name).
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+class _NoLog:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
+class LossModule(nn.Module):
+    """`model.loss` as a module's forward: DDP synchronises gradients through the forward it wraps."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        positions: torch.Tensor | None,
+        doc_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.loss(input_ids, targets, positions, doc_ids, reduction="sum")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -124,6 +160,8 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     device = device or next(model.parameters()).device
     model.to(device).train()
+    topo = distributed.topology()
+    quiet = quiet or not topo.is_main
     optimizers = build_optimizers(model, cfg, device)
     install_balancing_hook(optimizers[-1], model)
 
@@ -136,12 +174,23 @@ def train(
         start = state["step"]
         if not quiet:
             print(f"resuming {stage} from {ckpt} (step {start})")
-    log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt is not None else None)
+    log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt is not None else None) if topo.is_main else _NoLog()
 
-    # Compile the loss method itself: `torch.compile(model).loss(...)` would run the eager model.
-    loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
+    ddp = None
+    if topo.world > 1:
+        # Buffers are not broadcast: the routers' load counts are per rank until the balancing hook
+        # sums them, and the balancing bias moves identically on every rank.
+        ddp = DistributedDataParallel(
+            LossModule(model), device_ids=[device.index] if device.type == "cuda" else None, **_NO_BUFFER_SYNC
+        )
+        ddp_loss = torch.compile(ddp) if cfg.compile else ddp
+        loss_fn = lambda ids, tgt, pos, doc, reduction: ddp_loss(ids, tgt, pos, doc)
+    else:
+        # Compile the loss method itself: `torch.compile(model).loss(...)` would run the eager model.
+        loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak = peak_flops(device)
+    peak = peak * topo.world if peak else None
     bar = tqdm(total=cfg.steps, initial=start, desc=stage, disable=quiet, dynamic_ncols=True)
     last_loss, val_loss, tokens_seen, done = math.nan, None, 0, start
     t_start = time.perf_counter()
@@ -149,17 +198,21 @@ def train(
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         set_lr(optimizers, lr_factor(step, cfg))
-        host_batches = [_next(data) for _ in range(cfg.grad_accum)]
+        # Every rank reads the whole step (the same stream everywhere) and trains on its share.
+        host_batches = [_next(data) for _ in range(cfg.grad_accum * topo.world)]
         # Counted on the host batches: on the device this would wait for the previous step to finish.
         n_targets = sum(int((b["targets"] != -100).sum()) for b in host_batches)
-        micro = [to_device(b, device) for b in host_batches]
+        micro = [to_device(b, device) for b in host_batches[topo.rank :: topo.world]]
         ce_sum = torch.zeros((), device=device)
         aux_sum = torch.zeros((), device=device)
-        for b in micro:
-            with autocast(device):
-                ce, aux = batch_loss(loss_fn, b)
-                loss = ce / max(n_targets, 1) + aux / cfg.grad_accum
-            loss.backward()
+        for i, b in enumerate(micro):
+            # DDP averages gradients over ranks: x world makes that average the step's token mean.
+            # Only the last micro-batch's backward synchronises.
+            with ddp.no_sync() if ddp is not None and i < len(micro) - 1 else nullcontext():
+                with autocast(device):
+                    ce, aux = batch_loss(loss_fn, b)
+                    loss = ce * topo.world / max(n_targets, 1) + aux / cfg.grad_accum
+                loss.backward()
             ce_sum += ce.detach().float()
             aux_sum += aux.detach().float() if isinstance(aux, torch.Tensor) else aux
         grad_norm = (
@@ -172,10 +225,11 @@ def train(
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         # One host sync per step, after the optimizer step is queued, so dt covers the whole step.
-        ce_total, aux_total = torch.stack([ce_sum, aux_sum]).tolist()
+        ce_total, aux_total = distributed.all_reduce_sum(torch.stack([ce_sum, aux_sum])).tolist()
+        aux_total /= topo.world
 
         dt = time.perf_counter() - t0
-        step_tokens = sum(b["input_ids"].numel() for b in micro)
+        step_tokens = sum(b["input_ids"].numel() for b in host_batches)
         tokens_seen += step_tokens
         last_loss = ce_total / max(n_targets, 1)
         tok_s = step_tokens / dt
@@ -204,7 +258,7 @@ def train(
             log.write(dict(step=done, val_loss=val_loss))
             model.train()
         interrupted = stop_at is not None and done >= stop_at and done < cfg.steps
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or interrupted:
+        if topo.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps or interrupted):
             save_checkpoint(
                 run_dir,
                 done,
@@ -239,8 +293,10 @@ def train(
         params=model.num_params(),
         active_params=model.num_active_params(),
     )
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_training(run_dir, stage)
+    if topo.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_training(run_dir, stage)
+    distributed.barrier()  # the other ranks return once rank 0's files are on disk
     return summary
 
 

@@ -33,6 +33,7 @@ from nanoseek.plots import plot_lines, read_metrics, series
 from nanoseek.rewards import RewardSet, task_reward
 from nanoseek.train import grpo
 from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, save_checkpoint
+from nanoseek.train.distributed import launched_world_size
 from nanoseek.train.loop import MetricsLog, autocast
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
 
@@ -461,6 +462,11 @@ def rl(
     quiet: bool = False,
     stop_at: int | None = None,
 ) -> dict[str, Any]:
+    if launched_world_size() > 1:
+        raise RuntimeError(
+            "nanoseek rl runs in one process (rollouts and updates on one device); torchrun is for "
+            "pretrain and sft. Start it with plain `nanoseek rl`."
+        )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(run_config_to_toml(cfg))

@@ -2,6 +2,7 @@
 
 nanoseek pretrain                       # tiny model, built-in task corpus, CPU
 nanoseek sft --checkpoint runs/pretrain # built-in task conversations
+torchrun --standalone --nproc_per_node=8 -m nanoseek pretrain --preset moe-1b   # data-parallel
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nanoseek.loading import load_checkpoint, pick_device
 from nanoseek.model import Transformer
 from nanoseek.tasks.corpus import pretrain_texts, sft_conversations
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train import distributed
 from nanoseek.train.loop import train
 
 
@@ -34,7 +36,8 @@ def _task_weights(cfg: RunConfig) -> dict[str, float]:
 
 def _write_config(cfg: RunConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(run_config_to_toml(cfg))
+    if distributed.topology().is_main:
+        (run_dir / "config.toml").write_text(run_config_to_toml(cfg))
 
 
 def _round_up(n: int, multiple: int = 64) -> int:
@@ -44,8 +47,13 @@ def _round_up(n: int, multiple: int = 64) -> int:
 def pretrain_tokenizer(cfg: RunConfig, run_dir: Path, texts: list[str] | None) -> Tokenizer:
     """The run's tokenizer: reuse RUN_DIR/tokenizer, else train one on the data (or the built-in corpus)."""
     tok_dir = run_dir / "tokenizer"
-    if (tok_dir / "tokenizer.json").is_file():
+    if not distributed.topology().is_main:  # rank 0 trains and saves it; the others load its file
+        distributed.barrier()
         return Tokenizer.load(tok_dir)
+    if (tok_dir / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(tok_dir)
+        distributed.barrier()
+        return tokenizer
     if texts is None:
         from itertools import islice
 
@@ -56,6 +64,7 @@ def pretrain_tokenizer(cfg: RunConfig, run_dir: Path, texts: list[str] | None) -
         )
     tokenizer = Tokenizer.train(texts, cfg.data.vocab_size)
     tokenizer.save(tok_dir)
+    distributed.barrier()
     return tokenizer
 
 
@@ -63,9 +72,9 @@ def pretrain(
     cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: bool = False, stop_at: int | None = None
 ) -> dict[str, Any]:
     run_dir = Path(run_dir)
+    topo, device = distributed.setup(pick_device(cfg.train.device))
     _write_config(cfg, run_dir)
     torch.manual_seed(cfg.train.seed)
-    device = pick_device(cfg.train.device)
     t = cfg.train
     stats = BadInputStats()
     if cfg.data.files:
@@ -91,10 +100,10 @@ def pretrain(
             texts, tokenizer, t.seq_len, t.batch_size, split="val", val_fraction=cfg.data.val_fraction, seed=t.seed
         )
     model = Transformer(cfg.model_config(vocab_size=_round_up(tokenizer.vocab_size)))
-    if not quiet:
+    if not quiet and topo.is_main:
         print(
             f"pretrain: {model.num_params() / 1e6:.2f}M parameters ({model.num_active_params() / 1e6:.2f}M active), "
-            f"vocab {tokenizer.vocab_size}, device {device}",
+            f"vocab {tokenizer.vocab_size}, device {device}" + (f" x {topo.world} ranks" if topo.world > 1 else ""),
             file=sys.stderr,
         )
     val_batches = lambda: _take(val(), t.eval_batches)
@@ -111,7 +120,7 @@ def pretrain(
         quiet=quiet,
         stop_at=stop_at,
     )
-    if stats.count:
+    if stats.count and distributed.topology().is_main:
         print(stats.report(), file=sys.stderr)
     return summary
 
@@ -126,9 +135,9 @@ def sft(
 ) -> dict[str, Any]:
     """Fine-tune `checkpoint` on conversations; loss only on assistant tokens."""
     run_dir = Path(run_dir)
+    _, device = distributed.setup(pick_device(cfg.train.device))
     _write_config(cfg, run_dir)
     torch.manual_seed(cfg.train.seed)
-    device = pick_device(cfg.train.device)
     t = cfg.train
     model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=torch.float32)
     if tokenizer is None:
@@ -160,7 +169,7 @@ def sft(
         quiet=quiet,
         stop_at=stop_at,
     )
-    if stats.count:
+    if stats.count and distributed.topology().is_main:
         print(stats.report(), file=sys.stderr)
     return summary
 
