@@ -362,6 +362,10 @@ def test_kv_budget_sets_the_slots_and_requests_wait(models):
     model = models["tiny"]
     per_slot = KVCache.bytes_per_slot(model, 64, torch.float32)
     assert per_slot == model.kv_bytes_per_token(4) * 64
+    mla = models["mla"]  # the absorbed cache: keys [latent, rope key], values a view of the keys
+    assert KVCache.bytes_per_slot(mla, 64, torch.float32) == mla.kv_bytes_per_token(4) * 64
+    cache = KVCache.for_model(mla, 2, 64, torch.float32, torch.device("cpu"))
+    assert cache.v is None and cache.nbytes == 2 * mla.kv_bytes_per_token(4) * 64
     engine = Engine(model, max_batch=16, max_seq_len=64, kv_cache_gb=3.5 * per_slot / 2**30)
     assert engine.n_slots == 3 and engine.kv_cache_bytes == 3 * per_slot
     prompts = prompts_of([5, 9, 2, 14, 7, 3], seed=12)

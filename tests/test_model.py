@@ -251,6 +251,23 @@ def test_cached_incremental_forward_equals_full(attn_type):
     assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-5
 
 
+def test_mla_absorbed_cache_equals_decompressed_attention_in_float64():
+    # With a cache MLA attends in latent space (W_uk folded into q, W_uv after attention); without one
+    # it decompresses per-head keys and values. The two are the same function: float64, 1e-10.
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", attn_type="mla", q_lora_rank=24, kv_lora_rank=20, qk_rope_head_dim=8, v_head_dim=12)
+    model = Transformer(cfg).double().eval()
+    x = torch.randint(0, cfg.vocab_size, (3, 11))
+    cache = ConcatCache()
+    with torch.no_grad():
+        full = model(x)
+        pieces = [model(x[:, a:b], torch.arange(a, b).expand(3, -1), cache=cache) for a, b in [(0, 5), (5, 6), (6, 11)]]
+    assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-10
+    # What was cached: one kv head per layer holding [latent, rope key], the latent as the value.
+    assert cache.k[0].shape == (3, 1, 11, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert torch.equal(cache.v[0], cache.k[0][..., : cfg.kv_lora_rank])
+
+
 def reference_mha(x, attn, n_heads, cos_sin_fn):
     """Plain multi-head attention with an explicit softmax, written independently of SDPA."""
     B, T, _ = x.shape
@@ -352,6 +369,8 @@ def test_accounting_closed_form():
     model = Transformer(cfg)
     hd = cfg.attn_head_dim
     assert model.kv_bytes_per_token(2) == cfg.n_layers * 2 * cfg.n_kv_heads * hd * 2
+    mla = get_preset("tiny", attn_type="mla")
+    assert Transformer(mla).kv_bytes_per_token(2) == mla.n_layers * (mla.kv_lora_rank + mla.qk_rope_head_dim) * 2
     non_embed = model.num_params() - cfg.vocab_size * cfg.d_model
     expected = 6 * (non_embed + cfg.vocab_size * cfg.d_model) + 6 * cfg.n_layers * cfg.n_heads * 2 * hd * 128
     assert model.flops_per_token(128) == expected

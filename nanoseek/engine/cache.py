@@ -1,8 +1,10 @@
 """A preallocated KV cache: one row ("slot") per running sequence, every layer in one tensor.
 
 Layout: k [n_layers, n_slots, n_kv_heads, max_seq_len, k_dim] and v likewise with v_dim
-(GQA: n_kv_heads key/value heads of attn_head_dim; MLA, cached decompressed: n_heads
-heads, k_dim = nope + rope, v_dim = v_head_dim). A slot's heads are contiguous
+(GQA: n_kv_heads key/value heads of attn_head_dim). MLA attends in its absorbed form: one
+kv "head" whose key is [latent, rope key] (k_dim = kv_lora_rank + rope) and whose value is
+the latent, i.e. the key's first v_dim = kv_lora_rank numbers; then v is not stored at all
+(`values_in_keys`) and values are read as a view of k. A slot's heads are contiguous
 [max_seq_len, dim] blocks, so the decode batch reads `k[layer, :B, :, :L]` as a strided
 view: no gather, no copy.
 
@@ -39,11 +41,18 @@ class KVCache:
         v_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        values_in_keys: bool = False,
     ) -> None:
-        self.n_slots, self.max_seq_len, self.dtype = n_slots, max_seq_len, dtype
+        if values_in_keys and v_dim > k_dim:
+            raise ValueError(f"values_in_keys needs v_dim <= k_dim, got {v_dim} > {k_dim}")
+        self.n_slots, self.max_seq_len, self.dtype, self.v_dim = n_slots, max_seq_len, dtype, v_dim
         # Zeros, not empty: masked keys must hold finite numbers (0 x NaN would poison the output).
         self.k = torch.zeros(n_layers, n_slots, n_kv_heads, max_seq_len, k_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(n_layers, n_slots, n_kv_heads, max_seq_len, v_dim, dtype=dtype, device=device)
+        self.v = (
+            None
+            if values_in_keys
+            else torch.zeros(n_layers, n_slots, n_kv_heads, max_seq_len, v_dim, dtype=dtype, device=device)
+        )
         self._rows = torch.arange(n_slots, device=device)[:, None]  # [n_slots, 1]
         self._key_pos = torch.arange(_aligned(max_seq_len), device=device)
         self._mode: str | None = None
@@ -54,28 +63,29 @@ class KVCache:
 
     # --- sizing ---
     @staticmethod
-    def shape_for(model: torch.nn.Module) -> tuple[int, int, int, int]:
-        """(n_layers, kv heads, k_dim, v_dim) of a `Transformer`."""
+    def shape_for(model: torch.nn.Module) -> tuple[int, int, int, int, bool]:
+        """(n_layers, kv heads, k_dim, v_dim, values_in_keys) of a `Transformer`."""
         cfg = model.cfg
         if cfg.attn_type == "mla":
-            return cfg.n_layers, cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
-        return cfg.n_layers, cfg.n_kv_heads, cfg.attn_head_dim, cfg.attn_head_dim
+            return cfg.n_layers, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank, True
+        return cfg.n_layers, cfg.n_kv_heads, cfg.attn_head_dim, cfg.attn_head_dim, False
 
     @classmethod
     def bytes_per_slot(cls, model: torch.nn.Module, max_seq_len: int, dtype: torch.dtype) -> int:
-        n_layers, heads, k_dim, v_dim = cls.shape_for(model)
-        return n_layers * heads * (k_dim + v_dim) * max_seq_len * torch.empty((), dtype=dtype).element_size()
+        n_layers, heads, k_dim, v_dim, values_in_keys = cls.shape_for(model)
+        per_token = k_dim + (0 if values_in_keys else v_dim)
+        return n_layers * heads * per_token * max_seq_len * torch.empty((), dtype=dtype).element_size()
 
     @classmethod
     def for_model(
         cls, model: torch.nn.Module, n_slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device
     ) -> KVCache:
-        n_layers, heads, k_dim, v_dim = cls.shape_for(model)
-        return cls(n_layers, n_slots, max_seq_len, heads, k_dim, v_dim, dtype, device)
+        n_layers, heads, k_dim, v_dim, values_in_keys = cls.shape_for(model)
+        return cls(n_layers, n_slots, max_seq_len, heads, k_dim, v_dim, dtype, device, values_in_keys)
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
 
     # --- modes (set by the engine before each forward) ---
     def prefill(self, slots: Tensor) -> KVCache:
@@ -96,7 +106,8 @@ class KVCache:
         (positions past a prompt's end hold junk that decoding overwrites before reading)."""
         if dst.numel():
             self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+            if self.v is not None:
+                self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
     # --- the model's hook ---
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -105,10 +116,12 @@ class KVCache:
         Hkv, rep = k.shape[1], H // k.shape[1]
         out_dtype = q.dtype
         q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
-        K, V = self.k[layer], self.v[layer]
+        K = self.k[layer]
+        V = self.v[layer] if self.v is not None else None
         if self._mode == "prefill":
             K[self._slots, :, :T] = k
-            V[self._slots, :, :T] = v
+            if V is not None:
+                V[self._slots, :, :T] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
             return out.to(out_dtype)
         if self._mode != "decode":
@@ -116,8 +129,12 @@ class KVCache:
         pos, L = self._positions, self._kv_len
         rows = self._rows[:B]
         K[rows, :, pos] = k.transpose(1, 2)  # index [B, T] -> value [B, T, Hkv, dk]
-        V[rows, :, pos] = v.transpose(1, 2)
-        keys, values = K[:B, :, :L], V[:B, :, :L]  # views [B, Hkv, L, d]
+        keys = K[:B, :, :L]  # a view [B, Hkv, L, dk]
+        if V is not None:
+            V[rows, :, pos] = v.transpose(1, 2)
+            values = V[:B, :, :L]
+        else:
+            values = keys[..., : self.v_dim]
         if self._mask is None:  # the same for every layer: built once per forward
             # Additive, in the attention dtype (SDPA would convert a boolean mask again at every layer),
             # rows padded to a multiple of 16 keys (the memory-efficient kernel copies unaligned masks).

@@ -48,7 +48,7 @@ class ModelConfig:
     q_lora_rank: int = 0
     """MLA: rank of the query down-projection; 0 = full-rank query projection."""
     kv_lora_rank: int = 64
-    """MLA: width of the compressed key/value latent (what an absorbed cache stores)."""
+    """MLA: width of the compressed key/value latent (what the engine caches, with one RoPE key)."""
     qk_nope_head_dim: int = 32
     """MLA: per-head query/key width without rotary embedding."""
     qk_rope_head_dim: int = 16

@@ -93,8 +93,11 @@ class GQAttention(nn.Module):
 class MLAttention(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2/V3): low-rank q and kv, decoupled RoPE key shared by heads.
 
-    Keys/values are decompressed before attention (the training form); the cache gets
-    per-head k [.., nope+rope] and v. Caching only the latent (absorbed form) is future work.
+    Without a cache (training, full forwards) keys and values are decompressed per head. With the
+    engine's cache, attention runs in the absorbed form (DeepSeek-V2, section 2.1.2): W_uk is folded
+    into the query and W_uv applied after attention, so a token's cache entry is its normalised
+    latent and its one RoPE key, [kv_lora_rank + rope] per layer instead of n_heads x (nope + rope +
+    v): multi-query attention over [latent, k_pe] whose values are the latent itself.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
@@ -126,18 +129,28 @@ class MLAttention(nn.Module):
         q = q.view(B, T, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
-        kv = self.wkv_b(self.kv_norm(latent)).view(B, T, self.n_heads, self.nope + self.v_dim)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        latent = self.kv_norm(latent)
         q_pe = apply_rope(q_pe, cos, sin)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).expand(B, T, self.n_heads, self.rope)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # [B, T, 1, rope]: one RoPE key for all heads
         if cache is not None:
-            out = cache.attend(self.layer, q, k, v, self.scale)
-        else:
-            out = attention(q, k, v, self.scale, doc_ids)
+            return self._absorbed(q_nope, q_pe, latent, k_pe, cache)
+        kv = self.wkv_b(latent).view(B, T, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe.expand(B, T, self.n_heads, self.rope)], dim=-1).transpose(1, 2)
+        out = attention(q, k, v.transpose(1, 2), self.scale, doc_ids)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor, cache: KVCache) -> Tensor:
+        """q_nope . (W_uk c) = (q_nope W_uk) . c, and attn (W_uv c) = W_uv (attn c): attend in latent space."""
+        B, T, H, _ = q_nope.shape
+        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+        q_latent = torch.einsum("bthn,hnr->bhtr", q_nope, w[:, : self.nope])
+        q = torch.cat([q_latent, q_pe.transpose(1, 2).to(q_latent.dtype)], dim=-1)  # [B, H, T, r + rope]
+        k = torch.cat([latent, k_pe.squeeze(2).to(latent.dtype)], dim=-1).unsqueeze(1)  # [B, 1, T, r + rope]
+        out = cache.attend(self.layer, q, k, latent.unsqueeze(1), self.scale)  # [B, H, T, r]
+        out = torch.einsum("bhtr,hvr->bthv", out, w[:, self.nope :])
+        return self.wo(out.reshape(B, T, H * self.v_dim))
 
 
 class Block(nn.Module):
@@ -293,15 +306,11 @@ class Transformer(nn.Module):
     def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         """Bytes of KV cache one token occupies across all layers (bf16 by default).
 
-        MLA is cached decompressed (per-head k and v); `mla_latent_bytes_per_token`
-        gives what the absorbed form would store.
+        MLA caches the absorbed form: one latent and one RoPE key per token and layer.
         """
         cfg = self.cfg
         if cfg.attn_type == "mla":
-            per_layer = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+            per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         else:
             per_layer = 2 * cfg.n_kv_heads * cfg.attn_head_dim
         return cfg.n_layers * per_layer * bytes_per_element
-
-    def mla_latent_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        return self.cfg.n_layers * (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim) * bytes_per_element
