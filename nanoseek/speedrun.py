@@ -120,9 +120,15 @@ def speedrun(
 ) -> Path:
     from nanoseek.tasks.corpus import pretrain_texts
     from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.distributed import launched_world_size
     from nanoseek.train.rl import rl
     from nanoseek.train.stages import _task_weights, pretrain, sft
 
+    if launched_world_size() > 1:
+        raise RuntimeError(
+            "nanoseek speedrun runs in one process; under torchrun, run its stages one by one "
+            "(torchrun ... -m nanoseek pretrain / sft / rl)"
+        )
     spec = load_preset(preset)
     per_stage = split_overrides(overrides or [])
     configs = {s: stage_config(s, spec, per_stage[s]) for s in STAGES}  # validate everything before starting

@@ -77,10 +77,40 @@ def test_two_ranks_train_exactly_like_one_process_with_twice_the_accumulation(tm
     nanoseek(["sft", "--checkpoint", ckpt, *TRAIN, "--out", str(two / "sft")], tmp_path, nproc=2)
     assert_same_run(one / "sft", two / "sft")
 
+    # RL end to end on two ranks: each generates half the prompts; one summary with the held-out
+    # evaluation before and after, every step logged with the whole batch's sample count.
+    rl = ["--device", "cpu", "--quiet", "--set", "train.steps=2", "--set", "rl.prompts_per_step=4"]
+    rl += ["--set", "rl.group_size=2", "--set", "rl.max_new_tokens=8", "--set", "rl.eval_problems=6"]
+    out = nanoseek(["rl", "--checkpoint", str(two / "sft"), *rl, "--out", str(two / "rl")], tmp_path, nproc=2)
+    summary = json.loads(out.strip())
+    assert summary["steps"] == 2 and summary["eval_problems"] == 6 and "all" in summary["after"]
+    steps = [r for r in metrics(two / "rl") if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["length_mean"] > 0 for r in steps)
 
-def test_rl_refuses_to_run_under_torchrun(tmp_path, monkeypatch):
-    from nanoseek.train.rl import rl, rl_defaults
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match="torchrun is for pretrain and sft"):
-        rl(rl_defaults(), tmp_path / "rl", tmp_path / "missing")
+def run_script(script: Path, args: list[str], cwd: Path, nproc: int) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), str(script), *args]
+    done = subprocess.run(
+        cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_rl_update_split_over_two_ranks_equals_the_whole_batch_in_one_process(tmp_path):
+    script = Path(__file__).resolve().parent / "rl_ranks.py"
+    run_script(script, [str(tmp_path / "one")], tmp_path, nproc=1)
+    run_script(script, [str(tmp_path / "two")], tmp_path, nproc=2)
+    a = load_file(str(tmp_path / "one" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    sa = json.loads((tmp_path / "one" / "stats.json").read_text())
+    sb = json.loads((tmp_path / "two" / "stats.json").read_text())
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k] == pytest.approx(sb[k], rel=1e-6, abs=1e-9), k
+    assert sa["token-mean/trained_fraction"] == pytest.approx(5 / 6)  # the all-equal group was skipped
+    assert all(sa[f"{agg}/grad_norm"] > 0 for agg in ("token-mean", "seq-mean", "dr-grpo"))

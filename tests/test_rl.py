@@ -20,17 +20,8 @@ from nanoseek.model import Transformer, get_preset
 from nanoseek.model.io import save_model
 from nanoseek.rewards import RewardSet
 from nanoseek.train import grpo
-from nanoseek.train.rl import (
-    PromptSampler,
-    Rollouts,
-    collect,
-    evaluate,
-    file_rows,
-    pack_sequences,
-    rl,
-    sequence_logprobs,
-    update,
-)
+from nanoseek.train.rl import evaluate, pack_sequences, rl, sequence_logprobs, update
+from nanoseek.train.rollouts import PromptSampler, Rollouts, collect, file_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

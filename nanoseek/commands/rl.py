@@ -25,9 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from nanoseek.train.distributed import topology
     from nanoseek.train.rl import rl, rl_defaults
 
     cfg = run_config_from_args(args, rl_defaults())
     summary = rl(cfg, args.out, args.checkpoint, resume=args.resume, quiet=args.quiet, stop_at=args.stop_at)
-    print(json.dumps(summary))
+    if topology().is_main:  # under torchrun, one summary
+        print(json.dumps(summary))
     return 0

@@ -79,6 +79,35 @@ def barrier() -> None:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over ranks in place (a no-op in a single process); returns it."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _spread():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def _spread() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _host_reduce(values: tuple[float, ...], op: dist.ReduceOp) -> list[float]:
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def sum_over_ranks(*values: float) -> list[float]:
+    """Host numbers summed over ranks, all in one collective."""
+    return _host_reduce(values, dist.ReduceOp.SUM) if _spread() else list(values)
+
+
+def max_over_ranks(*values: float) -> list[float]:
+    return _host_reduce(values, dist.ReduceOp.MAX) if _spread() else list(values)
+
+
+def gather_lists(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (objects of our own processes)."""
+    if not _spread():
+        return list(items)
+    parts: list[list | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]  # type: ignore[union-attr]

@@ -24,10 +24,13 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "dr-grpo")
 REWARD_SCALINGS = ("group", "batch", "none")
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(
+    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, batch_std: float | None = None
+) -> Tensor:
     """rewards [N] (N = P x G, groups contiguous) -> advantages [N].
 
-    The std is the sample std (Bessel-corrected), as TRL computes it.
+    The std is the sample std (Bessel-corrected), as TRL computes it. `batch_std` replaces the std
+    of `rewards` for scale="batch" when they are one rank's share of a larger batch.
     """
     if scale not in REWARD_SCALINGS:
         raise ValueError(f"rl.scale_rewards = {scale!r}: must be one of {', '.join(REWARD_SCALINGS)}")
@@ -38,7 +41,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     if scale == "group":
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+        centred = centred / ((rewards.std() if batch_std is None else batch_std) + eps)
     return centred.reshape(-1)
 
 

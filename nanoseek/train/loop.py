@@ -87,7 +87,7 @@ _NO_BUFFER_SYNC = (
 )
 
 
-class _NoLog:
+class NullLog:
     """What ranks other than 0 log to: nothing."""
 
     def write(self, record: dict[str, Any]) -> None:
@@ -174,7 +174,7 @@ def train(
         start = state["step"]
         if not quiet:
             print(f"resuming {stage} from {ckpt} (step {start})")
-    log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt is not None else None) if topo.is_main else _NoLog()
+    log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt is not None else None) if topo.is_main else NullLog()
 
     ddp = None
     if topo.world > 1:

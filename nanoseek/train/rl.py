@@ -3,20 +3,25 @@
     nanoseek rl --checkpoint runs/sft                     # built-in task mixture, CPU
     nanoseek rl --checkpoint runs/sft --set rl.loss_agg=dr-grpo --set rl.scale_rewards=none
 
-Each step: P prompts x G samples from the engine on the live policy weights (no copy);
-rewards; group-relative advantages; `num_iterations` clipped policy-gradient updates.
+Each step: P prompts x G samples from the engine on the live policy weights (no copy) and
+their rewards (`nanoseek.train.rollouts`); group-relative advantages; `num_iterations` clipped
+policy-gradient updates (`update`, here).
 The held-out evaluation (pass@1 over k samples on test-split problems) runs before the
 first step and after the last, so every run reports what RL changed.
+
+Under `torchrun` (`torchrun --standalone --nproc_per_node=8 -m nanoseek rl ...`) each rank
+generates and scores its share of every step's prompts with its own engine, and the update sums
+the ranks' gradients; normalisers (tokens, sequences) and logged statistics are over the whole
+batch, so the loss is the one a single process would take on the same samples (tested).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import random
+import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +36,11 @@ from nanoseek.loading import load_checkpoint, pick_device
 from nanoseek.model import Transformer, install_balancing_hook
 from nanoseek.plots import plot_lines, read_metrics, series
 from nanoseek.rewards import RewardSet, task_reward
-from nanoseek.train import grpo
+from nanoseek.train import distributed, grpo
 from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, save_checkpoint
-from nanoseek.train.distributed import launched_world_size
-from nanoseek.train.loop import MetricsLog, autocast
+from nanoseek.train.loop import MetricsLog, NullLog, autocast
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
+from nanoseek.train.rollouts import PromptSampler, Rollouts, batch_statistics, collect, file_rows, task_rows
 
 
 def rl_defaults() -> RunConfig:
@@ -60,207 +65,6 @@ def rl_defaults() -> RunConfig:
             tasks="countdown,linear_equation,arithmetic",
             difficulty={"arithmetic": {"ops": ["*"]}},
         ),
-    )
-
-
-# ----------------------------------------------------------------------------- prompts
-def parse_weights(spec: str) -> dict[str, float]:
-    """'a,b:2' -> {'a': 1.0, 'b': 2.0}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, w = part.partition(":")
-        try:
-            out[name.strip()] = float(w) if w else 1.0
-        except ValueError:
-            raise ValueError(f"rl.tasks: bad weight in {part!r} (expected name or name:weight)") from None
-    return out
-
-
-def task_rows(cfg: RLConfig, n: int, split: str, seed: int) -> list[dict[str, Any]]:
-    from nanoseek.tasks.corpus import task_mixture
-
-    examples = task_mixture(
-        n, split=split, seed=seed, weights=parse_weights(cfg.tasks), difficulty=cfg.difficulty or None
-    )
-    return [dict(e.to_dict(), id=f"{e.task}-{i}", group=e.task) for i, e in enumerate(examples)]
-
-
-def file_rows(path: str) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "answer" not in row or not ("prompt" in row or "messages" in row):
-                raise ValueError(f"{path}:{line_no}: expected an object with 'answer' and 'prompt' or 'messages'")
-            row.setdefault("prompt", row.get("messages"))
-            row.setdefault("id", f"{Path(path).stem}-{line_no}")
-            row.setdefault("group", row.get("task", "file"))
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no prompts")
-    return rows
-
-
-class PromptSampler:
-    """Cycles through the training prompts in a seeded order, reshuffled each epoch; resumable."""
-
-    def __init__(self, rows: list[dict[str, Any]], seed: int) -> None:
-        self.rows, self.seed, self.epoch, self.pos = rows, seed, 0, 0
-        self._order = self._shuffle(0)
-
-    def _shuffle(self, epoch: int) -> list[int]:
-        order = list(range(len(self.rows)))
-        random.Random(f"prompts:{self.seed}:{epoch}").shuffle(order)
-        return order
-
-    def take(self, n: int) -> list[dict[str, Any]]:
-        out = []
-        while len(out) < n:
-            if self.pos == len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._shuffle(self.epoch)
-            out.append(self.rows[self._order[self.pos]])
-            self.pos += 1
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._order = self._shuffle(self.epoch)
-
-
-# ----------------------------------------------------------------------------- rollouts
-@dataclass
-class Rollouts:
-    rows: list[dict[str, Any]]
-    """One per sample (N = P x G, groups contiguous)."""
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    engine_logprobs: list[list[float]]
-    texts: list[str]
-    truncated: list[bool]
-    rewards: torch.Tensor
-    """[N] the weighted total, overlong penalty included."""
-    per_function: dict[str, list[float]]
-    correct: list[bool]
-    groups_generated: int
-    """Groups sampled this step (more than P when dynamic sampling refilled)."""
-    zero_variance_fraction: float
-    """Of the groups sampled, the fraction whose rewards were all equal."""
-    sampled_reward: float
-    """Mean reward over every sample generated this step (dropped groups included: an unbiased view)."""
-    sampled_accuracy: float
-    """Fraction correct over every sample generated this step."""
-    sampled_tokens: int
-    """Completion tokens generated this step, dropped groups included."""
-    reward_warnings: dict[str, int]
-    """Reward functions that raised or timed out this step, by kind."""
-
-
-def rollout(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int) -> dict[str, Any]:
-    """Sample G completions for each prompt row; flat per-sample lists."""
-    ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.group_size, seed=seed
-    )
-    # The policy keeps float32 master weights; on CUDA, rollouts decode under bf16 autocast like the
-    # trainer's forward (MoE experts then reach the grouped GEMM, and decode runs as CUDA graphs).
-    with autocast(engine.device):
-        outputs = engine.generate(ids, params)
-    flat: dict[str, list] = {
-        k: [] for k in ("rows", "prompt_ids", "completion_ids", "engine_logprobs", "texts", "truncated")
-    }
-    for row, p_ids, completions in zip(rows, ids, outputs):
-        if any(c.finish_reason == "error" for c in completions):
-            raise ValueError(f"prompt {row.get('id')}: {completions[0].error}")
-        for c in completions:
-            flat["rows"].append(row)
-            flat["prompt_ids"].append(p_ids)
-            flat["completion_ids"].append(c.token_ids)
-            flat["engine_logprobs"].append(c.logprobs)
-            flat["texts"].append(c.text or "")
-            flat["truncated"].append(c.finish_reason == "length")
-    return flat
-
-
-def score(flat: dict[str, Any], reward_set: RewardSet, cfg: RLConfig) -> dict[str, Any]:
-    prompts = [r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"]) for r in flat["rows"]]
-    result = reward_set.score(prompts, flat["texts"], flat["rows"])
-    rewards = torch.tensor(result.total, dtype=torch.float32)
-    if cfg.overlong == "soft":
-        lengths = torch.tensor([len(c) for c in flat["completion_ids"]])
-        rewards = rewards + grpo.soft_overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer)
-    # Accuracy is the verifier's verdict when the rows are tasks, else the first reward function's.
-    if all("task" in r for r in flat["rows"]):
-        correct = [v >= 1.0 for v in task_reward(prompts, flat["texts"], flat["rows"])]
-    else:
-        first = next(iter(result.per_function.values()))
-        correct = [v >= 1.0 for v in first]
-    return dict(rewards=rewards, per_function=result.per_function, correct=correct, warnings=dict(result.warnings))
-
-
-def collect(
-    engine: Engine, tokenizer: Any, sampler: PromptSampler, reward_set: RewardSet, cfg: RLConfig, seed: int
-) -> Rollouts:
-    """One step's rollouts; with dynamic sampling, zero-variance groups are dropped and refilled."""
-    G, P = cfg.group_size, cfg.prompts_per_step
-    kept: dict[str, list] = {}
-    generated, zero_var = 0, 0
-    reward_sum, n_correct, n_samples, n_tokens = 0.0, 0, 0, 0
-    warnings: dict[str, int] = {}
-    rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
-    for r in range(rounds):
-        need = P - (len(kept.get("rows", [])) // G)
-        if need <= 0:
-            break
-        flat = rollout(engine, tokenizer, sampler.take(need), cfg, seed=seed * 1000 + r)
-        flat.update(score(flat, reward_set, cfg))
-        for kind, count in flat.pop("warnings").items():
-            warnings[kind] = warnings.get(kind, 0) + count
-        flat["rewards"] = flat["rewards"].tolist()
-        reward_sum += sum(flat["rewards"])
-        n_correct += sum(flat["correct"])
-        n_samples += len(flat["rewards"])
-        n_tokens += sum(len(c) for c in flat["completion_ids"])
-        zero = grpo.zero_variance_groups(torch.tensor(flat["rewards"]), G).tolist()
-        generated += len(zero)
-        zero_var += sum(zero)
-        keep_groups = [g for g, z in enumerate(zero) if not (cfg.dynamic_sampling and z)]
-        # When no round of the step found an informative group, keep the last round rather than
-        # return an empty batch (its advantages are all zero: the step only moves the optimizer state).
-        if cfg.dynamic_sampling and r == rounds - 1 and not kept.get("rows") and not keep_groups:
-            keep_groups = list(range(len(zero)))
-        for key, values in flat.items():
-            if key == "per_function":
-                for name, v in values.items():
-                    kept.setdefault("per_function", {}).setdefault(name, []).extend(
-                        x for g in keep_groups for x in v[g * G : (g + 1) * G]
-                    )
-            else:
-                kept.setdefault(key, []).extend(x for g in keep_groups for x in values[g * G : (g + 1) * G])
-    return Rollouts(
-        rows=kept["rows"],
-        prompt_ids=kept["prompt_ids"],
-        completion_ids=kept["completion_ids"],
-        engine_logprobs=kept["engine_logprobs"],
-        texts=kept["texts"],
-        truncated=kept["truncated"],
-        rewards=torch.tensor(kept["rewards"], dtype=torch.float32),
-        per_function=kept["per_function"],
-        correct=kept["correct"],
-        groups_generated=generated,
-        zero_variance_fraction=zero_var / max(generated, 1),
-        sampled_reward=reward_sum / max(n_samples, 1),
-        sampled_accuracy=n_correct / max(n_samples, 1),
-        sampled_tokens=n_tokens,
-        reward_warnings=warnings,
     )
 
 
@@ -310,7 +114,12 @@ def update(
     term, nothing at all), so it is left out of the forward and backward passes; the normalisers
     still count the whole batch, so the loss is the one over every sample. With GRPO's all-equal
     groups (most groups of a weak policy) this skips most of the update's work.
+
+    Under torchrun `batch` is this rank's share: the normalisers count every rank's samples and the
+    gradients are summed over ranks before the step (one collective per optimizer step; DDP would
+    need the same number of micro-batches on every rank, which skipping does not give).
     """
+    topo = distributed.topology()
     n = len(batch.rows)
     mb = cfg.micro_batch_size
     if cfg.beta > 0:
@@ -338,8 +147,10 @@ def update(
             sum(len(batch.completion_ids[i]) for i in indices if not (cfg.overlong == "mask" and batch.truncated[i]))
         )
 
-    total_tokens = loss_tokens(list(range(n)))
-    norm = grpo.AggregationNorm(max(total_tokens, 1.0), n, cfg.max_new_tokens)
+    total_tokens, n_total, trained_tokens, n_trained = distributed.sum_over_ranks(
+        loss_tokens(list(range(n))), n, loss_tokens(active), len(active)
+    )
+    norm = grpo.AggregationNorm(max(total_tokens, 1.0), max(int(n_total), 1), cfg.max_new_tokens)
 
     # The policy that produced the batch, as the trainer computes it (and the reference, if any).
     # With one update per batch the current policy *is* that policy, so its detached log-probs
@@ -379,7 +190,7 @@ def update(
                     beta=cfg.beta,
                     is_weights=is_w,
                 )
-                loss = parts.loss + model.aux_loss() / len(packed)
+                loss = parts.loss + model.aux_loss() / (len(packed) * topo.world)
             loss.backward()
             acc["loss"] += parts.loss.detach()
             acc["clip_low"] += parts.clipped_low
@@ -389,6 +200,8 @@ def update(
                 acc["entropy"] += (entropy * mask).sum()
             if is_w is not None:
                 acc["is_weight"] += (is_w * mask).sum()
+        if topo.world > 1:
+            _sum_gradients_over_ranks(model)
         if grad_clip > 0:
             acc["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).detach().float()
         for opt in optimizers:
@@ -397,8 +210,10 @@ def update(
             opt.zero_grad(set_to_none=True)
     # Clip fractions and KL are per token of the whole batch (a skipped sample is never clipped and
     # has no KL term); entropy and the IS weight are means over the tokens that were trained on.
-    stats = dict(zip(names, torch.stack([acc[name].float() for name in names]).tolist()))
-    per_tok, trained = max(total_tokens, 1.0), max(loss_tokens(active), 1.0)
+    summed = [name for name in names if name != "grad_norm"]  # the norm is of the summed gradient already
+    stats = dict(zip(summed, distributed.all_reduce_sum(torch.stack([acc[k].float() for k in summed])).tolist()))
+    stats["grad_norm"] = float(acc["grad_norm"])
+    per_tok, trained = max(total_tokens, 1.0), max(trained_tokens, 1.0)
     iters = cfg.num_iterations
     return dict(
         loss=stats["loss"] / iters,
@@ -408,13 +223,26 @@ def update(
         entropy=stats["entropy"] / trained,
         grad_norm=stats["grad_norm"],
         is_weight=stats["is_weight"] / (trained * iters) if cfg.tis_cap > 0 else 1.0,
-        trained_fraction=len(active) / max(n, 1),
+        trained_fraction=n_trained / max(n_total, 1),
     )
+
+
+def _sum_gradients_over_ranks(model: torch.nn.Module) -> None:
+    """All-reduce (sum) every gradient in one flat collective; a parameter without one counts as zeros."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    distributed.all_reduce_sum(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
 
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int) -> dict[str, Any]:
     """pass@1 over k samples on held-out rows, overall and per task (or per file row `group`).
+
+    Under torchrun each rank generates its share of the rows; every rank gets the whole summary.
 
     A row of a built-in task is graded by its task's verifier; a row without one (from a file)
     by math-verify's equivalence of the extracted answer with the row's `answer`.
@@ -434,8 +262,12 @@ def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RL
         n=cfg.eval_samples,
         seed=seed,
     )
+    topo = distributed.topology()
+    mine = rows[topo.rank :: topo.world]
     with autocast(engine.device):
-        records, wall = run_problems(engine, tokenizer, rows, grade, params)
+        records, wall = run_problems(engine, tokenizer, mine, grade, params) if mine else ([], 0.0)
+    records = distributed.gather_lists(records)
+    (wall,) = distributed.max_over_ranks(wall)
     summary = summarize_records(records, ks=[1, cfg.eval_samples])
     tokens = sum(s.tokens for r in records for s in r.samples)
     return dict(
@@ -462,15 +294,13 @@ def rl(
     quiet: bool = False,
     stop_at: int | None = None,
 ) -> dict[str, Any]:
-    if launched_world_size() > 1:
-        raise RuntimeError(
-            "nanoseek rl runs in one process (rollouts and updates on one device); torchrun is for "
-            "pretrain and sft. Start it with plain `nanoseek rl`."
-        )
+    t, r = cfg.train, cfg.rl
+    topo, device = distributed.setup(pick_device(t.device))
+    quiet = quiet or not topo.is_main
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(run_config_to_toml(cfg))
-    t, r = cfg.train, cfg.rl
+    if topo.is_main:
+        (run_dir / "config.toml").write_text(run_config_to_toml(cfg))
     if r.prompts_per_step < 1 or r.group_size < 2:
         raise ValueError("rl.prompts_per_step must be >= 1 and rl.group_size >= 2 (advantages are relative)")
     for name, value, allowed in (
@@ -481,7 +311,6 @@ def rl(
         if value not in allowed:
             raise ValueError(f"rl.{name} = {value!r}: must be one of {', '.join(allowed)}")
     torch.manual_seed(t.seed)
-    device = pick_device(t.device)
     model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=torch.float32)
     if tokenizer is None:
         raise FileNotFoundError(f"{checkpoint}: no tokenizer.json beside the weights")
@@ -505,7 +334,7 @@ def rl(
     engine = Engine(
         model,
         tokenizer,
-        max_batch=max(r.prompts_per_step * r.group_size, 8),
+        max_batch=max(math.ceil(r.prompts_per_step / topo.world) * r.group_size, 8),
         max_seq_len=min(model.cfg.max_seq_len, max_prompt + r.max_new_tokens + 8),
     )
 
@@ -518,7 +347,7 @@ def rl(
         start, before = state["step"], state.get("before")
         if not quiet:
             print(f"resuming rl from {ckpt} (step {start})", file=sys.stderr)
-    log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt is not None else None)
+    log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt is not None else None) if topo.is_main else NullLog()
 
     if before is None and eval_rows:
         before = evaluate(engine, tokenizer, eval_rows, r, seed=t.seed)
@@ -534,22 +363,21 @@ def rl(
         t0 = time.perf_counter()
         batch = collect(engine, tokenizer, sampler, reward_set, r, seed=t.seed * 100003 + step)
         t_rollout = time.perf_counter() - t0
-        advantages = grpo.group_advantages(batch.rewards, r.group_size, r.scale_rewards)
+        stats = batch_statistics(batch)
+        advantages = grpo.group_advantages(
+            batch.rewards, r.group_size, r.scale_rewards, batch_std=stats["reward_std"] if topo.world > 1 else None
+        )
         t1 = time.perf_counter()
         upd = update(model, ref_model, optimizers, batch, advantages, r, t.grad_clip, device)
         t_update = time.perf_counter() - t1
         done = step + 1
 
-        lengths = torch.tensor([len(c) for c in batch.completion_ids], dtype=torch.float32)
         record: dict[str, Any] = dict(
             step=done,
             reward=batch.sampled_reward,
-            reward_std=float(batch.rewards.std()),
             accuracy=batch.sampled_accuracy,
             zero_variance_groups=batch.zero_variance_fraction,
-            length_mean=float(lengths.mean()),
-            length_max=int(lengths.max()),
-            truncation_rate=sum(batch.truncated) / len(batch.truncated),
+            **stats,
             lr=optimizers[0].param_groups[0]["lr"],
             time_rollout=t_rollout,
             time_update=t_update,
@@ -558,16 +386,12 @@ def rl(
         )
         if batch.reward_warnings:
             record["reward_warnings"] = batch.reward_warnings
-        for name, values in batch.per_function.items():
-            v = torch.tensor(values)
-            record[f"reward/{name}"] = float(v.mean())
-            record[f"reward/{name}_std"] = float(v.std()) if len(values) > 1 else 0.0
         if r.eval_every and done % r.eval_every == 0 and done < t.steps and eval_rows:
             ev = evaluate(engine, tokenizer, eval_rows, r, seed=t.seed)
             record.update(eval_accuracy=ev["accuracy"]["all"], eval=ev["accuracy"])
         log.write(record)
         interrupted = stop_at is not None and done >= stop_at and done < t.steps
-        if done % t.checkpoint_every == 0 or done == t.steps or interrupted:
+        if topo.is_main and (done % t.checkpoint_every == 0 or done == t.steps or interrupted):
             save_checkpoint(
                 run_dir,
                 done,
@@ -603,8 +427,10 @@ def rl(
         )
         if not quiet:
             _print_eval_table(before["accuracy"], after["accuracy"])
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_rl(run_dir)
+    if topo.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_rl(run_dir)
+    distributed.barrier()
     return summary
 
 

@@ -1,0 +1,276 @@
+"""What an RL step learns from: prompts, their sampled completions and the rewards.
+
+Prompts come from the built-in tasks (a weighted mixture; `task_rows`) or a JSONL file
+(`file_rows`), and a resumable `PromptSampler` deals them out. `collect` turns one step's
+prompts into `Rollouts`: G samples each from the engine on the live policy, scored by the
+reward functions, with DAPO's dynamic sampling when asked (zero-variance groups dropped and
+refilled). Under torchrun every rank draws the same prompts and keeps its share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.config import RLConfig
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.eval.runner import prompt_ids
+from nanoseek.rewards import RewardSet, task_reward
+from nanoseek.train import distributed, grpo
+from nanoseek.train.loop import autocast
+
+
+# ----------------------------------------------------------------------------- prompts
+def parse_weights(spec: str) -> dict[str, float]:
+    """'a,b:2' -> {'a': 1.0, 'b': 2.0}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, w = part.partition(":")
+        try:
+            out[name.strip()] = float(w) if w else 1.0
+        except ValueError:
+            raise ValueError(f"rl.tasks: bad weight in {part!r} (expected name or name:weight)") from None
+    return out
+
+
+def task_rows(cfg: RLConfig, n: int, split: str, seed: int) -> list[dict[str, Any]]:
+    from nanoseek.tasks.corpus import task_mixture
+
+    examples = task_mixture(
+        n, split=split, seed=seed, weights=parse_weights(cfg.tasks), difficulty=cfg.difficulty or None
+    )
+    return [dict(e.to_dict(), id=f"{e.task}-{i}", group=e.task) for i, e in enumerate(examples)]
+
+
+def file_rows(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "answer" not in row or not ("prompt" in row or "messages" in row):
+                raise ValueError(f"{path}:{line_no}: expected an object with 'answer' and 'prompt' or 'messages'")
+            row.setdefault("prompt", row.get("messages"))
+            row.setdefault("id", f"{Path(path).stem}-{line_no}")
+            row.setdefault("group", row.get("task", "file"))
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+class PromptSampler:
+    """Cycles through the training prompts in a seeded order, reshuffled each epoch; resumable."""
+
+    def __init__(self, rows: list[dict[str, Any]], seed: int) -> None:
+        self.rows, self.seed, self.epoch, self.pos = rows, seed, 0, 0
+        self._order = self._shuffle(0)
+
+    def _shuffle(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        random.Random(f"prompts:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[dict[str, Any]]:
+        out = []
+        while len(out) < n:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle(self.epoch)
+            out.append(self.rows[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._shuffle(self.epoch)
+
+
+# ----------------------------------------------------------------------------- rollouts
+@dataclass
+class Rollouts:
+    rows: list[dict[str, Any]]
+    """One per sample (N = P x G, groups contiguous)."""
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    engine_logprobs: list[list[float]]
+    texts: list[str]
+    truncated: list[bool]
+    rewards: torch.Tensor
+    """[N] the weighted total, overlong penalty included."""
+    per_function: dict[str, list[float]]
+    correct: list[bool]
+    groups_generated: int
+    """Groups sampled this step (more than P when dynamic sampling refilled)."""
+    zero_variance_fraction: float
+    """Of the groups sampled, the fraction whose rewards were all equal."""
+    sampled_reward: float
+    """Mean reward over every sample generated this step (dropped groups included: an unbiased view)."""
+    sampled_accuracy: float
+    """Fraction correct over every sample generated this step."""
+    sampled_tokens: int
+    """Completion tokens generated this step, dropped groups included."""
+    reward_warnings: dict[str, int]
+    """Reward functions that raised or timed out this step, by kind."""
+
+
+def rollout(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int) -> dict[str, Any]:
+    """Sample G completions for each prompt row; flat per-sample lists."""
+    ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    params = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.group_size, seed=seed
+    )
+    # The policy keeps float32 master weights; on CUDA, rollouts decode under bf16 autocast like the
+    # trainer's forward (MoE experts then reach the grouped GEMM, and decode runs as CUDA graphs).
+    with autocast(engine.device):
+        outputs = engine.generate(ids, params)
+    flat: dict[str, list] = {
+        k: [] for k in ("rows", "prompt_ids", "completion_ids", "engine_logprobs", "texts", "truncated")
+    }
+    for row, p_ids, completions in zip(rows, ids, outputs):
+        if any(c.finish_reason == "error" for c in completions):
+            raise ValueError(f"prompt {row.get('id')}: {completions[0].error}")
+        for c in completions:
+            flat["rows"].append(row)
+            flat["prompt_ids"].append(p_ids)
+            flat["completion_ids"].append(c.token_ids)
+            flat["engine_logprobs"].append(c.logprobs)
+            flat["texts"].append(c.text or "")
+            flat["truncated"].append(c.finish_reason == "length")
+    return flat
+
+
+def score(flat: dict[str, Any], reward_set: RewardSet, cfg: RLConfig) -> dict[str, Any]:
+    prompts = [r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"]) for r in flat["rows"]]
+    result = reward_set.score(prompts, flat["texts"], flat["rows"])
+    rewards = torch.tensor(result.total, dtype=torch.float32)
+    if cfg.overlong == "soft":
+        lengths = torch.tensor([len(c) for c in flat["completion_ids"]])
+        rewards = rewards + grpo.soft_overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer)
+    # Accuracy is the verifier's verdict when the rows are tasks, else the first reward function's.
+    if all("task" in r for r in flat["rows"]):
+        correct = [v >= 1.0 for v in task_reward(prompts, flat["texts"], flat["rows"])]
+    else:
+        first = next(iter(result.per_function.values()))
+        correct = [v >= 1.0 for v in first]
+    return dict(rewards=rewards, per_function=result.per_function, correct=correct, warnings=dict(result.warnings))
+
+
+def collect(
+    engine: Engine, tokenizer: Any, sampler: PromptSampler, reward_set: RewardSet, cfg: RLConfig, seed: int
+) -> Rollouts:
+    """One step's rollouts; with dynamic sampling, zero-variance groups are dropped and refilled.
+
+    Under torchrun every rank draws the same prompts and keeps its share (prompt i goes to rank
+    i % world); how many groups a refill round needs is counted over all ranks, so the sampler
+    moves identically everywhere. The sampled statistics are totals over ranks.
+    """
+    G, P = cfg.group_size, cfg.prompts_per_step
+    topo = distributed.topology()
+    kept: dict[str, list] = {}
+    generated, zero_var = 0, 0
+    reward_sum, n_correct, n_samples, n_tokens = 0.0, 0, 0, 0
+    warnings: dict[str, int] = {}
+    rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
+    for r in range(rounds):
+        (kept_groups,) = distributed.sum_over_ranks(len(kept.get("rows", [])) // G)
+        need = P - int(kept_groups)
+        if need <= 0:
+            break
+        rows = sampler.take(need)[topo.rank :: topo.world]
+        if not rows:  # fewer prompts than ranks this round
+            continue
+        flat = rollout(engine, tokenizer, rows, cfg, seed=(seed * 1000 + r) * topo.world + topo.rank)
+        flat.update(score(flat, reward_set, cfg))
+        for kind, count in flat.pop("warnings").items():
+            warnings[kind] = warnings.get(kind, 0) + count
+        flat["rewards"] = flat["rewards"].tolist()
+        reward_sum += sum(flat["rewards"])
+        n_correct += sum(flat["correct"])
+        n_samples += len(flat["rewards"])
+        n_tokens += sum(len(c) for c in flat["completion_ids"])
+        zero = grpo.zero_variance_groups(torch.tensor(flat["rewards"]), G).tolist()
+        generated += len(zero)
+        zero_var += sum(zero)
+        keep_groups = [g for g, z in enumerate(zero) if not (cfg.dynamic_sampling and z)]
+        # When no round of the step found an informative group, keep the last round rather than
+        # return an empty batch (its advantages are all zero: the step only moves the optimizer state).
+        if cfg.dynamic_sampling and r == rounds - 1 and not kept.get("rows") and not keep_groups:
+            keep_groups = list(range(len(zero)))
+        for key, values in flat.items():
+            if key == "per_function":
+                for name, v in values.items():
+                    kept.setdefault("per_function", {}).setdefault(name, []).extend(
+                        x for g in keep_groups for x in v[g * G : (g + 1) * G]
+                    )
+            else:
+                kept.setdefault(key, []).extend(x for g in keep_groups for x in values[g * G : (g + 1) * G])
+    generated, zero_var, reward_sum, n_correct, n_samples, n_tokens = distributed.sum_over_ranks(
+        generated, zero_var, reward_sum, n_correct, n_samples, n_tokens
+    )
+    if topo.world > 1:  # every rank's warnings, added up
+        merged: dict[str, int] = {}
+        for kind, count in distributed.gather_lists(list(warnings.items())):
+            merged[kind] = merged.get(kind, 0) + count
+        warnings = merged
+    return Rollouts(
+        rows=kept.get("rows", []),
+        prompt_ids=kept.get("prompt_ids", []),
+        completion_ids=kept.get("completion_ids", []),
+        engine_logprobs=kept.get("engine_logprobs", []),
+        texts=kept.get("texts", []),
+        truncated=kept.get("truncated", []),
+        rewards=torch.tensor(kept.get("rewards", []), dtype=torch.float32),
+        per_function=kept.get("per_function", {name: [] for name in reward_set.names}),
+        correct=kept.get("correct", []),
+        groups_generated=int(generated),
+        zero_variance_fraction=zero_var / max(generated, 1),
+        sampled_reward=reward_sum / max(n_samples, 1),
+        sampled_accuracy=n_correct / max(n_samples, 1),
+        sampled_tokens=int(n_tokens),
+        reward_warnings=warnings,
+    )
+
+
+def batch_statistics(batch: Rollouts) -> dict[str, float]:
+    """Reward std, response lengths, truncation and each reward function's mean/std over the batch
+    (every rank's share under torchrun); stds are sample stds, as torch.std gives."""
+    lengths = [len(c) for c in batch.completion_ids]
+    columns = [batch.rewards.tolist(), *batch.per_function.values()]
+    sums = distributed.sum_over_ranks(
+        len(lengths), sum(lengths), sum(batch.truncated), *[f(v) for v in columns for f in (sum, _sum_sq)]
+    )
+    n, length_sum, truncated = sums[:3]
+    (length_max,) = distributed.max_over_ranks(max(lengths, default=0))
+
+    def std(total: float, total_sq: float) -> float:
+        return math.sqrt(max(total_sq - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
+
+    out = dict(
+        reward_std=std(sums[3], sums[4]),
+        length_mean=length_sum / max(n, 1),
+        length_max=int(length_max),
+        truncation_rate=truncated / max(n, 1),
+    )
+    for i, name in enumerate(batch.per_function):
+        total, total_sq = sums[5 + 2 * i], sums[6 + 2 * i]
+        out[f"reward/{name}"] = total / max(n, 1)
+        out[f"reward/{name}_std"] = std(total, total_sq)
+    return out
+
+
+def _sum_sq(values: list[float]) -> float:
+    return sum(v * v for v in values)
