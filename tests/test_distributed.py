@@ -81,11 +81,15 @@ def test_two_ranks_train_exactly_like_one_process_with_twice_the_accumulation(tm
     # evaluation before and after, every step logged with the whole batch's sample count.
     rl = ["--device", "cpu", "--quiet", "--set", "train.steps=2", "--set", "rl.prompts_per_step=4"]
     rl += ["--set", "rl.group_size=2", "--set", "rl.max_new_tokens=8", "--set", "rl.eval_problems=6"]
+    # Dynamic sampling: a random model's groups are all wrong, so every round refills (the ranks
+    # count the kept groups together) until the last round is kept.
+    rl += ["--set", "rl.dynamic_sampling=true", "--set", "rl.max_sampling_rounds=3"]
     out = nanoseek(["rl", "--checkpoint", str(two / "sft"), *rl, "--out", str(two / "rl")], tmp_path, nproc=2)
     summary = json.loads(out.strip())
     assert summary["steps"] == 2 and summary["eval_problems"] == 6 and "all" in summary["after"]
     steps = [r for r in metrics(two / "rl") if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["length_mean"] > 0 for r in steps)
+    assert all(r["zero_variance_groups"] == 1.0 for r in steps)  # 3 rounds x 4 prompts, over both ranks
 
 
 def run_script(script: Path, args: list[str], cwd: Path, nproc: int) -> None:
