@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rl": ("nanoseek.commands.rl", "GRPO / DAPO / Dr. GRPO with verifiable rewards"),
     "generate": ("nanoseek.commands.generate", "batched generation from a checkpoint"),
     "chat": ("nanoseek.commands.chat", "interactive chat with a checkpoint"),
+    "serve": ("nanoseek.commands.serve", "OpenAI-compatible HTTP server (continuous batching across clients)"),
     "eval": ("nanoseek.commands.eval", "accuracy (pass@k, cons@k) and speed on a benchmark"),
     "convert": ("nanoseek.commands.convert", "convert to and from Hugging Face checkpoints"),
     "speedrun": ("nanoseek.commands.speedrun", "the whole pipeline: tokenizer, pretrain, SFT, RL, eval"),

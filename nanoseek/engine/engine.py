@@ -555,30 +555,11 @@ class Engine:
         stop string. Stopping the iteration early aborts the request.
         """
         request = self.submit(prompt, params)
-        sent_tokens = [0] * request.params.n
-        sent_text = [""] * request.params.n
-        closed: set[int] = set()
+        deltas = DeltaTracker(self, request)
         try:
             while not request.done:
                 self.step()
-                for seq in request.seqs:
-                    if seq.sample in closed:
-                        continue
-                    start, finished = sent_tokens[seq.sample], seq.finish_reason is not None
-                    if start == len(seq.tokens) and not finished:
-                        continue
-                    text = self._stream_text(seq, sent_text[seq.sample])
-                    sent_text[seq.sample] += text
-                    sent_tokens[seq.sample] = len(seq.tokens)
-                    if finished:
-                        closed.add(seq.sample)
-                    yield Delta(
-                        seq.sample,
-                        seq.tokens[start:],
-                        seq.logprobs[start:],
-                        text,
-                        self.completion(seq) if finished else None,
-                    )
+                yield from deltas.poll()
         finally:
             if not request.done:
                 self.abort(request)
@@ -597,4 +578,32 @@ class Engine:
         return full[len(sent) :] if full.startswith(sent) else ""
 
 
-__all__ = ["Completion", "Delta", "Engine", "EngineStats", "Request"]
+class DeltaTracker:
+    """One request's output as it grows: `poll()` after each engine step gives every sample's new
+    tokens and text since the last poll (what `Engine.stream` yields and the server sends)."""
+
+    def __init__(self, engine: Engine, request: Request) -> None:
+        self.engine, self.request = engine, request
+        self.sent_tokens = [0] * request.params.n
+        self.sent_text = [""] * request.params.n
+        self.closed: set[int] = set()
+
+    def poll(self) -> list[Delta]:
+        out = []
+        for seq in self.request.seqs:
+            if seq.sample in self.closed:
+                continue
+            start, finished = self.sent_tokens[seq.sample], seq.finish_reason is not None
+            if start == len(seq.tokens) and not finished:
+                continue
+            text = self.engine._stream_text(seq, self.sent_text[seq.sample])
+            self.sent_text[seq.sample] += text
+            self.sent_tokens[seq.sample] = len(seq.tokens)
+            if finished:
+                self.closed.add(seq.sample)
+            completion = self.engine.completion(seq) if finished else None
+            out.append(Delta(seq.sample, seq.tokens[start:], seq.logprobs[start:], text, completion))
+        return out
+
+
+__all__ = ["Completion", "Delta", "DeltaTracker", "Engine", "EngineStats", "Request"]
