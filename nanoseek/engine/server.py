@@ -242,6 +242,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, out: queue.Queue, chat: bool, meta: dict[str, Any], n_prompt: int) -> None:
         obj = "chat.completion.chunk" if chat else "text_completion"
         started = False
+        greeted: set[int] = set()  # samples whose first chunk (with the role, as OpenAI sends it) went out
         try:
             for kind, value in self._events(out):
                 if kind == "error":
@@ -260,7 +261,9 @@ class _Handler(BaseHTTPRequestHandler):
                 delta: Delta = value
                 done = delta.completion is not None
                 if delta.text or done:
-                    piece = {"delta": {"content": delta.text}} if chat else {"text": delta.text}
+                    role = {} if delta.sample in greeted else {"role": "assistant"}
+                    greeted.add(delta.sample)
+                    piece = {"delta": {**role, "content": delta.text}} if chat else {"text": delta.text}
                     reason = finish_reason(delta.completion) if done else None
                     choice = {"index": delta.sample, **piece, "finish_reason": reason}
                     self._send_event({**meta, "object": obj, "choices": [choice]})
