@@ -8,6 +8,10 @@ Each stage writes its own run directory under OUT and resumes from its latest
 checkpoint; a stage whose summary shows all its steps done is skipped, so running
 the command again after an interruption continues where it stopped. The run ends
 with OUT/report.md: accuracy and speed after each stage, wall times, and the plots.
+
+Under torchrun (`torchrun --standalone --nproc_per_node=8 -m nanoseek speedrun --preset gpu`)
+every training stage runs data-parallel; rank 0 alone trains the tokenizer, evaluates and writes
+the report, and the other ranks finish once RL is done.
 """
 
 from __future__ import annotations
@@ -118,21 +122,20 @@ def evaluate_stage(
 def speedrun(
     preset: str = "cpu", out: str | Path = "runs/speedrun", overrides: list[str] | None = None, quiet: bool = False
 ) -> Path:
+    from nanoseek.loading import pick_device
     from nanoseek.tasks.corpus import pretrain_texts
     from nanoseek.tokenizer import Tokenizer
-    from nanoseek.train.distributed import launched_world_size
+    from nanoseek.train import distributed
     from nanoseek.train.rl import rl
     from nanoseek.train.stages import _task_weights, pretrain, sft
 
-    if launched_world_size() > 1:
-        raise RuntimeError(
-            "nanoseek speedrun runs in one process; under torchrun, run its stages one by one "
-            "(torchrun ... -m nanoseek pretrain / sft / rl)"
-        )
     spec = load_preset(preset)
     per_stage = split_overrides(overrides or [])
     configs = {s: stage_config(s, spec, per_stage[s]) for s in STAGES}  # validate everything before starting
     settings = eval_settings(spec, per_stage["eval"])
+    topo, _ = distributed.setup(pick_device(configs["pretrain"].train.device))
+    main = topo.is_main
+    quiet = quiet or not main
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
@@ -142,7 +145,8 @@ def speedrun(
         t0 = time.perf_counter()
         result = fn(*args, **kwargs)
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-        timings_path.write_text(json.dumps(timings, indent=2))
+        if main:
+            timings_path.write_text(json.dumps(timings, indent=2))
         return result
 
     def say(msg: str) -> None:
@@ -152,7 +156,7 @@ def speedrun(
     # 1. tokenizer: trained once on the pretraining corpus, shared by every stage.
     pt = configs["pretrain"]
     tok_dir = out / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
+    if main and not (tok_dir / "tokenizer.json").exists():
 
         def train_tokenizer() -> None:
             texts = pretrain_texts(min(pt.data.builtin_examples, 20000), seed=pt.train.seed, weights=_task_weights(pt))
@@ -160,8 +164,9 @@ def speedrun(
 
         say(f"tokenizer: vocab {pt.data.vocab_size}")
         timed("tokenizer", train_tokenizer)
-    if not (out / "pretrain" / "tokenizer" / "tokenizer.json").exists():
+    if main and not (out / "pretrain" / "tokenizer" / "tokenizer.json").exists():
         shutil.copytree(tok_dir, out / "pretrain" / "tokenizer", dirs_exist_ok=True)
+    distributed.barrier()  # the other ranks read the tokenizer rank 0 wrote
 
     # 2-4. the training stages, each resumable and skipped when complete.
     runs = {
@@ -176,7 +181,10 @@ def speedrun(
         say(f"{stage}: {configs[stage].train.steps} steps")
         timed(stage, runs[stage])
 
-    # 5. evaluation of every stage's model on the same held-out problems.
+    # 5. evaluation of every stage's model on the same held-out problems, on rank 0.
+    report = out / "report.md"
+    if not main:
+        return report
     results = {}
     for stage in STAGES:
         say(f"eval: {stage} model")

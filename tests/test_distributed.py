@@ -118,3 +118,15 @@ def test_rl_update_split_over_two_ranks_equals_the_whole_batch_in_one_process(tm
         assert sa[k] == pytest.approx(sb[k], rel=1e-6, abs=1e-9), k
     assert sa["token-mean/trained_fraction"] == pytest.approx(5 / 6)  # the all-equal group was skipped
     assert all(sa[f"{agg}/grad_norm"] > 0 for agg in ("token-mean", "seq-mean", "dr-grpo"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_speedrun_under_torchrun(tmp_path):
+    from test_speedrun import TINY  # the speedrun test's tiny settings
+
+    overrides = [arg for item in TINY for arg in ("--set", item)]
+    out = nanoseek(["speedrun", "--quiet", "--out", str(tmp_path / "run"), *overrides], tmp_path, nproc=2)
+    assert out.count("# nanoseek speedrun") == 1  # one report, printed by rank 0
+    for stage in ("pretrain", "sft", "rl"):
+        assert json.loads((tmp_path / "run" / stage / "summary.json").read_text())["steps"] > 0
+        assert (tmp_path / "run" / "eval" / stage / "summary.json").exists()

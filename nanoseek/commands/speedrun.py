@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.speedrun import speedrun
+    from nanoseek.train.distributed import topology
 
     report = speedrun(args.preset, args.out, args.overrides, quiet=args.quiet)
-    print(report.read_text())
+    if topology().is_main:  # under torchrun, rank 0 wrote the report
+        print(report.read_text())
     return 0
