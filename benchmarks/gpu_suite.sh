@@ -15,11 +15,12 @@
 #   rl_step             benchmarks/rl_step.py --preset small: 8 prompts x 8 samples x 256 tokens, vs TRL
 #   generate_small_moe  benchmarks/generate.py --preset small-moe
 #   train_step_compiled benchmarks/train_step.py --compile on moe-1b and the Qwen3-MoE shape, bf16 (if time is left)
+#   serve               benchmarks/serve.py --preset small: 1/8/32 streaming HTTP clients vs the engine alone
 #
 # Wheels in .whl/ (benchmarks/gpu_wheels.sh) are installed first into /tmp/site; nanoseek is imported from the
-# checkout (PYTHONPATH), nothing is fetched. Under $OUT (./gpu_out when unset), 7 files at most:
+# checkout (PYTHONPATH), nothing is fetched. Under $OUT (./gpu_out when unset), 8 files at most:
 #   suite.log       versions, GPU, one line per part (exit code, seconds); results.jsonl: one JSON line per part
-#   tests.log moe_layer.log train_step.log generate.log rl_step.log: each part's stderr, then its stdout
+#   tests.log moe_layer.log train_step.log generate.log rl_step.log serve.log: each part's stderr, then stdout
 # stdout: one line per part, then a summary of the headline figures (the device call returns the last 12 kB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,9 +28,9 @@ START=$SECONDS
 DEADLINE=${DEADLINE:-540}
 OUT=${OUT:-gpu_out}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-cuda_tests moe_kernel_check moe_layer train_step generate_small rl_step generate_small_moe train_step_compiled}
+PARTS=${PARTS:-cuda_tests moe_kernel_check moe_layer train_step generate_small rl_step generate_small_moe train_step_compiled serve}
 mkdir -p "$OUT"
-rm -f "$OUT"/{suite,tests,moe_layer,train_step,generate,rl_step}.log "$OUT/results.jsonl" # a local OUT is reused
+rm -f "$OUT"/{suite,tests,moe_layer,train_step,generate,rl_step,serve}.log "$OUT/results.jsonl" # a local OUT is reused
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [ -z "${QUICK:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then
@@ -168,6 +169,7 @@ for part in $PARTS; do
         run_part "$part" 150 train_step.log "$PY" benchmarks/train_step.py "${DEV[@]}" --compile \
             --presets moe-1b,qwen3-moe-1.3b --precisions bf16 --warmup 3
         ;;
+    serve) run_part "$part" 90 serve.log "$PY" benchmarks/serve.py "${DEV[@]}" --preset small ;;
     *) echo "unknown part $part (see the header of $0)" | tee -a "$OUT/suite.log" ;;
     esac
 done
@@ -221,6 +223,12 @@ for line in open(sys.argv[1]):
         else:
             line += f", TRL: {t.get('skipped', '?')}"
         print(line)
+    elif name == "serve":
+        print(f"{head}: {r['preset']} {r['device']}, {r['new_tokens']} new tokens per request")
+        for run in r["runs"]:
+            print(f"  {run['clients']:>3} clients: {run['server_tokens_per_s']:,.0f} tok/s over HTTP "
+                  f"(engine alone {run['engine_batch_tokens_per_s']:,.0f}), TTFT p50 {run['ttft_p50_ms']:.0f} ms, "
+                  f"ITL p50 {run['itl_p50_ms']:.1f} ms")
     else:
         print(f"{head}: {json.dumps(r)[:300]}")
 EOF

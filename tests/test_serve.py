@@ -105,6 +105,15 @@ def test_concurrent_clients_share_the_batch_and_each_gets_its_own_answer(served)
     assert engine.stats.max_running > 1  # requests from different clients were decoded together
 
 
+def test_a_burst_of_clients_is_queued_not_refused(served):
+    url, *_ = served
+    with ThreadPoolExecutor(48) as pool:
+        statuses = list(
+            pool.map(lambda i: post(url, "/v1/chat/completions", chat(f"{i}?", max_tokens=2))[0], range(48))
+        )
+    assert statuses == [200] * 48
+
+
 def test_completions_endpoint_n_samples_and_models(served):
     url, *_ = served
     status, raw = post(url, "/v1/completions", {"prompt": "What is 3 + 4?\n", "max_tokens": 8, "n": 3, "seed": 5})

@@ -282,6 +282,7 @@ class Server(ThreadingHTTPServer):
     """`Server(engine, tokenizer, ("127.0.0.1", 8000)).serve_forever()`; port 0 picks a free port."""
 
     daemon_threads = True
+    request_queue_size = 1024  # the listen backlog: the default 5 resets connections under a burst of clients
 
     def __init__(
         self,
