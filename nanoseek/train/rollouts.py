@@ -221,11 +221,9 @@ def collect(
     generated, zero_var, reward_sum, n_correct, n_samples, n_tokens = distributed.sum_over_ranks(
         generated, zero_var, reward_sum, n_correct, n_samples, n_tokens
     )
-    if topo.world > 1:  # every rank's warnings, added up
-        merged: dict[str, int] = {}
-        for kind, count in distributed.gather_lists(list(warnings.items())):
-            merged[kind] = merged.get(kind, 0) + count
-        warnings = merged
+    merged: dict[str, int] = {}  # every rank's warnings, added up
+    for kind, count in distributed.gather_lists(list(warnings.items())):
+        merged[kind] = merged.get(kind, 0) + count
     return Rollouts(
         rows=kept.get("rows", []),
         prompt_ids=kept.get("prompt_ids", []),
@@ -241,7 +239,7 @@ def collect(
         sampled_reward=reward_sum / max(n_samples, 1),
         sampled_accuracy=n_correct / max(n_samples, 1),
         sampled_tokens=int(n_tokens),
-        reward_warnings=warnings,
+        reward_warnings=merged,
     )
 
 
