@@ -148,6 +148,23 @@ def test_bad_requests_get_400_naming_the_field_and_the_server_goes_on(served, bo
     assert post(url, "/v1/chat/completions", chat("What is 1 + 1?"))[0] == 200
 
 
+def test_a_tokenizer_without_a_chat_template_gets_400_on_chat_but_serves_completions():
+    tokenizer = Tokenizer.train(pretrain_texts(100, seed=0), 300)
+    tokenizer.chat_template = None
+    torch.manual_seed(0)
+    engine = Engine(Transformer(get_preset("tiny", vocab_size=320)).eval(), tokenizer, max_batch=2, max_seq_len=64)
+    server = Server(engine, tokenizer, ("127.0.0.1", 0))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        status, raw = post(url, "/v1/chat/completions", chat("hi"))
+        assert status == 400 and "chat template" in json.loads(raw)["error"]["message"]
+        assert post(url, "/v1/completions", {"prompt": "What is", "max_tokens": 3})[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_slots(served):
     import socket
     import time

@@ -141,9 +141,12 @@ def prompt_of(body: dict[str, Any], chat: bool, tokenizer: Any) -> list[int]:
         for i, m in enumerate(messages):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise BadRequest(f"messages[{i}]: expected {{'role': str, 'content': str}}")
-        text = tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True
-        )
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True
+            )
+        except Exception as e:  # no template, or the template's own raise_exception (e.g. roles out of order)
+            raise BadRequest(f"messages: the chat template cannot render them: {e}") from None
     else:
         text = body.get("prompt")
         if not isinstance(text, str) or not text:
