@@ -71,6 +71,14 @@ def test_two_ranks_train_exactly_like_one_process_with_twice_the_accumulation(tm
     assert json.loads(out)["tokens"] == json.loads(out2)["tokens"]
     assert_same_run(one, two)
 
+    # Interrupted at step 2 and resumed, still on 2 ranks: the same run.
+    three = tmp_path / "three"
+    shutil.copytree(one / "tokenizer", three / "tokenizer")
+    nanoseek(["pretrain", *MODEL, *TRAIN, "--out", str(three), "--stop-at", "2"], tmp_path, nproc=2)
+    assert (three / "checkpoints" / "step_2").is_dir() and not (three / "checkpoints" / "step_4").exists()
+    nanoseek(["pretrain", *MODEL, *TRAIN, "--out", str(three), "--resume"], tmp_path, nproc=2)
+    assert_same_run(two, three)
+
     # SFT goes through the same loop from its own entry point.
     ckpt = str(one / "checkpoints" / "step_4")
     nanoseek(["sft", "--checkpoint", ckpt, *TRAIN, "--set", "train.grad_accum=2", "--out", str(one / "sft")], tmp_path)
