@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,7 +63,8 @@ def full_batch() -> Rollouts:
 def share(batch: Rollouts, rank: int, world: int) -> Rollouts:
     idx = [i for i in range(len(batch.rows)) if (i // G) % world == rank]
     pick = lambda xs: [xs[i] for i in idx]
-    return Rollouts(
+    return replace(
+        batch,
         rows=pick(batch.rows),
         prompt_ids=pick(batch.prompt_ids),
         completion_ids=pick(batch.completion_ids),
@@ -72,12 +74,6 @@ def share(batch: Rollouts, rank: int, world: int) -> Rollouts:
         rewards=batch.rewards[idx],
         per_function={k: pick(v) for k, v in batch.per_function.items()},
         correct=pick(batch.correct),
-        groups_generated=batch.groups_generated,
-        zero_variance_fraction=0.0,
-        sampled_reward=0.0,
-        sampled_accuracy=0.0,
-        sampled_tokens=0,
-        reward_warnings={},
     )
 
 

@@ -31,13 +31,18 @@ MODEL = [
 ]  # fmt: skip
 
 
-def nanoseek(args: list[str], cwd: Path, nproc: int = 1) -> str:
+def launch(program: list[str], cwd: Path, nproc: int) -> str:
+    """Run `python PROGRAM...` in one process, or under torchrun with nproc ranks; its stdout."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "nanoseek", *args]
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), *program]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def nanoseek(args: list[str], cwd: Path, nproc: int = 1) -> str:
+    return launch(["-m", "nanoseek", *args], cwd, nproc)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -100,20 +105,11 @@ def test_two_ranks_train_exactly_like_one_process_with_twice_the_accumulation(tm
     assert all(r["zero_variance_groups"] == 1.0 for r in steps)  # 3 rounds x 4 prompts, over both ranks
 
 
-def run_script(script: Path, args: list[str], cwd: Path, nproc: int) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*(launcher if nproc > 1 else [sys.executable]), str(script), *args]
-    done = subprocess.run(
-        cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_rl_update_split_over_two_ranks_equals_the_whole_batch_in_one_process(tmp_path):
     script = Path(__file__).resolve().parent / "rl_ranks.py"
-    run_script(script, [str(tmp_path / "one")], tmp_path, nproc=1)
-    run_script(script, [str(tmp_path / "two")], tmp_path, nproc=2)
+    launch([str(script), str(tmp_path / "one")], tmp_path, nproc=1)
+    launch([str(script), str(tmp_path / "two")], tmp_path, nproc=2)
     a = load_file(str(tmp_path / "one" / "weights.safetensors"))
     b = load_file(str(tmp_path / "two" / "weights.safetensors"))
     assert a.keys() == b.keys()
