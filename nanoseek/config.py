@@ -122,13 +122,14 @@ class RLConfig:
     tis_cap: float = 2.0
     """Truncated importance sampling cap on pi_trainer / pi_engine per token; 0 disables."""
     rewards: str = "task=1.0"
-    """Weighted reward functions: built-ins (task, math, format) or import paths, e.g. 'task=1,format=0.1'."""
+    """Weighted reward functions: built-ins (task, math, code, format) or import paths, e.g. 'task=1,format=0.1'."""
     tasks: str = "arithmetic,countdown,linear_equation,word_problems"
     """Built-in prompt mixture: 'name' or 'name:weight', comma separated."""
     difficulty: dict[str, Any] = field(default_factory=dict)
     """Per-task difficulty knobs, e.g. {arithmetic = {digits = 3}}."""
     prompts_file: str = ""
-    """A JSONL of {prompt or messages, answer[, task]} instead of the built-in tasks."""
+    """A JSONL of {prompt or messages, answer[, task]} (or code rows: tests instead of answer, with
+    rl.rewards=code) instead of the built-in tasks."""
     eval_file: str = ""
     """Held-out prompts in the same format for the before/after and periodic evaluations (the
     first eval_problems rows); default: the built-in tasks' test split, or none with prompts_file."""

@@ -1,6 +1,6 @@
-"""Verifiable rewards: answer extraction, math equivalence, reward functions and their containment.
+"""Verifiable rewards: answer extraction, math equivalence, code execution, reward functions and their containment.
 
-RL on verifiable rewards lives or dies by the grader. Three things matter here:
+RL on verifiable rewards lives or dies by the grader. Four things matter here:
 
 1. **Extraction** (`answers`). The model's answer is the last `\\boxed{...}` (braces balanced), else an
    "answer is X" / "Answer: X" line, else a GSM8K `#### X` line. When the completion has a
@@ -8,13 +8,15 @@ RL on verifiable rewards lives or dies by the grader. Three things matter here:
 2. **Equivalence** (`mathcheck`). `math_equal` asks `math-verify` (sympy) whether two answers are the
    same mathematical object (`\\frac{1}{2}` = `0.5`), in worker processes (`workers`) with a time limit
    that works from any thread; trivially equal strings and plain integers are decided in-process.
-3. **Containment** (here). A reward function that raises, returns garbage or hangs must not kill a long
+3. **Execution** (`code`). Code answers are run against the row's tests (MBPP, HumanEval or stdin/stdout
+   cases), each program a fresh interpreter in a subprocess with memory, CPU, output and time limits.
+4. **Containment** (here). A reward function that raises, returns garbage or hangs must not kill a long
    RL run: `RewardSet.score` gives the affected samples 0, counts a warning (logged once per kind)
    and goes on. User reward functions named by import path run in their own worker process with a
    time limit, so a hang costs one timeout, not the run.
 
 Every reward function has one signature: `fn(prompts, completions, rows) -> list[float]`, where each
-row is the dataset row of that sample (at least `answer`, maybe `task`, `prompt`, `solution`, `meta`).
+row is the dataset row of that sample (`answer` or tests, maybe `task`, `prompt`, `solution`, `meta`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from nanoseek.rewards.answers import (
     gsm8k_equal,
     parse_gsm8k_number,
 )
+from nanoseek.rewards.code import check_code, check_code_many, code_tests, extract_code, has_code_tests
 from nanoseek.rewards.mathcheck import (
     MathVerifyStats,
     configure_math_verify,
@@ -70,11 +73,17 @@ __all__ = [
     "RewardSet",
     "RewardTerm",
     "answer_region",
+    "check_code",
+    "check_code_many",
+    "code_reward",
+    "code_tests",
     "configure_math_verify",
     "extract_answer",
     "extract_boxed",
+    "extract_code",
     "format_reward",
     "gsm8k_equal",
+    "has_code_tests",
     "load_reward_fn",
     "math_equal",
     "math_equal_many",
@@ -154,7 +163,19 @@ def task_reward(prompts: list[str], completions: list[str], rows: list[dict]) ->
     return out
 
 
-BUILTIN_REWARDS: dict[str, RewardFn] = {"math": math_reward, "format": format_reward, "task": task_reward}
+def code_reward(prompts: list[str], completions: list[str], rows: list[dict]) -> list[float]:
+    """1.0 when the completion's last Python code block passes every test of its row (run in a
+    subprocess with limits: `nanoseek.rewards.code`), else 0.0."""
+    _check_batch(prompts, completions, rows)
+    return [float(result.passed) for result in check_code_many(completions, rows)]
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "math": math_reward,
+    "format": format_reward,
+    "task": task_reward,
+    "code": code_reward,
+}
 
 
 # --------------------------------------------------------------------------------------------------
