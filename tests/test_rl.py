@@ -383,7 +383,7 @@ def write_jsonl(path: Path, rows_: list[dict]) -> Path:
     return path
 
 
-def test_evaluate_grades_file_rows_by_math_equivalence_and_task_rows_by_their_verifier(tmp_path):
+def test_evaluate_grades_file_rows_by_math_equivalence_or_tests_and_task_rows_by_their_verifier(tmp_path):
     from nanoseek.tasks import get_task
 
     file = write_jsonl(
@@ -391,6 +391,7 @@ def test_evaluate_grades_file_rows_by_math_equivalence_and_task_rows_by_their_ve
         [
             {"prompt": "half of one?", "answer": "0.5", "group": "frac"},
             {"messages": [{"role": "user", "content": "two?"}], "answer": "2"},
+            {"prompt": "Write inc(x).", "tests": ["assert inc(1) == 2"], "group": "code"},
         ],
     )
     example = get_task("arithmetic").generate(1, split="test", seed=0)[0]
@@ -400,11 +401,18 @@ def test_evaluate_grades_file_rows_by_math_equivalence_and_task_rows_by_their_ve
         [
             ["<think>h</think>\\boxed{\\frac{1}{2}}", "<think>h</think>\\boxed{0.4}"],  # 1 of 2 (1/2 == 0.5)
             ["The answer is 2.", "<think>1+1</think>\\boxed{2}"],  # 2 of 2
+            ["```python\ndef inc(x):\n    return x + 1\n```", "```python\ndef inc(x):\n    return x\n```"],  # 1 of 2
             [example.solution, f"<think>x</think>\\boxed{{{wrong}}}"],  # 1 of 2
         ]
     )
     result = evaluate(engine, CharTokenizer(), rows_, RLConfig(eval_samples=2), seed=0)
-    assert result["accuracy"] == {"all": pytest.approx(4 / 6), "arithmetic": 0.5, "file": 1.0, "frac": 0.5}
+    assert result["accuracy"] == {
+        "all": pytest.approx(5 / 8),
+        "arithmetic": 0.5,
+        "code": 0.5,
+        "file": 1.0,
+        "frac": 0.5,
+    }
 
 
 def test_rl_with_a_prompts_file_evaluates_on_its_eval_file(tmp_path):
@@ -422,3 +430,20 @@ def test_rl_with_a_prompts_file_evaluates_on_its_eval_file(tmp_path):
     cfg.rl.eval_file = ""
     summary = rl(cfg, tmp_path / "run2", ckpt, quiet=True)
     assert "before" not in summary and "eval_problems" not in summary
+
+
+def test_rl_on_code_rows_with_the_code_reward(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "sft")
+    rows_ = [{"prompt": f"Write f(x) returning x + {i}.", "tests": [f"assert f(1) == {1 + i}"]} for i in range(4)]
+    cfg = rl_run()
+    cfg.train.steps = 1
+    cfg.rl.prompts_file = str(write_jsonl(tmp_path / "train.jsonl", rows_))
+    cfg.rl.eval_file = cfg.rl.prompts_file
+    cfg.rl.rewards = "code=1.0"
+    summary = rl(cfg, tmp_path / "run", ckpt, quiet=True)
+    step = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    assert step[0]["reward/code"] == 0.0 and "reward_warnings" not in step[0]  # no code block: 0, not a failure
+    assert summary["before"]["all"] == summary["after"]["all"] == 0.0
+    cfg.rl.rewards = "math=1.0"  # rows without an answer: refused before the run, naming the file and row
+    with pytest.raises(ValueError, match=r"train.jsonl: row 1 has no 'answer' field"):
+        rl(cfg, tmp_path / "run2", ckpt, quiet=True)

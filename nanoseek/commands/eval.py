@@ -8,13 +8,15 @@
     nanoseek eval compare runs/eval-sft runs/eval-rl          # markdown table of both, with the difference
 
 --bench (repeatable) is a file (.jsonl/.json/.parquet: GSM8K, MATH/MATH-500, AIME, `nanoseek data`
-task rows, or any layout with --prompt-field/--answer-field) or a built-in task (`nanoseek data
+task rows, HumanEval, MBPP, rows with `prompt` and `tests` (code: run against the tests in a subprocess
+with limits), or any layout with --prompt-field/--answer-field) or a built-in task (`nanoseek data
 list`; `tasks` = all of them) whose held-out test split is generated (--n-problems, --seed,
 --set TASK.KNOB=VALUE).
 
 Prompts: the chat template, with the user turn = the problem + an instruction chosen by
 --instruction: `auto` (default: the R1 suffix "Please reason step by step, and put your final
-answer within \\boxed{}." for files, nothing for built-in tasks, whose models never saw one), `r1`
+answer within \\boxed{}." for files, or for code "... write your final solution in a ```python code
+block."; nothing for built-in tasks, whose models never saw one), `r1`
 (the suffix for everything), `none`, or your own text. --few-shot K (base models) writes plain
 "Problem: ...\\nSolution: ..." text with K solved examples instead of using the chat template.
 

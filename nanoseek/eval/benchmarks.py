@@ -6,6 +6,9 @@ template: the evaluation loop adds that), the gold `answer`, and the `kind` that
 - "math": MATH, MATH-500, AIME and anything else with a LaTeX/number answer, graded by math_equal.
 - "gsm8k": GSM8K (gold = the number after `####`), graded by exact numeric equality.
 - "task:<name>": rows written by nanoseek.tasks (`task`, `prompt`, `answer`), graded by the task's verifier.
+- "code": HumanEval (`prompt`, `test`, `entry_point`), MBPP (`text` or `prompt`, `test_list`) or rows
+  with `prompt` and `tests`; graded by running the completion's last Python block against the tests
+  (`nanoseek.rewards.code`). `answer` holds the reference solution when the file has one.
 
 Layouts are recognised from the first row's fields; `prompt_field`/`answer_field` name them for any
 other file. A malformed row stops loading with a ValueError naming the file and line, unless
@@ -23,6 +26,8 @@ from typing import Any
 
 from nanoseek.rewards import (
     answer_region,
+    check_code,
+    code_tests,
     extract_answer,
     extract_boxed,
     gsm8k_equal,
@@ -107,6 +112,12 @@ def _detect_layout(record: dict, prompt_field: str | None, answer_field: str | N
         return "custom"
     if {"task", "prompt", "answer"} <= record.keys():
         return "task"
+    if {"prompt", "test", "entry_point"} <= record.keys():
+        return "humaneval"
+    if "test_list" in record and ("text" in record or "prompt" in record):
+        return "mbpp"
+    if "tests" in record and ("prompt" in record or "question" in record):
+        return "code"
     if "question" in record and isinstance(record.get("answer"), str) and "####" in record["answer"]:
         return "gsm8k"
     if "problem" in record and ("answer" in record or "solution" in record):
@@ -116,7 +127,8 @@ def _detect_layout(record: dict, prompt_field: str | None, answer_field: str | N
     raise ValueError(
         f"cannot tell the layout from the fields {sorted(record)}: expected GSM8K (question, answer with "
         "'#### n'), MATH (problem, solution/answer), AIME (problem or question, answer), nanoseek task rows "
-        "(task, prompt, answer), or pass prompt_field= and answer_field="
+        "(task, prompt, answer), HumanEval (prompt, test, entry_point), MBPP (text, test_list), code rows "
+        "(prompt, tests), or pass prompt_field= and answer_field="
     )
 
 
@@ -137,7 +149,7 @@ def _problem_from(record: Any, layout: str, prompt_field: str | None, answer_fie
         raise record
     if not isinstance(record, dict):
         raise _BadRow(f"expected an object, got {type(record).__name__}")
-    ident = next((str(record[k]) for k in ("unique_id", "id", "idx") if record.get(k) not in (None, "")), None)
+    ident = next((str(record[k]) for k in ("unique_id", "id", "idx", "task_id") if record.get(k) not in (None, "")), None)
     ident = ident or f"{stem}-{index}"
     if layout == "gsm8k":
         prompt = _text(record, prompt_field or "question")
@@ -148,6 +160,8 @@ def _problem_from(record: Any, layout: str, prompt_field: str | None, answer_fie
         if parse_gsm8k_number(answer) is None:
             raise _BadRow(f"GSM8K answer after '####' is not a number: {answer!r}")
         return Problem(ident, prompt, answer, "gsm8k", record)
+    if layout in ("humaneval", "mbpp", "code"):
+        return _code_problem(record, layout, ident)
     if layout == "task":
         task = _text(record, "task")
         return Problem(ident, _text(record, "prompt"), _text(record, "answer"), f"task:{task}", record)
@@ -169,6 +183,27 @@ def _problem_from(record: Any, layout: str, prompt_field: str | None, answer_fie
         answer = raw.rsplit("####", 1)[1].strip()
         return Problem(ident, prompt, answer, "gsm8k", record)
     return Problem(ident, prompt, raw, "math", record)
+
+
+def _code_problem(record: dict, layout: str, ident: str) -> Problem:
+    """A code problem: the text shown to the model, the reference solution (if any) as `answer`."""
+    try:
+        code_tests(record)  # malformed tests fail at load time, naming the row
+    except ValueError as e:
+        raise _BadRow(str(e)) from None
+    if layout == "humaneval":
+        signature = _text(record, "prompt")
+        prompt = f"Complete the following Python function.\n\n```python\n{signature}\n```"
+        canonical = record.get("canonical_solution")
+        reference = record["prompt"] + canonical if isinstance(canonical, str) and canonical.strip() else ""
+    elif layout == "mbpp":
+        text = _text(record, "text" if "text" in record else "prompt")
+        prompt = text + "\nYour code should pass these tests:\n\n" + "\n".join(record["test_list"])
+        reference = str(record.get("code") or "")
+    else:
+        prompt = _text(record, "prompt" if "prompt" in record else "question")
+        reference = str(record.get("solution") or record.get("code") or "")
+    return Problem(ident, prompt, reference, "code", record)
 
 
 def load_benchmark(
@@ -225,6 +260,9 @@ def grade(problem: Problem, completion: str, timeout_s: float = 5.0) -> tuple[bo
         )
         score = float(get_task(name).verify(completion, example))
         return score >= 1.0, extract_answer(answer_region(completion))
+    if problem.kind == "code":
+        result = check_code(completion, problem.row)
+        return result.passed, result.code
     extracted = extract_answer(answer_region(completion))
     if extracted is None:
         return False, None

@@ -18,10 +18,11 @@ first N problems of every benchmark.
 - Zero-shot (default): the chat template; the user turn is the problem followed by the instruction;
   `system` adds a system message; `think_prefill` opens the assistant turn with "<think>\\n" (unless
   the chat template already does, as R1-distilled models' do).
-- `instruction`: "auto" (default) = the R1 suffix (`R1_INSTRUCTION`) for benchmark files and
-  nothing for built-in task problems, generated or read from task-row files (the models trained
-  here saw their prompts bare); "r1" = the suffix everywhere; "none" = nothing anywhere; any other
-  text is appended, after a newline, everywhere.
+- `instruction`: "auto" (default) = the R1 suffix (`R1_INSTRUCTION`; `CODE_INSTRUCTION`, which asks
+  for a ```python block, for code problems) for benchmark files and nothing for built-in task
+  problems, generated or read from task-row files (the models trained here saw their prompts bare);
+  "r1" = that suffix everywhere; "none" = nothing anywhere; any other text is appended, after a
+  newline, everywhere.
 - Few-shot (`few_shot=K`, for base models): plain text, no chat template: K solved problems, then
   the problem, as "Problem: ...\\nSolution: ...\\n\\n" ending in "Solution:"; generation stops at the
   next "\\nProblem:". The examples come from the same file (never the evaluated problem; its
@@ -29,7 +30,8 @@ first N problems of every benchmark.
   train split, and are the same for every problem (a seeded draw).
 
 **Grading** is `benchmarks.grade`: math-verify for MATH/AIME, numeric equality for GSM8K, the task's
-verifier for tasks. Each sample gets a status: correct, wrong, no_answer (nothing extractable),
+verifier for tasks, the problem's tests (run in a subprocess with limits) for code. Each sample gets
+a status: correct, wrong, no_answer (nothing extractable: for code, no ```python block),
 unparseable (math-verify cannot read the answer: wrong, counted from `math_verify_stats`),
 grader_error (math-verify timed out or failed: wrong), bad_gold, or error (the engine refused the
 request, e.g. a prompt longer than the context).
@@ -70,6 +72,7 @@ __all__ = [
 ]
 
 R1_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+CODE_INSTRUCTION = "\nPlease reason step by step, then write your final solution in a ```python code block."
 THINK_PREFILL = "<think>\n"
 FEW_SHOT_STOP = "\nProblem:"
 TASK_MIXTURE = "tasks"
@@ -211,9 +214,11 @@ def _group(bench: Bench, problem: Problem) -> str:
 def _instruction(problem: Problem, cfg: EvalConfig) -> str:
     mode = cfg.instruction
     if mode == "auto":
-        return "" if problem.kind.startswith("task:") or cfg.few_shot else R1_INSTRUCTION
+        if problem.kind.startswith("task:") or cfg.few_shot:
+            return ""
+        return CODE_INSTRUCTION if problem.kind == "code" else R1_INSTRUCTION
     if mode == "r1":
-        return R1_INSTRUCTION
+        return CODE_INSTRUCTION if problem.kind == "code" else R1_INSTRUCTION
     if mode == "none":
         return ""
     return "\n" + mode
@@ -227,6 +232,10 @@ def solution_text(problem: Problem) -> str:
     from nanoseek.rewards import extract_answer
 
     row = problem.row or {}
+    if problem.kind == "code":
+        if not problem.answer.strip():
+            raise ValueError(f"problem {problem.id}: a few-shot code example needs a reference solution")
+        return f"```python\n{problem.answer.strip()}\n```"
     if problem.kind == "gsm8k":
         solution = _GSM8K_CALC.sub("", str(row.get("answer", "")))  # drop the calculator annotations
     else:

@@ -80,7 +80,8 @@ def run_problems(
     prefill: str = "",
     texts: Sequence[str] | None = None,
 ) -> tuple[list[ProblemRecord], float]:
-    """rows: dicts with 'id', 'prompt', 'answer' and optionally 'group'. Returns records and wall time.
+    """rows: dicts with 'id', 'prompt', and optionally 'answer' (the gold, recorded; code rows have tests
+    instead) and 'group'. Returns records and wall time.
 
     grade(row, completion_text) -> (correct, extracted answer[, status]). params.n samples per problem.
     The prompts are row['prompt'] rendered by `prompt_ids`, or `texts` (one per row, already rendered:
@@ -98,9 +99,8 @@ def run_problems(
     wall = time.perf_counter() - t0
     records = []
     for row, completions in zip(rows, outputs):
-        rec = ProblemRecord(
-            str(row.get("id", len(records))), str(row["prompt"]), str(row["answer"]), str(row.get("group", "all"))
-        )
+        ident, group = str(row.get("id", len(records))), str(row.get("group", "all"))
+        rec = ProblemRecord(ident, str(row["prompt"]), str(row.get("answer", "")), group)
         for c in completions:
             text = c.text or ""
             graded = grade(row, prefill + text) if c.finish_reason != "error" else (False, None, "error")

@@ -35,12 +35,20 @@ from nanoseek.eval.runner import prompt_ids, run_problems, summarize_records
 from nanoseek.loading import load_checkpoint, pick_device
 from nanoseek.model import Transformer, install_balancing_hook
 from nanoseek.plots import plot_lines, read_metrics, series
-from nanoseek.rewards import RewardSet, task_reward
+from nanoseek.rewards import RewardSet, has_code_tests, task_reward
 from nanoseek.train import distributed, grpo
 from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, save_checkpoint
 from nanoseek.train.loop import MetricsLog, NullLog, autocast
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
-from nanoseek.train.rollouts import PromptSampler, Rollouts, batch_statistics, collect, file_rows, task_rows
+from nanoseek.train.rollouts import (
+    PromptSampler,
+    Rollouts,
+    batch_statistics,
+    check_rows_for_rewards,
+    collect,
+    file_rows,
+    task_rows,
+)
 
 
 def rl_defaults() -> RunConfig:
@@ -244,15 +252,18 @@ def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RL
 
     Under torchrun each rank generates its share of the rows; every rank gets the whole summary.
 
-    A row of a built-in task is graded by its task's verifier; a row without one (from a file)
-    by math-verify's equivalence of the extracted answer with the row's `answer`.
+    A row of a built-in task is graded by its task's verifier; a row from a file by its code tests
+    when it has them, else by math-verify's equivalence of the extracted answer with its `answer`.
     """
 
     def grade(row: dict[str, Any], text: str) -> tuple[bool, str | None]:
-        from nanoseek.rewards import answer_region, extract_answer, extract_boxed, math_reward
+        from nanoseek.rewards import answer_region, check_code, extract_answer, extract_boxed, math_reward
 
         if "task" in row:
             return task_reward([row["prompt"]], [text], [row])[0] >= 1.0, extract_boxed(text)
+        if has_code_tests(row):
+            result = check_code(text, row)
+            return result.passed, result.code
         return math_reward([""], [text], [row])[0] >= 1.0, extract_answer(answer_region(text))
 
     params = SamplingParams(
@@ -329,6 +340,7 @@ def rl(
         eval_rows = task_rows(r, r.eval_problems, "test", t.seed + 1)
     if r.eval_file:
         eval_rows = file_rows(r.eval_file)[: r.eval_problems]
+    check_rows_for_rewards(reward_set, train_rows, r.prompts_file or "rl.tasks")
     sampler = PromptSampler(train_rows, t.seed)
     max_prompt = max(len(prompt_ids(tokenizer, row["prompt"])) for row in train_rows + eval_rows)
     engine = Engine(

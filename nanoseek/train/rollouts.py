@@ -21,7 +21,7 @@ import torch
 from nanoseek.config import RLConfig
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.runner import prompt_ids
-from nanoseek.rewards import RewardSet, task_reward
+from nanoseek.rewards import RewardSet, code_reward, code_tests, has_code_tests, math_reward, task_reward
 from nanoseek.train import distributed, grpo
 from nanoseek.train.loop import autocast
 
@@ -58,8 +58,15 @@ def file_rows(path: str) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "answer" not in row or not ("prompt" in row or "messages" in row):
-                raise ValueError(f"{path}:{line_no}: expected an object with 'answer' and 'prompt' or 'messages'")
+            if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
+                raise ValueError(f"{path}:{line_no}: expected an object with 'prompt' or 'messages'")
+            if has_code_tests(row):
+                try:
+                    code_tests(row)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{line_no}: {e}") from None
+            elif "answer" not in row:
+                raise ValueError(f"{path}:{line_no}: expected an 'answer' (or code tests: 'tests', 'test_list')")
             row.setdefault("prompt", row.get("messages"))
             row.setdefault("id", f"{Path(path).stem}-{line_no}")
             row.setdefault("group", row.get("task", "file"))
@@ -67,6 +74,24 @@ def file_rows(path: str) -> list[dict[str, Any]]:
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
+
+
+def check_rows_for_rewards(reward_set: RewardSet, rows: list[dict[str, Any]], source: str) -> None:
+    """A built-in reward needs a field in every row: fail before the run, not with zero rewards in it."""
+    needs = {
+        task_reward: ("'task' field", lambda row: "task" in row),
+        math_reward: ("'answer' field", lambda row: "answer" in row),
+        code_reward: ("code tests", has_code_tests),
+    }
+    for term in reward_set.terms:
+        if term.fn in needs:
+            what, has = needs[term.fn]
+            missing = next((i for i, row in enumerate(rows) if not has(row)), None)
+            if missing is not None:
+                raise ValueError(
+                    f"{source}: row {missing + 1} has no {what}, which the reward "
+                    f"{term.name!r} needs: choose rl.rewards to fit the rows (task, math or code)"
+                )
 
 
 class PromptSampler:
