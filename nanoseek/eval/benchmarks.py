@@ -149,8 +149,8 @@ def _problem_from(record: Any, layout: str, prompt_field: str | None, answer_fie
         raise record
     if not isinstance(record, dict):
         raise _BadRow(f"expected an object, got {type(record).__name__}")
-    ident = next((str(record[k]) for k in ("unique_id", "id", "idx", "task_id") if record.get(k) not in (None, "")), None)
-    ident = ident or f"{stem}-{index}"
+    ids = (str(record[k]) for k in ("unique_id", "id", "idx", "task_id") if record.get(k) not in (None, ""))
+    ident = next(ids, None) or f"{stem}-{index}"
     if layout == "gsm8k":
         prompt = _text(record, prompt_field or "question")
         solution = _text(record, answer_field or "answer")
