@@ -13,7 +13,8 @@ Every completion runs to max_new_tokens: nanoseek's engine gets no eos ids; TRL 
 generation_kwargs min_new_tokens = max_completion_length (eos suppressed until then).
 
 nanoseek: `collect` (nanoseek.train.rollouts) + `update` (nanoseek.train.rl), as `nanoseek rl` runs them
-(float32 master weights, bf16 autocast on CUDA; the update also takes one no-grad forward for the
+(float32 master weights, bf16 autocast on CUDA, the engine on a twin holding bf16 copies of the matmul
+weights, refreshed after each optimizer step; the update also takes one no-grad forward for the
 old/trainer log-probs that the truncated importance-sampling weights need).
 TRL: GRPOConfig(per_device_train_batch_size=micro-batch, gradient_accumulation_steps=P*G/micro-batch,
 num_generations=G, loss_type="dapo", beta=0, epsilon 0.2 / epsilon_high 0.28, bf16 on CUDA), a
@@ -56,9 +57,10 @@ from nanoseek.model import ModelConfig, Transformer, get_preset, install_balanci
 from nanoseek.rewards import RewardSet
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import grpo
+from nanoseek.train.loop import autocast_dtype
 from nanoseek.train.optim import build_optimizers
 from nanoseek.train.rl import update
-from nanoseek.train.rollouts import PromptSampler, collect
+from nanoseek.train.rollouts import PromptSampler, collect, rollout_policy, sync_rollout_policy
 
 QUICK_SHAPE = dict(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256)
 
@@ -129,8 +131,9 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
         micro_batch_size=args.micro_batch,
     )
     max_prompt = max(len(prompt_ids(tokenizer, r["prompt"])) for r in rows)
+    engine_policy = rollout_policy(model, autocast_dtype(device))  # bf16 matmul weights on CUDA, as `nanoseek rl`
     engine = Engine(
-        model,
+        engine_policy,
         tokenizer,
         max_batch=args.prompts * args.samples,
         eos_ids=[],
@@ -150,6 +153,7 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
         t1 = time.perf_counter()
         advantages = grpo.group_advantages(batch.rewards, rcfg.group_size, rcfg.scale_rewards)
         update(model, None, optimizers, batch, advantages, rcfg, tcfg.grad_clip, device)
+        sync_rollout_policy(engine_policy, model)
         sync(device)
         t2 = time.perf_counter()
         n_tokens = sum(len(c) for c in batch.completion_ids)

@@ -607,3 +607,38 @@ def test_cuda_rms_norm_matches_the_float32_formula(dtype, tol):
     out, ref = norm(x), rms_norm_reference(norm, x)
     assert out.dtype == dtype
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe", "mla"])
+def test_rl_engine_twin_with_16_bit_matmul_weights_decodes_bit_identically_under_autocast(name):
+    """`rollout_policy`: under bf16 autocast the twin (bf16 copies of the matmul weights, everything else
+    shared) gives the engine the float32 policy's exact tokens and log-probs, and stays so after an
+    optimizer step once synced. CPU autocast stands in for CUDA's here."""
+    from nanoseek.train.rollouts import rollout_policy, sync_rollout_policy
+
+    model = build(name).train()
+    twin = rollout_policy(model, torch.bfloat16)
+    assert rollout_policy(model, None) is model and rollout_policy(model, torch.float32) is model
+    assert twin.embed.weight is model.embed.weight and twin.norm.weight is model.norm.weight  # shared
+    assert twin.layers[0].attn.wo.weight.dtype == torch.bfloat16
+    assert model.layers[0].attn.wo.weight.dtype == torch.float32
+    if name == "tiny-moe":
+        moe = next(layer.mlp for layer in twin.layers if hasattr(layer.mlp, "router"))
+        assert moe.w1.dtype == torch.bfloat16 and moe.router.weight.dtype == torch.float32  # routing stays float32
+
+    prompts = prompts_of([5, 9, 3])
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, n=2, seed=3, ignore_eos=True)
+
+    def decode(policy):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = Engine(policy, None, max_batch=8, max_seq_len=64).generate(prompts, params)
+        return [(c.token_ids, c.logprobs) for group in out for c in group]
+
+    assert decode(twin) == decode(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.tensor(prompts[:1])).float().square().mean().backward()
+    optimizer.step()
+    assert decode(twin) != decode(model)  # stale until synced
+    sync_rollout_policy(twin, model)
+    assert decode(twin) == decode(model)

@@ -59,8 +59,14 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype training autocasts matmuls to on this device (None: float32 throughout)."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 class MetricsLog:

@@ -38,7 +38,7 @@ from nanoseek.plots import plot_lines, read_metrics, series
 from nanoseek.rewards import RewardSet, has_code_tests, task_reward
 from nanoseek.train import distributed, grpo
 from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, save_checkpoint
-from nanoseek.train.loop import MetricsLog, NullLog, autocast
+from nanoseek.train.loop import MetricsLog, NullLog, autocast, autocast_dtype
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
 from nanoseek.train.rollouts import (
     PromptSampler,
@@ -47,6 +47,8 @@ from nanoseek.train.rollouts import (
     check_rows_for_rewards,
     collect,
     file_rows,
+    rollout_policy,
+    sync_rollout_policy,
     task_rows,
 )
 
@@ -343,8 +345,9 @@ def rl(
     check_rows_for_rewards(reward_set, train_rows, r.prompts_file or "rl.tasks")
     sampler = PromptSampler(train_rows, t.seed)
     max_prompt = max(len(prompt_ids(tokenizer, row["prompt"])) for row in train_rows + eval_rows)
+    engine_policy = rollout_policy(model, autocast_dtype(device))
     engine = Engine(
-        model,
+        engine_policy,
         tokenizer,
         max_batch=max(math.ceil(r.prompts_per_step / topo.world) * r.group_size, 8),
         max_seq_len=min(model.cfg.max_seq_len, max_prompt + r.max_new_tokens + 8),
@@ -357,6 +360,7 @@ def rl(
         state = load_trainer_state(ckpt, optimizers)
         sampler.load_state_dict(state["sampler"])
         start, before = state["step"], state.get("before")
+        sync_rollout_policy(engine_policy, model)
         if not quiet:
             print(f"resuming rl from {ckpt} (step {start})", file=sys.stderr)
     log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt is not None else None) if topo.is_main else NullLog()
@@ -381,6 +385,7 @@ def rl(
         )
         t1 = time.perf_counter()
         upd = update(model, ref_model, optimizers, batch, advantages, r, t.grad_clip, device)
+        sync_rollout_policy(engine_policy, model)
         t_update = time.perf_counter() - t1
         done = step + 1
 
