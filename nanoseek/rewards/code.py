@@ -144,10 +144,10 @@ class ExecResult:
     stderr: str  # its last 2000 characters
 
 
-# Runs in the child before the program: sets the limits, then replaces itself with the program's
-# interpreter (so they apply from its first instruction; no preexec_fn, which is unsafe with threads).
+# The child's first code: set the limits, then run the program as __main__ in the same interpreter
+# (one start-up per program; no preexec_fn, which is unsafe in a process with threads).
 _LAUNCHER = """\
-import os, resource, sys
+import resource, runpy, sys
 for name, value in zip(("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE"), map(int, sys.argv[1:4])):
     if value > 0 and hasattr(resource, name):
         try:
@@ -155,7 +155,9 @@ for name, value in zip(("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE"), map(int, sys
         except (ValueError, OSError):
             pass  # e.g. RLIMIT_AS, which macOS does not support
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-os.execv(sys.executable, [sys.executable, "-I", "main.py"])
+sys.argv = ["main.py"]
+del resource, name, value
+runpy.run_path("main.py", run_name="__main__")
 """
 
 
