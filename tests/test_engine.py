@@ -642,3 +642,36 @@ def test_rl_engine_twin_with_16_bit_matmul_weights_decodes_bit_identically_under
     assert decode(twin) != decode(model)  # stale until synced
     sync_rollout_policy(twin, model)
     assert decode(twin) == decode(model)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe", "mla"])
+def test_cuda_rl_twin_in_captured_graphs_follows_the_policy_through_syncs(name):
+    """RL on CUDA: the engine replays captured graphs over `rollout_policy`'s bf16 twin. Its tokens and
+    log-probs equal the float32 policy's under autocast (run eagerly), before and after an optimizer
+    step, because the sync copies into the storage the graphs read."""
+    from nanoseek.train.rollouts import rollout_policy, sync_rollout_policy
+
+    model = build(name).cuda().train()
+    twin = rollout_policy(model, torch.bfloat16)
+    prompts = prompts_of([3, 17, 8], seed=23)
+    params = SamplingParams(max_new_tokens=16, temperature=0.8, n=2, seed=5, ignore_eos=True)
+    graphed = Engine(twin, None, max_batch=8, max_seq_len=64)
+
+    def run(engine):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return [(c.token_ids, c.logprobs) for g in engine.generate(prompts, params) for c in g]
+
+    def eager_policy():
+        engine = Engine(model, None, max_batch=8, max_seq_len=64)
+        engine._capture_graphs = False
+        return run(engine)
+
+    assert run(graphed) == eager_policy()
+    assert graphed.cuda_graph_status()["captured"] > 0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.tensor(prompts[:1], device="cuda")).float().square().mean().backward()
+    optimizer.step()
+    sync_rollout_policy(twin, model)
+    assert run(graphed) == eager_policy()
