@@ -622,6 +622,7 @@ def test_rl_engine_twin_with_16_bit_matmul_weights_decodes_bit_identically_under
     assert twin.embed.weight is model.embed.weight and twin.norm.weight is model.norm.weight  # shared
     assert twin.layers[0].attn.wo.weight.dtype == torch.bfloat16
     assert model.layers[0].attn.wo.weight.dtype == torch.float32
+    assert model.lm_head is None and twin.lm_head.weight.dtype == torch.bfloat16  # tied: a 16-bit output copy
     if name == "tiny-moe":
         moe = next(layer.mlp for layer in twin.layers if hasattr(layer.mlp, "router"))
         assert moe.w1.dtype == torch.bfloat16 and moe.router.weight.dtype == torch.float32  # routing stays float32

@@ -31,16 +31,19 @@ from nanoseek.train.loop import autocast
 
 
 # ----------------------------------------------------------------------------- the engine's policy
-def _matmul_weights(model: nn.Module) -> list[str]:
-    """The parameters autocast casts at every use: nn.Linear weights and the MoE experts' stacks."""
-    names = []
+def _cast_weights(model: nn.Module) -> list[tuple[str, str]]:
+    """(twin parameter, policy parameter) for each weight autocast casts at every use: nn.Linear weights,
+    the MoE experts' stacks, and a tied embedding in its role as the output layer."""
+    pairs = []
     for prefix, module in model.named_modules():
         prefix += "." if prefix else ""
         if isinstance(module, nn.Linear):
-            names.append(prefix + "weight")
+            pairs.append((prefix + "weight",) * 2)
         elif isinstance(module, MoE):
-            names += [prefix + w for w in ("w1", "w2", "w3")]
-    return names
+            pairs += [(prefix + w,) * 2 for w in ("w1", "w2", "w3")]
+    if getattr(model, "lm_head", 0) is None:  # tied embeddings (a `Transformer` without an lm_head)
+        pairs.append(("lm_head.weight", "embed.weight"))
+    return pairs
 
 
 def rollout_policy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
@@ -51,23 +54,30 @@ def rollout_policy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     Under autocast the engine would cast every float32 weight at every matmul, and inside a captured
     decode step that is an extra read and write of all the weights per generated token. The twin holds
     the values autocast would make (round to nearest), so its logits are bit-identical; call
-    `sync_rollout_policy` after each optimizer step (in-place copies: captured graphs stay valid).
+    `sync_rollout_policy` after each optimizer step (in-place copies: captured graphs stay valid). A
+    tied embedding stays shared for the input lookup; the twin's output layer is a 16-bit copy of it.
     """
     if dtype is None or dtype == torch.float32:
         return model
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}  # shared, not copied
-    for name in _matmul_weights(model):
-        weight = model.get_parameter(name)
-        memo[id(weight)] = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-    return copy.deepcopy(model, memo)
+    copies = {name: nn.Parameter(model.get_parameter(name).detach().to(dtype), requires_grad=False)
+              for _, name in _cast_weights(model)}  # fmt: skip
+    for twin_name, name in _cast_weights(model):
+        if twin_name == name:
+            memo[id(model.get_parameter(name))] = copies[name]
+    twin = copy.deepcopy(model, memo)
+    if getattr(model, "lm_head", 0) is None:
+        twin.lm_head = nn.Linear(*reversed(copies["embed.weight"].shape), bias=False, device="meta")
+        twin.lm_head.weight = copies["embed.weight"]
+    return twin
 
 
 @torch.no_grad()
 def sync_rollout_policy(twin: nn.Module, model: nn.Module) -> None:
     """Copy the policy's matmul weights into its twin from `rollout_policy` (no-op for the policy itself)."""
     if twin is not model:
-        for name in _matmul_weights(model):
-            twin.get_parameter(name).copy_(model.get_parameter(name))
+        for twin_name, name in _cast_weights(model):
+            twin.get_parameter(twin_name).copy_(model.get_parameter(name))
 
 
 # ----------------------------------------------------------------------------- prompts
