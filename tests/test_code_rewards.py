@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from nanoseek.eval import grade, load_benchmark
-from nanoseek.rewards import RewardSet, check_code, code_reward, code_tests, extract_code
+from nanoseek.rewards import RewardSet, check_code, code, code_reward, code_tests, extract_code
 from nanoseek.rewards.code import ExecLimits, run_python
 
 ADD_ROW = {"prompt": "Write add(a, b).", "tests": ["assert add(1, 2) == 3", "assert add(-4, 4) == 0"]}
@@ -78,6 +79,28 @@ def test_run_python_isolation_and_limits(monkeypatch) -> None:
     flood = run_python("while True: print('x' * 1000)", limits=ExecLimits(output_bytes=10_000))
     assert flood.status == "output_limit" and len(flood.stdout) <= 10_000
     assert run_python("while True: pass", limits=ExecLimits(timeout_s=10, cpu_s=1)).status == "killed"  # SIGXCPU
+
+
+def test_programs_cannot_reach_the_fork_server() -> None:
+    fds = run_python("import os\nprint(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))").stdout
+    assert json.loads(fds)[:3] == [0, 1, 2] and len(json.loads(fds)) <= 4  # + the listing's own descriptor
+    path = run_python("import sys\nprint(sys.path)").stdout
+    assert str(Path(code.__file__).parent) not in path  # no importing the server's siblings
+    assert "ModuleNotFoundError" in run_python("import _zygote").stderr
+
+
+def test_fork_server_answers_each_program_and_restarts_after_dying() -> None:
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda i: run_python(f"print({i} * {i})").stdout, range(24)))
+    assert outs == [f"{i * i}\n" for i in range(24)]
+    server = code._fork_server()
+    with ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(run_python, "while True: pass", limits=ExecLimits(timeout_s=30))
+        time.sleep(0.5)
+        server.process.kill()
+        with pytest.raises(RuntimeError, match="server exited"):
+            stuck.result(timeout=10)
+    assert run_python("print('back')").stdout == "back\n" and code._fork_server() is not server
 
 
 @pytest.mark.parametrize(
