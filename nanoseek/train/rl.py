@@ -55,7 +55,8 @@ from nanoseek.train.rollouts import (
 
 def rl_defaults() -> RunConfig:
     """The embedded default, tuned on the CPU tiny model (docs/LOG.md): AdamW at a constant, small lr,
-    64 prompts x 8 samples at temperature 0.7, on the built-in tasks where SFT stays below 50%."""
+    64 prompts x 8 samples at temperature 0.7, on 2-digit multiplication, where SFT stays near 30%
+    and RL gains the most (mixtures with countdown and linear equations gain half as much)."""
     from nanoseek.config import RLConfig, TrainConfig
 
     return RunConfig(
@@ -72,7 +73,7 @@ def rl_defaults() -> RunConfig:
             prompts_per_step=64,
             group_size=8,
             temperature=0.7,
-            tasks="countdown,linear_equation,arithmetic",
+            tasks="arithmetic",
             difficulty={"arithmetic": {"ops": ["*"]}},
         ),
     )
