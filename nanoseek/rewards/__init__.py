@@ -9,7 +9,8 @@ RL on verifiable rewards lives or dies by the grader. Four things matter here:
    same mathematical object (`\\frac{1}{2}` = `0.5`), in worker processes (`workers`) with a time limit
    that works from any thread; trivially equal strings and plain integers are decided in-process.
 3. **Execution** (`code`). Code answers are run against the row's tests (MBPP, HumanEval or stdin/stdout
-   cases), each program a fresh interpreter in a subprocess with memory, CPU, output and time limits.
+   cases), each program its own process (forked from a small, clean server) with memory, CPU, output
+   and time limits.
 4. **Containment** (here). A reward function that raises, returns garbage or hangs must not kill a long
    RL run: `RewardSet.score` gives the affected samples 0, counts a warning (logged once per kind)
    and goes on. User reward functions named by import path run in their own worker process with a
