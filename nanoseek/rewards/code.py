@@ -203,7 +203,10 @@ class _ForkServer:
 
     def close(self) -> None:
         self._requests.close()  # end of requests: the server kills what still runs and exits
-        self.process.wait()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
 _server: _ForkServer | None = None
