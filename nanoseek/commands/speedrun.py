@@ -1,6 +1,6 @@
 """`nanoseek speedrun`: tokenizer, pretraining, SFT, RL and evaluation in one resumable command.
 
-nanoseek speedrun                          # preset cpu: ~10 minutes on 2 CPU cores
+nanoseek speedrun                          # preset cpu: ~14 minutes on 2 CPU cores
 nanoseek speedrun --preset gpu --out runs/gpu
 nanoseek speedrun --set rl.train.steps=100 --set eval.k=8
 """

@@ -61,7 +61,7 @@ def rl_defaults() -> RunConfig:
 
     return RunConfig(
         train=TrainConfig(
-            steps=100,
+            steps=200,
             optimizer="adamw",
             lr=1e-4,
             warmup_steps=5,
