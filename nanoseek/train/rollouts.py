@@ -60,15 +60,16 @@ def rollout_policy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     if dtype is None or dtype == torch.float32:
         return model
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}  # shared, not copied
-    copies = {name: nn.Parameter(model.get_parameter(name).detach().to(dtype), requires_grad=False)
-              for _, name in _cast_weights(model)}  # fmt: skip
+    copies: dict[str, nn.Parameter] = {}
     for twin_name, name in _cast_weights(model):
+        weight = model.get_parameter(name)
+        copies[twin_name] = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
         if twin_name == name:
-            memo[id(model.get_parameter(name))] = copies[name]
+            memo[id(weight)] = copies[twin_name]  # deepcopy puts the 16-bit copy in its place
     twin = copy.deepcopy(model, memo)
-    if getattr(model, "lm_head", 0) is None:
-        twin.lm_head = nn.Linear(*reversed(copies["embed.weight"].shape), bias=False, device="meta")
-        twin.lm_head.weight = copies["embed.weight"]
+    if "lm_head.weight" in copies and twin.lm_head is None:  # tied: the output layer is new in the twin
+        twin.lm_head = nn.Linear(*reversed(copies["lm_head.weight"].shape), bias=False, device="meta")
+        twin.lm_head.weight = copies["lm_head.weight"]
     return twin
 
 
