@@ -1,12 +1,12 @@
-"""A preallocated KV cache: one row ("slot") per running sequence, every layer in one tensor.
+"""The engine's KV cache: preallocated, one row ("slot") per running sequence, every layer in one tensor.
 
-Layout: k [n_layers, n_slots, n_kv_heads, max_seq_len, k_dim] and v likewise with v_dim
-(GQA: n_kv_heads key/value heads of attn_head_dim). MLA attends in its absorbed form: one
-kv "head" whose key is [latent, rope key] (k_dim = kv_lora_rank + rope) and whose value is
-the latent, i.e. the key's first v_dim = kv_lora_rank numbers; then v is not stored at all
-(`values_in_keys`) and values are read as a view of k. A slot's heads are contiguous
-[max_seq_len, dim] blocks, so the decode batch reads `k[layer, :B, :, :L]` as a strided
-view: no gather, no copy.
+It implements the model's `AttentionCache` (`attend`). Layout: k [n_layers, n_slots, kv_heads,
+max_seq_len, k_dim] and v likewise with v_dim, the sizes the model's attention variant declares
+(`Transformer.cache_layout()`; GQA: n_kv_heads key/value heads of attn_head_dim). A variant whose
+value is the first v_dim numbers of its key (`values_in_keys`; MLA's absorbed form: one kv "head",
+key [latent, rope key], value the latent) has no v stored at all: values are read as a view of k.
+A slot's heads are contiguous [max_seq_len, dim] blocks, so the decode batch reads
+`k[layer, :B, :, :L]` as a strided view: no gather, no copy.
 
 The model calls `attend(layer, q, k, v, scale)` with the new tokens' q/k/v; what the cache
 does with them depends on the mode the engine set just before the forward:
@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from nanoseek.model.transformer import Transformer
 
 
 class KVCache:
@@ -61,27 +63,27 @@ class KVCache:
         self._kv_len = 0
         self._mask: Tensor | None = None
 
-    # --- sizing ---
+    # --- sizing: the model's attention variant says what a token's entry holds (`CacheLayout`) ---
     @staticmethod
-    def shape_for(model: torch.nn.Module) -> tuple[int, int, int, int, bool]:
-        """(n_layers, kv heads, k_dim, v_dim, values_in_keys) of a `Transformer`."""
-        cfg = model.cfg
-        if cfg.attn_type == "mla":
-            return cfg.n_layers, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank, True
-        return cfg.n_layers, cfg.n_kv_heads, cfg.attn_head_dim, cfg.attn_head_dim, False
-
-    @classmethod
-    def bytes_per_slot(cls, model: torch.nn.Module, max_seq_len: int, dtype: torch.dtype) -> int:
-        n_layers, heads, k_dim, v_dim, values_in_keys = cls.shape_for(model)
-        per_token = k_dim + (0 if values_in_keys else v_dim)
-        return n_layers * heads * per_token * max_seq_len * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_slot(model: Transformer, max_seq_len: int, dtype: torch.dtype) -> int:
+        return model.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * max_seq_len
 
     @classmethod
     def for_model(
-        cls, model: torch.nn.Module, n_slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device
+        cls, model: Transformer, n_slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device
     ) -> KVCache:
-        n_layers, heads, k_dim, v_dim, values_in_keys = cls.shape_for(model)
-        return cls(n_layers, n_slots, max_seq_len, heads, k_dim, v_dim, dtype, device, values_in_keys)
+        layout = model.cache_layout()
+        return cls(
+            model.cfg.n_layers,
+            n_slots,
+            max_seq_len,
+            layout.kv_heads,
+            layout.k_dim,
+            layout.v_dim,
+            dtype,
+            device,
+            layout.values_in_keys,
+        )
 
     @property
     def nbytes(self) -> int:

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nanoseek.model.attention import attention_class, attention_for_hf_family
 from nanoseek.model.config import ModelConfig
 
 # architecture -> model_type
@@ -75,6 +76,16 @@ def _field(hf: dict[str, Any], name: str, default: Any = _REQUIRED, nullable: bo
 
 def _refuse(name: str, value: Any, why: str) -> HFConfigError:
     return HFConfigError(f"config.json: {name} = {value!r} is not supported: {why}")
+
+
+class _Fields(dict):
+    """config.json as the attention variants read it (`attention.HFFields`): errors name the field."""
+
+    def required(self, name: str, nullable: bool = False) -> Any:
+        return _field(self, name, nullable=nullable)
+
+    def refuse(self, name: str, value: Any, why: str) -> HFConfigError:
+        return _refuse(name, value, why)
 
 
 def _rope(hf: dict[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None]:
@@ -156,16 +167,15 @@ def hf_config_to_model_config(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("use_sliding_window") and hf.get("sliding_window") and not hf.get("layer_types"):
         raise _refuse("use_sliding_window", True, "only full attention (no sliding window)")
 
-    d_model = int(_field(hf, "hidden_size"))
     n_layers = int(_field(hf, "num_hidden_layers"))
-    n_heads = int(_field(hf, "num_attention_heads"))
     max_pos = int(_field(hf, "max_position_embeddings"))
     theta, scaling = _rope(hf, max_pos)
+    attn_type, attn = attention_for_hf_family(family)
     c: dict[str, Any] = dict(
         vocab_size=int(_field(hf, "vocab_size")),
-        d_model=d_model,
+        d_model=int(_field(hf, "hidden_size")),
         n_layers=n_layers,
-        n_heads=n_heads,
+        n_heads=int(_field(hf, "num_attention_heads")),
         d_ff=int(_field(hf, "intermediate_size")),
         max_seq_len=max_pos,
         rope_theta=theta,
@@ -173,90 +183,71 @@ def hf_config_to_model_config(hf: dict[str, Any]) -> ModelConfig:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
+        attn_type=attn_type,
+        **attn.config_from_hf(_Fields(hf), family),
     )
-
     if family == "deepseek_v3":
-        if hf.get("attention_bias"):
-            raise _refuse("attention_bias", True, "MLA projections without bias only")
-        scoring = hf.get("scoring_func", "sigmoid")
-        if scoring != "sigmoid":
-            raise _refuse("scoring_func", scoring, "transformers' DeepseekV3 router is sigmoid")
-        method = hf.get("topk_method", "noaux_tc")
-        if method != "noaux_tc":
-            raise _refuse("topk_method", method, "transformers' DeepseekV3 routes with noaux_tc")
-        if hf.get("moe_layer_freq", 1) != 1:
-            raise _refuse("moe_layer_freq", hf["moe_layer_freq"], "every layer after first_k_dense_replace is MoE")
-        c.update(
-            attn_type="mla",
-            n_kv_heads=n_heads,  # MLA decompresses a key/value per head; num_key_value_heads is not used
-            q_lora_rank=int(_field(hf, "q_lora_rank", nullable=True) or 0),  # null: full-rank q_proj
-            kv_lora_rank=int(_field(hf, "kv_lora_rank")),
-            qk_nope_head_dim=int(_field(hf, "qk_nope_head_dim")),
-            qk_rope_head_dim=int(_field(hf, "qk_rope_head_dim")),
-            v_head_dim=int(_field(hf, "v_head_dim")),
-        )
-        first_dense = int(hf.get("first_k_dense_replace", 3) or 0)
-        n_experts = int(_field(hf, "n_routed_experts"))
-        if first_dense < n_layers and n_experts > 0:
-            n_groups, topk_groups = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
-            if n_experts % n_groups or n_experts // n_groups < 2:
-                raise _refuse(
-                    "n_group",
-                    n_groups,
-                    "transformers ranks each group by its best two experts, so "
-                    "n_routed_experts / n_group must be an integer >= 2",
-                )
-            c.update(
-                n_routed_experts=n_experts,
-                n_shared_experts=int(hf.get("n_shared_experts", 1) or 0),
-                moe_d_ff=int(_field(hf, "moe_intermediate_size")),
-                top_k=int(_field(hf, "num_experts_per_tok")),
-                score_func="sigmoid",
-                norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-                n_groups=n_groups,
-                topk_groups=topk_groups,
-                first_k_dense=first_dense,
-            )
-        return ModelConfig(**c)
-
-    # --- GQA families ---
-    head_dim_default = 128 if family == "qwen3" else d_model // n_heads
-    head_dim = int(hf.get("head_dim") or head_dim_default)
-    n_kv = int(hf.get("num_key_value_heads") or n_heads)
-    if family == "qwen2":
-        qkv_bias = True  # Qwen2Attention hard-codes bias on q, k, v
-    elif family == "qwen2_moe":
-        qkv_bias = bool(hf.get("qkv_bias", True))
-    else:
-        # Llama / Qwen3 `attention_bias` adds a bias to o_proj too; we load it only when that
-        # o_proj bias is all zeros (checked against the weights at load time).
-        qkv_bias = bool(hf.get("attention_bias", False))
-    c.update(
-        n_kv_heads=n_kv,
-        head_dim=0 if head_dim * n_heads == d_model else head_dim,
-        qk_norm=family in ("qwen3", "qwen3_moe"),
-        qkv_bias=qkv_bias,
-    )
-    if family in ("qwen2_moe", "qwen3_moe"):
-        n_experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
-        first_dense = _moe_suffix(hf, n_layers) if n_experts > 0 else n_layers
-        if n_experts > 0 and first_dense < n_layers:
-            c.update(
-                n_routed_experts=n_experts,
-                moe_d_ff=int(_field(hf, "moe_intermediate_size")),
-                top_k=int(_field(hf, "num_experts_per_tok")),
-                score_func="softmax",
-                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                routed_scaling_factor=1.0,
-                first_k_dense=first_dense,
-            )
-            if family == "qwen2_moe":
-                shared = int(_field(hf, "shared_expert_intermediate_size"))
-                if shared <= 0:
-                    raise _refuse("shared_expert_intermediate_size", shared, "Qwen2-MoE always has a shared expert")
-                c.update(n_shared_experts=1, shared_d_ff=shared, shared_expert_gate=True)
+        c.update(_deepseek_moe(hf, n_layers))
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        c.update(_qwen_moe(hf, family, n_layers))
     return ModelConfig(**c)
+
+
+def _deepseek_moe(hf: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    scoring = hf.get("scoring_func", "sigmoid")
+    if scoring != "sigmoid":
+        raise _refuse("scoring_func", scoring, "transformers' DeepseekV3 router is sigmoid")
+    method = hf.get("topk_method", "noaux_tc")
+    if method != "noaux_tc":
+        raise _refuse("topk_method", method, "transformers' DeepseekV3 routes with noaux_tc")
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise _refuse("moe_layer_freq", hf["moe_layer_freq"], "every layer after first_k_dense_replace is MoE")
+    first_dense = int(hf.get("first_k_dense_replace", 3) or 0)
+    n_experts = int(_field(hf, "n_routed_experts"))
+    if first_dense >= n_layers or n_experts == 0:
+        return {}
+    n_groups, topk_groups = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
+    if n_experts % n_groups or n_experts // n_groups < 2:
+        raise _refuse(
+            "n_group",
+            n_groups,
+            "transformers ranks each group by its best two experts, so "
+            "n_routed_experts / n_group must be an integer >= 2",
+        )
+    return dict(
+        n_routed_experts=n_experts,
+        n_shared_experts=int(hf.get("n_shared_experts", 1) or 0),
+        moe_d_ff=int(_field(hf, "moe_intermediate_size")),
+        top_k=int(_field(hf, "num_experts_per_tok")),
+        score_func="sigmoid",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        n_groups=n_groups,
+        topk_groups=topk_groups,
+        first_k_dense=first_dense,
+    )
+
+
+def _qwen_moe(hf: dict[str, Any], family: str, n_layers: int) -> dict[str, Any]:
+    n_experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+    first_dense = _moe_suffix(hf, n_layers) if n_experts > 0 else n_layers
+    if n_experts == 0 or first_dense >= n_layers:
+        return {}
+    c: dict[str, Any] = dict(
+        n_routed_experts=n_experts,
+        moe_d_ff=int(_field(hf, "moe_intermediate_size")),
+        top_k=int(_field(hf, "num_experts_per_tok")),
+        score_func="softmax",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        routed_scaling_factor=1.0,
+        first_k_dense=first_dense,
+    )
+    if family == "qwen2_moe":
+        shared = int(_field(hf, "shared_expert_intermediate_size"))
+        if shared <= 0:
+            raise _refuse("shared_expert_intermediate_size", shared, "Qwen2-MoE always has a shared expert")
+        c.update(n_shared_experts=1, shared_d_ff=shared, shared_expert_gate=True)
+    return c
 
 
 def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
@@ -277,42 +268,49 @@ def _dynamic_max_pos(cfg: ModelConfig) -> int:
     return cfg.max_seq_len
 
 
-def pick_architecture(cfg: ModelConfig) -> str:
-    """The transformers architecture that computes exactly what `cfg` computes, or an error saying why none does."""
-
-    def no(why: str) -> HFConfigError:
-        return HFConfigError(f"no transformers architecture matches this model: {why}")
-
-    if cfg.attn_type == "mla":
-        if cfg.qkv_bias or cfg.qk_norm:
-            raise no("MLA with qkv_bias/qk_norm")
-        if cfg.is_moe:
-            if cfg.score_func != "sigmoid":
-                raise no("DeepseekV3 routes with sigmoid scores (score_func='softmax' given)")
-            if cfg.shared_expert_gate:
-                raise no("DeepseekV3 has no shared_expert_gate")
-            if cfg.shared_hidden % cfg.moe_d_ff:
-                raise no(f"DeepseekV3's shared experts are n x moe_d_ff wide (shared width {cfg.shared_hidden})")
-            if cfg.n_routed_experts // cfg.n_groups < 2:
-                raise no("DeepseekV3 needs >= 2 experts per group")
-        return "DeepseekV3ForCausalLM"
+def _mlp_mismatch(cfg: ModelConfig, family: str) -> str | None:
+    """Why `family`'s MLP layers (dense, or its kind of MoE) cannot compute `cfg`'s, or None."""
+    if family in ("llama", "qwen2", "qwen3"):
+        return "dense only (the model has MoE layers)" if cfg.is_moe else None
+    if family == "deepseek_v3":
+        if not cfg.is_moe:
+            return None
+        if cfg.score_func != "sigmoid":
+            return "DeepseekV3 routes with sigmoid scores (score_func='softmax' given)"
+        if cfg.shared_expert_gate:
+            return "DeepseekV3 has no shared_expert_gate"
+        if cfg.shared_hidden % cfg.moe_d_ff:
+            return f"DeepseekV3's shared experts are n x moe_d_ff wide (shared width {cfg.shared_hidden})"
+        if cfg.n_routed_experts // cfg.n_groups < 2:
+            return "DeepseekV3 needs >= 2 experts per group"
+        return None
     if not cfg.is_moe:
-        if cfg.qk_norm:
-            return "Qwen3ForCausalLM"
-        return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+        return "MoE only (the model is dense)"
     if cfg.score_func != "softmax" or cfg.n_groups != 1 or cfg.routed_scaling_factor != 1.0:
-        raise no(
-            "Qwen-MoE routers are plain softmax top-k (score_func='softmax', n_groups=1, "
-            "routed_scaling_factor=1); sigmoid/grouped GQA-MoE has no transformers counterpart"
+        return (
+            "Qwen-MoE routers are plain softmax top-k (score_func='softmax', n_groups=1, routed_scaling_factor=1); "
+            "sigmoid/grouped GQA-MoE has no transformers counterpart"
         )
-    if cfg.qk_norm and cfg.shared_hidden == 0:
-        return "Qwen3MoeForCausalLM"
-    if not cfg.qk_norm and cfg.shared_hidden > 0 and cfg.shared_expert_gate:
-        return "Qwen2MoeForCausalLM"
-    raise no(
-        "GQA-MoE maps to Qwen3-MoE (qk_norm, no shared expert) or Qwen2-MoE (no qk_norm, one "
-        "sigmoid-gated shared expert)"
-    )
+    if family == "qwen3_moe" and cfg.shared_hidden > 0:
+        return "Qwen3-MoE has no shared expert"
+    if family == "qwen2_moe" and not (cfg.shared_hidden > 0 and cfg.shared_expert_gate):
+        return "Qwen2-MoE has one sigmoid-gated shared expert"
+    return None
+
+
+def pick_architecture(cfg: ModelConfig) -> str:
+    """The transformers architecture that computes exactly what `cfg` computes, or an error saying why none does.
+
+    The candidates are the families of the model's attention variant, in its order of preference."""
+    attn = attention_class(cfg)
+    why_not = []
+    for family in attn.hf_families:
+        why = attn.hf_mismatch(cfg, family) or _mlp_mismatch(cfg, family)
+        if why is None:
+            return MODEL_TYPES[family]
+        why_not.append(f"{MODEL_TYPES[family]}: {why}")
+    reasons = "; ".join(why_not) or f"attention {cfg.attn_type!r} has no transformers counterpart"
+    raise HFConfigError(f"no transformers architecture matches this model: {reasons}")
 
 
 def model_config_to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
@@ -327,7 +325,6 @@ def model_config_to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[
         "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_heads if cfg.attn_type == "mla" else cfg.n_kv_heads,
         "hidden_act": "silu",
         "max_position_embeddings": _dynamic_max_pos(cfg),
         "rms_norm_eps": cfg.norm_eps,
@@ -338,18 +335,11 @@ def model_config_to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[
         "attention_dropout": 0.0,
         "use_cache": True,
         "dtype": dtype,
+        **attention_class(cfg).config_to_hf(cfg, family),
     }
     if family == "deepseek_v3":
         moe = cfg.is_moe
         hf.update(
-            q_lora_rank=cfg.q_lora_rank or None,
-            kv_lora_rank=cfg.kv_lora_rank,
-            qk_nope_head_dim=cfg.qk_nope_head_dim,
-            qk_rope_head_dim=cfg.qk_rope_head_dim,
-            v_head_dim=cfg.v_head_dim,
-            attention_bias=False,
-            # Exported in DeepSeek's own interleaved rotary layout (see hf_weights.interleave_rows).
-            rope_interleave=True,
             num_nextn_predict_layers=0,
             first_k_dense_replace=cfg.first_k_dense if moe else cfg.n_layers,
             n_routed_experts=cfg.n_routed_experts if moe else 2,
@@ -361,14 +351,8 @@ def model_config_to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[
             n_group=cfg.n_groups if moe else 1,
             topk_group=cfg.topk_groups if moe else 1,
         )
-        return hf
-    hf["head_dim"] = cfg.attn_head_dim
-    if family in ("llama", "qwen3", "qwen3_moe"):
-        hf["attention_bias"] = cfg.qkv_bias  # o_proj.bias is written as zeros
     if family == "llama":
         hf["mlp_bias"] = False
-    if family == "qwen2_moe":
-        hf["qkv_bias"] = cfg.qkv_bias
     if family in ("qwen2_moe", "qwen3_moe"):
         hf.update(
             num_experts=cfg.n_routed_experts,
@@ -380,6 +364,6 @@ def model_config_to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[
         )
         if family == "qwen2_moe":
             hf["shared_expert_intermediate_size"] = cfg.shared_hidden
-    if family != "llama":
+    if family.startswith("qwen"):
         hf["use_sliding_window"] = False
     return hf

@@ -9,12 +9,9 @@ Layout differences handled here:
   (`mlp.experts.gate_up_proj [E, 2F, D]`, `mlp.experts.down_proj [E, D, F]`, transformers
   5.x's in-memory layout, written by `save_pretrained(save_original_format=False)`).
   Both are read; export writes per-expert tensors, which transformers converts on load.
-* DeepSeek's rotary dimensions come in interleaved pairs (x0, x1), (x2, x3), ... when
-  `rope_interleave` is set. Rotating interleaved pairs of a vector equals rotating the
-  "rotate half" pairs (i, i + d/2) of the same vector with its rows reordered to
-  [x0, x2, x4, ..., x1, x3, ...] -- and q.k is unchanged when q and k are reordered alike.
-  So the rope rows of q_b_proj/q_proj (per head) and of kv_a_proj_with_mqa are permuted
-  once at load time and permuted back at export: our attention has no interleaved path.
+* attention: each variant names its tensors and their layouts (`attention.py`, `hf_tensors`),
+  e.g. MLA's rotary rows, stored interleaved by DeepSeek, are permuted once at load time and
+  permuted back at export: our attention has no interleaved path.
 """
 
 from __future__ import annotations
@@ -29,6 +26,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from nanoseek.interop.hf_config import ARCHITECTURES
+from nanoseek.model.attention import attention_class
 from nanoseek.model.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -127,29 +126,15 @@ class SafetensorsDir:
 class Link:
     """One of our tensors and where it lives in a transformers checkpoint.
 
-    kind: 'copy' (same tensor), 'rope_q' / 'rope_kv' (rows permuted, see module doc),
-    'experts' (ours[e] <-> hf[e], one HF tensor per expert), 'fused_gate' / 'fused_up'
-    (first / second half of dim 1 of a fused gate_up_proj).
+    kind: 'copy' (same tensor), 'rows' (ours = hf[rows], a row permutation), 'experts' (ours[e] <->
+    hf[e], one HF tensor per expert), 'fused_gate' / 'fused_up' (first / second half of dim 1 of a
+    fused gate_up_proj).
     """
 
     ours: str
     hf: list[str]
     kind: str = "copy"
-    rows: Tensor | None = field(default=None, repr=False)  # rope kinds: ours = hf[rows]
-
-
-def _rope_rows(rope: int) -> Tensor:
-    """Interleaved pairs -> rotate-half order: [0, 2, 4, ..., 1, 3, 5, ...]."""
-    return torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
-
-
-def q_rope_rows(n_heads: int, nope: int, rope: int) -> Tensor:
-    per_head = torch.cat([torch.arange(nope), nope + _rope_rows(rope)])
-    return (torch.arange(n_heads)[:, None] * (nope + rope) + per_head).flatten()
-
-
-def kv_rope_rows(kv_lora_rank: int, rope: int) -> Tensor:
-    return torch.cat([torch.arange(kv_lora_rank), kv_lora_rank + _rope_rows(rope)])
+    rows: Tensor | None = field(default=None, repr=False)  # 'rows': ours = hf[rows]
 
 
 @dataclass
@@ -161,8 +146,9 @@ class Plan:
 
 def plan(cfg: ModelConfig, arch: str, hf_config: dict, fused_layers: set[int] = frozenset()) -> Plan:
     """Where each of our state-dict tensors lives in a checkpoint of `arch` (fused expert layout for `fused_layers`)."""
-    mla = cfg.attn_type == "mla"
-    interleaved = mla and bool(hf_config.get("rope_interleave", True))
+    family = ARCHITECTURES[arch]
+    attn = attention_class(cfg)
+    attn_tensors = attn.hf_tensors(cfg, family, hf_config)
     links = [Link("embed.weight", ["model.embed_tokens.weight"]), Link("norm.weight", ["model.norm.weight"])]
     if not cfg.tie_embeddings:
         links.append(Link("lm_head.weight", ["lm_head.weight"]))
@@ -170,33 +156,16 @@ def plan(cfg: ModelConfig, arch: str, hf_config: dict, fused_layers: set[int] = 
     for i in range(cfg.n_layers):
         o, h = f"layers.{i}.", f"model.layers.{i}."
         pairs = [("attn_norm.weight", "input_layernorm.weight"), ("mlp_norm.weight", "post_attention_layernorm.weight")]
-        if mla:
-            if cfg.q_lora_rank:
-                q = [("wq_a", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("wq_b", "q_b_proj")]
-            else:
-                q = [("wq", "q_proj")]
-            kv = [
-                ("wkv_a", "kv_a_proj_with_mqa"),
-                ("kv_norm", "kv_a_layernorm"),
-                ("wkv_b", "kv_b_proj"),
-                ("wo", "o_proj"),
-            ]
-            pairs += [(f"attn.{ours}.weight", f"self_attn.{theirs}.weight") for ours, theirs in q + kv]
-        else:
-            for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-                pairs.append((f"attn.{ours}.weight", f"self_attn.{theirs}.weight"))
-                if cfg.qkv_bias and ours != "wo":
-                    pairs.append((f"attn.{ours}.bias", f"self_attn.{theirs}.bias"))
-            if cfg.qkv_bias and arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
-                zeros.append((h + "self_attn.o_proj.bias", (cfg.d_model,)))  # `attention_bias` also biases o_proj
-            if cfg.qk_norm:
-                pairs += [(f"attn.{n}.weight", f"self_attn.{n}.weight") for n in ("q_norm", "k_norm")]
+        for t in attn_tensors:
+            kind = "copy" if t.rows is None else "rows"
+            links.append(Link(o + "attn." + t.ours, [h + "self_attn." + t.theirs], kind, t.rows))
+        zeros += [(h + "self_attn." + name, shape) for name, shape in attn.hf_zero_tensors(cfg, family)]
         if cfg.layer_is_moe(i):
             pairs.append(("mlp.router.weight", "mlp.gate.weight"))
-            if arch == "DeepseekV3ForCausalLM":
+            if family == "deepseek_v3":
                 pairs.append(("mlp.router.e_score_correction_bias", "mlp.gate.e_score_correction_bias"))
             if cfg.shared_hidden > 0:
-                shared = "mlp.shared_experts." if arch == "DeepseekV3ForCausalLM" else "mlp.shared_expert."
+                shared = "mlp.shared_experts." if family == "deepseek_v3" else "mlp.shared_expert."
                 pairs += [
                     ("mlp.shared.w1.weight", shared + "gate_proj.weight"),
                     ("mlp.shared.w3.weight", shared + "up_proj.weight"),
@@ -221,13 +190,7 @@ def plan(cfg: ModelConfig, arch: str, hf_config: dict, fused_layers: set[int] = 
                 ("mlp.w3.weight", "mlp.up_proj.weight"),
                 ("mlp.w2.weight", "mlp.down_proj.weight"),
             ]
-        for ours, theirs in pairs:
-            link = Link(o + ours, [h + theirs])
-            if interleaved and ours in ("attn.wq.weight", "attn.wq_b.weight"):
-                link.kind, link.rows = "rope_q", q_rope_rows(cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim)
-            elif interleaved and ours == "attn.wkv_a.weight":
-                link.kind, link.rows = "rope_kv", kv_rope_rows(cfg.kv_lora_rank, cfg.qk_rope_head_dim)
-            links.append(link)
+        links += [Link(o + ours, [h + theirs]) for ours, theirs in pairs]
 
     ignore = [r"(^|\.)rotary_emb\.inv_freq$"]  # old checkpoints saved the rotary buffer
     if cfg.tie_embeddings:
@@ -326,7 +289,7 @@ def export_tensors(p: Plan, state: dict[str, Tensor]) -> Iterator[tuple[str, Ten
                 yield name, t[e].to("cpu").clone()
         elif link.kind == "copy":
             yield link.hf[0], t.to("cpu").contiguous()
-        elif link.kind in ("rope_q", "rope_kv"):
+        elif link.kind == "rows":
             inverse = torch.argsort(link.rows)  # hf = ours[inverse] undoes ours = hf[rows]
             yield link.hf[0], t.to("cpu")[inverse].contiguous()
         else:

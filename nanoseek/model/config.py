@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nanoseek.model.attention import ATTENTIONS
+
 
 @dataclass
 class ModelConfig:
@@ -28,7 +30,7 @@ class ModelConfig:
     n_kv_heads: int = 2
     """Key/value heads (grouped-query attention); must divide n_heads. Equal to n_heads = plain MHA."""
     head_dim: int = 0
-    """Per-head width; 0 means d_model // n_heads."""
+    """GQA per-head width; 0 means d_model // n_heads. (MLA's head widths are the qk_*/v_head_dim fields.)"""
     d_ff: int = 384
     """Hidden width of the dense SwiGLU MLP (dense models, and the first_k_dense layers of MoE models)."""
     max_seq_len: int = 512
@@ -44,7 +46,8 @@ class ModelConfig:
     qkv_bias: bool = False
     """Bias on the q, k, v projections (Qwen2 / Qwen2.5)."""
     attn_type: str = "gqa"
-    """'gqa' (grouped-query attention) or 'mla' (DeepSeek Multi-head Latent Attention)."""
+    """'gqa' (grouped-query attention) or 'mla' (DeepSeek Multi-head Latent Attention): a key of
+    `attention.ATTENTIONS`, whose class reads and validates the attention fields."""
     q_lora_rank: int = 0
     """MLA: rank of the query down-projection; 0 = full-rank query projection."""
     kv_lora_rank: int = 64
@@ -122,10 +125,8 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
         need(self.head_dim >= 0, "head_dim", ">= 0 (0 = d_model // n_heads)")
-        need(self.head_dim > 0 or self.d_model % self.n_heads == 0, "d_model", "divisible by n_heads")
-        need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"a divisor of n_heads={self.n_heads}")
-        need(self.attn_type in ("gqa", "mla"), "attn_type", "'gqa' or 'mla'")
-        need(self.attn_head_dim % 2 == 0 or self.attn_type == "mla", "head_dim", "even (rotary pairs)")
+        need(self.attn_type in ATTENTIONS, "attn_type", " or ".join(map(repr, ATTENTIONS)))
+        ATTENTIONS[self.attn_type].check(self, need)  # the variant's own fields (GQA: head widths from d_model)
         need(self.rope_theta > 0, "rope_theta", "> 0")
         need(self.norm_eps > 0, "norm_eps", "> 0")
         need(self.init_std > 0, "init_std", "> 0")
@@ -136,16 +137,6 @@ class ModelConfig:
                 "rope_scaling",
                 "None or a dict with rope_type in default|linear|dynamic|yarn|llama3",
             )
-        if self.attn_type == "mla":
-            need(self.kv_lora_rank >= 1, "kv_lora_rank", ">= 1 for MLA")
-            need(self.q_lora_rank >= 0, "q_lora_rank", ">= 0 (0 = no query compression)")
-            need(
-                self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
-                "qk_rope_head_dim",
-                "even, >= 2",
-            )
-            need(self.qk_nope_head_dim >= 0, "qk_nope_head_dim", ">= 0")
-            need(self.v_head_dim >= 1, "v_head_dim", ">= 1")
         need(self.n_routed_experts >= 0, "n_routed_experts", ">= 0 (0 = dense)")
         if self.is_moe:
             need(
