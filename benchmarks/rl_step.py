@@ -51,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
 
 from nanoseek.config import RLConfig, TrainConfig
 from nanoseek.engine import Engine
+from nanoseek.engine.twin import rollout_policy, sync_rollout_policy
 from nanoseek.eval.runner import prompt_ids
 from nanoseek.loading import pick_device
 from nanoseek.model import ModelConfig, Transformer, get_preset, install_balancing_hook
@@ -60,7 +61,7 @@ from nanoseek.train import grpo
 from nanoseek.train.loop import autocast_dtype
 from nanoseek.train.optim import build_optimizers
 from nanoseek.train.rl import update
-from nanoseek.train.rollouts import PromptSampler, collect, rollout_policy, sync_rollout_policy
+from nanoseek.train.rollouts import PromptSampler, collect
 
 QUICK_SHAPE = dict(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256)
 

@@ -12,6 +12,7 @@ import torch
 
 from nanoseek.engine import Engine, KVCache, SamplingParams
 from nanoseek.engine.cuda_graphs import batch_buckets, kv_len_bucket
+from nanoseek.engine.twin import rollout_policy, sync_rollout_policy
 from nanoseek.model import ModelConfig, Transformer, get_preset, save_model
 from nanoseek.model.transformer import RMSNorm
 
@@ -614,8 +615,6 @@ def test_rl_engine_twin_with_16_bit_matmul_weights_decodes_bit_identically_under
     """`rollout_policy`: under bf16 autocast the twin (bf16 copies of the matmul weights, everything else
     shared) gives the engine the float32 policy's exact tokens and log-probs, and stays so after an
     optimizer step once synced. CPU autocast stands in for CUDA's here."""
-    from nanoseek.train.rollouts import rollout_policy, sync_rollout_policy
-
     model = build(name).train()
     twin = rollout_policy(model, torch.bfloat16)
     assert rollout_policy(model, None) is model and rollout_policy(model, torch.float32) is model
@@ -623,9 +622,11 @@ def test_rl_engine_twin_with_16_bit_matmul_weights_decodes_bit_identically_under
     assert twin.layers[0].attn.wo.weight.dtype == torch.bfloat16
     assert model.layers[0].attn.wo.weight.dtype == torch.float32
     assert model.lm_head is None and twin.lm_head.weight.dtype == torch.bfloat16  # tied: a 16-bit output copy
-    if name == "tiny-moe":
+    if name == "tiny-moe":  # expert stacks and the router's matrix are matmul weights too (autocast casts both)
         moe = next(layer.mlp for layer in twin.layers if hasattr(layer.mlp, "router"))
-        assert moe.w1.dtype == torch.bfloat16 and moe.router.weight.dtype == torch.float32  # routing stays float32
+        assert moe.w1.dtype == moe.router.weight.dtype == torch.bfloat16
+        policy_moe = next(layer.mlp for layer in model.layers if hasattr(layer.mlp, "router"))
+        assert moe.router.e_score_correction_bias is policy_moe.router.e_score_correction_bias  # a buffer: shared
 
     prompts = prompts_of([5, 9, 3])
     params = SamplingParams(max_new_tokens=12, temperature=0.8, n=2, seed=3, ignore_eos=True)
@@ -645,14 +646,45 @@ def test_rl_engine_twin_with_16_bit_matmul_weights_decodes_bit_identically_under
     assert decode(twin) == decode(model)
 
 
+class RawMatrixMLP(torch.nn.Module):
+    """A module type the twin has never seen: a raw matrix (no nn.Linear) that a matmul reads."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(d, d) / d**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
+
+
+def test_rl_twin_casts_the_matmul_weights_of_any_module_type():
+    """The twin's rule is 'floating, two or more dimensions, not an embedding table', not a list of module
+    types: a new module's raw matrix gets a bf16 copy that syncs, and the logits stay autocast's exactly."""
+    model = build("tiny").train()
+    model.layers[1].mlp = RawMatrixMLP(model.cfg.d_model)
+    twin = rollout_policy(model, torch.bfloat16)
+    assert twin.layers[1].mlp.w.dtype == torch.bfloat16 and model.layers[1].mlp.w.dtype == torch.float32
+    ids = torch.tensor(prompts_of([7, 7], seed=4))
+
+    def logits(policy):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return policy(ids)
+
+    assert torch.equal(logits(twin), logits(model))
+    with torch.no_grad():
+        model.layers[1].mlp.w.mul_(-2.0)
+    assert not torch.equal(logits(twin), logits(model))  # stale until synced
+    sync_rollout_policy(twin, model)
+    assert torch.equal(twin.layers[1].mlp.w, model.layers[1].mlp.w.to(torch.bfloat16))
+    assert torch.equal(logits(twin), logits(model))
+
+
 @needs_cuda
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe", "mla"])
 def test_cuda_rl_twin_in_captured_graphs_follows_the_policy_through_syncs(name):
     """RL on CUDA: the engine replays captured graphs over `rollout_policy`'s bf16 twin. Its tokens and
     log-probs equal the float32 policy's under autocast (run eagerly), before and after an optimizer
     step, because the sync copies into the storage the graphs read."""
-    from nanoseek.train.rollouts import rollout_policy, sync_rollout_policy
-
     model = build(name).cuda().train()
     twin = rollout_policy(model, torch.bfloat16)
     prompts = prompts_of([3, 17, 8], seed=23)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from nanoseek.config import RLConfig, RunConfig, run_config_to_toml
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine.twin import rollout_policy, sync_rollout_policy
 from nanoseek.eval.runner import prompt_ids, run_problems, summarize_records
 from nanoseek.loading import load_checkpoint, pick_device
 from nanoseek.model import Transformer, install_balancing_hook
@@ -47,8 +48,6 @@ from nanoseek.train.rollouts import (
     check_rows_for_rewards,
     collect,
     file_rows,
-    rollout_policy,
-    sync_rollout_policy,
     task_rows,
 )
 

@@ -5,12 +5,11 @@ Prompts come from the built-in tasks (a weighted mixture; `task_rows`) or a JSON
 prompts into `Rollouts`: G samples each from the engine on the live policy, scored by the
 reward functions, with DAPO's dynamic sampling when asked (zero-variance groups dropped and
 refilled). Under torchrun every rank draws the same prompts and keeps its share. The engine
-runs `rollout_policy(model)`: on CUDA a twin with 16-bit copies of the matmul weights.
+runs `engine.twin.rollout_policy(model)`: on CUDA a twin with 16-bit copies of the matmul weights.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -19,66 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from nanoseek.config import RLConfig
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.runner import prompt_ids
-from nanoseek.model.moe import MoE
 from nanoseek.rewards import RewardSet, code_reward, code_tests, has_code_tests, math_reward, task_reward
 from nanoseek.train import distributed, grpo
 from nanoseek.train.loop import autocast
-
-
-# ----------------------------------------------------------------------------- the engine's policy
-def _cast_weights(model: nn.Module) -> list[tuple[str, str]]:
-    """(twin parameter, policy parameter) for each weight autocast casts at every use: nn.Linear weights,
-    the MoE experts' stacks, and a tied embedding in its role as the output layer."""
-    pairs = []
-    for prefix, module in model.named_modules():
-        prefix += "." if prefix else ""
-        if isinstance(module, nn.Linear):
-            pairs.append((prefix + "weight",) * 2)
-        elif isinstance(module, MoE):
-            pairs += [(prefix + w,) * 2 for w in ("w1", "w2", "w3")]
-    if getattr(model, "lm_head", 0) is None:  # tied embeddings (a `Transformer` without an lm_head)
-        pairs.append(("lm_head.weight", "embed.weight"))
-    return pairs
-
-
-def rollout_policy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """The policy as the engine should run it under autocast to `dtype`: a twin whose matmul weights
-    are stored in `dtype` and whose other parameters and buffers are the policy's own tensors. With
-    dtype None or float32, the policy itself.
-
-    Under autocast the engine would cast every float32 weight at every matmul, and inside a captured
-    decode step that is an extra read and write of all the weights per generated token. The twin holds
-    the values autocast would make (round to nearest), so its logits are bit-identical; call
-    `sync_rollout_policy` after each optimizer step (in-place copies: captured graphs stay valid). A
-    tied embedding stays shared for the input lookup; the twin's output layer is a 16-bit copy of it.
-    """
-    if dtype is None or dtype == torch.float32:
-        return model
-    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}  # shared, not copied
-    copies: dict[str, nn.Parameter] = {}
-    for twin_name, name in _cast_weights(model):
-        weight = model.get_parameter(name)
-        copies[twin_name] = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-        if twin_name == name:
-            memo[id(weight)] = copies[twin_name]  # deepcopy puts the 16-bit copy in its place
-    twin = copy.deepcopy(model, memo)
-    if "lm_head.weight" in copies and twin.lm_head is None:  # tied: the output layer is new in the twin
-        twin.lm_head = nn.Linear(*reversed(copies["lm_head.weight"].shape), bias=False, device="meta")
-        twin.lm_head.weight = copies["lm_head.weight"]
-    return twin
-
-
-@torch.no_grad()
-def sync_rollout_policy(twin: nn.Module, model: nn.Module) -> None:
-    """Copy the policy's matmul weights into its twin from `rollout_policy` (no-op for the policy itself)."""
-    if twin is not model:
-        for twin_name, name in _cast_weights(model):
-            twin.get_parameter(twin_name).copy_(model.get_parameter(name))
 
 
 # ----------------------------------------------------------------------------- prompts
