@@ -81,6 +81,11 @@ CASES: dict[str, tuple[str, dict]] = {
             routed_scaling_factor=1.0,
         ),
     ),
+    # MLA's head widths are explicit: hidden 96 over 5 heads is a valid DeepSeek-V3 (transformers runs it).
+    "deepseek_v3_heads_not_dividing_hidden": (
+        "deepseek_v3",
+        dict(DEEPSEEK, hidden_size=96, num_attention_heads=5, num_key_value_heads=5, q_lora_rank=24),
+    ),
 }
 
 
