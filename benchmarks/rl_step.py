@@ -85,10 +85,10 @@ def peak_gb(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
 
 
-def build_tokenizer(directory: Path) -> Tokenizer:
+def build_tokenizer(directory: Path, vocab_size: int) -> Tokenizer:
     from nanoseek.tasks.corpus import pretrain_texts
 
-    tokenizer = Tokenizer.train(pretrain_texts(2000, seed=0), 4096)
+    tokenizer = Tokenizer.train(pretrain_texts(2000, seed=0), vocab_size)
     tokenizer.save(directory)
     return tokenizer
 
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tmp)
-        tokenizer = build_tokenizer(tok_dir)
+        # At most the model's vocabulary (the tiny preset has 512 ids; the corpus alone reaches ~600).
+        tokenizer = build_tokenizer(tok_dir, min(4096, cfg.vocab_size))
         # Distinct prompts for every step (enough for warmup + steps without repeating).
         rows = build_rows(tokenizer, args.prompts * (args.warmup + args.steps))
         if tokenizer.vocab_size > cfg.vocab_size:
