@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model import ModelConfig, Transformer, get_preset, load_model, router_stats, save_model
+from nanoseek.model import ATTENTIONS, ModelConfig, Transformer, get_preset, load_model, router_stats, save_model
 from nanoseek.model.moe import MoE, _padded_grouped_mm, install_balancing_hook
 
 
@@ -249,6 +249,22 @@ def test_cached_incremental_forward_equals_full(attn_type):
             pos = torch.arange(start, end).expand(2, -1)
             pieces.append(model(x[:, start:end], pos, cache=cache))
     assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("attn_type", list(ATTENTIONS))
+def test_attention_variant_hands_the_cache_what_its_layout_declares(attn_type):
+    """The engine sizes its cache from `cache_layout()` alone: every variant's keys and values must have
+    those shapes (and, with values_in_keys, be the keys' first v_dim numbers), for every layer."""
+    model = Transformer(get_preset("tiny", attn_type=attn_type)).eval()
+    layout, cache = model.cache_layout(), ConcatCache()
+    with torch.no_grad():
+        model(torch.randint(0, 512, (2, 7)), torch.arange(7).expand(2, -1), cache=cache)
+    assert sorted(cache.k) == sorted(cache.v) == list(range(model.cfg.n_layers))
+    for layer in cache.k:
+        k, v = cache.k[layer], cache.v[layer]
+        assert k.shape == (2, layout.kv_heads, 7, layout.k_dim) and v.shape == (2, layout.kv_heads, 7, layout.v_dim)
+        if layout.values_in_keys:
+            assert torch.equal(v, k[..., : layout.v_dim])
 
 
 def test_mla_absorbed_cache_equals_decompressed_attention_in_float64():
