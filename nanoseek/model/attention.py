@@ -95,7 +95,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | N
 
 
 class Attention(nn.Module):
-    """The interface of a variant (see the module doc); forward(x, cos, sin, doc_ids, cache) -> [B, T, D]."""
+    """The interface of a variant (see the module doc); forward(x, cos, sin, doc_ids, cache) -> [B, T, D].
+    The Hugging Face methods are called only for the families in `hf_families` (none: no HF export)."""
 
     hf_families: tuple[str, ...] = ()  # transformers model types with this attention, in export preference
 
@@ -409,7 +410,10 @@ def attention_class(cfg: ModelConfig) -> type[Attention]:
 
 def attention_for_hf_family(family: str) -> tuple[str, type[Attention]]:
     """(attn_type, class) of the variant a transformers model type uses."""
-    return next((name, cls) for name, cls in ATTENTIONS.items() if family in cls.hf_families)
+    for name, cls in ATTENTIONS.items():
+        if family in cls.hf_families:
+            return name, cls
+    raise ValueError(f"no attention variant lists the transformers model type {family!r} in its hf_families")
 
 
 __all__ = [
