@@ -2,8 +2,8 @@
 
 The model's answer is the last `\\boxed{...}` (braces balanced), else an "answer is X" / "Answer: X"
 line, else a GSM8K `#### X` line. When the completion has a `</think>` only the text after the last
-one is the answer (`answer_region`). `nanoseek.tasks` grades with the same `extract_boxed`, so this
-module must stay light to import.
+one is the answer (`answer_region`). The task verifiers (`nanoseek.tasks`) and the graders
+(`nanoseek.rewards`) both read answers with this module, so it imports nothing of nanoseek and nothing heavy.
 """
 
 from __future__ import annotations
@@ -11,7 +11,15 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["answer_region", "extract_answer", "extract_boxed", "gsm8k_equal", "parse_gsm8k_number", "parse_number"]
+__all__ = [
+    "answer_region",
+    "extract_answer",
+    "extract_boxed",
+    "gsm8k_equal",
+    "parse_gsm8k_number",
+    "parse_number",
+    "strip_math_delimiters",
+]
 
 # --------------------------------------------------------------------------------------------------
 # Answer extraction
@@ -73,10 +81,10 @@ def _clean_inline_answer(text: str) -> str:
         s = s[: cut.start() + 1]
     s = s.strip().strip("*").strip()
     s = s.rstrip(".").strip()
-    return _strip_math_delimiters(s)
+    return strip_math_delimiters(s)
 
 
-def _strip_math_delimiters(s: str) -> str:
+def strip_math_delimiters(s: str) -> str:
     s = s.strip()
     changed = True
     while changed and s:
