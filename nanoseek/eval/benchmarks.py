@@ -10,6 +10,8 @@ template: the evaluation loop adds that), the gold `answer`, and the `kind` that
   with `prompt` and `tests`; graded by running the completion's last Python block against the tests
   (`nanoseek.rewards.code`). `answer` holds the reference solution when the file has one.
 
+`grade` hands a problem to `nanoseek.rewards.grade` with its kind, as the RL loop grades its rows.
+
 Layouts are recognised from the first row's fields; `prompt_field`/`answer_field` name them for any
 other file. A malformed row stops loading with a ValueError naming the file and line, unless
 `skip_bad=True`, which skips it and records why in `ProblemSet.skipped`.
