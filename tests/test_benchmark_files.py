@@ -14,13 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanoseek.eval.benchmarks import Problem, grade, grade_many, load_benchmark
-from nanoseek.rewards import extract_answer, math_equal, math_verify_stats
+from nanoseek.rewards import Grade, extract_answer, math_equal, math_verify_stats
 
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "benchmarks"
 
 # Gold solutions that legitimately fail automatic grading, with the reason. Goal: none. At most this many.
 KNOWN_GOLD_FAILURES: dict[str, dict[str, str]] = {"gsm8k_test.jsonl": {}, "math500_test.jsonl": {}}
 MAX_KNOWN_GOLD_FAILURES = 5
+
+
+def verdict(graded: Grade) -> tuple[bool, str | None]:
+    return graded.correct, graded.answer
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -55,10 +59,10 @@ def test_gsm8k_jsonl(tmp_path: Path) -> None:
         ("gsm-1", GSM_ROWS[1]["question"], "1,250", "gsm8k"),  # ids count records; blank lines are not records
     ]
     assert problems[1].row == GSM_ROWS[1]
-    assert grade(problems[1], "<think>..</think>The answer is $1250.") == (True, "$1250")
-    assert grade(problems[0], "\\boxed{7.0}") == (True, "7.0")
-    assert grade(problems[0], "\\boxed{8}") == (False, "8")
-    assert grade(problems[0], "seven") == (False, None)
+    assert verdict(grade(problems[1], "<think>..</think>The answer is $1250.")) == (True, "$1250")
+    assert verdict(grade(problems[0], "\\boxed{7.0}")) == (True, "7.0")
+    assert verdict(grade(problems[0], "\\boxed{8}")) == (False, "8")
+    assert verdict(grade(problems[0], "seven")) == (False, None)
 
 
 @pytest.mark.parametrize("container", ["list", "data"])
@@ -70,9 +74,9 @@ def test_math_json(tmp_path: Path, container: str) -> None:
         ("m/1", "\\frac34", "math"),
         ("math-1", "\\left( 3, \\frac{\\pi}{2} \\right)", "math"),  # from the last box of the solution
     ]
-    assert grade(problems[0], "<think>\\boxed{1}</think>\\boxed{0.75}") == (True, "0.75")
-    assert grade(problems[1], "The answer is $(3, \\pi/2)$.") == (True, "(3, \\pi/2)")
-    assert grade(problems[1], "\\boxed{(3, \\pi)}")[0] is False
+    assert verdict(grade(problems[0], "<think>\\boxed{1}</think>\\boxed{0.75}")) == (True, "0.75")
+    assert verdict(grade(problems[1], "The answer is $(3, \\pi/2)$.")) == (True, "(3, \\pi/2)")
+    assert not grade(problems[1], "\\boxed{(3, \\pi)}").correct
 
 
 def test_aime_parquet(tmp_path: Path) -> None:
@@ -80,7 +84,7 @@ def test_aime_parquet(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(AIME_ROWS[:1]), tmp_path / "aime.parquet")
     problems = load_benchmark(tmp_path / "aime.parquet")
     assert [(p.id, p.prompt, p.answer, p.kind) for p in problems] == [("60", "Find N mod 1000.", "33", "math")]
-    assert grade(problems[0], "\\boxed{033}") == (True, "033")
+    assert verdict(grade(problems[0], "\\boxed{033}")) == (True, "033")
     pq.write_table(pa.Table.from_pylist([{"question": "Q?", "answer": "204"}]), tmp_path / "aime2.parquet")
     assert load_benchmark(tmp_path / "aime2.parquet")[0].answer == "204"
 
@@ -108,8 +112,8 @@ def test_custom_fields_and_task_rows(tmp_path: Path, monkeypatch: pytest.MonkeyP
     }
     (problem,) = load_benchmark(write_jsonl(tmp_path / "t.jsonl", [trow]))
     assert problem.kind == "task:test_exact"
-    assert grade(problem, trow["solution"]) == (True, "2")
-    assert grade(problem, "\\boxed{3}") == (False, "3")
+    assert verdict(grade(problem, trow["solution"])) == (True, "2")
+    assert verdict(grade(problem, "\\boxed{3}")) == (False, "3")
 
 
 @pytest.mark.parametrize(
@@ -175,7 +179,7 @@ def check_gold_and_shuffled(name: str, expected_rows: int, kind: str) -> None:
     solutions = [gold_solution(p) for p in problems]
 
     results = grade_many(problems, solutions, workers=2)
-    failed = {p.id: answer for p, (ok, answer) in zip(problems, results) if not ok}
+    failed = {p.id: g.answer for p, g in zip(problems, results) if not g.correct}
     known = KNOWN_GOLD_FAILURES[name]
     assert len(known) <= MAX_KNOWN_GOLD_FAILURES
     assert set(failed) <= set(known), f"{len(failed)} gold solutions graded wrong: {dict(list(failed.items())[:10])}"
@@ -187,7 +191,7 @@ def check_gold_and_shuffled(name: str, expected_rows: int, kind: str) -> None:
     random.Random(0).shuffle(perm)
     perm = [j if j != i else (i + 1) % len(perm) for i, j in enumerate(perm)]
     shuffled = grade_many(problems, [solutions[j] for j in perm], workers=2)
-    hits = sum(ok for ok, _ in shuffled)
+    hits = sum(g.correct for g in shuffled)
     print(f"{name}: shuffled pairing graded correct: {hits / len(problems):.2%}")
     assert hits / len(problems) < 0.05
 

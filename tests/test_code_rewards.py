@@ -165,8 +165,9 @@ def test_code_benchmark_files(tmp_path) -> None:
         (problem,) = load_benchmark(path)
         assert problem.kind == "code"
         reference = fenced(problem.answer) if problem.answer else fenced("def add(a, b):\n    return b + a")
-        assert grade(problem, reference)[0], name
-        assert grade(problem, fenced("pass")) == (False, "pass\n")
+        assert grade(problem, reference).correct, name
+        graded = grade(problem, fenced("pass"))
+        assert (graded.correct, graded.answer, graded.status) == (False, "pass\n", "wrong")
     humaneval = load_benchmark(tmp_path / "humaneval.jsonl")[0]
     assert HUMANEVAL_ROW["prompt"] in humaneval.prompt and humaneval.answer.startswith("def double")
     assert humaneval.id == "HumanEval/0"  # the benchmark's own task_id names the problem in the records

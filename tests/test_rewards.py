@@ -490,8 +490,7 @@ def test_math_equal_works_again_after_shutdown_workers() -> None:
 
 
 def test_tasks_grade_with_the_rewards_extract_boxed() -> None:
-    from nanoseek import tasks
-    from nanoseek.rewards import answers
+    from nanoseek import answers, tasks
     from nanoseek.tasks import base
 
     assert base.extract_boxed is answers.extract_boxed is extract_boxed is tasks.extract_boxed
@@ -501,7 +500,7 @@ def test_tasks_grade_with_the_rewards_extract_boxed() -> None:
 
 def test_answer_extraction_imports_no_heavy_modules() -> None:
     code = (
-        "import sys, nanoseek.rewards.answers, nanoseek.tasks\n"
+        "import sys, nanoseek.answers, nanoseek.tasks\n"
         "heavy = sorted({'torch', 'numpy', 'sympy', 'math_verify'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"
     )

@@ -10,6 +10,8 @@ template: the evaluation loop adds that), the gold `answer`, and the `kind` that
   with `prompt` and `tests`; graded by running the completion's last Python block against the tests
   (`nanoseek.rewards.code`). `answer` holds the reference solution when the file has one.
 
+`grade` hands a problem to `nanoseek.rewards.grade` with its kind, as the RL loop grades its rows.
+
 Layouts are recognised from the first row's fields; `prompt_field`/`answer_field` name them for any
 other file. A malformed row stops loading with a ValueError naming the file and line, unless
 `skip_bad=True`, which skips it and records why in `ProblemSet.skipped`.
@@ -19,21 +21,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.rewards import (
-    answer_region,
-    check_code,
-    code_tests,
-    extract_answer,
-    extract_boxed,
-    gsm8k_equal,
-    math_equal,
-    parse_gsm8k_number,
-)
+from nanoseek.answers import extract_boxed, parse_gsm8k_number
+from nanoseek.rewards import Grade, code_tests
+from nanoseek.rewards import grade as grade_row
+from nanoseek.rewards import grade_many as grade_rows
 
 __all__ = ["Problem", "ProblemSet", "grade", "grade_many", "load_benchmark"]
 
@@ -243,43 +238,26 @@ def load_benchmark(
     return ProblemSet(problems, path=str(path), layout=layout or "", skipped=skipped)
 
 
-def grade(problem: Problem, completion: str, timeout_s: float = 5.0) -> tuple[bool, str | None]:
-    """(correct, extracted answer) for one completion. The answer comes after `</think>` if present."""
-    if problem.kind.startswith("task:"):
-        from nanoseek.tasks import get_task
-        from nanoseek.tasks.base import Example
+def _row(problem: Problem) -> dict[str, Any]:
+    """The problem as a row for `nanoseek.rewards.grade`: the file's record with the gold answer as read."""
+    return {**problem.row, "answer": problem.answer}
 
-        name = problem.kind.split(":", 1)[1]
-        row = problem.row
-        example = Example(
-            task=name,
-            prompt=row.get("prompt", problem.prompt),
-            answer=problem.answer,
-            solution=row.get("solution", ""),
-            meta=row.get("meta") or {},
-        )
-        score = float(get_task(name).verify(completion, example))
-        return score >= 1.0, extract_answer(answer_region(completion))
-    if problem.kind == "code":
-        result = check_code(completion, problem.row)
-        return result.passed, result.code
-    extracted = extract_answer(answer_region(completion))
-    if extracted is None:
-        return False, None
-    if problem.kind == "gsm8k":
-        return gsm8k_equal(extracted, problem.answer), extracted
-    if problem.kind == "math":
-        return math_equal(extracted, problem.answer, timeout_s=timeout_s), extracted
-    raise ValueError(f"problem {problem.id}: unknown kind {problem.kind!r}")
+
+def _kind(problem: Problem) -> str:
+    return problem.kind.partition(":")[0]  # "task:<name>" -> "task": the row names its task
+
+
+def grade(problem: Problem, completion: str, timeout_s: float = 5.0) -> Grade:
+    """`nanoseek.rewards.grade` for a problem, by its kind: `.correct`, `.answer` (read after `</think>`
+    if present; for code the code block), `.status`."""
+    return grade_row(_row(problem), completion, kind=_kind(problem), timeout_s=timeout_s)
 
 
 def grade_many(
     problems: Sequence[Problem], completions: Sequence[str], workers: int = 4, timeout_s: float = 5.0
-) -> list[tuple[bool, str | None]]:
+) -> list[Grade]:
     """grade() over pairs with a few threads, so that the math-verify worker processes run in parallel."""
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
-    if workers <= 1 or len(problems) <= 1:
-        return [grade(p, c, timeout_s) for p, c in zip(problems, completions)]
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        return list(ex.map(lambda pc: grade(pc[0], pc[1], timeout_s), zip(problems, completions)))
+    kinds = [_kind(p) for p in problems]
+    return grade_rows([_row(p) for p in problems], completions, kind=kinds, timeout_s=timeout_s, threads=workers)

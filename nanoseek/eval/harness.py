@@ -32,9 +32,8 @@ first N problems of every benchmark.
 **Grading** is `benchmarks.grade`: math-verify for MATH/AIME, numeric equality for GSM8K, the task's
 verifier for tasks, the problem's tests (run in a subprocess with limits) for code. Each sample gets
 a status: correct, wrong, no_answer (nothing extractable: for code, no ```python block),
-unparseable (math-verify cannot read the answer: wrong, counted from `math_verify_stats`),
-grader_error (math-verify timed out or failed: wrong), bad_gold, or error (the engine refused the
-request, e.g. a prompt longer than the context).
+unparseable (math-verify cannot read the answer: wrong), grader_error (math-verify timed out or
+failed: wrong), bad_gold, or error (the engine refused the request, e.g. a prompt longer than the context).
 
 **Metrics** (`nanoseek.eval.metrics`): pass@1 averaged over the k samples, unbiased pass@k for
 k in 1, 2, 4, ..., K, cons@k (majority vote of the first k), each with its standard error over
@@ -59,6 +58,7 @@ from typing import Any
 
 from nanoseek.eval.benchmarks import Problem, grade, load_benchmark
 from nanoseek.eval.runner import ProblemRecord, prompt_text, run_problems, summarize_records
+from nanoseek.rewards import Grade
 
 __all__ = [
     "R1_INSTRUCTION",
@@ -282,28 +282,9 @@ def render_prompts(bench: Bench, tokenizer: Any, cfg: EvalConfig) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- grading
-def _grade_with_status(row: dict[str, Any], completion: str) -> tuple[bool, str | None, str]:
-    """benchmarks.grade, plus why: math_verify_stats moves during the call when math-verify decided it.
-
-    The counters are process-wide, so the status is exact while nothing else grades concurrently."""
-    from nanoseek.rewards import math_verify_stats
-
-    before = math_verify_stats()
-    correct, answer = grade(row["problem"], completion)
-    after = math_verify_stats()
-    if correct:
-        status = "correct"
-    elif answer is None:
-        status = "no_answer"
-    elif after.unparseable_pred > before.unparseable_pred:
-        status = "unparseable"
-    elif after.timeouts + after.worker_errors > before.timeouts + before.worker_errors:
-        status = "grader_error"
-    elif after.unparseable_gold > before.unparseable_gold:
-        status = "bad_gold"
-    else:
-        status = "wrong"
-    return correct, answer, status
+def _grade_with_status(row: dict[str, Any], completion: str) -> Grade:
+    """benchmarks.grade of the row's problem: right or wrong, the answer read, and why (`Grade.status`)."""
+    return grade(row["problem"], completion)
 
 
 # ----------------------------------------------------------------------------- statistics

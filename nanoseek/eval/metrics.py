@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from nanoseek.rewards.answers import parse_number
+from nanoseek.answers import parse_number
 
 __all__ = ["ProblemResult", "answer_key", "majority_vote", "pass_at_k", "summarize"]
 

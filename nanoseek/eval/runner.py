@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanoseek.eval.metrics import ProblemResult, summarize
+from nanoseek.rewards import Grade
 
 
 def prompt_ids(
@@ -48,7 +49,8 @@ class SampleRecord:
     latency_s: float
     ttft_s: float
     status: str = ""
-    """Why it is right or wrong, when the grader says (e.g. "no_answer", "unparseable"); else ""."""
+    """Why it is right or wrong (`Grade.status`: "correct", "wrong", "no_answer", "unparseable", ...; "error"
+    when the engine refused the request)."""
 
 
 @dataclass
@@ -64,8 +66,8 @@ class ProblemRecord:
         return ProblemResult(self.id, [s.correct for s in self.samples], [s.answer for s in self.samples])
 
 
-Grader = Callable[[dict[str, Any], str], tuple[bool, str | None] | tuple[bool, str | None, str]]
-"""grade(row, completion) -> (correct, extracted answer) or (correct, extracted answer, status)."""
+Grader = Callable[[dict[str, Any], str], Grade]
+"""grade(row, completion) -> Grade: `nanoseek.rewards.grade`, or a function of the row that calls it."""
 
 
 def run_problems(
@@ -83,7 +85,7 @@ def run_problems(
     """rows: dicts with 'id', 'prompt', and optionally 'answer' (the gold, recorded; code rows have tests
     instead) and 'group'. Returns records and wall time.
 
-    grade(row, completion_text) -> (correct, extracted answer[, status]). params.n samples per problem.
+    grade(row, completion_text) -> Grade. params.n samples per problem.
     The prompts are row['prompt'] rendered by `prompt_ids`, or `texts` (one per row, already rendered:
     chat and system are then not applied) followed by the prefill. The prefill is put back in front of
     each completion for grading.
@@ -103,12 +105,17 @@ def run_problems(
         rec = ProblemRecord(ident, str(row["prompt"]), str(row.get("answer", "")), group)
         for c in completions:
             text = c.text or ""
-            graded = grade(row, prefill + text) if c.finish_reason != "error" else (False, None, "error")
-            correct, answer = graded[0], graded[1]
-            status = graded[2] if len(graded) > 2 else ""
+            graded = grade(row, prefill + text) if c.finish_reason != "error" else Grade(0.0, None, "error")
             rec.samples.append(
                 SampleRecord(
-                    text, bool(correct), answer, len(c.token_ids), c.finish_reason, c.latency_s, c.ttft_s, status
+                    text,
+                    graded.correct,
+                    graded.answer,
+                    len(c.token_ids),
+                    c.finish_reason,
+                    c.latency_s,
+                    c.ttft_s,
+                    graded.status,
                 )
             )
         records.append(rec)

@@ -36,13 +36,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.rewards.answers import answer_region
+from nanoseek.answers import answer_region
 
 __all__ = [
     "CodeResult",
@@ -50,7 +49,6 @@ __all__ = [
     "ExecLimits",
     "ExecResult",
     "check_code",
-    "check_code_many",
     "code_tests",
     "extract_code",
     "has_code_tests",
@@ -294,12 +292,3 @@ def check_code(completion: str, row: dict[str, Any], limits: ExecLimits | None =
         if not _same_output(run.stdout, expected):
             return CodeResult(False, "failed", code, f"case {i}: expected {expected[:200]!r}, got {run.stdout[:200]!r}")
     return CodeResult(True, "passed", code)
-
-
-def check_code_many(
-    completions: Sequence[str], rows: Sequence[dict[str, Any]], limits: ExecLimits | None = None
-) -> list[CodeResult]:
-    """check_code over pairs, several programs at a time (each is a process; threads only wait)."""
-    workers = max(1, min(len(completions), os.cpu_count() or 1, 32))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda cr: check_code(cr[0], cr[1], limits), zip(completions, rows)))

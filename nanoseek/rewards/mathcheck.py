@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from nanoseek.rewards.answers import _strip_math_delimiters
-from nanoseek.rewards.workers import WorkerDied, WorkerError, WorkerTimeout, _WorkerPool
+from nanoseek.answers import strip_math_delimiters
+from nanoseek.rewards.workers import WorkerDied, WorkerError, WorkerPool, WorkerTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ __all__ = [
     "configure_math_verify",
     "math_equal",
     "math_equal_many",
+    "math_outcome",
     "math_verify_stats",
     "reset_math_verify_stats",
 ]
@@ -100,7 +101,7 @@ class MathVerifyStats:
 
 _STATS = MathVerifyStats()
 _STATS_LOCK = threading.Lock()
-_MATH_POOL: _WorkerPool | None = None
+_MATH_POOL: WorkerPool | None = None
 _MATH_POOL_LOCK = threading.Lock()
 _MATH_WORKERS = int(os.environ.get("NANOSEEK_MATH_WORKERS", "0")) or min(4, os.cpu_count() or 1)
 _RESULT_CACHE: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
@@ -145,12 +146,12 @@ def configure_math_verify(workers: int | None = None, clear_cache: bool = False)
             _RESULT_CACHE.clear()
 
 
-def _math_pool() -> _WorkerPool:
+def _math_pool() -> WorkerPool:
     global _MATH_POOL
     with _MATH_POOL_LOCK:
         # None before first use; closed after shutdown_workers(); a forked child must not share pipes.
         if _MATH_POOL is None or _MATH_POOL.closed or _MATH_POOL.pid != os.getpid():
-            _MATH_POOL = _WorkerPool("math", None, _MATH_WORKERS)
+            _MATH_POOL = WorkerPool(f"{__name__}:_mv_equal", _MATH_WORKERS, setup=f"{__name__}:_mv_warmup")
         return _MATH_POOL
 
 
@@ -164,8 +165,8 @@ def _fast_equal(pred: str, gold: str) -> bool | None:
     Identical after dropping spacing and `\\left`/`\\right` means equal. Two plain integers (thousands
     separators allowed, but no spaces: "1, 234" may be a list) are compared as integers.
     """
-    p = _strip_math_delimiters(pred).rstrip(".").strip()
-    g = _strip_math_delimiters(gold).rstrip(".").strip()
+    p = strip_math_delimiters(pred).rstrip(".").strip()
+    g = strip_math_delimiters(gold).rstrip(".").strip()
     if _INTEGER.fullmatch(p) and _INTEGER.fullmatch(g):
         return int(p.replace(",", "")) == int(g.replace(",", ""))
     p, g = _squeeze(p), _squeeze(g)
@@ -203,9 +204,16 @@ def math_equal(pred: str | None, gold: str | None, timeout_s: float = 5.0, *, fa
     Percentages follow math-verify: gold `10\\%` accepts `10\\%`, `10` and `0.1`.
     `fast_path=False` sends even identical strings to math-verify (to test math-verify itself).
     """
+    return math_outcome(pred, gold, timeout_s, fast_path=fast_path) == "equal"
+
+
+def math_outcome(pred: str | None, gold: str | None, timeout_s: float = 5.0, *, fast_path: bool = True) -> str:
+    """math_equal's verdict and why: "equal", "unequal", "unparseable_pred", "unparseable_gold",
+    "timeout" or "worker_error" (each counted in math_verify_stats())."""
     if pred is None or gold is None:
-        _count("unparseable_pred" if pred is None else "unparseable_gold")
-        return False
+        outcome = "unparseable_pred" if pred is None else "unparseable_gold"
+        _count(outcome)
+        return outcome
     pred, gold = str(pred), str(gold)
     fast = _fast_equal(pred, gold) if fast_path else None
     if fast is not None:
@@ -214,19 +222,19 @@ def math_equal(pred: str | None, gold: str | None, timeout_s: float = 5.0, *, fa
             _STATS.fast_path += 1
             _STATS.equal += fast
             _STATS.unequal += not fast
-        return fast
+        return "equal" if fast else "unequal"
 
-    key = (_strip_math_delimiters(pred).strip(), _strip_math_delimiters(gold).strip())
+    key = (strip_math_delimiters(pred).strip(), strip_math_delimiters(gold).strip())
     with _STATS_LOCK:
         outcome = _RESULT_CACHE.get(key) if fast_path else None
         if outcome is not None:
             _RESULT_CACHE.move_to_end(key)
     if outcome is not None:
         _count(outcome, cached=True)
-        return outcome == "equal"
+        return outcome
 
     try:
-        outcome = _math_pool().run("math_equal", key, timeout_s)
+        outcome = _math_pool().run(key, timeout_s)
     except WorkerTimeout:
         outcome = "timeout"
         _log_once("math_equal:timeout", "math_equal: timed out after %.1f s (counted wrong): %.200r", timeout_s, pred)
@@ -242,7 +250,7 @@ def math_equal(pred: str | None, gold: str | None, timeout_s: float = 5.0, *, fa
     if outcome == "unparseable_gold":
         _log_once(f"gold:{gold}", "math_equal: gold answer %.200r cannot be parsed by math-verify", gold)
     _count(outcome)
-    return outcome == "equal"
+    return outcome
 
 
 def math_equal_many(preds: Sequence[str | None], golds: Sequence[str | None], timeout_s: float = 5.0) -> list[bool]:

@@ -2,8 +2,10 @@
 
 math-verify's own timeouts use `signal.alarm`, which only works in the main thread, and a reward
 function given by import path may hang; so both run in small pools of persistent worker *processes*.
-A request that exceeds its time limit kills and restarts its worker. Used by `mathcheck` (role
-"math") and by `RewardSet` for isolated reward functions (role "call").
+A pool runs one function named by import path ("package.module:function" or "path/file.py:function",
+see `loading`), optionally after a setup function, and a request is that function's arguments. A
+request that exceeds its time limit kills and restarts its worker. Used by `mathcheck` (math-verify)
+and by `RewardSet` (reward functions given by import path).
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nanoseek.rewards.loading import load_callable
+
 __all__ = [
     "WorkerDied",
     "WorkerError",
     "WorkerInputError",
+    "WorkerPool",
     "WorkerStartError",
     "WorkerTimeout",
     "shutdown_workers",
@@ -102,7 +107,7 @@ def _read_frame_blocking(stream: Any) -> bytes:
 class _Worker:
     """One worker subprocess seen from the parent. Used by one thread at a time (the pool ensures it)."""
 
-    def __init__(self, role: str, target: str | None):
+    def __init__(self, target: str, setup: str | None):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PKG_ROOT, env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
@@ -116,7 +121,7 @@ class _Worker:
         self._selector = selectors.DefaultSelector()  # epoll/kqueue: no FD_SETSIZE limit, unlike select()
         self._selector.register(self._fd, selectors.EVENT_READ)
         self.ready = False
-        init = {"role": role, "target": target, "sys_path": [p for p in sys.path if isinstance(p, str)]}
+        init = {"target": target, "setup": setup, "sys_path": [p for p in sys.path if isinstance(p, str)]}
         try:
             _write_frame(self.proc.stdin, _dumps(init))
         except OSError:
@@ -154,7 +159,7 @@ class _Worker:
         self.ready = True
 
     def request(self, data: bytes, timeout_s: float) -> Any:
-        """Send a pickled (op, args) request and wait up to timeout_s for the reply."""
+        """Send a pickled tuple of arguments and wait up to timeout_s for the reply."""
         try:
             _write_frame(self.proc.stdin, data)
         except (OSError, ValueError) as e:  # broken pipe, or stdin closed
@@ -178,21 +183,22 @@ class _Worker:
                 stream.close()
 
 
-_ALL_POOLS: weakref.WeakSet[_WorkerPool] = weakref.WeakSet()
+_ALL_POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
 
-class _WorkerPool:
-    """Up to `size` workers of one role, started lazily, handed to one calling thread at a time.
+class WorkerPool:
+    """Up to `size` workers that run `target` ("module:function"), started lazily (each calls `setup()`
+    once first, if given), handed to one calling thread at a time.
 
     A request that times out, or whose worker dies, kills that worker and starts a replacement at
     once (its startup overlaps whatever the caller does next). The time limit covers the request
     only: waiting for a free worker, or for a fresh one to finish importing, does not count.
     """
 
-    def __init__(self, role: str, target: str | None, size: int, start_timeout_s: float = 120.0):
+    def __init__(self, target: str, size: int, setup: str | None = None, start_timeout_s: float = 120.0):
         if size < 1:
             raise ValueError(f"worker pool size must be >= 1, got {size}")
-        self.role, self.target, self.size = role, target, size
+        self.target, self.setup, self.size = target, setup, size
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
@@ -213,7 +219,7 @@ class _WorkerPool:
                 worker = None
                 if self._created < self.size:
                     self._created += 1
-                    worker = _Worker(self.role, self.target)
+                    worker = _Worker(self.target, self.setup)
             if worker is not None:
                 self._busy.add(worker)
                 return worker
@@ -243,13 +249,13 @@ class _WorkerPool:
             self.restarts += 1
             if self._closed:
                 return
-        self._idle.put(_Worker(self.role, self.target))
+        self._idle.put(_Worker(self.target, self.setup))
 
-    def run(self, op: str, args: tuple, timeout_s: float) -> Any:
-        """Run `op(*args)` in a worker; raises WorkerTimeout, WorkerDied, WorkerError, WorkerInputError
+    def run(self, args: tuple, timeout_s: float) -> Any:
+        """`target(*args)` in a worker; raises WorkerTimeout, WorkerDied, WorkerError, WorkerInputError
         or WorkerStartError."""
         try:
-            data = _dumps((op, args))
+            data = _dumps(args)
         except Exception as e:
             raise WorkerInputError(f"cannot send the arguments to a worker process: {type(e).__name__}: {e}") from None
         worker = self._checkout()
@@ -308,10 +314,6 @@ def _orphan_watchdog(parent_pid: int) -> None:
 
 def _worker_main() -> None:
     """Entry point of a worker process (see _Worker). Serves requests until its stdin closes."""
-    # Imported here, not at the top: both modules import this one (the parent side).
-    from nanoseek.rewards import load_reward_fn
-    from nanoseek.rewards.mathcheck import _mv_equal, _mv_warmup
-
     proto_in = os.fdopen(os.dup(0), "rb")
     proto_out = os.fdopen(os.dup(1), "wb")
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -321,12 +323,10 @@ def _worker_main() -> None:
 
     init = pickle.loads(_read_frame_blocking(proto_in))
     sys.path[:] = init["sys_path"]
-    fn: Callable[..., Any] | None = None
     try:
-        if init["role"] == "math":
-            _mv_warmup()
-        elif init["role"] == "call":
-            fn = load_reward_fn(init["target"])
+        fn: Callable[..., Any] = load_callable(init["target"], "worker function")
+        if init["setup"]:
+            load_callable(init["setup"], "worker setup")()
     except BaseException as e:
         _write_frame(proto_out, _dumps(("error", (type(e).__name__, str(e), traceback.format_exc()))))
         return
@@ -335,13 +335,7 @@ def _worker_main() -> None:
     while True:
         request = _read_frame_blocking(proto_in)
         try:
-            op, args = pickle.loads(request)
-            if op == "math_equal":
-                result: Any = _mv_equal(*args)
-            elif op == "call":
-                result = fn(*args)  # type: ignore[misc]
-            else:
-                raise ValueError(f"unknown worker op {op!r}")
+            result = fn(*pickle.loads(request))
             reply = _dumps(("ok", result))  # a result that cannot be sent back is the function's error
         except BaseException as e:
             reply = _dumps(("error", (type(e).__name__, str(e)[:2000], traceback.format_exc()[-4000:])))

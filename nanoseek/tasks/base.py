@@ -21,7 +21,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from nanoseek.rewards.answers import answer_region, extract_boxed, parse_number
+from nanoseek.answers import answer_region, extract_boxed, parse_number
 
 
 @dataclass
@@ -55,7 +55,7 @@ def format_solution(steps: list[str] | str, answer: str) -> str:
 def final_answer(completion: str) -> str | None:
     """The boxed answer after the reasoning: the last `\\boxed{}` after the last `</think>` (if any).
 
-    `extract_boxed` is the graders' own (`nanoseek.rewards.answers`): if the last box is cut off
+    `extract_boxed` is the graders' own (`nanoseek.answers`): if the last box is cut off
     (never closes) there is no answer, rather than an earlier box.
     """
     return extract_boxed(answer_region(completion))

@@ -36,7 +36,7 @@ from nanoseek.eval.runner import prompt_ids, run_problems, summarize_records
 from nanoseek.loading import load_checkpoint, pick_device
 from nanoseek.model import Transformer, install_balancing_hook
 from nanoseek.plots import plot_lines, read_metrics, series
-from nanoseek.rewards import RewardSet, has_code_tests, task_reward
+from nanoseek.rewards import RewardSet, grade
 from nanoseek.train import distributed, grpo
 from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, save_checkpoint
 from nanoseek.train.loop import MetricsLog, NullLog, autocast, autocast_dtype
@@ -254,20 +254,10 @@ def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RL
 
     Under torchrun each rank generates its share of the rows; every rank gets the whole summary.
 
-    A row of a built-in task is graded by its task's verifier; a row from a file by its code tests
-    when it has them, else by math-verify's equivalence of the extracted answer with its `answer`.
+    Each row is graded by `nanoseek.rewards.grade`: a built-in task's row by its task's verifier, a
+    row from a file by its code tests when it has them, else by math-verify's equivalence of the
+    extracted answer with its `answer`.
     """
-
-    def grade(row: dict[str, Any], text: str) -> tuple[bool, str | None]:
-        from nanoseek.rewards import answer_region, check_code, extract_answer, extract_boxed, math_reward
-
-        if "task" in row:
-            return task_reward([row["prompt"]], [text], [row])[0] >= 1.0, extract_boxed(text)
-        if has_code_tests(row):
-            result = check_code(text, row)
-            return result.passed, result.code
-        return math_reward([""], [text], [row])[0] >= 1.0, extract_answer(answer_region(text))
-
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.eval_temperature,

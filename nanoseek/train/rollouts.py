@@ -22,7 +22,7 @@ import torch
 from nanoseek.config import RLConfig
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.runner import prompt_ids
-from nanoseek.rewards import RewardSet, code_reward, code_tests, has_code_tests, math_reward, task_reward
+from nanoseek.rewards import RewardSet, code_reward, code_tests, grade_many, has_code_tests, math_reward, task_reward
 from nanoseek.train import distributed, grpo
 from nanoseek.train.loop import autocast
 
@@ -186,13 +186,21 @@ def score(flat: dict[str, Any], reward_set: RewardSet, cfg: RLConfig) -> dict[st
     if cfg.overlong == "soft":
         lengths = torch.tensor([len(c) for c in flat["completion_ids"]])
         rewards = rewards + grpo.soft_overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer)
-    # Accuracy is the verifier's verdict when the rows are tasks, else the first reward function's.
-    if all("task" in r for r in flat["rows"]):
-        correct = [v >= 1.0 for v in task_reward(prompts, flat["texts"], flat["rows"])]
-    else:
-        first = next(iter(result.per_function.values()))
-        correct = [v >= 1.0 for v in first]
+    correct = [v >= 1.0 for v in _accuracy_scores(reward_set, result.per_function, prompts, flat)]
     return dict(rewards=rewards, per_function=result.per_function, correct=correct, warnings=dict(result.warnings))
+
+
+def _accuracy_scores(
+    reward_set: RewardSet, per_function: dict[str, list[float]], prompts: list[str], flat: dict[str, Any]
+) -> list[float]:
+    """What accuracy counts: the verifier's verdict when the rows are tasks (the `task` reward's values,
+    graded once, unless the set lacks it), else the first reward function's values."""
+    if all("task" in r for r in flat["rows"]):
+        term = next((t for t in reward_set.terms if t.fn is task_reward), None)
+        if term is not None:
+            return per_function[term.name]
+        return [g.score for g in grade_many(flat["rows"], flat["texts"], kind="task", prompts=prompts)]
+    return next(iter(per_function.values()))
 
 
 def collect(

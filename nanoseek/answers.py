@@ -1,9 +1,12 @@
 """Answer extraction and GSM8K numeric equality: plain string work, no sympy, no torch.
 
-The model's answer is the last `\\boxed{...}` (braces balanced), else an "answer is X" / "Answer: X"
-line, else a GSM8K `#### X` line. When the completion has a `</think>` only the text after the last
-one is the answer (`answer_region`). `nanoseek.tasks` grades with the same `extract_boxed`, so this
-module must stay light to import.
+The model's answer is the last `\\boxed{...}` (braces balanced), else the last answer it states
+("The answer is X", "Answer: X", "**Final Answer**: X", "Final Answer: The final answer is $X$. I hope it
+is correct.", a "Final Answer" heading with X on the next line, GSM8K's `#### X`; X as text or as inline
+or display math, trailing units and punctuation dropped). When the completion has a `</think>`
+only the text after the last one is the answer (`answer_region`). The task verifiers (`nanoseek.tasks`)
+and the graders (`nanoseek.rewards`) both read answers with this module, so it imports nothing of
+nanoseek and nothing heavy.
 """
 
 from __future__ import annotations
@@ -11,7 +14,15 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["answer_region", "extract_answer", "extract_boxed", "gsm8k_equal", "parse_gsm8k_number", "parse_number"]
+__all__ = [
+    "answer_region",
+    "extract_answer",
+    "extract_boxed",
+    "gsm8k_equal",
+    "parse_gsm8k_number",
+    "parse_number",
+    "strip_math_delimiters",
+]
 
 # --------------------------------------------------------------------------------------------------
 # Answer extraction
@@ -60,23 +71,71 @@ def extract_boxed(text: str | None) -> str | None:
     return None if end is None else text[last.end() : end]
 
 
-_ANSWER_IS = re.compile(r"\banswer\b\s*(?:is\b\s*:?|:)[ \t*]*(?P<ans>[^\n]+)", re.IGNORECASE)
-_GSM8K_MARK = re.compile(r"####[ \t]*(?P<ans>[^\n]+)")
+# Where a stated answer starts: "the answer is", "Answer:", "**Answer**:", "answer is:"; a "Final Answer"
+# heading on a line of its own ("**Final Answer**", "## Final Answer") with the answer below it; GSM8K's
+# "#### 18" (a number must follow: "#### Step 2" is a markdown heading).
+_ANSWER_MARK = re.compile(
+    r"\banswer\b(?:\*\*)?[ \t]*(?:is\b[ \t]*:?|:)"
+    r"|\bfinal answer\b[ \t]*(?:\*\*)?[ \t]*:?[ \t]*(?=\n)"
+    r"|####(?=[ \t]*[-+$\\.\d])",
+    re.IGNORECASE,
+)
 _SENTENCE_END = re.compile(r"\.\s")
+# Words that carry on the sentence after an answer: "$204$, which is ...", "204 because ...".
+_AFTERWORD = re.compile(
+    r"[,;]?\s+(?:which|since|because|as|so|but|where|hence|thus|therefore|meaning|i\.e\.)\b", re.IGNORECASE
+)
+# A number followed by unit words only: "204 dollars", "12 square meters", "3 cm^2", "5 \\text{ cm}" (not "2 pi").
+_NUMBER_AND_UNITS = re.compile(
+    r"(?P<number>[-+]?(?:\\?\$)?\d[\d,]*(?:\.\d+)?)"
+    r"(?:\s*(?:\\(?:text|mathrm|mbox)\s*\{\s*[A-Za-z][A-Za-z .]*\}|(?!pi\b)[A-Za-z]{2,}(?:\^\{?\d\}?)?\.?))+"
+)
+# Opening math delimiters, display math first; inline ones must close on the same line.
+_MATH_SPANS = (("$$", "$$", False), ("\\[", "\\]", False), ("$", "$", True), ("\\(", "\\)", True))
 
 
-def _clean_inline_answer(text: str) -> str:
-    """Trim an answer taken from running text: markdown bold, math delimiters, the final full stop."""
-    s = text.strip()
+def _math_span(text: str) -> str | None:
+    """The content of the math span that `text` starts with (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`)."""
+    for left, right, inline in _MATH_SPANS:
+        if text.startswith(left):
+            end = text.find(right, len(left))
+            while end > 0 and text[end - 1] == "\\" and right.startswith("$"):  # `\\$` is a dollar sign
+                end = text.find(right, end + 1)
+            if end < 0 or (inline and "\n" in text[len(left) : end]):
+                return None
+            return text[len(left) : end].strip()
+    return None
+
+
+def _drop_units(answer: str) -> str:
+    m = _NUMBER_AND_UNITS.fullmatch(answer)
+    return m.group("number") if m else answer
+
+
+def _stated_answer(text: str) -> str:
+    """The answer that `text` (what follows an answer marker) starts with, cleaned of the prose around it.
+
+    A math span is taken whole ("$204$, which is ..." -> "204"); otherwise the rest of the line up to
+    the end of its sentence or a word that carries the sentence on, without markdown bold, math
+    delimiters or the final punctuation. When the marker ends its line the answer is on the next one.
+    """
+    line = text.split("\n", 1)[0]
+    text = text.lstrip(" \t*:\n" if not line.strip(" \t*:") else " \t*:")
+    span = _math_span(text)
+    if span is not None:
+        return _drop_units(span)
+    s = text.split("\n", 1)[0].strip()
     cut = _SENTENCE_END.search(s)  # "The answer is 3.5. So ..." -> "3.5." (the sentence, not the paragraph)
     if cut:
         s = s[: cut.start() + 1]
-    s = s.strip().strip("*").strip()
-    s = s.rstrip(".").strip()
-    return _strip_math_delimiters(s)
+    cut = _AFTERWORD.search(s)
+    if cut:
+        s = s[: cut.start()]
+    s = s.strip().rstrip(".,;:*").strip().strip("*").strip()
+    return _drop_units(strip_math_delimiters(s))
 
 
-def _strip_math_delimiters(s: str) -> str:
+def strip_math_delimiters(s: str) -> str:
     s = s.strip()
     changed = True
     while changed and s:
@@ -96,7 +155,8 @@ def answer_region(completion: str) -> str:
 
 
 def extract_answer(text: str | None) -> str | None:
-    """The model's final answer: the last boxed; else the last "answer is X"/"Answer: X"; else `#### X`.
+    """The model's final answer: the last boxed; else the last stated answer ("the answer is X", "Answer: X",
+    "**Final Answer**: X", a "Final Answer" heading with X below, `#### X`; as running text or math).
 
     Returns a stripped string, or None when the text contains no recognisable answer.
     """
@@ -105,12 +165,10 @@ def extract_answer(text: str | None) -> str | None:
     boxed = extract_boxed(text)
     if boxed is not None and boxed.strip():
         return boxed.strip()
-    for pattern in (_ANSWER_IS, _GSM8K_MARK):
-        matches = list(pattern.finditer(text))
-        for m in reversed(matches):
-            ans = _clean_inline_answer(m.group("ans"))
-            if ans:
-                return ans
+    for m in reversed(list(_ANSWER_MARK.finditer(text))):
+        answer = _stated_answer(text[m.end() :])
+        if answer:
+            return answer
     return None
 
 
