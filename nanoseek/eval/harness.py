@@ -369,17 +369,7 @@ def evaluate_bench(engine: Any, tokenizer: Any, bench: Bench, cfg: EvalConfig) -
         for p in bench.problems
     ]
     n = cfg.samples
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        min_p=cfg.min_p,
-        n=n,
-        seed=cfg.seed,
-        stop_strings=[*cfg.stop, *([FEW_SHOT_STOP] if cfg.few_shot else [])],
-        ignore_eos=cfg.ignore_eos,
-    )
+    params = SamplingParams.from_config(cfg, n=n, stop_strings=[*cfg.stop, *([FEW_SHOT_STOP] if cfg.few_shot else [])])
     # A template that already opens the think block (R1-distilled models) gets no second "<think>".
     opened = all(t.rstrip().endswith("<think>") for t in texts)
     prefill = THINK_PREFILL if cfg.think_prefill and not opened else ""

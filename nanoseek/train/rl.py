@@ -269,8 +269,8 @@ def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RL
             return result.passed, result.code
         return math_reward([""], [text], [row])[0] >= 1.0, extract_answer(answer_region(text))
 
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens,
+    params = SamplingParams.from_config(
+        cfg,
         temperature=cfg.eval_temperature,
         top_p=cfg.eval_top_p if cfg.eval_temperature > 0 else 1.0,
         n=cfg.eval_samples,

@@ -210,9 +210,7 @@ class Rollouts:
 def rollout(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int) -> dict[str, Any]:
     """Sample G completions for each prompt row; flat per-sample lists."""
     ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.group_size, seed=seed
-    )
+    params = SamplingParams.from_config(cfg, n=cfg.group_size, seed=seed)
     # The policy keeps float32 master weights; on CUDA, rollouts decode under bf16 autocast like the
     # trainer's forward (MoE experts then reach the grouped GEMM, and decode runs as CUDA graphs).
     with autocast(engine.device):
