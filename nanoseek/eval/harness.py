@@ -57,6 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nanoseek.config import EvalConfig
 from nanoseek.eval.benchmarks import Problem, grade, load_benchmark
 from nanoseek.eval.runner import ProblemRecord, prompt_text, run_problems, summarize_records
 
@@ -77,57 +78,6 @@ THINK_PREFILL = "<think>\n"
 FEW_SHOT_STOP = "\nProblem:"
 TASK_MIXTURE = "tasks"
 BENCH_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-@dataclass
-class EvalConfig:
-    """Every knob of an evaluation (the CLI flags of `nanoseek eval`, the keywords of evaluate_checkpoint)."""
-
-    # sampling
-    k: int = 4
-    """Samples per problem (1 when temperature is 0)."""
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    min_p: float = 0.0
-    max_new_tokens: int = 2048
-    seed: int = 0
-    """Seeds the sampler, the generated task problems and the choice of few-shot examples."""
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    # problems
-    n_problems: int = 100
-    """Problems generated per built-in task benchmark."""
-    limit: int | None = None
-    difficulty: dict[str, dict[str, Any]] = field(default_factory=dict)
-    skip_bad: bool = False
-    prompt_field: str | None = None
-    answer_field: str | None = None
-    # prompts
-    few_shot: int = 0
-    instruction: str = "auto"
-    system: str | None = None
-    think_prefill: bool = False
-    # engine and output
-    max_batch: int = 64
-    plots: bool = True
-    quiet: bool = False
-
-    @property
-    def samples(self) -> int:
-        return 1 if self.temperature == 0 else self.k
-
-    def check(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k = {self.k!r}: must be an integer >= 1")
-        if self.few_shot < 0:
-            raise ValueError(f"few_shot = {self.few_shot}: must be >= 0")
-        if self.few_shot and (self.system or self.think_prefill):
-            raise ValueError("few-shot prompts are plain text: system and think_prefill need the chat template")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit = {self.limit}: must be >= 1")
-        if self.n_problems < 1:
-            raise ValueError(f"n_problems = {self.n_problems}: must be >= 1")
 
 
 @dataclass
@@ -443,7 +393,7 @@ def evaluate(
     _unique_names(loaded)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("plots", "quiet")}
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("benches", "plots", "quiet")}
     settings["samples"] = cfg.samples
     summary: dict[str, Any] = {
         "model": model,
@@ -516,7 +466,7 @@ def evaluate_checkpoint(
     top_p=, max_new_tokens=, n_problems=, limit=, few_shot=, instruction=, ...). Returns the summary
     (also in out_dir/summary.json).
     """
-    cfg = EvalConfig(**options)
+    cfg = EvalConfig(benches=list(benches), **options)
     cfg.check()
     loaded = [load_bench(b, cfg) for b in benches]  # a bad file fails before the model loads
     name = str(model_or_checkpoint) if isinstance(model_or_checkpoint, str | Path) else ""

@@ -315,15 +315,7 @@ def rl(
     run_dir.mkdir(parents=True, exist_ok=True)
     if topo.is_main:
         (run_dir / "config.toml").write_text(run_config_to_toml(cfg))
-    if r.prompts_per_step < 1 or r.group_size < 2:
-        raise ValueError("rl.prompts_per_step must be >= 1 and rl.group_size >= 2 (advantages are relative)")
-    for name, value, allowed in (
-        ("scale_rewards", r.scale_rewards, grpo.REWARD_SCALINGS),
-        ("loss_agg", r.loss_agg, grpo.LOSS_AGGREGATIONS),
-        ("overlong", r.overlong, ("none", "mask", "soft")),
-    ):
-        if value not in allowed:
-            raise ValueError(f"rl.{name} = {value!r}: must be one of {', '.join(allowed)}")
+    cfg.check()
     torch.manual_seed(t.seed)
     model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=torch.float32)
     if tokenizer is None:

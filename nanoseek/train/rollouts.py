@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nanoseek.config import RLConfig
+from nanoseek.config import RLConfig, parse_task_weights
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.runner import prompt_ids
 from nanoseek.model.moe import MoE
@@ -82,23 +82,11 @@ def sync_rollout_policy(twin: nn.Module, model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- prompts
-def parse_weights(spec: str) -> dict[str, float]:
-    """'a,b:2' -> {'a': 1.0, 'b': 2.0}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, w = part.partition(":")
-        try:
-            out[name.strip()] = float(w) if w else 1.0
-        except ValueError:
-            raise ValueError(f"rl.tasks: bad weight in {part!r} (expected name or name:weight)") from None
-    return out
-
-
 def task_rows(cfg: RLConfig, n: int, split: str, seed: int) -> list[dict[str, Any]]:
     from nanoseek.tasks.corpus import task_mixture
 
     examples = task_mixture(
-        n, split=split, seed=seed, weights=parse_weights(cfg.tasks), difficulty=cfg.difficulty or None
+        n, split=split, seed=seed, weights=parse_task_weights(cfg.tasks, "rl.tasks"), difficulty=cfg.difficulty or None
     )
     return [dict(e.to_dict(), id=f"{e.task}-{i}", group=e.task) for i, e in enumerate(examples)]
 
