@@ -69,7 +69,6 @@ __all__ = [
     "evaluate",
     "evaluate_checkpoint",
     "load_bench",
-    "parse_task_settings",
 ]
 
 R1_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -97,29 +96,6 @@ class Bench:
 # ----------------------------------------------------------------------------- benchmarks
 def _task_problem(example: Any, ident: str) -> Problem:
     return Problem(ident, example.prompt, example.answer, f"task:{example.task}", example.to_dict())
-
-
-def parse_task_settings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """{task: {knob: value}} from "TASK.KNOB=VALUE" (or "KNOB=VALUE": every task that has the knob),
-    with values read as the type of the knob's default."""
-    from nanoseek.tasks import get_task, list_tasks
-    from nanoseek.tasks.base import coerce_knobs
-
-    raw: dict[str, dict[str, str]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        task, dot, knob = key.strip().rpartition(".")
-        if not sep or not knob:
-            raise ValueError(f"--set expects TASK.KNOB=VALUE or KNOB=VALUE, got {item!r}")
-        if dot:
-            targets = [get_task(task).name]
-        else:
-            targets = [t for t in list_tasks() if knob in get_task(t).defaults]
-            if not targets:
-                raise ValueError(f"--set {item!r}: no task has the knob {knob!r}")
-        for t in targets:
-            raw.setdefault(t, {})[knob] = value.strip()
-    return {t: coerce_knobs(get_task(t), knobs) for t, knobs in raw.items()}
 
 
 def load_bench(spec: str, cfg: EvalConfig) -> Bench:
