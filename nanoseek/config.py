@@ -4,20 +4,27 @@ A run's config is built in three layers, each overriding the last:
 
     defaults of the stage  <  --config FILE.toml  <  --set section.field=value ...
 
-and written back to `RUN_DIR/config.toml`, so a run can always be repeated.
+and written back to `RUN_DIR/config.toml`, so a run can always be repeated. Every value, from a
+TOML file or a --set string, is read by `parse_value` as its field's type, and `RunConfig.check`
+names the first bad one in one line (`rl.temperature = -1: must be >= 0`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nanoseek.model.config import ModelConfig, get_preset
+
+DEFAULT_TASKS = "arithmetic,countdown,linear_equation,word_problems"
+"""Every built-in task (nanoseek.tasks), equally weighted: the default mixture of every stage."""
 
 
 @dataclass
@@ -81,8 +88,8 @@ class DataConfig:
     """Count and skip malformed records instead of stopping."""
     builtin_examples: int = 20000
     """Examples generated for the built-in task corpus."""
-    tasks: str = "arithmetic,countdown,linear_equation,word_problems"
-    """Built-in tasks to draw from (comma separated)."""
+    tasks: str = DEFAULT_TASKS
+    """Built-in tasks to draw from: 'name' or 'name:weight', comma separated."""
     vocab_size: int = 512
     """Vocabulary of the tokenizer trained when the run has none."""
 
@@ -123,7 +130,7 @@ class RLConfig:
     """Truncated importance sampling cap on pi_trainer / pi_engine per token; 0 disables."""
     rewards: str = "task=1.0"
     """Weighted reward functions: built-ins (task, math, code, format) or import paths, e.g. 'task=1,format=0.1'."""
-    tasks: str = "arithmetic,countdown,linear_equation,word_problems"
+    tasks: str = DEFAULT_TASKS
     """Built-in prompt mixture: 'name' or 'name:weight', comma separated."""
     difficulty: dict[str, Any] = field(default_factory=dict)
     """Per-task difficulty knobs, e.g. {arithmetic = {digits = 3}}."""
@@ -144,6 +151,57 @@ class RLConfig:
 
 
 @dataclass
+class EvalConfig:
+    """An evaluation: the flags of `nanoseek eval`, the keywords of evaluate_checkpoint, a speedrun's [eval].
+
+    The sampling fields are read by SamplingParams.from_config (which defines them); the defaults are R1's."""
+
+    benches: list[str] = field(default_factory=lambda: ["tasks"])
+    """Benchmark files or built-in tasks ('tasks' = all of them); see nanoseek.eval.harness."""
+    # sampling
+    k: int = 4
+    """Samples per problem (1 when temperature is 0)."""
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 2048
+    seed: int = 0
+    """Seeds the sampler, the generated task problems and the choice of few-shot examples."""
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    # problems
+    n_problems: int = 100
+    """Problems generated per built-in task benchmark."""
+    limit: int | None = None
+    difficulty: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skip_bad: bool = False
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    # prompts
+    few_shot: int = 0
+    instruction: str = "auto"
+    system: str | None = None
+    think_prefill: bool = False
+    # engine and output
+    max_batch: int = 64
+    plots: bool = True
+    quiet: bool = False
+
+    @property
+    def samples(self) -> int:
+        return 1 if self.temperature == 0 else self.k
+
+    def check(self, where: str = "") -> None:
+        check_numbers(self, where)
+        if self.few_shot and (self.system or self.think_prefill):
+            raise ValueError(
+                f"{where}few_shot = {self.few_shot}: few-shot prompts are plain text; "
+                "system and think_prefill need the chat template"
+            )
+
+
+@dataclass
 class RunConfig:
     preset: str = "tiny"
     """Model preset; individual fields can still be overridden under [model]."""
@@ -152,6 +210,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """How the run's model is evaluated (by `nanoseek speedrun` after the stage)."""
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         overrides = dict(self.model)
@@ -159,52 +219,181 @@ class RunConfig:
             overrides["vocab_size"] = vocab_size
         return get_preset(self.preset, **overrides)
 
+    def check(self) -> None:
+        """Raise a ValueError naming the first bad setting."""
+        from nanoseek.train import grpo  # the losses define the modes they take
 
-def _coerce(value: str, kind: Any, where: str) -> Any:
-    """Parse a --set value as the field's type (TOML syntax for lists/bools/numbers; bare strings allowed)."""
-    origin = typing.get_origin(kind)
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
-    if kind is bool and not isinstance(parsed, bool):
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
-    if kind is int and not (isinstance(parsed, int) and not isinstance(parsed, bool)):
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
+        for name in ("train", "data", "rl"):
+            check_numbers(getattr(self, name), f"{name}.")
+        self.eval.check("eval.")
+        parse_task_weights(self.data.tasks, "data.tasks")
+        parse_task_weights(self.rl.tasks, "rl.tasks")
+        for name, allowed in (
+            ("scale_rewards", grpo.REWARD_SCALINGS),
+            ("loss_agg", grpo.LOSS_AGGREGATIONS),
+            ("overlong", ("none", "mask", "soft")),
+        ):
+            if getattr(self.rl, name) not in allowed:
+                raise ValueError(f"rl.{name} = {getattr(self.rl, name)!r}: must be one of {', '.join(allowed)}")
+        self.model_config()
+
+
+# ----------------------------------------------------------------------------- reading and checking values
+_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
+def parse_value(value: Any, kind: Any, where: str) -> Any:
+    """`value` as the type `kind`, or a ValueError naming `where`: the one reader of every setting.
+
+    A string (a --set value, a command-line knob) is read as a TOML value (numbers, true/false,
+    [lists], {tables}, "quoted strings") or else kept as a bare string; lists and tuples also take
+    "a,b,c". Values read from a TOML file are checked (ints widen to floats)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        (kind,) = [a for a in args if a is not type(None)]
+        return None if value is None else parse_value(value, kind, where)
+    text = value if isinstance(value, str) else None
+    if text is not None:
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass  # a bare string
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{where}: expected {expected}, got {text if text is not None else value!r}")
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in _BOOLEANS:
+            return _BOOLEANS[text.lower()]
+        raise bad("true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad("an integer")
     if kind is float:
-        if isinstance(parsed, bool) or not isinstance(parsed, int | float):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(parsed)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise bad("a number")
     if kind is str:
-        return value if not isinstance(parsed, str) else parsed
-    if origin is list:
-        if isinstance(parsed, str):
-            return [p for p in parsed.split(",") if p]
-        if not isinstance(parsed, list):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-    return parsed
+        if isinstance(value, str):
+            return value
+        if text is not None:
+            return text
+        raise bad("a string")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            raise bad("a list")
+        return origin(parse_value(item, args[0] if args else Any, where) for item in value)
+    if origin is dict and not isinstance(value, dict):
+        raise bad("a table")
+    return value
+
+
+def parse_task_weights(spec: str, where: str) -> dict[str, float]:
+    """'a,b:2' -> {'a': 1.0, 'b': 2.0}: a task mixture (data.tasks, rl.tasks)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, weight = part.partition(":")
+        try:
+            out[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"{where}: bad weight in {part!r} (expected name or name:weight)") from None
+        if not (math.isfinite(out[name.strip()]) and out[name.strip()] >= 0):
+            raise ValueError(f"{where}: the weight in {part!r} must be >= 0")
+    if not out:
+        raise ValueError(f"{where} = {spec!r}: names no task")
+    return out
+
+
+# The range of the number settings, by field name (a name means the same in every section that has
+# it); every other number must be >= 0. The counts that loops run over or steps are divided by: >= 1.
+_AT_LEAST = dict.fromkeys(
+    "steps batch_size seq_len grad_accum eval_batches checkpoint_every keep_checkpoints log_every builtin_examples "
+    "prompts_per_step max_new_tokens num_iterations micro_batch_size max_sampling_rounds eval_problems eval_samples "
+    "k n_problems limit max_batch".split(),
+    1,
+) | {"group_size": 2}  # advantages are relative to the group
+_FRACTIONS = {"min_lr_ratio", "decay_fraction", "beta1", "beta2", "val_fraction", "top_p", "eval_top_p", "min_p"}
+_ABOVE_ZERO = {"top_p", "eval_top_p"}
+
+
+def check_numbers(section: Any, where: str) -> None:
+    """Every field of a section of its type, and every number in its range; else a ValueError naming it."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, name = getattr(section, f.name), f"{where}{f.name}"
+        if parse_value(value, hints[f.name], name) != value and isinstance(value, str):  # "2" set in code
+            raise ValueError(f"{name} = {value!r}: expected {hints[f.name]}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        low, high = _AT_LEAST.get(f.name, 0), 1 if f.name in _FRACTIONS else math.inf
+        if f.name in _ABOVE_ZERO:
+            if not 0 < value <= high:
+                raise ValueError(f"{name} = {value!r}: must be in (0, 1]")
+        elif not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(f"{name} = {value!r}: must be " + (f">= {low}" if high == math.inf else "in [0, 1]"))
+
+
+# ----------------------------------------------------------------------------- TOML tables and --set overrides
+def _field_type(obj: Any, name: str, where: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints:
+        raise ValueError(f"{where}: unknown setting (known: {', '.join(f.name for f in dataclasses.fields(obj))})")
+    return hints[name]
+
+
+def _model_value(name: str, value: Any, where: str) -> Any:
+    """A [model] override, typed by its ModelConfig field (the preset checks the value)."""
+    hints = typing.get_type_hints(ModelConfig)
+    if name not in hints:
+        raise ValueError(f"{where}: unknown ModelConfig field")
+    return parse_value(value, hints[name], where)
 
 
 def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
-    """Set dataclass fields from a (TOML) dict, recursing into nested dataclasses; unknown keys fail."""
-    hints = typing.get_type_hints(type(obj))
+    """Set dataclass fields from a (TOML) table, recursing into the sections; unknown keys fail."""
     for key, value in values.items():
-        if key not in hints:
-            known = ", ".join(f.name for f in dataclasses.fields(obj))
-            raise ValueError(f"{where}{key}: unknown setting (known: {known})")
+        name = f"{where}{key}"
+        kind = _field_type(obj, key, name)
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if dataclasses.is_dataclass(current) or (key == "model" and isinstance(obj, RunConfig)):
             if not isinstance(value, dict):
-                raise ValueError(f"{where}{key}: expected a table")
-            _apply(current, value, f"{where}{key}.")
-        elif key == "model" and isinstance(obj, RunConfig):
-            known_model = {f.name for f in dataclasses.fields(ModelConfig)}
-            for mk in value:
-                if mk not in known_model:
-                    raise ValueError(f"model.{mk}: unknown ModelConfig field")
-            current.update(value)
+                raise ValueError(f"{name}: expected a table")
+            if isinstance(current, dict):
+                current.update({k: _model_value(k, v, f"model.{k}") for k, v in value.items()})
+            else:
+                _apply(current, value, f"{name}.")
         else:
-            setattr(obj, key, value)
+            setattr(obj, key, parse_value(value, kind, name))
+
+
+def split_override(item: str, syntax: str = "section.field=value") -> tuple[list[str], str]:
+    """'a.b.c=value' -> (['a', 'b', 'c'], 'value'): the one --set syntax, a dotted path and a value."""
+    dotted, sep, value = item.partition("=")
+    path = [part.strip() for part in dotted.split(".")]
+    if not sep or not all(path):
+        raise ValueError(f"--set {item!r}: expected {syntax}")
+    return path, value.strip()
+
+
+def apply_override(cfg: RunConfig, item: str) -> None:
+    """--set section.field=value (model.field=value: a ModelConfig field; field=value: a top-level one)."""
+    path, value = split_override(item)
+    *sections, name = path
+    where = "--set " + ".".join(path)
+    if sections == ["model"]:
+        cfg.model[name] = _model_value(name, value, where)
+        return
+    obj: Any = cfg
+    for section in sections:
+        if not dataclasses.is_dataclass(getattr(obj, section, None)):
+            raise ValueError(f"{where}: unknown section {section!r}")
+        obj = getattr(obj, section)
+    setattr(obj, name, parse_value(value, _field_type(obj, name, where), where))
 
 
 def load_run_config(
@@ -234,29 +423,8 @@ def load_run_config(
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
     for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected section.field=value")
-        dotted, value = item.split("=", 1)
-        *parents, name = dotted.strip().split(".")
-        obj: Any = cfg
-        for p in parents:
-            if p == "model" and obj is cfg:
-                obj = None
-                break
-            if not hasattr(obj, p) or not dataclasses.is_dataclass(getattr(obj, p)):
-                raise ValueError(f"--set {dotted}: unknown section {p!r}")
-            obj = getattr(obj, p)
-        if obj is None:  # model.<field>: typed by ModelConfig
-            hints = typing.get_type_hints(ModelConfig)
-            if name not in hints:
-                raise ValueError(f"--set {dotted}: unknown ModelConfig field")
-            cfg.model[name] = _coerce(value, hints[name], f"--set {dotted}")
-            continue
-        hints = typing.get_type_hints(type(obj))
-        if name not in hints:
-            raise ValueError(f"--set {dotted}: unknown setting")
-        setattr(obj, name, _coerce(value, hints[name], f"--set {dotted}"))
-    cfg.model_config()  # validate the model fields now, not after data loading
+        apply_override(cfg, item)
+    cfg.check()  # now, not after data loading
     return cfg
 
 
@@ -287,12 +455,4 @@ def dump_toml(sections: dict[str, Any]) -> str:
 
 
 def run_config_to_toml(cfg: RunConfig) -> str:
-    return dump_toml(
-        {
-            "preset": cfg.preset,
-            "model": dict(cfg.model),
-            "train": dataclasses.asdict(cfg.train),
-            "data": dataclasses.asdict(cfg.data),
-            "rl": dataclasses.asdict(cfg.rl),
-        }
-    )
+    return dump_toml(dataclasses.asdict(cfg))

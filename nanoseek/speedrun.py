@@ -9,6 +9,11 @@ checkpoint; a stage whose summary shows all its steps done is skipped, so runnin
 the command again after an interruption continues where it stopped. The run ends
 with OUT/report.md: accuracy and speed after each stage, wall times, and the plots.
 
+A preset (configs/cpu.toml, configs/gpu.toml) holds one table per stage, each a RunConfig
+like a --config file, and an [eval] table shared by the stages' eval sections (each stage's
+model is evaluated with its own: the pretrained model few-shot). `--set STAGE.SECTION.FIELD=V`
+overrides one stage's setting, `--set eval.FIELD=V` every stage's evaluation.
+
 Under torchrun (`torchrun --standalone --nproc_per_node=8 -m nanoseek speedrun --preset gpu`)
 every training stage runs data-parallel; rank 0 alone trains the tokenizer, evaluates and writes
 the report, and the other ranks finish once RL is done.
@@ -16,6 +21,7 @@ the report, and the other ranks finish once RL is done.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -25,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from nanoseek.config import RunConfig, load_run_config
+from nanoseek.config import EvalConfig, RunConfig, load_run_config, parse_task_weights, split_override
 
 STAGES = ("pretrain", "sft", "rl")
 
@@ -51,23 +57,45 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
 
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """'sft.train.steps=5' -> {'sft': ['train.steps=5']}."""
-    out: dict[str, list[str]] = {s: [] for s in (*STAGES, "eval")}
+    """Each stage's --set items: 'sft.train.steps=5' -> {'sft': ['train.steps=5']}; 'eval.k=8' goes to every stage."""
+    syntax = f"STAGE.SECTION.FIELD=VALUE with STAGE in {[*STAGES, 'eval']}"
+    out: dict[str, list[str]] = {s: [] for s in STAGES}
     for item in overrides:
-        stage, _, rest = item.partition(".")
-        if stage not in out or not rest:
-            raise ValueError(f"--set {item!r}: expected STAGE.SECTION.FIELD=VALUE with STAGE in {list(out)}")
-        out[stage].append(rest)
+        (stage, *path), value = split_override(item, syntax)
+        if stage == "eval" and path:
+            for s in STAGES:
+                if (key := _shared_eval_key(path[0], s)) is not None:
+                    out[s].append(".".join(["eval", key, *path[1:]]) + f"={value}")
+        elif stage in out and path:
+            out[stage].append(".".join(path) + f"={value}")
+        else:
+            raise ValueError(f"--set {item!r}: expected {syntax}")
     return out
 
 
+def _shared_eval_key(key: str, stage: str) -> str | None:
+    """Where a key of the shared [eval] table goes in a stage's eval section: the same key, except
+    few_shot_base, the pretrained model's few_shot (a base model has never seen the chat template)."""
+    if key == "few_shot_base":
+        return "few_shot" if stage == "pretrain" else None
+    return key
+
+
 def stage_config(stage: str, spec: dict[str, Any], overrides: list[str]) -> RunConfig:
+    """The stage's defaults < the preset's [eval] table < its [STAGE] table < --set."""
     from nanoseek.train.rl import rl_defaults
     from nanoseek.train.stages import sft_defaults
 
     base = {"pretrain": RunConfig, "sft": sft_defaults, "rl": rl_defaults}[stage]()
+    # Short answers on 200 problems; the pretrained model has never seen the chat template: it is
+    # prompted few-shot, as the R1 paper evaluates base models.
+    base.eval = EvalConfig(n_problems=200, max_new_tokens=128, few_shot=3 if stage == "pretrain" else 0)
+    shared = {k: v for key, v in spec.get("eval", {}).items() if (k := _shared_eval_key(key, stage)) is not None}
+    table = dict(spec.get(stage, {}))
+    own = table.get("eval", {})
+    table["eval"] = {**shared, **own} if isinstance(own, dict) else own  # (not a table: named by load_run_config)
     try:
-        return load_run_config(base, values=spec.get(stage, {}), overrides=overrides)
+        return load_run_config(base, values=table, overrides=overrides)
     except ValueError as e:
         raise ValueError(f"[{stage}] {e}") from None
 
@@ -79,44 +107,15 @@ def stage_done(run_dir: Path, steps: int) -> bool:
     return json.loads(summary.read_text()).get("steps", -1) >= steps
 
 
-def eval_settings(spec: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    settings: dict[str, Any] = dict(
-        benches=["tasks"], n_problems=200, k=4, temperature=0.6, max_new_tokens=128, few_shot_base=3
-    )
-    settings.update(spec.get("eval", {}))
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key not in settings:
-            raise ValueError(f"--set eval.{key}: unknown (known: {', '.join(settings)})")
-        settings[key] = tomllib.loads(f"v = {value}")["v"]
-    return settings
-
-
-def evaluate_stage(
-    checkpoint: Path, out_dir: Path, settings: dict[str, Any], base_model: bool, quiet: bool
-) -> dict[str, Any]:
-    """The stage's model on the held-out benchmarks; cached in out_dir/summary.json.
-
-    A pretrained (base) model has never seen the chat format: it is prompted few-shot, as
-    the R1 paper evaluates base models.
-    """
+def evaluate_stage(checkpoint: Path, out_dir: Path, cfg: EvalConfig, quiet: bool) -> dict[str, Any]:
+    """The stage's model on the held-out benchmarks; cached in out_dir/summary.json."""
     summary_path = out_dir / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     from nanoseek.eval.harness import evaluate_checkpoint
 
-    return evaluate_checkpoint(
-        checkpoint,
-        None,
-        settings["benches"],
-        out_dir,
-        k=settings["k"],
-        temperature=settings["temperature"],
-        n_problems=settings["n_problems"],
-        max_new_tokens=settings["max_new_tokens"],
-        few_shot=settings["few_shot_base"] if base_model else 0,
-        quiet=quiet,
-    )
+    options = dataclasses.asdict(cfg) | {"quiet": quiet}
+    return evaluate_checkpoint(checkpoint, None, options.pop("benches"), out_dir, **options)
 
 
 def speedrun(
@@ -127,12 +126,11 @@ def speedrun(
     from nanoseek.tokenizer import Tokenizer
     from nanoseek.train import distributed
     from nanoseek.train.rl import rl
-    from nanoseek.train.stages import _task_weights, pretrain, sft
+    from nanoseek.train.stages import pretrain, sft
 
     spec = load_preset(preset)
     per_stage = split_overrides(overrides or [])
     configs = {s: stage_config(s, spec, per_stage[s]) for s in STAGES}  # validate everything before starting
-    settings = eval_settings(spec, per_stage["eval"])
     topo, _ = distributed.setup(pick_device(configs["pretrain"].train.device))
     main = topo.is_main
     quiet = quiet or not main
@@ -159,7 +157,11 @@ def speedrun(
     if main and not (tok_dir / "tokenizer.json").exists():
 
         def train_tokenizer() -> None:
-            texts = pretrain_texts(min(pt.data.builtin_examples, 20000), seed=pt.train.seed, weights=_task_weights(pt))
+            texts = pretrain_texts(
+                min(pt.data.builtin_examples, 20000),
+                seed=pt.train.seed,
+                weights=parse_task_weights(pt.data.tasks, "data.tasks"),
+            )
             Tokenizer.train(texts, pt.data.vocab_size).save(tok_dir)
 
         say(f"tokenizer: vocab {pt.data.vocab_size}")
@@ -193,11 +195,10 @@ def speedrun(
             evaluate_stage,
             out / stage,
             out / "eval" / stage,
-            settings,
-            base_model=stage == "pretrain",
+            configs[stage].eval,
             quiet=quiet,
         )
-    report = write_report(out, results, timings, settings, preset)
+    report = write_report(out, results, timings, {s: configs[s].eval for s in STAGES}, preset)
     say(f"report: {report}")
     return report
 
@@ -209,14 +210,17 @@ def _fmt_pct(summary: dict[str, Any], key: str) -> str:
 
 
 def write_report(
-    out: Path, results: dict[str, dict[str, Any]], timings: dict[str, float], settings: dict[str, Any], preset: str
+    out: Path, results: dict[str, dict[str, Any]], timings: dict[str, float], evals: dict[str, EvalConfig], preset: str
 ) -> Path:
-    k = settings["k"]
+    final = evals[STAGES[-1]]  # the settings every stage shares unless its own were set
+    k = final.k
+    few_shot = [{"pretrain": "pretrained"}.get(s, s) for s in STAGES if evals[s].few_shot]
+    prompting = f"the {' and '.join(few_shot)} model{'s' if len(few_shot) > 1 else ''} few-shot, the others"
     lines = [
         f"# nanoseek speedrun (preset `{preset}`)",
         "",
-        f"Held-out problems: {settings['n_problems']} per benchmark; {k} samples each at temperature "
-        f"{settings['temperature']} (the pretrained model few-shot, the others through the chat template). "
+        f"Held-out problems: {final.n_problems} per benchmark; {k} samples each at temperature "
+        f"{final.temperature} ({prompting if few_shot else 'every model'} through the chat template). "
         "Accuracy in %, ± one standard error.",
         "",
     ]

@@ -14,15 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from nanoseek.commands.common import parse_difficulty
+from nanoseek.config import EvalConfig
 from nanoseek.engine import Completion
-from nanoseek.eval.harness import (
-    R1_INSTRUCTION,
-    EvalConfig,
-    build_engine,
-    evaluate_checkpoint,
-    load_bench,
-    parse_task_settings,
-)
+from nanoseek.eval.harness import R1_INSTRUCTION, build_engine, evaluate_checkpoint, load_bench
 from nanoseek.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -265,15 +260,22 @@ def test_few_shot_prompts(tok, files, tmp_path) -> None:
 
 
 def test_task_settings() -> None:
-    assert parse_task_settings(["arithmetic.digits=3", "countdown.use_all=true"]) == {
-        "arithmetic": {"digits": 3},
+    assert parse_difficulty(["arithmetic.digits=3", "countdown.use_all=true", "arithmetic.ops=+,*"]) == {
+        "arithmetic": {"digits": 3, "ops": ("+", "*")},
         "countdown": {"use_all": True},
     }
-    assert parse_task_settings(["digits=4"])["arithmetic"] == {"digits": 4}
+    assert parse_difficulty(["digits=4"])["arithmetic"] == {"digits": 4}
+    assert parse_difficulty(["digits=4"], ["countdown", "arithmetic"]) == {"arithmetic": {"digits": 4}}
     with pytest.raises(ValueError, match="unknown task"):
-        parse_task_settings(["nosuch.digits=3"])
+        parse_difficulty(["nosuch.digits=3"])
     with pytest.raises(ValueError, match="no difficulty knob"):
-        parse_task_settings(["arithmetic.colour=3"])
+        parse_difficulty(["arithmetic.colour=3"])
+    with pytest.raises(ValueError, match="no difficulty knob 'colour'"):
+        parse_difficulty(["colour=3"])
+    with pytest.raises(ValueError, match="countdown is not among the tasks"):
+        parse_difficulty(["countdown.use_all=true"], ["arithmetic"])
+    with pytest.raises(ValueError, match="arithmetic.digits: expected an integer, got 'two'"):
+        parse_difficulty(["arithmetic.digits=two"])
 
 
 def test_malformed_rows(tok, tmp_path, capsys) -> None:

@@ -181,3 +181,30 @@ def test_good_params_pass():
     SamplingParams(
         temperature=0, top_k=5, top_p=0.3, min_p=0.1, n=4, seed=0, stop_ids=[1], stop_strings=["\n"]
     ).validate(10)
+
+
+def test_from_config_reads_the_settings_named_like_its_fields():
+    """Every place that turns settings into a request: a config section, command-line options, an HTTP body.
+    The reference is the field-by-field construction each of them wrote before."""
+    import argparse
+
+    from nanoseek.config import EvalConfig, RLConfig
+
+    ev = EvalConfig(temperature=0.3, top_p=0.5, top_k=7, min_p=0.1, max_new_tokens=9, seed=4, stop=["x"])
+    expected = SamplingParams(
+        max_new_tokens=9, temperature=0.3, top_k=7, top_p=0.5, min_p=0.1, n=3, seed=4, stop_strings=["x", "y"]
+    )
+    assert SamplingParams.from_config(ev, n=3, stop_strings=["x", "y"]) == expected
+    rl = RLConfig(max_new_tokens=5, temperature=0.7, top_p=0.9, group_size=4)
+    assert SamplingParams.from_config(rl, n=rl.group_size, seed=1) == SamplingParams(
+        max_new_tokens=5, temperature=0.7, top_p=0.9, n=4, seed=1
+    )
+    args = argparse.Namespace(max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None)
+    args.stop, args.ignore_eos, args.n, args.chat = ["\n"], True, 2, True
+    assert SamplingParams.from_config(args) == SamplingParams(
+        max_new_tokens=6, temperature=0.0, n=2, stop_strings=["\n"], ignore_eos=True
+    )
+    body = {"temperature": 0.5, "n": 2, "seed": 3, "stop_ids": [1], "max_tokens": 7, "model": "m"}
+    assert SamplingParams.from_config(body, max_new_tokens=7) == SamplingParams(
+        max_new_tokens=7, temperature=0.5, n=2, seed=3
+    )  # stop_ids are token ids, never a setting

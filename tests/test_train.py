@@ -1,4 +1,4 @@
-"""The training loop: exact resume, accumulation, schedules, optimizers, configs, checkpoints."""
+"""The training loop: exact resume, accumulation, schedules, optimizers, checkpoints (configs: test_config.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanoseek.config import RunConfig, TrainConfig, load_run_config, run_config_to_toml
+from nanoseek.config import RunConfig, TrainConfig
 from nanoseek.model import Transformer, get_preset
 from nanoseek.train import checkpoint as ckpt_mod
 from nanoseek.train.loop import batch_loss
@@ -101,48 +101,6 @@ def test_newton_schulz_orthogonalises():
         s = torch.linalg.svdvals(newton_schulz(g))
         # The quintic iteration trades exactness for speed: singular values land near 1, not on it.
         assert s.min() > 0.5 and s.max() < 1.3, (shape, s.min(), s.max())
-
-
-def test_overrides_and_toml(tmp_path):
-    f = tmp_path / "run.toml"
-    f.write_text('preset = "tiny-moe"\n[train]\nlr = 0.01\nsteps = 7\n[model]\nn_layers = 3\n')
-    cfg = load_run_config(
-        None, f, ["train.batch_size=3", "model.top_k=1", "data.files=a.txt,b.txt", "train.compile=true"]
-    )
-    assert (cfg.preset, cfg.train.lr, cfg.train.steps, cfg.train.batch_size) == ("tiny-moe", 0.01, 7, 3)
-    assert cfg.model == {"n_layers": 3, "top_k": 1} and cfg.data.files == ["a.txt", "b.txt"] and cfg.train.compile
-    assert cfg.model_config().n_layers == 3
-    # What a run writes reads back to the same config.
-    again = tmp_path / "again.toml"
-    again.write_text(run_config_to_toml(cfg))
-    assert load_run_config(None, again) == cfg
-
-
-@pytest.mark.parametrize(
-    "override, needle",
-    [
-        ("train.lr=fast", "train.lr: expected a number"),
-        ("train.steps=1.5", "expected an integer"),
-        ("train.nope=1", "unknown setting"),
-        ("bogus.x=1", "unknown section"),
-        ("model.top_k=99", "top_k"),
-        ("model.d_modle=3", "unknown ModelConfig field"),
-        ("train.lr", "expected section.field=value"),
-    ],
-)
-def test_bad_overrides_name_the_field(override, needle):
-    with pytest.raises(ValueError, match=needle):
-        load_run_config(RunConfig(preset="tiny-moe"), None, [override])
-
-
-def test_bad_toml_names_the_file(tmp_path):
-    f = tmp_path / "bad.toml"
-    f.write_text("[train]\nlr = = 3\n")
-    with pytest.raises(ValueError, match="bad.toml"):
-        load_run_config(None, f)
-    f.write_text("[train]\nlearning_rate = 3\n")
-    with pytest.raises(ValueError, match="learning_rate"):
-        load_run_config(None, f)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanoseek.commands.generate import add_engine_arguments, add_sampling_arguments, load_engine, sampling_params
+from nanoseek.commands.common import add_engine_arguments, add_sampling_arguments, load_engine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,12 +37,14 @@ def fit_history(messages: list[dict], render, budget: int) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanoseek.engine import SamplingParams
+
     try:
         engine, tokenizer = load_engine(args, max_batch=1)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    params = sampling_params(args)
+    params = SamplingParams.from_config(args)
     try:
         params.validate(engine.vocab_size)
     except ValueError as e:

@@ -1,25 +1,39 @@
-"""Arguments shared by the training commands (pretrain, sft, rl)."""
+"""Helpers shared by the commands: --set, the training commands' arguments and run, loading a model
+into the engine and the sampling flags (generate, chat, serve, eval), prompt files, task difficulty."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-def add_run_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
+
+def add_set_argument(p: argparse.ArgumentParser, metavar: str, help: str) -> None:
+    """--set PATH=VALUE (repeatable) into args.overrides: the one override syntax (nanoseek.config.split_override)."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar, help=help)
+
+
+# ----------------------------------------------------------------------------- pretrain, sft, rl
+def add_run_arguments(
+    p: argparse.ArgumentParser, default_out: str, start: str | None = None, start_help: str = ""
+) -> None:
+    """The training commands' arguments; `start`: the default --checkpoint to start from (sft, rl)."""
+    if start is not None:
+        p.add_argument(
+            "--checkpoint",
+            default=start,
+            help=f"{start_help}: checkpoint, run or Hugging Face directory (default: {start})",
+        )
     p.add_argument(
         "--data", nargs="+", default=None, metavar="FILE", help="training files (default: the built-in task corpus)"
     )
     p.add_argument("--preset", default=None, help="model preset (tiny, tiny-moe, small, small-moe, moe-1b)")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="a TOML run config")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one setting, e.g. --set train.lr=3e-4 (repeatable)",
-    )
+    add_set_argument(p, "SECTION.FIELD=VALUE", "override one setting, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--out", default=default_out, metavar="RUN_DIR", help=f"run directory (default: {default_out})")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.add_argument(
@@ -45,3 +59,124 @@ def run_config_from_args(args: argparse.Namespace, base: Any = None):
     if args.device:
         cfg.train.device = args.device
     return cfg
+
+
+def run_training(args: argparse.Namespace, stage: Callable[..., dict], base: Any = None) -> int:
+    """Run a training stage (pretrain, sft, rl) from its command line; print its summary (once under torchrun)."""
+    from nanoseek.train.distributed import topology
+
+    try:
+        cfg = run_config_from_args(args, base)
+    except (OSError, ValueError) as e:  # a bad setting: one line naming it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    start = [args.checkpoint] if "checkpoint" in args else []
+    summary = stage(cfg, args.out, *start, resume=args.resume, quiet=args.quiet, stop_at=args.stop_at)
+    if topology().is_main:
+        print(json.dumps(summary))
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate, chat, serve, eval
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Loading and engine options."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint, run or Hugging Face model directory")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's tokenizer.json)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
+    parser.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget (default: automatic)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+    """The flags SamplingParams.from_config(args) reads (named like its fields)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer) from the engine options."""
+    import torch
+
+    from nanoseek.loading import load_checkpoint, pick_device
+
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer = load_checkpoint(args.checkpoint, pick_device(args.device), dtype)
+    if args.tokenizer:
+        from nanoseek.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(args.tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint}: no tokenizer.json; pass --tokenizer DIR")
+    return model, tokenizer
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Engine's keyword arguments from the engine options."""
+    return dict(max_seq_len=args.max_seq_len, kv_cache_gb=args.kv_cache_gb, use_cuda_graphs=not args.no_cuda_graphs)
+
+
+def load_engine(args: argparse.Namespace, max_batch: int):
+    """(engine, tokenizer) from the engine options."""
+    from nanoseek.engine import Engine
+
+    model, tokenizer = load_model(args)
+    return Engine(model, tokenizer, max_batch=max_batch, **engine_options(args)), tokenizer
+
+
+def read_prompts(path: str) -> list[dict[str, Any]]:
+    """Records {"prompt": str} or {"messages": list}, plus the line's other fields."""
+    from nanoseek.data.errors import BadInputError
+
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInputError(path, lineno, f"not valid JSON ({e.msg})") from None
+            if isinstance(value, str):
+                value = {"prompt": value}
+            if not isinstance(value, dict):
+                raise BadInputError(path, lineno, "expected a string or an object with 'prompt' or 'messages'")
+            if not (isinstance(value.get("prompt"), str) or isinstance(value.get("messages"), list)):
+                raise BadInputError(path, lineno, "expected a 'prompt' string or a 'messages' list")
+            records.append(value)
+    return records
+
+
+# ----------------------------------------------------------------------------- data, eval
+def parse_difficulty(items: Sequence[str], tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{task: {knob: value}} from --set TASK.KNOB=VALUE or KNOB=VALUE (every one of `tasks`, default all,
+    that has the knob), each value read as the type of the knob's default."""
+    from nanoseek.config import split_override
+    from nanoseek.tasks import get_task, list_tasks
+    from nanoseek.tasks.base import coerce_knobs
+
+    names = list(tasks or list_tasks())
+    raw: dict[str, dict[str, str]] = {}
+    for item in items:
+        path, value = split_override(item, "TASK.KNOB=VALUE or KNOB=VALUE")
+        if len(path) > 2:
+            raise ValueError(f"--set {item!r}: expected TASK.KNOB=VALUE or KNOB=VALUE")
+        *task, knob = path
+        if task:
+            targets = [get_task(task[0]).name]
+            if targets[0] not in names:
+                raise ValueError(f"--set {item!r}: {targets[0]} is not among the tasks ({', '.join(names)})")
+        else:
+            targets = [t for t in names if knob in get_task(t).defaults]
+            if not targets:
+                raise ValueError(f"--set {item!r}: no difficulty knob {knob!r} in {', '.join(names)}")
+        for t in targets:
+            raw.setdefault(t, {})[knob] = value
+    return {t: coerce_knobs(get_task(t), knobs) for t, knobs in raw.items()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nanoseek.commands.common import add_set_argument, parse_difficulty
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -12,20 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--n", type=int, required=True, help="number of examples")
     make.add_argument("--split", choices=("train", "test"), default="train")
     make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE", help="difficulty, e.g. digits=3")
+    add_set_argument(make, "KNOB=VALUE", "difficulty, e.g. digits=3 (repeatable; TASK.KNOB=VALUE for one task)")
     make.add_argument("--unique", action="store_true", help="no problem twice (single task only)")
     make.add_argument("--out", required=True, help="output .jsonl file")
     sub.add_parser("list", help="list the registered tasks and their difficulty knobs")
-
-
-def _parse_settings(items: list[str]) -> dict[str, str]:
-    settings = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise SystemExit(f"--set expects KNOB=VALUE, got {item!r}")
-        settings[name.strip()] = value.strip()
-    return settings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +25,6 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nanoseek.tasks import get_task, list_tasks
-    from nanoseek.tasks.base import coerce_knobs
 
     if args.action == "list":
         for name in list_tasks():
@@ -42,24 +33,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:16s} {task.description}\n{'':16s} knobs: {knobs}")
         return 0
 
-    settings = _parse_settings(args.set)
     try:
         if args.task == "all":
             from nanoseek.tasks.corpus import task_mixture
 
-            difficulty = {}
-            for name in list_tasks():
-                task = get_task(name)
-                difficulty[name] = coerce_knobs(task, {k: v for k, v in settings.items() if k in task.defaults})
-            unused = set(settings) - {k for name in list_tasks() for k in get_task(name).defaults}
-            if unused:
-                raise ValueError(f"no task has the knob(s) {sorted(unused)}")
             if args.unique:
                 raise ValueError("--unique works with a single --task")
+            difficulty = parse_difficulty(args.overrides)
             examples = task_mixture(args.n, split=args.split, seed=args.seed, difficulty=difficulty)
         else:
             task = get_task(args.task)
-            knobs = coerce_knobs(task, settings)
+            knobs = parse_difficulty(args.overrides, [task.name]).get(task.name, {})
             examples = task.generate(args.n, split=args.split, seed=args.seed, unique=args.unique, **knobs)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

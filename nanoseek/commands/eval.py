@@ -29,7 +29,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanoseek.commands.generate import add_engine_arguments, add_sampling_arguments
+from nanoseek.commands.common import (
+    add_engine_arguments,
+    add_sampling_arguments,
+    add_set_argument,
+    engine_options,
+    load_model,
+    parse_difficulty,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,19 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if action.dest == "checkpoint":
             action.required = False
     parser.add_argument(
-        "--bench", action="append", default=[], metavar="FILE_OR_TASK", help="benchmark file or task (repeatable)"
+        "--bench",
+        dest="benches",
+        action="append",
+        default=[],
+        metavar="FILE_OR_TASK",
+        help="benchmark file or task (repeatable)",
     )
     parser.add_argument("--out", default="runs/eval", metavar="RUN_DIR", help="output directory (default: runs/eval)")
     problems = parser.add_argument_group("problems")
     problems.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems of each")
     problems.add_argument("--n-problems", type=int, default=100, help="problems per built-in task benchmark (100)")
-    problems.add_argument(
-        "--set",
-        dest="task_settings",
-        action="append",
-        default=[],
-        metavar="TASK.KNOB=VALUE",
-        help="task difficulty, e.g. arithmetic.digits=3 (KNOB=VALUE: every task with that knob)",
+    add_set_argument(
+        problems,
+        "TASK.KNOB=VALUE",
+        "task difficulty, e.g. arithmetic.digits=3 (KNOB=VALUE: every task with that knob)",
     )
     problems.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of failing")
     problems.add_argument("--prompt-field", default=None, help="the problem's field, for other file layouts")
@@ -97,74 +106,29 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_engine(args: argparse.Namespace, benches, cfg):
-    """(engine, tokenizer) from the engine options; sequences as long as the benchmarks need."""
-    import torch
-
-    from nanoseek.eval.harness import build_engine
-    from nanoseek.loading import load_checkpoint, pick_device
-
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, tokenizer = load_checkpoint(args.checkpoint, pick_device(args.device), dtype)
-    if args.tokenizer:
-        from nanoseek.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(args.tokenizer)
-    if tokenizer is None:
-        raise ValueError(f"{args.checkpoint}: no tokenizer.json; pass --tokenizer DIR")
-    engine = build_engine(
-        model,
-        tokenizer,
-        benches,
-        cfg,
-        max_seq_len=args.max_seq_len,
-        kv_cache_gb=args.kv_cache_gb,
-        use_cuda_graphs=not args.no_cuda_graphs,
-    )
-    return engine, tokenizer
-
-
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "action", None) == "compare":
         return _compare(args)
-    if not args.checkpoint or not args.bench:
+    if not args.checkpoint or not args.benches:
         print(
             "error: nanoseek eval needs --checkpoint and --bench (or: nanoseek eval compare RUN_A RUN_B)",
             file=sys.stderr,
         )
         return 2
 
-    from nanoseek.eval.harness import EvalConfig, evaluate, load_bench, parse_task_settings
+    from dataclasses import fields
+
+    from nanoseek.config import EvalConfig
+    from nanoseek.eval.harness import build_engine, evaluate, load_bench
     from nanoseek.eval.report import overview_table
 
     try:
-        cfg = EvalConfig(
-            k=args.k,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-            stop=list(args.stop),
-            ignore_eos=args.ignore_eos,
-            n_problems=args.n_problems,
-            limit=args.limit,
-            difficulty=parse_task_settings(args.task_settings),
-            skip_bad=args.skip_bad,
-            prompt_field=args.prompt_field,
-            answer_field=args.answer_field,
-            few_shot=args.few_shot,
-            instruction=args.instruction,
-            system=args.system,
-            think_prefill=args.think_prefill,
-            max_batch=args.max_batch,
-            plots=not args.no_plots,
-            quiet=args.quiet,
-        )
+        named = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if f.name in args}  # flags named as fields
+        cfg = EvalConfig(**named, difficulty=parse_difficulty(args.overrides), plots=not args.no_plots)
         cfg.check()
-        benches = [load_bench(spec, cfg) for spec in args.bench]  # bad files fail before the model loads
-        engine, tokenizer = _load_engine(args, benches, cfg)
+        benches = [load_bench(spec, cfg) for spec in cfg.benches]  # bad files fail before the model loads
+        model, tokenizer = load_model(args)
+        engine = build_engine(model, tokenizer, benches, cfg, **engine_options(args))
         summary = evaluate(engine, tokenizer, benches, args.out, cfg, model=args.checkpoint)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanoseek.commands.common import add_run_arguments, run_config_from_args
+from nanoseek.commands.common import add_run_arguments, run_training
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,13 +16,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from nanoseek.train.distributed import topology
     from nanoseek.train.stages import pretrain
 
-    cfg = run_config_from_args(args)
-    summary = pretrain(cfg, args.out, resume=args.resume, quiet=args.quiet, stop_at=args.stop_at)
-    if topology().is_main:  # under torchrun, one summary
-        print(json.dumps(summary))
-    return 0
+    return run_training(args, pretrain)

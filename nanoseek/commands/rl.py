@@ -10,26 +10,14 @@ from __future__ import annotations
 
 import argparse
 
-from nanoseek.commands.common import add_run_arguments, run_config_from_args
+from nanoseek.commands.common import add_run_arguments, run_training
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint",
-        default="runs/sft",
-        help="starting policy: checkpoint, run or Hugging Face directory (default: runs/sft)",
-    )
-    add_run_arguments(p, "runs/rl")
+    add_run_arguments(p, "runs/rl", start="runs/sft", start_help="starting policy")
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from nanoseek.train.distributed import topology
     from nanoseek.train.rl import rl, rl_defaults
 
-    cfg = run_config_from_args(args, rl_defaults())
-    summary = rl(cfg, args.out, args.checkpoint, resume=args.resume, quiet=args.quiet, stop_at=args.stop_at)
-    if topology().is_main:  # under torchrun, one summary
-        print(json.dumps(summary))
-    return 0
+    return run_training(args, rl, rl_defaults())

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nanoseek.commands.generate import add_engine_arguments, load_engine
+from nanoseek.commands.common import add_engine_arguments, load_engine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import argparse
 
+from nanoseek.commands.common import add_set_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu", help="cpu (default), gpu, or a speedrun .toml file")
     p.add_argument("--out", default="runs/speedrun", metavar="RUN_DIR", help="run directory (default: runs/speedrun)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="STAGE.SECTION.FIELD=VALUE",
-        help="override a stage setting, e.g. --set sft.train.steps=100 (repeatable)",
+    add_set_argument(
+        p,
+        "STAGE.SECTION.FIELD=VALUE",
+        "override a stage setting, e.g. --set sft.train.steps=100; eval.FIELD=VALUE: every stage's (repeatable)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -34,6 +34,9 @@ from torch import Tensor
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
+# The fields of SamplingParams that settings carry under the same name (see from_config).
+_FROM_SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "n", "seed", "ignore_eos")
+
 
 @dataclass
 class SamplingParams:
@@ -59,6 +62,17 @@ class SamplingParams:
     """Strings that end a sequence (needs a tokenizer or detokenize callback); the text is cut before them."""
     ignore_eos: bool = False
     """Do not stop on the engine's eos ids (stop_ids and stop_strings still apply)."""
+
+    @classmethod
+    def from_config(cls, settings: object, **overrides: object) -> SamplingParams:
+        """The request that some settings describe: a config section (EvalConfig, RLConfig), parsed
+        command-line options or a dict (an HTTP request body), whose fields or keys named like these
+        fields set them (`stop` sets stop_strings; stop_ids never come from settings); `overrides` win."""
+        source = settings if isinstance(settings, dict) else vars(settings)
+        values = {name: source[name] for name in _FROM_SETTINGS if name in source}
+        if "stop" in source:
+            values["stop_strings"] = source["stop"]
+        return cls(**(values | overrides))
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first bad field."""

@@ -120,17 +120,7 @@ def sampling_params(body: dict[str, Any], default_max_tokens: int) -> SamplingPa
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise BadRequest("ignore_eos: expected true or false")
-    return SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=body.get("temperature", 1.0),
-        top_p=body.get("top_p", 1.0),
-        top_k=body.get("top_k", 0),
-        min_p=body.get("min_p", 0.0),
-        n=body.get("n", 1),
-        seed=body.get("seed"),
-        stop_strings=stop,
-        ignore_eos=ignore_eos,
-    )
+    return SamplingParams.from_config(body, max_new_tokens=max_tokens, stop_strings=stop, ignore_eos=ignore_eos)
 
 
 def prompt_of(body: dict[str, Any], chat: bool, tokenizer: Any) -> list[int]:

@@ -56,6 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nanoseek.config import EvalConfig
 from nanoseek.eval.benchmarks import Problem, grade, load_benchmark
 from nanoseek.eval.runner import ProblemRecord, prompt_text, run_problems, summarize_records
 from nanoseek.rewards import Grade
@@ -68,7 +69,6 @@ __all__ = [
     "evaluate",
     "evaluate_checkpoint",
     "load_bench",
-    "parse_task_settings",
 ]
 
 R1_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -77,57 +77,6 @@ THINK_PREFILL = "<think>\n"
 FEW_SHOT_STOP = "\nProblem:"
 TASK_MIXTURE = "tasks"
 BENCH_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-@dataclass
-class EvalConfig:
-    """Every knob of an evaluation (the CLI flags of `nanoseek eval`, the keywords of evaluate_checkpoint)."""
-
-    # sampling
-    k: int = 4
-    """Samples per problem (1 when temperature is 0)."""
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    min_p: float = 0.0
-    max_new_tokens: int = 2048
-    seed: int = 0
-    """Seeds the sampler, the generated task problems and the choice of few-shot examples."""
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    # problems
-    n_problems: int = 100
-    """Problems generated per built-in task benchmark."""
-    limit: int | None = None
-    difficulty: dict[str, dict[str, Any]] = field(default_factory=dict)
-    skip_bad: bool = False
-    prompt_field: str | None = None
-    answer_field: str | None = None
-    # prompts
-    few_shot: int = 0
-    instruction: str = "auto"
-    system: str | None = None
-    think_prefill: bool = False
-    # engine and output
-    max_batch: int = 64
-    plots: bool = True
-    quiet: bool = False
-
-    @property
-    def samples(self) -> int:
-        return 1 if self.temperature == 0 else self.k
-
-    def check(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k = {self.k!r}: must be an integer >= 1")
-        if self.few_shot < 0:
-            raise ValueError(f"few_shot = {self.few_shot}: must be >= 0")
-        if self.few_shot and (self.system or self.think_prefill):
-            raise ValueError("few-shot prompts are plain text: system and think_prefill need the chat template")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit = {self.limit}: must be >= 1")
-        if self.n_problems < 1:
-            raise ValueError(f"n_problems = {self.n_problems}: must be >= 1")
 
 
 @dataclass
@@ -147,29 +96,6 @@ class Bench:
 # ----------------------------------------------------------------------------- benchmarks
 def _task_problem(example: Any, ident: str) -> Problem:
     return Problem(ident, example.prompt, example.answer, f"task:{example.task}", example.to_dict())
-
-
-def parse_task_settings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """{task: {knob: value}} from "TASK.KNOB=VALUE" (or "KNOB=VALUE": every task that has the knob),
-    with values read as the type of the knob's default."""
-    from nanoseek.tasks import get_task, list_tasks
-    from nanoseek.tasks.base import coerce_knobs
-
-    raw: dict[str, dict[str, str]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        task, dot, knob = key.strip().rpartition(".")
-        if not sep or not knob:
-            raise ValueError(f"--set expects TASK.KNOB=VALUE or KNOB=VALUE, got {item!r}")
-        if dot:
-            targets = [get_task(task).name]
-        else:
-            targets = [t for t in list_tasks() if knob in get_task(t).defaults]
-            if not targets:
-                raise ValueError(f"--set {item!r}: no task has the knob {knob!r}")
-        for t in targets:
-            raw.setdefault(t, {})[knob] = value.strip()
-    return {t: coerce_knobs(get_task(t), knobs) for t, knobs in raw.items()}
 
 
 def load_bench(spec: str, cfg: EvalConfig) -> Bench:
@@ -350,17 +276,7 @@ def evaluate_bench(engine: Any, tokenizer: Any, bench: Bench, cfg: EvalConfig) -
         for p in bench.problems
     ]
     n = cfg.samples
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        min_p=cfg.min_p,
-        n=n,
-        seed=cfg.seed,
-        stop_strings=[*cfg.stop, *([FEW_SHOT_STOP] if cfg.few_shot else [])],
-        ignore_eos=cfg.ignore_eos,
-    )
+    params = SamplingParams.from_config(cfg, n=n, stop_strings=[*cfg.stop, *([FEW_SHOT_STOP] if cfg.few_shot else [])])
     # A template that already opens the think block (R1-distilled models) gets no second "<think>".
     opened = all(t.rstrip().endswith("<think>") for t in texts)
     prefill = THINK_PREFILL if cfg.think_prefill and not opened else ""
@@ -434,7 +350,7 @@ def evaluate(
     _unique_names(loaded)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("plots", "quiet")}
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("benches", "plots", "quiet")}
     settings["samples"] = cfg.samples
     summary: dict[str, Any] = {
         "model": model,
@@ -507,7 +423,7 @@ def evaluate_checkpoint(
     top_p=, max_new_tokens=, n_problems=, limit=, few_shot=, instruction=, ...). Returns the summary
     (also in out_dir/summary.json).
     """
-    cfg = EvalConfig(**options)
+    cfg = EvalConfig(benches=list(benches), **options)
     cfg.check()
     loaded = [load_bench(b, cfg) for b in benches]  # a bad file fails before the model loads
     name = str(model_or_checkpoint) if isinstance(model_or_checkpoint, str | Path) else ""

@@ -134,23 +134,15 @@ class Task:
         return f"{type(self).__name__}(name={self.name!r}, defaults={self.defaults})"
 
 
-def coerce_knobs(task: Task, settings: dict[str, str]) -> dict[str, Any]:
-    """Turn command-line strings ("digits=3", "ops=+,-") into the types of the task's defaults."""
+def coerce_knobs(task: Task, settings: dict[str, Any]) -> dict[str, Any]:
+    """Command-line strings ("digits=3", "ops=+,-") as the types of the task's defaults."""
+    from nanoseek.config import parse_value
+
     out: dict[str, Any] = {}
     for name, raw in settings.items():
         if name not in task.defaults:
             raise ValueError(f"task {task.name!r} has no difficulty knob {name!r}; known: {sorted(task.defaults)}")
         default = task.defaults[name]
-        try:
-            if isinstance(default, bool):
-                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(raw)
-                out[name] = raw.lower() in ("true", "1", "yes")
-            elif isinstance(default, tuple):
-                kind = type(default[0]) if default else str
-                out[name] = tuple(kind(part.strip()) for part in raw.split(",") if part.strip())
-            else:
-                out[name] = type(default)(raw)
-        except ValueError:
-            raise ValueError(f"cannot read {name}={raw!r} as {type(default).__name__}") from None
+        kind = tuple[type(default[0]) if default else str, ...] if isinstance(default, tuple) else type(default)
+        out[name] = parse_value(raw, kind, f"{task.name}.{name}")
     return out

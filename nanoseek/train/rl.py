@@ -258,8 +258,8 @@ def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RL
     row from a file by its code tests when it has them, else by math-verify's equivalence of the
     extracted answer with its `answer`.
     """
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens,
+    params = SamplingParams.from_config(
+        cfg,
         temperature=cfg.eval_temperature,
         top_p=cfg.eval_top_p if cfg.eval_temperature > 0 else 1.0,
         n=cfg.eval_samples,
@@ -304,15 +304,7 @@ def rl(
     run_dir.mkdir(parents=True, exist_ok=True)
     if topo.is_main:
         (run_dir / "config.toml").write_text(run_config_to_toml(cfg))
-    if r.prompts_per_step < 1 or r.group_size < 2:
-        raise ValueError("rl.prompts_per_step must be >= 1 and rl.group_size >= 2 (advantages are relative)")
-    for name, value, allowed in (
-        ("scale_rewards", r.scale_rewards, grpo.REWARD_SCALINGS),
-        ("loss_agg", r.loss_agg, grpo.LOSS_AGGREGATIONS),
-        ("overlong", r.overlong, ("none", "mask", "soft")),
-    ):
-        if value not in allowed:
-            raise ValueError(f"rl.{name} = {value!r}: must be one of {', '.join(allowed)}")
+    cfg.check()
     torch.manual_seed(t.seed)
     model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=torch.float32)
     if tokenizer is None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from nanoseek.config import RLConfig
+from nanoseek.config import RLConfig, parse_task_weights
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.runner import prompt_ids
 from nanoseek.rewards import RewardSet, code_reward, code_tests, grade_many, has_code_tests, math_reward, task_reward
@@ -28,23 +28,11 @@ from nanoseek.train.loop import autocast
 
 
 # ----------------------------------------------------------------------------- prompts
-def parse_weights(spec: str) -> dict[str, float]:
-    """'a,b:2' -> {'a': 1.0, 'b': 2.0}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, w = part.partition(":")
-        try:
-            out[name.strip()] = float(w) if w else 1.0
-        except ValueError:
-            raise ValueError(f"rl.tasks: bad weight in {part!r} (expected name or name:weight)") from None
-    return out
-
-
 def task_rows(cfg: RLConfig, n: int, split: str, seed: int) -> list[dict[str, Any]]:
     from nanoseek.tasks.corpus import task_mixture
 
     examples = task_mixture(
-        n, split=split, seed=seed, weights=parse_weights(cfg.tasks), difficulty=cfg.difficulty or None
+        n, split=split, seed=seed, weights=parse_task_weights(cfg.tasks, "rl.tasks"), difficulty=cfg.difficulty or None
     )
     return [dict(e.to_dict(), id=f"{e.task}-{i}", group=e.task) for i, e in enumerate(examples)]
 
@@ -156,9 +144,7 @@ class Rollouts:
 def rollout(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int) -> dict[str, Any]:
     """Sample G completions for each prompt row; flat per-sample lists."""
     ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.group_size, seed=seed
-    )
+    params = SamplingParams.from_config(cfg, n=cfg.group_size, seed=seed)
     # The policy keeps float32 master weights; on CUDA, rollouts decode under bf16 autocast like the
     # trainer's forward (MoE experts then reach the grouped GEMM, and decode runs as CUDA graphs).
     with autocast(engine.device):

@@ -31,7 +31,9 @@ def sft_defaults() -> RunConfig:
 
 
 def _task_weights(cfg: RunConfig) -> dict[str, float]:
-    return {name.strip(): 1.0 for name in cfg.data.tasks.split(",") if name.strip()}
+    from nanoseek.config import parse_task_weights
+
+    return parse_task_weights(cfg.data.tasks, "data.tasks")
 
 
 def _write_config(cfg: RunConfig, run_dir: Path) -> None:
