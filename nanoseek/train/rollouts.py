@@ -27,7 +27,7 @@ from nanoseek.eval.runner import prompt_ids
 from nanoseek.model.moe import MoE
 from nanoseek.rewards import RewardSet, code_reward, code_tests, has_code_tests, math_reward, task_reward
 from nanoseek.train import distributed, grpo
-from nanoseek.train.loop import autocast
+from nanoseek.train.run import autocast
 
 
 # ----------------------------------------------------------------------------- the engine's policy
