@@ -120,7 +120,7 @@ def _print_eval_table(before: dict[str, float], after: dict[str, float], file=sy
         print(f"{g:<18} {100 * b:>7.1f}% {100 * a:>7.1f}% {100 * (a - b):>+7.1f}", file=file)
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the RL stage
 def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: Unpack[RunOptions]) -> dict[str, Any]:
     """GRPO from `checkpoint` for train.steps steps, with the held-out evaluation before and after."""
     t, r = cfg.train, cfg.rl
