@@ -12,7 +12,7 @@ length-independent dummy (character codes mod 7), so grading costs nothing on ei
 Every completion runs to max_new_tokens: nanoseek's engine gets no eos ids; TRL gets
 generation_kwargs min_new_tokens = max_completion_length (eos suppressed until then).
 
-nanoseek: `collect` (nanoseek.train.rollouts) + `update` (nanoseek.train.rl), as `nanoseek rl` runs them
+nanoseek: `collect` (nanoseek.train.rollouts) + `update` (nanoseek.train.update), as `nanoseek rl` runs them
 (float32 master weights, bf16 autocast on CUDA, the engine on a twin holding bf16 copies of the matmul
 weights, refreshed after each optimizer step; the update also takes one no-grad forward for the
 old/trainer log-probs that the truncated importance-sampling weights need).
@@ -58,10 +58,10 @@ from nanoseek.model import ModelConfig, Transformer, get_preset, install_balanci
 from nanoseek.rewards import RewardSet
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import grpo
-from nanoseek.train.loop import autocast_dtype
 from nanoseek.train.optim import build_optimizers
-from nanoseek.train.rl import update
 from nanoseek.train.rollouts import PromptSampler, collect
+from nanoseek.train.run import autocast_dtype
+from nanoseek.train.update import update
 
 QUICK_SHAPE = dict(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256)
 

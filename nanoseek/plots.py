@@ -1,4 +1,4 @@
-"""PNG plots of a run's metrics.jsonl (matplotlib, headless)."""
+"""PNG plots of a run's metrics.jsonl (matplotlib, headless): training losses, RL rewards."""
 
 from __future__ import annotations
 
@@ -72,3 +72,30 @@ def plot_training(run_dir: str | Path, stage: str) -> list[Path]:
             )
         )
     return [p for p in out if p is not None]
+
+
+def plot_rl(run_dir: str | Path) -> None:
+    """reward.png, accuracy.png (rollouts and held-out pass@1) and length.png of an RL run."""
+    records = read_metrics(run_dir)
+    plots = Path(run_dir) / "plots"
+    plot_lines(plots / "reward.png", "RL reward", "mean reward", {"reward": series(records, "reward")})
+    plot_lines(
+        plots / "accuracy.png",
+        "RL accuracy",
+        "fraction correct",
+        {"rollouts": series(records, "accuracy"), "held-out pass@1": series(records, "eval_accuracy")},
+    )
+    plot_lines(
+        plots / "length.png",
+        "response length",
+        "tokens",
+        {"mean": series(records, "length_mean"), "max": series(records, "length_max")},
+    )
+
+
+def plot_run(run_dir: str | Path, stage: str) -> None:
+    """The plots of a training stage's run: RL logs rewards, pretraining and SFT log losses."""
+    if stage == "rl":
+        plot_rl(run_dir)
+    else:
+        plot_training(run_dir, stage)

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from nanoseek.config import RLConfig
 from nanoseek.model import Transformer, get_preset, install_balancing_hook
 from nanoseek.train import distributed, grpo
-from nanoseek.train.rl import update
 from nanoseek.train.rollouts import Rollouts, batch_statistics
+from nanoseek.train.update import update
 
 SETTINGS = [  # (loss_agg, scale_rewards, num_iterations)
     ("token-mean", "group", 1),

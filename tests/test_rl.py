@@ -20,8 +20,9 @@ from nanoseek.model import Transformer, get_preset
 from nanoseek.model.io import save_model
 from nanoseek.rewards import RewardSet
 from nanoseek.train import grpo
-from nanoseek.train.rl import evaluate, pack_sequences, rl, sequence_logprobs, update
+from nanoseek.train.rl import evaluate, rl
 from nanoseek.train.rollouts import PromptSampler, Rollouts, collect, file_rows
+from nanoseek.train.update import pack_sequences, sequence_logprobs, update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -381,10 +382,10 @@ def test_rl_with_a_16_bit_engine_twin_trains_exactly_as_without_it(tmp_path, mon
     """Under bf16 autocast (CPU standing in for CUDA) the engine decodes a twin with bf16 matmul weights;
     synced after every update and at resume, the run's weights equal a run whose engine decodes the
     float32 policy itself (bit for bit: the twin's logits are autocast's)."""
-    import nanoseek.train.loop as loop
     import nanoseek.train.rl as rl_module
+    import nanoseek.train.run as run_module
 
-    monkeypatch.setattr(loop, "autocast_dtype", lambda device: torch.bfloat16)  # autocast() on CPU too
+    monkeypatch.setattr(run_module, "autocast_dtype", lambda device: torch.bfloat16)  # autocast() on CPU too
     ckpt = tiny_checkpoint(tmp_path / "sft")
     syncs = []
     real_sync = rl_module.sync_rollout_policy

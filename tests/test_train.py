@@ -14,7 +14,7 @@ from nanoseek.model import Transformer, get_preset
 from nanoseek.train import checkpoint as ckpt_mod
 from nanoseek.train.loop import batch_loss
 from nanoseek.train.optim import lr_factor, newton_schulz
-from nanoseek.train.stages import pretrain
+from nanoseek.train.stages import pretrain, sft
 
 
 def small_run(optimizer: str = "adamw", **train) -> RunConfig:
@@ -58,6 +58,30 @@ def test_resume_is_bit_exact(tmp_path, optimizer):
     ]
     assert losses(straight) == losses(resumed)
     assert len(losses(straight)) == 6
+
+
+def test_sft_resume_is_bit_exact_and_keeps_its_data_position(tmp_path):
+    """SFT goes through the same run scaffold from its own entry point, with its own data state."""
+    base = small_run()
+    base.train.steps = 2
+    pretrain(base, tmp_path / "pt", quiet=True)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    sft(small_run(), straight, tmp_path / "pt", quiet=True)
+    sft(small_run(), resumed, tmp_path / "pt", quiet=True, stop_at=4)
+    state = json.loads((resumed / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert set(state) == {"step", "rng", "data", "stage"} and (state["step"], state["stage"]) == (4, "sft")
+    summary = sft(small_run(), resumed, tmp_path / "pt", resume=True, quiet=True)
+    assert summary["steps"] == 6 and summary == json.loads((resumed / "summary.json").read_text())
+
+    a = load_file(str(straight / "checkpoints" / "step_6" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_6" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = lambda d: [
+        {k: v for k, v in r.items() if k not in ("time", "tokens_per_s")}
+        for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+    ]
+    assert records(straight) == records(resumed)
+    assert [r["step"] for r in records(straight) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_accumulation_matches_one_big_batch():

@@ -1,37 +1,34 @@
-"""The one training loop, shared by pretraining and SFT.
+"""The pretraining and SFT step, inside the run scaffold every stage shares (`nanoseek.train.run`).
 
-It takes a model, a stream of batches (dicts of `input_ids`, `targets`, `positions`,
-`doc_ids`; targets are -100 where no loss is taken) and a TrainConfig, and owns
-everything around the gradient step: the schedule, gradient accumulation (the loss
-is normalised by the tokens of the whole step, not per micro-batch), clipping, bf16
-autocast on CUDA, the MoE balancing update (an optimizer hook), progress, metrics,
-validation, checkpoints and exact resume. Under `torchrun` the same loop trains data-parallel
-with DDP (`nanoseek.train.distributed`): each rank takes its share of the step's micro-batches.
+    nanoseek pretrain                                    # stages.pretrain -> train(run, model, data, ...)
+    nanoseek sft --checkpoint runs/pretrain              # stages.sft -> the same loop
+    torchrun --standalone --nproc_per_node=8 -m nanoseek pretrain --preset moe-1b   # data-parallel
+
+`train` takes a model and a stream of batches (dicts of `input_ids`, `targets`, `positions`,
+`doc_ids`; targets are -100 where no loss is taken) and owns the gradient step: gradient
+accumulation (the loss is normalised by the tokens of the whole step, not per micro-batch),
+clipping, bf16 autocast on CUDA, throughput and MFU, the loss records and validation. Under
+`torchrun` it trains data-parallel with DDP (`nanoseek.train.distributed`): each rank takes its
+share of the step's micro-batches. The schedule, resume, metrics file, checkpoints, summary and
+plots are the `Run`'s.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from nanoseek.config import TrainConfig
-from nanoseek.model import Transformer, install_balancing_hook, router_stats
-from nanoseek.plots import plot_training
+from nanoseek.model import Transformer, router_stats
 from nanoseek.train import distributed
-from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, save_checkpoint
-from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
+from nanoseek.train.run import Run, autocast
 
 # Dense bf16 peak FLOP/s by device-name substring; the first match wins, so variants precede their family.
 PEAK_FLOPS = {
@@ -59,45 +56,12 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype training autocasts matmuls to on this device (None: float32 throughout)."""
-    return torch.bfloat16 if device.type == "cuda" else None
-
-
-def autocast(device: torch.device):
-    dtype = autocast_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        if resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        elif resume_step is None and path.exists():
-            path.unlink()
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 # Newer torch renames DDP's `broadcast_buffers` (and warns on the old name).
 _NO_BUFFER_SYNC = (
     {"forward_sync_buffers": False}
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     else {"broadcast_buffers": False}
 )
-
-
-class NullLog:
-    """What ranks other than 0 log to: nothing."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
 
 
 class LossModule(nn.Module):
@@ -144,43 +108,21 @@ def evaluate_loss(model: Transformer, batches: Iterable[dict[str, torch.Tensor]]
 
 
 def train(
+    run: Run,
     model: Transformer,
     data: BatchStream,
-    cfg: TrainConfig,
-    run_dir: str | Path,
     *,
     tokenizer: Any = None,
-    val_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None,
-    resume: bool = False,
-    stage: str = "train",
-    device: torch.device | None = None,
-    quiet: bool = False,
-    stop_at: int | None = None,
+    val_data: Callable[[], BatchStream] | None = None,
 ) -> dict[str, Any]:
-    """Train for cfg.steps optimizer steps; returns the summary (also written to RUN_DIR/summary.json).
+    """Train for train.steps optimizer steps in `run`; returns the summary (also written to RUN_DIR/summary.json).
 
-    `stop_at` ends this process early (with a checkpoint) as an interruption would; the
-    schedule still spans cfg.steps, and `resume=True` continues exactly where it stopped.
+    `val_data()` makes a fresh validation stream: its first train.eval_batches batches are the validation set.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = device or next(model.parameters()).device
-    model.to(device).train()
-    topo = distributed.topology()
-    quiet = quiet or not topo.is_main
-    optimizers = build_optimizers(model, cfg, device)
-    install_balancing_hook(optimizers[-1], model)
-
-    start = 0
-    ckpt = find_resume_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
-        state = load_trainer_state(ckpt, optimizers)
+    cfg, device, topo = run.train_cfg, run.device, run.topo
+    state = run.begin(model, tokenizer, lambda: {"data": data.state_dict(), "stage": run.stage})
+    if state is not None:
         data.load_state_dict(state["data"])
-        start = state["step"]
-        if not quiet:
-            print(f"resuming {stage} from {ckpt} (step {start})")
-    log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt is not None else None) if topo.is_main else NullLog()
 
     ddp = None
     if topo.world > 1:
@@ -197,13 +139,10 @@ def train(
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak = peak_flops(device)
     peak = peak * topo.world if peak else None
-    bar = tqdm(total=cfg.steps, initial=start, desc=stage, disable=quiet, dynamic_ncols=True)
-    last_loss, val_loss, tokens_seen, done = math.nan, None, 0, start
-    t_start = time.perf_counter()
+    last_loss, val_loss, tokens_seen = math.nan, None, 0
 
-    for step in range(start, cfg.steps):
+    for step in run.steps():
         t0 = time.perf_counter()
-        set_lr(optimizers, lr_factor(step, cfg))
         # Every rank reads the whole step (the same stream everywhere) and trains on its share.
         host_batches = [_next(data) for _ in range(cfg.grad_accum * topo.world)]
         # Counted on the host batches: on the device this would wait for the previous step to finish.
@@ -226,9 +165,9 @@ def train(
             if cfg.grad_clip > 0
             else torch.tensor(0.0)
         )
-        for opt in optimizers:
+        for opt in run.optimizers:
             opt.step()
-        for opt in optimizers:
+        for opt in run.optimizers:
             opt.zero_grad(set_to_none=True)
         # One host sync per step, after the optimizer step is queued, so dt covers the whole step.
         ce_total, aux_total = distributed.all_reduce_sum(torch.stack([ce_sum, aux_sum])).tolist()
@@ -242,14 +181,14 @@ def train(
         mfu = flops_per_token * tok_s / peak if peak else None
         done = step + 1
 
-        if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
+        if done % cfg.log_every == 0 or done == cfg.steps or done == run.start + 1:
             record: dict[str, Any] = dict(
                 step=done,
                 loss=last_loss,
-                lr=optimizers[0].param_groups[0]["lr"],
+                lr=run.lr(),
                 grad_norm=float(grad_norm),
                 tokens_per_s=tok_s,
-                time=time.perf_counter() - t_start,
+                time=run.elapsed(),
             )
             if mfu is not None:
                 record["mfu"] = mfu
@@ -258,52 +197,33 @@ def train(
             stats = router_stats(model)
             if stats:
                 record["max_violation"] = stats["max_violation"]
-            log.write(record)
-        if val_batches is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-            val_loss = evaluate_loss(model, val_batches(), device)
-            log.write(dict(step=done, val_loss=val_loss))
+            run.log.write(record)
+        if val_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+            val_loss = evaluate_loss(model, _take(val_data(), cfg.eval_batches), device)
+            run.log.write(dict(step=done, val_loss=val_loss))
             model.train()
-        interrupted = stop_at is not None and done >= stop_at and done < cfg.steps
-        if topo.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps or interrupted):
-            save_checkpoint(
-                run_dir,
-                done,
-                model,
-                optimizers,
-                tokenizer,
-                {"data": data.state_dict(), "stage": stage},
-                keep=cfg.keep_checkpoints,
-            )
 
-        if not quiet and cfg.print_every and (done % cfg.print_every == 0 or done == start + 1):
+        if not run.quiet and cfg.print_every and (done % cfg.print_every == 0 or done == run.start + 1):
             val_text = f"  val {val_loss:.4f}" if val_loss is not None else ""
-            bar.write(f"{stage} step {done:>6}/{cfg.steps}  loss {last_loss:.4f}{val_text}  {tok_s:,.0f} tok/s")
+            run.bar.write(f"{run.stage} step {done:>6}/{cfg.steps}  loss {last_loss:.4f}{val_text}  {tok_s:,.0f} tok/s")
         postfix = dict(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}")
         if mfu is not None:
             postfix["mfu"] = f"{100 * mfu:.1f}%"
         if val_loss is not None:
             postfix["val"] = f"{val_loss:.3f}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-        if interrupted:
-            break
-    bar.close()
+        run.bar.set_postfix(postfix, refresh=False)
 
     summary = dict(
-        stage=stage,
-        steps=done if cfg.steps > start else start,
+        stage=run.stage,
+        steps=run.done,
         final_loss=last_loss,
         val_loss=val_loss,
-        wall_time_s=time.perf_counter() - t_start,
+        wall_time_s=run.elapsed(),
         tokens=tokens_seen,
         params=model.num_params(),
         active_params=model.num_active_params(),
     )
-    if topo.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_training(run_dir, stage)
-    distributed.barrier()  # the other ranks return once rank 0's files are on disk
-    return summary
+    return run.finish(summary)
 
 
 def _next(data: BatchStream) -> dict[str, torch.Tensor]:
@@ -311,3 +231,10 @@ def _next(data: BatchStream) -> dict[str, torch.Tensor]:
     if batch is None:
         raise RuntimeError("the training data ran out (train streams should repeat: epochs=None)")
     return batch
+
+
+def _take(dataset: BatchStream, n: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    while len(out) < n and (batch := dataset.next_batch()) is not None:
+        out.append(batch)
+    return out

@@ -24,7 +24,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.runner import prompt_ids
 from nanoseek.rewards import RewardSet, code_reward, code_tests, grade_many, has_code_tests, math_reward, task_reward
 from nanoseek.train import distributed, grpo
-from nanoseek.train.loop import autocast
+from nanoseek.train.run import autocast
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -1,4 +1,4 @@
-"""Pretraining and SFT: build the data and the model for a run, then hand both to the one loop.
+"""Pretraining and SFT: build the data and the model for a run, then hand both to the training loop.
 
 nanoseek pretrain                       # tiny model, built-in task corpus, CPU
 nanoseek sft --checkpoint runs/pretrain # built-in task conversations
@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
-import torch
-
-from nanoseek.config import RunConfig, TrainConfig, run_config_to_toml
+from nanoseek.config import RunConfig, TrainConfig
 from nanoseek.data.errors import BadInputStats
 from nanoseek.data.packing import PackedTextDataset
 from nanoseek.data.sft import SFTDataset, load_conversations
-from nanoseek.loading import load_checkpoint, pick_device
 from nanoseek.model import Transformer
 from nanoseek.tasks.corpus import pretrain_texts, sft_conversations
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import distributed
 from nanoseek.train.loop import train
+from nanoseek.train.run import Run, RunOptions
 
 
 def sft_defaults() -> RunConfig:
@@ -34,12 +32,6 @@ def _task_weights(cfg: RunConfig) -> dict[str, float]:
     from nanoseek.config import parse_task_weights
 
     return parse_task_weights(cfg.data.tasks, "data.tasks")
-
-
-def _write_config(cfg: RunConfig, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.topology().is_main:
-        (run_dir / "config.toml").write_text(run_config_to_toml(cfg))
 
 
 def _round_up(n: int, multiple: int = 64) -> int:
@@ -70,17 +62,13 @@ def pretrain_tokenizer(cfg: RunConfig, run_dir: Path, texts: list[str] | None) -
     return tokenizer
 
 
-def pretrain(
-    cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: bool = False, stop_at: int | None = None
-) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    topo, device = distributed.setup(pick_device(cfg.train.device))
-    _write_config(cfg, run_dir)
-    torch.manual_seed(cfg.train.seed)
+def pretrain(cfg: RunConfig, run_dir: str | Path, **options: Unpack[RunOptions]) -> dict[str, Any]:
+    """Train a new model (and its tokenizer, unless RUN_DIR/tokenizer exists) on text."""
+    run = Run(cfg, run_dir, "pretrain", **options)
     t = cfg.train
     stats = BadInputStats()
     if cfg.data.files:
-        tokenizer = pretrain_tokenizer(cfg, run_dir, None)
+        tokenizer = pretrain_tokenizer(cfg, run.run_dir, None)
         common = dict(
             text_field=cfg.data.text_field,
             skip_bad=cfg.data.skip_bad,
@@ -94,7 +82,7 @@ def pretrain(
         )
     else:
         texts = pretrain_texts(cfg.data.builtin_examples, seed=t.seed, weights=_task_weights(cfg))
-        tokenizer = pretrain_tokenizer(cfg, run_dir, texts)
+        tokenizer = pretrain_tokenizer(cfg, run.run_dir, texts)
         data = PackedTextDataset(
             texts, tokenizer, t.seq_len, t.batch_size, val_fraction=cfg.data.val_fraction, seed=t.seed
         )
@@ -102,48 +90,24 @@ def pretrain(
             texts, tokenizer, t.seq_len, t.batch_size, split="val", val_fraction=cfg.data.val_fraction, seed=t.seed
         )
     model = Transformer(cfg.model_config(vocab_size=_round_up(tokenizer.vocab_size)))
-    if not quiet and topo.is_main:
+    if not run.quiet:
         print(
             f"pretrain: {model.num_params() / 1e6:.2f}M parameters ({model.num_active_params() / 1e6:.2f}M active), "
-            f"vocab {tokenizer.vocab_size}, device {device}" + (f" x {topo.world} ranks" if topo.world > 1 else ""),
+            f"vocab {tokenizer.vocab_size}, device {run.device}"
+            + (f" x {run.topo.world} ranks" if run.topo.world > 1 else ""),
             file=sys.stderr,
         )
-    val_batches = lambda: _take(val(), t.eval_batches)
-    summary = train(
-        model,
-        data,
-        t,
-        run_dir,
-        tokenizer=tokenizer,
-        val_batches=val_batches,
-        resume=resume,
-        stage="pretrain",
-        device=device,
-        quiet=quiet,
-        stop_at=stop_at,
-    )
-    if stats.count and distributed.topology().is_main:
+    summary = train(run, model, data, tokenizer=tokenizer, val_data=val)
+    if stats.count and run.topo.is_main:
         print(stats.report(), file=sys.stderr)
     return summary
 
 
-def sft(
-    cfg: RunConfig,
-    run_dir: str | Path,
-    checkpoint: str | Path,
-    resume: bool = False,
-    quiet: bool = False,
-    stop_at: int | None = None,
-) -> dict[str, Any]:
+def sft(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: Unpack[RunOptions]) -> dict[str, Any]:
     """Fine-tune `checkpoint` on conversations; loss only on assistant tokens."""
-    run_dir = Path(run_dir)
-    _, device = distributed.setup(pick_device(cfg.train.device))
-    _write_config(cfg, run_dir)
-    torch.manual_seed(cfg.train.seed)
+    run = Run(cfg, run_dir, "sft", **options)
     t = cfg.train
-    model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=torch.float32)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{checkpoint}: no tokenizer.json beside the weights")
+    model, tokenizer = run.load_model(checkpoint)
     stats = BadInputStats()
     if cfg.data.files:
         conversations = load_conversations(cfg.data.files, skip_bad=cfg.data.skip_bad, stats=stats)
@@ -155,29 +119,8 @@ def sft(
         train_conv = sft_conversations(cfg.data.builtin_examples, seed=t.seed + 1, weights=weights)
         val_conv = sft_conversations(max(64, t.batch_size * t.eval_batches), seed=t.seed, split="test", weights=weights)
     data = SFTDataset(train_conv, tokenizer, t.seq_len, t.batch_size, seed=t.seed)
-    val_batches = lambda: _take(
-        SFTDataset(val_conv, tokenizer, t.seq_len, t.batch_size, shuffle=False, epochs=1), t.eval_batches
-    )
-    summary = train(
-        model,
-        data,
-        t,
-        run_dir,
-        tokenizer=tokenizer,
-        val_batches=val_batches,
-        resume=resume,
-        stage="sft",
-        device=device,
-        quiet=quiet,
-        stop_at=stop_at,
-    )
-    if stats.count and distributed.topology().is_main:
+    val = lambda: SFTDataset(val_conv, tokenizer, t.seq_len, t.batch_size, shuffle=False, epochs=1)
+    summary = train(run, model, data, tokenizer=tokenizer, val_data=val)
+    if stats.count and run.topo.is_main:
         print(stats.report(), file=sys.stderr)
     return summary
-
-
-def _take(dataset: Any, n: int) -> list[dict[str, torch.Tensor]]:
-    out = []
-    while len(out) < n and (batch := dataset.next_batch()) is not None:
-        out.append(batch)
-    return out

@@ -1,0 +1,203 @@
+"""The run scaffold shared by pretraining, SFT and RL: everything a training stage does around its step.
+
+    nanoseek pretrain --out runs/pt                       # Run(cfg, "runs/pt", "pretrain") + train.loop
+    nanoseek sft --checkpoint runs/pt --out runs/sft      # Run(cfg, "runs/sft", "sft") + train.loop
+    nanoseek rl --checkpoint runs/sft --out runs/rl       # Run(cfg, "runs/rl", "rl") + train.rl
+    torchrun --standalone --nproc_per_node=8 -m nanoseek pretrain --preset moe-1b   # the same, on every rank
+
+A `Run` owns RUN_DIR and what no stage does differently: the device and ranks, config.toml, the seed,
+the optimizers with the MoE balancing hook, resume from the latest checkpoint (weights, optimizer and
+RNG states, and the stage's own state), metrics.jsonl, the lr schedule and progress bar of the step
+loop, periodic, final and interrupted checkpoints, summary.json, the plots and the final barrier.
+A stage brings only its step (`train.loop.train` for pretraining and SFT, `train.rl.rl` for RL):
+
+    run = Run(cfg, run_dir, "sft", resume=resume, quiet=quiet, stop_at=stop_at)
+    state = run.begin(model, tokenizer, lambda: {"data": data.state_dict(), "stage": "sft"})
+    if state is not None:
+        data.load_state_dict(state["data"])     # the stage's own part of the checkpoint
+    for step in run.steps():                    # the lr is set; after the body, a checkpoint when due
+        ...                                     # forward, backward, optimizer step, run.log.write(record)
+    return run.finish(dict(stage="sft", steps=run.done, ...))
+
+Rank 0 alone writes files and prints; the other ranks log to a `NullLog`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, TextIO, TypedDict
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from nanoseek.config import RunConfig, run_config_to_toml
+from nanoseek.loading import load_checkpoint, pick_device
+from nanoseek.model import Transformer, install_balancing_hook
+from nanoseek.plots import plot_run
+from nanoseek.train import distributed
+from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, save_checkpoint
+from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype training autocasts matmuls to on this device (None: float32 throughout)."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def autocast(device: torch.device):
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class NullLog:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
+class RunOptions(TypedDict, total=False):
+    """How any stage runs: the keyword arguments of `pretrain`, `sft` and `rl`, handed on to `Run`."""
+
+    resume: bool  # continue from RUN_DIR's latest checkpoint
+    quiet: bool  # no progress bar or messages
+    stop_at: int | None  # end this process after this step with a checkpoint, as an interruption would
+
+
+class Run:
+    """One stage's run in RUN_DIR. Construction joins the ranks, writes config.toml and seeds torch.
+
+    `resume`, `quiet` and `stop_at` are the `RunOptions`; the schedule spans train.steps whatever
+    `stop_at` is. `notes` is where the resume note goes (None: stdout, where pretraining and SFT
+    print their progress lines).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        stage: str,
+        *,
+        resume: bool = False,
+        quiet: bool = False,
+        stop_at: int | None = None,
+        notes: TextIO | None = None,
+    ) -> None:
+        self.topo, self.device = distributed.setup(pick_device(cfg.train.device))
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.topo.is_main:
+            (self.run_dir / "config.toml").write_text(run_config_to_toml(cfg))
+        torch.manual_seed(cfg.train.seed)
+        self.train_cfg = cfg.train
+        self.stage = stage
+        self.resume = resume
+        self.quiet = quiet or not self.topo.is_main
+        self.stop_at = stop_at
+        self.notes = notes
+        # Set by `begin`: what the checkpoints save.
+        self.model: Transformer | None = None
+        self.tokenizer: Any = None
+        self.stage_state: Callable[[], dict[str, Any]] = dict
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.log: MetricsLog | NullLog = NullLog()
+        self.start = self.done = 0  # the step this process started from; the steps done so far
+        self.bar: tqdm | None = None
+        self._t_start = time.perf_counter()
+
+    def load_model(self, checkpoint: str | Path) -> tuple[Transformer, Any]:
+        """The model a fine-tuning stage (SFT, RL) starts from, in float32 on this rank's device, and its tokenizer."""
+        model, tokenizer = load_checkpoint(checkpoint, device=self.device, dtype=torch.float32)
+        if tokenizer is None:
+            raise FileNotFoundError(f"{checkpoint}: no tokenizer.json beside the weights")
+        return model, tokenizer
+
+    def begin(
+        self, model: Transformer, tokenizer: Any, stage_state: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """Build the optimizers (the last carries the MoE balancing hook), resume when asked, open metrics.jsonl.
+
+        Returns the resumed checkpoint's trainer state, whose stage-specific part the stage restores
+        itself, or None on a fresh start. Every checkpoint saves `model`, `tokenizer` and `stage_state()`.
+        """
+        self.model, self.tokenizer, self.stage_state = model, tokenizer, stage_state
+        model.to(self.device).train()
+        self.optimizers = build_optimizers(model, self.train_cfg, self.device)
+        install_balancing_hook(self.optimizers[-1], model)
+        ckpt = find_resume_checkpoint(self.run_dir) if self.resume else None
+        state = None
+        if ckpt is not None:
+            model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(self.device)))
+            state = load_trainer_state(ckpt, self.optimizers)
+            self.start = self.done = state["step"]
+            if not self.quiet:
+                print(f"resuming {self.stage} from {ckpt} (step {self.start})", file=self.notes)
+        if self.topo.is_main:
+            self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.start if ckpt is not None else None)
+        return state
+
+    def steps(self) -> Iterator[int]:
+        """The steps left (0-based), each with its learning rate set.
+
+        After each step's body: a checkpoint every train.checkpoint_every steps, after the last and at
+        `stop_at` (which ends the loop), then the progress bar's tick (the body sets its postfix).
+        """
+        t = self.train_cfg
+        self.bar = tqdm(total=t.steps, initial=self.start, desc=self.stage, disable=self.quiet, dynamic_ncols=True)
+        self._t_start = time.perf_counter()
+        for step in range(self.start, t.steps):
+            set_lr(self.optimizers, lr_factor(step, t))
+            yield step
+            self.done = step + 1
+            interrupted = self.stop_at is not None and self.done >= self.stop_at and self.done < t.steps
+            if self.topo.is_main and (self.done % t.checkpoint_every == 0 or self.done == t.steps or interrupted):
+                save_checkpoint(
+                    self.run_dir,
+                    self.done,
+                    self.model,
+                    self.optimizers,
+                    self.tokenizer,
+                    self.stage_state(),
+                    keep=t.keep_checkpoints,
+                )
+            self.bar.update(1)
+            if interrupted:
+                break
+        self.bar.close()
+
+    def lr(self) -> float:
+        """The learning rate of this step (the first optimizer's first group)."""
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def elapsed(self) -> float:
+        """Seconds since the step loop began."""
+        return time.perf_counter() - self._t_start
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write summary.json and the stage's plots (rank 0); every rank returns the summary once they are on disk."""
+        if self.topo.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            plot_run(self.run_dir, self.stage)
+        distributed.barrier()  # the other ranks return once rank 0's files are on disk
+        return summary
