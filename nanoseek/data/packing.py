@@ -205,7 +205,7 @@ class PackedTextDataset:
 
     def next_batch(self) -> dict[str, Any] | None:
         """The next batch, or None at the end of a finite pass (the last batch may have fewer rows)."""
-        import torch
+        import torch  # here: importing nanoseek.data stays torch-free (see the package docstring)
 
         while len(self.rows) < self.batch_size and not self.finished:
             if not self._add_rows():

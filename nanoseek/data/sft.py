@@ -191,7 +191,7 @@ class SFTDataset:
         return self._rows
 
     def next_batch(self) -> dict[str, Any] | None:
-        import torch
+        import torch  # here: importing nanoseek.data stays torch-free (see the package docstring)
 
         rows = self.rows_for_epoch(self.epoch)
         if self.next_row >= len(rows):

@@ -101,7 +101,7 @@ def _jsonl_documents(path: Path, field: str, skip_bad: bool, stats: BadInputStat
 
 
 def _parquet_documents(path: Path, field: str, skip_bad: bool, stats: BadInputStats) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # here: only parquet files pay its import (~0.1 s)
 
     try:
         parquet = pq.ParquetFile(path)

@@ -23,14 +23,13 @@ from nanoseek.config import RLConfig, parse_task_weights
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.runner import prompt_ids
 from nanoseek.rewards import RewardSet, code_reward, code_tests, grade_many, has_code_tests, math_reward, task_reward
+from nanoseek.tasks.corpus import task_mixture
 from nanoseek.train import distributed, grpo
 from nanoseek.train.run import autocast
 
 
 # ----------------------------------------------------------------------------- prompts
 def task_rows(cfg: RLConfig, n: int, split: str, seed: int) -> list[dict[str, Any]]:
-    from nanoseek.tasks.corpus import task_mixture
-
     examples = task_mixture(
         n, split=split, seed=seed, weights=parse_task_weights(cfg.tasks, "rl.tasks"), difficulty=cfg.difficulty or None
     )
