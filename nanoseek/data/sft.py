@@ -25,7 +25,7 @@ from typing import Any
 
 from nanoseek.data.errors import BadInputError, BadInputStats
 from nanoseek.data.jsonl import read_jsonl
-from nanoseek.data.packing import IGNORE
+from nanoseek.data.packing import IGNORE, to_batch
 from nanoseek.data.text import expand_paths
 
 ROLES = ("system", "user", "assistant")
@@ -174,8 +174,6 @@ class SFTDataset:
         return self._rows
 
     def next_batch(self) -> dict[str, Any] | None:
-        import torch  # here: importing nanoseek.data stays torch-free (see the package docstring)
-
         rows = self.rows_for_epoch(self.epoch)
         if self.next_row >= len(rows):
             if self.epochs is not None and self.epoch + 1 >= self.epochs:
@@ -184,8 +182,7 @@ class SFTDataset:
             rows = self.rows_for_epoch(self.epoch)
         batch = rows[self.next_row : self.next_row + self.batch_size]
         self.next_row += len(batch)
-        names = ("input_ids", "targets", "positions", "doc_ids")
-        return {name: torch.tensor([row[i] for row in batch], dtype=torch.long) for i, name in enumerate(names)}
+        return to_batch(batch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while (batch := self.next_batch()) is not None:
