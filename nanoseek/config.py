@@ -5,7 +5,7 @@ A run's config is built in three layers, each overriding the last:
     defaults of the stage  <  --config FILE.toml  <  --set section.field=value ...
 
 and written back to `RUN_DIR/config.toml`, so a run can always be repeated. Every value, from a
-TOML file or a --set string, is read by `parse_value` as its field's type, and `RunConfig.check`
+TOML file or a --set string, is read by `nanoseek.values.parse_value` as its field's type, and `RunConfig.check`
 names the first bad one in one line (`rl.temperature = -1: must be >= 0`).
 """
 
@@ -15,13 +15,13 @@ import dataclasses
 import json
 import math
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nanoseek.model.config import ModelConfig, get_preset
+from nanoseek.values import parse_value
 
 DEFAULT_TASKS = "arithmetic,countdown,linear_equation,word_problems"
 """Every built-in task (nanoseek.tasks), equally weighted: the default mixture of every stage."""
@@ -92,6 +92,12 @@ class DataConfig:
     """Built-in tasks to draw from: 'name' or 'name:weight', comma separated."""
     vocab_size: int = 512
     """Vocabulary of the tokenizer trained when the run has none."""
+
+
+# The modes of the RL settings that name one (nanoseek.train.grpo, rollouts and update implement them).
+REWARD_SCALINGS = ("group", "batch", "none")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "dr-grpo")
+OVERLONG_MODES = ("none", "mask", "soft")
 
 
 @dataclass
@@ -221,78 +227,22 @@ class RunConfig:
 
     def check(self) -> None:
         """Raise a ValueError naming the first bad setting."""
-        from nanoseek.train import grpo  # the losses define the modes they take
-
         for name in ("train", "data", "rl"):
             check_numbers(getattr(self, name), f"{name}.")
         self.eval.check("eval.")
         parse_task_weights(self.data.tasks, "data.tasks")
         parse_task_weights(self.rl.tasks, "rl.tasks")
         for name, allowed in (
-            ("scale_rewards", grpo.REWARD_SCALINGS),
-            ("loss_agg", grpo.LOSS_AGGREGATIONS),
-            ("overlong", ("none", "mask", "soft")),
+            ("scale_rewards", REWARD_SCALINGS),
+            ("loss_agg", LOSS_AGGREGATIONS),
+            ("overlong", OVERLONG_MODES),
         ):
             if getattr(self.rl, name) not in allowed:
                 raise ValueError(f"rl.{name} = {getattr(self.rl, name)!r}: must be one of {', '.join(allowed)}")
         self.model_config()
 
 
-# ----------------------------------------------------------------------------- reading and checking values
-_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
-
-
-def parse_value(value: Any, kind: Any, where: str) -> Any:
-    """`value` as the type `kind`, or a ValueError naming `where`: the one reader of every setting.
-
-    A string (a --set value, a command-line knob) is read as a TOML value (numbers, true/false,
-    [lists], {tables}, "quoted strings") or else kept as a bare string; lists and tuples also take
-    "a,b,c". Values read from a TOML file are checked (ints widen to floats)."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):  # X | None
-        (kind,) = [a for a in args if a is not type(None)]
-        return None if value is None else parse_value(value, kind, where)
-    text = value if isinstance(value, str) else None
-    if text is not None:
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            pass  # a bare string
-
-    def bad(expected: str) -> ValueError:
-        return ValueError(f"{where}: expected {expected}, got {text if text is not None else value!r}")
-
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if text is not None and text.lower() in _BOOLEANS:
-            return _BOOLEANS[text.lower()]
-        raise bad("true or false")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad("an integer")
-    if kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise bad("a number")
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        if text is not None:
-            return text
-        raise bad("a string")
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list | tuple):
-            raise bad("a list")
-        return origin(parse_value(item, args[0] if args else Any, where) for item in value)
-    if origin is dict and not isinstance(value, dict):
-        raise bad("a table")
-    return value
-
-
+# ----------------------------------------------------------------------------- task weights, checking values
 def parse_task_weights(spec: str, where: str) -> dict[str, float]:
     """'a,b:2' -> {'a': 1.0, 'b': 2.0}: a task mixture (data.tasks, rl.tasks)."""
     out = {}

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from nanoseek.model import Transformer
-    from nanoseek.tokenizer import Tokenizer
+from nanoseek.interop.hf import load_hf_model
+from nanoseek.model import Transformer, load_model
+from nanoseek.tokenizer import Tokenizer
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -72,20 +71,14 @@ def load_checkpoint(
     path: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None
 ) -> tuple[Transformer, Tokenizer | None]:
     """(model in eval mode, tokenizer or None when the directory has no tokenizer.json)."""
-    from nanoseek.model import load_model
-
     device = pick_device(device) if isinstance(device, str) else device
     dtype = dtype or default_dtype(device)
     kind, directory = resolve_checkpoint(path)
     if kind == "hf":
-        from nanoseek.interop.hf import load_hf_model
-
         model = load_hf_model(directory, device=device, dtype=dtype)
     else:
         model = load_model(directory, device=device, dtype=dtype)
     tokenizer = None
     if (directory / "tokenizer.json").is_file():
-        from nanoseek.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.load(directory)
     return model.eval(), tokenizer

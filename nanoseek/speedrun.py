@@ -32,6 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import EvalConfig, RunConfig, load_run_config, parse_task_weights, split_override
+from nanoseek.eval.harness import evaluate_checkpoint
+from nanoseek.eval.report import format_pct
+from nanoseek.loading import pick_device
+from nanoseek.tasks.corpus import pretrain_texts
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train import distributed
+from nanoseek.train.rl import rl, rl_defaults
+from nanoseek.train.stages import pretrain, sft, sft_defaults
 
 STAGES = ("pretrain", "sft", "rl")
 
@@ -83,9 +91,6 @@ def _shared_eval_key(key: str, stage: str) -> str | None:
 
 def stage_config(stage: str, spec: dict[str, Any], overrides: list[str]) -> RunConfig:
     """The stage's defaults < the preset's [eval] table < its [STAGE] table < --set."""
-    from nanoseek.train.rl import rl_defaults
-    from nanoseek.train.stages import sft_defaults
-
     base = {"pretrain": RunConfig, "sft": sft_defaults, "rl": rl_defaults}[stage]()
     # Short answers on 200 problems; the pretrained model has never seen the chat template: it is
     # prompted few-shot, as the R1 paper evaluates base models.
@@ -112,8 +117,6 @@ def evaluate_stage(checkpoint: Path, out_dir: Path, cfg: EvalConfig, quiet: bool
     summary_path = out_dir / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
-    from nanoseek.eval.harness import evaluate_checkpoint
-
     options = dataclasses.asdict(cfg) | {"quiet": quiet}
     return evaluate_checkpoint(checkpoint, None, options.pop("benches"), out_dir, **options)
 
@@ -121,13 +124,6 @@ def evaluate_stage(checkpoint: Path, out_dir: Path, cfg: EvalConfig, quiet: bool
 def speedrun(
     preset: str = "cpu", out: str | Path = "runs/speedrun", overrides: list[str] | None = None, quiet: bool = False
 ) -> Path:
-    from nanoseek.loading import pick_device
-    from nanoseek.tasks.corpus import pretrain_texts
-    from nanoseek.tokenizer import Tokenizer
-    from nanoseek.train import distributed
-    from nanoseek.train.rl import rl
-    from nanoseek.train.stages import pretrain, sft
-
     spec = load_preset(preset)
     per_stage = split_overrides(overrides or [])
     configs = {s: stage_config(s, spec, per_stage[s]) for s in STAGES}  # validate everything before starting
@@ -204,8 +200,6 @@ def speedrun(
 
 
 def _fmt_pct(summary: dict[str, Any], key: str) -> str:
-    from nanoseek.eval.report import format_pct
-
     return format_pct(summary.get(key), summary.get(f"{key}_se"))
 
 

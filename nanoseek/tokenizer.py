@@ -27,6 +27,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -69,9 +75,6 @@ def _pick_template(value: Any) -> str | None:
 @functools.lru_cache(maxsize=16)
 def _compile_template(template: str):
     """Compile a chat template in a jinja environment set up like transformers' one."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationTag(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` marks assistant text for HF masks; here it just renders."""
@@ -134,9 +137,6 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
         """Train a byte-level BPE with one token per digit, the chat specials and the ChatML template."""
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
-
         minimum = 256 + len(SPECIAL_TOKENS)
         if vocab_size < minimum:
             raise ValueError(f"vocab_size must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
@@ -157,8 +157,6 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a directory holding tokenizer.json (+ tokenizer_config.json), or a tokenizer.json file."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():

@@ -15,10 +15,10 @@ from nanoseek.config import (
     RunConfig,
     load_run_config,
     parse_task_weights,
-    parse_value,
     run_config_to_toml,
 )
 from nanoseek.tasks import list_tasks
+from nanoseek.values import parse_value
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nanoseek.data import BadInputError, BadInputStats, PackedTextDataset, SFTDataset, iter_documents
+from nanoseek.data.jsonl import read_jsonl
 from nanoseek.data.packing import IGNORE, is_validation
 from nanoseek.data.sft import load_conversations
 from nanoseek.tasks.corpus import pretrain_texts, sft_conversations
@@ -79,7 +80,7 @@ def test_jsonl_and_parquet_and_directories(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "line", "reason"),
     [
-        ("bad.jsonl", b'{"text": "ok"}\n{"text": "ok"}\n{"text": broken\n', 3, "malformed JSON"),
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": "ok"}\n{"text": broken\n', 3, "not valid JSON"),
         ("bad.jsonl", b'{"text": "ok"}\n{"txt": "ok"}\n', 2, "missing field 'text'"),
         ("bad.jsonl", b'{"text": "ok"}\n\n{"text": 5}\n', 3, "is int, not a string"),
         ("bad.jsonl", b'["text"]\n', 1, "expected a JSON object"),
@@ -119,11 +120,27 @@ def test_skip_bad_counts_everything_it_skips(tmp_path, capsys):
     paths = [tmp_path / "a.jsonl", tmp_path / "empty.txt"]
     assert list(iter_documents(paths, skip_bad=True, stats=stats)) == ["one", "two", "three"]
     assert stats.count == 4 and len(stats.examples) == 2
-    assert f"{tmp_path / 'a.jsonl'}:2: malformed JSON" in stats.examples[0]
+    assert f"{tmp_path / 'a.jsonl'}:2: not valid JSON" in stats.examples[0]
     assert "skipped 4 bad input record(s)" in stats.report()
     # without a stats object the summary still reaches the user
     assert list(iter_documents(paths, skip_bad=True)) == ["one", "two", "three"]
     assert "skipped 4 bad input record(s)" in capsys.readouterr().err
+
+
+def test_read_jsonl_numbers_lines_and_names_the_bad_ones(tmp_path):
+    """Blank lines skipped but counted, a byte-order mark and Windows line ends accepted, any JSON value."""
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n\n  \n"s"\r\n{bad\n[1, 2]\ncaf\xe9\nnull')
+    got = list(read_jsonl(path, errors="yield"))
+    good = [(n, v) for n, v in got if not isinstance(v, BadInputError)]
+    assert good == [(1, {"a": 1}), (4, "s"), (6, [1, 2]), (8, None)]
+    bad = [v for _, v in got if isinstance(v, BadInputError)]
+    assert [(e.path, e.line) for e in bad] == [(str(path), 5), (str(path), 7)]
+    assert str(bad[0]).startswith(f"{path}:5: not valid JSON (") and str(bad[1]).startswith(f"{path}:7: invalid UTF-8")
+    it = read_jsonl(path)  # errors="raise": the good lines before the first bad one, then the error
+    assert [next(it), next(it)] == [(1, {"a": 1}), (4, "s")]
+    with pytest.raises(BadInputError, match=":5: not valid JSON"):
+        next(it)
 
 
 def test_reading_is_streaming(tmp_path):
@@ -133,7 +150,7 @@ def test_reading_is_streaming(tmp_path):
     assert next(it) == "d0"
     with open(path, "a") as f:  # a generator that had read the whole file would not see this
         f.write("{broken\n")
-    with pytest.raises(BadInputError, match=":1001: malformed JSON"):
+    with pytest.raises(BadInputError, match=":1001: not valid JSON"):
         list(it)
 
 
@@ -364,6 +381,6 @@ def test_sft_file_validation(tmp_path):
         "sft.jsonl:3: message 0 has no string 'content'",
         ":4: no assistant message",
         ":5: missing or empty",
-        ":6: malformed JSON",
+        ":6: not valid JSON",
     ):
         assert expected in reasons

@@ -134,23 +134,17 @@ def load_engine(args: argparse.Namespace, max_batch: int):
 def read_prompts(path: str) -> list[dict[str, Any]]:
     """Records {"prompt": str} or {"messages": list}, plus the line's other fields."""
     from nanoseek.data.errors import BadInputError
+    from nanoseek.data.jsonl import read_jsonl
 
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInputError(path, lineno, f"not valid JSON ({e.msg})") from None
-            if isinstance(value, str):
-                value = {"prompt": value}
-            if not isinstance(value, dict):
-                raise BadInputError(path, lineno, "expected a string or an object with 'prompt' or 'messages'")
-            if not (isinstance(value.get("prompt"), str) or isinstance(value.get("messages"), list)):
-                raise BadInputError(path, lineno, "expected a 'prompt' string or a 'messages' list")
-            records.append(value)
+    for lineno, value in read_jsonl(path):
+        if isinstance(value, str):
+            value = {"prompt": value}
+        if not isinstance(value, dict):
+            raise BadInputError(path, lineno, "expected a string or an object with 'prompt' or 'messages'")
+        if not (isinstance(value.get("prompt"), str) or isinstance(value.get("messages"), list)):
+            raise BadInputError(path, lineno, "expected a 'prompt' string or a 'messages' list")
+        records.append(value)
     return records
 
 

@@ -4,6 +4,7 @@
 - `nanoseek.data.packing`: `PackedTextDataset`, documents packed into [B, T] rows, resumable;
 - `nanoseek.data.sft`: `load_conversations`, `SFTDataset` with loss only on assistant tokens;
 - `nanoseek.data.errors`: `BadInputError` (file and line) and `BadInputStats` (for skip_bad).
+- `nanoseek.data.jsonl`: `read_jsonl`, the one JSONL reader (line numbers, bad lines named).
 
 Importing this package does not import torch; the datasets import it when they build a batch.
 """

@@ -36,6 +36,12 @@ class BadInputStats:
         if len(self.examples) < self.keep:
             self.examples.append(str(error))
 
+    def skip_or_raise(self, error: BadInputError, skip_bad: bool) -> None:
+        """Count `error` when the caller skips bad records, else raise it."""
+        if not skip_bad:
+            raise error
+        self.add(error)
+
     def report(self) -> str:
         """One line per kept reason, for printing when the run ends."""
         if self.count == 0:

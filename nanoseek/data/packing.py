@@ -69,6 +69,14 @@ def make_row(tokens: list[int], docs: list[int], next_token: int | None, next_do
     return tokens, targets, positions, doc_ids
 
 
+def to_batch(rows: Sequence[tuple[list[int], ...]]) -> dict[str, Any]:
+    """Rows (input_ids, targets, positions, doc_ids), of one length, as a batch of int64 tensors [B, T]."""
+    import torch  # here: importing nanoseek.data stays torch-free (see the package docstring)
+
+    names = ("input_ids", "targets", "positions", "doc_ids")
+    return {name: torch.tensor([row[i] for row in rows], dtype=torch.long) for i, name in enumerate(names)}
+
+
 def pad_row(row: tuple[list[int], ...], seq_len: int, pad_id: int) -> tuple[list[int], ...]:
     """Pad a short final row: the pad tokens form one extra document (positions 0, 1, ...) with target -100."""
     tokens, targets, positions, doc_ids = row
@@ -205,16 +213,13 @@ class PackedTextDataset:
 
     def next_batch(self) -> dict[str, Any] | None:
         """The next batch, or None at the end of a finite pass (the last batch may have fewer rows)."""
-        import torch
-
         while len(self.rows) < self.batch_size and not self.finished:
             if not self._add_rows():
                 self.finished = True
         if not self.rows:
             return None
         rows, self.rows = self.rows[: self.batch_size], self.rows[self.batch_size :]
-        names = ("input_ids", "targets", "positions", "doc_ids")
-        return {name: torch.tensor([row[i] for row in rows], dtype=torch.long) for i, name in enumerate(names)}
+        return to_batch(rows)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while (batch := self.next_batch()) is not None:

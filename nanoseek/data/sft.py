@@ -17,7 +17,6 @@ counted in `truncated` (reported on stderr), not dropped.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -25,8 +24,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from nanoseek.data.errors import BadInputError, BadInputStats
-from nanoseek.data.packing import IGNORE
-from nanoseek.data.text import decode_line, expand_paths
+from nanoseek.data.jsonl import read_jsonl
+from nanoseek.data.packing import IGNORE, to_batch
+from nanoseek.data.text import expand_paths
 
 ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
@@ -63,37 +63,20 @@ def iter_conversations(
     own_stats = stats is None
     stats = stats if stats is not None else BadInputStats()
 
-    def bad(path: Any, line: int | None, reason: str) -> None:
-        error = BadInputError(str(path), line, reason)
-        if not skip_bad:
-            raise error
-        stats.add(error)
-
     for path in expand_paths(paths):
         if path.suffix != ".jsonl":
-            bad(path, None, "conversations must be in a .jsonl file")
+            stats.skip_or_raise(BadInputError(str(path), None, "conversations must be in a .jsonl file"), skip_bad)
             continue
         records = 0
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                records += 1
-                try:
-                    record = json.loads(decode_line(raw, number))
-                except UnicodeDecodeError as e:
-                    bad(path, number, f"invalid UTF-8 ({e.reason} at byte {e.start})")
-                    continue
-                except json.JSONDecodeError as e:
-                    bad(path, number, f"malformed JSON: {e.msg} (column {e.colno})")
-                    continue
-                reason = conversation_problem(record)
-                if reason:
-                    bad(path, number, reason)
-                    continue
-                yield [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        for number, record in read_jsonl(path, errors="yield"):
+            records += 1
+            reason = record.reason if isinstance(record, BadInputError) else conversation_problem(record)
+            if reason:
+                stats.skip_or_raise(BadInputError(str(path), number, reason), skip_bad)
+                continue
+            yield [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
         if records == 0:
-            bad(path, None, "empty file (no JSON lines)")
+            stats.skip_or_raise(BadInputError(str(path), None, "empty file (no JSON lines)"), skip_bad)
     if own_stats and stats.count:
         print(stats.report(), file=sys.stderr)
 
@@ -191,8 +174,6 @@ class SFTDataset:
         return self._rows
 
     def next_batch(self) -> dict[str, Any] | None:
-        import torch
-
         rows = self.rows_for_epoch(self.epoch)
         if self.next_row >= len(rows):
             if self.epochs is not None and self.epoch + 1 >= self.epochs:
@@ -201,8 +182,7 @@ class SFTDataset:
             rows = self.rows_for_epoch(self.epoch)
         batch = rows[self.next_row : self.next_row + self.batch_size]
         self.next_row += len(batch)
-        names = ("input_ids", "targets", "positions", "doc_ids")
-        return {name: torch.tensor([row[i] for row in batch], dtype=torch.long) for i, name in enumerate(names)}
+        return to_batch(batch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while (batch := self.next_batch()) is not None:

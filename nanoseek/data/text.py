@@ -11,13 +11,13 @@ the file and line (the 1-based row, for parquet); with `skip_bad=True` it is ski
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from nanoseek.data.errors import BadInputError, BadInputStats
+from nanoseek.data.jsonl import decode_line, read_jsonl
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -42,12 +42,6 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     return files
 
 
-def decode_line(raw: bytes, number: int) -> str:
-    """UTF-8 text of one line, with a byte-order mark on line 1 and Windows line ends removed."""
-    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-    return line[:-2] + "\n" if line.endswith("\r\n") else line
-
-
 def _txt_documents(path: Path, skip_bad: bool, stats: BadInputStats) -> Iterator[str]:
     lines: list[str] = []
     documents = 0
@@ -57,9 +51,7 @@ def _txt_documents(path: Path, skip_bad: bool, stats: BadInputStats) -> Iterator
                 line = decode_line(raw, number)
             except UnicodeDecodeError as e:
                 error = BadInputError(str(path), number, f"invalid UTF-8 ({e.reason} at byte {e.start}); line dropped")
-                if not skip_bad:
-                    raise error from None
-                stats.add(error)
+                stats.skip_or_raise(error, skip_bad)
                 continue
             if line.strip():
                 lines.append(line)
@@ -71,49 +63,36 @@ def _txt_documents(path: Path, skip_bad: bool, stats: BadInputStats) -> Iterator
         documents += 1
         yield "".join(lines).rstrip("\n")
     if not documents:
-        _bad(BadInputError(str(path), None, "empty file (no text)"), skip_bad, stats)
+        stats.skip_or_raise(BadInputError(str(path), None, "empty file (no text)"), skip_bad)
 
 
 def _jsonl_documents(path: Path, field: str, skip_bad: bool, stats: BadInputStats) -> Iterator[str]:
     any_line = False
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            any_line = any_line or bool(raw.strip())
-            try:
-                line = decode_line(raw, number)
-            except UnicodeDecodeError as e:
-                _bad(BadInputError(str(path), number, f"invalid UTF-8 ({e.reason} at byte {e.start})"), skip_bad, stats)
-                continue
-            if not line.strip():
-                continue  # blank lines hold no record
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                _bad(BadInputError(str(path), number, f"malformed JSON: {e.msg} (column {e.colno})"), skip_bad, stats)
-                continue
-            reason = _field_problem(record, field)
-            if reason:
-                _bad(BadInputError(str(path), number, reason), skip_bad, stats)
-                continue
-            yield record[field]
+    for number, record in read_jsonl(path, errors="yield"):
+        any_line = True
+        reason = record.reason if isinstance(record, BadInputError) else _field_problem(record, field)
+        if reason:
+            stats.skip_or_raise(BadInputError(str(path), number, reason), skip_bad)
+            continue
+        yield record[field]
     if not any_line:
-        _bad(BadInputError(str(path), None, "empty file (no JSON lines)"), skip_bad, stats)
+        stats.skip_or_raise(BadInputError(str(path), None, "empty file (no JSON lines)"), skip_bad)
 
 
 def _parquet_documents(path: Path, field: str, skip_bad: bool, stats: BadInputStats) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # here: only parquet files pay its import (~0.1 s)
 
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
-        _bad(BadInputError(str(path), None, f"cannot read as parquet: {e}"), skip_bad, stats)
+        stats.skip_or_raise(BadInputError(str(path), None, f"cannot read as parquet: {e}"), skip_bad)
         return
     if field not in parquet.schema_arrow.names:
         reason = f"no column {field!r}; columns: {parquet.schema_arrow.names}"
-        _bad(BadInputError(str(path), None, reason), skip_bad, stats)
+        stats.skip_or_raise(BadInputError(str(path), None, reason), skip_bad)
         return
     if parquet.metadata.num_rows == 0:
-        _bad(BadInputError(str(path), None, "empty file (no rows)"), skip_bad, stats)
+        stats.skip_or_raise(BadInputError(str(path), None, "empty file (no rows)"), skip_bad)
         return
     row = 0
     for group in range(parquet.num_row_groups):
@@ -121,7 +100,7 @@ def _parquet_documents(path: Path, field: str, skip_bad: bool, stats: BadInputSt
             row += 1
             reason = _field_problem({field: value}, field)
             if reason:
-                _bad(BadInputError(str(path), row, reason), skip_bad, stats)
+                stats.skip_or_raise(BadInputError(str(path), row, reason), skip_bad)
                 continue
             yield value
 
@@ -138,12 +117,6 @@ def _field_problem(record: object, field: str) -> str | None:
     if not value.strip():
         return f"field {field!r} is empty"
     return None
-
-
-def _bad(error: BadInputError, skip_bad: bool, stats: BadInputStats) -> None:
-    if not skip_bad:
-        raise error
-    stats.add(error)
 
 
 def iter_documents(

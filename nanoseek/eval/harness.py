@@ -57,9 +57,14 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import EvalConfig
+from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.benchmarks import Problem, grade, load_benchmark
+from nanoseek.eval.report import write_plots, write_report
 from nanoseek.eval.runner import ProblemRecord, prompt_text, run_problems, summarize_records
-from nanoseek.rewards import Grade
+from nanoseek.loading import load_checkpoint
+from nanoseek.rewards import Grade, extract_answer, math_verify_stats
+from nanoseek.tasks import get_task, list_tasks
+from nanoseek.tasks.corpus import task_mixture
 
 __all__ = [
     "R1_INSTRUCTION",
@@ -100,8 +105,6 @@ def _task_problem(example: Any, ident: str) -> Problem:
 
 def load_bench(spec: str, cfg: EvalConfig) -> Bench:
     """A benchmark file, a built-in task's held-out split, or "tasks" (the mixture of all tasks)."""
-    from nanoseek.tasks import get_task, list_tasks
-
     path = Path(spec)
     if path.is_file() or path.suffix.lower() in BENCH_SUFFIXES:
         problems = load_benchmark(path, cfg.prompt_field, cfg.answer_field, skip_bad=cfg.skip_bad)
@@ -109,8 +112,6 @@ def load_bench(spec: str, cfg: EvalConfig) -> Bench:
         return Bench(path.stem, str(path), chosen, False, pool=list(problems), skipped=list(problems.skipped))
     n = min(cfg.n_problems, cfg.limit or cfg.n_problems)
     if spec == TASK_MIXTURE:
-        from nanoseek.tasks.corpus import task_mixture
-
         examples = task_mixture(n, split="test", seed=cfg.seed, difficulty=cfg.difficulty)
         names = list_tasks()
     elif spec in list_tasks():
@@ -155,8 +156,6 @@ _GSM8K_CALC = re.compile(r"<<[^<>]*>>")
 
 def solution_text(problem: Problem) -> str:
     """A worked solution for a few-shot example, ending in an answer the graders extract."""
-    from nanoseek.rewards import extract_answer
-
     row = problem.row or {}
     if problem.kind == "code":
         if not problem.answer.strip():
@@ -267,9 +266,6 @@ def _ks(k: int) -> list[int]:
 # ----------------------------------------------------------------------------- the run
 def evaluate_bench(engine: Any, tokenizer: Any, bench: Bench, cfg: EvalConfig) -> tuple[dict, list[dict], list[int]]:
     """(summary entry, records.jsonl lines, response lengths) for one benchmark."""
-    from nanoseek.engine import SamplingParams
-    from nanoseek.rewards import math_verify_stats
-
     texts = render_prompts(bench, tokenizer, cfg)
     rows = [
         {"id": p.id, "prompt": p.prompt, "answer": p.answer, "group": _group(bench, p), "problem": p}
@@ -341,8 +337,6 @@ def evaluate(
     engine: Any, tokenizer: Any, benches: Sequence[str | Bench], out_dir: str | Path, cfg: EvalConfig, model: str = ""
 ) -> dict[str, Any]:
     """Evaluate every benchmark with `engine` and write summary.json, records.jsonl, report.md, plots/."""
-    from nanoseek.eval.report import write_plots, write_report
-
     cfg.check()
     loaded = [b if isinstance(b, Bench) else load_bench(b, cfg) for b in benches]
     if not loaded:
@@ -392,8 +386,6 @@ def build_engine(
 ) -> Any:
     """An Engine whose sequences are as long as these benchmarks need (the longest prompt + max_new_tokens,
     at most the model's context), so a long-context model does not reserve KV memory it never uses."""
-    from nanoseek.engine import Engine
-
     if max_seq_len is None:
         longest = max(len(tokenizer.encode(t)) for b in benches for t in render_prompts(b, tokenizer, cfg))
         max_seq_len = min(model.cfg.max_seq_len, longest + cfg.max_new_tokens + 16)  # 16: the think prefill
@@ -430,8 +422,6 @@ def evaluate_checkpoint(
     if engine is None:
         model = model_or_checkpoint
         if name:
-            from nanoseek.loading import load_checkpoint
-
             model, own_tokenizer = load_checkpoint(name, device)
             tokenizer = tokenizer or own_tokenizer
         if tokenizer is None:

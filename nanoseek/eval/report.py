@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from nanoseek.plots import figure
+
 __all__ = ["compare_table", "load_summary", "overview_table", "write_plots", "write_report"]
 
 # (key in summary["benchmarks"][name]["speed"], label, format)
@@ -138,58 +140,37 @@ def write_report(out_dir: str | Path, summary: dict[str, Any]) -> Path:
 
 def write_plots(out_dir: str | Path, summary: dict[str, Any], lengths: dict[str, list[int]]) -> list[Path]:
     """plots/pass_at_k.png (accuracy against k, one line per benchmark) and plots/response_length.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     plots = Path(out_dir) / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    written = []
+    with figure(plots / "pass_at_k.png", legend_fontsize=7) as ax:
+        for name, entry in summary["benchmarks"].items():
+            m = entry["metrics"]
+            ks = [k for k in entry["ks"] if f"pass@{k}" in m]
+            ys = [100 * m[f"pass@{k}"] for k in ks]
+            errs = [100 * (m.get(f"pass@{k}_se") or 0.0) for k in ks]
+            line = ax.errorbar(ks, ys, yerr=errs, marker="o", markersize=3, capsize=2, label=f"{name} pass@k")
+            cons = [k for k in ks if m.get(f"cons@{k}") is not None]
+            if len(cons) > 1:
+                cons_ys = [100 * m[f"cons@{k}"] for k in cons]
+                ax.plot(cons, cons_ys, ls="--", color=line[0].get_color(), label=f"{name} cons@k")
+        ax.set_xscale("log", base=2)
+        all_ks = sorted({k for e in summary["benchmarks"].values() for k in e["ks"]})
+        ax.set_xticks(all_ks, [str(k) for k in all_ks])
+        ax.minorticks_off()
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("k (samples)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("accuracy against k")
 
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    for name, entry in summary["benchmarks"].items():
-        m = entry["metrics"]
-        ks = [k for k in entry["ks"] if f"pass@{k}" in m]
-        ys = [100 * m[f"pass@{k}"] for k in ks]
-        errs = [100 * (m.get(f"pass@{k}_se") or 0.0) for k in ks]
-        line = ax.errorbar(ks, ys, yerr=errs, marker="o", markersize=3, capsize=2, label=f"{name} pass@k")
-        cons = [k for k in ks if m.get(f"cons@{k}") is not None]
-        if len(cons) > 1:
-            ax.plot(
-                cons, [100 * m[f"cons@{k}"] for k in cons], ls="--", color=line[0].get_color(), label=f"{name} cons@k"
-            )
-    ax.set_xscale("log", base=2)
-    all_ks = sorted({k for e in summary["benchmarks"].values() for k in e["ks"]})
-    ax.set_xticks(all_ks, [str(k) for k in all_ks])
-    ax.minorticks_off()
-    ax.set_ylim(-2, 102)
-    ax.set_xlabel("k (samples)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy against k")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(plots / "pass_at_k.png")
-    plt.close(fig)
-    written.append(plots / "pass_at_k.png")
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    longest = max((max(v) for v in lengths.values() if v), default=1)
-    bins = min(40, max(longest, 1))
-    for name, values in lengths.items():
-        if values:
-            ax.hist(values, bins=bins, range=(0, max(longest, 1)), histtype="step", label=name)
-    ax.set_xlabel("response length (tokens)")
-    ax.set_ylabel("samples")
-    ax.set_title("response lengths")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(plots / "response_length.png")
-    plt.close(fig)
-    written.append(plots / "response_length.png")
-    return written
+    with figure(plots / "response_length.png", legend_fontsize=7) as ax:
+        longest = max((max(v) for v in lengths.values() if v), default=1)
+        bins = min(40, max(longest, 1))
+        for name, values in lengths.items():
+            if values:
+                ax.hist(values, bins=bins, range=(0, max(longest, 1)), histtype="step", label=name)
+        ax.set_xlabel("response length (tokens)")
+        ax.set_ylabel("samples")
+        ax.set_title("response lengths")
+    return [plots / "pass_at_k.png", plots / "response_length.png"]
 
 
 # ----------------------------------------------------------------------------- compare

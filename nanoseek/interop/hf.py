@@ -42,6 +42,7 @@ from nanoseek.interop.hf_weights import (
 )
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.transformer import Transformer
+from nanoseek.tokenizer import Tokenizer
 
 # Files that make up a tokenizer (copied as they are by `convert`).
 TOKENIZER_FILES = (
@@ -123,8 +124,6 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 def _token_ids(tokenizer_dir: Path) -> dict[str, object]:
     if not (tokenizer_dir / "tokenizer.json").is_file():
         return {}
-    from nanoseek.tokenizer import Tokenizer
-
     tok = Tokenizer.load(tokenizer_dir)
     stop = tok.stop_ids
     return {"bos_token_id": tok.bos_id, "eos_token_id": stop[0] if len(stop) == 1 else stop, "pad_token_id": tok.pad_id}

@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 
+# math-verify (and sympy, ~0.2 s and tens of MB) is imported inside these functions: they run in the
+# worker processes, so the processes that only send them answers never import it.
 def _mv_warmup() -> None:
     """Import math-verify with its signal-based timeouts off (we time out the process instead)."""
     import math_verify.grader

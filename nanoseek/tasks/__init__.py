@@ -26,13 +26,17 @@ which `nanoseek data make --set knob=value` can change), implement `sample(rng, 
 
     register(Parity())
 
-Registration happens when the module is imported: add it to `_register_builtin` below to make it
-built in (then `get_task("parity")`, the corpus mixture and the CLI see it), or import it yourself.
+Registration happens when the module is imported: import it above and add it to `_register_builtin`
+below to make it built in (then `get_task("parity")`, the corpus mixture and the CLI see it), or import it yourself.
 """
 
 from __future__ import annotations
 
+from nanoseek.tasks.arithmetic import Arithmetic
 from nanoseek.tasks.base import Example, Task, extract_boxed, final_answer, format_solution, parse_number
+from nanoseek.tasks.countdown import Countdown
+from nanoseek.tasks.linear_equation import LinearEquation
+from nanoseek.tasks.word_problems import WordProblems
 
 TASKS: dict[str, Task] = {}
 
@@ -59,11 +63,6 @@ def list_tasks() -> list[str]:
 
 
 def _register_builtin() -> None:
-    from nanoseek.tasks.arithmetic import Arithmetic
-    from nanoseek.tasks.countdown import Countdown
-    from nanoseek.tasks.linear_equation import LinearEquation
-    from nanoseek.tasks.word_problems import WordProblems
-
     for task in (Arithmetic(), Countdown(), LinearEquation(), WordProblems()):
         register(task)
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from nanoseek.answers import answer_region, extract_boxed, parse_number
+from nanoseek.values import parse_value
 
 
 @dataclass
@@ -136,8 +137,6 @@ class Task:
 
 def coerce_knobs(task: Task, settings: dict[str, Any]) -> dict[str, Any]:
     """Command-line strings ("digits=3", "ops=+,-") as the types of the task's defaults."""
-    from nanoseek.config import parse_value
-
     out: dict[str, Any] = {}
     for name, raw in settings.items():
         if name not in task.defaults:

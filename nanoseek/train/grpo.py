@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "dr-grpo")
-REWARD_SCALINGS = ("group", "batch", "none")
+from nanoseek.config import LOSS_AGGREGATIONS, REWARD_SCALINGS
 
 
 def group_advantages(

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Unpack
 
-from nanoseek.config import RLConfig, RunConfig
+from nanoseek.config import RLConfig, RunConfig, TrainConfig
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.twin import rollout_policy, sync_rollout_policy
 from nanoseek.eval.runner import prompt_ids, run_problems, summarize_records
@@ -47,8 +47,6 @@ def rl_defaults() -> RunConfig:
     """The embedded default, tuned on the CPU tiny model (docs/LOG.md): AdamW at a constant, small lr,
     64 prompts x 8 samples at temperature 0.7, on 2-digit multiplication, where SFT stays near 30%
     and RL gains the most (mixtures with countdown and linear equations gain half as much)."""
-    from nanoseek.config import RLConfig, TrainConfig
-
     return RunConfig(
         train=TrainConfig(
             steps=200,

@@ -20,17 +20,18 @@ from typing import Any
 import torch
 
 from nanoseek.config import RLConfig, parse_task_weights
+from nanoseek.data.errors import BadInputError
+from nanoseek.data.jsonl import read_jsonl
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.runner import prompt_ids
 from nanoseek.rewards import RewardSet, code_reward, code_tests, grade_many, has_code_tests, math_reward, task_reward
+from nanoseek.tasks.corpus import task_mixture
 from nanoseek.train import distributed, grpo
 from nanoseek.train.run import autocast
 
 
 # ----------------------------------------------------------------------------- prompts
 def task_rows(cfg: RLConfig, n: int, split: str, seed: int) -> list[dict[str, Any]]:
-    from nanoseek.tasks.corpus import task_mixture
-
     examples = task_mixture(
         n, split=split, seed=seed, weights=parse_task_weights(cfg.tasks, "rl.tasks"), difficulty=cfg.difficulty or None
     )
@@ -39,27 +40,20 @@ def task_rows(cfg: RLConfig, n: int, split: str, seed: int) -> list[dict[str, An
 
 def file_rows(path: str) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for line_no, row in read_jsonl(path):
+        if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
+            raise BadInputError(path, line_no, "expected an object with 'prompt' or 'messages'")
+        if has_code_tests(row):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
-                raise ValueError(f"{path}:{line_no}: expected an object with 'prompt' or 'messages'")
-            if has_code_tests(row):
-                try:
-                    code_tests(row)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{line_no}: {e}") from None
-            elif "answer" not in row:
-                raise ValueError(f"{path}:{line_no}: expected an 'answer' (or code tests: 'tests', 'test_list')")
-            row.setdefault("prompt", row.get("messages"))
-            row.setdefault("id", f"{Path(path).stem}-{line_no}")
-            row.setdefault("group", row.get("task", "file"))
-            rows.append(row)
+                code_tests(row)
+            except ValueError as e:
+                raise BadInputError(path, line_no, str(e)) from None
+        elif "answer" not in row:
+            raise BadInputError(path, line_no, "expected an 'answer' (or code tests: 'tests', 'test_list')")
+        row.setdefault("prompt", row.get("messages"))
+        row.setdefault("id", f"{Path(path).stem}-{line_no}")
+        row.setdefault("group", row.get("task", "file"))
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows

@@ -8,13 +8,15 @@ torchrun --standalone --nproc_per_node=8 -m nanoseek pretrain --preset moe-1b   
 from __future__ import annotations
 
 import sys
+from itertools import islice
 from pathlib import Path
 from typing import Any, Unpack
 
-from nanoseek.config import RunConfig, TrainConfig
+from nanoseek.config import RunConfig, TrainConfig, parse_task_weights
 from nanoseek.data.errors import BadInputStats
 from nanoseek.data.packing import PackedTextDataset
 from nanoseek.data.sft import SFTDataset, load_conversations
+from nanoseek.data.text import iter_documents
 from nanoseek.model import Transformer
 from nanoseek.tasks.corpus import pretrain_texts, sft_conversations
 from nanoseek.tokenizer import Tokenizer
@@ -29,8 +31,6 @@ def sft_defaults() -> RunConfig:
 
 
 def _task_weights(cfg: RunConfig) -> dict[str, float]:
-    from nanoseek.config import parse_task_weights
-
     return parse_task_weights(cfg.data.tasks, "data.tasks")
 
 
@@ -49,10 +49,6 @@ def pretrain_tokenizer(cfg: RunConfig, run_dir: Path, texts: list[str] | None) -
         distributed.barrier()
         return tokenizer
     if texts is None:
-        from itertools import islice
-
-        from nanoseek.data.text import iter_documents
-
         texts = list(
             islice(iter_documents(cfg.data.files, text_field=cfg.data.text_field, skip_bad=cfg.data.skip_bad), 50_000)
         )
