@@ -7,13 +7,19 @@
 Each subcommand lives in `nanoseek/commands/<name>.py` and exposes
 `add_arguments(parser)` and `run(args) -> int`; they are imported only when used,
 so `nanoseek --help` stays fast.
+
+An expected failure (`nanoseek.errors.UserError`: bad input, a missing file, a bad setting, a corrupt
+checkpoint) prints one line, `error: <what>: <why>`, and exits 2; `--debug` (or NANOSEEK_DEBUG=1)
+shows its traceback too. Any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "speedrun": ("nanoseek.commands.speedrun", "the whole pipeline: tokenizer, pretrain, SFT, RL, eval"),
     "model": ("nanoseek.commands.model", "show a preset's size, FLOPs per token and KV bytes"),
 }
+DEBUG_HELP = "show the traceback of an error (also: NANOSEEK_DEBUG=1)"
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -43,10 +50,12 @@ def _available() -> dict[str, tuple[str, str]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"nanoseek {_version()}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         importlib.import_module(module).add_arguments(p)
     return parser
 
@@ -63,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from nanoseek.errors import UserError
+
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
+    except UserError as e:
+        if args.debug or os.environ.get("NANOSEEK_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
+        return 2
     finally:
         _leave_process_group()
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.errors import InputError, UserError, check_file, reading, unknown
 from nanoseek.model.config import ModelConfig, get_preset
-from nanoseek.values import parse_value
+from nanoseek.values import parse_value as _parse_value
 
 DEFAULT_TASKS = "arithmetic,countdown,linear_equation,word_problems"
 """Every built-in task (nanoseek.tasks), equally weighted: the default mixture of every stage."""
@@ -201,7 +202,7 @@ class EvalConfig:
     def check(self, where: str = "") -> None:
         check_numbers(self, where)
         if self.few_shot and (self.system or self.think_prefill):
-            raise ValueError(
+            raise InputError(
                 f"{where}few_shot = {self.few_shot}: few-shot prompts are plain text; "
                 "system and think_prefill need the chat template"
             )
@@ -238,8 +239,30 @@ class RunConfig:
             ("overlong", OVERLONG_MODES),
         ):
             if getattr(self.rl, name) not in allowed:
-                raise ValueError(f"rl.{name} = {getattr(self.rl, name)!r}: must be one of {', '.join(allowed)}")
-        self.model_config()
+                raise InputError(f"rl.{name} = {getattr(self.rl, name)!r}: must be one of {', '.join(allowed)}")
+        from nanoseek.tasks import list_tasks  # tasks import no settings: no cycle
+
+        for where, spec in (("data.tasks", self.data.tasks), ("rl.tasks", self.rl.tasks)):
+            for task in parse_task_weights(spec, where):
+                if task not in list_tasks():
+                    raise InputError(f"{where}: " + str(unknown("task", task, list_tasks())))
+        for name in ("prompts_file", "eval_file"):
+            if getattr(self.rl, name):
+                check_file(getattr(self.rl, name), f"rl.{name}")
+        try:
+            self.model_config()
+        except UserError:
+            raise
+        except ValueError as e:  # ModelConfig's own check of the preset and [model] fields
+            raise InputError(str(e)) from None
+
+
+def parse_value(value: Any, kind: Any, where: str) -> Any:
+    """`nanoseek.values.parse_value`, its ValueError an InputError (a bad setting is the user's to fix)."""
+    try:
+        return _parse_value(value, kind, where)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- task weights, checking values
@@ -251,11 +274,11 @@ def parse_task_weights(spec: str, where: str) -> dict[str, float]:
         try:
             out[name.strip()] = float(weight) if weight else 1.0
         except ValueError:
-            raise ValueError(f"{where}: bad weight in {part!r} (expected name or name:weight)") from None
+            raise InputError(f"{where}: bad weight in {part!r} (expected name or name:weight)") from None
         if not (math.isfinite(out[name.strip()]) and out[name.strip()] >= 0):
-            raise ValueError(f"{where}: the weight in {part!r} must be >= 0")
+            raise InputError(f"{where}: the weight in {part!r} must be >= 0")
     if not out:
-        raise ValueError(f"{where} = {spec!r}: names no task")
+        raise InputError(f"{where} = {spec!r}: names no task")
     return out
 
 
@@ -277,22 +300,22 @@ def check_numbers(section: Any, where: str) -> None:
     for f in dataclasses.fields(section):
         value, name = getattr(section, f.name), f"{where}{f.name}"
         if parse_value(value, hints[f.name], name) != value and isinstance(value, str):  # "2" set in code
-            raise ValueError(f"{name} = {value!r}: expected {hints[f.name]}")
+            raise InputError(f"{name} = {value!r}: expected {hints[f.name]}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         low, high = _AT_LEAST.get(f.name, 0), 1 if f.name in _FRACTIONS else math.inf
         if f.name in _ABOVE_ZERO:
             if not 0 < value <= high:
-                raise ValueError(f"{name} = {value!r}: must be in (0, 1]")
+                raise InputError(f"{name} = {value!r}: must be in (0, 1]")
         elif not (math.isfinite(value) and low <= value <= high):
-            raise ValueError(f"{name} = {value!r}: must be " + (f">= {low}" if high == math.inf else "in [0, 1]"))
+            raise InputError(f"{name} = {value!r}: must be " + (f">= {low}" if high == math.inf else "in [0, 1]"))
 
 
 # ----------------------------------------------------------------------------- TOML tables and --set overrides
 def _field_type(obj: Any, name: str, where: str) -> Any:
     hints = typing.get_type_hints(type(obj))
     if name not in hints:
-        raise ValueError(f"{where}: unknown setting (known: {', '.join(f.name for f in dataclasses.fields(obj))})")
+        raise InputError(f"{where}: " + str(unknown("setting", name, [f.name for f in dataclasses.fields(obj)])))
     return hints[name]
 
 
@@ -300,7 +323,7 @@ def _model_value(name: str, value: Any, where: str) -> Any:
     """A [model] override, typed by its ModelConfig field (the preset checks the value)."""
     hints = typing.get_type_hints(ModelConfig)
     if name not in hints:
-        raise ValueError(f"{where}: unknown ModelConfig field")
+        raise InputError(f"{where}: " + str(unknown("ModelConfig field", name, list(hints))))
     return parse_value(value, hints[name], where)
 
 
@@ -312,7 +335,7 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) or (key == "model" and isinstance(obj, RunConfig)):
             if not isinstance(value, dict):
-                raise ValueError(f"{name}: expected a table")
+                raise InputError(f"{name}: expected a table")
             if isinstance(current, dict):
                 current.update({k: _model_value(k, v, f"model.{k}") for k, v in value.items()})
             else:
@@ -326,7 +349,7 @@ def split_override(item: str, syntax: str = "section.field=value") -> tuple[list
     dotted, sep, value = item.partition("=")
     path = [part.strip() for part in dotted.split(".")]
     if not sep or not all(path):
-        raise ValueError(f"--set {item!r}: expected {syntax}")
+        raise InputError(f"--set {item!r}: expected {syntax}")
     return path, value.strip()
 
 
@@ -341,7 +364,8 @@ def apply_override(cfg: RunConfig, item: str) -> None:
     obj: Any = cfg
     for section in sections:
         if not dataclasses.is_dataclass(getattr(obj, section, None)):
-            raise ValueError(f"{where}: unknown section {section!r}")
+            sections_known = [f.name for f in dataclasses.fields(obj) if dataclasses.is_dataclass(getattr(obj, f.name))]
+            raise InputError(f"{where}: " + str(unknown("section", section, [*sections_known, "model"])))
         obj = getattr(obj, section)
     setattr(obj, name, parse_value(value, _field_type(obj, name, where), where))
 
@@ -359,19 +383,18 @@ def load_run_config(
         try:
             _apply(cfg, values, "")
         except ValueError as e:
-            raise ValueError(f"{where}{e}") from None
+            raise InputError(f"{where}{e}") from None
     if config_file:
         path = Path(config_file)
         try:
-            values = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--config {path}: no such file") from None
+            with reading(path):
+                values = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise InputError(f"{path}: {e}") from None
         try:
             _apply(cfg, values, "")
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise InputError(f"{path}: {e}") from None
     for item in overrides or []:
         apply_override(cfg, item)
     cfg.check()  # now, not after data loading

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.errors import InputError, missing
 from nanoseek.interop.hf import load_hf_model
 from nanoseek.model import Transformer, load_model
 from nanoseek.tokenizer import Tokenizer
@@ -28,20 +29,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def is_hf_dir(path: Path) -> bool:
+    """Whether `path`'s config.json is a Hugging Face one (a damaged one is left to the loader to name)."""
     cfg = path / "config.json"
     if not cfg.is_file():
         return False
     try:
-        return "architectures" in json.loads(cfg.read_text()) or "model_type" in json.loads(cfg.read_text())
-    except json.JSONDecodeError:
+        d = json.loads(cfg.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return False
+    return isinstance(d, dict) and ("architectures" in d or "model_type" in d)
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
     """('nanoseek' | 'hf', directory) for a checkpoint, run or Hugging Face directory."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint, run or model directory")
+        raise missing(path, "no such checkpoint, run or model directory")
+    if not path.is_dir():
+        raise InputError(f"{path}: is a file; expected a checkpoint, run or model directory")
     if (path / "model.safetensors").is_file() and (path / "config.json").is_file() and not is_hf_dir(path):
         return "nanoseek", path
     if is_hf_dir(path):
@@ -49,7 +54,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
     latest = latest_checkpoint(path)
     if latest is not None:
         return "nanoseek", latest
-    raise FileNotFoundError(
+    raise InputError(
         f"{path}: not a checkpoint (config.json + model.safetensors), a run directory "
         "(checkpoints/step_N/) or a Hugging Face model directory"
     )
@@ -59,7 +64,7 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
     return torch.device(device)
 
 

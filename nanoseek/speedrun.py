@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import EvalConfig, RunConfig, load_run_config, parse_task_weights, split_override
+from nanoseek.errors import InputError, reading, unknown
 from nanoseek.eval.harness import evaluate_checkpoint
 from nanoseek.eval.report import format_pct
 from nanoseek.loading import pick_device
@@ -47,20 +48,21 @@ STAGES = ("pretrain", "sft", "rl")
 def load_preset(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
-        text, where = path.read_text(), str(path)
+        with reading(path):
+            text, where = path.read_text(encoding="utf-8"), str(path)
     else:
         try:
             text = resources.files("nanoseek.configs").joinpath(f"{name_or_path}.toml").read_text()
         except FileNotFoundError:
-            raise ValueError(f"unknown speedrun preset {name_or_path!r} (cpu, gpu, or a .toml file)") from None
+            raise unknown("speedrun preset", name_or_path, ["cpu", "gpu", "FILE.toml"]) from None
         where = f"preset {name_or_path}"
     try:
         spec = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{where}: {e}") from None
-    unknown = set(spec) - {*STAGES, "eval"}
-    if unknown:
-        raise ValueError(f"{where}: unknown table(s) {sorted(unknown)}; expected {[*STAGES, 'eval']}")
+        raise InputError(f"{where}: {e}") from None
+    extra = set(spec) - {*STAGES, "eval"}
+    if extra:
+        raise InputError(f"{where}: unknown table(s) {sorted(extra)}; expected {[*STAGES, 'eval']}")
     return spec
 
 
@@ -77,7 +79,7 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
         elif stage in out and path:
             out[stage].append(".".join(path) + f"={value}")
         else:
-            raise ValueError(f"--set {item!r}: expected {syntax}")
+            raise InputError(f"--set {item!r}: expected {syntax}")
     return out
 
 
@@ -102,7 +104,7 @@ def stage_config(stage: str, spec: dict[str, Any], overrides: list[str]) -> RunC
     try:
         return load_run_config(base, values=table, overrides=overrides)
     except ValueError as e:
-        raise ValueError(f"[{stage}] {e}") from None
+        raise InputError(f"[{stage}] {e}") from None
 
 
 def stage_done(run_dir: Path, steps: int) -> bool:

@@ -33,6 +33,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from nanoseek.errors import InputError, UserError, missing, reading
+
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -49,6 +51,23 @@ CHATML_TEMPLATE = (
 
 # The named special tokens transformers passes to a chat template (its `special_tokens_map`).
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file beside tokenizer.json ({} when absent), or one line saying what is wrong with it."""
+    if not path.is_file():
+        return {}
+    with reading(path):
+        text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
+
+
 # Used as eos when a tokenizer.json comes without a tokenizer_config.json naming one.
 _EOS_GUESSES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")
 
@@ -160,27 +179,38 @@ class Tokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"no tokenizer file at {file}")
-        backend = HFTokenizer.from_file(str(file))
+            raise missing(file, "no tokenizer file (expected a directory with tokenizer.json, or the file)")
+        with reading(file):
+            text = file.read_text(encoding="utf-8")
+        try:
+            backend = HFTokenizer.from_str(text)
+        except Exception as e:  # the tokenizers library raises its own errors for any damage
+            reason = " ".join(str(e).split())[:200]
+            raise InputError(f"{file}: not a valid tokenizer.json ({reason})") from None
         folder = file.parent
-        config: dict[str, Any] = {}
-        if (folder / "tokenizer_config.json").is_file():
-            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        template = _pick_template(config.get("chat_template"))
-        if template is None and (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        if template is None and (folder / "chat_template.json").is_file():
-            data = json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))
-            template = _pick_template(data.get("chat_template"))
-        named = {k: _token_content(config.get(k)) for k in _NAMED_TOKENS}
-        return cls(
-            backend,
-            chat_template=template,
-            eos_token=named["eos_token"],
-            bos_token=named["bos_token"],
-            pad_token=named["pad_token"],
-            special_tokens={k: v for k, v in named.items() if v is not None},
-        )
+        config = _json_object(folder / "tokenizer_config.json")
+        if (folder / "chat_template.jinja").is_file():
+            with reading(folder / "chat_template.jinja"):
+                jinja_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            template = _pick_template(config.get("chat_template"))
+            if template is None and (folder / "chat_template.jinja").is_file():
+                template = jinja_template
+            if template is None and (folder / "chat_template.json").is_file():
+                template = _pick_template(_json_object(folder / "chat_template.json").get("chat_template"))
+            named = {k: _token_content(config.get(k)) for k in _NAMED_TOKENS}
+            return cls(
+                backend,
+                chat_template=template,
+                eos_token=named["eos_token"],
+                bos_token=named["bos_token"],
+                pad_token=named["pad_token"],
+                special_tokens={k: v for k, v in named.items() if v is not None},
+            )
+        except UserError:
+            raise
+        except ValueError as e:  # a special token the vocabulary lacks, a token or template of the wrong type
+            raise InputError(f"{folder / 'tokenizer_config.json'}: {e}") from None
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json, readable by `load` and by transformers."""

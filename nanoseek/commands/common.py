@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,30 +47,56 @@ def add_run_arguments(
 
 
 def run_config_from_args(args: argparse.Namespace, base: Any = None):
+    """The run's settings from the command line, checked (RunConfig.check): a bad one is a UserError naming it."""
     from nanoseek.config import load_run_config
 
     cfg = load_run_config(base, args.config, args.overrides)
     if args.preset:
         cfg.preset = args.preset
-        cfg.model_config()
     if args.data:
         cfg.data.files = list(args.data)
     if args.device:
         cfg.train.device = args.device
+    cfg.check()
     return cfg
 
 
+def check_run_inputs(args: argparse.Namespace, cfg: Any) -> None:
+    """Everything the run reads from disk is there, before its run directory is made."""
+    from pathlib import Path
+
+    from nanoseek.errors import missing
+    from nanoseek.loading import pick_device, resolve_checkpoint
+
+    for file in cfg.data.files:
+        if not Path(file).exists():
+            raise missing(file, "no such file or directory (--data)")
+    if "checkpoint" in args:
+        resolve_checkpoint(args.checkpoint)
+    pick_device(cfg.train.device)
+
+
 def run_training(args: argparse.Namespace, stage: Callable[..., dict], base: Any = None) -> int:
-    """Run a training stage (pretrain, sft, rl) from its command line; print its summary (once under torchrun)."""
+    """Run a training stage (pretrain, sft, rl) from its command line; print its summary (once under torchrun).
+
+    Settings and inputs are checked first; a run that fails before its first checkpoint removes the run
+    directory it made (it holds nothing worth keeping: a failed start leaves nothing)."""
+    import shutil
+    from pathlib import Path
+
     from nanoseek.train.distributed import topology
 
-    try:
-        cfg = run_config_from_args(args, base)
-    except (OSError, ValueError) as e:  # a bad setting: one line naming it
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = run_config_from_args(args, base)
+    check_run_inputs(args, cfg)
     start = [args.checkpoint] if "checkpoint" in args else []
-    summary = stage(cfg, args.out, *start, resume=args.resume, quiet=args.quiet, stop_at=args.stop_at)
+    out = Path(args.out)
+    made = not out.exists()
+    try:
+        summary = stage(cfg, args.out, *start, resume=args.resume, quiet=args.quiet, stop_at=args.stop_at)
+    except Exception:
+        if made and out.is_dir() and not (out / "checkpoints").exists() and topology().is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if topology().is_main:
         print(json.dumps(summary))
     return 0
@@ -114,7 +139,9 @@ def load_model(args: argparse.Namespace):
 
         tokenizer = Tokenizer.load(args.tokenizer)
     if tokenizer is None:
-        raise ValueError(f"{args.checkpoint}: no tokenizer.json; pass --tokenizer DIR")
+        from nanoseek.errors import InputError
+
+        raise InputError(f"{args.checkpoint}: no tokenizer.json; pass --tokenizer DIR")
     return model, tokenizer
 
 
@@ -135,6 +162,7 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     """Records {"prompt": str} or {"messages": list}, plus the line's other fields."""
     from nanoseek.data.errors import BadInputError
     from nanoseek.data.jsonl import read_jsonl
+    from nanoseek.errors import InputError
 
     records = []
     for lineno, value in read_jsonl(path):
@@ -145,6 +173,8 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
         if not (isinstance(value.get("prompt"), str) or isinstance(value.get("messages"), list)):
             raise BadInputError(path, lineno, "expected a 'prompt' string or a 'messages' list")
         records.append(value)
+    if not records:
+        raise InputError(f"{path}: no prompts (empty file; expected one JSON prompt per line)")
     return records
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nanoseek.errors import InputError
 
-class BadInputError(ValueError):
+
+class BadInputError(InputError):
     """A record in an input file that cannot be used; `line` is 1-based (None: the whole file)."""
 
     def __init__(self, path: str, line: int | None, reason: str):

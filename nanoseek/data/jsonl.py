@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from nanoseek.data.errors import BadInputError
+from nanoseek.errors import reading
 
 
 def decode_line(raw: bytes, number: int) -> str:
@@ -27,7 +28,9 @@ def read_jsonl(path: str | os.PathLike, errors: Literal["raise", "yield"] = "rai
     errors="yield" yielded in place of the value, for callers that skip bad lines (skip_bad) or
     report them with their own.
     """
-    with open(path, "rb") as f:
+    with reading(path):  # missing, a directory, unreadable: one line naming the file
+        f = open(path, "rb")
+    with f:
         for number, raw in enumerate(f, 1):
             try:
                 line = decode_line(raw, number)

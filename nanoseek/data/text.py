@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nanoseek.data.errors import BadInputError, BadInputStats
 from nanoseek.data.jsonl import decode_line, read_jsonl
+from nanoseek.errors import missing
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -38,7 +39,7 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
                 raise BadInputError(str(path), None, f"unsupported file type; expected {'/'.join(SUFFIXES)}")
             files.append(path)
         else:
-            raise FileNotFoundError(f"no such file or directory: {path}")
+            raise missing(path)
     return files
 
 

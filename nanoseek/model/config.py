@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nanoseek.errors import InputError, reading, unknown
 from nanoseek.model.attention import ATTENTIONS
+from nanoseek.values import parse_value
 
 
 @dataclass
@@ -180,14 +183,35 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
+        """A checkpoint's config.json: a JSON object with every field, each of its type (no defaults filled in:
+        a missing field would build a model of another shape than the weights')."""
+        with reading(path):
+            text = Path(path).read_text(encoding="utf-8")
         try:
-            d = json.loads(Path(path).read_text())
+            d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+            raise InputError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict):
+            raise InputError(f"{path}: expected a JSON object of ModelConfig fields, got a {type(d).__name__}")
+        hints = typing.get_type_hints(cls)
+        absent = [f.name for f in dataclasses.fields(cls) if f.name not in d]
+        if absent:
+            raise InputError(f"{path}: missing field(s) {', '.join(absent)}")
+        for name, value in d.items():
+            if name not in hints:
+                raise InputError(f"{path}: " + str(unknown("ModelConfig field", name, list(hints))))
+            kind = hints[name]
+            wants_str = kind is str or (typing.get_origin(kind) is not None and str in typing.get_args(kind))
+            try:
+                if isinstance(value, str) and not wants_str:
+                    raise ValueError(f"{name}: expected {kind}, got {value!r}")
+                d[name] = parse_value(value, kind, name)
+            except ValueError as e:
+                raise InputError(f"{path}: {e}") from None
         try:
-            return cls.from_dict(d)
+            return cls(**d)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise InputError(f"{path}: {e}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -254,7 +278,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        raise unknown("model preset", name, list(PRESETS))
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
