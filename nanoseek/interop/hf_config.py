@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nanoseek.errors import InputError, missing, reading
 from nanoseek.model.attention import attention_class, attention_for_hf_family
 from nanoseek.model.config import ModelConfig
 
@@ -33,16 +34,17 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 _REQUIRED = object()
 
 
-class HFConfigError(ValueError):
+class HFConfigError(InputError):
     """A Hugging Face config that nanoseek cannot load faithfully."""
 
 
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
+        raise missing(directory, "no config.json (not a Hugging Face model directory)")
     try:
-        return json.loads(path.read_text())
+        with reading(path):
+            return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise HFConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
 

@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from nanoseek.errors import InputError, missing, reading
 from nanoseek.interop.hf_config import ARCHITECTURES
 from nanoseek.model.attention import attention_class
 from nanoseek.model.config import ModelConfig
@@ -33,7 +34,7 @@ from nanoseek.model.config import ModelConfig
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class HFWeightsError(ValueError):
+class HFWeightsError(InputError):
     """Checkpoint tensors that do not match the model the config describes."""
 
 
@@ -43,6 +44,34 @@ def _listing(names: list[str], limit: int = 12) -> str:
 
 
 # ----------------------------------------------------------------------------- reading
+def _shards(index: Path) -> list[Path]:
+    """The shard files an index names, each checked to lie in the index's directory before anything is opened
+    (a crafted index could name `../../etc/passwd`)."""
+    with reading(index):
+        text = index.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HFWeightsError(f"{index}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    weight_map = value.get("weight_map") if isinstance(value, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise HFWeightsError(f"{index}: expected an object with a 'weight_map' of tensor name -> shard file name")
+    files = set()
+    for shard in weight_map.values():
+        # a plain file name (checked as text, not resolved: hub caches link shards to blobs elsewhere)
+        if shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+            raise HFWeightsError(f"{index}: shard {shard!r} is not a file in the model directory; refused")
+        files.add(index.parent / shard)
+    return sorted(files)
+
+
+def _opened(file: Path):
+    """safe_open(file), or one line saying the file is empty, truncated or not safetensors."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as e:  # safetensors raises its own errors for every kind of damage
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise HFWeightsError(f"{file}: not a readable safetensors file, truncated or corrupt ({reason})") from None
 
 
 class SafetensorsDir:
@@ -59,20 +88,19 @@ class SafetensorsDir:
         self.reopen_bytes = reopen_bytes
         index = self.directory / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map") or {}
-            files = sorted({self.directory / f for f in weight_map.values()})
+            files = _shards(index)
             absent = [f.name for f in files if not f.is_file()]
             if absent:
-                raise FileNotFoundError(f"{index}: shard file(s) not found: {_listing(absent)}")
+                raise missing(index, f"shard file(s) not found: {_listing(absent)}")
         else:
             files = sorted(self.directory.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"{self.directory}: no *.safetensors weights")
+            raise missing(self.directory, "no *.safetensors weights")
         self.file_of: dict[str, Path] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, str] = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
+            with _opened(file) as f:
                 for name in f.keys():
                     if name in self.file_of:
                         raise HFWeightsError(f"tensor {name} is stored twice ({self.file_of[name].name}, {file.name})")
