@@ -213,15 +213,20 @@ class Tokenizer:
             raise InputError(f"{folder / 'tokenizer_config.json'}: {e}") from None
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write tokenizer.json and tokenizer_config.json, readable by `load` and by transformers."""
+        """Write tokenizer.json and tokenizer_config.json, readable by `load` and by transformers.
+
+        Each file is written whole and renamed into place, tokenizer.json last: a run killed mid-save
+        never leaves a tokenizer.json that `load` would take without its config."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(directory / "tokenizer.json"))
         config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens}
         config.update(eos_token=self.eos_token, bos_token=self.bos_token, pad_token=self.pad_token)
         config["chat_template"] = self.chat_template
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-        (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
+        for name, content in (("tokenizer_config.json", text), ("tokenizer.json", self.backend.to_str(pretty=True))):
+            tmp = directory / f".{name}.tmp"
+            tmp.write_text(content, encoding="utf-8")
+            os.replace(tmp, directory / name)
 
     # ------------------------------------------------------------------ ids
     @property

@@ -7,8 +7,9 @@
         rng.safetensors                     torch (and CUDA) generator states
         trainer_state.json                  step, data position, python/numpy RNG, stage-specific state
 
-The directory is assembled under a temporary name and renamed into place, so a
-crash mid-write never leaves a half checkpoint that `--resume` would pick up.
+The directory is assembled under a temporary name (`.step_N.XXXX.tmp`) and renamed into place, so a
+crash mid-write never leaves a half checkpoint that `--resume` would pick up; the next start of the run
+removes such leftovers (`remove_stale_tmp`).
 """
 
 from __future__ import annotations
@@ -113,3 +114,13 @@ def load_trainer_state(
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
     return latest_checkpoint(Path(run_dir))
+
+
+def remove_stale_tmp(run_dir: str | Path) -> list[Path]:
+    """Remove the temporary directories of checkpoint saves that were killed mid-write; return them.
+
+    Only one process writes a run's checkpoints, so at the start of a run any `.step_N.*.tmp` is a leftover."""
+    stale = sorted((Path(run_dir) / "checkpoints").glob(".step_*.tmp"))
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale

@@ -32,15 +32,15 @@ from pathlib import Path
 from typing import Any, TextIO, TypedDict
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from nanoseek.config import RunConfig, run_config_to_toml
 from nanoseek.loading import load_checkpoint, pick_device
 from nanoseek.model import Transformer, install_balancing_hook
+from nanoseek.model.io import read_safetensors
 from nanoseek.plots import plot_run
 from nanoseek.train import distributed
-from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, save_checkpoint
+from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, remove_stale_tmp, save_checkpoint
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
 
 
@@ -60,7 +60,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [ln for ln in path.read_text(errors="replace").splitlines() if _step_at_most(ln, resume_step)]
             path.write_text("".join(ln + "\n" for ln in kept))
         elif resume_step is None and path.exists():
             path.unlink()
@@ -68,6 +68,15 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _step_at_most(line: str, step: int) -> bool:
+    """Whether a metrics line is a record of a step <= `step`; a torn line (a crash mid-write) is not kept."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and record.get("step", 0) <= step
 
 
 class NullLog:
@@ -109,6 +118,7 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.topo.is_main:
             (self.run_dir / "config.toml").write_text(run_config_to_toml(cfg))
+            remove_stale_tmp(self.run_dir)  # a save killed mid-write left its temporary directory
         torch.manual_seed(cfg.train.seed)
         self.train_cfg = cfg.train
         self.stage = stage
@@ -148,7 +158,7 @@ class Run:
         ckpt = find_resume_checkpoint(self.run_dir) if self.resume else None
         state = None
         if ckpt is not None:
-            model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(self.device)))
+            model.load_state_dict(read_safetensors(ckpt / "model.safetensors", self.device))
             state = load_trainer_state(ckpt, self.optimizers)
             self.start = self.done = state["step"]
             if not self.quiet:
