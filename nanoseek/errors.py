@@ -65,3 +65,15 @@ def check_file(path: object, what: str = "") -> None:
         raise InputError(f"{path}: is a directory, expected a file{named}")
     if not Path(str(path)).exists():
         raise missing(path, f"no such file{named}")
+
+
+@contextmanager
+def as_user_error() -> Iterator[None]:
+    """Inside, a ValueError or OSError is about what the user gave (a flag a library function checks, a file
+    it opens): re-raised as an InputError for the one-line report. Only for code that reads user input."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, OSError) as e:
+        raise InputError(str(e)) from None

@@ -38,18 +38,12 @@ def fit_history(messages: list[dict], render, budget: int) -> list[int] | None:
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.engine import SamplingParams
+    from nanoseek.errors import as_user_error
 
-    try:
+    with as_user_error():  # the checkpoint and the sampling flags, checked before the first prompt
         engine, tokenizer = load_engine(args, max_batch=1)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    params = SamplingParams.from_config(args)
-    try:
+        params = SamplingParams.from_config(args)
         params.validate(engine.vocab_size)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()

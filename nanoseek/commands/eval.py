@@ -92,13 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from nanoseek.errors import as_user_error
     from nanoseek.eval.report import compare_table, load_summary
 
-    try:
+    with as_user_error():
         a, b = load_summary(args.run_a), load_summary(args.run_b)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     name_a, name_b = Path(args.run_a).name or "A", Path(args.run_b).name or "B"
     if name_a == name_b:
         name_a, name_b = f"A ({name_a})", f"B ({name_b})"
@@ -107,32 +105,28 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanoseek.errors import InputError
+
     if getattr(args, "action", None) == "compare":
         return _compare(args)
     if not args.checkpoint or not args.benches:
-        print(
-            "error: nanoseek eval needs --checkpoint and --bench (or: nanoseek eval compare RUN_A RUN_B)",
-            file=sys.stderr,
-        )
-        return 2
+        raise InputError("nanoseek eval needs --checkpoint and --bench (or: nanoseek eval compare RUN_A RUN_B)")
 
     from dataclasses import fields
 
     from nanoseek.config import EvalConfig
+    from nanoseek.errors import as_user_error
     from nanoseek.eval.harness import build_engine, evaluate, load_bench
     from nanoseek.eval.report import overview_table
 
-    try:
+    with as_user_error():  # the flags, the benchmark files and the checkpoint: checked before any work
         named = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if f.name in args}  # flags named as fields
         cfg = EvalConfig(**named, difficulty=parse_difficulty(args.overrides), plots=not args.no_plots)
         cfg.check()
         benches = [load_bench(spec, cfg) for spec in cfg.benches]  # bad files fail before the model loads
         model, tokenizer = load_model(args)
         engine = build_engine(model, tokenizer, benches, cfg, **engine_options(args))
-        summary = evaluate(engine, tokenizer, benches, args.out, cfg, model=args.checkpoint)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = evaluate(engine, tokenizer, benches, args.out, cfg, model=args.checkpoint)
 
     print(overview_table(summary))
     if not args.quiet:

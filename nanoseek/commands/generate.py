@@ -50,21 +50,13 @@ def render(record: dict[str, Any], tokenizer, chat: bool, system: str | None) ->
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.engine import SamplingParams
+    from nanoseek.errors import as_user_error
 
-    if args.prompts_file:
-        try:
-            records = read_prompts(args.prompts_file)
-        except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    else:
-        records = [{"prompt": p} for p in args.prompt]
-    try:
+    records = read_prompts(args.prompts_file) if args.prompts_file else [{"prompt": p} for p in args.prompt]
+    with as_user_error():  # the checkpoint and the sampling flags, checked before any work
         engine, tokenizer = load_engine(args, args.max_batch)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    params = SamplingParams.from_config(args)  # --n samples per prompt, sharing one prefill
+        params = SamplingParams.from_config(args)  # --n samples per prompt, sharing one prefill
+        params.validate(engine.vocab_size)
     prompts = [render(r, tokenizer, args.chat, args.system) for r in records]
 
     start = time.perf_counter()
