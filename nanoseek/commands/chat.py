@@ -5,7 +5,7 @@
 
 One line = one user turn. The whole conversation goes through the tokenizer's chat template
 every turn (the oldest turns are dropped when it no longer fits the context). Commands:
-/reset forgets the conversation, /exit (or end of input) quits. Ctrl-C stops a reply.
+/help lists them, /reset forgets the conversation, /exit (or end of input) quits. Ctrl-C stops a reply.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system message")
     add_sampling_arguments(parser, max_new_tokens=512, temperature=0.7)
     parser.add_argument("--stats", action="store_true", help="print tokens, speed and finish reason after replies")
+
+
+HELP = "commands: /help this list, /reset forget the conversation, /exit quit (or Ctrl-D); Ctrl-C stops a reply"
 
 
 def fit_history(messages: list[dict], render, budget: int) -> list[int] | None:
@@ -52,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     def render(msgs: list[dict]) -> list[int]:
         return tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
 
+    if interactive:
+        print(f"chatting with {args.checkpoint}; {HELP}", file=sys.stderr)
     while True:
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)
@@ -68,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
             break
         if line.strip() == "/reset":
             messages = list(system)
+            continue
+        if line.strip() in ("/help", "/?"):
+            print(HELP, file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
         ids = fit_history(messages, render, budget)

@@ -27,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    source.add_argument("--prompts-file", help="JSONL file of prompts (see `nanoseek generate --help`)")
+    source.add_argument(
+        "--prompts-file",
+        metavar="FILE.jsonl",
+        help='JSONL, one prompt per line: a JSON string, {"prompt": "..."} or {"messages": [{"role": "user", '
+        '"content": "..."}]} (rendered with the chat template); other fields of an object are copied to its results',
+    )
     parser.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
     parser.add_argument("--system", default=None, help="system message for --chat prompts")
     add_sampling_arguments(parser, max_new_tokens=256, temperature=1.0)
