@@ -122,10 +122,14 @@ def test_cli_mistake_is_one_line(work, args, culprit):
 
 
 def test_debug_shows_the_traceback(work):
-    for how in (["--debug"], []):
-        env = ENV if how else {**ENV, "NANOSEEK_DEBUG": "1"}
-        done = nanoseek(*how, "model", "--preset", "foo", cwd=work, env=env)
-        assert done.returncode == 2 and "Traceback" in done.stderr, done.stderr
+    debug_env = {**ENV, "NANOSEEK_DEBUG": "1"}
+    for args, env in (
+        (["--debug", "model", "--preset", "foo"], ENV),
+        (["model", "--preset", "foo", "--debug"], ENV),
+        (["model", "--preset", "foo"], debug_env),
+    ):
+        done = nanoseek(*args, cwd=work, env=env)
+        assert done.returncode == 2 and "Traceback" in done.stderr, (args, done.stderr)
         assert done.stderr.splitlines()[-1].startswith("error: unknown model preset 'foo'")
 
 
