@@ -77,12 +77,14 @@ def test_kill_9_at_random_moments_then_resume_matches_uninterrupted_run(tmp_path
     while kills < 5:
         before = checkpoint_steps(run)
         proc = start(run, resume=kills > 0)
-        # Wait until this process has written a checkpoint of its own, then kill at a random moment.
+        # Kill at a random moment after this process's own first checkpoint: a random number of steps
+        # later (bounded, so five kills land before the end on any machine), at a random time in a step.
+        target = (before or [0])[-1] + 1 + rng.randrange(10)
         deadline = time.monotonic() + 120
-        while proc.poll() is None and (checkpoint_steps(run) or [0])[-1] <= (before or [0])[-1]:
+        while proc.poll() is None and (checkpoint_steps(run) or [0])[-1] < target:
             assert time.monotonic() < deadline, "the run made no progress"
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.4))
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.03))
         if proc.poll() is not None:  # it finished first: the schedule was too short for this machine
             break
         os.kill(proc.pid, signal.SIGKILL)
