@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ DEFAULT_TASKS = "arithmetic,countdown,linear_equation,word_problems"
 """Every built-in task (nanoseek.tasks), equally weighted: the default mixture of every stage."""
 
 
+# The modes of the training settings that name one (nanoseek.train.optim implements them).
+OPTIMIZERS = ("muon", "adamw")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 400
@@ -38,7 +44,7 @@ class TrainConfig:
     """Tokens per row (packed pretraining rows; the SFT pad length limit)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    optimizer: str = "muon"
+    optimizer: str = "muon"  # one of OPTIMIZERS
     """'muon' (Muon for hidden weight matrices, AdamW for embeddings, head, norms, router) or 'adamw'."""
     lr: float = 3e-3
     """Peak AdamW learning rate."""
@@ -233,13 +239,18 @@ class RunConfig:
         self.eval.check("eval.")
         parse_task_weights(self.data.tasks, "data.tasks")
         parse_task_weights(self.rl.tasks, "rl.tasks")
-        for name, allowed in (
-            ("scale_rewards", REWARD_SCALINGS),
-            ("loss_agg", LOSS_AGGREGATIONS),
-            ("overlong", OVERLONG_MODES),
+        for section, name, allowed in (
+            ("train", "optimizer", OPTIMIZERS),
+            ("train", "schedule", SCHEDULES),
+            ("rl", "scale_rewards", REWARD_SCALINGS),
+            ("rl", "loss_agg", LOSS_AGGREGATIONS),
+            ("rl", "overlong", OVERLONG_MODES),
         ):
-            if getattr(self.rl, name) not in allowed:
-                raise InputError(f"rl.{name} = {getattr(self.rl, name)!r}: must be one of {', '.join(allowed)}")
+            value = getattr(getattr(self, section), name)
+            if value not in allowed:
+                raise InputError(f"{section}.{name} = {value!r}: must be one of {', '.join(allowed)}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.train.device):
+            raise InputError(f"train.device = {self.train.device!r}: must be auto, cpu, cuda, cuda:N or mps")
         from nanoseek.tasks import list_tasks  # tasks import no settings: no cycle
 
         for where, spec in (("data.tasks", self.data.tasks), ("rl.tasks", self.rl.tasks)):

@@ -65,7 +65,10 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a device (auto, cpu, cuda, cuda:N or mps)") from None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nanoseek.errors import InputError
+
 __all__ = ["RewardLoadError", "absolute_spec", "load_callable"]
 
 
-class RewardLoadError(ValueError):
+class RewardLoadError(InputError):
     """A function spec could not be resolved; the message says which part failed and why."""
 
 
