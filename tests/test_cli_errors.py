@@ -87,6 +87,7 @@ CASES = [
     ("missing-config", ["pretrain", "--config", "nope.toml", "--out", "o"], "nope.toml"),
     ("config-is-dir", ["pretrain", "--config", "a_dir", "--out", "o"], "a_dir"),
     ("bad-toml", ["pretrain", "--config", "bad.toml", "--out", "o"], "bad.toml"),
+    ("pretrain-missing-tokenizer", ["pretrain", "--tokenizer", "nope", "--out", "o"], "nope"),
     ("unknown-preset", ["pretrain", "--preset", "tinyy", "--out", "o"], "did you mean 'tiny'"),
     ("model-unknown-preset", ["model", "--preset", "foo"], "'foo'"),
     ("speedrun-unknown-preset", ["speedrun", "--preset", "cpux", "--out", "o"], "did you mean 'cpu'"),
@@ -135,6 +136,17 @@ def test_debug_shows_the_traceback(work):
         done = nanoseek(*args, cwd=work, env=env)
         assert done.returncode == 2 and "Traceback" in done.stderr, (args, done.stderr)
         assert done.stderr.splitlines()[-1].startswith("error: unknown model preset 'foo'")
+
+
+def test_pretrain_uses_the_tokenizer_given(work):
+    """`tokenizer train --out DIR` then `pretrain --tokenizer DIR`: the run keeps that tokenizer (it would
+    otherwise train its own, of another vocabulary size here)."""
+    given = work / "pt" / "tokenizer" / "tokenizer.json"
+    shutil.rmtree(work / "ptk", ignore_errors=True)
+    args = ["pretrain", *TINY, "--set", "data.vocab_size=400", "--tokenizer", "pt/tokenizer", "--out", "ptk"]
+    done = nanoseek(*args, "--quiet", cwd=work)
+    assert done.returncode == 0, done.stderr
+    assert (work / "ptk" / "checkpoints" / "step_2" / "tokenizer.json").read_bytes() == given.read_bytes()
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
