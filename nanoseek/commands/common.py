@@ -116,12 +116,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
     """The flags SamplingParams.from_config(args) reads (named like its fields)."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="longest completion in tokens")
     parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new draw each run)")
     parser.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
 

@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(top_p=0.95, seed=0)
     parser.add_argument("--max-batch", type=int, default=64, help="sequences decoded at once")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     sub = parser.add_subparsers(dest="action", metavar="{compare}")
     compare = sub.add_parser("compare", help="side-by-side markdown table of two eval runs")
     compare.add_argument("run_a", metavar="RUN_A", help="eval run directory (or its summary.json)")
