@@ -11,8 +11,10 @@ says what to run in one of three shapes (the public benchmarks' own fields):
   docstring) is put before the model's code when that code does not define the function itself.
 
 The model's code is the last fenced block (```python, ```py or ```) after the reasoning. It passes
-when every test passes: assert-style tests run as one program that must exit 0; stdin/stdout cases
-run one program each, and the output must match after trimming trailing whitespace per line.
+when every test passes: assert-style tests run as one program that must exit 0 after printing a
+random line put after the last test (a program that exits 0 before its tests, `sys.exit(0)` at the
+top, does not pass); stdin/stdout cases run one program each, and the output must match after
+trimming trailing whitespace per line.
 
 Each program runs in the sandbox of `nanoseek.rewards.sandbox` (`run_python`): a process forked from a
 small clean server, with limits on memory, CPU time, output and wall time, isolated from the trainer at
@@ -22,6 +24,7 @@ the level `configure_sandbox` chose (namespaces where the machine allows them, e
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,9 +144,12 @@ def check_code(completion: str, row: dict[str, Any], limits: ExecLimits | None =
         solution = tests.prefix + code  # a body completing the given signature
     program = "\n\n".join(part for part in (tests.setup, solution) if part)
     if tests.asserts:
-        run = run_python(program + "\n\n" + "\n".join(tests.asserts) + "\n", limits=limits)
-        if run.status == "ok":
+        done = f"tests passed {secrets.token_hex(8)}"  # printed after the last test: exiting 0 early is no pass
+        run = run_python(program + "\n\n" + "\n".join(tests.asserts) + f"\nprint({done!r})\n", limits=limits)
+        if run.status == "ok" and run.stdout.rstrip().endswith(done):
             return CodeResult(True, "passed", code)
+        if run.status == "ok":
+            return CodeResult(False, "failed", code, "the program exited before its tests ran to the end")
         status = "failed" if "AssertionError" in run.stderr else run.status
         return CodeResult(False, status, code, run.stderr)
     for i, (stdin, expected) in enumerate(tests.io):
