@@ -11,16 +11,17 @@ LEVEL `process`: the child makes itself a new session; at the end the server kil
 and, being a child subreaper, every process that outlived its parent (a `setsid` or double-fork
 escape is re-parented to this server, which kills it when the next program ends).
 
-LEVEL `namespaces` (Linux): at start the server leaves the caller's user (as root: becomes `nobody`
-first, so the programs are nobody outside), mount, UTS, IPC and network namespaces and pivots into
-a new root (a tmpfs under BASE/root) holding read-only binds of the system directories and the Python
-installation, a few files of its own in /etc, /dev/null & co., and BASE/jobs. Per program: the child C
-enters new mount, PID, IPC and network namespaces (loopback only), hides every job directory but its
-own (the one writable place), mounts a small tmpfs on /dev/shm and forks G, PID 1 of the new PID
-namespace, which mounts a private /proc, drops every capability, sets no_new_privs and forks the
-program P. When P exits, G reports its status to C (which exits the same way) and exits, and the
-kernel kills everything left in the PID namespace, `setsid` or not. C and G die with their parent
-(PR_SET_PDEATHSIG), so killing this server kills every program it runs.
+LEVEL `namespaces` (Linux): at start the server enters new user, mount, UTS, IPC and network
+namespaces (started by root, it has a helper map `nobody` and becomes nobody, so programs are nobody
+outside), forbids nested user namespaces in its own, and pivots into a new root (a tmpfs on
+BASE/root) holding read-only binds of the system directories and the Python installation, a stub
+/etc, /dev/null & co., BASE/jobs, and the host's /proc (which it alone sees). Per program: the child
+C enters new mount, PID, IPC and network namespaces (loopback only), hides every job directory but
+its own (the one writable place), mounts a small tmpfs on /dev/shm and forks G, PID 1 of the new
+PID namespace, which mounts the namespace's /proc over the host's, drops every capability, sets
+no_new_privs and forks the program P. When P exits, G reports its status to C (which exits the same
+way) and exits, and the kernel kills everything left in the PID namespace, `setsid` or not. C and G
+die with their parent (PR_SET_PDEATHSIG), so killing this server kills every program it runs.
 
 Protocol (JSON lines, both ways; nothing is unpickled): first answer {"ready": true, "uid": n} (the
 user id programs run as, outside) or {"ready": false, "error": text}; then request
@@ -31,8 +32,10 @@ import of nanoseek: `-I` keeps this directory off sys.path, so a program cannot 
 
 import ctypes
 import fcntl
+import gc
 import json
 import os
+import pkgutil  # noqa: F401  (runpy.run_path imports it on first use: here once, not in every program)
 import resource
 import runpy
 import select
@@ -68,7 +71,6 @@ _ETC = {  # the view's /etc: no host accounts, names or secrets ({uid}/{gid}: th
     "hosts": "127.0.0.1 localhost\n::1 localhost\n",
     "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
 }
-_HOST_PROC = "/.host-proc"  # the kernel mounts a new /proc only where one is already visible; removed per program
 _JOB = "/.job"  # where C parks its job directory while it covers the others
 
 
@@ -77,6 +79,15 @@ def _check(result: int, what: str) -> None:
     if result != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _pivot_root(new_root: bytes, put_old: bytes) -> int:
+    if hasattr(_libc, "pivot_root"):  # glibc >= 2.34
+        return _libc.pivot_root(new_root, put_old)
+    number = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(os.uname().machine)
+    if number is None:
+        raise OSError(f"pivot_root: no syscall number for {os.uname().machine}")
+    return _libc.syscall(number, new_root, put_old)
 
 
 def _prctl(option: int, arg: int = 0) -> None:
@@ -210,7 +221,7 @@ def _enter_namespaces(base: str) -> int:
     else:
         uid, gid = os.geteuid(), os.getegid()
         _unshare(flags)
-        _write_maps("self", uid, gid)
+        _write_maps("self", uid, gid)  # one's own ids: no privilege needed
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
     sources = _open_sources()  # in this mount namespace (a bind takes its source from the caller's)
     if root_outside:  # the namespace's capabilities stay: its uid 0 is not mapped, so this leaves no root
@@ -229,12 +240,14 @@ def _enter_namespaces(base: str) -> int:
             f.write(text.format(uid=uid, gid=gid))
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "fd/0"), ("stdout", "fd/1"), ("stderr", "fd/2")):
         os.symlink(target, f"{root}/dev/{name}")
-    for path in ("/dev/shm", "/proc", _JOB):
+    for path in ("/dev/shm", _JOB):
         _makedirs(root, path)
-    _mount("/proc", _makedirs(root, _HOST_PROC), None, MS_BIND)
+    # The host's /proc, for this server only: the kernel mounts a new proc only where one is fully visible
+    # already. Each program's G mounts its own over it, and P, without capabilities, cannot unmount that.
+    _mount("/proc", _makedirs(root, "/proc"), None, MS_BIND)
     _bind(os.path.join(base, "jobs"), _makedirs(root, os.path.join(base, "jobs")), MS_NOSUID | MS_NODEV)
     os.chdir(root)
-    _check(_libc.pivot_root(b".", b"."), "pivot_root")  # the old root is stacked under the new one ...
+    _check(_pivot_root(b".", b"."), "pivot_root")  # the old root is stacked under the new one ...
     _check(_libc.umount2(b".", MNT_DETACH), "umount old root")  # ... and detached: no way back to it
     os.chdir("/")
     _mount(None, "/", None, MS_REMOUNT | MS_BIND | _RO)
@@ -350,8 +363,7 @@ def _init(directory: str, limits: list[int], parent: socket.socket) -> None:
         _die_with_parent(None)
         if select.select([parent], [], [], 0)[0]:  # EOF: C died before PDEATHSIG was set
             os._exit(1)
-        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        _check(_libc.umount2(_HOST_PROC.encode(), MNT_DETACH), "umount host /proc")
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # over the host's
         _drop_privileges()
         _prctl(PR_SET_DUMPABLE, 0)  # P may not ptrace G nor open its /proc files
         program = os.fork()
@@ -425,6 +437,7 @@ def main(level: str, base: str, request_fd: int, answer_fd: int) -> None:
         answers.write(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"}) + "\n")
         return
     answers.write(json.dumps({"ready": True, "uid": uid}) + "\n")
+    gc.freeze()  # a program's collections leave the server's objects (and their shared pages) alone
     child = _namespaced_child if level == "namespaces" else _process_child
     sweep = level == "process" and _LINUX
     server = os.getpid()

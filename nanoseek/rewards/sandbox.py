@@ -121,8 +121,9 @@ class _ForkServer:
         os.close(answer_w)
         self._requests = os.fdopen(request_w, "w", buffering=1)
         answers = os.fdopen(answer_r)
-        ready = select.select([answers], [], [], 30)[0] and answers.readline()
-        hello = json.loads(ready) if ready else {"ready": False, "error": "no answer in 30 s"}
+        line = answers.readline() if select.select([answers], [], [], 30)[0] else None
+        silent = "no answer in 30 s" if line is None else "it exited"
+        hello = json.loads(line) if line else {"ready": False, "error": silent}
         if not hello["ready"]:
             self.close()
             raise SandboxError(f"the {level} sandbox did not start: {hello['error']}")
@@ -137,8 +138,9 @@ class _ForkServer:
         for line in answers:
             message = json.loads(line)
             with self._lock:
-                future = self._waiting.pop(message["id"])
-            future.set_result(message)
+                future = self._waiting.pop(message["id"], None)
+            if future is not None:  # (None: its caller gave up waiting)
+                future.set_result(message)
         with self._lock:  # the server exited: fail what waits on it
             self.alive = False
             waiting, self._waiting = list(self._waiting.values()), {}
@@ -163,7 +165,11 @@ class _ForkServer:
                 raise SandboxError("the code-execution server exited")
             request["id"] = next(self._ids)
             self._waiting[request["id"]] = future
-            self._requests.write(json.dumps(request) + "\n")
+            try:
+                self._requests.write(json.dumps(request) + "\n")
+            except OSError as e:  # it exited between our check and the write
+                del self._waiting[request["id"]]
+                raise SandboxError(f"the code-execution server exited ({e})") from None
         try:
             return future.result(timeout=limits.timeout_s + 30)  # the server enforces timeout_s itself
         except FutureTimeout:
@@ -196,12 +202,12 @@ _logged: set[str] = set()
 
 def configure_sandbox(level: str) -> None:
     """Choose the isolation level of the programs run from now on: 'auto', 'namespaces' or 'process'."""
-    global _setting, _refused
+    global _setting, _refused, _announced
     if level not in SANDBOX_LEVELS:
         raise ValueError(f"sandbox level {level!r}: must be one of {', '.join(SANDBOX_LEVELS)}")
     with _server_lock:
         if level != _setting:
-            _setting, _refused = level, None
+            _setting, _refused, _announced = level, None, None
             _close_fork_server()
 
 
