@@ -151,6 +151,14 @@ class RLConfig:
 
 
 @dataclass
+class RewardsConfig:
+    sandbox: str = "auto"
+    """Isolation of the programs that code rewards run: 'namespaces' (Linux user, PID, mount and network
+    namespaces), 'process' (limits and a process group only) or 'auto' (the strongest this machine
+    allows); see nanoseek.rewards.sandbox and the README's code sandbox table."""
+
+
+@dataclass
 class EvalConfig:
     """An evaluation: the flags of `nanoseek eval`, the keywords of evaluate_checkpoint, a speedrun's [eval].
 
@@ -210,6 +218,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     """How the run's model is evaluated (by `nanoseek speedrun` after the stage)."""
 
@@ -221,9 +230,10 @@ class RunConfig:
 
     def check(self) -> None:
         """Raise a ValueError naming the first bad setting."""
+        from nanoseek.rewards.sandbox import SANDBOX_LEVELS
         from nanoseek.train import grpo  # the losses define the modes they take
 
-        for name in ("train", "data", "rl"):
+        for name in ("train", "data", "rl", "rewards"):
             check_numbers(getattr(self, name), f"{name}.")
         self.eval.check("eval.")
         parse_task_weights(self.data.tasks, "data.tasks")
@@ -235,6 +245,8 @@ class RunConfig:
         ):
             if getattr(self.rl, name) not in allowed:
                 raise ValueError(f"rl.{name} = {getattr(self.rl, name)!r}: must be one of {', '.join(allowed)}")
+        if self.rewards.sandbox not in SANDBOX_LEVELS:
+            raise ValueError(f"rewards.sandbox = {self.rewards.sandbox!r}: must be one of {', '.join(SANDBOX_LEVELS)}")
         self.model_config()
 
 
