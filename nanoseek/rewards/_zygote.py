@@ -63,6 +63,8 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 36, 38, 47, 4
 SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
 _RO = MS_RDONLY | MS_NOSUID | MS_NODEV
+_ST_TO_MS = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC}
+_ST_TO_MS |= {os.ST_NOATIME: MS_NOATIME, os.ST_NODIRATIME: MS_NODIRATIME, os.ST_RELATIME: MS_RELATIME}
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")  # bound read-only (or re-linked)
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 _ETC = {  # the view's /etc: no host accounts, names or secrets ({uid}/{gid}: the programs' ids)
@@ -114,14 +116,8 @@ def _bind(source: str, target: str, flags: int) -> None:
 
 def _flags_of(f: int) -> int:
     """statvfs's f_flag as MS_ bits (atime: strict unless noatime or relatime)."""
-    flags = 0
-    for st, ms in ((os.ST_RDONLY, MS_RDONLY), (os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV)):
-        flags |= ms if f & st else 0
-    for st, ms in ((os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME)):
-        flags |= ms if f & st else 0
-    if f & os.ST_RELATIME:
-        return flags | MS_RELATIME
-    return flags if f & os.ST_NOATIME else flags | MS_STRICTATIME
+    flags = sum(ms for st, ms in _ST_TO_MS.items() if f & st)
+    return flags if f & (os.ST_NOATIME | os.ST_RELATIME) else flags | MS_STRICTATIME
 
 
 def _drop_privileges() -> None:
@@ -312,10 +308,9 @@ def _process_child(directory: str, limits: list[int], server: int) -> None:
         if _LINUX:
             _die_with_parent(server)
         _open_stdio(directory)
-        limits = limits[:3]  # no RLIMIT_NPROC: it would count every process of this user, the trainer's too
     except BaseException:
         os._exit(1)
-    _run_program(directory, limits)
+    _run_program(directory, limits[:3])  # no RLIMIT_NPROC: it counts every process of this user, the trainer's too
 
 
 def _namespaced_child(directory: str, limits: list[int], server: int) -> None:
@@ -343,9 +338,7 @@ def _namespaced_child(directory: str, limits: list[int], server: int) -> None:
         mine.close()
         _init(directory, limits, its)
     its.close()
-    status = b""
-    while chunk := mine.recv(64):
-        status += chunk
+    status = mine.makefile("rb").read()  # G's report of P's wait status, then EOF
     os.waitpid(init, 0)
     if not status:
         os._exit(1)  # G died without reporting
@@ -497,11 +490,8 @@ def main(level: str, base: str, request_fd: int, answer_fd: int) -> None:
                 pid = os.fork()
                 if pid == 0:
                     child(request["dir"], request["limits"], server)
-                running[pid] = {
-                    "id": request["id"],
-                    "deadline": time.monotonic() + request["timeout"],
-                    "timeout": False,
-                }
+                deadline = time.monotonic() + request["timeout"]
+                running[pid] = {"id": request["id"], "deadline": deadline, "timeout": False}
 
 
 if __name__ == "__main__":
