@@ -318,6 +318,7 @@ def _namespaced_child(directory: str, limits: list[int], server: int) -> None:
     try:
         _die_with_parent(server)
         os.setsid()  # the server kills C's group at the deadline: C and G (P has a session of its own)
+        _open_stdio(directory)  # first: what goes wrong below is the program's stderr
         _unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWNET)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # bring the loopback up
             fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", IFF_UP))
@@ -328,7 +329,7 @@ def _namespaced_child(directory: str, limits: list[int], server: int) -> None:
         _mount(_JOB, directory, None, MS_MOVE)  # the other jobs stay under the tmpfs
         _mount(None, jobs, None, MS_REMOUNT | MS_BIND | MS_NOEXEC | _RO)
         _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=64m")
-        _open_stdio(directory)
+        os.chdir(directory)  # the job directory as moved above the others
         mine, its = socket.socketpair()
         init = os.fork()
     except BaseException:

@@ -133,6 +133,25 @@ class _ForkServer:
         self._lock = threading.Lock()
         self.alive = True
         threading.Thread(target=self._read, args=(answers,), daemon=True).start()
+        said = self._first_program()  # a program's own setup (namespaces, mounts) may fail where the server's did not
+        if said != "ok":
+            self.close()
+            raise SandboxError(f"the {level} sandbox cannot run a program: {said}")
+
+    def _first_program(self) -> str:
+        """'ok' if `print('ok')` prints it, else the last line of what went wrong."""
+        work = self.job_directory()
+        try:
+            (work / "main.py").write_text("print('ok')")
+            (work / "stdin.txt").write_text("")
+            answer = self.run(work, ExecLimits(timeout_s=10))
+            said = _read(work / "stdout.txt", 100) + _read(work / "stderr.txt", 2000, tail=True)
+            last = (said.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+            return last if answer["returncode"] == 0 else f"{last} (exit {answer['returncode']})"
+        except SandboxError as e:
+            return str(e)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def _read(self, answers: Any) -> None:
         for line in answers:
