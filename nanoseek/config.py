@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.model.config import ModelConfig, get_preset
+from nanoseek.rewards.sandbox import SANDBOX_LEVELS
 from nanoseek.values import parse_value
 
 DEFAULT_TASKS = "arithmetic,countdown,linear_equation,word_problems"
@@ -157,6 +158,14 @@ class RLConfig:
 
 
 @dataclass
+class RewardsConfig:
+    sandbox: str = "auto"
+    """Isolation of the programs that code rewards run: 'namespaces' (Linux user, PID, mount and network
+    namespaces), 'process' (limits and a process group only) or 'auto' (the strongest this machine
+    allows); see nanoseek.rewards.sandbox and the README's code sandbox table."""
+
+
+@dataclass
 class EvalConfig:
     """An evaluation: the flags of `nanoseek eval`, the keywords of evaluate_checkpoint, a speedrun's [eval].
 
@@ -216,6 +225,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     """How the run's model is evaluated (by `nanoseek speedrun` after the stage)."""
 
@@ -227,7 +237,7 @@ class RunConfig:
 
     def check(self) -> None:
         """Raise a ValueError naming the first bad setting."""
-        for name in ("train", "data", "rl"):
+        for name in ("train", "data", "rl", "rewards"):
             check_numbers(getattr(self, name), f"{name}.")
         self.eval.check("eval.")
         parse_task_weights(self.data.tasks, "data.tasks")
@@ -239,6 +249,8 @@ class RunConfig:
         ):
             if getattr(self.rl, name) not in allowed:
                 raise ValueError(f"rl.{name} = {getattr(self.rl, name)!r}: must be one of {', '.join(allowed)}")
+        if self.rewards.sandbox not in SANDBOX_LEVELS:
+            raise ValueError(f"rewards.sandbox = {self.rewards.sandbox!r}: must be one of {', '.join(SANDBOX_LEVELS)}")
         self.model_config()
 
 
