@@ -23,6 +23,7 @@ from typing import Any
 
 from nanoseek.errors import InputError, UserError, check_file, reading, unknown
 from nanoseek.model.config import ModelConfig, get_preset
+from nanoseek.rewards.sandbox import SANDBOX_LEVELS
 from nanoseek.values import parse_value as _parse_value
 
 DEFAULT_TASKS = "arithmetic,countdown,linear_equation,word_problems"
@@ -164,6 +165,14 @@ class RLConfig:
 
 
 @dataclass
+class RewardsConfig:
+    sandbox: str = "auto"
+    """Isolation of the programs that code rewards run: 'namespaces' (Linux user, PID, mount and network
+    namespaces), 'process' (limits and a process group only) or 'auto' (the strongest this machine
+    allows); see nanoseek.rewards.sandbox and the README's code sandbox table."""
+
+
+@dataclass
 class EvalConfig:
     """An evaluation: the flags of `nanoseek eval`, the keywords of evaluate_checkpoint, a speedrun's [eval].
 
@@ -223,6 +232,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     """How the run's model is evaluated (by `nanoseek speedrun` after the stage)."""
 
@@ -233,8 +243,8 @@ class RunConfig:
         return get_preset(self.preset, **overrides)
 
     def check(self) -> None:
-        """Raise a ValueError naming the first bad setting."""
-        for name in ("train", "data", "rl"):
+        """Raise an InputError (a ValueError) naming the first bad setting."""
+        for name in ("train", "data", "rl", "rewards"):
             check_numbers(getattr(self, name), f"{name}.")
         self.eval.check("eval.")
         parse_task_weights(self.data.tasks, "data.tasks")
@@ -245,6 +255,7 @@ class RunConfig:
             ("rl", "scale_rewards", REWARD_SCALINGS),
             ("rl", "loss_agg", LOSS_AGGREGATIONS),
             ("rl", "overlong", OVERLONG_MODES),
+            ("rewards", "sandbox", SANDBOX_LEVELS),
         ):
             value = getattr(getattr(self, section), name)
             if value not in allowed:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nanoseek.eval import grade, load_benchmark
-from nanoseek.rewards import RewardSet, check_code, code, code_reward, code_tests, extract_code
+from nanoseek.rewards import RewardSet, check_code, code, code_reward, code_tests, extract_code, sandbox
 from nanoseek.rewards.code import ExecLimits, run_python
 
 ADD_ROW = {"prompt": "Write add(a, b).", "tests": ["assert add(1, 2) == 3", "assert add(-4, 4) == 0"]}
@@ -65,20 +65,36 @@ def test_run_python_isolation_and_limits(monkeypatch) -> None:
     assert run_python("raise SystemExit(3)").status == "error"
 
     t0 = time.monotonic()
-    spawner = "import subprocess\nprint(subprocess.Popen(['sleep', '60']).pid, flush=True)\nwhile True: pass"
+    token = f"nanoseek-test-child-{os.getpid()}-{time.time_ns()}"  # names the child in the process table
+    child = f"[sys.executable, '-c', 'import time; time.sleep(60)', {token!r}]"
+    spawner = f"import subprocess, sys\nsubprocess.Popen({child})\nwhile True: pass"
     spin = run_python(spawner, limits=ExecLimits(timeout_s=1.0))
     assert spin.status == "timeout" and time.monotonic() - t0 < 10
-    child = int(spin.stdout)
-    state = Path(f"/proc/{child}/status")  # the child dies with the process group (SIGKILL lands soon after)
-    deadline = time.monotonic() + 5
-    while state.exists() and "State:\tZ" not in state.read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not state.exists() or "State:\tZ" in state.read_text()
+    assert running_with(token, wait_s=5) == []  # the child died with the program (SIGKILL lands soon after)
 
     assert run_python("x = bytearray(1 << 31)", limits=ExecLimits(memory_mb=256)).status == "memory_limit"
     flood = run_python("while True: print('x' * 1000)", limits=ExecLimits(output_bytes=10_000))
     assert flood.status == "output_limit" and len(flood.stdout) <= 10_000
     assert run_python("while True: pass", limits=ExecLimits(timeout_s=10, cpu_s=1)).status == "killed"  # SIGXCPU
+
+
+def running_with(token: str, wait_s: float = 0.0) -> list[int]:
+    """Live (not zombie) processes whose command line holds `token`, after waiting up to `wait_s` for none."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = [int(entry.name) for entry in Path("/proc").iterdir() if _live_with(entry, token.encode())]
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)
+
+
+def _live_with(entry: Path, token: bytes) -> bool:
+    try:
+        cmdline = (entry / "cmdline").read_bytes()
+        state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return token in cmdline and state != "Z"
 
 
 def test_programs_cannot_reach_the_fork_server() -> None:
@@ -93,14 +109,16 @@ def test_fork_server_answers_each_program_and_restarts_after_dying() -> None:
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda i: run_python(f"print({i} * {i})").stdout, range(24)))
     assert outs == [f"{i * i}\n" for i in range(24)]
-    server = code._fork_server()
+    server = sandbox._fork_server()
+    failures = sandbox.sandbox_stats().failures
     with ThreadPoolExecutor(1) as pool:
         stuck = pool.submit(run_python, "while True: pass", limits=ExecLimits(timeout_s=30))
         time.sleep(0.5)
         server.process.kill()
-        with pytest.raises(RuntimeError, match="server exited"):
-            stuck.result(timeout=10)
-    assert run_python("print('back')").stdout == "back\n" and code._fork_server() is not server
+        result = stuck.result(timeout=10)  # a failure of the sandbox: scored, counted, never raised
+    assert (result.status, result.returncode) == ("sandbox_error", None) and "server exited" in result.stderr
+    assert sandbox.sandbox_stats().failures == failures + 1
+    assert run_python("print('back')").stdout == "back\n" and sandbox._fork_server() is not server
 
 
 @pytest.mark.parametrize(
@@ -122,6 +140,17 @@ def test_right_solutions_pass_and_wrong_ones_fail(row, right, wrong) -> None:
     assert check_code("no code here", row).status == "no_code"
     crash = check_code(fenced("raise ValueError('boom')"), row)
     assert not crash.passed and crash.status == "error" and "boom" in crash.detail
+
+
+@pytest.mark.parametrize(
+    "exit_early", ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit", "quit()"]
+)
+def test_exiting_0_before_the_tests_does_not_pass(exit_early) -> None:
+    """The classic reward hack: leave with status 0 before the asserts run."""
+    assert run_python(exit_early).status == "ok"
+    for row in (ADD_ROW, HUMANEVAL_ROW, MBPP_ROW):
+        result = check_code(fenced(exit_early), row)
+        assert (result.passed, result.status) == (False, "failed"), row
 
 
 def test_setup_code_runs_before_the_solution() -> None:

@@ -81,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--k", type=int, default=4, help="samples per problem (default 4; 1 when greedy)")
     parser.set_defaults(top_p=0.95, seed=0)
     parser.add_argument("--max-batch", type=int, default=64, help="sequences decoded at once")
+    parser.add_argument(
+        "--sandbox",
+        choices=("auto", "namespaces", "process"),
+        default="auto",
+        help="isolation of code benchmarks' programs (default auto: the strongest this machine allows)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     sub = parser.add_subparsers(dest="action", metavar="{compare}")
@@ -118,11 +124,13 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.errors import as_user_error
     from nanoseek.eval.harness import build_engine, evaluate, load_bench
     from nanoseek.eval.report import overview_table
+    from nanoseek.rewards.sandbox import configure_sandbox
 
     with as_user_error():  # the flags, the benchmark files and the checkpoint: checked before any work
         named = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if f.name in args}  # flags named as fields
         cfg = EvalConfig(**named, difficulty=parse_difficulty(args.overrides), plots=not args.no_plots)
         cfg.check()
+        configure_sandbox(args.sandbox)
         benches = [load_bench(spec, cfg) for spec in cfg.benches]  # bad files fail before the model loads
         model, tokenizer = load_model(args)
         engine = build_engine(model, tokenizer, benches, cfg, **engine_options(args))

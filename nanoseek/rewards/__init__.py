@@ -6,8 +6,9 @@ RL on verifiable rewards lives or dies by the grader. The modules, one job each:
   code tests, or math equivalence of the extracted answer (`nanoseek.answers`) with its `answer`.
 - `mathcheck`: `math_equal`, math-verify (sympy) in worker processes with a time limit that works from
   any thread; trivially equal strings and plain integers are decided in-process.
-- `code`: code answers run against the row's tests (MBPP, HumanEval or stdin/stdout cases), each program
-  its own process (forked from a small, clean server `_zygote.py`) with memory, CPU, output and time limits.
+- `code`: code answers run against the row's tests (MBPP, HumanEval or stdin/stdout cases).
+- `sandbox`: `run_python`, each program its own process (forked from a small, clean server `_zygote.py`)
+  with memory, CPU, output and time limits, in Linux namespaces where the machine allows them.
 - `functions`: the built-in reward functions (`math`, `task`, `code`, `format`) and `load_reward_fn`.
 - `reward_set`: `RewardSet`, weighted reward functions whose failures (raising, garbage, hanging) cost
   the affected samples 0, never the run.

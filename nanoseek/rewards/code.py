@@ -11,37 +11,25 @@ says what to run in one of three shapes (the public benchmarks' own fields):
   docstring) is put before the model's code when that code does not define the function itself.
 
 The model's code is the last fenced block (```python, ```py or ```) after the reasoning. It passes
-when every test passes: assert-style tests run as one program that must exit 0; stdin/stdout cases
-run one program each, and the output must match after trimming trailing whitespace per line.
+when every test passes: assert-style tests run as one program that must exit 0 after printing a
+random line put after the last test (a program that exits 0 before its tests, `sys.exit(0)` at the
+top, does not pass); stdin/stdout cases run one program each, and the output must match after
+trimming trailing whitespace per line.
 
-Each program is a process of its own, forked from a small server (`_zygote.py`, a `python -I` that
-imports nothing of ours; forking it takes a few ms where starting an interpreter takes ~30), in its
-own temporary directory and process group, with no file descriptors but stdin/stdout/stderr, an
-empty environment but PATH/HOME/LANG, resource limits (address space, CPU seconds, file size, no
-core files), and a wall-clock limit after which its whole process group is killed. Output goes to
-files whose size the file-size limit bounds, so a program printing forever cannot fill this
-process's memory.
-This contains mistakes (endless loops, memory bombs, stray files), not attackers: the program
-can still use the network and whatever the user may read. Run untrusted code in a container.
+Each program runs in the sandbox of `nanoseek.rewards.sandbox` (`run_python`): a process forked from a
+small clean server, with limits on memory, CPU time, output and wall time, isolated from the trainer at
+the level `configure_sandbox` chose (namespaces where the machine allows them, else process).
 """
 
 from __future__ import annotations
 
-import atexit
-import itertools
-import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
-import threading
-from concurrent.futures import Future
+import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from nanoseek.answers import answer_region
+from nanoseek.rewards.sandbox import ExecLimits, ExecResult, run_python
 
 __all__ = [
     "CodeResult",
@@ -129,130 +117,6 @@ def code_tests(row: dict[str, Any]) -> CodeTests:
     raise ValueError("no tests: expected 'tests', 'test_list' (MBPP) or 'test' with 'entry_point' (HumanEval)")
 
 
-# ----------------------------------------------------------------------------- running a program
-@dataclass(frozen=True)
-class ExecLimits:
-    """Per-program limits. 0 turns a limit off (the wall-clock limit cannot be turned off)."""
-
-    timeout_s: float = 5.0  # wall clock, whole process group killed after it
-    memory_mb: int = 1024  # address space (RLIMIT_AS)
-    cpu_s: int = 10  # CPU seconds (RLIMIT_CPU)
-    output_bytes: int = 1 << 20  # largest file the program may write, stdout included (RLIMIT_FSIZE)
-
-
-@dataclass
-class ExecResult:
-    status: str  # "ok" (exit 0), "error" (non-zero exit), "timeout", "memory_limit", "output_limit", "killed"
-    returncode: int | None
-    stdout: str
-    stderr: str  # its last 2000 characters
-
-
-class _ForkServer:
-    """The parent's side of `_zygote.py`: one server process, many programs in flight (one per thread)."""
-
-    def __init__(self) -> None:
-        request_r, request_w = os.pipe()
-        answer_r, answer_w = os.pipe()
-        self.pid_of_parent = os.getpid()
-        self.process = subprocess.Popen(
-            [sys.executable, "-I", str(Path(__file__).with_name("_zygote.py")), str(request_r), str(answer_w)],
-            pass_fds=(request_r, answer_w),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            env={"PATH": os.defpath, "LANG": "C.UTF-8"},
-            start_new_session=True,  # a Ctrl-C in the terminal is the trainer's, not the server's
-        )
-        os.close(request_r)
-        os.close(answer_w)
-        self._requests = os.fdopen(request_w, "w", buffering=1)
-        self._waiting: dict[int, Future] = {}
-        self._ids = itertools.count()
-        self._lock = threading.Lock()
-        self.alive = True
-        threading.Thread(target=self._read, args=(os.fdopen(answer_r),), daemon=True).start()
-
-    def _read(self, answers: Any) -> None:
-        for line in answers:
-            message = json.loads(line)
-            with self._lock:
-                future = self._waiting.pop(message["id"])
-            future.set_result(message)
-        with self._lock:  # the server exited: fail what waits on it
-            self.alive = False
-            waiting, self._waiting = list(self._waiting.values()), {}
-        for future in waiting:
-            future.set_exception(RuntimeError("the code-execution server exited"))
-
-    def run(self, directory: str, limits: ExecLimits) -> dict[str, Any]:
-        future: Future = Future()
-        request = {
-            "dir": directory,
-            "timeout": limits.timeout_s,
-            "limits": [limits.memory_mb << 20, limits.cpu_s, limits.output_bytes],
-        }
-        with self._lock:
-            if not self.alive:
-                raise RuntimeError("the code-execution server exited")
-            request["id"] = next(self._ids)
-            self._waiting[request["id"]] = future
-            self._requests.write(json.dumps(request) + "\n")
-        return future.result(timeout=limits.timeout_s + 30)  # the server enforces timeout_s itself
-
-    def close(self) -> None:
-        self._requests.close()  # end of requests: the server kills what still runs and exits
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-_server: _ForkServer | None = None
-_server_lock = threading.Lock()
-
-
-def _fork_server() -> _ForkServer:
-    """The process's fork server, started on first use and again if it died (or after a fork of this process)."""
-    global _server
-    with _server_lock:
-        if _server is None or not _server.alive or _server.pid_of_parent != os.getpid():
-            _server = _ForkServer()
-        return _server
-
-
-@atexit.register
-def _close_fork_server() -> None:
-    if _server is not None and _server.pid_of_parent == os.getpid():
-        _server.close()
-
-
-def run_python(source: str, stdin: str = "", limits: ExecLimits | None = None) -> ExecResult:
-    """Run `source` as a fresh Python program (`__main__`, forked from a clean server) with `stdin` as its
-    input, under `limits`, in its own temporary directory."""
-    limits = limits or ExecLimits()
-    with tempfile.TemporaryDirectory(prefix="nanoseek-code-") as tmp:
-        work = Path(tmp)
-        (work / "main.py").write_text(source, encoding="utf-8")
-        (work / "stdin.txt").write_text(stdin, encoding="utf-8")
-        answer = _fork_server().run(tmp, limits)
-        returncode = answer["returncode"]
-        stdout = (work / "stdout.txt").read_bytes()[: limits.output_bytes].decode("utf-8", errors="replace")
-        stderr = (work / "stderr.txt").read_bytes()[-4000:].decode("utf-8", errors="replace")[-2000:]
-    if answer["timeout"]:
-        status = "timeout"
-    elif returncode == 0:
-        status = "ok"
-    elif returncode < 0:
-        status = "killed"  # a signal: RLIMIT_CPU's SIGXCPU, or the program killed itself
-    elif stderr.rstrip().endswith("MemoryError"):
-        status = "memory_limit"
-    elif "File too large" in stderr:  # Python ignores SIGXFSZ: writes past RLIMIT_FSIZE raise EFBIG
-        status = "output_limit"
-    else:
-        status = "error"
-    return ExecResult(status, returncode, stdout, stderr)
-
-
 # ----------------------------------------------------------------------------- checking a completion
 @dataclass
 class CodeResult:
@@ -280,9 +144,12 @@ def check_code(completion: str, row: dict[str, Any], limits: ExecLimits | None =
         solution = tests.prefix + code  # a body completing the given signature
     program = "\n\n".join(part for part in (tests.setup, solution) if part)
     if tests.asserts:
-        run = run_python(program + "\n\n" + "\n".join(tests.asserts) + "\n", limits=limits)
-        if run.status == "ok":
+        done = f"tests passed {secrets.token_hex(8)}"  # printed after the last test: exiting 0 early is no pass
+        run = run_python(program + "\n\n" + "\n".join(tests.asserts) + f"\nprint({done!r})\n", limits=limits)
+        if run.status == "ok" and run.stdout.rstrip().endswith(done):
             return CodeResult(True, "passed", code)
+        if run.status == "ok":
+            return CodeResult(False, "failed", code, "the program exited before its tests ran to the end")
         status = "failed" if "AssertionError" in run.stderr else run.status
         return CodeResult(False, status, code, run.stderr)
     for i, (stdin, expected) in enumerate(tests.io):

@@ -30,6 +30,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.twin import rollout_policy, sync_rollout_policy
 from nanoseek.eval.runner import prompt_ids, run_problems, summarize_records
 from nanoseek.rewards import RewardSet, grade
+from nanoseek.rewards.sandbox import configure_sandbox
 from nanoseek.train import distributed, grpo
 from nanoseek.train.rollouts import (
     PromptSampler,
@@ -113,6 +114,7 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
     t, r = cfg.train, cfg.rl
     run = Run(cfg, run_dir, "rl", notes=sys.stderr, **options)
     cfg.check()
+    configure_sandbox(cfg.rewards.sandbox)  # for the code rewards and the held-out evaluation alike
     model, tokenizer = run.load_model(checkpoint)
     ref_model = None
     if r.beta > 0:
