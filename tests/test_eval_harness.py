@@ -419,3 +419,18 @@ def test_overview_table_has_one_column_per_distinct_metric():
     four = overview_table(summary(4)).splitlines()
     assert four[0] == "| benchmark | problems | pass@1 (%) | pass@4 (%) | cons@4 (%) | tokens/s |"
     assert "75.0" in four[2] and four[2].count("|") == four[0].count("|")
+
+
+def test_eval_usage_names_both_forms(capsys) -> None:
+    """The usage line shows `eval --checkpoint ... --bench ...` and `eval compare RUN_A RUN_B`, not argparse's
+    `{compare} ...` (and `eval compare --help` keeps its own usage)."""
+    from nanoseek.cli import main
+
+    for argv in (["eval", "--help"], ["eval", "compare", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    out = capsys.readouterr().out
+    assert "{compare}" not in out
+    assert "usage: nanoseek eval --checkpoint CHECKPOINT --bench FILE_OR_TASK" in out
+    assert "nanoseek eval compare RUN_A RUN_B" in out
+    assert "usage: nanoseek eval compare [-h] RUN_A RUN_B" in out

@@ -42,6 +42,11 @@ from nanoseek.commands.common import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__
+    # argparse's own usage lists every option and ends in "{compare} ...": say the two forms instead.
+    parser.usage = (
+        "%(prog)s --checkpoint CHECKPOINT --bench FILE_OR_TASK [--bench ...] [options]\n"
+        "       %(prog)s compare RUN_A RUN_B"
+    )
     add_engine_arguments(parser)
     for action in parser._actions:  # not required: `eval compare A B` needs no checkpoint
         if action.dest == "checkpoint":
@@ -89,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
-    sub = parser.add_subparsers(dest="action", metavar="{compare}")
+    sub = parser.add_subparsers(
+        dest="action", title="compare two eval runs", metavar="compare RUN_A RUN_B", prog=parser.prog
+    )
     compare = sub.add_parser("compare", help="side-by-side markdown table of two eval runs")
     compare.add_argument("run_a", metavar="RUN_A", help="eval run directory (or its summary.json)")
     compare.add_argument("run_b", metavar="RUN_B")
