@@ -139,7 +139,7 @@ def train(
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak = peak_flops(device)
     peak = peak * topo.world if peak else None
-    last_loss, val_loss, tokens_seen = math.nan, None, 0
+    last_loss, val_loss, val_step, tokens_seen = math.nan, None, 0, 0
 
     for step in run.steps():
         t0 = time.perf_counter()
@@ -198,19 +198,21 @@ def train(
             if stats:
                 record["max_violation"] = stats["max_violation"]
             run.log.write(record)
-        if val_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-            val_loss = evaluate_loss(model, _take(val_data(), cfg.eval_batches), device)
+        validated = val_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps)
+        if validated:
+            val_loss, val_step = evaluate_loss(model, _take(val_data(), cfg.eval_batches), device), done
             run.log.write(dict(step=done, val_loss=val_loss))
             model.train()
 
-        if not run.quiet and cfg.print_every and (done % cfg.print_every == 0 or done == run.start + 1):
-            val_text = f"  val {val_loss:.4f}" if val_loss is not None else ""
+        # A line shows the validation loss only at a step that measured it (a repeated value looks stuck).
+        if not run.quiet and cfg.print_every and (done % cfg.print_every == 0 or done == run.start + 1 or validated):
+            val_text = f"  val {val_loss:.4f}" if validated else ""
             run.bar.write(f"{run.stage} step {done:>6}/{cfg.steps}  loss {last_loss:.4f}{val_text}  {tok_s:,.0f} tok/s")
         postfix = dict(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}")
         if mfu is not None:
             postfix["mfu"] = f"{100 * mfu:.1f}%"
         if val_loss is not None:
-            postfix["val"] = f"{val_loss:.3f}"
+            postfix["val"] = f"{val_loss:.3f} (step {val_step})"
         run.bar.set_postfix(postfix, refresh=False)
 
     summary = dict(
