@@ -3,6 +3,7 @@ the one way a plot here (and in the eval report) is set up and written."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +26,8 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
 
 @contextmanager
 def figure(path: str | Path, legend_fontsize: float | None = None) -> Iterator[Any]:
-    """`with figure(path) as ax:` draw on the axes; then a grid and a legend are added and the PNG
-    written to `path` (its folder made). The figure is closed even when drawing fails."""
+    """`with figure(path) as ax:` draw on the axes; then a grid and (when something is labelled) a legend
+    are added and the PNG written to `path` (its folder made). The figure is closed even when drawing fails."""
     import matplotlib  # here: it takes ~0.3 s to import, which only runs that plot pay
 
     matplotlib.use("Agg")  # headless: no display needed
@@ -36,7 +37,8 @@ def figure(path: str | Path, legend_fontsize: float | None = None) -> Iterator[A
     try:
         yield ax
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=legend_fontsize)
+        if ax.get_legend_handles_labels()[0]:  # legend() with nothing labelled warns on the terminal
+            ax.legend(fontsize=legend_fontsize)
         fig.tight_layout()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
@@ -44,34 +46,82 @@ def figure(path: str | Path, legend_fontsize: float | None = None) -> Iterator[A
         plt.close(fig)
 
 
+def run_name(run_dir: str | Path) -> str:
+    """The run as a title names it: its directory and the one above (`speedrun/rl`, `runs/pretrain`)."""
+    return "/".join(Path(run_dir).resolve().parts[-2:])
+
+
+def smooth(ys: list[float], span: int) -> list[float]:
+    """Exponential moving average over about `span` points, debiased at the start (as TensorBoard's);
+    a non-finite value (a NaN loss) is skipped, the average carried over it."""
+    beta, avg, weight, out = 1 - 2 / (span + 1), 0.0, 0.0, []
+    for y in ys:
+        if math.isfinite(y):
+            avg, weight = beta * avg + (1 - beta) * y, beta * weight + (1 - beta)
+        out.append(avg / weight if weight else math.nan)
+    return out
+
+
+Series = tuple[list[float], list[float]]
+
+
 def plot_lines(
-    path: str | Path, title: str, ylabel: str, lines: dict[str, tuple[list[float], list[float]]], logy: bool = False
+    path: str | Path,
+    title: str,
+    ylabel: str,
+    lines: dict[str, Series],
+    logy: bool = False,
+    smoothed: bool = False,
+    points: dict[str, Series] | None = None,
 ) -> Path | None:
-    """One PNG with a line per entry; nothing is written when every line is empty."""
-    if not any(xs for xs, _ in lines.values()):
+    """One PNG with a line per entry of `lines` and a marker per value of `points` (measurements at a few
+    steps, not joined: nothing was measured between them; each labelled with its value). `smoothed`: each
+    line's raw values drawn faint under their moving average. `logy`: a log y axis when every value is
+    positive. Nothing is written when every series is empty."""
+    points = points or {}
+    if not any(xs for xs, _ in [*lines.values(), *points.values()]):
         return None
     with figure(path) as ax:
         for label, (xs, ys) in lines.items():
-            if xs:
+            if not xs:
+                continue
+            if smoothed and len(xs) >= 10:
+                (raw,) = ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
+                ax.plot(xs, smooth(ys, max(2, len(xs) // 10)), color=raw.get_color(), label=f"{label} (smoothed)")
+            else:
                 ax.plot(xs, ys, label=label, marker="o" if len(xs) < 12 else None, markersize=3)
+        for label, (xs, ys) in points.items():
+            if xs:
+                ax.plot(xs, ys, "o", markersize=6, label=label)
+                for x, y in zip(xs, ys, strict=True):
+                    ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        if logy:
-            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        values = [y for _, ys in [*lines.values(), *points.values()] for y in ys if math.isfinite(y)]
+        if logy and values and min(values) > 0:
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_yscale("log")  # labels as plain numbers (0.5, 2), not 5x10^-1; minor ticks at 2 and 5 only
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
     return Path(path)
 
 
 def plot_training(run_dir: str | Path, stage: str) -> list[Path]:
-    """loss.png (train and validation) and, for MoE models, router_balance.png."""
+    """loss.png (train, smoothed, and validation, on a log axis: the first steps' loss would flatten the
+    rest) and, for MoE models, router_balance.png."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
+    name = run_name(run_dir)
     out = [
         plot_lines(
             run_dir / "plots" / "loss.png",
-            f"{stage} loss",
-            "cross-entropy (nats/token)",
+            f"{stage} loss: {name}",
+            "cross-entropy (nats/token, log scale)",
             {"train": series(records, "loss"), "validation": series(records, "val_loss")},
+            logy=True,
+            smoothed=True,
         )
     ]
     balance = [(r["step"], max(r["max_violation"])) for r in records if r.get("max_violation")]
@@ -79,7 +129,7 @@ def plot_training(run_dir: str | Path, stage: str) -> list[Path]:
         out.append(
             plot_lines(
                 run_dir / "plots" / "router_balance.png",
-                "router balance (worst layer)",
+                f"router balance (worst layer): {name}",
                 "max load / mean load - 1",
                 {"max violation": ([b[0] for b in balance], [b[1] for b in balance])},
             )
@@ -87,28 +137,42 @@ def plot_training(run_dir: str | Path, stage: str) -> list[Path]:
     return [p for p in out if p is not None]
 
 
-def plot_rl(run_dir: str | Path) -> None:
-    """reward.png, accuracy.png (rollouts and held-out pass@1) and length.png of an RL run."""
+def reward_functions(records: list[dict[str, Any]]) -> list[str]:
+    """The names of the reward functions an RL run logged (`reward/NAME`; `reward/NAME_std` is its spread)."""
+    keys = {k for r in records for k in r if k.startswith("reward/")}
+    return sorted(k.removeprefix("reward/") for k in keys if not (k.endswith("_std") and k[:-4] in keys))
+
+
+def plot_rl(run_dir: str | Path) -> list[Path]:
+    """reward.png (the weighted total and, when there are several, each reward function), accuracy.png
+    (rollouts' accuracy and the held-out pass@1 as points where it was measured) and length.png."""
     records = read_metrics(run_dir)
-    plots = Path(run_dir) / "plots"
-    plot_lines(plots / "reward.png", "RL reward", "mean reward", {"reward": series(records, "reward")})
-    plot_lines(
-        plots / "accuracy.png",
-        "RL accuracy",
-        "fraction correct",
-        {"rollouts": series(records, "accuracy"), "held-out pass@1": series(records, "eval_accuracy")},
-    )
-    plot_lines(
-        plots / "length.png",
-        "response length",
-        "tokens",
-        {"mean": series(records, "length_mean"), "max": series(records, "length_max")},
-    )
+    plots, name = Path(run_dir) / "plots", run_name(run_dir)
+    rewards = {"total (weighted)": series(records, "reward")}
+    functions = reward_functions(records)
+    if len(functions) > 1:
+        rewards |= {f: series(records, f"reward/{f}") for f in functions}
+    out = [
+        plot_lines(plots / "reward.png", f"RL reward: {name}", "mean reward", rewards, smoothed=True),
+        plot_lines(
+            plots / "accuracy.png",
+            f"RL accuracy: {name}",
+            "fraction correct",
+            {"rollouts": series(records, "accuracy")},
+            smoothed=True,
+            points={"held-out pass@1": series(records, "eval_accuracy")},
+        ),
+        plot_lines(
+            plots / "length.png",
+            f"response length: {name}",
+            "tokens",
+            {"mean": series(records, "length_mean"), "max": series(records, "length_max")},
+            smoothed=True,
+        ),
+    ]
+    return [p for p in out if p is not None]
 
 
-def plot_run(run_dir: str | Path, stage: str) -> None:
+def plot_run(run_dir: str | Path, stage: str) -> list[Path]:
     """The plots of a training stage's run: RL logs rewards, pretraining and SFT log losses."""
-    if stage == "rl":
-        plot_rl(run_dir)
-    else:
-        plot_training(run_dir, stage)
+    return plot_rl(run_dir) if stage == "rl" else plot_training(run_dir, stage)
