@@ -258,14 +258,46 @@ def write_report(
         + ").",
         "",
     ]
-    for stage, names in (
-        ("pretrain", ["loss", "router_balance"]),
-        ("sft", ["loss"]),
-        ("rl", ["reward", "accuracy", "length"]),
-    ):
-        for name in names:
-            if (out / stage / "plots" / f"{name}.png").exists():
-                lines.append(f"![{stage} {name}]({stage}/plots/{name}.png)")
+    lines += rl_held_out_section(out)
+    lines += plots_section(out)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def rl_held_out_section(out: Path) -> list[str]:
+    """RL's own before/after figure: held-out pass@1 on its tasks' test split (or rl.eval_file), measured
+    by the RL stage before its first step and after its last (RLConfig.eval_*), and its accuracy plot."""
+    summary_path = out / "rl" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    before, after = summary.get("before"), summary.get("after")
+    if not before or not after:
+        return []
+    samples = summary.get("eval_samples", "?")
+    lines = [
+        "## RL held-out pass@1, before and after RL",
+        "",
+        f"On RL's own held-out problems ({summary.get('eval_problems', '?')} problems of its tasks' test split, "
+        f"{samples} sample{'' if samples == 1 else 's'} each), in %:",
+        "",
+        "| task | before RL | after RL | change (points) |",
+        "|---|---|---|---|",
+    ]
+    for task in sorted(before, key=lambda t: (t != "all", t)):
+        if task in after:
+            b, a = 100 * before[task], 100 * after[task]
+            lines.append(f"| {task} | {b:.1f} | {a:.1f} | {a - b:+.1f} |")
+    if (out / "rl" / "plots" / "accuracy.png").exists():
+        lines += ["", "![rl held-out pass@1 before and after](rl/plots/accuracy.png)"]
+    return [*lines, ""]
+
+
+def plots_section(out: Path) -> list[str]:
+    """Every plot the run wrote, linked: each stage's training plots, then its model's evaluation plots."""
+    lines: list[str] = []
+    for stage in STAGES:
+        for folder, label in ((Path(stage) / "plots", stage), (Path("eval") / stage / "plots", f"{stage} eval")):
+            lines += [
+                f"![{label} {png.stem}]({folder.as_posix()}/{png.name})" for png in sorted((out / folder).glob("*.png"))
+            ]
+    return ["## Plots", "", *lines, ""] if lines else []

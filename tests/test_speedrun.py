@@ -49,6 +49,10 @@ def test_speedrun_end_to_end_and_rerun_skips(tmp_path):
         assert (out / stage / "summary.json").exists()
         assert (out / "eval" / stage / "summary.json").exists()
     assert "![pretrain loss](pretrain/plots/loss.png)" in text
+    # RL's own before/after figure, and every plot of the run linked (the evaluations' too).
+    assert "## RL held-out pass@1, before and after RL" in text and "| all | " in text
+    for png in out.rglob("*.png"):
+        assert f"({png.relative_to(out).as_posix()})" in text, png
     # Each stage's model is evaluated with its config's eval section: the shared [eval] and --set eval.*
     # settings, and few-shot prompts for the pretrained model only (eval.few_shot_base).
     settings = {s: json.loads((out / "eval" / s / "summary.json").read_text())["settings"] for s in STAGES}

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from nanoseek.plots import figure
+from nanoseek.plots import figure, run_name
 
 __all__ = ["compare_table", "load_summary", "overview_table", "write_plots", "write_report"]
 
@@ -141,6 +141,7 @@ def write_report(out_dir: str | Path, summary: dict[str, Any]) -> Path:
 def write_plots(out_dir: str | Path, summary: dict[str, Any], lengths: dict[str, list[int]]) -> list[Path]:
     """plots/pass_at_k.png (accuracy against k, one line per benchmark) and plots/response_length.png."""
     plots = Path(out_dir) / "plots"
+    name = run_name(summary.get("model") or out_dir)  # the checkpoint evaluated, as the titles name it
     with figure(plots / "pass_at_k.png", legend_fontsize=7) as ax:
         for name, entry in summary["benchmarks"].items():
             m = entry["metrics"]
@@ -159,7 +160,7 @@ def write_plots(out_dir: str | Path, summary: dict[str, Any], lengths: dict[str,
         ax.set_ylim(-2, 102)
         ax.set_xlabel("k (samples)")
         ax.set_ylabel("accuracy (%)")
-        ax.set_title("accuracy against k")
+        ax.set_title(f"accuracy against k: {name}", fontsize=10)
 
     with figure(plots / "response_length.png", legend_fontsize=7) as ax:
         longest = max((max(v) for v in lengths.values() if v), default=1)
@@ -169,7 +170,7 @@ def write_plots(out_dir: str | Path, summary: dict[str, Any], lengths: dict[str,
                 ax.hist(values, bins=bins, range=(0, max(longest, 1)), histtype="step", label=name)
         ax.set_xlabel("response length (tokens)")
         ax.set_ylabel("samples")
-        ax.set_title("response lengths")
+        ax.set_title(f"response lengths: {name}", fontsize=10)
     return [plots / "pass_at_k.png", plots / "response_length.png"]
 
 
