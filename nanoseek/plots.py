@@ -3,6 +3,7 @@ the one way a plot here (and in the eval report) is set up and written."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,11 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
 def figure(path: str | Path, legend_fontsize: float | None = None) -> Iterator[Any]:
     """`with figure(path) as ax:` draw on the axes; then a grid and (when something is labelled) a legend
     are added and the PNG written to `path` (its folder made). The figure is closed even when drawing fails."""
+    # matplotlib logs warnings to the terminal on its own business: "building the font cache" on a first run,
+    # "created a temporary cache directory" where HOME is not writable. Not the user's: only its errors show.
+    logger = logging.getLogger("matplotlib")
+    if logger.level == logging.NOTSET:  # (unless the user configured it)
+        logger.setLevel(logging.ERROR)
     import matplotlib  # here: it takes ~0.3 s to import, which only runs that plot pay
 
     matplotlib.use("Agg")  # headless: no display needed

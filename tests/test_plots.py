@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,3 +126,15 @@ def test_speedrun_report_has_rl_before_after_and_links_every_plot(tmp_path):
     for name in [*pngs, "rl/plots/accuracy.png"]:
         assert f"({name})" in text, name
     assert "![sft eval pass_at_k](eval/sft/plots/pass_at_k.png)" in text
+
+
+def test_matplotlib_says_nothing_on_the_terminal(tmp_path):
+    """Where HOME is not writable matplotlib logs a warning ("created a temporary cache directory"), as it
+    does on a first run ("building the font cache"): a plot prints nothing."""
+    png = str(tmp_path / "a.png")
+    code = f"from nanoseek.plots import plot_lines; plot_lines({png!r}, 't', 'y', {{'a': ([1], [2.0])}})"
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/proc/no-such-home", "PYTHONPATH": str(Path(plots.__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert (tmp_path / "a.png").is_file()
