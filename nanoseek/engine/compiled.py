@@ -6,9 +6,10 @@ Gumbel noise is ~50 int64 operations over [B, vocab]. Inductor fuses the element
 (norms, RoPE, the attention mask, SiLU, the whole sampler) into a few C++ loops and calls the
 matmuls and attention kernels directly. What the compiled step relies on:
 
-* one graph for all batches and contexts: the rows (0..hi-1) and the number of keys read are
-  dynamic dimensions. Torch specialises a dimension of size 1, so the engine pads a batch of
-  one with a free slot's dummy row rather than compile a second graph;
+* one graph for all batches, contexts and engines: the rows (0..hi-1), the number of keys read
+  and the cache's slot count and length are dynamic dimensions. Torch specialises a dimension
+  of size 1, so the engine pads a batch of one with a free slot's dummy row rather than
+  compile a second graph;
 * in-place cache writes: `KVCache` writes new keys through the whole k/v tensors, which
   inductor keeps in place (a write through a view of a graph input would copy the layer);
 * live weights: parameters are graph inputs read at every call, not constants folded in, so
@@ -90,7 +91,11 @@ class _Compiled:
         if self._forward is None:
             self._forward = torch.compile(decode_logits)
         keys = ids.new_empty(0, kv_len)
-        for t, dim in ((ids, 0), (pos, 0), (keys, 1)):
+        # Rows, keys read, and the cache's slots and length: engines of other sizes reuse the graph.
+        dynamic = [(ids, 0), (pos, 0), (keys, 1)] + [
+            (t, d) for t in (cache.k, cache.v) if t is not None for d in (1, 3)
+        ]
+        for t, dim in dynamic:
             torch._dynamo.maybe_mark_dynamic(t, dim)
         return self._call(self._forward, decode_logits, model, cache, ids, pos, keys)
 

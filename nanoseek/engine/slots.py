@@ -31,7 +31,8 @@ _FREE_FLOATS = (0.0, 1.0, 0.0)  # greedy, top-p off, min-p off
 class SlotState:
     def __init__(self, n_slots: int, device: torch.device) -> None:
         self.ints = torch.zeros(n_slots, 7, dtype=torch.int64, device=device)
-        self.floats = torch.tensor([_FREE_FLOATS] * n_slots, dtype=torch.float64).to(device)
+        self._free_row = torch.tensor(_FREE_FLOATS, dtype=torch.float64).to(device)
+        self.floats = self._free_row.repeat(n_slots, 1)
         self.device = device
         self._params: dict[int, SamplingParams] = {}  # live slot -> its parameters
         self._sampled = 0  # live rows with temperature > 0 (the sampler skips the noise when none)
@@ -75,7 +76,7 @@ class SlotState:
         if self._freed:
             index = torch.tensor(self._freed, dtype=torch.int64).to(self.device, non_blocking=True)
             self.ints.index_fill_(0, index, 0)
-            self.floats.index_copy_(0, index, self.floats.new_tensor(_FREE_FLOATS).expand(len(self._freed), 3))
+            self.floats.index_copy_(0, index, self._free_row.expand(len(self._freed), 3))
             self._freed.clear()
 
     def _count(self, p: SamplingParams, sign: int) -> None:
