@@ -335,12 +335,10 @@ class Engine:
         flat = torch.tensor([x for column in columns for x in column], dtype=torch.int64)
         return list(flat.to(self.device, non_blocking=True).split([len(c) for c in columns]))
 
-    def _sampling_batch(self, rows: list[SequenceState | None]) -> SamplingBatch:
+    def _sampling_batch(self, seqs: list[SequenceState]) -> SamplingBatch:
+        """Sampling rows for the prefill's samples (decode steps read theirs from `self.slots`)."""
         return SamplingBatch.build(
-            [s.request.params if s else None for s in rows],
-            [s.key if s else (0, 0) for s in rows],
-            [len(s.tokens) if s else 0 for s in rows],
-            self.device,
+            [s.request.params for s in seqs], [s.key for s in seqs], [len(s.tokens) for s in seqs], self.device
         )
 
     def _append_rows(self, rows: list[tuple[int, SequenceState]], tokens: Tensor, logprobs: Tensor) -> None:

@@ -55,16 +55,32 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """
     if _kernel_ok(x) and w.shape[-2] % 8 == 0:  # 16-byte aligned output rows too
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        compiled_cpu = x.device.type == "cpu" and torch.compiler.is_compiling()
-        return (_cpu_grouped_mm if compiled_cpu else torch._grouped_mm)(x, w.transpose(-2, -1), offs=offsets)
+        if x.device.type == "cpu" and torch.compiler.is_compiling():
+            if x.shape[0] <= _ROWS_AS_ONE_LOOP:
+                return _each_row_times_its_expert(x, w, counts)
+            return _cpu_grouped_mm(x, w.transpose(-2, -1), offsets)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     return _padded_grouped_mm(x, w, counts)
+
+
+# A compiled CPU decode step with at most this many token copies runs its experts as one fused loop.
+_ROWS_AS_ONE_LOOP = 256
+
+
+def _each_row_times_its_expert(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """The same product written as one reduction, x[i] . w[expert of row i] per output, which inductor
+    compiles into a single loop reading each row's expert weights where they lie. For the few rows of a
+    decode step on CPU this beats torch._grouped_mm, whose per-expert calls cost ~10 us each (measured:
+    tiny-moe, batch 2 / 32 / 64 / 256: 0.57 -> 0.47, 1.7 -> 1.6, 5.6 -> 2.9, 19 -> 16 ms per step)."""
+    expert = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts, output_size=x.shape[0])
+    return (x[:, None, :] * w[expert]).sum(-1)
 
 
 @torch.library.custom_op("nanoseek::cpu_grouped_mm", mutates_args=())
 def _cpu_grouped_mm(x: Tensor, w_t: Tensor, offs: Tensor) -> Tensor:
-    """torch._grouped_mm as an opaque operation for torch.compile on CPU: torch 2.13's shape function
-    for it only accepts bfloat16, so a float32 call could not be traced. Inference only (no autograd
-    formula): a compiled training step on CPU takes the padded path (`_kernel_ok`)."""
+    """torch._grouped_mm as an opaque operation for torch.compile on CPU (many rows): torch 2.13's shape
+    function for it only accepts bfloat16, so a float32 call could not be traced. Inference only (no
+    autograd formula): a compiled training step on CPU takes the padded path (`_kernel_ok`)."""
     return torch._grouped_mm(x, w_t, offs=offs)
 
 
