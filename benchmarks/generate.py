@@ -3,6 +3,7 @@
     python benchmarks/generate.py                      # preset small, batch 1/32/128, 64 + 256 tokens
     python benchmarks/generate.py --preset small-moe
     python benchmarks/generate.py --quick --device cpu # a smoke run with tiny shapes
+    OMP_NUM_THREADS=2 python benchmarks/generate.py --device cpu --preset tiny --batch-sizes 1,64 --threads 2
 
 Every sequence is forced to full length (ignore_eos / no eos), greedy, random weights and
 random prompts. transformers gets the equivalent architecture built from a config, random
@@ -13,6 +14,13 @@ the same). It runs with its default dynamic cache and with cache_implementation=
 (on CUDA, transformers compiles the static-cache decode step itself: slow to warm up, so last).
 Each configuration runs once to warm up (CUDA graph capture, compilation), then once timed.
 Output tokens/s = batch x new tokens / wall time of the whole call (prefill included).
+
+Precision: nanoseek runs `--dtype` (auto: nanoseek.precision's choice, printed at the start: bf16
+on CUDA, and on a CPU with native bf16 for models large enough to gain; else float32).
+transformers runs every dtype of `--hf-dtypes` (default on CPU: float32 and nanoseek's dtype), so
+its best setting is among the rows; `vs_best_transformers` in the summary divides nanoseek's
+tokens/s by the best transformers row at each batch size. On CPU nanoseek decodes through its
+torch.compile'd step (`--compile on`, the default; the warm-up run compiles, `warmup_s` shows it).
 Peak memory: torch.cuda.max_memory_allocated per run on CUDA (after reset_peak_memory_stats:
 weights, KV cache, graph pools and the run's activations); on CPU, the process's peak resident
 set size (it only grows). `cuda_graphs` (per nanoseek row and in the summary) says whether the
@@ -37,7 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek import precision
+from nanoseek.engine import Engine, SamplingParams, compiled
 from nanoseek.model import ModelConfig, Transformer, get_preset
 
 
@@ -121,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes for a CPU smoke run")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--dtype", default="auto", help="nanoseek's weights: auto (nanoseek.precision), float32, bfloat16")
+    p.add_argument("--hf-dtypes", default=None, help="transformers' weights, comma-separated (default: see above)")
+    p.add_argument(
+        "--compile", choices=["on", "off", "auto"], default="on", help="CPU: nanoseek's compiled decode step"
+    )
     args = p.parse_args(argv)
 
     if args.threads:
@@ -130,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "auto" and torch.cuda.is_available()
         else ("cpu" if args.device == "auto" else args.device)
     )
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     preset = args.preset or "small"
     if args.quick and args.preset is None:
         preset = "tiny"
@@ -145,14 +158,31 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg)
+    auto = args.dtype == "auto"
+    dtype = precision.inference_dtype(device, model.num_params()) if auto else getattr(torch, args.dtype)
     model = model.to(dtype).eval()
+    print(precision.describe(device, dtype) + (" (auto)" if auto else " (--dtype)"), flush=True)
+    hf_dtypes = [dtype] if device.type == "cuda" else list(dict.fromkeys([torch.float32, dtype]))
+    if args.hf_dtypes:
+        hf_dtypes = [getattr(torch, d.strip()) for d in args.hf_dtypes.split(",")]
+    compile_engine = {"on": True, "off": False, "auto": None}[args.compile]
     gen = torch.Generator().manual_seed(0)
     all_prompts = torch.randint(0, cfg.vocab_size, (max(batch_sizes), prompt_len), generator=gen)
     results = []
 
     errors: list[dict] = []
     graph_status: dict[str, dict] = {}
+    compiled_status: dict[str, object] = {}
     hf_params = None
+
+    def vs_best_transformers() -> dict[int, float]:
+        """nanoseek tokens/s / the best transformers row's, per batch size measured by both."""
+        ours = {r["batch"]: r["tokens_per_s"] for r in results if r["impl"] == "nanoseek"}
+        best: dict[int, float] = {}
+        for r in results:
+            if r["impl"].startswith("transformers"):
+                best[r["batch"]] = max(best.get(r["batch"], 0.0), r["tokens_per_s"])
+        return {b: round(ours[b] / best[b], 2) for b in ours if best.get(b)}
 
     def report(complete: bool) -> None:
         """The JSON line with every figure so far (printed after each configuration)."""
@@ -168,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             batch_sizes=batch_sizes,
             threads=torch.get_num_threads(),
             cuda_graphs=graph_status.get("nanoseek"),
+            compiled=compiled_status,
             results=results,
+            vs_best_transformers=vs_best_transformers(),
             errors=errors,
             peak_memory_mb=round(max((r["peak_mem_mb"] for r in results), default=0.0), 1),
             peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
@@ -188,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         print(
             f"{impl:>22} batch {batch:>4}: {row['tokens_per_s']:>10.1f} tok/s  {elapsed:8.3f} s  "
-            f"peak {row['peak_mem_mb']:9.1f} MiB" + (f"  graphs {extra['cuda_graphs']}" if extra else ""),
+            f"peak {row['peak_mem_mb']:9.1f} MiB" + "".join(f"  {k} {v}" for k, v in extra.items()),
             flush=True,
         )
         report(complete=False)
@@ -204,12 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     # --- the engine (eagerly too on CUDA, to show what the graphs buy)
     variants = [("nanoseek", True)] + ([("nanoseek (no graphs)", False)] if device.type == "cuda" else [])
     for name, graphs in variants:
-        engine = Engine(model, max_batch=max(batch_sizes), max_seq_len=max_seq_len, use_cuda_graphs=graphs)
+        engine = Engine(
+            model, max_batch=max(batch_sizes), max_seq_len=max_seq_len, use_cuda_graphs=graphs, compile=compile_engine
+        )
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
         for batch in batch_sizes:
             prompts = all_prompts[:batch].tolist()
             try:
-                engine.generate(prompts, params)  # warm-up: captures the graphs this shape needs
+                warmup = time.perf_counter()
+                engine.generate(prompts, params)  # warm-up: captures the graphs / compiles what this shape needs
+                warmup = time.perf_counter() - warmup
                 elapsed, peak, out = measure(partial(engine.generate, prompts, params), device)
                 assert all(len(c[0].token_ids) == new_tokens for c in out), "a sequence stopped early"
             except Exception as e:  # reported in the JSON; the next configuration runs
@@ -217,15 +253,21 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             graph_status[name] = status = engine.cuda_graph_status()
             used = status["enabled"] and status["captured"] > 0  # decode steps replayed captured graphs
-            record(name, batch, elapsed, peak, batch * new_tokens, cuda_graphs=used)
+            extra = dict(cuda_graphs=used)
+            if device.type == "cpu":
+                compiled_status.update(compiled=engine.compiling, failure=compiled.COMPILED.failure)
+                extra = dict(compiled=engine.compiling, warmup_s=round(warmup, 2))
+            record(name, batch, elapsed, peak, batch * new_tokens, dtype=str(dtype).removeprefix("torch."), **extra)
         engine.release()
 
     # --- transformers
-    if not args.no_hf:
-        hf = hf_model(cfg, device, dtype)
+    for hf_dtype in [] if args.no_hf else hf_dtypes:
+        hf = hf_model(cfg, device, hf_dtype)
         hf_params = sum(p.numel() for p in hf.parameters())
         for cache in (None, "static"):
             name = "transformers" + (" static" if cache else " dynamic")
+            if len(hf_dtypes) > 1:
+                name += " " + str(hf_dtype).removeprefix("torch.").replace("bfloat16", "bf16")
             for batch in batch_sizes:
                 ids = all_prompts[:batch].to(device)
                 kwargs = dict(
@@ -248,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                 record(name, batch, elapsed, peak, batch * new_tokens)
         del hf
 
+    for batch, ratio in vs_best_transformers().items():
+        print(f"batch {batch:>4}: nanoseek / best transformers = {ratio:.2f}x", flush=True)
     report(complete=True)
     return 0
 

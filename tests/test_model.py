@@ -430,8 +430,12 @@ def test_save_load_roundtrip(tmp_path):
     loaded = load_model(tmp_path)
     assert loaded.cfg == model.cfg
     x = torch.randint(0, 512, (1, 12))
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), loaded.eval()(x))
+        # Outputs to float32 rounding, not bit for bit: on CPU the experts' torch._grouped_mm sums in an
+        # order that depends on the weights' memory alignment, which a memory-mapped load does not keep.
+        torch.testing.assert_close(model.eval()(x), loaded.eval()(x), rtol=0, atol=1e-6)
     assert not list(tmp_path.glob("*.tmp"))
 
 

@@ -1,4 +1,4 @@
-"""Inference: a slot-based KV cache, continuous batching, seeded sampling, CUDA-graph decode.
+"""Inference: a slot-based KV cache, continuous batching, seeded sampling, CUDA-graph (GPU) or compiled (CPU) decode.
 
 from nanoseek.engine import Engine, SamplingParams
 engine = Engine(model, tokenizer, max_batch=64)

@@ -56,6 +56,7 @@ class KVCache:
             else torch.zeros(n_layers, n_slots, n_kv_heads, max_seq_len, v_dim, dtype=dtype, device=device)
         )
         self._rows = torch.arange(n_slots, device=device)[:, None]  # [n_slots, 1]
+        self._layers = torch.arange(n_layers, device=device)
         self._key_pos = torch.arange(_aligned(max_seq_len), device=device)
         self._mode: str | None = None
         self._slots: Tensor | None = None
@@ -129,11 +130,13 @@ class KVCache:
         if self._mode != "decode":
             raise RuntimeError("KVCache.attend called without prefill(...) or decode(...) set up")
         pos, L = self._positions, self._kv_len
-        rows = self._rows[:B]
-        K[rows, :, pos] = k.transpose(1, 2)  # index [B, T] -> value [B, T, Hkv, dk]
+        rows, at_layer = self._rows[:B], self._layers[layer : layer + 1]
+        # Written through the whole tensor, not the layer's view: a compiled decode step then updates
+        # the cache in place (writing into a view of a graph input makes it copy the layer).
+        self.k[at_layer, rows, :, pos] = k.transpose(1, 2)  # index [B, T] -> value [B, T, Hkv, dk]
         keys = K[:B, :, :L]  # a view [B, Hkv, L, dk]
         if V is not None:
-            V[rows, :, pos] = v.transpose(1, 2)
+            self.v[at_layer, rows, :, pos] = v.transpose(1, 2)
             values = V[:B, :, :L]
         else:
             values = keys[..., : self.v_dim]

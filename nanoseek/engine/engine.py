@@ -13,7 +13,9 @@ Scheduling, one `step()` at a time:
    k/v once into its first slot; the n - 1 other samples get a copy of that prefix; every
    sample draws its first token from the same last-position logits;
 3. one decode step over slots 0..hi-1 (hi = highest running slot + 1; slot i is batch
-   row i, free slots in between are dummy rows), a CUDA graph on CUDA;
+   row i, free slots in between are dummy rows): a CUDA graph on CUDA, a torch.compile'd
+   step on CPU (compiled.py), else eager. Its inputs (each slot's last token, position and
+   sampling parameters) stay on the device between steps (slots.py): nothing is built per row;
 4. sample, move the tokens to the host (the one synchronisation of the step) and check
    stopping per sequence: a finished sequence frees its slot at once, and the next step's
    admission fills it while the others keep decoding.
@@ -22,139 +24,31 @@ Scheduling, one `step()` at a time:
 from __future__ import annotations
 
 import heapq
-import numbers
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from nanoseek.engine import compiled
 from nanoseek.engine.cache import KVCache
 from nanoseek.engine.cuda_graphs import DecodeGraphs
-from nanoseek.engine.sampling import SamplingBatch, SamplingParams, random_seed, sample, sequence_key
+from nanoseek.engine.requests import (
+    Completion,
+    Delta,
+    DeltaTracker,
+    EngineStats,
+    Request,
+    SequenceState,
+    prompt_ids,
+)
+from nanoseek.engine.sampling import SamplingBatch, SamplingParams, random_seed, sample
+from nanoseek.engine.slots import SlotState
 
 CPU_KV_CACHE_GB = 2.0  # default KV budget on CPU (capped at a quarter of the available memory)
-
-
-@dataclass
-class Completion:
-    """One generated sample."""
-
-    prompt_ids: list[int]
-    token_ids: list[int]
-    """Generated tokens; a stop token that ended the sequence is included (RL needs its log-prob)."""
-    logprobs: list[float]
-    """log_softmax(logits / T) at each generated token, before top-k/top-p/min-p (T = 1 when greedy)."""
-    text: str | None
-    """Decoded token_ids without a final stop token and cut before a stop string; None without a tokenizer."""
-    finish_reason: str
-    """'stop' (stop id or string), 'length' (max_new_tokens or the context), 'error' (bad request), 'abort'."""
-    ttft_s: float = 0.0
-    """Time to first token, from submission (queueing included)."""
-    tokens_per_s: float = 0.0
-    """Decode speed of this sample: tokens after the first / time after the first (0 for one token)."""
-    latency_s: float = 0.0
-    """Submission to last token."""
-    index: int = 0
-    """Which prompt (position in `generate`'s list, or `submit(index=...)`)."""
-    sample: int = 0
-    """Which of the prompt's n samples."""
-    stop: int | str | None = None
-    """The stop id or stop string that ended it."""
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None or k == "text"}
-
-
-@dataclass
-class Delta:
-    """What `Engine.stream` yields: one sample's new tokens since the last delta, and their text."""
-
-    sample: int
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    completion: Completion | None = None
-    """Set on the sample's last delta."""
-
-
-@dataclass
-class EngineStats:
-    prefill_calls: int = 0
-    prefill_tokens: int = 0
-    """Prompt tokens prefilled (padding excluded)."""
-    prefill_padded_tokens: int = 0
-    decode_steps: int = 0
-    decode_tokens: int = 0
-    """Tokens produced by decode steps (dummy rows excluded)."""
-    decode_rows: int = 0
-    """Rows run by decode steps (dummy rows of free slots included)."""
-    max_running: int = 0
-
-
-class _Sequence:
-    """One sample being generated, in one slot."""
-
-    __slots__ = (
-        "finish_reason",
-        "finish_time",
-        "first_token_time",
-        "key",
-        "logprobs",
-        "request",
-        "sample",
-        "slot",
-        "stop",
-        "tokens",
-    )
-
-    def __init__(self, request: Request, sample: int, slot: int) -> None:
-        self.request, self.sample, self.slot = request, sample, slot
-        self.tokens: list[int] = []
-        self.logprobs: list[float] = []
-        self.key = sequence_key(request.seed, request.index, sample)
-        self.finish_reason: str | None = None
-        self.stop: int | str | None = None
-        self.first_token_time = self.finish_time = 0.0
-
-    @property
-    def position(self) -> int:
-        """Position of the last token, the one the next decode step feeds."""
-        return len(self.request.prompt_ids) + len(self.tokens) - 1
-
-
-class Request:
-    """A submitted prompt and its n samples; `done` once all are finished."""
-
-    def __init__(
-        self,
-        index: int,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        stop_ids: set[int],
-        max_new_tokens: int,
-        seed: int,
-    ) -> None:
-        self.index, self.prompt_ids, self.params, self.seed = index, prompt_ids, params, seed
-        self.stop_ids, self.max_new_tokens = stop_ids, max_new_tokens
-        # A stop string of c characters spans at most 4c tokens (every token decodes to >= 1 byte).
-        self.stop_window = 4 * max((len(s) for s in params.stop_strings), default=0) + 4
-        self.seqs: list[_Sequence] = []
-        self.submit_time = time.perf_counter()
-        self.aborted = False
-
-    @property
-    def started(self) -> bool:
-        return bool(self.seqs)
-
-    @property
-    def done(self) -> bool:
-        return self.aborted or (bool(self.seqs) and all(s.finish_reason is not None for s in self.seqs))
 
 
 class Engine:
@@ -169,6 +63,8 @@ class Engine:
     kv_dtype: default bfloat16 on CUDA, the model's dtype elsewhere.
     eos_ids: ids that end a sequence unless ignore_eos (default: the tokenizer's stop_ids).
     detokenize: ids -> text, for text and stop strings (default: tokenizer.decode).
+    compile: on CPU, decode through torch.compile: True from the first step, False never, None
+    (default) as NANOSEEK_COMPILE says, else after compiled.COMPILE_AFTER_STEPS steps.
     """
 
     def __init__(
@@ -185,6 +81,7 @@ class Engine:
         max_prefill_tokens: int = 8192,
         eos_ids: Sequence[int] | None = None,
         detokenize: Callable[[Sequence[int]], str] | None = None,
+        compile: bool | None = None,
     ) -> None:
         cfg = model.cfg
         self.model, self.tokenizer = model, tokenizer
@@ -203,6 +100,7 @@ class Engine:
         self.detokenize = detokenize or (tokenizer.decode if tokenizer is not None else None)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self._capture_graphs = self.device.type == "cuda"  # False: run the static-shape path eagerly (tests)
+        self.compile_after = compiled.compile_after(self.device, compile)
 
         per_slot = KVCache.bytes_per_slot(model, self.max_seq_len, self.kv_dtype)
         budget = self._kv_budget(kv_cache_gb, kv_cache_fraction)
@@ -214,10 +112,11 @@ class Engine:
             )
         self.kv_cache_bytes = self.n_slots * per_slot
         self.cache: KVCache | None = None
+        self.slots: SlotState | None = None
         self._graphs: DecodeGraphs | None = None
         self._check_weights = True
         self._waiting: deque[Request] = deque()
-        self._running: dict[int, _Sequence] = {}  # slot -> sequence
+        self._running: dict[int, SequenceState] = {}  # slot -> sequence
         self._free: list[int] = list(range(self.n_slots))  # a heap: lowest slot first keeps the batch compact
         self.stats = EngineStats()
 
@@ -243,12 +142,13 @@ class Engine:
     def _ensure_cache(self) -> None:
         if self.cache is None:
             self.cache = KVCache.for_model(self.model, self.n_slots, self.max_seq_len, self.kv_dtype, self.device)
+            self.slots = SlotState(self.n_slots, self.device)
 
     def release(self) -> None:
         """Free the KV cache and CUDA graphs (e.g. while the trainer trains); reallocated on next use."""
         if self._running or self._waiting:
             raise RuntimeError("release() with requests in flight; abort them first")
-        self.cache, self._graphs = None, None
+        self.cache, self.slots, self._graphs = None, None, None
 
     def cuda_graph_status(self) -> dict:
         """Whether decode steps replay CUDA graphs: {"enabled", "captured" (graphs held now), "disabled_reason"}.
@@ -266,34 +166,13 @@ class Engine:
             disabled_reason=reason,
         )
 
-    # ------------------------------------------------------------------ requests
-    def _prompt_ids(self, prompt: str | Sequence[int] | Tensor) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt: a string, but the engine has no tokenizer (pass token ids)")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, Tensor):
-            if prompt.dim() != 1:
-                raise ValueError(f"prompt: a tensor of shape {tuple(prompt.shape)}, expected 1-D token ids")
-            ids = prompt.tolist()
-        elif isinstance(prompt, list | tuple):
-            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
-                raise ValueError("prompt: expected a list of integer token ids")
-            ids = [int(t) for t in prompt]
-        else:
-            raise ValueError(f"prompt: expected a string or token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt: empty (needs at least one token)")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt: token id {bad} outside [0, vocab_size={self.vocab_size})")
-        if len(ids) >= self.max_seq_len:
-            raise ValueError(
-                f"prompt: {len(ids)} tokens, longer than the context allows (max_seq_len={self.max_seq_len}, "
-                "and at least one new token must fit)"
-            )
-        return ids
+    @property
+    def compiling(self) -> bool:
+        """Whether decode steps run compiled now (CPU, asked for, enough steps run, no compile failure)."""
+        after = self.compile_after
+        return after is not None and self.stats.decode_steps >= after and compiled.COMPILED.failure is None
 
+    # ------------------------------------------------------------------ requests
     def submit(
         self, prompt: str | Sequence[int] | Tensor, params: SamplingParams | None = None, *, index: int = 0
     ) -> Request:
@@ -310,7 +189,7 @@ class Engine:
             raise ValueError(f"SamplingParams.n = {params.n}: must be <= the engine's KV slots ({self.n_slots})")
         if params.stop_strings and self.detokenize is None:
             raise ValueError("SamplingParams.stop_strings: needs a tokenizer or a detokenize callback")
-        ids = self._prompt_ids(prompt)
+        ids = prompt_ids(prompt, self.tokenizer, self.vocab_size, self.max_seq_len)
         stop_ids = set(params.stop_ids) | (set() if params.ignore_eos else set(self.eos_ids))
         max_new = min(params.max_new_tokens, self.max_seq_len - len(ids))
         seed = params.seed if params.seed is not None else random_seed()
@@ -360,11 +239,12 @@ class Engine:
         """Admit and prefill what fits, then one decode step over everything running."""
         with self._inference():
             self._ensure_cache()
+            self.slots.flush()  # resets of the slots freed since the last step, before admission reuses them
             admitted = []
             while self._waiting and len(self._free) >= self._waiting[0].params.n:
                 request = self._waiting.popleft()
                 slots = sorted(heapq.heappop(self._free) for _ in range(request.params.n))
-                request.seqs = [_Sequence(request, i, slot) for i, slot in enumerate(slots)]
+                request.seqs = [SequenceState(request, i, slot) for i, slot in enumerate(slots)]
                 for seq in request.seqs:
                     self._running[seq.slot] = seq
                 admitted.append(request)
@@ -410,30 +290,42 @@ class Engine:
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += sum(lengths)
         self.stats.prefill_padded_tokens += B * T
-        self._sample_and_append(logits, seqs, batch)
+        tokens, logprobs = sample(logits, batch)
+        self.slots.admit(  # each sample's first token sits at position len(prompt)
+            [s.slot for s in seqs],
+            tokens,
+            [lengths[b] for b in rows],
+            [s.request.params for s in seqs],
+            [s.key for s in seqs],
+        )
+        self._append_rows(list(enumerate(seqs)), tokens, logprobs)
 
     def _decode(self) -> None:
+        self.slots.flush()  # rows of sequences that ended in this step's prefill
         hi = max(self._running) + 1
-        rows: list[_Sequence | None] = [self._running.get(slot) for slot in range(hi)]
-        tokens = [s.tokens[-1] if s else 0 for s in rows]
-        positions = [s.position if s else 0 for s in rows]
-        kv_len = max(positions) + 1
-        ids, pos = self._upload(tokens, positions)
-        batch = self._sampling_batch(rows)
+        kv_len = max(s.position for s in self._running.values()) + 1
+        compiling = self.compiling
+        if compiling and hi == 1 and self.n_slots > 1:
+            hi = 2  # a free slot's dummy row: torch.compile would specialise a batch of one into a second graph
+        ids, pos = self.slots.inputs(hi)
         if self.use_cuda_graphs and (self._graphs is None or self._graphs.disabled_reason is None):
             # Full check of the weights (re-assigned parameters too) when requests were admitted; the
             # cheap one (same tensors, same storage) at every other step.
             full, self._check_weights = self._check_weights, False
             if self._graphs is None or not self._graphs.matches(self.model, self.cache, full=full):
                 self._graphs = DecodeGraphs(self.model, self.cache, capture=self._capture_graphs)
-            logits = self._graphs.run(ids, pos, kv_len)
+            logits = self._graphs.run(ids[:, 0], pos[:, 0], kv_len)
+        elif compiling:
+            logits = compiled.COMPILED.logits(self.model, self.cache, ids, pos, kv_len)
         else:
-            hidden = self.model.hidden_states(ids[:, None], pos[:, None], cache=self.cache.decode(pos[:, None], kv_len))
-            logits = self.model.logits(hidden[:, -1])
+            logits = self.model.logits(self.model.hidden_states(ids, pos, cache=self.cache.decode(pos, kv_len))[:, -1])
+        batch = self.slots.batch(hi)
+        tokens, logprobs = compiled.COMPILED.sample(logits, batch) if compiling else sample(logits, batch)
+        self.slots.advance(hi, tokens)
         self.stats.decode_steps += 1
         self.stats.decode_rows += hi
         self.stats.decode_tokens += len(self._running)
-        self._sample_and_append(logits, rows, batch)
+        self._append_rows(list(self._running.items()), tokens, logprobs)  # row = slot
 
     # Host-to-device copies are made before a step's forward is queued, while the stream is idle (the
     # previous step ended with its one synchronisation): a copy from pageable memory queued behind GPU
@@ -443,24 +335,21 @@ class Engine:
         flat = torch.tensor([x for column in columns for x in column], dtype=torch.int64)
         return list(flat.to(self.device, non_blocking=True).split([len(c) for c in columns]))
 
-    def _sampling_batch(self, rows: list[_Sequence | None]) -> SamplingBatch:
+    def _sampling_batch(self, seqs: list[SequenceState]) -> SamplingBatch:
+        """Sampling rows for the prefill's samples (decode steps read theirs from `self.slots`)."""
         return SamplingBatch.build(
-            [s.request.params if s else None for s in rows],
-            [s.key if s else (0, 0) for s in rows],
-            [len(s.tokens) if s else 0 for s in rows],
-            self.device,
+            [s.request.params for s in seqs], [s.key for s in seqs], [len(s.tokens) for s in seqs], self.device
         )
 
-    def _sample_and_append(self, logits: Tensor, rows: list[_Sequence | None], batch: SamplingBatch) -> None:
-        tokens, logprobs = sample(logits, batch)
+    def _append_rows(self, rows: list[tuple[int, SequenceState]], tokens: Tensor, logprobs: Tensor) -> None:
+        """Give each (row, sequence) its row's token and log-prob."""
         # The one host synchronisation of a step: the host decides who stops.
         tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()
         now = time.perf_counter()
-        for seq, token, logprob in zip(rows, tokens, logprobs):
-            if seq is not None:
-                self._append(seq, int(token), logprob, now)
+        for row, seq in rows:
+            self._append(seq, int(tokens[row]), logprobs[row], now)
 
-    def _append(self, seq: _Sequence, token: int, logprob: float, now: float) -> None:
+    def _append(self, seq: SequenceState, token: int, logprob: float, now: float) -> None:
         request = seq.request
         seq.tokens.append(token)
         seq.logprobs.append(logprob)
@@ -473,18 +362,21 @@ class Engine:
         elif len(seq.tokens) >= request.max_new_tokens:
             self._finish(seq, "length")
 
-    def _stop_string(self, seq: _Sequence) -> str | None:
+    def _stop_string(self, seq: SequenceState) -> str | None:
         tail = self.detokenize(seq.tokens[-seq.request.stop_window :])
         return next((s for s in seq.request.params.stop_strings if s in tail), None)
 
-    def _finish(self, seq: _Sequence, reason: str, stop: int | str | None = None) -> None:
+    def _finish(self, seq: SequenceState, reason: str, stop: int | str | None = None) -> None:
         seq.finish_reason, seq.stop, seq.finish_time = reason, stop, time.perf_counter()
         if self._running.get(seq.slot) is seq:
             del self._running[seq.slot]
             heapq.heappush(self._free, seq.slot)
+            if self.slots is not None:
+                self.slots.release(seq.slot)
 
     # ------------------------------------------------------------------ results
-    def _text(self, seq: _Sequence) -> str | None:
+    def text(self, seq: SequenceState) -> str | None:
+        """The sample's text: without a final stop token, cut before a stop string (None without a tokenizer)."""
         if self.detokenize is None:
             return None
         tokens = seq.tokens[:-1] if isinstance(seq.stop, int) else seq.tokens
@@ -495,14 +387,14 @@ class Engine:
             ]
         return text
 
-    def completion(self, seq: _Sequence) -> Completion:
+    def completion(self, seq: SequenceState) -> Completion:
         request, n = seq.request, len(seq.tokens)
         after_first = seq.finish_time - seq.first_token_time
         return Completion(
             prompt_ids=request.prompt_ids,
             token_ids=list(seq.tokens),
             logprobs=list(seq.logprobs),
-            text=self._text(seq),
+            text=self.text(seq),
             finish_reason=seq.finish_reason or "abort",
             ttft_s=max(seq.first_token_time - request.submit_time, 0.0) if n else 0.0,
             tokens_per_s=(n - 1) / after_first if n > 1 and after_first > 0 else 0.0,
@@ -563,47 +455,6 @@ class Engine:
         finally:
             if not request.done:
                 self.abort(request)
-
-    def _stream_text(self, seq: _Sequence, sent: str) -> str:
-        if self.detokenize is None:
-            return ""
-        if seq.finish_reason is not None:
-            full = self._text(seq) or ""
-        else:
-            full = self.detokenize(seq.tokens).rstrip("\ufffd")  # an unfinished UTF-8 character
-            hold = 0
-            for s in seq.request.params.stop_strings:
-                hold = max(hold, next((k for k in range(min(len(s) - 1, len(full)), 0, -1) if full.endswith(s[:k])), 0))
-            full = full[: len(full) - hold]
-        return full[len(sent) :] if full.startswith(sent) else ""
-
-
-class DeltaTracker:
-    """One request's output as it grows: `poll()` after each engine step gives every sample's new
-    tokens and text since the last poll (what `Engine.stream` yields and the server sends)."""
-
-    def __init__(self, engine: Engine, request: Request) -> None:
-        self.engine, self.request = engine, request
-        self.sent_tokens = [0] * request.params.n
-        self.sent_text = [""] * request.params.n
-        self.closed: set[int] = set()
-
-    def poll(self) -> list[Delta]:
-        out = []
-        for seq in self.request.seqs:
-            if seq.sample in self.closed:
-                continue
-            start, finished = self.sent_tokens[seq.sample], seq.finish_reason is not None
-            if start == len(seq.tokens) and not finished:
-                continue
-            text = self.engine._stream_text(seq, self.sent_text[seq.sample])
-            self.sent_text[seq.sample] += text
-            self.sent_tokens[seq.sample] = len(seq.tokens)
-            if finished:
-                self.closed.add(seq.sample)
-            completion = self.engine.completion(seq) if finished else None
-            out.append(Delta(seq.sample, seq.tokens[start:], seq.logprobs[start:], text, completion))
-        return out
 
 
 __all__ = ["Completion", "Delta", "DeltaTracker", "Engine", "EngineStats", "Request"]

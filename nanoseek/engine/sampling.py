@@ -143,17 +143,18 @@ def filter_logits(logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -
 
 # ----------------------------------------------------------------------------- noise
 def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (c split in 16-bit halves)."""
-    return ((((x * (c >> 16)) & 0xFFFF) << 16) + x * (c & 0xFFFF)) & _MASK32
+    """(x * c) mod 2^32 for int64 x in [0, 2^32) and c in [0, 2^32), in two operations without int64
+    overflow: c is replaced by c - 2^32 when c >= 2^31 (the same residue), so |x * c| < 2^63."""
+    return (x * (c - (1 << 32) if c >= 1 << 31 else c)) & _MASK32
 
 
 def _mix32(x: Tensor) -> Tensor:
     """A 32-bit integer finaliser (xorshift-multiply, 'lowbias32' constants) on int64 tensors."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
+    x ^= x >> 15
     x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    return x.bitwise_xor_(x >> 16)
 
 
 def gumbel_noise(keys: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
@@ -166,8 +167,8 @@ def gumbel_noise(keys: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
     token = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
     x = _mix32(_mix32(token + 0x9E3779B9)[None, :] ^ ka[:, None])
     x = _mix32(x ^ kb[:, None])
-    u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), 24 random bits
-    return -torch.log(-torch.log(u))
+    u = (x >> 8).to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))  # in (0, 1), 24 random bits
+    return u.log_().neg_().log_().neg_()  # -log(-log(u)), in place
 
 
 def _splitmix64(x: int) -> int:

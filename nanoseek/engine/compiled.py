@@ -1,0 +1,115 @@
+"""The CPU decode step and sampler through torch.compile (the inductor backend builds C++ kernels).
+
+At the shapes a CPU runs, an eager decode step is a few hundred small ATen calls, each paying
+Python and dispatch overhead that is larger than its arithmetic, and the sampler's hashed
+Gumbel noise is ~50 int64 operations over [B, vocab]. Inductor fuses the elementwise work
+(norms, RoPE, the attention mask, SiLU, the whole sampler) into a few C++ loops and calls the
+matmuls and attention kernels directly, from a C++ wrapper (`cpp_wrapper`). What the compiled
+step relies on:
+
+* one graph for all batches, contexts and engines: the rows (0..hi-1), the number of keys read
+  and the cache's slot count and length are dynamic dimensions. Torch specialises a dimension
+  of size 1, so the engine pads a batch of one with a free slot's dummy row rather than
+  compile a second graph;
+* in-place cache writes: `KVCache` writes new keys through the whole k/v tensors, which
+  inductor keeps in place (a write through a view of a graph input would copy the layer);
+* live weights: parameters are graph inputs read at every call, not constants folded in, so
+  the trainer's updates are seen and nothing is rebuilt; engines over models of the same
+  shapes share the graphs (dynamo caches them per function, and these functions are shared);
+* no host synchronisation inside: the MoE experts run torch._grouped_mm (float32, bfloat16);
+  the padded fallback (float64 models) reads a count on the host, which splits the graph;
+* failure is not fatal: if compiling raises (no C++ compiler, an unsupported operation),
+  one warning, and the process decodes eagerly from then on.
+
+Compiling takes seconds to tens of seconds (a 2-core machine, a cold inductor cache), so by
+default an engine compiles only after `COMPILE_AFTER_STEPS` decode steps, when the run is
+long enough to pay for it; NANOSEEK_COMPILE=1 (or `Engine(compile=True)`) compiles at the
+first step, NANOSEEK_COMPILE=0 (or `compile=False`) never.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from nanoseek.engine.cache import KVCache
+from nanoseek.engine.sampling import SamplingBatch, sample
+
+COMPILE_ENV = "NANOSEEK_COMPILE"
+COMPILE_AFTER_STEPS = 512
+# The graph's wrapper in C++ too, not Python: at a batch of a few rows it halves the step (measured on the
+# tiny preset: 0.41 -> 0.22 ms), the Python wrapper's per-kernel bookkeeping being most of it.
+_OPTIONS = {"cpp_wrapper": True}
+
+
+def compile_after(device: torch.device, compile: bool | None) -> int | None:
+    """After how many decode steps an engine on `device` switches to the compiled step (None: never).
+
+    Only CPUs compile (CUDA replays graphs). compile True/False decides; None reads NANOSEEK_COMPILE
+    (1: at once, 0: never, unset or "auto": after COMPILE_AFTER_STEPS steps).
+    """
+    if device.type != "cpu" or compile is False:
+        return None
+    if compile:
+        return 0
+    setting = os.environ.get(COMPILE_ENV, "auto").strip().lower()
+    if setting not in ("0", "1", "auto", ""):
+        raise ValueError(f"{COMPILE_ENV}={setting!r}: must be 1 (compile), 0 (eager) or auto")
+    return {"0": None, "1": 0}.get(setting, COMPILE_AFTER_STEPS)
+
+
+def decode_logits(model: nn.Module, cache: KVCache, ids: Tensor, pos: Tensor, keys: Tensor) -> Tensor:
+    """Logits [B, V] of one decode step: row b is slot b, feeding ids[b] at pos[b] ([B, 1] each) and
+    reading keys [0, kv_len) where kv_len = keys.shape[1] (`keys` holds no data: a dynamic size)."""
+    hidden = model.hidden_states(ids, pos, cache=cache.decode(pos, keys.shape[1]))
+    return model.logits(hidden[:, -1])
+
+
+class _Compiled:
+    """The compiled functions of this process, built at first use; eager after a failure."""
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+        self._forward: Callable | None = None
+        self._sample: Callable | None = None
+
+    def _call(self, compiled: Callable, eager: Callable, *args):
+        if self.failure is None:
+            try:
+                return compiled(*args)
+            except Exception as e:  # compiling failed: the step had not run, so running it eagerly is safe
+                text = str(e).strip()
+                self.failure = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+                warnings.warn(
+                    f"compiled decoding disabled, decoding eagerly: torch.compile failed ({self.failure}); "
+                    f"set {COMPILE_ENV}=0 to skip the attempt",
+                    stacklevel=3,
+                )
+        return eager(*args)
+
+    def logits(self, model: nn.Module, cache: KVCache, ids: Tensor, pos: Tensor, kv_len: int) -> Tensor:
+        if self._forward is None:
+            self._forward = torch.compile(decode_logits, options=_OPTIONS)
+        keys = ids.new_empty(0, kv_len)
+        # Rows, keys read, and the cache's slots and length: engines of other sizes reuse the graph.
+        dynamic = [(ids, 0), (pos, 0), (keys, 1)] + [
+            (t, d) for t in (cache.k, cache.v) if t is not None for d in (1, 3)
+        ]
+        for t, dim in dynamic:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        return self._call(self._forward, decode_logits, model, cache, ids, pos, keys)
+
+    def sample(self, logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor]:
+        if self._sample is None:
+            self._sample = torch.compile(sample, dynamic=True, options=_OPTIONS)
+        return self._call(self._sample, sample, logits, batch)
+
+
+COMPILED = _Compiled()
+
+
+__all__ = ["COMPILED", "COMPILE_AFTER_STEPS", "COMPILE_ENV", "compile_after", "decode_logits"]

@@ -1,0 +1,111 @@
+"""What a decode step reads per KV slot, kept on the device between steps.
+
+A decode step feeds row b = slot b its last token at its position and samples with its
+parameters. Building those rows on the host at every step is Python work that grows with
+the batch, plus an upload. Here they live in two device tensors, one row per slot:
+
+* `ints` [n_slots, 7]: last token, its position, tokens generated so far (the sampling step),
+  top-k, the two halves of the sampling key, and 1 for a live sequence / 0 for a free slot;
+* `floats` [n_slots, 3] (float64): temperature, top-p, min-p.
+
+A row is written once when its sequence is admitted (after the prefill drew its first token),
+advanced by every decode step on the device (token = the sampled one; position and step + 1
+for live rows), and reset to a free row (token 0 at position 0, greedy) when the sequence
+ends: what the padded rows of a fixed-shape step (CUDA graphs) must feed anyway. Resets are
+queued and applied, in one write, before the next admission or step reads the rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from nanoseek.engine.sampling import SamplingBatch, SamplingParams
+
+TOKEN, POSITION, STEP, TOP_K, KEY_A, KEY_B, LIVE = range(7)
+_FREE_FLOATS = (0.0, 1.0, 0.0)  # greedy, top-p off, min-p off
+
+
+class SlotState:
+    def __init__(self, n_slots: int, device: torch.device) -> None:
+        self.ints = torch.zeros(n_slots, 7, dtype=torch.int64, device=device)
+        self._free_row = torch.tensor(_FREE_FLOATS, dtype=torch.float64).to(device)
+        self.floats = self._free_row.repeat(n_slots, 1)
+        self.device = device
+        self._params: dict[int, SamplingParams] = {}  # live slot -> its parameters
+        self._sampled = 0  # live rows with temperature > 0 (the sampler skips the noise when none)
+        self._filtered = 0  # of those, rows with top-k / top-p / min-p (it skips the sort when none)
+        self._freed: list[int] = []
+
+    def admit(
+        self,
+        slots: Sequence[int],
+        tokens: Tensor,
+        positions: Sequence[int],
+        params: Sequence[SamplingParams],
+        keys: Sequence[tuple[int, int]],
+    ) -> None:
+        """New sequences in `slots`: first token `tokens[i]` (on the device) at `positions[i]`, drawn at step 0."""
+        if self._freed:  # a reset still queued for a reused slot would wipe its new row
+            self.flush()
+        ints = torch.tensor(
+            [[0, pos, 1, p.top_k, a, b, 1] for pos, p, (a, b) in zip(positions, params, keys, strict=True)],
+            dtype=torch.int64,
+        )
+        floats = torch.tensor([[p.temperature, p.top_p, p.min_p] for p in params], dtype=torch.float64)
+        index = torch.tensor(list(slots), dtype=torch.int64)
+        ints, floats, index = (t.to(self.device, non_blocking=True) for t in (ints, floats, index))
+        ints[:, TOKEN] = tokens
+        self.ints.index_copy_(0, index, ints)
+        self.floats.index_copy_(0, index, floats)
+        for slot, p in zip(slots, params):
+            self._params[slot] = p
+            self._count(p, +1)
+
+    def release(self, slot: int) -> None:
+        """The slot's sequence ended: reset its row before the next admission or step (see `flush`)."""
+        p = self._params.pop(slot, None)
+        if p is not None:
+            self._count(p, -1)
+            self._freed.append(slot)
+
+    def flush(self) -> None:
+        """Apply the queued resets (one write); a no-op when none are queued."""
+        if self._freed:
+            index = torch.tensor(self._freed, dtype=torch.int64).to(self.device, non_blocking=True)
+            self.ints.index_fill_(0, index, 0)
+            self.floats.index_copy_(0, index, self._free_row.expand(len(self._freed), 3))
+            self._freed.clear()
+
+    def _count(self, p: SamplingParams, sign: int) -> None:
+        if not p.greedy:
+            self._sampled += sign
+            self._filtered += sign * p.filtering
+
+    def inputs(self, hi: int) -> tuple[Tensor, Tensor]:
+        """(tokens, positions) of rows 0..hi-1, each [hi, 1]: views, nothing is copied."""
+        return self.ints[:hi, TOKEN : TOKEN + 1], self.ints[:hi, POSITION : POSITION + 1]
+
+    def batch(self, hi: int) -> SamplingBatch:
+        """The sampling parameters of rows 0..hi-1 (views)."""
+        return SamplingBatch(
+            temperature=self.floats[:hi, 0],
+            top_p=self.floats[:hi, 1],
+            min_p=self.floats[:hi, 2],
+            top_k=self.ints[:hi, TOP_K],
+            keys=self.ints[:hi, KEY_A : KEY_B + 1],
+            steps=self.ints[:hi, STEP],
+            any_sampling=self._sampled > 0,
+            any_filter=self._filtered > 0,
+        )
+
+    def advance(self, hi: int, tokens: Tensor) -> None:
+        """After a step over rows 0..hi-1 drew `tokens`: live rows move one position and one step on."""
+        rows = self.ints[:hi]
+        rows[:, TOKEN] = tokens
+        rows[:, POSITION : STEP + 1] += rows[:, LIVE : LIVE + 1]
+
+
+__all__ = ["SlotState"]

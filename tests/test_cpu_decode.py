@@ -1,0 +1,241 @@
+"""The CPU decode path: the torch.compile'd step against the eager one, its fallback and setting, the
+slot rows kept on the device, the experts' grouped GEMM against the padded path, and bf16 against float32.
+
+The two tests that compile (marked slow) take tens of seconds each on a 2-core machine; the rest are fast.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from nanoseek.engine import Engine, SamplingParams, compiled
+from nanoseek.engine.sampling import sample
+from nanoseek.engine.slots import LIVE, POSITION, STEP, TOKEN
+from nanoseek.model import Transformer, get_preset
+from nanoseek.model import moe as moe_mod
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Compiled vs eager, float32: the same tokens; log-probs to float32 rounding of differently ordered sums.
+COMPILED_LOGPROB_ATOL = 1e-4
+# bf16 vs float32 (tiny-moe at init_std 0.05, whose float32 log-probs spread over about [-4.8, -2.7]): each
+# generated token's log-prob against the float32 model's for the same token in the same context, at most
+# BF16_LOGPROB_MAX apart and BF16_LOGPROB_MEAN on average. A bf16 logit is off by ~2^-8 of its size; the
+# largest single errors are routing flips (an expert choice that changes when the float32 router reads
+# bf16-rounded activations), measured up to ~0.09 here.
+BF16_LOGPROB_MAX = 0.25
+BF16_LOGPROB_MEAN = 0.03
+
+
+def build(name: str, **overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(get_preset(name, **{"init_std": 0.2, **overrides})).eval()
+
+
+def prompts_of(lengths, seed=1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+# A mix that exercises continuous batching (4 slots, 6 requests: slots are freed and reused), greedy,
+# sampled and filtered rows in one batch, and a tail where one sequence runs alone (a batch of one).
+PROMPTS = prompts_of([1, 5, 17, 30, 9, 3])
+PARAMS = [
+    SamplingParams(max_new_tokens=3, temperature=0),
+    SamplingParams(max_new_tokens=24, temperature=0.8, seed=1),
+    SamplingParams(max_new_tokens=9, temperature=0.7, top_k=20, top_p=0.9, seed=2),
+    SamplingParams(max_new_tokens=5, temperature=0),
+    SamplingParams(max_new_tokens=40, temperature=0),
+    SamplingParams(max_new_tokens=6, temperature=1.0, n=2, seed=3),
+]
+
+
+def outputs(engine: Engine, prompts=PROMPTS, params=PARAMS) -> list[tuple[list[int], list[float]]]:
+    return [(c.token_ids, c.logprobs) for group in engine.generate(prompts, params) for c in group]
+
+
+def assert_same_tokens_close_logprobs(got, want, atol: float) -> None:
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=atol)
+
+
+# ----------------------------------------------------------------------------- the compiled step
+@pytest.mark.slow
+def test_compiled_decode_gives_the_eager_tokens_and_logprobs(monkeypatch):
+    """tiny-moe in float32: dense and MoE layers, the experts through torch._grouped_mm inside the graph."""
+    model = build("tiny-moe")
+    calls = []
+    real = compiled.COMPILED.logits
+    monkeypatch.setattr(compiled.COMPILED, "logits", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    engine = Engine(model, max_batch=4, compile=True)
+    got = outputs(engine)
+    assert engine.compiling and compiled.COMPILED.failure is None
+    assert 1 not in calls and 2 in calls  # the one-sequence tail ran with a free slot's dummy row
+    want = outputs(Engine(model, max_batch=4, compile=False))
+    assert len({len(t) for t, _ in want}) > 3  # varied lengths: slots were freed and reused
+    assert_same_tokens_close_logprobs(got, want, COMPILED_LOGPROB_ATOL)
+
+
+def test_a_failed_compile_decodes_eagerly_after_one_warning(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(compiled, "COMPILED", compiled._Compiled())
+    monkeypatch.setattr(compiled.torch, "compile", broken_compile)
+    model = build("tiny")
+    with pytest.warns(UserWarning, match="decoding eagerly.*InvalidCxxCompiler") as seen:
+        got = outputs(Engine(model, max_batch=4, compile=True))
+    assert len(seen) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second attempt
+        engine = Engine(model, max_batch=4, compile=True)
+        again = outputs(engine)
+    assert not engine.compiling
+    want = outputs(Engine(model, max_batch=4, compile=False))
+    assert got == want and again == want
+
+
+def test_compile_setting_from_the_flag_and_the_environment(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(compiled.COMPILE_ENV, raising=False)
+    assert compiled.compile_after(cpu, None) == compiled.COMPILE_AFTER_STEPS
+    assert compiled.compile_after(cpu, True) == 0 and compiled.compile_after(cpu, False) is None
+    assert compiled.compile_after(cuda, True) is None  # CUDA replays graphs instead
+    for value, expected in (("1", 0), ("0", None), ("auto", compiled.COMPILE_AFTER_STEPS)):
+        monkeypatch.setenv(compiled.COMPILE_ENV, value)
+        assert compiled.compile_after(cpu, None) == expected
+    assert compiled.compile_after(cpu, False) is None  # the flag wins
+    monkeypatch.setenv(compiled.COMPILE_ENV, "yes")
+    with pytest.raises(ValueError, match="NANOSEEK_COMPILE"):
+        Engine(build("tiny"))
+
+
+def test_engine_compiles_after_the_set_number_of_steps(monkeypatch):
+    """By default the engine decodes eagerly for `compile_after` steps, then through the compiled step
+    (here a stand-in that records its calls and runs the same step eagerly)."""
+    calls = []
+
+    def stand_in(model, cache, ids, pos, kv_len):
+        calls.append(ids.shape[0])
+        return model.logits(model.hidden_states(ids, pos, cache=cache.decode(pos, kv_len))[:, -1])
+
+    monkeypatch.setattr(compiled.COMPILED, "logits", stand_in)
+    monkeypatch.setattr(compiled.COMPILED, "sample", sample)
+    monkeypatch.delenv(compiled.COMPILE_ENV, raising=False)
+    model = build("tiny")
+    engine = Engine(model, max_batch=2)
+    assert engine.compile_after == compiled.COMPILE_AFTER_STEPS
+    engine.compile_after = 5
+    got = outputs(engine, PROMPTS[:1], SamplingParams(max_new_tokens=12, temperature=0))
+    assert engine.stats.decode_steps == 11 and calls == [2] * 6  # one sequence + a dummy row, from step 5 on
+    want = outputs(
+        Engine(model, max_batch=2, compile=False), PROMPTS[:1], SamplingParams(max_new_tokens=12, temperature=0)
+    )
+    assert_same_tokens_close_logprobs(got, want, 1e-5)  # a 2-row matmul may round differently from a 1-row one
+
+
+# ----------------------------------------------------------------------------- the slot rows
+def test_slot_rows_follow_the_sequences_and_are_freed():
+    """What the device holds per slot, against the host's record of each sequence, at every step."""
+    engine = Engine(build("tiny"), max_batch=3, compile=False)
+    for prompt, p in zip(PROMPTS, PARAMS):
+        engine.submit(prompt, p)
+    steps = 0
+    while engine.has_work:
+        engine.step()
+        with torch.inference_mode():  # the engine's tensors are inference tensors
+            engine.slots.flush()  # resets of this step's finished sequences (otherwise applied at the next step)
+        ints, floats = engine.slots.ints.tolist(), engine.slots.floats.tolist()
+        for slot in range(engine.n_slots):
+            seq = engine._running.get(slot)
+            if seq is None:
+                assert ints[slot] == [0] * 7 and floats[slot] == [0.0, 1.0, 0.0]  # a free row
+            else:
+                p = seq.request.params
+                assert ints[slot][TOKEN] == seq.tokens[-1] and ints[slot][POSITION] == seq.position
+                assert ints[slot][STEP] == len(seq.tokens) and ints[slot][LIVE] == 1
+                assert floats[slot] == [p.temperature, p.top_p, p.min_p]
+        steps += 1
+    assert steps > 10 and engine.stats.max_running == 3
+
+
+# ----------------------------------------------------------------------------- grouped GEMM on CPU
+def padded_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return moe_mod._padded_grouped_mm(x.double(), w.double(), counts)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_cpu_grouped_mm_equals_the_padded_path(dtype, tol, monkeypatch):
+    torch.manual_seed(0)
+    counts = torch.tensor([7, 0, 12, 1, 0, 20, 3, 0])  # ragged, with empty experts
+    x = torch.randn(int(counts.sum()), 64, dtype=dtype, requires_grad=True)
+    w = torch.randn(8, 48, 64, dtype=dtype, requires_grad=True)
+    seen = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: seen.append(1) or real(*a, **k))
+    out = moe_mod.grouped_mm(x, w, counts)
+    assert seen == [1] and out.dtype == dtype  # the kernel ran, not the padded fallback
+
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    ref = moe_mod._padded_grouped_mm(x64, w64, counts)
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for got, want in ((out, ref), (x.grad, x64.grad), (w.grad, w64.grad)):
+        assert ((got.double() - want).norm() / want.norm()).item() < tol
+    assert moe_mod._cpu_grouped_mm(x, w.transpose(-2, -1), torch.cumsum(counts, 0, dtype=torch.int32)).equal(out)
+    seen.clear()
+    moe_mod.grouped_mm(x64, w64, counts)
+    assert not seen  # float64: the padded path
+
+
+# ----------------------------------------------------------------------------- bf16
+def float32_logprobs(model: Transformer, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0].float(), -1)
+    return logp[len(prompt) - 1 : -1].gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+
+
+@pytest.mark.slow
+def test_bf16_decoding_is_within_tolerance_of_float32():
+    """The two bf16 ways to decode on CPU: the RL twin (bf16 matmul weights, the rest shared) under bf16
+    autocast, eager and compiled; and a whole-model bf16 copy. Greedy, so each path picks its own tokens;
+    each token's log-prob is compared with the float32 model's in the same context."""
+    from nanoseek.train.rollouts import rollout_policy
+
+    model = build("tiny-moe", init_std=0.05)
+    prompts = prompts_of([4, 11, 20], seed=5)
+    params = SamplingParams(max_new_tokens=16, temperature=0)
+    twin = rollout_policy(model, torch.bfloat16)
+    whole = build("tiny-moe", init_std=0.05).to(torch.bfloat16)
+    runs = {}
+    for name, policy, compile_ in (("twin", twin, False), ("twin compiled", twin, True), ("bf16", whole, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs[name] = Engine(policy, max_batch=4, compile=compile_).generate(prompts, params)
+    for name, results in runs.items():
+        errors = []
+        for prompt, [c] in zip(prompts, results):
+            want = float32_logprobs(model, prompt, c.token_ids)
+            errors.append((torch.tensor(c.logprobs) - want).abs())
+        errors = torch.cat(errors)
+        assert errors.max() < BF16_LOGPROB_MAX and errors.mean() < BF16_LOGPROB_MEAN, (name, errors)
+
+
+def test_precision_rule_bf16_where_native_and_the_weights_outgrow_the_cache(monkeypatch):
+    from nanoseek import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_cache_bytes", lambda: 32 * 2**20)
+    assert precision.inference_dtype("cpu", 8_000_000) == torch.float32  # 32 MB of float32 weights: in the cache
+    assert precision.inference_dtype("cpu", 8_400_000) == torch.bfloat16  # 33.6 MB: read from memory every step
+    assert precision.inference_dtype("cuda", 1000) == torch.bfloat16
+    assert "32 MiB" in precision.describe("cpu", torch.float32)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.inference_dtype("cpu", 10**9) == torch.float32
