@@ -4,8 +4,8 @@ It takes a model, a stream of batches (dicts of `input_ids`, `targets`, `positio
 `doc_ids`; targets are -100 where no loss is taken) and a TrainConfig, and owns
 everything around the gradient step: the schedule, gradient accumulation (the loss
 is normalised by the tokens of the whole step, not per micro-batch), clipping, bf16
-autocast on CUDA, the MoE balancing update (an optimizer hook), progress, metrics,
-validation, checkpoints and exact resume. Under `torchrun` the same loop trains data-parallel
+autocast where the device has it (`nanoseek.precision`), the MoE balancing update (an optimizer
+hook), progress, metrics, validation, checkpoints and exact resume. Under `torchrun` the same loop trains data-parallel
 with DDP (`nanoseek.train.distributed`): each rank takes its share of the step's micro-batches.
 """
 
@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from nanoseek import precision
 from nanoseek.config import TrainConfig
 from nanoseek.model import Transformer, install_balancing_hook, router_stats
 from nanoseek.plots import plot_training
@@ -61,7 +62,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype training autocasts matmuls to on this device (None: float32 throughout)."""
-    return torch.bfloat16 if device.type == "cuda" else None
+    return precision.autocast_dtype(device)
 
 
 def autocast(device: torch.device):
@@ -194,6 +195,8 @@ def train(
     else:
         # Compile the loss method itself: `torch.compile(model).loss(...)` would run the eager model.
         loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
+    if not quiet:
+        print(f"{stage}: matmuls in {precision.describe(device)}{'; loss compiled' if cfg.compile else ''}")
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak = peak_flops(device)
     peak = peak * topo.world if peak else None
