@@ -4,9 +4,11 @@ Weights, optimizer states and the loss stay float32 everywhere; "bf16" means the
 bf16 autocast (and Muon's Newton-Schulz iteration runs in bf16). On CUDA that is always the case.
 On a CPU it is the case when the processor multiplies bf16 natively: AVX-512 BF16 (Intel Cooper
 Lake and later, AMD Zen 4 and later) or AMX (Intel Sapphire Rapids and later). Measured on a 2-core
-AMD EPYC with AVX-512 BF16 (docs/LOG.md, 2026-12-01): a training forward + backward is 1.6-1.8x
-faster than float32 at the tiny presets and 2.4x at `small`; Newton-Schulz 2-4x. Without those
-instructions bf16 is emulated and slower than float32, so such CPUs stay in float32.
+AMD EPYC with AVX-512 BF16 (docs/LOG.md, 2026-12-01): forward + backward 1.5-1.8x faster than float32
+at the tiny presets (the trainer's whole step 1.3-1.7x), 2.4x at `small`; Newton-Schulz 2-4x. One
+shape lost: many narrow experts (64 of width 32) through torch._grouped_mm, whose per-expert bf16
+matmuls change size every step, and oneDNN builds a kernel per new size (2x slower there). Without
+those instructions bf16 is emulated and slower than float32, so such CPUs stay in float32.
 
 `NANOSEEK_CPU_BF16=0` keeps a bf16-capable CPU in float32 (and `=1` forces bf16 on any CPU).
 """
