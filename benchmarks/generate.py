@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     auto = args.dtype == "auto"
     dtype = precision.inference_dtype(device, model.num_params()) if auto else getattr(torch, args.dtype)
     model = model.to(dtype).eval()
-    print(precision.describe(device, dtype) + (" (auto)" if auto else " (--dtype)"), flush=True)
+    print(precision.describe_inference(device, dtype) + (" (auto)" if auto else " (--dtype)"), flush=True)
     hf_dtypes = [dtype] if device.type == "cuda" else list(dict.fromkeys([torch.float32, dtype]))
     if args.hf_dtypes:
         hf_dtypes = [getattr(torch, d.strip()) for d in args.hf_dtypes.split(",")]

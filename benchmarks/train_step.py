@@ -3,10 +3,10 @@
     python benchmarks/train_step.py                                   # all three models, seq 2048, batch 8
     python benchmarks/train_step.py --presets moe-1b --precisions amp # the issue's MFU figure alone
     python benchmarks/train_step.py --compile --presets moe-1b        # the same through torch.compile
-    python benchmarks/train_step.py --quick --device cpu              # tiny shapes, a CPU smoke run (seconds)
+    python benchmarks/train_step.py --quick --device cpu              # tiny shapes on CPU (seconds)
 
 One step = forward with the loss (cross-entropy, logits upcast to float32, as both libraries compute it),
-backward, gradient clipping at 1.0, AdamW (fused on CUDA; nanoseek's `build_optimizers` with
+backward, gradient clipping at 1.0, AdamW (fused; nanoseek's `build_optimizers` with
 optimizer="adamw" for both sides), zero_grad. Random weights, random token ids, no download.
 
 Models (--presets, comma-separated):
@@ -18,9 +18,10 @@ Models (--presets, comma-separated):
     builds its model from the same dict through `nanoseek.interop.hf_config` (no balancing bias, like
     Qwen3-MoE), so both sides train the same architecture with the same parameter count.
 
-Precisions (--precisions): `amp` = float32 weights and optimizer under bf16 autocast on CUDA (the nanoseek
-trainer's recipe, and transformers' Trainer with bf16=True); on CPU there is no autocast, so `amp` is plain
-float32. `bf16` = bf16 weights and AdamW states, no autocast. The JSON says per run whether nanoseek's MoE
+Precisions (--precisions): `amp` = float32 weights and optimizer under the autocast of the nanoseek trainer
+(`nanoseek.precision`: bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, none elsewhere, where `amp` is plain
+float32), for both sides (transformers' Trainer with bf16=True autocasts the same way). `bf16` = bf16 weights
+and AdamW states, no autocast. The JSON says per run whether nanoseek's MoE
 layers took the grouped-GEMM kernel (`moe_grouped_kernel`: it needs bf16 activations at the MoE input) and
 which experts implementation transformers used.
 
@@ -52,6 +53,7 @@ from nanoseek.interop.hf_config import hf_config_to_model_config
 from nanoseek.loading import pick_device
 from nanoseek.model import PRESETS, ModelConfig, Transformer, get_preset, install_balancing_hook
 from nanoseek.model import moe as moe_mod
+from nanoseek.precision import autocast_dtype, cpu_bf16_instructions
 from nanoseek.train.loop import peak_flops
 from nanoseek.train.optim import build_optimizers
 
@@ -187,7 +189,7 @@ def run_one(model_name: str, impl: str, precision: str, args, device: torch.devi
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
-    use_autocast = precision == "amp" and device.type == "cuda"
+    amp_dtype = autocast_dtype(device) if precision == "amp" else None
     param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     tcfg = TrainConfig(optimizer="adamw", lr=1e-4, weight_decay=0.1, grad_clip=1.0)
 
@@ -219,7 +221,7 @@ def run_one(model_name: str, impl: str, precision: str, args, device: torch.devi
 
     def step(i: int) -> torch.Tensor:
         ids = batches[i % len(batches)]
-        with torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else nullcontext():
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
             if impl == "nanoseek":
                 ce, aux = forward_loss(ids[:, :-1], ids[:, 1:])
                 loss = ce + aux
@@ -320,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--seq-len", type=int, default=None, help="default 2048 (--quick: 64)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 8; --quick: 2)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --quick: 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --quick: 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --quick: 20)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --quick: 3)")
     p.add_argument("--precisions", default=None, help="comma-separated amp,bf16 (default: both on CUDA, amp on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (warmup covers compilation)")
     p.add_argument("--no-hf", action="store_true", help=f"skip transformers' model on {PEER}")
@@ -340,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     args.seq_len = args.seq_len or (64 if args.quick else 2048)
     args.batch_size = args.batch_size or (2 if args.quick else 8)
-    args.steps = args.steps or (2 if args.quick else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    # --quick steps take milliseconds: 2 timed steps (as before 2026-12) gave ratios off by 2x on a shared machine.
+    args.steps = args.steps or (20 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else 3
     if args.compile and args.warmup < 1:
         p.error("--compile needs --warmup >= 1 (the first step compiles)")
     precisions = (args.precisions or ("amp,bf16" if device.type == "cuda" else "amp")).split(",")
@@ -356,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"train step on {device_name}: seq {args.seq_len} x batch {args.batch_size}, {args.warmup} warmup + "
-        f"{args.steps} timed steps, precisions {','.join(precisions)}{', compiled' if args.compile else ''}; "
+        f"{args.steps} timed steps, precisions {','.join(precisions)} (amp autocasts to {autocast_dtype(device)})"
+        f"{', compiled' if args.compile else ''}; "
         f"peak {peak / 1e12 if peak else '-'} TFLOP/s ({peak_source})",
         flush=True,
     )
@@ -405,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile,
         quick=args.quick,
         threads=torch.get_num_threads() if device.type == "cpu" else None,
+        amp_dtype=str(autocast_dtype(device)).removeprefix("torch."),
+        cpu_bf16_instructions=cpu_bf16_instructions() if device.type == "cpu" else None,
         peak_tflops=peak / 1e12 if peak else None,
         peak_source=peak_source,
         results=rows,

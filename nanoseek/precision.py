@@ -1,47 +1,58 @@
-"""Which float format to run matmuls in on this machine: bf16 where the processor multiplies it natively.
+"""Which float format the matmuls run in on this machine: bf16 where the processor multiplies it natively.
 
-CUDA GPUs: bf16. CPUs: bf16 when they have bf16 dot-product instructions (AVX-512 BF16 or AMX, read
-from /proc/cpuinfo, and torch's oneDNN agrees it can use them) *and* the model's float32 weights do
-not fit in the last-level cache: a decode step then reads every weight from memory, and bf16 halves
-those bytes (the 100M `small` preset decodes 1.5-2x faster). Weights that fit in the cache are read
-from it at no such cost, and bf16 kernels' conversions make the 0.85M `tiny` presets slower
-(docs/LOG.md, 2026-12-01, has the measurements). Else float32.
+Weights, optimizer states and the loss stay float32 everywhere; "bf16" means matmuls under bf16
+autocast (and Muon's Newton-Schulz iteration in bf16), or, for decoding, the RL twin's bf16 copies.
+
+Training (`autocast_dtype`): bf16 on CUDA, and on a CPU that multiplies bf16 natively: AVX-512 BF16
+(Intel Cooper Lake and later, AMD Zen 4 and later) or AMX (Intel Sapphire Rapids and later). Measured
+on a 2-core AMD EPYC with AVX-512 BF16 (docs/LOG.md, 2026-12-01): forward + backward 1.5-1.8x faster
+than float32 at the tiny presets (the trainer's whole step 1.3-1.7x), 2.4x at `small`; Newton-Schulz
+2-4x. One shape lost: many narrow experts (64 of width 32) through torch._grouped_mm (2x slower).
+Without those instructions bf16 is emulated and slower than float32, so such CPUs stay in float32.
+
+Decoding (`inference_dtype`): bf16 on CUDA; on a CPU with native bf16 only when the model's float32
+weights do not fit in the last-level cache: a decode step then reads every weight from memory and
+bf16 halves those bytes (the 100M `small` preset decodes 1.5-2x faster), while weights that fit are
+read from the cache at no such cost and bf16's conversions make the 0.85M `tiny` presets slower.
+
+`NANOSEEK_CPU_BF16=0` keeps a bf16-capable CPU in float32 (and `=1` forces bf16 on any CPU), for both.
 """
 
 from __future__ import annotations
 
-import functools
+import os
+from contextlib import nullcontext
+from functools import cache
 from pathlib import Path
 
 import torch
 
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPU_BF16_ENV = "NANOSEEK_CPU_BF16"
 _DEFAULT_CACHE_BYTES = 32 * 2**20  # where sysfs does not say
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none: macOS, Windows)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return frozenset(line.partition(":")[2].split())
+@cache
+def cpu_bf16_instructions() -> str | None:
+    """The processor's native bf16 matmul instructions ("AMX" or "AVX-512 BF16"), or None."""
+    cpu = getattr(torch, "cpu", None)
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX-512 BF16"
+    return None
 
 
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products in hardware (AVX-512 BF16 or AMX) and torch can use them."""
-    if not any(flag in cpu_flags() for flag in _CPU_BF16_FLAGS):
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+def cpu_bf16() -> bool:
+    """Whether the CPU computes in bf16: it has native bf16, unless NANOSEEK_CPU_BF16 says otherwise."""
+    setting = os.environ.get(CPU_BF16_ENV, "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    if setting:
+        raise ValueError(f"{CPU_BF16_ENV}={setting!r}: must be 0 (float32) or 1 (bf16)")
+    return cpu_bf16_instructions() is not None
 
 
-@functools.cache
+@cache
 def cpu_cache_bytes() -> int:
     """The size of the CPU's largest (last-level) cache, from sysfs; 32 MiB where it is not there."""
     sizes = []
@@ -57,26 +68,61 @@ def cpu_cache_bytes() -> int:
     return max(sizes, default=_DEFAULT_CACHE_BYTES)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype training autocasts matmuls to on this device (None: float32 throughout)."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_bf16()):
+        return torch.bfloat16
+    return None
+
+
 def inference_dtype(device: torch.device | str, n_params: int) -> torch.dtype:
     """The dtype to decode a model of n_params parameters in on `device` (see the module docstring)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16
-    if device.type == "cpu" and cpu_has_native_bf16() and 4 * n_params > cpu_cache_bytes():
+    if device.type == "cpu" and cpu_bf16() and 4 * n_params > cpu_cache_bytes():
         return torch.bfloat16
     return torch.float32
 
 
-def describe(device: torch.device | str, dtype: torch.dtype) -> str:
-    """One line for the start of a run: the dtype chosen and why."""
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """A context that autocasts matmuls to `dtype` on `device` (none for None or float32)."""
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def describe(device: torch.device) -> str:
+    """One line for the start of a training stage: what the matmuls compute in, and why."""
+    if autocast_dtype(device) is None:
+        why = f"{CPU_BF16_ENV}=0" if device.type == "cpu" and cpu_bf16_instructions() else "no native bf16"
+        return f"float32 ({why})" if device.type == "cpu" else "float32"
+    if device.type != "cpu":
+        return "bf16 autocast, float32 weights"
+    found = cpu_bf16_instructions()
+    return f"bf16 autocast, float32 weights (CPU has {found})" if found else f"bf16 autocast ({CPU_BF16_ENV}=1)"
+
+
+def describe_inference(device: torch.device | str, dtype: torch.dtype) -> str:
+    """One line for the start of decoding: the dtype chosen and why."""
     device = torch.device(device)
     name = str(dtype).removeprefix("torch.")
     if device.type != "cpu":
         return f"precision: {name} on {device.type}"
-    native = [flag for flag in _CPU_BF16_FLAGS if flag in cpu_flags()]
-    has = f"CPU has {', '.join(native)}" if cpu_has_native_bf16() else "CPU without native bf16"
-    cache = cpu_cache_bytes() / 2**20
-    return f"precision: {name} ({has}; bf16 when the float32 weights exceed the {cache:.0f} MiB CPU cache)"
+    found = cpu_bf16_instructions()
+    has = f"CPU has {found}" if found else "CPU without native bf16"
+    cache_mib = cpu_cache_bytes() / 2**20
+    return f"precision: {name} ({has}; bf16 when the float32 weights exceed the {cache_mib:.0f} MiB CPU cache)"
 
 
-__all__ = ["cpu_cache_bytes", "cpu_flags", "cpu_has_native_bf16", "describe", "inference_dtype"]
+__all__ = [
+    "CPU_BF16_ENV",
+    "autocast",
+    "autocast_dtype",
+    "cpu_bf16",
+    "cpu_bf16_instructions",
+    "cpu_cache_bytes",
+    "describe",
+    "describe_inference",
+    "inference_dtype",
+]

@@ -231,11 +231,11 @@ def test_bf16_decoding_is_within_tolerance_of_float32():
 def test_precision_rule_bf16_where_native_and_the_weights_outgrow_the_cache(monkeypatch):
     from nanoseek import precision
 
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: True)
     monkeypatch.setattr(precision, "cpu_cache_bytes", lambda: 32 * 2**20)
     assert precision.inference_dtype("cpu", 8_000_000) == torch.float32  # 32 MB of float32 weights: in the cache
     assert precision.inference_dtype("cpu", 8_400_000) == torch.bfloat16  # 33.6 MB: read from memory every step
     assert precision.inference_dtype("cuda", 1000) == torch.bfloat16
-    assert "32 MiB" in precision.describe("cpu", torch.float32)
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert "32 MiB" in precision.describe_inference("cpu", torch.float32)
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: False)
     assert precision.inference_dtype("cpu", 10**9) == torch.float32

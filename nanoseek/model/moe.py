@@ -95,10 +95,11 @@ def count_per_expert(expert_ids: Tensor, n_experts: int) -> Tensor:
     return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def _padded_rows(counts: Tensor) -> tuple[Tensor, int]:
-    """For rows grouped by expert: each row's index in a flat [E * capacity] padded buffer, and capacity."""
+def _padded_rows(counts: Tensor, n_rows: int) -> tuple[Tensor, int]:
+    """For n_rows rows grouped by expert: each row's index in a flat [E * capacity] padded buffer, and capacity."""
     n_experts = counts.shape[0]
-    expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=counts.device), counts)
+    # output_size (= counts.sum()) spares a host read, and torch.compile a graph break.
+    expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=counts.device), counts, output_size=n_rows)
     starts = torch.cumsum(counts, 0) - counts
     capacity = int(counts.max()) if counts.numel() else 0  # host read: the fallback's one sync
     slot = torch.arange(expert_of_row.shape[0], device=counts.device) - starts[expert_of_row]
@@ -119,7 +120,7 @@ def _padded_grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
 
     Correct for any device and dtype (float64 included); reads max_count on the host.
     """
-    rows, capacity = _padded_rows(counts)
+    rows, capacity = _padded_rows(counts, x.shape[0])
     return _unpad(torch.bmm(_pad(x, rows, w.shape[0], capacity), w.transpose(-2, -1)), rows)
 
 
@@ -231,7 +232,7 @@ class MoE(nn.Module):
             h = F.silu(grouped_mm(x, self.w1.to(dtype), counts)) * grouped_mm(x, self.w3.to(dtype), counts)
             return grouped_mm(h, self.w2.to(dtype), counts)
         # Fallback: pad once into [E, capacity, D], three bmm, unpad once (padding rows stay zero).
-        rows, capacity = _padded_rows(counts)
+        rows, capacity = _padded_rows(counts, x_sorted.shape[0])
         buf = _pad(x_sorted, rows, self.cfg.n_routed_experts, capacity)
         h = F.silu(torch.bmm(buf, self.w1.transpose(-2, -1))) * torch.bmm(buf, self.w3.transpose(-2, -1))
         return _unpad(torch.bmm(h, self.w2.transpose(-2, -1)), rows)

@@ -7,7 +7,8 @@
 `train` takes a model and a stream of batches (dicts of `input_ids`, `targets`, `positions`,
 `doc_ids`; targets are -100 where no loss is taken) and owns the gradient step: gradient
 accumulation (the loss is normalised by the tokens of the whole step, not per micro-batch),
-clipping, bf16 autocast on CUDA, throughput and MFU, the loss records and validation. Under
+clipping, bf16 autocast where the device has it (`nanoseek.precision`), throughput and MFU,
+the loss records and validation. Under
 `torchrun` it trains data-parallel with DDP (`nanoseek.train.distributed`): each rank takes its
 share of the step's micro-batches. The schedule, resume, metrics file, checkpoints, summary and
 plots are the `Run`'s.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from nanoseek import precision
 from nanoseek.model import Transformer, router_stats
 from nanoseek.train import distributed
 from nanoseek.train.run import Run, autocast
@@ -123,6 +125,8 @@ def train(
     state = run.begin(model, tokenizer, lambda: {"data": data.state_dict(), "stage": run.stage})
     if state is not None:
         data.load_state_dict(state["data"])
+    if not run.quiet:
+        print(f"{run.stage}: matmuls in {precision.describe(device)}{'; loss compiled' if cfg.compile else ''}")
 
     ddp = None
     if topo.world > 1:

@@ -1,17 +1,23 @@
 """Optimizers and learning-rate schedules.
 
-AdamW: weight decay on matrices only (not norms, biases, embeddings, the router).
+AdamW: weight decay on matrices only (not norms, biases, embeddings, the router); torch's fused
+kernel on CUDA and CPU (one pass over all parameters: 3x faster than the per-tensor loop at the
+tiny presets on CPU).
 Muon: momentum orthogonalised by a Newton-Schulz iteration, for the 2-D hidden weights
-(and each expert's matrices); everything else stays on AdamW.
+(and each expert's matrices); everything else stays on AdamW. Matrices of one shape are
+orthogonalised together (one batched iteration) and in bf16 where the device multiplies bf16
+natively (`nanoseek.precision`; 2-4x faster than float32 on an AVX-512 BF16 CPU).
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
 
+from nanoseek import precision
 from nanoseek.config import TrainConfig
 
 
@@ -27,7 +33,7 @@ def _muon_eligible(name: str, p: Tensor) -> bool:
 def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
     """Approximately orthogonalise the last two dims of g (quintic iteration tuned for speed, as in Muon)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(precision.autocast_dtype(g.device) or torch.float32)
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
@@ -45,19 +51,24 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
+            # One Newton-Schulz iteration per shape: fewer, larger matmuls (tiny, bf16: 26 -> 18 ms a step, one core).
+            same_shape: dict[torch.Size, list[Tensor]] = defaultdict(list)
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum" not in state:
-                    state["momentum"] = torch.zeros_like(p)
-                buf = state["momentum"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                update = newton_schulz(p.grad.lerp(buf, group["momentum"]))  # Nesterov
-                scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+                if p.grad is not None:
+                    same_shape[p.shape].append(p)
+            for shape, params in same_shape.items():
+                grads = [p.grad for p in params]
+                for p in params:
+                    if "momentum" not in self.state[p]:
+                        self.state[p]["momentum"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum"] for p in params]
+                torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+                nesterov = torch._foreach_lerp(grads, bufs, group["momentum"])
+                updates = newton_schulz(torch.stack(nesterov)).unbind(0)
+                scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
                 if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+                    torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, updates, alpha=-group["lr"] * scale)
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -71,7 +82,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
         dict(params=decay, weight_decay=cfg.weight_decay, lr=cfg.lr, base_lr=cfg.lr),
         dict(params=no_decay, weight_decay=0.0, lr=cfg.lr, base_lr=cfg.lr),
     ]
-    fused = device.type == "cuda"
+    fused = device.type in ("cuda", "cpu")
     opts: list[torch.optim.Optimizer] = [
         torch.optim.AdamW([g for g in groups if g["params"]], betas=(cfg.beta1, cfg.beta2), fused=fused)
     ]

@@ -27,13 +27,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TextIO, TypedDict
 
 import torch
 from tqdm import tqdm
 
+from nanoseek import precision
 from nanoseek.config import RunConfig, run_config_to_toml
 from nanoseek.loading import load_checkpoint, pick_device
 from nanoseek.model import Transformer, install_balancing_hook
@@ -45,13 +45,13 @@ from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype training autocasts matmuls to on this device (None: float32 throughout)."""
-    return torch.bfloat16 if device.type == "cuda" else None
+    """The dtype training autocasts matmuls to on this device (None: float32 throughout; `nanoseek.precision`)."""
+    return precision.autocast_dtype(device)
 
 
 def autocast(device: torch.device):
-    dtype = autocast_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    """Training's autocast on `device`: bf16 on CUDA and on CPUs with native bf16, else none."""
+    return precision.autocast(device, autocast_dtype(device))
 
 
 class MetricsLog:
