@@ -208,7 +208,7 @@ def test_bf16_decoding_is_within_tolerance_of_float32():
     """The two bf16 ways to decode on CPU: the RL twin (bf16 matmul weights, the rest shared) under bf16
     autocast, eager and compiled; and a whole-model bf16 copy. Greedy, so each path picks its own tokens;
     each token's log-prob is compared with the float32 model's in the same context."""
-    from nanoseek.train.rollouts import rollout_policy
+    from nanoseek.engine.twin import rollout_policy
 
     model = build("tiny-moe", init_std=0.05)
     prompts = prompts_of([4, 11, 20], seed=5)
