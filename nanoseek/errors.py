@@ -7,8 +7,11 @@ A leaf module (standard library only), so every layer can raise these.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -77,3 +80,17 @@ def as_user_error() -> Iterator[None]:
         raise
     except (ValueError, OSError) as e:
         raise InputError(str(e)) from None
+
+
+def read_json(path: str | Path, error: type[InputError] = InputError, *, expect_object: bool = True) -> Any:
+    """The JSON value in the user's file `path` (a JSON object unless `expect_object` is False), or one line
+    naming the file, the line and what is wrong, raised as `error`."""
+    with reading(path):
+        text = Path(path).read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if expect_object and not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value

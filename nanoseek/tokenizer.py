@@ -33,7 +33,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from nanoseek.errors import InputError, UserError, missing, reading
+from nanoseek.errors import InputError, UserError, missing, read_json, reading
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -57,15 +57,7 @@ def _json_object(path: Path) -> dict[str, Any]:
     """A JSON object file beside tokenizer.json ({} when absent), or one line saying what is wrong with it."""
     if not path.is_file():
         return {}
-    with reading(path):
-        text = path.read_text(encoding="utf-8")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{path}: expected a JSON object, got a {type(value).__name__}")
-    return value
+    return read_json(path)
 
 
 # Used as eos when a tokenizer.json comes without a tokenizer_config.json naming one.

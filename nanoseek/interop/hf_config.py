@@ -12,11 +12,10 @@ the transformers class default; size fields are required.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from nanoseek.errors import InputError, missing, reading
+from nanoseek.errors import InputError, missing, read_json
 from nanoseek.model.attention import attention_class, attention_for_hf_family
 from nanoseek.model.config import ModelConfig
 
@@ -42,11 +41,7 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise missing(directory, "no config.json (not a Hugging Face model directory)")
-    try:
-        with reading(path):
-            return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise HFConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    return read_json(path, HFConfigError)
 
 
 def architecture_of(hf: dict[str, Any]) -> str:

@@ -16,7 +16,6 @@ Layout differences handled here:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from nanoseek.errors import InputError, missing, reading
+from nanoseek.errors import InputError, missing, read_json
 from nanoseek.interop.hf_config import ARCHITECTURES
 from nanoseek.model.attention import attention_class
 from nanoseek.model.config import ModelConfig
@@ -47,12 +46,7 @@ def _listing(names: list[str], limit: int = 12) -> str:
 def _shards(index: Path) -> list[Path]:
     """The shard files an index names, each checked to lie in the index's directory before anything is opened
     (a crafted index could name `../../etc/passwd`)."""
-    with reading(index):
-        text = index.read_text(encoding="utf-8")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise HFWeightsError(f"{index}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    value = read_json(index, HFWeightsError, expect_object=False)
     weight_map = value.get("weight_map") if isinstance(value, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise HFWeightsError(f"{index}: expected an object with a 'weight_map' of tensor name -> shard file name")

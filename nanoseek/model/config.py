@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nanoseek.errors import InputError, reading, unknown
+from nanoseek.errors import InputError, read_json, unknown
 from nanoseek.model.attention import ATTENTIONS
 from nanoseek.values import parse_value
 
@@ -185,14 +185,7 @@ class ModelConfig:
     def load(cls, path: str | Path) -> ModelConfig:
         """A checkpoint's config.json: a JSON object with every field, each of its type (no defaults filled in:
         a missing field would build a model of another shape than the weights')."""
-        with reading(path):
-            text = Path(path).read_text(encoding="utf-8")
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict):
-            raise InputError(f"{path}: expected a JSON object of ModelConfig fields, got a {type(d).__name__}")
+        d = read_json(path)
         hints = typing.get_type_hints(cls)
         absent = [f.name for f in dataclasses.fields(cls) if f.name not in d]
         if absent:
