@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from processes import running_with
 
 from nanoseek.eval import grade, load_benchmark
 from nanoseek.rewards import RewardSet, check_code, code, code_reward, code_tests, extract_code, sandbox
@@ -76,25 +77,6 @@ def test_run_python_isolation_and_limits(monkeypatch) -> None:
     flood = run_python("while True: print('x' * 1000)", limits=ExecLimits(output_bytes=10_000))
     assert flood.status == "output_limit" and len(flood.stdout) <= 10_000
     assert run_python("while True: pass", limits=ExecLimits(timeout_s=10, cpu_s=1)).status == "killed"  # SIGXCPU
-
-
-def running_with(token: str, wait_s: float = 0.0) -> list[int]:
-    """Live (not zombie) processes whose command line holds `token`, after waiting up to `wait_s` for none."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        found = [int(entry.name) for entry in Path("/proc").iterdir() if _live_with(entry, token.encode())]
-        if not found or time.monotonic() >= deadline:
-            return found
-        time.sleep(0.05)
-
-
-def _live_with(entry: Path, token: bytes) -> bool:
-    try:
-        cmdline = (entry / "cmdline").read_bytes()
-        state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return token in cmdline and state != "Z"
 
 
 def test_programs_cannot_reach_the_fork_server() -> None:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from processes import running_with
 
 from nanoseek.rewards import check_code, sandbox
 from nanoseek.rewards.sandbox import ExecLimits, SandboxError, configure_sandbox, run_python, sandbox_stats
@@ -91,26 +92,6 @@ def host_view(expression) -> object:
         return expression()
     except Exception as e:
         return type(e).__name__
-
-
-def running_with(token: str, wait_s: float = 0.0, but: int | None = None) -> list[int]:
-    """Live (not zombie) processes but `but` whose command line holds `token`, after waiting up to `wait_s`
-    for none."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        found = [int(e.name) for e in Path("/proc").iterdir() if _live_with(e, token.encode()) and e.name != str(but)]
-        if not found or time.monotonic() >= deadline:
-            return found
-        time.sleep(0.05)
-
-
-def _live_with(entry: Path, token: bytes) -> bool:
-    try:
-        cmdline = (entry / "cmdline").read_bytes()
-        state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return token in cmdline and state != "Z"
 
 
 def sleeper(token: str, seconds: int = 60) -> str:
