@@ -42,7 +42,44 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END, THINK_START, THINK_END]
 
+# ChatML, with tools the way Qwen2.5 renders them: a system block listing the functions inside <tools></tools>
+# (after the system message's own text), an assistant's `tool_calls` as <tool_call> blocks, and each run of
+# `tool` messages as one user turn of <tool_response> blocks. Without tools, tool calls or tool messages the
+# output is exactly the plain ChatML of CHATML_TEMPLATE_V1 (the template tokenizers were saved with before).
 CHATML_TEMPLATE = (
+    "{% if tools %}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}'
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and loop.first and tools %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant' }}{% if message['content'] %}{{ '\\n' + message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] %}"
+    "{% if call['function'] is defined %}{% set call = call['function'] %}{% endif %}"
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+    "{% if call['arguments'] is string %}{{ call['arguments'] }}{% else %}{{ call['arguments'] | tojson }}{% endif %}"
+    "{{ '}\\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# The plain ChatML template tokenizers trained here were saved with before tools; `load` reads it as the above.
+CHATML_TEMPLATE_V1 = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
@@ -190,6 +227,8 @@ class Tokenizer:
                 template = jinja_template
             if template is None and (folder / "chat_template.json").is_file():
                 template = _pick_template(_json_object(folder / "chat_template.json").get("chat_template"))
+            if template == CHATML_TEMPLATE_V1:  # ours before tools: the same text for every tool-free chat
+                template = CHATML_TEMPLATE
             named = {k: _token_content(config.get(k)) for k in _NAMED_TOKENS}
             return cls(
                 backend,
@@ -265,9 +304,15 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False, **kwargs: Any
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = False,
+        **kwargs: Any,
     ) -> str:
-        """Render a conversation to text, as transformers' `apply_chat_template(..., tokenize=False)`."""
+        """Render a conversation to text, as transformers' `apply_chat_template(..., tokenize=False)`.
+
+        `tools`: OpenAI function schemas the template lists for the model (None or []: no tools block)."""
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat_template (tokenizer_config.json has none)")
         # transformers drops None values (an API's content=None) before rendering; so do we.
@@ -275,13 +320,15 @@ class Tokenizer:
         variables = {**self.special_tokens, **kwargs}
         return _compile_template(self.chat_template).render(
             messages=messages,
-            tools=None,
+            tools=list(tools) if tools else None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **variables,
         )
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> tuple[list[int], list[int]]:
         """Token ids of a rendered conversation and a loss mask (1 on what the assistant must produce).
 
         The mask covers each assistant message's content and the end-of-turn token that closes it
@@ -290,13 +337,13 @@ class Tokenizer:
         where the assistant starts, `messages[:i+1]` is where it ends), which works for any template that
         renders a conversation as the concatenation of its turns; we check that it does.
         """
-        text = self.apply_chat_template(messages)
+        text = self.apply_chat_template(messages, tools=tools)
         spans: list[tuple[int, int]] = []
         for i, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
-            start_text = self.apply_chat_template(messages[:i], add_generation_prompt=True)
-            end_text = self.apply_chat_template(messages[: i + 1])
+            start_text = self.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True)
+            end_text = self.apply_chat_template(messages[: i + 1], tools=tools)
             if not (text.startswith(end_text) and end_text.startswith(start_text)):
                 raise ValueError(
                     "the chat template does not render a conversation as the concatenation of its turns "

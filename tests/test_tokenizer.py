@@ -252,3 +252,126 @@ def test_tokenizer_train_command(tmp_path):
         loaded = Tokenizer.load(tmp_path / name)
         assert loaded.vocab_size == 300 and loaded.chat_template == CHATML_TEMPLATE
         assert loaded.decode(loaded.encode("What is 12 + 34? 🙂")) == "What is 12 + 34? 🙂"
+
+
+# ----------------------------------------------------------------------------- tools (Qwen2.5 style)
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "calculator",
+            "description": "Evaluate an arithmetic expression exactly.",
+            "parameters": {
+                "type": "object",
+                "properties": {"expression": {"type": "string", "description": "e.g. (1 + 2) * 3 — «é»"}},
+                "required": ["expression"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "clock", "description": "The time.", "parameters": {"type": "object"}}},
+]
+CALLS = [
+    {"name": "calculator", "arguments": {"expression": "1234 * 5678"}},
+    {"name": "clock", "arguments": {}},
+]
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "Use the tools."},
+    {"role": "user", "content": "What is 1234 * 5678, and the time?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": c} for c in CALLS]},
+    {"role": "tool", "content": "7006652"},
+    {"role": "tool", "content": "12:00 <&>"},
+    {"role": "assistant", "content": "Let me check.", "tool_calls": [CALLS[0]]},
+    {"role": "tool", "content": "7006652"},
+    {"role": "assistant", "content": "\\boxed{7006652}"},
+]
+
+
+def qwen25_template() -> str:
+    """Qwen2.5's own chat template, as trl ships it (an independent copy of the format we follow)."""
+    from importlib.resources import files
+
+    pytest.importorskip("trl")
+    return (files("trl") / "chat_templates" / "qwen2_5.jinja").read_text(encoding="utf-8")
+
+
+def test_tool_rendering_matches_transformers_and_qwen25(tok, saved):
+    hf = hf_tokenizer(saved / "tokenizer.json", eos_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
+    qwen = hf_tokenizer(saved / "tokenizer.json", eos_token="<|endoftext|>", chat_template=qwen25_template())
+    cases = [TOOL_CONVERSATION, TOOL_CONVERSATION[:4], TOOL_CONVERSATION[:5], TOOL_CONVERSATION[:7]]
+    for messages in cases:
+        for tools in (TOOLS, None):
+            for add in (False, True):
+                ours = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add)
+                assert ours == hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add)
+                # with a system message, Qwen2.5's template renders exactly the same text
+                assert ours == qwen.apply_chat_template(
+                    messages, tools=tools, tokenize=False, add_generation_prompt=add
+                )
+    # without a system message we add none (Qwen2.5 adds its own); the rest is the same text
+    without = TOOL_CONVERSATION[1:]
+    ours = tok.apply_chat_template(without, tools=TOOLS)
+    theirs = qwen.apply_chat_template(without, tools=TOOLS, tokenize=False)
+    qwen_system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n"
+    assert ours == theirs.replace(qwen_system, "", 1) and ours != theirs
+    assert ours == hf.apply_chat_template(without, tools=TOOLS, tokenize=False)
+    # arguments given as a JSON string (the OpenAI wire format) are written as they are
+    wire = [{"role": "assistant", "tool_calls": [{"function": {"name": "clock", "arguments": '{"tz": "UTC"}'}}]}]
+    assert tok.apply_chat_template(wire) == hf.apply_chat_template(wire, tokenize=False)
+    assert '"arguments": {"tz": "UTC"}}' in tok.apply_chat_template(wire)
+
+
+def test_without_tools_the_template_is_the_plain_chatml_one(tok, saved):
+    from nanoseek.tasks.corpus import sft_conversations
+    from nanoseek.tokenizer import CHATML_TEMPLATE_V1
+
+    plain = Tokenizer(tok.backend, chat_template=CHATML_TEMPLATE_V1)
+    conversations = [[{k: v for k, v in m.items() if k != "meta"} for m in CONVERSATION]]
+    conversations += [c["messages"] for c in sft_conversations(30, seed=5)]
+    for messages in conversations:
+        for add in (False, True):
+            assert tok.apply_chat_template(messages, add_generation_prompt=add) == plain.apply_chat_template(
+                messages, add_generation_prompt=add
+            )
+            assert tok.apply_chat_template(messages, tools=[], add_generation_prompt=add) == (
+                plain.apply_chat_template(messages, add_generation_prompt=add)
+            )
+    # a tokenizer saved with the plain template loads with the tool-aware one
+    plain.save(saved.parent / "plain")
+    assert Tokenizer.load(saved.parent / "plain").chat_template == CHATML_TEMPLATE
+
+
+def test_tool_calls_round_trip_render_parse(tok):
+    from nanoseek.envs.tools import parse_tool_calls, render_tool_call, split_tool_calls
+
+    rng = random.Random(0)
+    for _ in range(50):
+        calls = [
+            {"name": rng.choice(["calculator", "python", "f_1"]), "arguments": {"x": random_unicode(rng, 8), "n": i}}
+            for i in range(rng.randint(1, 3))
+        ]
+        content = rng.choice(["", "Let me compute."])
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": content, "tool_calls": calls}]
+        text = tok.apply_chat_template(messages)
+        assistant = text.split("<|im_start|>assistant\n", 1)[1].removesuffix("<|im_end|>\n")
+        assert parse_tool_calls(assistant) == (calls, [])
+        assert split_tool_calls(assistant) == (content, calls)
+        if not content:  # what the model writes (render_tool_call, one a line) is what the template renders
+            written = "\n".join(render_tool_call(c["name"], c["arguments"]) for c in calls)
+            raw = [{"role": "user", "content": "q"}, {"role": "assistant", "content": written}]
+            assert tok.apply_chat_template(raw) == text
+
+
+def test_encode_chat_with_tools_learns_only_the_assistant_turns(tok):
+    from nanoseek.envs.tools import render_tool_call
+
+    messages = [
+        {"role": "user", "content": "What is 1234 * 5678?"},
+        {"role": "assistant", "content": render_tool_call("calculator", {"expression": "1234 * 5678"})},
+        {"role": "tool", "content": "7006652"},
+        {"role": "tool", "content": "second"},
+        {"role": "assistant", "content": "\\boxed{7006652}"},
+    ]
+    ids, mask = tok.encode_chat(messages, tools=TOOLS)
+    assert ids == tok.encode(tok.apply_chat_template(messages, tools=TOOLS))
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
