@@ -7,7 +7,6 @@ engine, no cache); the server's own non-streamed answer for the streamed one.
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +15,8 @@ import pytest
 import torch
 
 from nanoseek.engine import Engine
-from nanoseek.engine.server import Server
 from nanoseek.model import Transformer, get_preset
+from nanoseek.serve import Server
 from nanoseek.tasks.corpus import pretrain_texts
 from nanoseek.tokenizer import Tokenizer
 
@@ -31,9 +30,8 @@ def served():
     model = Transformer(get_preset("tiny", vocab_size=448, init_std=0.2)).eval()
     engine = Engine(model, tokenizer, max_batch=4, max_seq_len=128)
     server = Server(engine, tokenizer, ("127.0.0.1", 0), model_name="tiny-test")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    server.start()
+    url = server.url
     yield url, model, tokenizer, engine, server
     server.shutdown()
     server.server_close()
@@ -135,10 +133,10 @@ def test_completions_endpoint_n_samples_and_models(served):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user"}]}, "messages[0]"),
         (chat("hi", top_p=3.0), "top_p"),
-        (chat("hi", max_tokens=0), "max_new_tokens"),
+        (chat("hi", max_tokens=0), "max_tokens"),
         (chat("hi", stop=5), "stop"),
         (chat("hi", ignore_eos="yes"), "ignore_eos"),
-        (chat("x" * 2000), "longer than the context"),
+        (chat("x" * 2000), "over the server's cap of 127"),
     ],
 )
 def test_bad_requests_get_400_naming_the_field_and_the_server_goes_on(served, body, field):
@@ -154,8 +152,8 @@ def test_a_tokenizer_without_a_chat_template_gets_400_on_chat_but_serves_complet
     torch.manual_seed(0)
     engine = Engine(Transformer(get_preset("tiny", vocab_size=320)).eval(), tokenizer, max_batch=2, max_seq_len=64)
     server = Server(engine, tokenizer, ("127.0.0.1", 0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    server.start()
+    url = server.url
     try:
         status, raw = post(url, "/v1/chat/completions", chat("hi"))
         assert status == 400 and "chat template" in json.loads(raw)["error"]["message"]
