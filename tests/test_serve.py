@@ -7,12 +7,12 @@ engine, no cache); the server's own non-streamed answer for the streamed one.
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from serving import chat, naive_greedy_text, post, serve_tiny, sse_events
 
 from nanoseek.engine import Engine
 from nanoseek.model import Transformer, get_preset
@@ -25,42 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def served():
-    tokenizer = Tokenizer.train(pretrain_texts(300, seed=0), 400)
-    torch.manual_seed(0)
-    model = Transformer(get_preset("tiny", vocab_size=448, init_std=0.2)).eval()
-    engine = Engine(model, tokenizer, max_batch=4, max_seq_len=128)
-    server = Server(engine, tokenizer, ("127.0.0.1", 0), model_name="tiny-test")
-    server.start()
-    url = server.url
-    yield url, model, tokenizer, engine, server
-    server.shutdown()
-    server.server_close()
-
-
-def post(url: str, path: str, body: dict | bytes) -> tuple[int, bytes]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-@torch.no_grad()
-def naive_greedy_text(model: Transformer, tokenizer: Tokenizer, messages: list[dict], n: int) -> str:
-    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    out: list[int] = []
-    for _ in range(n):
-        token = int(model(torch.tensor([ids + out]))[0, -1].argmax())
-        if token in tokenizer.stop_ids:
-            break
-        out.append(token)
-    return tokenizer.decode(out)
-
-
-def chat(content: str, **fields) -> dict:
-    return {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 16, **fields}
+    s = serve_tiny()
+    yield s.url, s.model, s.tokenizer, s.engine, s.server
+    s.close()
 
 
 def test_chat_completion_is_the_greedy_answer(served):
@@ -81,7 +48,7 @@ def test_streamed_chunks_add_up_to_the_whole_answer(served):
     whole = json.loads(post(url, "/v1/chat/completions", chat("What is 7 * 8?"))[1])
     status, raw = post(url, "/v1/chat/completions", chat("What is 7 * 8?", stream=True))
     assert status == 200
-    events = [line[len("data: ") :] for line in raw.decode().split("\n\n") if line.startswith("data: ")]
+    events = sse_events(raw)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -182,3 +149,148 @@ def test_a_client_that_leaves_mid_stream_frees_its_slots(served):
         time.sleep(0.05)
     assert not engine.has_work and server.worker.cancelled == 1  # aborted, its slot released
     assert post(url, "/v1/chat/completions", chat("What is 2 + 2?"))[0] == 200
+
+
+# ----------------------------------------------------------------------------- the API as clients use it
+def test_content_as_text_parts_is_the_same_as_a_string(served):
+    url, *_ = served
+    parts = {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 9?"}]}
+    status, raw = post(url, "/v1/chat/completions", {**chat(""), "messages": [parts]})
+    plain = json.loads(post(url, "/v1/chat/completions", chat("What is 2 + 9?"))[1])
+    assert status == 200 and json.loads(raw)["choices"] == plain["choices"]
+
+
+@torch.no_grad()
+def teacher_forced(model: Transformer, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the next-token logits at every position, float64 from the model's float32."""
+    return torch.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)
+
+
+def test_chat_logprobs_are_the_models_and_top_logprobs_are_its_most_probable(served):
+    url, model, tokenizer, *_ = served
+    reply = json.loads(post(url, "/v1/chat/completions", chat("What is 4 + 4?", logprobs=True, top_logprobs=3))[1])
+    content = reply["choices"][0]["logprobs"]["content"]
+    prompt = tokenizer.encode(
+        tokenizer.apply_chat_template([{"role": "user", "content": "What is 4 + 4?"}], add_generation_prompt=True)
+    )
+    answer: list[int] = []  # greedy, token by token
+    ids = list(prompt)
+    for entry in content:
+        logp = teacher_forced(model, ids)[-1]
+        token = int(logp.argmax())
+        answer.append(token)
+        assert entry["token"] == tokenizer.decode([token]) and entry["bytes"] == list(entry["token"].encode())
+        assert entry["logprob"] == pytest.approx(float(logp[token]), abs=1e-4)
+        top = logp.topk(3)
+        assert [t["token"] for t in entry["top_logprobs"]] == [tokenizer.decode([i]) for i in top.indices.tolist()]
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
+        ids.append(token)
+    assert tokenizer.decode(answer) == reply["choices"][0]["message"]["content"]
+
+
+def test_completions_echo_gives_the_prompts_token_logprobs(served):
+    url, model, tokenizer, *_ = served
+    prompt = "What is 3 + 4?\n"
+    ids = tokenizer.encode(prompt)
+    reply = json.loads(
+        post(url, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2})[1]
+    )
+    [choice] = reply["choices"]
+    lp = choice["logprobs"]
+    assert choice["text"] == prompt and "".join(lp["tokens"]) == prompt and reply["usage"]["completion_tokens"] == 0
+    expected = teacher_forced(model, ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([float(expected[i, t]) for i, t in enumerate(ids[1:])], abs=1e-4)
+    assert [max(d, key=d.get) for d in lp["top_logprobs"][1:]] == [
+        tokenizer.decode([int(expected[i].argmax())]) for i in range(len(ids) - 1)
+    ]
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(ids))]
+    # lm-eval's loglikelihood request: one generated token after the echoed prompt, as token ids
+    body = {"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    [choice] = json.loads(post(url, "/v1/completions", body)[1])["choices"]
+    assert len(choice["logprobs"]["tokens"]) == len(ids) + 1
+    assert choice["logprobs"]["token_logprobs"][1:-1] == pytest.approx(lp["token_logprobs"][1:], abs=1e-6)
+    assert choice["logprobs"]["tokens"][-1] == tokenizer.decode([int(expected[-1].argmax())])
+
+
+def test_stream_options_include_usage_ends_with_the_usage_chunk(served):
+    url, *_ = served
+    whole = json.loads(post(url, "/v1/chat/completions", chat("What is 6 + 1?"))[1])
+    body = chat("What is 6 + 1?", stream=True, stream_options={"include_usage": True})
+    chunks = [json.loads(e) for e in sse_events(post(url, "/v1/chat/completions", body)[1])[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize(
+    "method,path,status",
+    [("GET", "/nope", 404), ("POST", "/v1/nope", 404), ("GET", "/v1/chat/completions", 405)]
+    + [(m, "/v1/chat/completions", 405) for m in ("PUT", "DELETE", "PATCH", "OPTIONS")],
+)
+def test_unknown_paths_and_methods_get_openai_errors(served, method, path, status):
+    url, *_ = served
+    got, raw = post(url, path, b"{}", method=method)
+    error = json.loads(raw)["error"]
+    assert got == status and path in error["message"] and error["code"] == status and error["type"]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("model", 5),
+        ("max_tokens", "5"),
+        ("max_tokens", 5.5),
+        ("temperature", "0"),
+        ("top_p", []),
+        ("top_k", 1.5),
+        ("min_p", "x"),
+        ("n", True),
+        ("seed", -1),
+        ("stop", 0),
+        ("stop", {}),
+        ("stop", [1]),
+        ("stream", "no"),
+        ("stream_options", {"include_usage": "yes"}),
+        ("logprobs", 1),
+        ("top_logprobs", 21),
+        ("ignore_eos", "yes"),
+        ("messages", "hi"),
+        ("messages", [{"role": "alien", "content": "hi"}]),
+        ("messages", [{"role": "user", "content": 5}]),
+        ("messages", [{"role": "user", "content": [{"type": "image", "text": "x"}]}]),
+        ("tools", [{"type": "function"}]),
+        ("tool_choice", 3),
+        ("max_completion_tokens", 0),
+    ],
+)
+def test_wrong_types_for_every_field_get_400_naming_it(served, field, value):
+    url, *_ = served
+    status, raw = post(url, "/v1/chat/completions", {**chat("hi"), field: value})
+    assert status == 400 and json.loads(raw)["error"]["message"].startswith(field), raw
+
+
+def test_metrics_count_what_was_served(served):
+    url, *_ = served
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            text = r.read().decode()
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line[0] != "#")}
+
+    before = scrape()
+    replies = [json.loads(post(url, "/v1/chat/completions", chat(f"{i} + 1?"))[1]) for i in range(3)]
+    assert post(url, "/v1/chat/completions", chat("hi", n=0))[0] == 400
+    after = scrape()
+
+    def grew(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew('nanoseek_requests_total{route="chat",status="200"}') == 3
+    assert grew('nanoseek_requests_total{route="chat",status="400"}') == 1
+    assert grew("nanoseek_generation_tokens_total") == sum(r["usage"]["completion_tokens"] for r in replies)
+    assert grew("nanoseek_prompt_tokens_total") == sum(r["usage"]["prompt_tokens"] for r in replies)
+    assert grew("nanoseek_time_to_first_token_seconds_count") == 3
+    assert grew('nanoseek_time_to_first_token_seconds_bucket{le="+Inf"}') == 3
+    assert after["nanoseek_running_sequences"] == 0 and after["nanoseek_queue_depth"] == 0
+    assert after["nanoseek_kv_cache_usage_ratio"] == 0

@@ -13,12 +13,12 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -35,6 +35,7 @@ from nanoseek.serve.schemas import ApiError, ChatRequest, CompletionRequest, err
 from nanoseek.serve.worker import Channel, EngineWorker, Scores
 
 STATIC = Path(__file__).parent / "static"
+TOKENIZER_THREADS = 2
 CLIENT_GONE = 499  # nginx's status for "the client closed the connection": counted, never sent
 
 
@@ -47,10 +48,16 @@ class ServeState:
     api_key: str | None
     metrics: Metrics = field(init=False)
     token_text: fmt.TokenText = field(init=False)
+    cpu: ThreadPoolExecutor = field(init=False)
+    """Renders and tokenizes prompts off the event loop: a fixed pool (threads do not grow with clients)."""
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.model_name)
         self.token_text = fmt.TokenText(self.tokenizer)
+        self.cpu = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="nanoseek-tokenize")
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
 
 class ClientGone(Exception):
@@ -195,7 +202,7 @@ async def chat_completions(request: Request, state: ServeState) -> Response:
 
     check_api_key(request, state.api_key)
     req = parse(ChatRequest, await read_body(request, state.limits))
-    prompt = await run_in_threadpool(fmt.chat_prompt_ids, req, state.tokenizer)
+    prompt = await state.off_loop(fmt.chat_prompt_ids, req, state.tokenizer)
     state.limits.check_prompt(len(prompt), state.worker.engine.max_seq_len)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = fmt.sampling_params(req, max_tokens, state.limits)
@@ -256,7 +263,7 @@ async def completions(request: Request, state: ServeState) -> Response:
     check_api_key(request, state.api_key)
     req = parse(CompletionRequest, await read_body(request, state.limits))
     engine = state.worker.engine
-    prompts = await run_in_threadpool(fmt.completion_prompts, req, state.tokenizer, engine.vocab_size)
+    prompts = await state.off_loop(fmt.completion_prompts, req, state.tokenizer, engine.vocab_size)
     for ids in prompts:
         state.limits.check_prompt(len(ids), engine.max_seq_len)
     k = req.logprobs

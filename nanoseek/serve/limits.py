@@ -19,6 +19,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from nanoseek.serve.schemas import ApiError
 
 API_KEY_ENV = "NANOSEEK_API_KEY"
+CLOSE = {"Connection": "close"}  # a refused body is not read further: the connection cannot be reused
 
 
 @dataclass
@@ -83,21 +84,25 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     """The body, refused (413) as soon as it would pass the cap, and (408) when it does not arrive in time."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-        raise ApiError(413, f"the body is {int(declared)} bytes, over the server's cap of {limits.max_body_bytes}")
+        raise ApiError(
+            413, f"the body is {int(declared)} bytes, over the server's cap of {limits.max_body_bytes}", headers=CLOSE
+        )
 
     async def gather() -> bytes:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limits.max_body_bytes:
-                raise ApiError(413, f"the body is over the server's cap of {limits.max_body_bytes} bytes")
+                raise ApiError(
+                    413, f"the body is over the server's cap of {limits.max_body_bytes} bytes", headers=CLOSE
+                )
             chunks.append(chunk)
         return b"".join(chunks)
 
     try:
         return await asyncio.wait_for(gather(), limits.body_timeout_s)
     except TimeoutError:
-        raise ApiError(408, f"the body did not arrive within {limits.body_timeout_s:g} s") from None
+        raise ApiError(408, f"the body did not arrive within {limits.body_timeout_s:g} s", headers=CLOSE) from None
 
 
 class TimedH11Protocol(H11Protocol):

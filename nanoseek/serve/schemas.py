@@ -8,6 +8,7 @@ servers do. A refusal names the field: `messages[1].role: Input should be 'syste
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -146,6 +147,27 @@ class CompletionRequest(Sampling):
     echo: bool = False
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|dict|list|none|.*\[.*\])$")
+
+
+def _first_problem(e: ValidationError) -> tuple[str, str]:
+    """(message, field) for the first invalid field; a value that fits none of a union's types names them."""
+    errors = e.errors(include_url=False)
+
+    def split(loc: tuple) -> tuple[str, list[str]]:
+        names = [p for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p))]
+        tags = [p for p in loc if isinstance(p, str) and _UNION_TAG.match(p)]
+        return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in names).lstrip(".") or "body", tags
+
+    where, tags = split(errors[0]["loc"])
+    if not tags:
+        return f"{where}: {errors[0]['msg']}", where
+    kinds = sorted(
+        {split(err["loc"])[1][0] for err in errors if split(err["loc"])[0] == where and split(err["loc"])[1]}
+    )
+    return f"{where}: expected {' or '.join(kinds)}", where
+
+
 def parse(model: type[_Strict], raw: bytes) -> Any:
     """A request model from a body (ApiError 400 naming the first bad field, or the JSON error)."""
     try:
@@ -161,9 +183,7 @@ def parse(model: type[_Strict], raw: bytes) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
-        raise ApiError(400, f"{where or 'body'}: {first['msg']}", where or None) from None
+        raise ApiError(400, *_first_problem(e)) from None
     except RecursionError:
         raise ApiError(400, "the body is nested too deeply") from None
 

@@ -105,6 +105,7 @@ class Server:
     def server_close(self) -> None:
         self.socket.close()
         self.worker.close()
+        self.app.state.serve.cpu.shutdown(wait=False)
 
 
 __all__ = ["Server"]
