@@ -36,11 +36,13 @@ class Served:
         self.server.server_close()
 
 
-def serve_tiny(max_batch: int = 4, limits: Limits | None = None, **server_kwargs: Any) -> Served:
+def serve_tiny(
+    max_batch: int = 4, limits: Limits | None = None, max_seq_len: int = 128, **server_kwargs: Any
+) -> Served:
     tokenizer = Tokenizer.train(pretrain_texts(300, seed=0), 400)
     torch.manual_seed(0)
-    model = Transformer(get_preset("tiny", vocab_size=448, init_std=0.2)).eval()
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=128)
+    model = Transformer(get_preset("tiny", vocab_size=448, init_std=0.2, max_seq_len=max(512, max_seq_len))).eval()
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
     server = Server(engine, tokenizer, ("127.0.0.1", 0), model_name="tiny-test", limits=limits, **server_kwargs)
     server.start()
     return Served(server.url, model, tokenizer, engine, server)

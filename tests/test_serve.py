@@ -294,3 +294,36 @@ def test_metrics_count_what_was_served(served):
     assert grew('nanoseek_time_to_first_token_seconds_bucket{le="+Inf"}') == 3
     assert after["nanoseek_running_sequences"] == 0 and after["nanoseek_queue_depth"] == 0
     assert after["nanoseek_kv_cache_usage_ratio"] == 0
+
+
+def test_tool_call_blocks_become_openai_tool_calls_streamed_or_not_and_render_back_the_same():
+    from nanoseek.envs.tools import render_tool_call
+    from nanoseek.serve.tool_calls import ToolCallStream, split_tool_calls
+
+    block = render_tool_call("calculator", {"expression": "12 * 34"})
+    text = f"Let me compute. {block}"
+    content, calls = split_tool_calls(text)
+    assert content == "Let me compute." and len(calls) == 1
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert calls[0]["function"] == {"name": "calculator", "arguments": '{"expression": "12 * 34"}'}
+    # streamed a few characters at a time: no part of the block is sent as content
+    stream, sent, streamed_calls = ToolCallStream(), "", None
+    pieces = [text[i : i + 3] for i in range(0, len(text), 3)]
+    for i, piece in enumerate(pieces):
+        out, got = stream.feed(piece, i == len(pieces) - 1)
+        sent += out
+        streamed_calls = got or streamed_calls
+    assert "<" not in sent and sent.strip() == content
+    assert [c["function"] for c in streamed_calls] == [c["function"] for c in calls]
+    # a text that only looks like the start of a block is sent whole in the end
+    stream = ToolCallStream()
+    assert stream.feed("a <tool", False) == ("a ", None) and stream.feed("box>", True) == ("<toolbox>", None)
+    # the OpenAI call sent back in an assistant message renders as the block the model wrote
+    tokenizer = Tokenizer.train(pretrain_texts(50, seed=0), 300)
+    from nanoseek.serve.openai_format import chat_messages
+    from nanoseek.serve.schemas import ChatRequest
+
+    request = ChatRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls}]}
+    )
+    assert block in tokenizer.apply_chat_template(chat_messages(request))

@@ -10,9 +10,12 @@ engine requests are cancelled); `server_close()` then stops the worker, which ab
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -23,6 +26,23 @@ from nanoseek.serve.limits import Limits, timed_protocol
 from nanoseek.serve.worker import EngineWorker
 
 LISTEN_BACKLOG = 2048  # a burst of clients connecting at once is queued by the kernel, not reset
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM/SIGINT ends `run` normally instead of being re-raised after the
+    graceful shutdown (uvicorn's default), so the caller's cleanup runs and the exit status is 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 class Server:
@@ -70,7 +90,7 @@ class Server:
             timeout_graceful_shutdown=shutdown_timeout_s,  # type: ignore[arg-type]
             backlog=LISTEN_BACKLOG,
         )
-        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn = _Uvicorn(config)
         self._stopped = threading.Event()
         self._stopped.set()  # not serving
         if not verbose:
