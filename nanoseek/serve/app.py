@@ -154,20 +154,27 @@ def sse(payload: dict[str, Any]) -> bytes:
 async def stream(
     request: Request, job: Job, chunks: Callable[[Delta, Any, int], list[dict]], meta: dict, include_usage: bool
 ) -> Response:
-    """Server-sent events: one chunk per delta from `chunks(delta, top, index)`, then usage, then [DONE]."""
+    """Server-sent events: a chunk per choice that `chunks(delta, top, index)` gives, then usage, then [DONE].
+    Events that queued up while the client was being written to go out in one write."""
     first = await guarded(request, job, job.channel.get())
     if first[0] == "error":
         job.cancel()
         raise ApiError(400, first[1])
-    extra = {"usage": None} if include_usage else {}
+    # Every chunk is the same object around its choice: encode that once, and only the choice per token.
+    head = json.dumps(meta, separators=(",", ":"))[:-1].encode()
+    prefix, suffix = b"data: " + head + b',"choices":[', b"]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+
+    def error(message: str, kind: str, code: int) -> bytes:
+        return sse({**meta, "error": {"message": message, "type": kind, "code": code}})
 
     async def events() -> AsyncIterator[bytes]:
-        event, done, n_out = first, 0, 0
+        event, done, n_out, out = first, 0, 0, []
+        queue = job.channel.queue
         try:
             while True:
                 kind, value, top, index = event
                 if kind == "error":
-                    yield sse({**meta, "error": {"message": value, "type": "server_error", "code": 500}})
+                    out.append(error(value, "server_error", 500))
                     break
                 if kind == "done":
                     done += 1
@@ -176,19 +183,27 @@ async def stream(
                 else:
                     job.saw(value, index)
                     n_out += len(value.token_ids)
-                    for chunk in chunks(value, top, index):
-                        yield sse({**meta, **chunk, **extra})
+                    for choice in chunks(value, top, index):
+                        out.append(prefix + json.dumps(choice, separators=(",", ":")).encode() + suffix)
+                if not queue.empty():
+                    event = queue.get_nowait()
+                    continue
+                if out:
+                    yield b"".join(out)
+                    out = []
                 try:
                     async with asyncio.timeout(max(job.deadline - time.perf_counter(), 0.0)):
-                        event = await job.channel.get()
+                        event = await queue.get()
                 except TimeoutError:
                     limit = job.state.limits.request_timeout_s
-                    message = f"the request ran past the server's time limit of {limit:g} s"
-                    yield sse({**meta, "error": {"message": message, "type": "timeout_error", "code": 504}})
+                    out.append(
+                        error(f"the request ran past the server's time limit of {limit:g} s", "timeout_error", 504)
+                    )
                     break
             if include_usage:
-                yield sse({**meta, "choices": [], "usage": fmt.usage(sum(map(len, job.prompts)), n_out)})
-            yield b"data: [DONE]\n\n"
+                out.append(sse({**meta, "choices": [], "usage": fmt.usage(sum(map(len, job.prompts)), n_out)}))
+            out.append(b"data: [DONE]\n\n")
+            yield b"".join(out)
         finally:
             job.cancel()  # a client that left, a time limit or an error: free the slots (a no-op when all done)
 
@@ -235,9 +250,9 @@ async def chat_completions(request: Request, state: ServeState) -> Response:
             n_shown = len(delta.token_ids) - (1 if done and isinstance(delta.completion.stop, int) else 0)
             choice = {"index": delta.sample, "delta": piece, "finish_reason": reason}
             choice["logprobs"] = logprobs_of(delta.token_ids[:n_shown], delta.logprobs[:n_shown], top)
-            return [{"object": "chat.completion.chunk", "choices": [choice]}]
+            return [choice]
 
-        return await stream(request, job, chunks, meta, req.include_usage)
+        return await stream(request, job, chunks, {**meta, "object": "chat.completion.chunk"}, req.include_usage)
 
     completions = await guarded(request, job, collect(job))
     choices = []
@@ -288,9 +303,9 @@ async def completions(request: Request, state: ServeState) -> Response:
                 ids = [0, *delta.token_ids]  # scores.logprobs[i] is the log-prob of ids[i + 1]
                 choice["logprobs"] = fmt.completion_logprobs(ids, scores, 1, k, state.token_text)
             choice["finish_reason"] = fmt.finish_reason(delta.completion) if done else None
-            return [{"object": "text_completion", "choices": [choice]}]
+            return [choice]
 
-        return await stream(request, job, chunks, meta, req.include_usage)
+        return await stream(request, job, chunks, {**meta, "object": "text_completion"}, req.include_usage)
 
     done = {} if echo_only else await guarded(request, job, collect(job))
     choices, n_out = [], 0
