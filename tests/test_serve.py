@@ -327,3 +327,31 @@ def test_tool_call_blocks_become_openai_tool_calls_streamed_or_not_and_render_ba
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls}]}
     )
     assert block in tokenizer.apply_chat_template(chat_messages(request))
+
+
+def test_64_streams_and_a_burst_of_200_get_0_errors_and_the_single_client_answers():
+    s = serve_tiny(max_batch=64)
+    try:
+        questions = [f"What is {i} + {i % 7}?" for i in range(16)]
+        single = {q: json.loads(post(s.url, "/v1/chat/completions", chat(q, max_tokens=8))[1]) for q in questions}
+
+        def streamed(i: int) -> str:
+            status, raw = post(s.url, "/v1/chat/completions", chat(questions[i % 16], max_tokens=8, stream=True))
+            assert status == 200
+            chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
+            return "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+
+        def whole(i: int) -> str:
+            status, raw = post(s.url, "/v1/chat/completions", chat(questions[i % 16], max_tokens=8))
+            assert status == 200
+            return json.loads(raw)["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(264) as pool:
+            streams = [pool.submit(streamed, i) for i in range(64)]
+            burst = [pool.submit(whole, i) for i in range(200)]
+            answers = [f.result() for f in streams + burst]
+        expected = [single[questions[i % 16]]["choices"][0]["message"]["content"] for i in [*range(64), *range(200)]]
+        assert answers == expected
+        assert s.engine.stats.max_running > 32
+    finally:
+        s.close()

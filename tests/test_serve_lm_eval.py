@@ -6,7 +6,6 @@ greedy loop, no server)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -96,4 +95,3 @@ def test_lm_eval_local_completions_scores_equal_nanoseeks_own(tmp_path: Path, mo
         assert out["results"]["nanoseek_gen"]["exact_match,none"] == pytest.approx(0.5)
     finally:
         s.close()
-        os.environ.pop("HF_DATASETS_CACHE", None)

@@ -111,3 +111,31 @@ def test_tools_and_tool_messages_are_rendered_by_the_chat_template(served, clien
     )
     assert "<tools>" in rendered and "<tool_response>" in rendered
     assert reply.usage.prompt_tokens == len(served.tokenizer.encode(rendered))
+
+
+def test_a_tool_call_the_model_writes_comes_back_as_tool_calls(served, client):
+    """The model's text is made a `<tool_call>` block (detokenize patched): the client reads tool_calls."""
+    from nanoseek.envs.tools import render_tool_call
+
+    engine = served.engine
+    detokenize = engine.detokenize
+    block = render_tool_call("calculator", {"expression": "12 * 34"})
+    engine.detokenize = lambda ids: "Let me compute. " + block if ids else ""
+    tools = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
+    try:
+        reply = client.chat.completions.create(model="tiny-test", messages=QUESTION, tools=tools, max_tokens=4)
+        streamed = list(
+            client.chat.completions.create(model="tiny-test", messages=QUESTION, tools=tools, max_tokens=4, stream=True)
+        )
+    finally:
+        engine.detokenize = detokenize
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me compute."
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "calculator"
+    assert json.loads(call.function.arguments) == {"expression": "12 * 34"}
+    content = "".join(c.choices[0].delta.content or "" for c in streamed)
+    [streamed_call] = [t for c in streamed for t in c.choices[0].delta.tool_calls or []]
+    assert "<tool_call>" not in content and streamed[-1].choices[0].finish_reason == "tool_calls"
+    assert streamed_call.function.name == "calculator" and streamed_call.index == 0
+    assert json.loads(streamed_call.function.arguments) == {"expression": "12 * 34"}
