@@ -285,13 +285,11 @@ async def completions(request: Request, state: ServeState) -> Response:
     job = Job(state, prompts, (k or 0) if req.stream else 0, req.temperature or 1.0)
     meta = fmt.response_meta(False, state.model_name)
     echo_only = req.echo and req.max_tokens == 0  # score the prompts, generate nothing (log-likelihoods)
+    if req.stream and req.echo:
+        raise ApiError(400, "echo: not supported with stream", "echo")
     if not echo_only:
-        params = fmt.sampling_params(req, req.max_tokens, state.limits)
-        job.submit(params)
+        job.submit(fmt.sampling_params(req, req.max_tokens, state.limits))
     if req.stream:
-        if req.echo:
-            job.cancel()
-            raise ApiError(400, "echo: not supported with stream", "echo")
 
         def chunks(delta: Delta, top, index: int) -> list[dict]:
             done = delta.completion is not None
