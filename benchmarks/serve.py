@@ -2,18 +2,22 @@
 and (with --before REF) against the server as it was at a git revision, interleaved in one run.
 
     python benchmarks/serve.py                                   # preset small, 1/8/32/128 clients
-    python benchmarks/serve.py --device cpu --preset tiny --before main   # the ASGI move's cost, on CPU
+    python benchmarks/serve.py --device cpu --preset tiny --before main --rounds 3   # the ASGI move's cost
     python benchmarks/serve.py --quick --device cpu              # a smoke run with tiny shapes
 
 Each client sends its requests one after another (`/v1/completions`, stream, greedy, ignore_eos so every
 answer is full length) with a prompt of --prompt-tokens random letters (one token each). Measured per
-concurrency and server: output tokens/s over the whole run, time to first token p50/p99 and inter-token
-latency p50 (from the streamed chunks as the client sees them), failures (goal 0). The peer, in the same
-run: the engine without HTTP, `Engine.generate` on the same prompts in one batch of C, which bounds what a
-server can reach. With --before, every concurrency runs before/after/after/before (ABBA, so drift from
-other jobs on the machine falls on both alike) and reports after / before, the figure to read when the
-machine is shared. The old server is the file `nanoseek/engine/server.py` at REF (the standard library's
-HTTP server, before the move to uvicorn). A JSON line follows every configuration; the last has "complete".
+concurrency and server: output tokens/s over the whole run, time to first token p50/p99, inter-token
+latency p50 (from the streamed chunks as the client sees them), failures (goal 0), and the process's
+CPU time per token (clients, HTTP and engine together; steadier than wall time on a shared machine).
+The peer, in the same run: the engine without HTTP, `Engine.generate` on the same prompts in one batch
+of C, which bounds what a server can reach.
+
+With --before REF, the server as it was at REF (the file `nanoseek/engine/server.py` there: the
+standard library's HTTP server, before the move to uvicorn) runs too, on its own engine, every
+concurrency as before/after/after/before (ABBA, --rounds times, so drift from other jobs falls on both
+alike); reported: after / before of tokens/s (each pair's too) and before / after of the CPU time per
+token (above 1: the move costs less). A JSON line follows every configuration; the last has "complete".
 """
 
 from __future__ import annotations
@@ -114,15 +118,17 @@ def load(url: str, prompts: list[str], clients: int, requests: int, new_tokens: 
     def one_client(k: int) -> list:
         return [client(url, prompts[k * requests + r], new_tokens) for r in range(requests)]
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(clients) as pool:
         results = [x for xs in pool.map(one_client, range(clients)) for x in xs]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     done = [x for x in results if x is not None]
     ttft = [x[0] for x in done]
     gaps = [gap for x in done for gap in x[1]]
+    tokens = sum(x[2] for x in done)
     return dict(
-        tokens_per_s=sum(x[2] for x in done) / wall,
+        tokens_per_s=tokens / wall,
+        cpu_ms_per_token=1e3 * cpu / max(tokens, 1),
         ttft_p50_ms=1e3 * percentile(ttft, 0.5),
         ttft_p99_ms=1e3 * percentile(ttft, 0.99),
         itl_p50_ms=1e3 * percentile(gaps, 0.5),
@@ -143,6 +149,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--before", default=None, metavar="REF", help="also the server at git REF, interleaved (ABBA)")
+    p.add_argument("--rounds", type=int, default=1, help="ABBA blocks per concurrency (more: steadier ratios)")
     p.add_argument("--quick", action="store_true", help="tiny preset and shapes (a smoke run)")
     args = p.parse_args()
     if args.quick:
@@ -157,7 +164,7 @@ def main() -> None:
     servers = {"after": Served(None, Engine(model, ByteTokenizer(), **shape))}
     if args.before:
         servers["before"] = Served(old_server_module(args.before), Engine(model, ByteTokenizer(), **shape))
-    order = ["before", "after", "after", "before"] if args.before else ["after"]
+    order = (["before", "after", "after", "before"] if args.before else ["after"]) * args.rounds
     peer = Engine(model, ByteTokenizer(), **shape)  # its own KV cache: each server's worker owns its engine
     g = torch.Generator().manual_seed(1)
     letters = "abcdefghijklmnopqrstuvwxyz "
@@ -190,7 +197,11 @@ def main() -> None:
             line += f"; {name} {r['tokens_per_s']:,.0f} tok/s, TTFT p50/p99 {ttft} ms, {r['failures']:.0f} failures"
         if args.before:
             run["after_vs_before"] = run["after"]["tokens_per_s"] / run["before"]["tokens_per_s"]
-            line += f"; after/before {run['after_vs_before']:.3f}"
+            pairs = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(measured["after"], measured["before"])]
+            run["after_vs_before_each"] = pairs
+            run["cpu_before_vs_after"] = run["before"]["cpu_ms_per_token"] / run["after"]["cpu_ms_per_token"]
+            line += f"; after/before {run['after_vs_before']:.3f} (pairs {min(pairs):.2f}-{max(pairs):.2f})"
+            line += f", CPU per token before/after {run['cpu_before_vs_after']:.3f}"
         print(line, file=sys.stderr)
         results["runs"].append(run)
         print(json.dumps({**results, "complete": False}))

@@ -36,6 +36,7 @@ from nanoseek.serve.worker import Channel, EngineWorker, Scores
 
 STATIC = Path(__file__).parent / "static"
 TOKENIZER_THREADS = 2
+INLINE_BODY_BYTES = 16 * 1024
 CLIENT_GONE = 499  # nginx's status for "the client closed the connection": counted, never sent
 
 
@@ -56,7 +57,11 @@ class ServeState:
         self.token_text = fmt.TokenText(self.tokenizer)
         self.cpu = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="nanoseek-tokenize")
 
-    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def tokenize(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) for a body of `size` bytes: on the loop when small (a thread hop would cost more), else
+        on the pool, so that one large prompt does not hold up every other client."""
+        if size <= INLINE_BODY_BYTES:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
 
@@ -216,8 +221,9 @@ async def chat_completions(request: Request, state: ServeState) -> Response:
     from nanoseek.serve.tool_calls import ToolCallStream, split_tool_calls
 
     check_api_key(request, state.api_key)
-    req = parse(ChatRequest, await read_body(request, state.limits))
-    prompt = await state.off_loop(fmt.chat_prompt_ids, req, state.tokenizer)
+    raw = await read_body(request, state.limits)
+    req = parse(ChatRequest, raw)
+    prompt = await state.tokenize(len(raw), fmt.chat_prompt_ids, req, state.tokenizer)
     state.limits.check_prompt(len(prompt), state.worker.engine.max_seq_len)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = fmt.sampling_params(req, max_tokens, state.limits)
@@ -276,9 +282,10 @@ async def chat_completions(request: Request, state: ServeState) -> Response:
 
 async def completions(request: Request, state: ServeState) -> Response:
     check_api_key(request, state.api_key)
-    req = parse(CompletionRequest, await read_body(request, state.limits))
+    raw = await read_body(request, state.limits)
+    req = parse(CompletionRequest, raw)
     engine = state.worker.engine
-    prompts = await state.off_loop(fmt.completion_prompts, req, state.tokenizer, engine.vocab_size)
+    prompts = await state.tokenize(len(raw), fmt.completion_prompts, req, state.tokenizer, engine.vocab_size)
     for ids in prompts:
         state.limits.check_prompt(len(ids), engine.max_seq_len)
     k = req.logprobs
