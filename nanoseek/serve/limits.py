@@ -100,7 +100,8 @@ async def read_body(request: Request, limits: Limits) -> bytes:
         return b"".join(chunks)
 
     try:
-        return await asyncio.wait_for(gather(), limits.body_timeout_s)
+        async with asyncio.timeout(limits.body_timeout_s):
+            return await gather()
     except TimeoutError:
         raise ApiError(408, f"the body did not arrive within {limits.body_timeout_s:g} s", headers=CLOSE) from None
 

@@ -82,7 +82,7 @@ class Server:
             self.app,
             http=timed_protocol(self.limits.header_timeout_s),
             ws="none",
-            loop="asyncio",
+            loop="auto",  # uvloop where installed (uvicorn[standard]): a faster event loop and transports
             lifespan="off",
             log_level="info" if verbose else "warning",
             access_log=verbose,
