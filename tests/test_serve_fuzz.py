@@ -30,10 +30,19 @@ def rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-@pytest.fixture(scope="module")
-def served():
+def _protocols() -> list[str]:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return ["h11"]
+    return ["httptools", "h11"]
+
+
+@pytest.fixture(scope="module", params=_protocols())
+def served(request):
+    """Over each HTTP parser uvicorn can use here (httptools where installed, and h11, the fallback)."""
     limits = Limits(max_body_bytes=CAP, header_timeout_s=1.5, body_timeout_s=1.5, keep_alive_s=1.0)
-    s = serve_tiny(max_batch=8, limits=limits)
+    s = serve_tiny(max_batch=8, limits=limits, http=request.param)
     s.expected = naive_greedy_text(s.model, s.tokenizer, [{"role": "user", "content": QUESTION}], 16)
     s.idle_threads = threading.active_count()
     still_serves(s)

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -106,30 +107,53 @@ async def read_body(request: Request, limits: Limits) -> bytes:
         raise ApiError(408, f"the body did not arrive within {limits.body_timeout_s:g} s", headers=CLOSE) from None
 
 
-class TimedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, plus a deadline for each request's headers.
+MAX_HEADER_BYTES = 64 * 1024
+HEADERS_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+class _HeaderDeadline:
+    """A deadline and a size cap for each request's headers, on top of uvicorn's HTTP/1.1 protocols.
 
     uvicorn closes a connection idle *between* requests (keep-alive timeout), but not one that never
-    sends a request or sends its headers a byte at a time; those are closed after `header_timeout_s`.
+    sends a request or sends its headers a byte at a time: those are closed after `header_timeout_s`;
+    headers over MAX_HEADER_BYTES get 431 and the connection is closed.
     """
 
     header_timeout_s = 30.0
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    cycle: Any
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self._header_bytes = 0
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
-    def handle_events(self) -> None:
-        before = self.cycle
-        super().handle_events()
-        if self.cycle is not before and self._header_timer is not None:  # a request's headers arrived
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # type: ignore[misc]
+        if self._header_timer is not None:  # these bytes did not complete a request's headers
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                self._disarm()
+                self._refuse_headers()
+
+    def _refuse_headers(self) -> None:
+        self.transport.write(HEADERS_TOO_LARGE)
+        self.transport.close()
+
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # type: ignore[misc]
         if self._header_timer is None and not self.transport.is_closing():
-            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+            self._arm()
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
@@ -137,14 +161,41 @@ class TimedH11Protocol(H11Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-        super().connection_lost(exc)
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
 
 
-def timed_protocol(header_timeout_s: float) -> type[TimedH11Protocol]:
-    return type("TimedH11Protocol", (TimedH11Protocol,), {"header_timeout_s": header_timeout_s})
+class TimedH11Protocol(_HeaderDeadline, H11Protocol):
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()
+        if self.cycle is not before:  # a request's headers arrived
+            self._disarm()
+
+
+def timed_protocol(header_timeout_s: float, http: str = "auto") -> type:
+    """The HTTP protocol class for uvicorn: over httptools (C parser, lighter per chunk) where it is
+    installed ("auto") or asked for, else over h11; either way with the header deadline and cap."""
+    try:
+        if http == "h11":
+            raise ImportError
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        if http == "httptools":
+            raise
+        base: type = TimedH11Protocol
+    else:
+
+        class TimedHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
+            def on_headers_complete(self) -> None:
+                self._disarm()
+                if len(self.url) + sum(len(k) + len(v) for k, v in self.headers) > MAX_HEADER_BYTES:
+                    self._refuse_headers()  # they came in one read: the per-read count above did not see them
+                    return
+                super().on_headers_complete()
+
+        base = TimedHttpToolsProtocol
+    return type(base.__name__, (base,), {"header_timeout_s": header_timeout_s})
 
 
 __all__ = ["API_KEY_ENV", "Limits", "TimedH11Protocol", "api_key_from", "check_api_key", "read_body", "timed_protocol"]

@@ -58,6 +58,7 @@ class Server:
         api_key: str | None = None,
         cors_origins: tuple[str, ...] = (),
         shutdown_timeout_s: float = 30.0,
+        http: str = "auto",
         verbose: bool = False,
     ) -> None:
         self.limits = limits or Limits()
@@ -80,7 +81,7 @@ class Server:
         self.server_address = self.socket.getsockname()[:2]
         config = uvicorn.Config(
             self.app,
-            http=timed_protocol(self.limits.header_timeout_s),
+            http=timed_protocol(self.limits.header_timeout_s, http),  # auto: httptools if installed, else h11
             ws="none",
             loop="auto",  # uvloop where installed (uvicorn[standard]): a faster event loop and transports
             lifespan="off",
