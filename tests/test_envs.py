@@ -18,7 +18,7 @@ from nanoseek.envs.base import StepResult, step_info
 from nanoseek.envs.baselines import mean_and_error, play_policy, summarize
 from nanoseek.envs.calculator import calculate
 from nanoseek.envs.tools import CALCULATOR, Tool, render_tool_call
-from nanoseek.errors import InputError, UserError
+from nanoseek.errors import InputError
 from nanoseek.rewards.grading import grade
 from nanoseek.tasks import get_task, list_tasks
 
@@ -131,7 +131,8 @@ def test_a_hanging_or_raising_tool_costs_only_that_call():
     env = ToolUser()
     env.reset(0)
     start = time.perf_counter()
-    hanging = env.step(render_tool_call("hang", {"seconds": "60"}) + render_tool_call("calculator", {"expression": "6*7"}))
+    calls = render_tool_call("hang", {"seconds": "60"}) + render_tool_call("calculator", {"expression": "6*7"})
+    hanging = env.step(calls)
     assert time.perf_counter() - start < 5
     assert not hanging.done and hanging.info["tool_calls"] == 2 and hanging.info["tool_errors"] == 1
     assert "did not finish within 0.3 s" in hanging.messages[0]["content"] and hanging.messages[1]["content"] == "42"
@@ -359,7 +360,8 @@ def test_cli_list_baseline_and_play(capsys, tmp_path, monkeypatch):
     code, out, _ = run_cli(args, capsys)
     summary = json.loads(out.splitlines()[-1])
     want = summarize([play_policy(make("guess_number"), "expert", 5 + i) for i in range(20)])
-    assert code == 0 and summary == {"env": "guess_number", "policy": "expert", "knobs": make("guess_number").knobs, **want}
+    knobs = make("guess_number").knobs
+    assert code == 0 and summary == {"env": "guess_number", "policy": "expert", "knobs": knobs, **want}
     assert [json.loads(line)["seed"] for line in transcripts.read_text().splitlines()] == list(range(5, 25))
     env = make("guess_number")
     env.reset(2)

@@ -31,7 +31,7 @@ def random_expression(rng: random.Random, depth: int) -> tuple[str, Fraction]:
     """An expression string and its value, built together with Fraction arithmetic (the reference)."""
     if depth == 0 or rng.random() < 0.3:
         if rng.random() < 0.7:
-            n = rng.randint(0, 10**rng.randint(1, 6))
+            n = rng.randint(0, 10 ** rng.randint(1, 6))
             return str(n), Fraction(n)
         whole, frac = rng.randint(0, 999), rng.randint(0, 999)
         text = f"{whole}.{frac:03d}"
