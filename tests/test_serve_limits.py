@@ -186,3 +186,34 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_cleanly(tmp_path: P
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
         proc.kill()
+
+
+def test_the_command_serves_a_checkpoint_with_a_key_from_the_environment(tmp_path: Path):
+    import torch
+
+    from nanoseek.model import Transformer, get_preset
+    from nanoseek.model.io import save_model
+    from nanoseek.tasks.corpus import pretrain_texts
+    from nanoseek.tokenizer import Tokenizer
+
+    checkpoint = tmp_path / "tiny"
+    torch.manual_seed(0)
+    save_model(Transformer(get_preset("tiny", vocab_size=320)), checkpoint)
+    Tokenizer.train(pretrain_texts(100, seed=0), 300).save(checkpoint)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1", "NANOSEEK_API_KEY": KEY}
+    command = [sys.executable, "-m", "nanoseek", "serve", "--checkpoint", str(checkpoint), "--port", "0"]
+    bad = subprocess.run([*command, "--max-n", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("--max-n = 0: must be > 0")
+    proc = subprocess.Popen([*command, "--max-batch", "2"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "with an API key" in line, line
+        url = line.split(" on ")[1].split("/ (chat)")[0]
+        assert url.startswith("http://127.0.0.1:")
+        assert post(url, "/v1/chat/completions", chat("hi"))[0] == 401
+        status, raw = post(url, "/v1/chat/completions", chat("hi", max_tokens=4), auth())
+        assert status == 200 and json.loads(raw)["model"] == "tiny"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
