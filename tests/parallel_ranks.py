@@ -1,10 +1,12 @@
 """Training sharded over the ranks that launched this script: the runs test_parallel.py compares.
 
-    torchrun --standalone --nproc_per_node=2 tests/parallel_ranks.py OUT_DIR CHECKPOINT
+    torchrun --standalone --nproc_per_node=2 tests/parallel_ranks.py OUT_DIR CHECKPOINT FOUR_RANK_RUN
 
 Under FSDP: pretraining of tiny-moe (4 steps, sharded checkpoints at 2 and 4, activation checkpointing
-on) and of tiny (3 steps) into OUT_DIR/<preset>; the RL update of rl_ranks.py, and the engine's twin
-refreshed after it, into OUT_DIR/rl; one step of `nanoseek rl` from CHECKPOINT into OUT_DIR/rl_run.
+on) and of tiny (3 steps) into OUT_DIR/<preset>; tiny-moe with expert parallelism into OUT_DIR/tiny-moe-ep;
+the resumption of FOUR_RANK_RUN (saved by 4 ranks) from its step 2; the RL update of rl_ranks.py, and
+the engine's twin refreshed after it, into OUT_DIR/rl; one step of `nanoseek rl` from CHECKPOINT into
+OUT_DIR/rl_run.
 The single-process references are the same functions run in the test's own process (`pretrain_run`,
 `rl_ranks.main`). Not a test module itself (pytest does not collect it).
 """
@@ -36,9 +38,9 @@ STEPS = {"tiny-moe": 4, "tiny": 3}
 CHECKPOINTING = {"tiny-moe": "selective", "tiny": "block"}
 
 
-def pretrain_run(preset: str, out: Path, world: int, extra: list[str] = (), **options) -> dict:
-    """The pretraining of `preset` that `world` ranks split: the same 2 micro-batches a step on any world."""
-    overrides = [*SMALL, f"train.steps={STEPS[preset]}", f"train.grad_accum={2 // world}", *extra]
+def pretrain_run(preset: str, out: Path, world: int, extra: list[str] = (), micro: int = 2, **options) -> dict:
+    """The pretraining of `preset` that `world` ranks split: the same `micro` micro-batches a step on any world."""
+    overrides = [*SMALL, f"train.steps={STEPS[preset]}", f"train.grad_accum={micro // world}", *extra]
     if world > 1:
         overrides += ["train.parallel=fsdp", f"train.activation_checkpointing={CHECKPOINTING[preset]}"]
     cfg = load_run_config(None, None, overrides)
@@ -90,13 +92,17 @@ def rl_run(out: Path, checkpoint: Path) -> dict:
     return rl(cfg, out, checkpoint, quiet=True)
 
 
-def main(out: Path, checkpoint: Path) -> None:
+def main(out: Path, checkpoint: Path, four: Path) -> None:
     world = distributed.launched_world_size()
     for preset in STEPS:
         pretrain_run(preset, out / preset, world)
+    # Expert parallelism over both ranks, FSDP for the rest.
+    pretrain_run("tiny-moe", out / "tiny-moe-ep", world, ["train.expert_parallel=2"])
+    # A run that 4 ranks (2 x 2 experts, expert_ranks.py) saved at step 2, resumed on these 2 (1 x 2).
+    pretrain_run("tiny-moe", four, world, ["train.expert_parallel=2"], micro=4, resume=True)
     rl_under_fsdp(out / "rl")
     rl_run(out / "rl_run", checkpoint)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))

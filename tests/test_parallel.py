@@ -1,8 +1,8 @@
 """FSDP, activation checkpointing and sharded checkpoints (`nanoseek.train.parallel`), on CPU with gloo.
 
 The reference is always the single-process run on the same data, made in this test's own process;
-one torchrun launch of tests/parallel_ranks.py makes every sharded run (machines running the suite
-have two cores: the launches are what cost).
+two torchrun launches (tests/expert_ranks.py on 4 ranks, tests/parallel_ranks.py on 2) make every
+sharded run, once for the module (machines running the suite have two cores: launches are what cost).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import expert_ranks
 import parallel_ranks
 import pytest
 import rl_ranks
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from test_distributed import launch, metrics
 
 from nanoseek.cli import main as nanoseek
+from nanoseek.errors import InputError
 from nanoseek.model import Transformer, get_preset
 from nanoseek.model.moe import moe_layers
 from nanoseek.train import parallel
@@ -43,65 +45,124 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt / "model.safetensors"))
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_fsdp_trains_resumes_and_updates_rl_like_one_process(tmp_path, capsys):
-    ref, two = tmp_path / "ref", tmp_path / "two"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """The references (this process), then every sharded run: one launch of 4 ranks, one of 2."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch built without distributed")
+    root = tmp_path_factory.mktemp("parallel")
+    ref, two, four = root / "ref", root / "two", root / "four"
     for preset in parallel_ranks.STEPS:
         parallel_ranks.pretrain_run(preset, ref / preset, world=1)
-        shutil.copytree(ref / preset / "tokenizer", two / preset / "tokenizer")  # rank 0 would train the same
+    parallel_ranks.pretrain_run("tiny-moe", ref / "tiny-moe-4", world=1, micro=4)
     rl_ranks.main(ref / "rl")
+    for run, preset in ((two / "tiny-moe", "tiny-moe"), (two / "tiny", "tiny"), (two / "tiny-moe-ep", "tiny-moe")):
+        shutil.copytree(ref / preset / "tokenizer", run / "tokenizer")  # rank 0 would train the same one
+    shutil.copytree(ref / "tiny-moe" / "tokenizer", four / "tiny-moe" / "tokenizer")
+
+    launch([str(Path(expert_ranks.__file__)), str(four)], root, nproc=4)
+    resumed_on_2 = root / "four-on-2"
+    _copy_at_step_2(four / "tiny-moe", resumed_on_2)
     start = ref / "tiny-moe" / "checkpoints" / "step_4"  # where the RL run starts
-    launch([str(Path(parallel_ranks.__file__)), str(two), str(start)], tmp_path, nproc=2)
+    launch([str(Path(parallel_ranks.__file__)), str(two), str(start), str(resumed_on_2)], root, nproc=2)
+    return root
 
-    # Pretraining sharded over 2 ranks (activation checkpointing on) = one process with 2 micro-batches
-    # a step: the sharded checkpoints, consolidated, hold the same weights, and the losses agree.
+
+def _copy_at_step_2(run: Path, to: Path) -> None:
+    shutil.copytree(run, to)
+    shutil.rmtree(to / "checkpoints" / "step_4")
+
+
+def _consolidated(run: Path, out: Path) -> dict[str, torch.Tensor]:
+    assert nanoseek(["checkpoint", "consolidate", str(run), "--out", str(out)]) == 0
+    assert (out / "tokenizer.json").is_file()
+    return weights(out)
+
+
+def test_fsdp_pretraining_equals_one_process(runs):
+    """Sharded over 2 ranks (activation checkpointing on) = one process with 2 micro-batches a step: the
+    sharded checkpoints, consolidated, hold the same weights (balancing biases included); the losses agree."""
     for preset, steps in parallel_ranks.STEPS.items():
-        sharded = two / preset / "checkpoints" / f"step_{steps}"
+        sharded = runs / "two" / preset / "checkpoints" / f"step_{steps}"
         assert (sharded / "sharded").is_dir() and not (sharded / "model.safetensors").exists()
-        out = tmp_path / "consolidated" / preset
-        assert nanoseek(["checkpoint", "consolidate", str(two / preset), "--out", str(out)]) == 0
-        assert (out / "tokenizer.json").is_file()
-        reference = ref / preset / "checkpoints" / f"step_{steps}"
-        assert_same_weights(weights(reference), weights(out), atol=1e-5)
-        assert_same_metrics(ref / preset, two / preset)
-    biases = [k for k in weights(out.parent / "tiny-moe") if k.endswith("e_score_correction_bias")]
-    assert biases and any(weights(out.parent / "tiny-moe")[k].abs().sum() > 0 for k in biases)
+        whole = _consolidated(runs / "two" / preset, runs / "consolidated" / preset)
+        assert_same_weights(weights(runs / "ref" / preset / "checkpoints" / f"step_{steps}"), whole, atol=1e-5)
+        assert_same_metrics(runs / "ref" / preset, runs / "two" / preset)
+    moe = weights(runs / "consolidated" / "tiny-moe")
+    assert any(v.abs().sum() > 0 for k, v in moe.items() if k.endswith("e_score_correction_bias"))  # it moved
 
-    # Saved on 2 ranks, resumed in one process: the step-2 shards load whole and train on to the same run.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(two / "tiny-moe", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_4")
-    parallel_ranks.pretrain_run("tiny-moe", resumed, world=1, resume=True)
-    assert_same_weights(
-        weights(ref / "tiny-moe" / "checkpoints" / "step_4"), weights(resumed / "checkpoints" / "step_4"), 1e-5
-    )
-    assert_same_metrics(ref / "tiny-moe", resumed)
 
-    # RL's update with the policy sharded (gradients summed by FSDP) = the whole batch in one process.
-    # The engine's whole-weight twin, refreshed from the shards after the update, holds the same weights.
-    rl_one, rl_two = (load_file(str(run / "rl" / "weights.safetensors")) for run in (ref, two))
+def test_expert_parallel_layer_equals_the_whole_layer_in_float64(runs):
+    """4 ranks: experts over all 4, and over 2 beside 2 data-parallel rows; a rank receiving nothing included."""
+    layer = json.loads((runs / "four" / "layer.json").read_text())
+    assert set(layer) == {f"ep{ep}/{case}" for ep in (2, 4) for case in ("all", "two_unused", "rank_1_unused")}
+    for case, diffs in layer.items():
+        received = diffs.pop("least_received")
+        assert received == 0 if case.endswith("rank_1_unused") else received > 0, case
+        assert {"output", "input_grad", "w1_grad", "router.weight_grad", "shared.w2.weight_grad", "bias"} <= set(diffs)
+        assert all(v <= 1e-6 for v in diffs.values()), (case, diffs)
+
+
+def test_expert_parallel_training_equals_one_process(runs):
+    """Experts over 2 ranks with FSDP for the rest, on 2 ranks (1 x 2) and on 4 (2 x 2)."""
+    for run, ref in (("two/tiny-moe-ep", "ref/tiny-moe"), ("four/tiny-moe", "ref/tiny-moe-4")):
+        whole = _consolidated(runs / run, runs / "consolidated" / run)
+        assert_same_weights(weights(runs / ref / "checkpoints" / "step_4"), whole, atol=1e-5)
+        assert_same_metrics(runs / ref, runs / run)
+
+
+def test_sharded_checkpoints_resume_on_fewer_ranks(runs):
+    """Saved at step 2 on 4 ranks: resumed on 2 and on 1; saved on 2: resumed on 1. Each goes on to the
+    run that never stopped (weights and every logged number)."""
+    ref4, ref2 = runs / "ref" / "tiny-moe-4", runs / "ref" / "tiny-moe"
+    on_1 = runs / "four-on-1"
+    _copy_at_step_2(runs / "four" / "tiny-moe", on_1)
+    parallel_ranks.pretrain_run("tiny-moe", on_1, world=1, micro=4, resume=True)
+    two_on_1 = runs / "two-on-1"
+    _copy_at_step_2(runs / "two" / "tiny-moe", two_on_1)
+    parallel_ranks.pretrain_run("tiny-moe", two_on_1, world=1, resume=True)
+    on_2 = _consolidated(runs / "four-on-2", runs / "consolidated" / "four-on-2")  # resumed with EP: sharded
+    for ref, resumed in ((ref4, weights(on_1 / "checkpoints" / "step_4")), (ref4, on_2), (ref2, None)):
+        resumed = resumed if resumed is not None else weights(two_on_1 / "checkpoints" / "step_4")
+        assert_same_weights(weights(ref / "checkpoints" / "step_4"), resumed, atol=1e-5)
+    for ref, run in ((ref4, on_1), (ref4, runs / "four-on-2"), (ref2, two_on_1)):
+        assert_same_metrics(ref, run)
+
+
+def test_rl_update_under_fsdp_equals_one_process(runs):
+    """RL's update with the policy sharded (gradients summed by FSDP, idle passes where a rank has fewer
+    micro-batches) = the whole batch in one process; so does the engine's twin refreshed from the shards."""
+    rl_one, rl_two = (load_file(str(runs / run / "rl" / "weights.safetensors")) for run in ("ref", "two"))
     twin = {k.replace("twin/", "token-mean/"): rl_two.pop(k) for k in list(rl_two) if k.startswith("twin/")}
     assert_same_weights(rl_one, rl_two, atol=1e-6)
     assert_same_weights({k: v for k, v in rl_one.items() if k.startswith("token-mean/")}, twin, atol=1e-6)
-    # `nanoseek rl` under FSDP end to end: the evaluations and the step ran on the twin, the checkpoint is sharded.
-    summary = json.loads((two / "rl_run" / "summary.json").read_text())
+    # `nanoseek rl` under FSDP end to end: evaluations and the step ran on the twin; the checkpoint is sharded.
+    summary = json.loads((runs / "two" / "rl_run" / "summary.json").read_text())
     assert summary["steps"] == 1 and "all" in summary["after"]
-    assert (two / "rl_run" / "checkpoints" / "step_1" / "sharded").is_dir()
+    assert (runs / "two" / "rl_run" / "checkpoints" / "step_1" / "sharded").is_dir()
 
-    # Bad input, one line each: a sharded checkpoint of another model; FSDP without torchrun.
-    capsys.readouterr()
-    other = [*parallel_ranks.SMALL, "train.steps=6", "model.d_model=48"]
-    assert (
-        nanoseek(
-            ["pretrain", "--preset", "tiny-moe", "--out", str(two / "tiny-moe"), "--resume", "--quiet", *_sets(other)]
-        )
-        == 2
-    )
-    err = capsys.readouterr().err.strip()
-    assert "a sharded checkpoint of another model" in err and "d_model" in err and len(err.splitlines()) == 1
-    assert nanoseek(["pretrain", "--quiet", "--out", str(tmp_path / "x"), "--set", "train.parallel=fsdp"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "train.parallel = 'fsdp'" in err and "torchrun" in err and len(err.splitlines()) == 1
+
+def test_bad_parallel_settings_are_one_line_errors(runs, tmp_path, capsys):
+    small = [*parallel_ranks.SMALL, "train.steps=6"]
+    cases = [  # (arguments, what the one line says)
+        (["--out", str(runs / "two" / "tiny-moe"), "--resume", *_sets([*small, "model.d_model=48"])],
+         "a sharded checkpoint of another model (config.json differs in d_model)"),
+        (["--out", str(tmp_path / "a"), *_sets(["train.parallel=fsdp"])], "train.parallel = 'fsdp': shards"),
+        (["--out", str(tmp_path / "b"), *_sets(["train.expert_parallel=2"])], "train.expert_parallel = 2: shards"),
+    ]  # fmt: skip
+    for args, message in cases:
+        capsys.readouterr()
+        assert nanoseek(["pretrain", "--preset", "tiny-moe", "--quiet", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert (message in err and "torchrun" in err) or "another model" in message, err
+        assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    # Under torchrun: expert ranks that divide neither the ranks nor the experts (checked before any work).
+    from nanoseek.train import expert_parallel
+
+    with pytest.raises(InputError, match=r"train.expert_parallel = 3: must divide the number of ranks \(4\)"):
+        expert_parallel.check(3, 4)
+    with pytest.raises(InputError, match=r"must divide model.n_routed_experts \(6\)"):
+        expert_parallel.check(4, 8, n_experts=6)
 
 
 def _sets(items: list[str]) -> list[str]:

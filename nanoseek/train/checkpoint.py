@@ -7,8 +7,8 @@
         rng.safetensors                     torch (and CUDA) generator states
         trainer_state.json                  step, data position, python/numpy RNG, stage-specific state
 
-A run under FSDP (`train.parallel = fsdp`) saves a sharded checkpoint instead, written by every rank
-with `torch.distributed.checkpoint` (each rank its own shards, no rank ever holding the whole state):
+A run under FSDP (`train.parallel = fsdp`) or expert parallelism saves a sharded checkpoint instead,
+written by every rank with `torch.distributed.checkpoint` (each rank its own shards, none the whole state):
 
     RUN_DIR/checkpoints/step_N/
         config.json, tokenizer files, rng.safetensors, trainer_state.json     as above (rank 0)
@@ -41,7 +41,7 @@ from nanoseek.loading import latest_checkpoint
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.io import save_model
 from nanoseek.model.transformer import Transformer
-from nanoseek.train import distributed
+from nanoseek.train import distributed, expert_parallel
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -126,6 +126,7 @@ def save_sharded_checkpoint(
     distributed.barrier()
     try:
         model_state, optim_state = get_state_dict(model, optimizers)
+        model_state, optim_state = expert_parallel.as_dtensors(model, model_state, optim_state)  # each expert once
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "sharded")  # collective
         if main:
             model.cfg.save(tmp / "config.json")
@@ -170,8 +171,10 @@ def load_sharded_checkpoint(
 
     check_same_model(ckpt, model.cfg)
     model_state, optim_state = get_state_dict(model, optimizers)
+    model_state, optim_state = expert_parallel.as_dtensors(model, model_state, optim_state)  # loaded in place
     alone = distributed.topology().world == 1  # one process reads every shard itself
     dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=ckpt / "sharded", no_dist=alone)
+    model_state, optim_state = expert_parallel.as_local(model_state), expert_parallel.as_local(optim_state)
     set_state_dict(model, optimizers, model_state_dict=model_state, optim_state_dict=optim_state)
     return load_trainer_state(ckpt, None, restore_rng)
 

@@ -126,11 +126,7 @@ def train(
                 loss.backward()
             ce_sum += ce.detach().float()
             aux_sum += aux.detach().float() if isinstance(aux, torch.Tensor) else aux
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if cfg.grad_clip > 0
-            else torch.tensor(0.0)
-        )
+        grad_norm = parallel.finish_gradients(model, cfg.grad_clip)  # (and the experts' reduction, under EP)
         for opt in run.optimizers:
             opt.step()
         for opt in run.optimizers:
@@ -152,7 +148,7 @@ def train(
                 step=done,
                 loss=last_loss,
                 lr=run.lr(),
-                grad_norm=float(parallel.full(grad_norm)),
+                grad_norm=float(grad_norm),
                 tokens_per_s=tok_s,
                 time=run.elapsed(),
             )

@@ -52,11 +52,12 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             # One Newton-Schulz iteration per shape: fewer, larger matmuls (tiny, bf16: 26 -> 18 ms a step, one core).
-            same_shape: dict[torch.Size, list[Tensor]] = defaultdict(list)
+            # (and of one kind: FSDP's DTensors are not stacked with expert parallelism's plain tensors)
+            same_shape: dict[tuple[torch.Size, type], list[Tensor]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is not None:
-                    same_shape[p.shape].append(p)
-            for shape, params in same_shape.items():
+                    same_shape[(p.shape, type(p))].append(p)
+            for (shape, _), params in same_shape.items():
                 grads = [p.grad for p in params]
                 for p in params:
                     if "momentum" not in self.state[p]:

@@ -42,13 +42,16 @@ from nanoseek.errors import InputError
 from nanoseek.model import Transformer
 from nanoseek.model.moe import moe_layers
 from nanoseek.model.transformer import Block
+from nanoseek.train import distributed, expert_parallel
 from nanoseek.train.distributed import Topology
 
 
 # ----------------------------------------------------------------------------- choosing the layout
 def check_launch(cfg: TrainConfig) -> None:
-    """FSDP and expert parallelism shard over torchrun's ranks: asked for without torchrun, one line."""
+    """FSDP and expert parallelism shard over torchrun's ranks: asked for without torchrun, or for a number
+    of expert ranks that does not divide torchrun's, one line."""
     if "RANK" in os.environ:
+        expert_parallel.check(cfg.expert_parallel, distributed.launched_world_size())
         return
     for name, asked in (("parallel", cfg.parallel == "fsdp"), ("expert_parallel", cfg.expert_parallel > 1)):
         if asked:
@@ -75,14 +78,23 @@ def prepare(model: Transformer, cfg: TrainConfig, layout: str, device: torch.dev
 
     sum_gradients: reduce gradients over ranks as a sum (RL's convention), not FSDP's average."""
     checkpoint_blocks(model, cfg.activation_checkpointing)
+    if cfg.expert_parallel > 1:
+        expert_parallel.check(cfg.expert_parallel, distributed.topology().world, model.cfg.n_routed_experts)
+        if sum_gradients:
+            raise InputError("train.expert_parallel: for pretraining and SFT (RL's engine decodes whole experts)")
+        expert_parallel.apply(model, expert_parallel.mesh(device, cfg.expert_parallel))
     if layout == "fsdp":
         shard(model, device, sum_gradients)
 
 
 def shard(model: Transformer, device: torch.device, sum_gradients: bool = False) -> None:
-    """FSDP2 over all ranks: each block its own unit (gathered only while it runs), the rest the root's."""
+    """FSDP2 over all ranks: each block its own unit (gathered only while it runs), the rest the root's.
+    Experts split by expert parallelism stay as they are (their gradients are `finish_gradients`')."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
     kwargs: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
+    experts = set(expert_parallel.expert_params(model).values())
+    if experts:
+        kwargs["ignored_params"] = experts
     for block in model.layers:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
@@ -133,13 +145,24 @@ def loss_function(
             if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
             else "broadcast_buffers"
         )
+        experts = [f"model.{name}" for name in expert_parallel.expert_params(model)]  # reduced over dp only
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(loss_module := _LossModule(model), experts)
         ddp = DistributedDataParallel(
-            _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None, **{no_buffer_sync: False}
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None, **{no_buffer_sync: False}
         )
         ddp_loss = torch.compile(ddp) if compile else ddp
         return (lambda ids, tgt, pos, doc, reduction: ddp_loss(ids, tgt, pos, doc)), ddp.no_sync
     # Compile the loss method itself: `torch.compile(model).loss(...)` would run the eager model.
     return (torch.compile(model.loss) if compile else model.loss), nullcontext
+
+
+def finish_gradients(model: Transformer, max_norm: float) -> torch.Tensor:
+    """After a step's last backward: the split experts' gradients reduced (expert parallelism), then every
+    gradient clipped to a norm of max_norm (0: not clipped); returns the norm before clipping (0 unclipped)."""
+    expert_parallel.reduce_gradients(model)
+    if max_norm <= 0:
+        return torch.tensor(0.0)
+    return full(expert_parallel.clip_gradients(model, max_norm))
 
 
 # ----------------------------------------------------------------------------- activation checkpointing

@@ -169,8 +169,10 @@ class Run:
         if ckpt is not None and not sharded:
             model.load_state_dict(read_safetensors(ckpt / "model.safetensors", self.device))
         self.parallel = parallel.resolve(self.train_cfg, self.topo, self.device, model.num_params())
-        if ckpt is not None and not sharded and self.parallel == "fsdp":
-            raise InputError(f"{ckpt}: not a sharded checkpoint; resume it with train.parallel = ddp")
+        if ckpt is not None and not sharded and self.saves_sharded():
+            raise InputError(
+                f"{ckpt}: not a sharded checkpoint; resume it with train.parallel = ddp, no expert_parallel"
+            )
         parallel.prepare(model, self.train_cfg, self.parallel, self.device, sum_gradients=self.stage == "rl")
         self.optimizers = build_optimizers(model, self.train_cfg, self.device)
         install_balancing_hook(self.optimizers[-1], model)
@@ -209,12 +211,16 @@ class Run:
         self.bar.close()
 
     def save(self) -> None:
-        """Checkpoint this step: sharded by every rank under FSDP, else the ordinary one by rank 0."""
+        """Checkpoint this step: sharded by every rank under FSDP or EP, else the ordinary one by rank 0."""
         args = (self.run_dir, self.done, self.model, self.optimizers, self.tokenizer, self.stage_state())
-        if self.parallel == "fsdp":
+        if self.saves_sharded():
             save_sharded_checkpoint(*args, keep=self.train_cfg.keep_checkpoints)
         elif self.topo.is_main:
             save_checkpoint(*args, keep=self.train_cfg.keep_checkpoints)
+
+    def saves_sharded(self) -> bool:
+        """Whether no rank holds the whole state (FSDP, expert parallelism): checkpoints are sharded."""
+        return self.parallel == "fsdp" or self.train_cfg.expert_parallel > 1
 
     def lr(self) -> float:
         """The learning rate of this step (the first optimizer's first group)."""
