@@ -57,7 +57,9 @@ class ExpertDispatch:
         self.group = device_mesh.get_group("ep")
         self.size = device_mesh.size(1)
         self.n_local = moe.cfg.n_routed_experts // self.size
+        self.ep_rank = device_mesh.get_local_rank("ep")
         self.received_rows = 0
+        self.sent_rows = 0  # to other ranks, out and back, since set to 0 (benchmarks/parallel_memory.py)
 
     def __call__(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         send_counts = counts.view(self.size, self.n_local).contiguous()  # [rank holding it, its expert]
@@ -65,6 +67,7 @@ class ExpertDispatch:
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_split, recv_split = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()  # host read
         self.received_rows = sum(recv_split)  # (for the tests: a rank may receive none)
+        self.sent_rows += sum(send_split) - send_split[self.ep_rank] + sum(recv_split) - recv_split[self.ep_rank]
         received = _exchange(x_sorted, recv_split, send_split, self.group)
         # Rows arrive by sending rank, each rank's rows by expert: a stable sort by expert groups them.
         experts = torch.arange(self.n_local, device=counts.device).repeat(self.size)
@@ -113,8 +116,12 @@ def reduce_gradients(model: nn.Module) -> None:
     if not dispatches:
         return
     params = [p for p in expert_params(model).values() if p.grad is not None]
+    dp_group = dispatches[0].mesh.get_group("dp")
+    if dist.get_world_size(dp_group) == 1:  # every expert on one rank only: nothing to sum
+        torch._foreach_div_([p.grad for p in params], dist.get_world_size())
+        return
     flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, group=dispatches[0].mesh.get_group("dp"))
+    dist.all_reduce(flat, group=dp_group)
     flat /= dist.get_world_size()
     offset = 0
     for p in params:

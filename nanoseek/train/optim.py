@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from nanoseek import precision
 from nanoseek.config import TrainConfig
@@ -83,6 +84,8 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
         dict(params=decay, weight_decay=cfg.weight_decay, lr=cfg.lr, base_lr=cfg.lr),
         dict(params=no_decay, weight_decay=0.0, lr=cfg.lr, base_lr=cfg.lr),
     ]
+    # FSDP's DTensors apart from expert parallelism's plain tensors: a fused step takes one kind.
+    groups = [dict(g, params=[p for p in g["params"] if isinstance(p, DTensor) == d]) for g in groups for d in (0, 1)]
     fused = device.type in ("cuda", "cpu")
     opts: list[torch.optim.Optimizer] = [
         torch.optim.AdamW([g for g in groups if g["params"]], betas=(cfg.beta1, cfg.beta2), fused=fused)

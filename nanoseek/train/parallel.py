@@ -151,7 +151,9 @@ def loss_function(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None, **{no_buffer_sync: False}
         )
         ddp_loss = torch.compile(ddp) if compile else ddp
-        return (lambda ids, tgt, pos, doc, reduction: ddp_loss(ids, tgt, pos, doc)), ddp.no_sync
+        loss = lambda ids, tgt, pos, doc, reduction: ddp_loss(ids, tgt, pos, doc)
+        loss.ddp = ddp  # (for a comm hook: benchmarks/parallel_memory.py counts the bytes sent)
+        return loss, ddp.no_sync
     # Compile the loss method itself: `torch.compile(model).loss(...)` would run the eager model.
     return (torch.compile(model.loss) if compile else model.loss), nullcontext
 
