@@ -9,9 +9,10 @@ only then materialised, so no rank ever holds more than its share. After one war
 optimizer state exists), the kernel's peak-RSS mark is reset (/proc/self/clear_refs) and one more step
 is measured: peak RSS minus the RSS before the model was built, against `nanoseek.train.memory.estimate`
 (float32 gathered weights: CPU FSDP has no bf16 all-gather). Bytes sent: every collective's payload on
-this rank during the measured step (FSDP's all-gathers and reduce-scatters, DDP's bucket all-reduces
-through a comm hook, the expert all-to-alls' rows bound for other ranks), as a ring algorithm sends
-them, against `memory.bytes_sent_per_step`. Rank 0 prints one JSON line.
+this rank during the measured step (FSDP's all-gathers and reduce-scatters and every all-reduce, DDP's
+buckets included, patched in `torch.distributed`; the expert all-to-alls' rows bound for other ranks,
+counted by the dispatch), as a ring algorithm sends them, against `memory.bytes_sent_per_step`.
+Rank 0 prints one JSON line.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main() -> None:
     with torch.device("meta"):
         model = Transformer(cfg)
     parallel.prepare(model, train_cfg, layout_name, device, sum_gradients=False)
+    laid_out = rss_kib("VmRSS")  # the layout's own cost before any tensor exists (process groups of its meshes)
     model.to_empty(device=device)
     model.materialize_buffers(device)
     model.reset_parameters()
@@ -101,15 +103,6 @@ def main() -> None:
     opts = build_optimizers(model, train_cfg, device)
     install_balancing_hook(opts[-1], model)
     loss_fn, _ = parallel.loss_function(model, layout_name, device, compile=False)
-    ddp_hook = getattr(loss_fn, "ddp", None)
-    if counter is not None and layout_name == "ddp":
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-        def counted_allreduce(state, bucket):
-            counter.add("all_reduce", 2 * (world - 1) / world * bucket.buffer().numel() * 4)
-            return allreduce_hook(state, bucket)
-
-        ddp_hook.register_comm_hook(None, counted_allreduce)
     gen = torch.Generator().manual_seed(topo.rank)
     ids = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen)
 
@@ -153,6 +146,7 @@ def main() -> None:
         shape=f"moe-1b x {args.layers} layers",
         params=sum(p.numel() for p in model.parameters()) if layout_name != "fsdp" else None,
         peak_rss_above_start_gib=measured / 2**30,
+        layout_groups_gib=(laid_out - base) * 1024 / 2**30,
         state_after_warmup_gib=(before_step - base) * 1024 / 2**30,
         estimate_gib={k: v / 2**30 for k, v in est.items()},
         estimate_over_measured=est["total"] / measured,

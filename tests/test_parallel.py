@@ -193,3 +193,30 @@ def test_activation_checkpointing_changes_no_gradient(preset, mode):
         assert b.router.tokens_per_expert.sum() == ids.numel() * cfg.top_k
     assert type(checkpointed.layers[0]).__name__ == "CheckpointedBlock"
     assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_two_nodes_with_the_c10d_rendezvous_train_like_one_process(runs, tmp_path):
+    """Two torchrun launches of one process each, as two nodes would start them (the README's command),
+    meet through the c10d rendezvous and train tiny under FSDP as one process does."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "nodes"
+    shutil.copytree(runs / "ref" / "tiny" / "tokenizer", out / "tokenizer")
+    overrides = [*parallel_ranks.SMALL, "train.steps=3", "train.grad_accum=1", "train.parallel=fsdp"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+    launcher += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=nanoseek-test"]
+    command = [*launcher, "-m", "nanoseek", "pretrain", "--preset", "tiny", "--quiet", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([*command, *_sets(overrides)], env=env, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    whole = _consolidated(out, tmp_path / "whole")
+    assert_same_weights(weights(runs / "ref" / "tiny" / "checkpoints" / "step_3"), whole, atol=1e-5)
+    assert_same_metrics(runs / "ref" / "tiny", out)

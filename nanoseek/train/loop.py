@@ -8,10 +8,10 @@
 `doc_ids`; targets are -100 where no loss is taken) and owns the gradient step: gradient
 accumulation (the loss is normalised by the tokens of the whole step, not per micro-batch),
 clipping, bf16 autocast where the device has it (`nanoseek.precision`), throughput and MFU,
-the loss records and validation. Under
-`torchrun` it trains data-parallel with DDP (`nanoseek.train.distributed`): each rank takes its
-share of the step's micro-batches. The schedule, resume, metrics file, checkpoints, summary and
-plots are the `Run`'s.
+the loss records and validation. Under `torchrun` it trains data-parallel
+(`nanoseek.train.distributed`): each rank takes its share of the step's micro-batches, the model
+laid out by `nanoseek.train.parallel` (DDP, FSDP, expert parallelism). The schedule, resume, metrics
+file, checkpoints, summary and plots are the `Run`'s.
 """
 
 from __future__ import annotations

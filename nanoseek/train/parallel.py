@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -89,9 +90,12 @@ def prepare(model: Transformer, cfg: TrainConfig, layout: str, device: torch.dev
 
 def shard(model: Transformer, device: torch.device, sum_gradients: bool = False) -> None:
     """FSDP2 over all ranks: each block its own unit (gathered only while it runs), the rest the root's.
+    Each rank's shards go to `device` (the model may still be on the host: the device never holds it whole).
     Experts split by expert parallelism stay as they are (their gradients are `finish_gradients`')."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
-    kwargs: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
+    kwargs: dict[str, Any] = {"mesh": init_device_mesh(device.type, (distributed.topology().world,))}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
     experts = set(expert_parallel.expert_params(model).values())
     if experts:
         kwargs["ignored_params"] = experts
@@ -151,9 +155,7 @@ def loss_function(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None, **{no_buffer_sync: False}
         )
         ddp_loss = torch.compile(ddp) if compile else ddp
-        loss = lambda ids, tgt, pos, doc, reduction: ddp_loss(ids, tgt, pos, doc)
-        loss.ddp = ddp  # (for a comm hook: benchmarks/parallel_memory.py counts the bytes sent)
-        return loss, ddp.no_sync
+        return (lambda ids, tgt, pos, doc, reduction: ddp_loss(ids, tgt, pos, doc)), ddp.no_sync
     # Compile the loss method itself: `torch.compile(model).loss(...)` would run the eager model.
     return (torch.compile(model.loss) if compile else model.loss), nullcontext
 

@@ -6,9 +6,11 @@
     torchrun --standalone --nproc_per_node=8 -m nanoseek pretrain --preset moe-1b   # the same, on every rank
 
 A `Run` owns RUN_DIR and what no stage does differently: the device and ranks, config.toml, the seed,
-the optimizers with the MoE balancing hook, resume from the latest checkpoint (weights, optimizer and
-RNG states, and the stage's own state), metrics.jsonl, the lr schedule and progress bar of the step
-loop, periodic, final and interrupted checkpoints, summary.json, the plots and the final barrier.
+the model's layout over the ranks (`nanoseek.train.parallel`: DDP, FSDP, expert parallelism, activation
+checkpointing), the optimizers with the MoE balancing hook, resume from the latest checkpoint (weights,
+optimizer and RNG states, and the stage's own state; sharded checkpoints under FSDP or EP),
+metrics.jsonl, the lr schedule and progress bar of the step loop, periodic, final and interrupted
+checkpoints, summary.json, the plots and the final barrier.
 A stage brings only its step (`train.loop.train` for pretraining and SFT, `train.rl.rl` for RL):
 
     run = Run(cfg, run_dir, "sft", resume=resume, quiet=quiet, stop_at=stop_at)
@@ -19,7 +21,8 @@ A stage brings only its step (`train.loop.train` for pretraining and SFT, `train
         ...                                     # forward, backward, optimizer step, run.log.write(record)
     return run.finish(dict(stage="sft", steps=run.done, ...))
 
-Rank 0 alone writes files and prints; the other ranks log to a `NullLog`.
+Rank 0 alone writes files and prints (every rank writes its shards of a sharded checkpoint); the
+other ranks log to a `NullLog`.
 """
 
 from __future__ import annotations
@@ -163,17 +166,18 @@ class Run:
         itself, or None on a fresh start. Every checkpoint saves `model`, `tokenizer` and `stage_state()`.
         """
         self.model, self.tokenizer, self.stage_state = model, tokenizer, stage_state
-        model.to(self.device).train()
+        model.train()
         ckpt = find_resume_checkpoint(self.run_dir) if self.resume else None
         sharded = ckpt is not None and is_sharded_checkpoint(ckpt)
         if ckpt is not None and not sharded:
-            model.load_state_dict(read_safetensors(ckpt / "model.safetensors", self.device))
+            model.load_state_dict(read_safetensors(ckpt / "model.safetensors"))
         self.parallel = parallel.resolve(self.train_cfg, self.topo, self.device, model.num_params())
         if ckpt is not None and not sharded and self.saves_sharded():
             raise InputError(
                 f"{ckpt}: not a sharded checkpoint; resume it with train.parallel = ddp, no expert_parallel"
             )
         parallel.prepare(model, self.train_cfg, self.parallel, self.device, sum_gradients=self.stage == "rl")
+        model.to(self.device)  # laid out first: a model built on the host reaches the device as this rank's share
         self.optimizers = build_optimizers(model, self.train_cfg, self.device)
         install_balancing_hook(self.optimizers[-1], model)
         state = None
