@@ -69,6 +69,15 @@ class SentBytes:
             return real_all_reduce(tensor, *args, **kwargs)
 
         dist.all_reduce = counted_all_reduce
+        # DDP reduces its buckets in C++; its Python comm hook (the same all-reduce) goes through the count.
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        class CountedDDP(torch.nn.parallel.DistributedDataParallel):
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, **kwargs)
+                self.register_comm_hook(None, allreduce_hook)
+
+        torch.nn.parallel.DistributedDataParallel = CountedDDP
 
     def add(self, kind: str, nbytes: float) -> None:
         if self.on:

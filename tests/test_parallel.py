@@ -2,7 +2,8 @@
 
 The reference is always the single-process run on the same data, made in this test's own process;
 two torchrun launches (tests/expert_ranks.py on 4 ranks, tests/parallel_ranks.py on 2) make every
-sharded run, once for the module (machines running the suite have two cores: launches are what cost).
+sharded run, once for the module (machines running the suite have two cores: launches are what cost);
+one more test starts two one-process "nodes" through the c10d rendezvous.
 """
 
 from __future__ import annotations
@@ -220,3 +221,25 @@ def test_two_nodes_with_the_c10d_rendezvous_train_like_one_process(runs, tmp_pat
     whole = _consolidated(out, tmp_path / "whole")
     assert_same_weights(weights(runs / "ref" / "tiny" / "checkpoints" / "step_3"), whole, atol=1e-5)
     assert_same_metrics(runs / "ref" / "tiny", out)
+
+
+def test_memory_estimate_counts_the_model_s_own_parameters(capsys):
+    """The state terms against the parameters of the built model: whole under DDP, 1/N under FSDP, the
+    routed experts 1/ep under expert parallelism; `nanoseek model --devices` prints a row per layout."""
+    from nanoseek.train.memory import Layout, estimate
+
+    cfg = get_preset("tiny-moe")
+    model = Transformer(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(m.w1.numel() + m.w2.numel() + m.w3.numel() for m in moe_layers(model))
+    at = lambda layout: estimate(cfg, layout, batch_size=1, seq_len=16)
+    assert at(Layout("ddp", 1))["weights"] == 4 * total and at(Layout("ddp", 1))["optimizer"] == 8 * total
+    assert at(Layout("fsdp", 4))["weights"] == pytest.approx(4 * total / 4)
+    assert at(Layout("ddp", 4, 2))["weights"] == pytest.approx(4 * (total - experts / 2))
+    assert at(Layout("fsdp", 4, 2))["gradients"] == pytest.approx(4 * ((total - experts) / 4 + experts / 2))
+    assert nanoseek(["model", "--preset", "tiny-moe", "--devices", "4", "--expert-parallel", "2"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["ddp", "fsdp", "ddp", "fsdp"]  # then "+ ep2" after the latter two
+    assert nanoseek(["model", "--preset", "tiny-moe", "--devices", "3", "--expert-parallel", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "must divide the number of ranks (3)" in err and len(err.splitlines()) == 1

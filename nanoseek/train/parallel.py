@@ -12,6 +12,9 @@ train.parallel:
   auto  fsdp when a CUDA device could not hold the replicated training state (16 bytes a parameter:
         float32 weights, gradients and two AdamW moments), else ddp.
 
+train.expert_parallel = N splits each MoE layer's routed experts over N ranks (`expert_parallel.py`),
+with ddp or fsdp for everything else.
+
 train.activation_checkpointing (`none | block | selective`) recomputes each block's forward in the
 backward: all of it (block), or all but the matmul and attention outputs (selective, op-level).
 The MoE routers count tokens in their forward, so a recomputation restores their counts after it.
@@ -59,7 +62,7 @@ def check_launch(cfg: TrainConfig) -> None:
             value = getattr(cfg, name)
             raise InputError(
                 f"train.{name} = {value!r}: shards the model over the ranks of torchrun; launch with "
-                "torchrun --nproc_per_node=N -m nanoseek ... (or leave train.parallel = auto)"
+                "torchrun --nproc_per_node=N -m nanoseek ... (one process: train.parallel = auto, expert_parallel = 1)"
             )
 
 
@@ -80,6 +83,8 @@ def prepare(model: Transformer, cfg: TrainConfig, layout: str, device: torch.dev
     sum_gradients: reduce gradients over ranks as a sum (RL's convention), not FSDP's average."""
     checkpoint_blocks(model, cfg.activation_checkpointing)
     if cfg.expert_parallel > 1:
+        if not model.cfg.is_moe:
+            raise InputError(f"train.expert_parallel = {cfg.expert_parallel}: the model has no routed experts")
         expert_parallel.check(cfg.expert_parallel, distributed.topology().world, model.cfg.n_routed_experts)
         if sum_gradients:
             raise InputError("train.expert_parallel: for pretraining and SFT (RL's engine decodes whole experts)")
