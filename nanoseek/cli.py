@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("nanoseek.commands.convert", "convert to and from Hugging Face checkpoints"),
     "speedrun": ("nanoseek.commands.speedrun", "the whole pipeline: tokenizer, pretrain, SFT, RL, eval"),
     "model": ("nanoseek.commands.model", "show a preset's size, FLOPs per token and KV bytes"),
+    "checkpoint": ("nanoseek.commands.checkpoint", "consolidate a sharded (FSDP) checkpoint into the ordinary one"),
 }
 DEBUG_HELP = "show the traceback of an error (also: NANOSEEK_DEBUG=1)"
 

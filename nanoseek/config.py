@@ -33,6 +33,8 @@ DEFAULT_TASKS = "arithmetic,countdown,linear_equation,word_problems"
 # The modes of the training settings that name one (nanoseek.train.optim implements them).
 OPTIMIZERS = ("muon", "adamw")
 SCHEDULES = ("cosine", "wsd", "constant")
+PARALLEL_LAYOUTS = ("auto", "ddp", "fsdp")  # nanoseek.train.parallel implements them
+ACTIVATION_CHECKPOINTING = ("none", "block", "selective")
 
 
 @dataclass
@@ -82,6 +84,13 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
+    parallel: str = "auto"
+    """Under torchrun: 'ddp' (whole model on every rank), 'fsdp' (FSDP2, sharded per block) or 'auto' (fsdp
+    where a CUDA device could not hold the replicated training state, else ddp)."""
+    activation_checkpointing: str = "none"
+    """'none', 'block' (recompute each block in the backward) or 'selective' (keep matmul outputs only)."""
+    expert_parallel: int = 1
+    """Ranks the routed experts of each MoE layer are split over (all-to-all dispatch); 1 = none."""
 
 
 @dataclass
@@ -252,6 +261,8 @@ class RunConfig:
         for section, name, allowed in (
             ("train", "optimizer", OPTIMIZERS),
             ("train", "schedule", SCHEDULES),
+            ("train", "parallel", PARALLEL_LAYOUTS),
+            ("train", "activation_checkpointing", ACTIVATION_CHECKPOINTING),
             ("rl", "scale_rewards", REWARD_SCALINGS),
             ("rl", "loss_agg", LOSS_AGGREGATIONS),
             ("rl", "overlong", OVERLONG_MODES),
@@ -309,7 +320,7 @@ def parse_task_weights(spec: str, where: str) -> dict[str, float]:
 _AT_LEAST = dict.fromkeys(
     "steps batch_size seq_len grad_accum eval_batches checkpoint_every keep_checkpoints log_every builtin_examples "
     "prompts_per_step max_new_tokens num_iterations micro_batch_size max_sampling_rounds eval_problems eval_samples "
-    "k n_problems limit max_batch".split(),
+    "k n_problems limit max_batch expert_parallel".split(),
     1,
 ) | {"group_size": 2}  # advantages are relative to the group
 _FRACTIONS = {"min_lr_ratio", "decay_fraction", "beta1", "beta2", "val_fraction", "top_p", "eval_top_p", "min_p"}

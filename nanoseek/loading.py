@@ -23,7 +23,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     steps = []
     for d in (run_dir / "checkpoints").glob("step_*"):
         m = re.fullmatch(r"step_(\d+)", d.name)
-        if m and (d / "model.safetensors").is_file():
+        # (a sharded checkpoint of an FSDP run: `nanoseek.train.checkpoint`)
+        if m and ((d / "model.safetensors").is_file() or (d / "sharded" / ".metadata").is_file()):
             steps.append((int(m.group(1)), d))
     return max(steps)[1] if steps else None
 
@@ -52,6 +53,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
     if is_hf_dir(path):
         return "hf", path
     latest = latest_checkpoint(path)
+    if latest is not None and not (latest / "model.safetensors").is_file():
+        raise InputError(f"{latest}: a sharded checkpoint; make it whole first: nanoseek checkpoint consolidate {path}")
     if latest is not None:
         return "nanoseek", latest
     raise InputError(

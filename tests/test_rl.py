@@ -380,20 +380,23 @@ def test_rl_resume_is_exact(tmp_path):
 
 def test_rl_with_a_16_bit_engine_twin_trains_exactly_as_without_it(tmp_path, monkeypatch):
     """Under bf16 autocast (CPU standing in for CUDA) the engine decodes a twin with bf16 matmul weights;
-    synced after every update and at resume, the run's weights equal a run whose engine decodes the
-    float32 policy itself (bit for bit: the twin's logits are autocast's)."""
+    synced after every update (and made after the resume), the run's weights equal a run whose engine decodes
+    the float32 policy itself (bit for bit: the twin's logits are autocast's)."""
+    import nanoseek.train.parallel as parallel_module
     import nanoseek.train.rl as rl_module
     import nanoseek.train.run as run_module
 
     monkeypatch.setattr(run_module, "autocast_dtype", lambda device: torch.bfloat16)  # autocast() on CPU too
     ckpt = tiny_checkpoint(tmp_path / "sft")
     syncs = []
-    real_sync = rl_module.sync_rollout_policy
-    monkeypatch.setattr(rl_module, "sync_rollout_policy", lambda twin, model: syncs.append(1) or real_sync(twin, model))
+    real_sync = parallel_module.sync_rollout_policy
+    monkeypatch.setattr(
+        parallel_module, "sync_rollout_policy", lambda twin, model: syncs.append(1) or real_sync(twin, model)
+    )
     monkeypatch.setattr(rl_module, "autocast_dtype", lambda device: torch.bfloat16)
     rl(rl_run(), tmp_path / "twin", ckpt, quiet=True, stop_at=2)
     rl(rl_run(), tmp_path / "twin", ckpt, quiet=True, resume=True)
-    assert len(syncs) == 4 + 1  # after each of the 4 updates, and once at resume
+    assert len(syncs) == 4  # after each of the 4 updates
     monkeypatch.setattr(rl_module, "autocast_dtype", lambda device: None)  # the engine runs the policy itself
     rl(rl_run(), tmp_path / "policy", ckpt, quiet=True)
     a = load_file(str(tmp_path / "twin" / "checkpoints" / "step_4" / "model.safetensors"))

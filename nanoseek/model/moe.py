@@ -108,7 +108,9 @@ def _padded_rows(counts: Tensor, n_rows: int) -> tuple[Tensor, int]:
 
 def _pad(x: Tensor, rows: Tensor, n_experts: int, capacity: int) -> Tensor:
     # index_copy/index_select (not advanced indexing): their backward passes are plain gathers/scatters.
-    return x.new_zeros(n_experts * capacity, x.shape[1]).index_copy(0, rows, x).view(n_experts, capacity, -1)
+    # (No -1 in the view: capacity is 0 on an expert-parallel rank that receives no rows.)
+    buf = x.new_zeros(n_experts * capacity, x.shape[1]).index_copy(0, rows, x)
+    return buf.view(n_experts, capacity, x.shape[1])
 
 
 def _unpad(y: Tensor, rows: Tensor) -> Tensor:
@@ -218,6 +220,9 @@ class MoE(nn.Module):
         self.shared = SwiGLU(D, cfg.shared_hidden) if cfg.shared_hidden > 0 else None
         self.shared_gate = nn.Linear(D, 1, bias=False) if cfg.shared_expert_gate and self.shared else None
         self.aux_loss: Tensor | None = None
+        # The seam for expert parallelism (`nanoseek.train.parallel`): when set, the sorted token copies and
+        # their counts per expert go to it instead of `experts`, which then holds this rank's experts only.
+        self.expert_dispatch: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def experts(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         """SwiGLU of each row by its own expert; rows sorted by expert with `counts` per expert."""
@@ -233,7 +238,7 @@ class MoE(nn.Module):
             return grouped_mm(h, self.w2.to(dtype), counts)
         # Fallback: pad once into [E, capacity, D], three bmm, unpad once (padding rows stay zero).
         rows, capacity = _padded_rows(counts, x_sorted.shape[0])
-        buf = _pad(x_sorted, rows, self.cfg.n_routed_experts, capacity)
+        buf = _pad(x_sorted, rows, self.w1.shape[0], capacity)  # the experts this module holds
         h = F.silu(torch.bmm(buf, self.w1.transpose(-2, -1))) * torch.bmm(buf, self.w3.transpose(-2, -1))
         return _unpad(torch.bmm(h, self.w2.transpose(-2, -1)), rows)
 
@@ -248,7 +253,8 @@ class MoE(nn.Module):
         order = torch.argsort(flat_ids, stable=True)
         token_of_copy = order // k
         counts = count_per_expert(flat_ids, self.cfg.n_routed_experts)
-        out_sorted = self.experts(flat.index_select(0, token_of_copy), counts)
+        run_experts = self.experts if self.expert_dispatch is None else self.expert_dispatch
+        out_sorted = run_experts(flat.index_select(0, token_of_copy), counts)
         out_sorted = out_sorted * weights.flatten()[order, None]
         routed = torch.zeros_like(flat).index_add_(0, token_of_copy, out_sorted)
 

@@ -14,6 +14,9 @@ The price is that every rank tokenises the whole stream, which is cheap next to 
 the sizes this project trains. `train.batch_size` is per micro-batch per rank: a step sees
 batch_size x grad_accum x world rows.
 
+How the model itself is laid out over the ranks (DDP, FSDP, expert parallelism, activation
+checkpointing) is `nanoseek.train.parallel`'s; the data split above is the same under each.
+
 Rank 0 alone writes files (config, tokenizer, checkpoints, metrics, plots) and prints progress.
 The MoE balancing bias is a buffer, not a parameter: DDP does not average it, so the routers'
 token counts are summed over ranks before each bias update (`update_router_biases`), which keeps

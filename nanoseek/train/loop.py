@@ -8,15 +8,14 @@
 `doc_ids`; targets are -100 where no loss is taken) and owns the gradient step: gradient
 accumulation (the loss is normalised by the tokens of the whole step, not per micro-batch),
 clipping, bf16 autocast where the device has it (`nanoseek.precision`), throughput and MFU,
-the loss records and validation. Under
-`torchrun` it trains data-parallel with DDP (`nanoseek.train.distributed`): each rank takes its
-share of the step's micro-batches. The schedule, resume, metrics file, checkpoints, summary and
-plots are the `Run`'s.
+the loss records and validation. Under `torchrun` it trains data-parallel
+(`nanoseek.train.distributed`): each rank takes its share of the step's micro-batches, the model
+laid out by `nanoseek.train.parallel` (DDP, FSDP, expert parallelism). The schedule, resume, metrics
+file, checkpoints, summary and plots are the `Run`'s.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -24,12 +23,10 @@ from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from nanoseek import precision
 from nanoseek.model import Transformer, router_stats
-from nanoseek.train import distributed
+from nanoseek.train import distributed, parallel
 from nanoseek.train.run import Run, autocast
 
 # Dense bf16 peak FLOP/s by device-name substring; the first match wins, so variants precede their family.
@@ -56,31 +53,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-# Newer torch renames DDP's `broadcast_buffers` (and warns on the old name).
-_NO_BUFFER_SYNC = (
-    {"forward_sync_buffers": False}
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-    else {"broadcast_buffers": False}
-)
-
-
-class LossModule(nn.Module):
-    """`model.loss` as a module's forward: DDP synchronises gradients through the forward it wraps."""
-
-    def __init__(self, model: Transformer) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        targets: torch.Tensor,
-        positions: torch.Tensor | None,
-        doc_ids: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.loss(input_ids, targets, positions, doc_ids, reduction="sum")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -128,18 +100,8 @@ def train(
     if not run.quiet:
         print(f"{run.stage}: matmuls in {precision.describe(device)}{'; loss compiled' if cfg.compile else ''}")
 
-    ddp = None
-    if topo.world > 1:
-        # Buffers are not broadcast: the routers' load counts are per rank until the balancing hook
-        # sums them, and the balancing bias moves identically on every rank.
-        ddp = DistributedDataParallel(
-            LossModule(model), device_ids=[device.index] if device.type == "cuda" else None, **_NO_BUFFER_SYNC
-        )
-        ddp_loss = torch.compile(ddp) if cfg.compile else ddp
-        loss_fn = lambda ids, tgt, pos, doc, reduction: ddp_loss(ids, tgt, pos, doc)
-    else:
-        # Compile the loss method itself: `torch.compile(model).loss(...)` would run the eager model.
-        loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
+    # DDP, FSDP or one process (`nanoseek.train.parallel`; `run.begin` has sharded the model for FSDP).
+    loss_fn, no_sync = parallel.loss_function(model, run.parallel, device, cfg.compile)
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak = peak_flops(device)
     peak = peak * topo.world if peak else None
@@ -155,20 +117,16 @@ def train(
         ce_sum = torch.zeros((), device=device)
         aux_sum = torch.zeros((), device=device)
         for i, b in enumerate(micro):
-            # DDP averages gradients over ranks: x world makes that average the step's token mean.
-            # Only the last micro-batch's backward synchronises.
-            with ddp.no_sync() if ddp is not None and i < len(micro) - 1 else nullcontext():
+            # DDP and FSDP average gradients over ranks: x world makes that average the step's token mean.
+            # Under DDP only the last micro-batch's backward synchronises.
+            with no_sync() if i < len(micro) - 1 else nullcontext():
                 with autocast(device):
                     ce, aux = batch_loss(loss_fn, b)
                     loss = ce * topo.world / max(n_targets, 1) + aux / cfg.grad_accum
                 loss.backward()
             ce_sum += ce.detach().float()
             aux_sum += aux.detach().float() if isinstance(aux, torch.Tensor) else aux
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if cfg.grad_clip > 0
-            else torch.tensor(0.0)
-        )
+        grad_norm = parallel.finish_gradients(model, cfg.grad_clip)  # (and the experts' reduction, under EP)
         for opt in run.optimizers:
             opt.step()
         for opt in run.optimizers:

@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from nanoseek import precision
 from nanoseek.config import TrainConfig
@@ -52,11 +53,12 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             # One Newton-Schulz iteration per shape: fewer, larger matmuls (tiny, bf16: 26 -> 18 ms a step, one core).
-            same_shape: dict[torch.Size, list[Tensor]] = defaultdict(list)
+            # (and of one kind: FSDP's DTensors are not stacked with expert parallelism's plain tensors)
+            same_shape: dict[tuple[torch.Size, type], list[Tensor]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is not None:
-                    same_shape[p.shape].append(p)
-            for shape, params in same_shape.items():
+                    same_shape[(p.shape, type(p))].append(p)
+            for (shape, _), params in same_shape.items():
                 grads = [p.grad for p in params]
                 for p in params:
                     if "momentum" not in self.state[p]:
@@ -82,6 +84,8 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
         dict(params=decay, weight_decay=cfg.weight_decay, lr=cfg.lr, base_lr=cfg.lr),
         dict(params=no_decay, weight_decay=0.0, lr=cfg.lr, base_lr=cfg.lr),
     ]
+    # FSDP's DTensors apart from expert parallelism's plain tensors: a fused step takes one kind.
+    groups = [dict(g, params=[p for p in g["params"] if isinstance(p, DTensor) == d]) for g in groups for d in (0, 1)]
     fused = device.type in ("cuda", "cpu")
     opts: list[torch.optim.Optimizer] = [
         torch.optim.AdamW([g for g in groups if g["params"]], betas=(cfg.beta1, cfg.beta2), fused=fused)

@@ -27,11 +27,10 @@ from typing import Any, Unpack
 
 from nanoseek.config import RLConfig, RunConfig, TrainConfig
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.engine.twin import rollout_policy, sync_rollout_policy
 from nanoseek.eval.runner import prompt_ids, run_problems, summarize_records
 from nanoseek.rewards import RewardSet, grade
 from nanoseek.rewards.sandbox import configure_sandbox
-from nanoseek.train import distributed, grpo
+from nanoseek.train import distributed, grpo, parallel
 from nanoseek.train.rollouts import (
     PromptSampler,
     batch_statistics,
@@ -132,20 +131,20 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
     check_rows_for_rewards(reward_set, train_rows, r.prompts_file or "rl.tasks")
     sampler = PromptSampler(train_rows, t.seed)
     max_prompt = max(len(prompt_ids(tokenizer, row["prompt"])) for row in train_rows + eval_rows)
-    engine_policy = rollout_policy(model, autocast_dtype(run.device))
-    engine = Engine(
-        engine_policy,
-        tokenizer,
-        max_batch=max(math.ceil(r.prompts_per_step / run.topo.world) * r.group_size, 8),
-        max_seq_len=min(model.cfg.max_seq_len, max_prompt + r.max_new_tokens + 8),
-    )
 
     before = None  # the held-out evaluation before the first step, kept in every checkpoint
     state = run.begin(model, tokenizer, lambda: {"sampler": sampler.state_dict(), "before": before, "stage": "rl"})
     if state is not None:
         sampler.load_state_dict(state["sampler"])
         before = state.get("before")
-        sync_rollout_policy(engine_policy, model)
+    # The engine decodes the policy's twin (16-bit matmul weights; whole weights when the policy is sharded).
+    engine_policy = parallel.generation_policy(model, autocast_dtype(run.device))
+    engine = Engine(
+        engine_policy,
+        tokenizer,
+        max_batch=max(math.ceil(r.prompts_per_step / run.topo.world) * r.group_size, 8),
+        max_seq_len=min(model.cfg.max_seq_len, max_prompt + r.max_new_tokens + 8),
+    )
     if before is None and eval_rows:
         before = evaluate(engine, tokenizer, eval_rows, r, seed=t.seed)
         run.log.write(dict(step=0, eval_accuracy=before["accuracy"]["all"], eval=before["accuracy"]))
@@ -162,7 +161,7 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
         )
         t1 = time.perf_counter()
         upd = update(model, ref_model, run.optimizers, batch, advantages, r, t.grad_clip, run.device)
-        sync_rollout_policy(engine_policy, model)
+        parallel.refresh_generation_policy(engine_policy, model)
         t_update = time.perf_counter() - t1
         done = step + 1
 

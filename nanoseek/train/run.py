@@ -6,9 +6,11 @@
     torchrun --standalone --nproc_per_node=8 -m nanoseek pretrain --preset moe-1b   # the same, on every rank
 
 A `Run` owns RUN_DIR and what no stage does differently: the device and ranks, config.toml, the seed,
-the optimizers with the MoE balancing hook, resume from the latest checkpoint (weights, optimizer and
-RNG states, and the stage's own state), metrics.jsonl, the lr schedule and progress bar of the step
-loop, periodic, final and interrupted checkpoints, summary.json, the plots and the final barrier.
+the model's layout over the ranks (`nanoseek.train.parallel`: DDP, FSDP, expert parallelism, activation
+checkpointing), the optimizers with the MoE balancing hook, resume from the latest checkpoint (weights,
+optimizer and RNG states, and the stage's own state; sharded checkpoints under FSDP or EP),
+metrics.jsonl, the lr schedule and progress bar of the step loop, periodic, final and interrupted
+checkpoints, summary.json, the plots and the final barrier.
 A stage brings only its step (`train.loop.train` for pretraining and SFT, `train.rl.rl` for RL):
 
     run = Run(cfg, run_dir, "sft", resume=resume, quiet=quiet, stop_at=stop_at)
@@ -19,7 +21,8 @@ A stage brings only its step (`train.loop.train` for pretraining and SFT, `train
         ...                                     # forward, backward, optimizer step, run.log.write(record)
     return run.finish(dict(stage="sft", steps=run.done, ...))
 
-Rank 0 alone writes files and prints; the other ranks log to a `NullLog`.
+Rank 0 alone writes files and prints (every rank writes its shards of a sharded checkpoint); the
+other ranks log to a `NullLog`.
 """
 
 from __future__ import annotations
@@ -35,12 +38,21 @@ from tqdm import tqdm
 
 from nanoseek import precision
 from nanoseek.config import RunConfig, run_config_to_toml
+from nanoseek.errors import InputError
 from nanoseek.loading import load_checkpoint, pick_device
 from nanoseek.model import Transformer, install_balancing_hook
 from nanoseek.model.io import read_safetensors
 from nanoseek.plots import plot_run
-from nanoseek.train import distributed
-from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, remove_stale_tmp, save_checkpoint
+from nanoseek.train import distributed, parallel
+from nanoseek.train.checkpoint import (
+    find_resume_checkpoint,
+    is_sharded_checkpoint,
+    load_sharded_checkpoint,
+    load_trainer_state,
+    remove_stale_tmp,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
 
 
@@ -113,6 +125,7 @@ class Run:
         stop_at: int | None = None,
         notes: TextIO | None = None,
     ) -> None:
+        parallel.check_launch(cfg.train)
         self.topo, self.device = distributed.setup(pick_device(cfg.train.device))
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +144,7 @@ class Run:
         self.tokenizer: Any = None
         self.stage_state: Callable[[], dict[str, Any]] = dict
         self.optimizers: list[torch.optim.Optimizer] = []
+        self.parallel = "single"  # the layout over the ranks, set by `begin` (`nanoseek.train.parallel`)
         self.log: MetricsLog | NullLog = NullLog()
         self.start = self.done = 0  # the step this process started from; the steps done so far
         self.bar: tqdm | None = None
@@ -152,14 +166,26 @@ class Run:
         itself, or None on a fresh start. Every checkpoint saves `model`, `tokenizer` and `stage_state()`.
         """
         self.model, self.tokenizer, self.stage_state = model, tokenizer, stage_state
-        model.to(self.device).train()
+        model.train()
+        ckpt = find_resume_checkpoint(self.run_dir) if self.resume else None
+        sharded = ckpt is not None and is_sharded_checkpoint(ckpt)
+        if ckpt is not None and not sharded:
+            model.load_state_dict(read_safetensors(ckpt / "model.safetensors"))
+        self.parallel = parallel.resolve(self.train_cfg, self.topo, self.device, model.num_params())
+        if ckpt is not None and not sharded and self.saves_sharded():
+            raise InputError(
+                f"{ckpt}: not a sharded checkpoint; resume it with train.parallel = ddp, no expert_parallel"
+            )
+        parallel.prepare(model, self.train_cfg, self.parallel, self.device, sum_gradients=self.stage == "rl")
+        model.to(self.device)  # laid out first: a model built on the host reaches the device as this rank's share
         self.optimizers = build_optimizers(model, self.train_cfg, self.device)
         install_balancing_hook(self.optimizers[-1], model)
-        ckpt = find_resume_checkpoint(self.run_dir) if self.resume else None
         state = None
         if ckpt is not None:
-            model.load_state_dict(read_safetensors(ckpt / "model.safetensors", self.device))
-            state = load_trainer_state(ckpt, self.optimizers)
+            if sharded:
+                state = load_sharded_checkpoint(ckpt, model, self.optimizers)
+            else:
+                state = load_trainer_state(ckpt, self.optimizers)
             self.start = self.done = state["step"]
             if not self.quiet:
                 print(f"resuming {self.stage} from {ckpt} (step {self.start})", file=self.notes)
@@ -181,20 +207,24 @@ class Run:
             yield step
             self.done = step + 1
             interrupted = self.stop_at is not None and self.done >= self.stop_at and self.done < t.steps
-            if self.topo.is_main and (self.done % t.checkpoint_every == 0 or self.done == t.steps or interrupted):
-                save_checkpoint(
-                    self.run_dir,
-                    self.done,
-                    self.model,
-                    self.optimizers,
-                    self.tokenizer,
-                    self.stage_state(),
-                    keep=t.keep_checkpoints,
-                )
+            if self.done % t.checkpoint_every == 0 or self.done == t.steps or interrupted:
+                self.save()
             self.bar.update(1)
             if interrupted:
                 break
         self.bar.close()
+
+    def save(self) -> None:
+        """Checkpoint this step: sharded by every rank under FSDP or EP, else the ordinary one by rank 0."""
+        args = (self.run_dir, self.done, self.model, self.optimizers, self.tokenizer, self.stage_state())
+        if self.saves_sharded():
+            save_sharded_checkpoint(*args, keep=self.train_cfg.keep_checkpoints)
+        elif self.topo.is_main:
+            save_checkpoint(*args, keep=self.train_cfg.keep_checkpoints)
+
+    def saves_sharded(self) -> bool:
+        """Whether no rank holds the whole state (FSDP, expert parallelism): checkpoints are sharded."""
+        return self.parallel == "fsdp" or self.train_cfg.expert_parallel > 1
 
     def lr(self) -> float:
         """The learning rate of this step (the first optimizer's first group)."""

@@ -16,7 +16,7 @@ import torch
 
 from nanoseek.config import RLConfig
 from nanoseek.model import Transformer
-from nanoseek.train import distributed, grpo
+from nanoseek.train import distributed, grpo, parallel
 from nanoseek.train.rollouts import Rollouts
 from nanoseek.train.run import autocast
 
@@ -103,6 +103,10 @@ def update(
         loss_tokens(list(range(n))), n, loss_tokens(active), len(active)
     )
     norm = grpo.AggregationNorm(max(total_tokens, 1.0), max(int(n_total), 1), cfg.max_new_tokens)
+    # Under FSDP every rank runs as many passes as the busiest one (the rest are `idle_pass`es): each
+    # pass all-gathers the weights, and every rank has to take part.
+    sharded = parallel.is_sharded(model)
+    passes = int(distributed.max_over_ranks(len(packed))[0]) if sharded else len(packed)
 
     # The policy that produced the batch, as the trainer computes it (and the reference, if any).
     # With one update per batch the current policy *is* that policy, so its detached log-probs
@@ -117,6 +121,8 @@ def update(
                 old[k] = sequence_logprobs(model, ids, targets, cfg.temperature)[0]
             if ref_model is not None:
                 ref.append(sequence_logprobs(ref_model, ids, targets, cfg.temperature)[0])
+        for _ in range(len(packed), passes if cfg.num_iterations > 1 else 0):
+            parallel.idle_pass(model, device, backward=False)
     model.train()
 
     # Statistics stay on the device until the end: a float() per micro-batch would make the host wait
@@ -152,10 +158,13 @@ def update(
                 acc["entropy"] += (entropy * mask).sum()
             if is_w is not None:
                 acc["is_weight"] += (is_w * mask).sum()
-        if topo.world > 1:
+        for _ in range(len(packed), passes):
+            parallel.idle_pass(model, device, backward=True)
+        if topo.world > 1 and not sharded:  # FSDP has summed them (`parallel.prepare`, sum_gradients)
             _sum_gradients_over_ranks(model)
         if grad_clip > 0:
-            acc["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).detach().float()
+            norm_ = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            acc["grad_norm"] = parallel.full(norm_).detach().float()
         for opt in optimizers:
             opt.step()
         for opt in optimizers:
