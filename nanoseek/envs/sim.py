@@ -6,16 +6,17 @@ action, so an episode is a deterministic function of (seed, actions) and "the kn
 Each assistant turn is one decision: `_parse` reads it strictly (an `ActionError` says why not), `_advance`
 simulates one period and returns the score it earned. An invalid reply gets the explanation plus the next
 observation, counts as a turn, costs `penalty` score units and the period runs with `null_action` (nothing
-ordered, irrigated or spent), so an episode always lasts the same number of turns.
+ordered, irrigated or spent), so an invalid reply never lengthens an episode.
 
 Scores: `total` is the episode's score in the env's own units (profit in $, welfare points). The references
 on a seed are the mean total of `N_RANDOM` random-policy episodes (seeded from the seed), the heuristic's
-and the oracle's total. `normalised()` = (total - random) / (oracle - random), clipped to [-1, 1]: every
-oracle here is the exact optimum with the known future, so nothing reaches above 1 (the tests check it) and
-the lower clip keeps one disastrous episode from dominating a mean. `score()` is that clipped further to
-[0, 1] (the Env contract's range); tables of means (random = 0) use `normalised()`, which is also the
-episode's return: each turn's reward is the score it earned / `reward_scale`, and the last turn adds what
-makes the sum equal `normalised()`. `success()`: the episode beat the heuristic on its seed.
+and the oracle's total. `score()` = (total - random) / (oracle - random), clipped to [-1, 1]: every oracle
+here is the exact optimum with the known future, so nothing reaches above 1 (the tests check it), and the
+lower clip keeps one disastrous episode from dominating a mean. Unlike the other envs' scores it can be
+negative: a table of means must show random at 0 (issue 14), which a clip at 0 would lift. The episode's
+return is the same number: each turn's reward is the score it earned / `reward_scale` (turn-level credit),
+and the last turn adds what makes the sum equal `score()`. `success()`: the episode beat (strictly) the heuristic's
+total on its seed.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class Simulator(Env):
         done = self._finished()
         reward = earned / self.reward_scale
         if done and getattr(self, "scoring", True):
-            reward = self.normalised() - self.rewarded
+            reward = self.score() - self.rewarded
         self.rewarded += reward
         messages = [] if done else [{"role": "user", "content": explanation + self._row()}]
         info = step_info(invalid=bool(explanation))
@@ -121,18 +122,15 @@ class Simulator(Env):
         """(random, heuristic, oracle) totals on this episode's seed and knobs (cached per seed)."""
         return _references(type(self), tuple(sorted(self.knobs.items())), self.seed)
 
-    def normalised(self) -> float:
+    def score(self) -> float:
         """(total - random) / (oracle - random) on this seed, clipped to [-1, 1]; 0 before the end."""
         if not self._finished():
             return 0.0
         rand, _, oracle = self.references()
         return max(-1.0, min(1.0, (self.total - rand) / max(oracle - rand, 1e-9)))
 
-    def score(self) -> float:
-        return max(0.0, self.normalised())
-
     def success(self) -> bool:
-        return self._finished() and self.total >= self.references()[1]
+        return self._finished() and self.total > self.references()[1] + 1e-9
 
     def act(self, policy: str, messages: list[Message], rng: random.Random) -> str:
         self.check_policy(policy)
