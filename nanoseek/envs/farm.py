@@ -97,8 +97,8 @@ class Farm(Simulator):
             temp = t_year + 3 * math.sin(math.pi * day / SEASON) + noise
             et0.append(0.0023 * 0.408 * 38 * (temp + 17.8) * math.sqrt(8 if wet else 13))
             gdd.append(gdd[-1] + max(0.0, temp - 10))
-        self.rain = np.array(rain, dtype=np.int64)  # tenths of a mm per day
-        self.etm = np.rint([crop_coefficient(d) * 10 * et0[d] for d in range(SEASON)]).astype(np.int64)
+        self.rain: list[int] = rain  # tenths of a mm per day
+        self.etm = [round(crop_coefficient(d) * 10 * et0[d]) for d in range(SEASON)]
         self.gdd = gdd  # gdd[d]: degree-days before day d
         self.ripe_day = next((d for d, g in enumerate(gdd) if g >= RIPE_GDD), SEASON + 1)
         self.t, self.depletion, self.n_applied, self.harvested = 0, START_DEPLETION, 0, False
@@ -111,19 +111,23 @@ class Farm(Simulator):
         self._plan: tuple[tuple[int, int, int], list[str]] | None = None
 
     # ------------------------------------------------------------------ the model
-    def _period(self, depletion: np.ndarray, irrigation: np.ndarray, k: int) -> dict[str, np.ndarray]:
-        """Period k's 14 days of the water balance from `depletion`, `irrigation` (tenths of a mm, broadcast)
-        on its first day: the end depletion and the period's sums (the env and the oracle's DP share this)."""
+    def _period(self, depletion: Any, irrigation: Any, k: int) -> dict[str, Any]:
+        """Period k's 14 days of the water balance from `depletion` with `irrigation` on its first day (tenths
+        of a mm): the end depletion and the period's sums. Whole numbers for the episode, or arrays (broadcast)
+        for the oracle's tables: the same arithmetic, rounding half to even both ways."""
+        vector = isinstance(depletion, np.ndarray)
+        minimum, maximum = (np.minimum, np.maximum) if vector else (min, max)
+        to_int = (lambda x: np.rint(x).astype(np.int64)) if vector else round
         d = depletion + 0 * irrigation
-        sums = {key: np.zeros_like(d) for key in ("rain", "irrigation", "eta", "dp", "eta_counted")}
+        sums = {key: 0 * d for key in ("rain", "irrigation", "eta", "dp", "eta_counted")}
         for day in range(k * TURN_DAYS, (k + 1) * TURN_DAYS):
-            inflow = self.rain[day] + (irrigation if day == k * TURN_DAYS else 0)
-            ks = np.where(d <= RAW, 1.0, (TAW - d) / (TAW - RAW))
-            eta = np.rint(ks * self.etm[day]).astype(np.int64)
-            dp = np.maximum(0, inflow - eta - d)
+            rain = self.rain[day]
+            inflow = rain + (irrigation if day == k * TURN_DAYS else 0)
+            eta = to_int(minimum(1.0, (TAW - d) / (TAW - RAW)) * self.etm[day])  # Ks = 1 up to RAW (eq. 84)
+            dp = maximum(0, inflow - eta - d)
             d = d - inflow + eta + dp
-            sums["rain"] += self.rain[day]
-            sums["irrigation"] += inflow - self.rain[day]
+            sums["rain"] += rain
+            sums["irrigation"] += inflow - rain
             sums["eta"] += eta
             sums["dp"] += dp
             if day < self.ripe_day:
@@ -135,7 +139,7 @@ class Farm(Simulator):
         """(a, b): a harvest on `day` (before that day's water) earns max(0, a + b * ETa counted), ETa in
         tenths of a mm; linear in ETa, which is what makes the oracle's DP exact."""
         cutoff = min(day, self.ripe_day)
-        etm = float(self.etm[:cutoff].sum())
+        etm = float(sum(self.etm[:cutoff]))
         fill = 1.0 if day >= self.ripe_day else (self.gdd[day] / RIPE_GDD - FILL_FROM) / (1 - FILL_FROM)
         loss = 0.005 * max(0, day - self.ripe_day)
         scale = PRICE * YMAX * n_factor(n_applied) * min(1.0, max(0.0, fill)) * (1 - loss)
@@ -179,12 +183,12 @@ class Farm(Simulator):
         water, n = action
         if day < N_DEADLINE:
             self.n_applied += n
-        sums = self._period(np.array([self.depletion]), np.array([water * 10]), self.t)
+        sums = self._period(self.depletion, water * 10, self.t)
         for key in self.ledger:
-            self.ledger[key] += int(sums[key][0])
-        self.eta_counted += int(sums["eta_counted"][0])
-        self.depletion = int(sums["depletion"][0])
-        self.last_rain = int(sums["rain"][0])
+            self.ledger[key] += sums[key]
+        self.eta_counted += sums["eta_counted"]
+        self.depletion = sums["depletion"]
+        self.last_rain = sums["rain"]
         self.t += 1
         cost = WATER_COST * water + N_COST * n
         record |= {"irrigation": water, "nitrogen": n, "harvest": 0, "rain": self.last_rain / 10}
@@ -221,9 +225,9 @@ class Farm(Simulator):
         rest = self._plan[1][1:]
         if action != "harvest":  # where the plan expects to be at the next decision
             water = int(action[1 : action.index(" ")])
-            end = self._period(np.array([self.depletion]), np.array([water * 10]), self.t)["depletion"][0]
+            end = self._period(self.depletion, water * 10, self.t)["depletion"]
             n = int(action[action.index("n") + 1 :])
-            nxt = (self.t + 1, int(end), self.n_applied + (n if self.t * TURN_DAYS < N_DEADLINE else 0))
+            nxt = (self.t + 1, end, self.n_applied + (n if self.t * TURN_DAYS < N_DEADLINE else 0))
             self._plan = (nxt, rest)
         return action
 

@@ -25,8 +25,9 @@ illustrative figures, not calibrated to a business. Units: items, $, weeks.
 Start: 30 units on hand, 20 ordered before week 0 arriving in week 1.
 
 Policies: `random` orders a uniform 0..100 each week. `heuristic`: order-up-to on the inventory position
-(on hand + on order) with a fixed level: 3 weeks (lead time + review) of the season's mean forecast, orders
-under 10 units skipped (the fixed fee); it ignores the trend and the promotion. `oracle`: dynamic programming
+(on hand + on order): the forecast demand of the lead time plus the review week (this week and the next two)
+plus 30% safety stock; orders under 15 units skipped (the fixed fee). It ignores that orders placed in the last
+two weeks arrive too late, and the spread of the demand. `oracle`: dynamic programming
 with the known future (the realised demand): with the demand known the order placed in week t only decides
 what arrives in week t + 2, so the exact optimum is a one-dimensional DP over the stock on hand before each
 arrival (0..CAP, whole units) and the arrival (0..100); an upper bound on every seed for any policy, which
@@ -132,7 +133,7 @@ class Inventory(Simulator):
 
     def _heuristic_action(self) -> str:
         position = self.stock + sum(self.arrivals.values())
-        q = sum(self.forecast[self.t : self.t + LEAD + 1]) - position
+        q = round(1.3 * sum(self.forecast[self.t : self.t + LEAD + 1])) - position
         return f"order {min(q, MAX_ORDER) if q >= 15 else 0}"
 
     def _oracle_action(self) -> str:

@@ -3,10 +3,10 @@ invalid replies, the three reference policies and the normalised score.
 
 A simulator draws its whole exogenous future (weather, shocks, demand) from the seed at `reset`, before any
 action, so an episode is a deterministic function of (seed, actions) and "the known future" is well defined.
-Each assistant turn is one decision: `_parse` reads it strictly (an `ActionError` says why not), `_advance`
-simulates one period and returns the score it earned. An invalid reply gets the explanation plus the next
-observation, counts as a turn, costs `penalty` score units and the period runs with `null_action` (nothing
-ordered, irrigated or spent), so an invalid reply never lengthens an episode.
+Each assistant turn is one decision: `_parse` reads it strictly (only surrounding whitespace is ignored; an
+`ActionError` says why not), `_advance` simulates one period and returns the score it earned. An invalid
+reply gets the explanation plus the next observation, counts as a turn, costs `penalty` score units and the
+period runs with `null_action` (nothing ordered, irrigated or spent): it never lengthens an episode.
 
 Scores: `total` is the episode's score in the env's own units (profit in $, welfare points). The references
 on a seed are the mean total of `N_RANDOM` random-policy episodes (seeded from the seed), the heuristic's
