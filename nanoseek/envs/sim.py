@@ -132,6 +132,18 @@ class Simulator(Env):
     def success(self) -> bool:
         return self._finished() and self.total > self.references()[1] + 1e-9
 
+    def plot_vs_oracle(self, path: str | Path, label: str = "model") -> None:
+        """One PNG of this (finished) episode beside the oracle's on the same seed (for the eval report)."""
+        oracle = type(self)(**self.knobs)
+        oracle.scoring = False
+        play(oracle, "oracle", self.seed, random.Random(0))
+        self.plot(str(path), {label: self.log, "oracle": oracle.log})
+
+    @staticmethod
+    def plot(path: str, logs: dict[str, list[dict[str, Any]]]) -> None:
+        """The state over the episode and the decisions, one line style per episode (`plot_episodes`)."""
+        raise NotImplementedError
+
     def act(self, policy: str, messages: list[Message], rng: random.Random) -> str:
         self.check_policy(policy)
         if policy == "random":
