@@ -27,6 +27,9 @@ from nanoseek.errors import InputError, unknown
 # name -> "module:Class", imported when first made (reasoning_gym imports an optional package)
 _BUILTIN: dict[str, str] = {
     "task": "nanoseek.envs.task:TaskEnv",
+    "guess_number": "nanoseek.envs.guess_number:GuessNumber",
+    "calculator_arithmetic": "nanoseek.envs.calculator_arithmetic:CalculatorArithmetic",
+    "reasoning_gym": "nanoseek.envs.reasoning_gym:ReasoningGymEnv",
 }
 ENVS: dict[str, type[Env]] = {}
 
@@ -67,21 +70,24 @@ def make(spec: str, **knobs: Any) -> Env:
 
 
 def describe() -> list[dict[str, Any]]:
-    """What `nanoseek env list` shows: each environment's name, description, knobs with defaults, policies."""
+    """What `nanoseek env list` shows: each environment's name, description, knobs with defaults, policies,
+    tools, and for `NAME:ARG` environments the ARGs there are (or why there are none: a package missing)."""
     out = []
     for name in list_envs():
+        cls = env_class(name)
+        takes_arg = getattr(cls, "takes_arg", False)
         try:
-            cls = env_class(name)
+            args = cls.arguments() if takes_arg else []
         except InputError as e:  # an optional package missing: listed with why
-            out.append({"name": name, "description": str(e), "knobs": {}, "policies": (), "tools": []})
-            continue
+            args = [str(e)]
         out.append(
             {
-                "name": name + (":ARG" if getattr(cls, "takes_arg", False) else ""),
+                "name": name + (":ARG" if takes_arg else ""),
                 "description": cls.description,
                 "knobs": dict(cls.defaults),
                 "policies": cls.policies,
                 "tools": [tool.name for tool in cls.tool_set],
+                "args": args,
             }
         )
     return out

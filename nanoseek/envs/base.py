@@ -59,7 +59,8 @@ class Env:
     def __init__(self, **knobs: Any) -> None:
         self.knobs = resolve_knobs(self.name, self.defaults, knobs)
         for knob, value in self.knobs.items():
-            setattr(self, knob, value)
+            if not isinstance(getattr(type(self), knob, None), property):  # `tools` (a knob too) is read from knobs
+                setattr(self, knob, value)
         if self.max_turns < 1:
             raise InputError(f"env {self.name}: max_turns must be at least 1, got {self.max_turns}")
         self.turns = 0

@@ -23,6 +23,11 @@ class TaskEnv(Env):
     description: ClassVar[str] = "a built-in single-turn task (task:NAME), graded by its verifier"
     takes_arg: ClassVar[bool] = True
     policies: ClassVar[tuple[str, ...]] = ("random", "expert")
+    defaults: ClassVar[dict[str, Any]] = {"split": "train", "max_turns": 1}  # + the task's difficulty knobs
+
+    @staticmethod
+    def arguments() -> list[str]:
+        return list_tasks()
 
     def __init__(self, arg: str | None = None, **knobs: Any) -> None:
         if not arg:
@@ -31,7 +36,7 @@ class TaskEnv(Env):
             raise unknown("task", arg, list_tasks())
         self.task = get_task(arg)
         # instance defaults: the task's difficulty knobs, the split, one turn
-        self.defaults = {"split": "train", "max_turns": 1, **self.task.defaults}
+        self.defaults = {**TaskEnv.defaults, **self.task.defaults}
         super().__init__(**knobs)
         if self.split not in ("train", "test"):
             raise InputError(f"env task:{arg}: knob split must be train or test, got {self.split!r}")
