@@ -25,6 +25,7 @@ import traceback
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("nanoseek.commands.tokenizer", "train or inspect a byte-level BPE tokenizer"),
     "data": ("nanoseek.commands.data", "generate verifiable-task datasets (JSONL)"),
+    "env": ("nanoseek.commands.env", "environments: list them, run their scripted baselines, play one yourself"),
     "pretrain": (
         "nanoseek.commands.pretrain",
         "pretrain a model on text (default: the built-in task corpus)",

@@ -149,6 +149,25 @@ def _compile_template(template: str):
     return env.from_string(template)
 
 
+def render_chat(
+    template: str,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+    **variables: Any,
+) -> str:
+    """A conversation rendered by a chat template (`variables`: bos_token, eos_token, ...), as transformers does."""
+    # transformers drops None values (an API's content=None) before rendering; so do we.
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    return _compile_template(template).render(
+        messages=messages,
+        tools=list(tools) if tools else None,
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **variables,
+    )
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special tokens and chat template from tokenizer_config.json."""
 
@@ -315,16 +334,8 @@ class Tokenizer:
         `tools`: OpenAI function schemas the template lists for the model (None or []: no tools block)."""
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat_template (tokenizer_config.json has none)")
-        # transformers drops None values (an API's content=None) before rendering; so do we.
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         variables = {**self.special_tokens, **kwargs}
-        return _compile_template(self.chat_template).render(
-            messages=messages,
-            tools=list(tools) if tools else None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **variables,
-        )
+        return render_chat(self.chat_template, messages, tools, add_generation_prompt, **variables)
 
     def encode_chat(
         self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None

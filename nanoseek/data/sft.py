@@ -1,9 +1,10 @@
 """Conversations for supervised fine-tuning: load, validate, tokenise, pack into batches.
 
 Input is JSONL with one conversation per line: `{"messages": [{"role": ..., "content": ...}, ...]}`
-(roles: system, user, assistant; at least one assistant message, since only assistant tokens
-carry loss). Conversations are rendered with the tokenizer's chat template, and `encode_chat`
-marks the assistant content and its closing end-of-turn token as the tokens to learn.
+(roles: system, user, assistant, tool; at least one assistant message, since only assistant tokens
+carry loss), with `"tools": [...]` (function schemas the template lists) for an environment's transcript.
+Conversations are rendered with the tokenizer's chat template, and `encode_chat` marks the assistant
+content and its closing end-of-turn token as the tokens to learn.
 
 Batches have the same format as pretraining (`nanoseek.data.packing`): int64 tensors [B, T]
 `input_ids`, `targets`, `positions`, `doc_ids`. Several conversations are packed into one row
@@ -28,7 +29,7 @@ from nanoseek.data.jsonl import read_jsonl
 from nanoseek.data.packing import IGNORE, to_batch
 from nanoseek.data.text import expand_paths
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool result (environment transcripts; never learned)
 Messages = list[dict[str, str]]
 
 
@@ -74,7 +75,8 @@ def iter_conversations(
             if reason:
                 stats.skip_or_raise(BadInputError(str(path), number, reason), skip_bad)
                 continue
-            yield [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+            messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+            yield {"messages": messages, "tools": record["tools"]} if record.get("tools") else messages
         if records == 0:
             stats.skip_or_raise(BadInputError(str(path), None, "empty file (no JSON lines)"), skip_bad)
     if own_stats and stats.count:
@@ -150,7 +152,7 @@ class SFTDataset:
             reason = conversation_problem(record)
             if reason:
                 raise ValueError(f"conversation {i}: {reason}")
-            ids, mask = tokenizer.encode_chat(record["messages"])
+            ids, mask = tokenizer.encode_chat(record["messages"], tools=record.get("tools"))
             if len(ids) > seq_len:
                 self.truncated += 1
                 ids, mask = ids[:seq_len], mask[:seq_len]

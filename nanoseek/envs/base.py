@@ -120,7 +120,7 @@ class Env:
 
     def check_policy(self, policy: str) -> None:
         if policy not in self.policies:
-            raise unknown(f"policy of env {self.name}", policy, self.policies)
+            raise InputError(f"env {self.name}: {unknown('policy', policy, self.policies)}")
 
     def __repr__(self) -> str:
         knobs = ", ".join(f"{k}={v!r}" for k, v in self.knobs.items())
@@ -133,7 +133,7 @@ def resolve_knobs(env: str, defaults: dict[str, Any], given: dict[str, Any]) -> 
     out = dict(defaults)
     for knob, value in given.items():
         if knob not in defaults:
-            raise unknown(f"knob of env {env}", knob, sorted(defaults))
+            raise InputError(f"env {env}: {unknown('knob', knob, sorted(defaults))}")
         default = defaults[knob]
         kind = tuple[type(default[0]) if default else str, ...] if isinstance(default, tuple) else type(default)
         try:
