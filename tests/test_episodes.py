@@ -148,3 +148,35 @@ def test_a_full_context_ends_the_episode_as_truncated(tokenizer):
     assert ep.truncated and ep.error is None and 1 <= ep.turns < 50
     assert len(ep.prompt_ids) + len(ep.token_ids) <= 40
     assert len(engine._free) == engine.n_slots
+
+
+def test_eval_env_reports_what_the_transcripts_hold(tmp_path, tokenizer):
+    """`nanoseek eval --env`: the summary's figures are the transcripts' means; the expert baseline of
+    guess_number (binary search) always succeeds; bad input is one line and exit code 2."""
+    import json
+
+    from nanoseek.cli import main
+    from nanoseek.model.io import save_model
+
+    ckpt = tmp_path / "ckpt"
+    save_model(model_for(tokenizer).float(), ckpt)
+    tokenizer.save(ckpt)
+    out = tmp_path / "eval"
+    argv = ["eval", "--checkpoint", str(ckpt), "--env", "guess_number", "--n-episodes", "5", "--quiet"]
+    assert main([*argv, "--max-new-tokens", "6", "--set", "n=8", "--set", "max_turns=3", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "transcripts.jsonl").read_text().splitlines()]
+    assert len(records) == summary["episodes"] == 5 and summary["knobs"]["n"] == 8
+    assert {r["seed"] for r in records} == {10**9 + i for i in range(5)}  # held-out seeds
+    for key in ("score", "turns", "tool_calls", "policy_tokens", "tokens"):
+        assert summary[key] == pytest.approx(sum(r[key] for r in records) / 5), key
+    assert summary["success"] == sum(r["success"] for r in records) / 5
+    assert all(r["turns"] == sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
+    assert summary["tokens_per_s"] > 0 and summary["episodes_per_s"] > 0
+
+    expert = tmp_path / "expert"
+    base = ["eval", "--env", "guess_number", "--n-episodes", "20", "--quiet"]
+    assert main([*base, "--policy", "expert", "--out", str(expert)]) == 0
+    assert json.loads((expert / "summary.json").read_text())["success"] == 1.0
+    for bad in (["--policy", "bogus"], ["--set", "bogus=1", "--policy", "expert"], []):
+        assert main([*base, *bad, "--out", str(tmp_path / "bad")]) == 2
