@@ -180,3 +180,24 @@ def test_eval_env_reports_what_the_transcripts_hold(tmp_path, tokenizer):
     assert json.loads((expert / "summary.json").read_text())["success"] == 1.0
     for bad in (["--policy", "bogus"], ["--set", "bogus=1", "--policy", "expert"], []):
         assert main([*base, *bad, "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_reprefill_baseline_plays_the_same_greedy_episodes(tokenizer):
+    """The benchmark's baseline (each turn prefills the whole transcript again) gives the same greedy
+    episodes as keeping the cache, at the cost of prefilling every turn's history again."""
+    model = model_for(tokenizer)
+    params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+    runs = {}
+    for reprefill in (False, True):
+        engine = Engine(model, tokenizer, max_batch=4, compile=False)
+        episodes = run_episodes(
+            engine, tokenizer, [CountEnv() for _ in range(3)], [1, 2, 3], params, reprefill=reprefill
+        )
+        runs[reprefill] = (episodes, engine.stats)
+    (kept, kept_stats), (again, again_stats) = runs[False], runs[True]
+    assert [e.token_ids for e in kept] == [e.token_ids for e in again] and all(e.turns == 3 for e in kept)
+    for a, b in zip(kept, again):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-9)
+    history = sum(len(e.prompt_ids) + e.turn_spans[k][0] for e in kept for k in range(3))  # each turn's context
+    assert again_stats.prefill_tokens == history and again_stats.extend_tokens == 0
+    assert kept_stats.prefill_tokens == sum(len(e.prompt_ids) for e in kept)

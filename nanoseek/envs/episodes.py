@@ -142,9 +142,12 @@ def run_episodes(
     group_size: int = 1,
     max_turns: int | None = None,
     env_timeout_s: float = ENV_TIMEOUT_S,
+    reprefill: bool = False,
 ) -> list[Episode]:
     """Play len(seeds) x group_size episodes at once; see the module docstring. `params.max_new_tokens` is
-    each turn's limit; `params.n` is replaced by the group size. Episodes come back in `envs` order."""
+    each turn's limit; `params.n` is replaced by the group size. Episodes come back in `envs` order.
+    `reprefill`: each turn is a new request that prefills the whole transcript again, the way without a
+    continuation API (the baseline benchmarks/multiturn.py measures; the same tokens when greedy)."""
     G = group_size
     if len(envs) != len(seeds) * G:
         raise ValueError(f"run_episodes: {len(envs)} envs for {len(seeds)} seeds x group_size {G}")
@@ -157,6 +160,15 @@ def run_episodes(
     seqs: dict[int, SequenceState] = {}  # episode -> its engine sequence, once admitted
     generating: set[int] = set()  # episodes whose sequence is producing a turn
     live = set(range(len(envs)))
+
+    def append(i: int, delta: list[int]) -> None:
+        """The environment's reply into episode i's sequence, and the next turn queued."""
+        if not reprefill:
+            engine.continue_sequence(seqs[i], delta, params.max_new_tokens)
+            return
+        engine.release_sequence(seqs.pop(i))
+        ep = episodes[i]
+        requests[i] = (engine.submit(ep.prompt_ids + ep.token_ids, replace(params, n=1), index=i, keep=True), 0)
 
     def end(i: int, error: str | None = None, truncated: bool = False) -> None:
         ep = episodes[i]
@@ -214,7 +226,7 @@ def run_episodes(
                 if error is not None:
                     end(i, f"step: {error}")
                     continue
-                _after_step(engine, tokenizer, episodes[i], seqs[i], result, envs[i], params, max_turns, end, i)
+                _after_step(engine, tokenizer, episodes[i], seqs[i], result, max_turns, append, end, i)
                 if i in live:
                     generating.add(i)
     except BaseException:  # no half-played episode left in the engine
@@ -242,9 +254,8 @@ def _after_step(
     ep: Episode,
     seq: SequenceState,
     result: StepResult,
-    env: Env,
-    params: SamplingParams,
     max_turns: int | None,
+    append: Callable[[int, list[int]], None],
     end: Callable[..., None],
     i: int,
 ) -> None:
@@ -266,7 +277,7 @@ def _after_step(
     ep.token_ids += delta
     ep.logprobs += [0.0] * len(delta)
     ep.policy_mask += [0] * len(delta)
-    engine.continue_sequence(seq, delta, params.max_new_tokens)
+    append(i, delta)
 
 
 __all__ = ["ENV_TIMEOUT_S", "HELD_OUT_SEED", "Episode", "render_after_turn", "run_episodes"]
