@@ -286,38 +286,49 @@ TOOL_CONVERSATION = [
 ]
 
 
-def qwen25_template() -> str:
-    """Qwen2.5's own chat template, as trl ships it (an independent copy of the format we follow)."""
+def qwen25_template() -> str | None:
+    """Qwen2.5's own chat template, as trl ships it (an independent copy of the format we follow); None
+    without trl."""
+    import importlib.util
     from importlib.resources import files
 
-    pytest.importorskip("trl")
+    if importlib.util.find_spec("trl") is None:
+        return None
     return (files("trl") / "chat_templates" / "qwen2_5.jinja").read_text(encoding="utf-8")
 
 
-def test_tool_rendering_matches_transformers_and_qwen25(tok, saved):
+TOOL_CASES = [TOOL_CONVERSATION, TOOL_CONVERSATION[:4], TOOL_CONVERSATION[:5], TOOL_CONVERSATION[:7]]
+
+
+def test_tool_rendering_matches_transformers(tok, saved):
     hf = hf_tokenizer(saved / "tokenizer.json", eos_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
-    qwen = hf_tokenizer(saved / "tokenizer.json", eos_token="<|endoftext|>", chat_template=qwen25_template())
-    cases = [TOOL_CONVERSATION, TOOL_CONVERSATION[:4], TOOL_CONVERSATION[:5], TOOL_CONVERSATION[:7]]
-    for messages in cases:
+    for messages in [*TOOL_CASES, TOOL_CONVERSATION[1:]]:
         for tools in (TOOLS, None):
             for add in (False, True):
                 ours = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add)
                 assert ours == hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add)
-                # with a system message, Qwen2.5's template renders exactly the same text
-                assert ours == qwen.apply_chat_template(
-                    messages, tools=tools, tokenize=False, add_generation_prompt=add
-                )
+    # arguments given as a JSON string (the OpenAI wire format) are written as they are
+    wire = [{"role": "assistant", "tool_calls": [{"function": {"name": "clock", "arguments": '{"tz": "UTC"}'}}]}]
+    assert tok.apply_chat_template(wire) == hf.apply_chat_template(wire, tokenize=False)
+    assert '"arguments": {"tz": "UTC"}}' in tok.apply_chat_template(wire)
+
+
+def test_tool_rendering_is_qwen25s(tok, saved):
+    template = qwen25_template()
+    if template is None:
+        pytest.skip("trl (which ships Qwen2.5's template) is not installed")
+    qwen = hf_tokenizer(saved / "tokenizer.json", eos_token="<|endoftext|>", chat_template=template)
+    for messages in TOOL_CASES:  # with a system message, Qwen2.5's template renders exactly the same text
+        for tools in (TOOLS, None):
+            for add in (False, True):
+                theirs = qwen.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add)
+                assert tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add) == theirs
     # without a system message we add none (Qwen2.5 adds its own); the rest is the same text
     without = TOOL_CONVERSATION[1:]
     ours = tok.apply_chat_template(without, tools=TOOLS)
     theirs = qwen.apply_chat_template(without, tools=TOOLS, tokenize=False)
     qwen_system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n"
     assert ours == theirs.replace(qwen_system, "", 1) and ours != theirs
-    assert ours == hf.apply_chat_template(without, tools=TOOLS, tokenize=False)
-    # arguments given as a JSON string (the OpenAI wire format) are written as they are
-    wire = [{"role": "assistant", "tool_calls": [{"function": {"name": "clock", "arguments": '{"tz": "UTC"}'}}]}]
-    assert tok.apply_chat_template(wire) == hf.apply_chat_template(wire, tokenize=False)
-    assert '"arguments": {"tz": "UTC"}}' in tok.apply_chat_template(wire)
 
 
 def test_without_tools_the_template_is_the_plain_chatml_one(tok, saved):

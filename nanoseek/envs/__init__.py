@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from nanoseek.envs.base import Env, StepResult
+from nanoseek.envs.base import HELD_OUT_SEED_START, Env, StepResult
 from nanoseek.errors import InputError, unknown
 
 # name -> "module:Class", imported when first made (reasoning_gym imports an optional package)
@@ -93,4 +93,4 @@ def describe() -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["ENVS", "Env", "StepResult", "describe", "env_class", "list_envs", "make", "register"]
+__all__ = ["ENVS", "HELD_OUT_SEED_START", "Env", "StepResult", "describe", "env_class", "list_envs", "make", "register"]

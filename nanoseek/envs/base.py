@@ -29,6 +29,10 @@ from nanoseek.values import parse_value
 
 Message = dict[str, Any]
 
+# Seeds from here up are for held-out evaluation; training episodes and SFT transcripts use seeds below it,
+# so an environment's held-out episodes are never the ones it was trained on (as the tasks' test split).
+HELD_OUT_SEED_START = 1_000_000
+
 
 @dataclass
 class StepResult:
