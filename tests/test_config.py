@@ -158,5 +158,9 @@ def test_config_toml_written_by_earlier_versions_still_loads(name):
     assert cfg.preset == table["preset"] and cfg.model == table["model"]
     for section in ("train", "data", "rl"):
         loaded = dataclasses.asdict(getattr(cfg, section))
-        assert loaded == table[section], section
+        assert {k: loaded[k] for k in table[section]} == table[section], section
+        defaults = dataclasses.asdict(type(getattr(cfg, section))())
+        assert {k: v for k, v in loaded.items() if k not in table[section]} == {  # fields added since: defaults
+            k: v for k, v in defaults.items() if k not in table[section]
+        }, section
     assert "eval" not in table and cfg.eval == EvalConfig()
