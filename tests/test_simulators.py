@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from nanoseek.envs import make
+from nanoseek.envs import HELD_OUT_SEED_START, make
 from nanoseek.envs.budget import (
     BASE_SPEND,
     DECAY,
@@ -41,7 +41,7 @@ from nanoseek.envs.sim import Simulator
 from nanoseek.errors import UserError
 
 ENVS = [Farm, Budget, Inventory]
-HELD_OUT = range(1_000_000, 1_000_200)  # 200 seeds no test or training run elsewhere uses
+HELD_OUT = range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + 200)  # the seeds eval and RL hold out
 
 
 def run(env: Simulator, seed: int, texts: list[str] | None = None, policy: str = "random", rng_seed: int = 0):
