@@ -21,6 +21,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.envs import make
 from nanoseek.envs.baselines import play_policy, summarize
 from nanoseek.envs.episodes import HELD_OUT_SEED, run_episodes
+from nanoseek.envs.sim import Simulator
 
 
 def evaluate_env(
@@ -74,6 +75,9 @@ def evaluate_env(
     with open(out / "transcripts.jsonl", "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if isinstance(envs[0], Simulator):  # a simulator: its first episode's states and decisions beside the oracle's
+        summary["plot"] = str(out / f"{envs[0].name}.png")
+        envs[0].plot_vs_oracle(summary["plot"], summary["policy"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
