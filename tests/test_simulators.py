@@ -321,3 +321,24 @@ def test_plot_writes_one_png(tmp_path):
         path = tmp_path / f"{cls.name}.png"
         cls.plot(str(path), logs)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_env_links_a_plot_of_a_simulator(tmp_path):
+    from nanoseek.eval.episodes import evaluate_env
+
+    summary = evaluate_env("budget", {}, 3, tmp_path, policy="heuristic")
+    assert summary["plot"] == str(tmp_path / "budget.png") and (tmp_path / "budget.png").stat().st_size > 0
+    assert summary["score"] == pytest.approx(sum(budget_heuristic_scores(3)) / 3)
+
+
+def budget_heuristic_scores(n: int) -> list[float]:
+    """The heuristic's normalised scores on the first n seeds eval holds out, computed here from totals."""
+    from nanoseek.envs.episodes import HELD_OUT_SEED
+
+    scores = []
+    for seed in range(HELD_OUT_SEED, HELD_OUT_SEED + n):
+        env = Budget()
+        run(env, seed, policy="heuristic")
+        rand, _, oracle = env.references()
+        scores.append((env.total - rand) / (oracle - rand))
+    return scores
