@@ -58,7 +58,6 @@ class Budget(Simulator):
     defaults: ClassVar[dict[str, Any]] = {"max_turns": QUARTERS}
     n_decisions: ClassVar[int] = QUARTERS
     penalty: ClassVar[float] = 3.0
-    reward_scale: ClassVar[float] = 50.0
     null_action: ClassVar[Any] = (0, 0, 0)
     null_text: ClassVar[str] = "0 0 0"
 

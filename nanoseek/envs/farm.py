@@ -82,7 +82,6 @@ class Farm(Simulator):
     defaults: ClassVar[dict[str, Any]] = {"max_turns": DECISIONS}
     n_decisions: ClassVar[int] = DECISIONS
     penalty: ClassVar[float] = 50.0
-    reward_scale: ClassVar[float] = 500.0
     null_action: ClassVar[Any] = (0, 0)
     null_text: ClassVar[str] = "w0 n0"
 

@@ -67,7 +67,6 @@ class Inventory(Simulator):
     defaults: ClassVar[dict[str, Any]] = {"max_turns": WEEKS}
     n_decisions: ClassVar[int] = WEEKS
     penalty: ClassVar[float] = 20.0
-    reward_scale: ClassVar[float] = 100.0
     null_action: ClassVar[Any] = 0
     null_text: ClassVar[str] = "order 0"
 

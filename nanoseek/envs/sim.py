@@ -14,9 +14,11 @@ and the oracle's total. `score()` = (total - random) / (oracle - random), clippe
 here is the exact optimum with the known future, so nothing reaches above 1 (the tests check it), and the
 lower clip keeps one disastrous episode from dominating a mean. Unlike the other envs' scores it can be
 negative: a table of means must show random at 0 (issue 14), which a clip at 0 would lift. The episode's
-return is the same number: each turn's reward is the score it earned / `reward_scale` (turn-level credit),
-and the last turn adds what makes the sum equal `score()`. `success()`: the episode beat (strictly) the heuristic's
-total on its seed.
+return is the same number, all of it the last turn's reward: an episode cut short (the context full) returns
+0, the random level. (Per-turn rewards of the score earned each period were tried first: a cut episode then
+kept several periods' earnings, a return of ~6 against at most 1 for a finished one, an incentive to run out
+of context: truncations rose from 3% to 14% in 6 RL steps; docs/LOG.md, 2026-12-01, simulators.)
+`success()`: the episode beat (strictly) the heuristic's total on its seed.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ class Simulator(Env):
     policies: ClassVar[tuple[str, ...]] = ("random", "heuristic", "oracle")
     n_decisions: ClassVar[int]
     penalty: ClassVar[float]  # score units an invalid reply costs
-    reward_scale: ClassVar[float]  # score units per unit of per-turn reward
     null_action: ClassVar[Any]  # what an invalid reply counts as
 
     # ------------------------------------------------------------------ what a subclass implements
@@ -84,7 +85,6 @@ class Simulator(Env):
     def _reset(self, seed: int) -> list[Message]:
         self.seed = seed
         self.total = 0.0
-        self.rewarded = 0.0  # the sum of the rewards given so far
         self.invalid = 0
         self.log: list[dict[str, Any]] = []  # one record per period (state and decision), for plots and tests
         self._new_world(seed)
@@ -107,10 +107,7 @@ class Simulator(Env):
                 earned += self._advance(self.null_action)
         self.total += earned
         done = self._finished()
-        reward = earned / self.reward_scale
-        if done and getattr(self, "scoring", True):
-            reward = self.score() - self.rewarded
-        self.rewarded += reward
+        reward = self.score() if done and getattr(self, "scoring", True) else 0.0
         messages = [] if done else [{"role": "user", "content": explanation + self._row()}]
         info = step_info(invalid=bool(explanation))
         return StepResult(messages, reward, done, info)
