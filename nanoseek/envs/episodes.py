@@ -28,7 +28,6 @@ from nanoseek.engine.requests import Request, SequenceState
 from nanoseek.envs.base import Env, Message, StepResult
 
 ENV_TIMEOUT_S = 30.0  # default limit on one reset or step of an environment
-HELD_OUT_SEED = 10**9  # held-out episodes (RL's evaluation, `nanoseek eval --env`) use seeds from here; training from 0
 _TURN = "\x00nanoseek-assistant-turn\x00"  # stands for an assistant turn's text when rendering what follows it
 
 
@@ -280,4 +279,4 @@ def _after_step(
     append(i, delta)
 
 
-__all__ = ["ENV_TIMEOUT_S", "HELD_OUT_SEED", "Episode", "render_after_turn", "run_episodes"]
+__all__ = ["ENV_TIMEOUT_S", "Episode", "render_after_turn", "run_episodes"]
