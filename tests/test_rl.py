@@ -6,6 +6,7 @@ is about what happens to the samples; the resume test runs the real `rl()` on a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -122,6 +123,9 @@ class ScriptedEngine:
 
     def release_sequence(self, seq: FakeSequence) -> None:
         pass
+
+    def inference(self):
+        return contextlib.nullcontext()
 
 
 def rows(n: int = 8) -> list[dict]:
