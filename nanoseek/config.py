@@ -153,8 +153,8 @@ class RLConfig:
     rl.rewards=code) instead of the built-in tasks."""
     envs: str = ""
     """Environments instead of the tasks: 'NAME' or 'NAME:weight', comma separated (NAME may be NAME:ARG,
-    e.g. task:arithmetic); an episode's return (the sum of its turns' rewards) is its reward. Knobs: rl.difficulty
-    keyed by the environment's name. Held out: seeds from 1e9 up (training seeds count up from 0)."""
+    e.g. task:arithmetic); an episode's return (the sum of its turns' rewards) is its reward. Knobs:
+    rl.difficulty keyed by the environment's name. Held-out seeds from envs.HELD_OUT_SEED_START up."""
     turn_credit: bool = False
     """Environments: each turn's tokens get the advantage of the rewards from that turn on (rewards-to-go,
     normalised by the group's returns) instead of the whole episode's."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.envs.base import Env, StepResult, step_info
+from nanoseek.envs.base import HELD_OUT_SEED_START, Env, StepResult, step_info
 from nanoseek.envs.episodes import render_after_turn, run_episodes
 from nanoseek.model import Transformer, get_preset
 from nanoseek.tasks.corpus import pretrain_texts
@@ -167,7 +167,7 @@ def test_eval_env_reports_what_the_transcripts_hold(tmp_path, tokenizer):
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "transcripts.jsonl").read_text().splitlines()]
     assert len(records) == summary["episodes"] == 5 and summary["knobs"]["n"] == 8
-    assert {r["seed"] for r in records} == {10**9 + i for i in range(5)}  # held-out seeds
+    assert {r["seed"] for r in records} == {HELD_OUT_SEED_START + i for i in range(5)}  # held-out seeds
     for key in ("score", "turns", "tool_calls", "policy_tokens", "tokens"):
         assert summary[key] == pytest.approx(sum(r[key] for r in records) / 5), key
     assert summary["success"] == sum(r["success"] for r in records) / 5

@@ -334,10 +334,8 @@ def test_eval_env_links_a_plot_of_a_simulator(tmp_path):
 
 def budget_heuristic_scores(n: int) -> list[float]:
     """The heuristic's normalised scores on the first n seeds eval holds out, computed here from totals."""
-    from nanoseek.envs.episodes import HELD_OUT_SEED
-
     scores = []
-    for seed in range(HELD_OUT_SEED, HELD_OUT_SEED + n):
+    for seed in range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + n):
         env = Budget()
         run(env, seed, policy="heuristic")
         rand, _, oracle = env.references()

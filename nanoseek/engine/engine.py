@@ -232,7 +232,9 @@ class Engine(MultiTurn):
 
     # ------------------------------------------------------------------ the loop
     @contextmanager
-    def _inference(self) -> Iterator[None]:
+    def inference(self) -> Iterator[None]:
+        """Eval mode, inference mode and the caller's autocast without its cache, for the steps run inside
+        (each `step` enters it too; a loop of many steps, like `generate`'s, holds it once)."""
         was_training = self.model.training
         if was_training:
             self.model.eval()
@@ -253,7 +255,7 @@ class Engine(MultiTurn):
 
     def step(self) -> None:
         """Admit and prefill what fits, then one decode step over everything running."""
-        with self._inference():
+        with self.inference():
             self._ensure_cache()
             self.slots.flush()  # resets of the slots freed since the last step, before admission reuses them
             admitted = []
@@ -428,7 +430,7 @@ class Engine(MultiTurn):
                 ids = list(prompt) if isinstance(prompt, list | tuple) else []
                 results[i] = [Completion(ids, [], [], None, "error", index=i, error=str(e))]
         try:
-            with self._inference():
+            with self.inference():
                 while self.has_work:
                     self.step()
         except BaseException:

@@ -28,7 +28,6 @@ from nanoseek.engine.requests import Request, SequenceState
 from nanoseek.envs.base import Env, Message, StepResult
 
 ENV_TIMEOUT_S = 30.0  # default limit on one reset or step of an environment
-HELD_OUT_SEED = 10**9  # held-out episodes (RL's evaluation, `nanoseek eval --env`) use seeds from here; training from 0
 _TURN = "\x00nanoseek-assistant-turn\x00"  # stands for an assistant turn's text when rendering what follows it
 
 
@@ -181,58 +180,59 @@ def run_episodes(
         live.discard(i)
         generating.discard(i)
 
-    try:
-        # --- openings: every env resets in its thread; a group's identical prompts share one request
-        for i, env in enumerate(envs):
-            calls.start(i, lambda env=env, seed=seeds[i // G]: env.reset(seed))
-        openings: dict[int, list[Message]] = {}
-        while calls.deadlines:
-            for i, messages, error in calls.poll(wait=True):
-                if error is not None:
-                    end(i, f"reset: {error}")
-                else:
-                    openings[i] = list(messages)
-        prompts: dict[tuple[int, tuple[int, ...]], list[int]] = {}  # (group, prompt ids) -> episodes
-        for i in sorted(openings):
-            ep = episodes[i]
-            ep.messages = openings[i]
-            text = tokenizer.apply_chat_template(ep.messages, tools=ep.tools or None, add_generation_prompt=True)
-            ep.prompt_ids = tokenizer.encode(text)
-            prompts.setdefault((i // G, tuple(ep.prompt_ids)), []).append(i)
-        for (group, ids), members in prompts.items():
-            try:
-                request = engine.submit(list(ids), replace(params, n=len(members)), index=group, keep=True)
-            except ValueError as e:  # the opening alone does not fit the context
-                for i in members:
-                    end(i, truncated=True, error=f"prompt: {e}")
-                continue
-            for k, i in enumerate(members):
-                requests[i] = (request, k)
-                generating.add(i)
-        # --- the loop: decode, step the environments whose turn ended, append their replies
-        while live:
-            if engine.has_work:
-                engine.step()
-            for i in sorted(generating):
-                request, k = requests[i]
-                if i not in seqs and request.seqs:
-                    seqs[i] = request.seqs[k]
-                if i not in seqs or seqs[i].finish_reason is None:
+    with engine.inference():  # eval and inference mode held once for the whole loop
+        try:
+            # --- openings: every env resets in its thread; a group's identical prompts share one request
+            for i, env in enumerate(envs):
+                calls.start(i, lambda env=env, seed=seeds[i // G]: env.reset(seed))
+            openings: dict[int, list[Message]] = {}
+            while calls.deadlines:
+                for i, messages, error in calls.poll(wait=True):
+                    if error is not None:
+                        end(i, f"reset: {error}")
+                    else:
+                        openings[i] = list(messages)
+            prompts: dict[tuple[int, tuple[int, ...]], list[int]] = {}  # (group, prompt ids) -> episodes
+            for i in sorted(openings):
+                ep = episodes[i]
+                ep.messages = openings[i]
+                text = tokenizer.apply_chat_template(ep.messages, tools=ep.tools or None, add_generation_prompt=True)
+                ep.prompt_ids = tokenizer.encode(text)
+                prompts.setdefault((i // G, tuple(ep.prompt_ids)), []).append(i)
+            for (group, ids), members in prompts.items():
+                try:
+                    request = engine.submit(list(ids), replace(params, n=len(members)), index=group, keep=True)
+                except ValueError as e:  # the opening alone does not fit the context
+                    for i in members:
+                        end(i, truncated=True, error=f"prompt: {e}")
                     continue
-                generating.discard(i)
-                _take_turn(engine, episodes[i], seqs[i])
-                calls.start(i, lambda env=envs[i], text=episodes[i].messages[-1]["content"]: env.step(text))
-            for i, result, error in calls.poll(wait=not engine.has_work):
-                if error is not None:
-                    end(i, f"step: {error}")
-                    continue
-                _after_step(engine, tokenizer, episodes[i], seqs[i], result, max_turns, append, end, i)
-                if i in live:
+                for k, i in enumerate(members):
+                    requests[i] = (request, k)
                     generating.add(i)
-    except BaseException:  # no half-played episode left in the engine
-        for request in {id(r): r for r, _ in requests.values()}.values():
-            engine.abort(request)
-        raise
+            # --- the loop: decode, step the environments whose turn ended, append their replies
+            while live:
+                if engine.has_work:
+                    engine.step()
+                for i in sorted(generating):
+                    request, k = requests[i]
+                    if i not in seqs and request.seqs:
+                        seqs[i] = request.seqs[k]
+                    if i not in seqs or seqs[i].finish_reason is None:
+                        continue
+                    generating.discard(i)
+                    _take_turn(engine, episodes[i], seqs[i])
+                    calls.start(i, lambda env=envs[i], text=episodes[i].messages[-1]["content"]: env.step(text))
+                for i, result, error in calls.poll(wait=not engine.has_work):
+                    if error is not None:
+                        end(i, f"step: {error}")
+                        continue
+                    _after_step(engine, tokenizer, episodes[i], seqs[i], result, max_turns, append, end, i)
+                    if i in live:
+                        generating.add(i)
+        except BaseException:  # no half-played episode left in the engine
+            for request in {id(r): r for r, _ in requests.values()}.values():
+                engine.abort(request)
+            raise
     return episodes
 
 
@@ -280,4 +280,4 @@ def _after_step(
     append(i, delta)
 
 
-__all__ = ["ENV_TIMEOUT_S", "HELD_OUT_SEED", "Episode", "render_after_turn", "run_episodes"]
+__all__ = ["ENV_TIMEOUT_S", "Episode", "render_after_turn", "run_episodes"]

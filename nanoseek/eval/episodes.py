@@ -3,7 +3,7 @@
     nanoseek eval --checkpoint runs/rl --env guess_number --n-episodes 200 --out runs/eval-guess
     nanoseek eval --env guess_number --policy expert --n-episodes 200      # the baseline, no model
 
-Episodes use the held-out seeds (HELD_OUT_SEED + SEED + i: never an RL training seed) and are played
+Episodes use the held-out seeds (HELD_OUT_SEED_START + SEED + i: never an RL training seed) and are played
 all at once by `run_episodes` (each sequence's cache kept across turns). Reported: the mean normalised
 score ± its standard error, the success rate, turns, tool calls and tool errors per episode, tokens per
 episode (the policy's, and all: prompt and environment included), episodes whose environment failed or
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.envs import make
+from nanoseek.envs import HELD_OUT_SEED_START, make
 from nanoseek.envs.baselines import play_policy, summarize
-from nanoseek.envs.episodes import HELD_OUT_SEED, run_episodes
+from nanoseek.envs.episodes import run_episodes
 from nanoseek.envs.sim import Simulator
 
 
@@ -40,7 +40,7 @@ def evaluate_env(
     """n_episodes of `spec` from held-out seeds, by the model (engine + tokenizer + params, each turn's
     limit params.max_new_tokens) or by the environment's scripted `policy`; writes and returns the summary."""
     envs = [make(spec, **knobs) for _ in range(n_episodes)]
-    seeds = [HELD_OUT_SEED + seed + i for i in range(n_episodes)]
+    seeds = [HELD_OUT_SEED_START + seed + i for i in range(n_episodes)]
     t0 = time.perf_counter()
     if policy is not None:
         envs[0].check_policy(policy)

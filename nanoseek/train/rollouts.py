@@ -27,9 +27,9 @@ from nanoseek.config import RLConfig, parse_env_weights, parse_task_weights
 from nanoseek.data.errors import BadInputError
 from nanoseek.data.jsonl import read_jsonl
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.envs import make
+from nanoseek.envs import HELD_OUT_SEED_START, make
 from nanoseek.envs.base import Env, Message, StepResult, step_info
-from nanoseek.envs.episodes import HELD_OUT_SEED, Episode, run_episodes
+from nanoseek.envs.episodes import Episode, run_episodes
 from nanoseek.rewards import RewardSet, code_reward, code_tests, grade_many, has_code_tests, math_reward, task_reward
 from nanoseek.tasks.corpus import task_mixture
 from nanoseek.train import distributed, grpo
@@ -114,7 +114,8 @@ class PromptSampler:
 
 
 class EnvSampler:
-    """rl.envs: row k of the stream is episode seed k of an environment drawn by weight (seeded); resumable."""
+    """rl.envs: row k of the stream is an environment drawn by weight (seeded) with episode seed k (below
+    HELD_OUT_SEED_START, where the held-out seeds begin: training never sees those); resumable."""
 
     def __init__(self, spec: str, seed: int) -> None:
         weights = parse_env_weights(spec, "rl.envs")
@@ -124,7 +125,7 @@ class EnvSampler:
         out = []
         for k in range(self.pos, self.pos + n):
             [name] = random.Random(f"envs:{self.seed}:{k}").choices(self.names, self.weights)
-            out.append(dict(env=name, seed=k, id=f"{name}-{k}", group=name))
+            out.append(dict(env=name, seed=k % HELD_OUT_SEED_START, id=f"{name}-{k}", group=name))
         self.pos += n
         return out
 
@@ -136,9 +137,9 @@ class EnvSampler:
 
 
 def held_out_env_rows(spec: str, n: int) -> list[dict[str, Any]]:
-    """n held-out episodes of each environment of rl.envs (seeds from HELD_OUT_SEED)."""
+    """n held-out episodes of each environment of rl.envs (seeds from HELD_OUT_SEED_START)."""
     return [
-        dict(env=name, seed=HELD_OUT_SEED + i, id=f"{name}-heldout-{i}", group=name)
+        dict(env=name, seed=HELD_OUT_SEED_START + i, id=f"{name}-heldout-{i}", group=name)
         for name in parse_env_weights(spec, "rl.envs")
         for i in range(n)
     ]
@@ -166,12 +167,14 @@ class RowEnv(Env):
 
 def make_envs(rows: list[dict[str, Any]], cfg: RLConfig, group_size: int) -> list[Env]:
     """group_size environments per row: `RowEnv`s for prompt rows, rl.envs' environments (knobs from
-    rl.difficulty under the environment's name) for episode rows."""
+    rl.difficulty under the environment's spec, e.g. "task:arithmetic", else its name) for episode rows."""
     out: list[Env] = []
     for row in rows:
         for _ in range(group_size):
             if "env" in row:
-                out.append(make(row["env"], **cfg.difficulty.get(row["env"].partition(":")[0], {})))
+                spec = row["env"]
+                knobs = cfg.difficulty.get(spec, cfg.difficulty.get(spec.partition(":")[0], {}))
+                out.append(make(spec, **knobs))
             else:
                 out.append(RowEnv(row))
     return out
