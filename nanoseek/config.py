@@ -160,6 +160,13 @@ class RLConfig:
     prompts_file: str = ""
     """A JSONL of {prompt or messages, answer[, task]} (or code rows: tests instead of answer, with
     rl.rewards=code) instead of the built-in tasks."""
+    envs: str = ""
+    """Environments instead of the tasks: 'NAME' or 'NAME:weight', comma separated (NAME may be NAME:ARG,
+    e.g. task:arithmetic); an episode's return (the sum of its turns' rewards) is its reward. Knobs:
+    rl.difficulty keyed by the environment's name. Held-out seeds from envs.HELD_OUT_SEED_START up."""
+    turn_credit: bool = False
+    """Environments: each turn's tokens get the advantage of the rewards from that turn on (rewards-to-go,
+    normalised by the group's returns) instead of the whole episode's."""
     eval_file: str = ""
     """Held-out prompts in the same format for the before/after and periodic evaluations (the
     first eval_problems rows); default: the built-in tasks' test split, or none with prompts_file."""
@@ -258,6 +265,10 @@ class RunConfig:
         self.eval.check("eval.")
         parse_task_weights(self.data.tasks, "data.tasks")
         parse_task_weights(self.rl.tasks, "rl.tasks")
+        if self.rl.envs:
+            parse_env_weights(self.rl.envs, "rl.envs")
+            if self.rl.prompts_file:
+                raise InputError("rl.envs and rl.prompts_file: set one of them (episodes or prompts)")
         for section, name, allowed in (
             ("train", "optimizer", OPTIMIZERS),
             ("train", "schedule", SCHEDULES),
@@ -312,6 +323,26 @@ def parse_task_weights(spec: str, where: str) -> dict[str, float]:
             raise InputError(f"{where}: the weight in {part!r} must be >= 0")
     if not out:
         raise InputError(f"{where} = {spec!r}: names no task")
+    return out
+
+
+def parse_env_weights(spec: str, where: str) -> dict[str, float]:
+    """'guess_number,task:arithmetic:2' -> {'guess_number': 1.0, 'task:arithmetic': 2.0}: an environment
+    mixture (rl.envs). A part's last ':' field is its weight when it reads as a number."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, tail = part.rpartition(":")
+        try:
+            weight = float(tail) if name else None
+        except ValueError:
+            weight = None
+        if weight is None:
+            name, weight = part, 1.0
+        if not (math.isfinite(weight) and weight >= 0) or not name.strip():
+            raise InputError(f"{where}: bad part {part!r} (expected NAME or NAME:weight, the weight >= 0)")
+        out[name.strip()] = weight
+    if not out:
+        raise InputError(f"{where} = {spec!r}: names no environment")
     return out
 
 

@@ -6,6 +6,7 @@ is about what happens to the samples; the resume test runs the real `rl()` on a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -60,35 +61,71 @@ class FakeCompletion:
     ttft_s: float = 0.0
 
 
+class FakeSequence:
+    def __init__(self, text: str, finish_reason: str) -> None:
+        self.text, self.finish_reason, self.stop = text, finish_reason, None
+        self.tokens, self.logprobs = CharTokenizer().encode(text), [-1.0] * len(text)
+
+
+class FakeRequest:
+    def __init__(self, texts: list[str]) -> None:
+        self.texts, self.seqs = texts, []
+
+
 class ScriptedEngine:
-    """`generate` answers each prompt, in call order, with the next scripted group of texts."""
+    """Answers each prompt, in submission order, with the next scripted group of texts: through
+    `generate` (the evaluation) or `submit` + `step` (the episode runner, one turn)."""
 
     device = torch.device("cpu")
+    max_seq_len = 10_000
 
     def __init__(self, script: list[list[str]], max_new_tokens: int | None = None) -> None:
         self.script = list(script)
         self.max_new_tokens = max_new_tokens
-        self.calls: list[dict] = []  # per generate call: the prompts (as text), the seed, n
+        self.calls: list[dict] = []  # per round (generate call, or submissions of one seed): prompts (text), seed, n
+        self.queue: list[FakeRequest] = []
+
+    def _finish(self, text: str) -> str:
+        return "length" if self.max_new_tokens and len(text) >= self.max_new_tokens else "stop"
+
+    def _record(self, prompt_ids, params) -> list[str]:
+        if not self.calls or self.calls[-1]["seed"] != params.seed or self.calls[-1]["n"] != params.n:
+            self.calls.append(dict(prompts=[], seed=params.seed, n=params.n))
+        self.calls[-1]["prompts"].append(CharTokenizer().decode(prompt_ids))
+        texts = self.script.pop(0)
+        assert len(texts) == params.n
+        return texts
 
     def generate(self, prompt_ids_list, params):
+        self.calls.append(dict(prompts=[], seed=params.seed, n=params.n))  # a call of its own
         tok = CharTokenizer()
-        self.calls.append(dict(prompts=[tok.decode(p) for p in prompt_ids_list], seed=params.seed, n=params.n))
         out = []
-        for _ in prompt_ids_list:
-            texts = self.script.pop(0)
-            assert len(texts) == params.n
-            out.append(
-                [
-                    FakeCompletion(
-                        tok.encode(t),
-                        [-1.0] * len(t),
-                        t,
-                        "length" if self.max_new_tokens and len(t) >= self.max_new_tokens else "stop",
-                    )
-                    for t in texts
-                ]
-            )
+        for p in prompt_ids_list:
+            texts = self._record(p, params)
+            out.append([FakeCompletion(tok.encode(t), [-1.0] * len(t), t, self._finish(t)) for t in texts])
         return out
+
+    def submit(self, prompt_ids, params, index=0, keep=False):
+        self.queue.append(FakeRequest(self._record(prompt_ids, params)))
+        return self.queue[-1]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue)
+
+    def step(self) -> None:
+        for request in self.queue:
+            request.seqs = [FakeSequence(t, self._finish(t)) for t in request.texts]
+        self.queue = []
+
+    def text(self, seq: FakeSequence) -> str:
+        return seq.text
+
+    def release_sequence(self, seq: FakeSequence) -> None:
+        pass
+
+    def inference(self):
+        return contextlib.nullcontext()
 
 
 def rows(n: int = 8) -> list[dict]:
@@ -474,3 +511,135 @@ def test_rl_on_code_rows_with_the_code_reward(tmp_path):
     cfg.rl.rewards = "math=1.0"  # rows without an answer: refused before the run, naming the file and row
     with pytest.raises(ValueError, match=r"train.jsonl: row 1 has no 'answer' field"):
         rl(cfg, tmp_path / "run2", ckpt, quiet=True)
+
+
+# ----------------------------------------------------------------------------- episodes and environments
+def test_prompt_rows_through_the_episode_runner_give_the_completions_and_rewards_of_before():
+    """One rollout path: a prompt row is a one-turn episode; its samples and rewards are the ones the
+    engine's `generate` and the reward functions gave before (same seed, same sampling keys)."""
+    from nanoseek.engine import Engine, SamplingParams
+
+    model = tiny_model().eval()
+    data = [dict(id=f"q{i}", prompt=f"say {'yes' if i % 2 else 'no'}", answer="yes") for i in range(6)]
+    cfg = RLConfig(prompts_per_step=3, group_size=4, max_new_tokens=6, temperature=1.0)
+    tok = CharTokenizer()
+    order = PromptSampler(data, 0).take(3)
+    # before: generate + the reward functions over the rows
+    params = SamplingParams.from_config(cfg, n=cfg.group_size, seed=7 * 1000)
+    before = Engine(model, tok, max_batch=16).generate([tok.encode(prompt_of(r)) for r in order], params)
+    texts = [c.text for group in before for c in group]
+    flat_rows = [r for r in order for _ in range(cfg.group_size)]
+    expected = reward_set().score([r["prompt"] for r in flat_rows], texts, flat_rows).total
+    # now: collect through run_episodes
+    batch = collect(Engine(model, tok, max_batch=16), tok, PromptSampler(data, 0), reward_set(), cfg, seed=7)
+    assert batch.completion_ids == [c.token_ids for group in before for c in group]
+    assert batch.engine_logprobs == [c.logprobs for group in before for c in group]
+    assert batch.texts == texts and batch.rewards.tolist() == expected
+    assert batch.policy_masks == [[1] * len(c) for c in batch.completion_ids]
+    assert len({tuple(c) for c in batch.completion_ids}) > 3  # different samples: a real comparison
+
+
+def test_loss_gradient_on_environment_tokens_is_exactly_zero(monkeypatch):
+    """Environment tokens are context: the loss's gradient with respect to their log-probs is exactly
+    zero (policy tokens' is not), and they are not counted in the length statistics."""
+    from nanoseek.train import update as update_module
+    from nanoseek.train.rollouts import batch_statistics
+
+    batch = Rollouts(
+        rows=[dict(id="a", env="e"), dict(id="b", env="e")],
+        prompt_ids=[[1, 2, 3], [4, 5]],
+        completion_ids=[[6, 7, 8, 9, 10], [11, 12, 13]],
+        engine_logprobs=[[-1.0, -1.0, 0.0, 0.0, -1.0], [-1.0, 0.0, -1.0]],
+        texts=["", ""],
+        truncated=[False, False],
+        policy_masks=[[1, 1, 0, 0, 1], [1, 0, 1]],
+        turn_advantage_spans=[[], []],
+        rewards=torch.tensor([1.0, 0.0]),
+        per_function={"return": [1.0, 0.0]},
+        correct=[True, False],
+        groups_generated=1,
+        zero_variance_fraction=0.0,
+        sampled_reward=0.5,
+        sampled_accuracy=0.5,
+        sampled_tokens=5,
+        reward_warnings={},
+    )
+    seen = []
+
+    def keep_grad(*args, **kwargs):
+        logp, entropy = sequence_logprobs(*args, **kwargs)
+        if logp.requires_grad:
+            logp.retain_grad()
+            seen.append(logp)
+        return logp, entropy
+
+    monkeypatch.setattr(update_module, "sequence_logprobs", keep_grad)
+    for loss_agg in grpo.LOSS_AGGREGATIONS:
+        seen.clear()
+        model = tiny_model()
+        cfg = RLConfig(group_size=2, tis_cap=2.0, loss_agg=loss_agg, max_new_tokens=8)
+        update(
+            model,
+            None,
+            [torch.optim.SGD(model.parameters(), lr=0.0)],
+            batch,
+            torch.tensor([1.0, -1.0]),
+            cfg,
+            0.0,
+            torch.device("cpu"),
+        )
+        [logp] = seen
+        grad = logp.grad
+        env = [(0, 2 + 2), (0, 2 + 3), (1, 1 + 1)]  # (row, position predicting the token): prompt length - 1 + j
+        policy = [(0, 2), (0, 3), (0, 6), (1, 1), (1, 3)]
+        assert all(grad[r, t].item() == 0.0 for r, t in env)
+        assert all(grad[r, t].item() != 0.0 for r, t in policy)
+    assert batch_statistics(batch)["length_mean"] == (3 + 2) / 2
+
+
+def test_rl_envs_setting_is_checked():
+    from nanoseek.config import parse_env_weights
+    from nanoseek.envs import HELD_OUT_SEED_START
+    from nanoseek.errors import UserError
+    from nanoseek.train.rollouts import EnvSampler, held_out_env_rows, make_envs
+
+    assert parse_env_weights("guess_number, task:arithmetic:2,task:countdown", "rl.envs") == {
+        "guess_number": 1.0,
+        "task:arithmetic": 2.0,
+        "task:countdown": 1.0,
+    }
+    for bad in ("guess_number:-1", ",", "a:nan"):
+        cfg = RunConfig()
+        cfg.rl.envs = bad
+        with pytest.raises(UserError, match="rl.envs"):
+            cfg.check()
+    cfg = RunConfig()
+    cfg.rl.envs, cfg.rl.prompts_file = "guess_number", "x.jsonl"
+    with pytest.raises(UserError, match="rl.envs and rl.prompts_file"):
+        cfg.check()
+    with pytest.raises(UserError, match="no_such_env"):
+        make_envs([{"env": "no_such_env"}], RLConfig(), 1)
+    with pytest.raises(UserError, match="bogus"):
+        make_envs([{"env": "guess_number"}], RLConfig(difficulty={"guess_number": {"bogus": 1}}), 1)
+    # training seeds count up from 0, held-out ones from 1e9: disjoint
+    sampler = EnvSampler("guess_number:1,task:arithmetic:3", seed=0)
+    rows_ = sampler.take(40)
+    assert [r["seed"] for r in rows_] == list(range(40)) and {r["env"] for r in rows_} == {
+        "guess_number",
+        "task:arithmetic",
+    }
+    assert min(r["seed"] for r in held_out_env_rows("guess_number", 5)) >= HELD_OUT_SEED_START
+
+
+def test_rl_on_an_environment_trains_and_evaluates_on_held_out_seeds(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "sft")
+    cfg = rl_run()
+    cfg.train.steps = 2
+    cfg.rl.envs, cfg.rl.rewards, cfg.rl.turn_credit = "guess_number", "task=1.0", True
+    cfg.rl.difficulty = {"guess_number": {"n": 4, "max_turns": 3}}  # small: some episodes succeed by luck
+    cfg.rl.max_new_tokens, cfg.rl.group_size = 6, 4
+    summary = rl(cfg, tmp_path / "run", ckpt, quiet=True)
+    assert set(summary["before"]) == {"guess_number", "all"} and summary["eval_problems"] == 4
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all("reward/return" in r for r in steps)

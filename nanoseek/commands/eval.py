@@ -6,6 +6,8 @@
         --k 4 --max-new-tokens 8192 --think-prefill --out runs/eval-r1
     nanoseek eval --checkpoint Qwen2.5-Math-1.5B/ --bench gsm8k_test.jsonl --few-shot 4 --temperature 0
     nanoseek eval compare runs/eval-sft runs/eval-rl          # markdown table of both, with the difference
+    nanoseek eval --checkpoint runs/rl --env guess_number --n-episodes 200 --max-new-tokens 64 --set n=100
+    nanoseek eval --env calculator_arithmetic --policy expert --n-episodes 200   # an env's baseline, no model
 
 --bench (repeatable) is a file (.jsonl/.json/.parquet: GSM8K, MATH/MATH-500, AIME, `nanoseek data`
 task rows, HumanEval, MBPP, rows with `prompt` and `tests` (code: run against the tests in a subprocess
@@ -22,6 +24,12 @@ block."; nothing for built-in tasks, whose models never saw one), `r1`
 
 Sampling defaults follow R1: temperature 0.6, top-p 0.95, --k 4 samples per problem (--temperature 0:
 one greedy sample). Writes RUN_DIR/summary.json, records.jsonl, report.md and plots/.
+
+--env NAME (or NAME:ARG; `nanoseek env list`) plays --n-episodes episodes of an environment from its
+held-out seeds instead (--set KNOB=VALUE: its knobs; --max-new-tokens: each turn's limit), by the
+checkpoint or, with --policy random|expert, by the environment's own scripted policy: mean normalised
+score ± s.e., success rate, turns, tool calls and errors, tokens per episode and speed (see
+nanoseek.eval.episodes). Writes RUN_DIR/summary.json and transcripts.jsonl.
 """
 
 from __future__ import annotations
@@ -59,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE_OR_TASK",
         help="benchmark file or task (repeatable)",
     )
+    env = parser.add_argument_group("environments (instead of --bench)")
+    env.add_argument("--env", default=None, metavar="NAME", help="evaluate on an environment's held-out episodes")
+    env.add_argument("--n-episodes", type=int, default=100, help="episodes of --env (100)")
+    env.add_argument("--policy", default=None, metavar="random|expert", help="the env's scripted policy, no model")
+    env.add_argument("--max-turns", type=int, default=None, help="assistant turns per episode (default: the env's)")
     parser.add_argument("--out", default="runs/eval", metavar="RUN_DIR", help="output directory (default: runs/eval)")
     problems = parser.add_argument_group("problems")
     problems.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems of each")
@@ -117,11 +130,55 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_env(args: argparse.Namespace) -> int:
+    from nanoseek.commands.env import parse_knobs
+    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.envs import make
+    from nanoseek.errors import InputError, as_user_error
+    from nanoseek.eval.episodes import evaluate_env, summary_line
+
+    with as_user_error():  # the flags, the environment and the checkpoint: checked before any work
+        knobs = parse_knobs(args.overrides)
+        if args.n_episodes < 1:
+            raise InputError(f"--n-episodes must be at least 1, got {args.n_episodes}")
+        if args.max_turns is not None and args.max_turns < 1:
+            raise InputError(f"--max-turns must be at least 1, got {args.max_turns}")
+        make(args.env, **knobs)
+        engine = tokenizer = params = None
+        if args.policy is None:
+            if not args.checkpoint:
+                raise InputError("nanoseek eval --env needs --checkpoint (or --policy for the env's own baseline)")
+            params = SamplingParams.from_config(args, n=1)
+            params.validate()
+            model, tokenizer = load_model(args)
+            engine = Engine(model, tokenizer, max_batch=args.max_batch, **engine_options(args))
+        else:
+            make(args.env, **knobs).check_policy(args.policy)
+    summary = evaluate_env(
+        args.env,
+        knobs,
+        args.n_episodes,
+        args.out,
+        engine=engine,
+        tokenizer=tokenizer,
+        params=params,
+        policy=args.policy,
+        seed=args.seed or 0,
+        max_turns=args.max_turns,
+    )
+    print(summary_line(summary))
+    if not args.quiet:
+        print(f"wrote {args.out}/summary.json, transcripts.jsonl", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from nanoseek.errors import InputError
 
     if getattr(args, "action", None) == "compare":
         return _compare(args)
+    if args.env:
+        return _evaluate_env(args)
     if not args.checkpoint or not args.benches:
         raise InputError("nanoseek eval needs --checkpoint and --bench (or: nanoseek eval compare RUN_A RUN_B)")
 

@@ -18,6 +18,8 @@ does with them depends on the mode the engine set just before the forward:
   `positions[b]` and attend to the slot's keys 0..position (keys up to kv_len are read,
   the rest masked). Rows of free slots get position 0: they write junk into their own
   free slot and are ignored. Fixed shapes given (B, kv_len): what a CUDA graph needs.
+  With `slots`, row b is slot slots[b] instead (a gather of its keys): the engine appends tokens
+  to kept sequences this way (right-padded rows, the padding written past each row's real end).
 
 GQA in decode without repeating k/v: the rep = n_heads // n_kv_heads query heads sharing
 a kv head are folded into the query-length axis ([B, Hkv, rep*T, d] against [B, Hkv, L, d]).
@@ -96,11 +98,12 @@ class KVCache:
         self._mode, self._slots = "prefill", slots
         return self
 
-    def decode(self, positions: Tensor, kv_len: int) -> KVCache:
-        """Next forward: row b is slot b, its tokens at positions[b] ([B, T]); read keys [0, kv_len)."""
+    def decode(self, positions: Tensor, kv_len: int, slots: Tensor | None = None) -> KVCache:
+        """Next forward: row b is slot b (or slots[b]), its tokens at positions[b] ([B, T]); read keys [0, kv_len)."""
         if not 0 < kv_len <= self.max_seq_len:
             raise ValueError(f"kv_len {kv_len} outside [1, {self.max_seq_len}]")
         self._mode, self._positions, self._kv_len, self._mask = "decode", positions, kv_len, None
+        self._slots = slots
         return self
 
     def copy_slots(self, src: Tensor, dst: Tensor, length: int) -> None:
@@ -130,14 +133,15 @@ class KVCache:
         if self._mode != "decode":
             raise RuntimeError("KVCache.attend called without prefill(...) or decode(...) set up")
         pos, L = self._positions, self._kv_len
-        rows, at_layer = self._rows[:B], self._layers[layer : layer + 1]
+        rows = self._rows[:B] if self._slots is None else self._slots[:, None]
+        at_layer = self._layers[layer : layer + 1]
         # Written through the whole tensor, not the layer's view: a compiled decode step then updates
         # the cache in place (writing into a view of a graph input makes it copy the layer).
         self.k[at_layer, rows, :, pos] = k.transpose(1, 2)  # index [B, T] -> value [B, T, Hkv, dk]
-        keys = K[:B, :, :L]  # a view [B, Hkv, L, dk]
+        keys = K[:B, :, :L] if self._slots is None else K[self._slots, :, :L]  # a view [B, Hkv, L, dk] (or a gather)
         if V is not None:
             self.v[at_layer, rows, :, pos] = v.transpose(1, 2)
-            values = V[:B, :, :L]
+            values = V[:B, :, :L] if self._slots is None else V[self._slots, :, :L]
         else:
             values = keys[..., : self.v_dim]
         if self._mask is None:  # the same for every layer: built once per forward

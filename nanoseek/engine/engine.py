@@ -19,6 +19,8 @@ Scheduling, one `step()` at a time:
 4. sample, move the tokens to the host (the one synchronisation of the step) and check
    stopping per sequence: a finished sequence frees its slot at once, and the next step's
    admission fills it while the others keep decoding.
+
+Multi-turn sequences (episodes) keep their slots between turns: see turns.py.
 """
 
 from __future__ import annotations
@@ -43,15 +45,19 @@ from nanoseek.engine.requests import (
     EngineStats,
     Request,
     SequenceState,
+    chunks,
+    completion_of,
     prompt_ids,
+    sequence_text,
 )
 from nanoseek.engine.sampling import SamplingBatch, SamplingParams, random_seed, sample
 from nanoseek.engine.slots import SlotState
+from nanoseek.engine.turns import MultiTurn
 
 CPU_KV_CACHE_GB = 2.0  # default KV budget on CPU (capped at a quarter of the available memory)
 
 
-class Engine:
+class Engine(MultiTurn):
     """Batched generation with a preallocated KV cache, continuous batching and CUDA graphs.
 
     model: a `Transformer` (the trainer's own object: no copy; its train/eval mode is
@@ -117,6 +123,8 @@ class Engine:
         self._check_weights = True
         self._waiting: deque[Request] = deque()
         self._running: dict[int, SequenceState] = {}  # slot -> sequence
+        self._kept: dict[int, SequenceState] = {}  # slot -> finished sequence of a keep request
+        self._continuing: list[SequenceState] = []  # kept sequences with tokens to append at the next step
         self._free: list[int] = list(range(self.n_slots))  # a heap: lowest slot first keeps the batch compact
         self.stats = EngineStats()
 
@@ -146,8 +154,8 @@ class Engine:
 
     def release(self) -> None:
         """Free the KV cache and CUDA graphs (e.g. while the trainer trains); reallocated on next use."""
-        if self._running or self._waiting:
-            raise RuntimeError("release() with requests in flight; abort them first")
+        if self._running or self._waiting or self._kept:
+            raise RuntimeError("release() with requests in flight or kept; abort them first")
         self.cache, self.slots, self._graphs = None, None, None
 
     def cuda_graph_status(self) -> dict:
@@ -174,12 +182,18 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def submit(
-        self, prompt: str | Sequence[int] | Tensor, params: SamplingParams | None = None, *, index: int = 0
+        self,
+        prompt: str | Sequence[int] | Tensor,
+        params: SamplingParams | None = None,
+        *,
+        index: int = 0,
+        keep: bool = False,
     ) -> Request:
         """Validate and queue a request (ValueError naming the bad field; nothing is queued then).
 
         `index` goes into the sampling keys (prompts of one seeded `generate` call get different
-        noise) and into Completion.index.
+        noise) and into Completion.index. `keep`: a sample that stops (or reaches max_new_tokens)
+        keeps its slot for `continue_sequence` until `release_sequence`.
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -193,30 +207,34 @@ class Engine:
         stop_ids = set(params.stop_ids) | (set() if params.ignore_eos else set(self.eos_ids))
         max_new = min(params.max_new_tokens, self.max_seq_len - len(ids))
         seed = params.seed if params.seed is not None else random_seed()
-        request = Request(index, ids, params, stop_ids, max_new, seed)
+        request = Request(index, ids, params, stop_ids, max_new, seed, keep)
         self._waiting.append(request)
         return request
 
     def abort(self, request: Request) -> None:
-        """Drop a request: out of the queue, or its running samples finished with 'abort'."""
+        """Drop a request: out of the queue, its running samples finished with 'abort', its kept slots freed."""
         if request in self._waiting:
             self._waiting.remove(request)
         request.aborted = True
         for seq in request.seqs:
             if seq.finish_reason is None:
                 self._finish(seq, "abort")
+            self.release_sequence(seq)
 
     def abort_all(self) -> None:
-        for request in list(self._waiting) + list({s.request for s in self._running.values()}):
+        live = list(self._running.values()) + list(self._kept.values())
+        for request in list(self._waiting) + list({s.request: None for s in live}):
             self.abort(request)
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._continuing)
 
     # ------------------------------------------------------------------ the loop
     @contextmanager
-    def _inference(self) -> Iterator[None]:
+    def inference(self) -> Iterator[None]:
+        """Eval mode, inference mode and the caller's autocast without its cache, for the steps run inside
+        (each `step` enters it too; a loop of many steps, like `generate`'s, holds it once)."""
         was_training = self.model.training
         if was_training:
             self.model.eval()
@@ -237,7 +255,7 @@ class Engine:
 
     def step(self) -> None:
         """Admit and prefill what fits, then one decode step over everything running."""
-        with self._inference():
+        with self.inference():
             self._ensure_cache()
             self.slots.flush()  # resets of the slots freed since the last step, before admission reuses them
             admitted = []
@@ -252,18 +270,15 @@ class Engine:
             if admitted:
                 self._check_weights = True
                 self._prefill(admitted)
+            if self._continuing:
+                self._check_weights = True
+                self._extend()
             if self._running:
                 self._decode()
 
     def _prefill(self, requests: list[Request]) -> None:
-        requests = sorted(requests, key=lambda r: len(r.prompt_ids))
-        chunk: list[Request] = []
-        for request in requests:
-            if chunk and (len(chunk) + 1) * len(request.prompt_ids) > self.max_prefill_tokens:
-                self._prefill_chunk(chunk)
-                chunk = []
-            chunk.append(request)
-        self._prefill_chunk(chunk)
+        for chunk in chunks(requests, lambda r: len(r.prompt_ids), self.max_prefill_tokens):
+            self._prefill_chunk(chunk)
 
     def _prefill_chunk(self, requests: list[Request]) -> None:
         """One forward over right-padded prompts; each prompt's k/v go to its first slot."""
@@ -338,7 +353,10 @@ class Engine:
     def _sampling_batch(self, seqs: list[SequenceState]) -> SamplingBatch:
         """Sampling rows for the prefill's samples (decode steps read theirs from `self.slots`)."""
         return SamplingBatch.build(
-            [s.request.params for s in seqs], [s.key for s in seqs], [len(s.tokens) for s in seqs], self.device
+            [s.request.params for s in seqs],
+            [s.key for s in seqs],
+            [s.sampled + len(s.tokens) for s in seqs],
+            self.device,
         )
 
     def _append_rows(self, rows: list[tuple[int, SequenceState]], tokens: Tensor, logprobs: Tensor) -> None:
@@ -359,7 +377,7 @@ class Engine:
             self._finish(seq, "stop", token)
         elif request.params.stop_strings and (match := self._stop_string(seq)) is not None:
             self._finish(seq, "stop", match)
-        elif len(seq.tokens) >= request.max_new_tokens:
+        elif len(seq.tokens) >= seq.max_new_tokens:
             self._finish(seq, "length")
 
     def _stop_string(self, seq: SequenceState) -> str | None:
@@ -370,39 +388,21 @@ class Engine:
         seq.finish_reason, seq.stop, seq.finish_time = reason, stop, time.perf_counter()
         if self._running.get(seq.slot) is seq:
             del self._running[seq.slot]
-            heapq.heappush(self._free, seq.slot)
+            keep = seq.request.keep and reason != "abort"
+            if keep:
+                self._kept[seq.slot] = seq
+            else:
+                heapq.heappush(self._free, seq.slot)
             if self.slots is not None:
-                self.slots.release(seq.slot)
+                self.slots.release(seq.slot, seq.position if keep else 0)
 
     # ------------------------------------------------------------------ results
     def text(self, seq: SequenceState) -> str | None:
         """The sample's text: without a final stop token, cut before a stop string (None without a tokenizer)."""
-        if self.detokenize is None:
-            return None
-        tokens = seq.tokens[:-1] if isinstance(seq.stop, int) else seq.tokens
-        text = self.detokenize(tokens)
-        if isinstance(seq.stop, str):
-            text = text[
-                : min((i for s in seq.request.params.stop_strings if (i := text.find(s)) >= 0), default=len(text))
-            ]
-        return text
+        return sequence_text(seq, self.detokenize)
 
     def completion(self, seq: SequenceState) -> Completion:
-        request, n = seq.request, len(seq.tokens)
-        after_first = seq.finish_time - seq.first_token_time
-        return Completion(
-            prompt_ids=request.prompt_ids,
-            token_ids=list(seq.tokens),
-            logprobs=list(seq.logprobs),
-            text=self.text(seq),
-            finish_reason=seq.finish_reason or "abort",
-            ttft_s=max(seq.first_token_time - request.submit_time, 0.0) if n else 0.0,
-            tokens_per_s=(n - 1) / after_first if n > 1 and after_first > 0 else 0.0,
-            latency_s=seq.finish_time - request.submit_time,
-            index=request.index,
-            sample=seq.sample,
-            stop=seq.stop,
-        )
+        return completion_of(seq, self.detokenize)
 
     def completions(self, request: Request) -> list[Completion]:
         return [self.completion(seq) for seq in request.seqs]
@@ -430,7 +430,7 @@ class Engine:
                 ids = list(prompt) if isinstance(prompt, list | tuple) else []
                 results[i] = [Completion(ids, [], [], None, "error", index=i, error=str(e))]
         try:
-            with self._inference():
+            with self.inference():
                 while self.has_work:
                     self.step()
         except BaseException:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from torch import Tensor
 
@@ -71,10 +71,19 @@ class EngineStats:
     decode_rows: int = 0
     """Rows run by decode steps (dummy rows of free slots included)."""
     max_running: int = 0
+    extend_calls: int = 0
+    extend_tokens: int = 0
+    """Tokens appended to kept sequences' caches (continuations), padding excluded."""
 
 
 class SequenceState:
-    """One sample being generated, in one slot."""
+    """One sample being generated, in one slot.
+
+    A sequence of a `keep` request can run several turns (`Engine.continue_sequence`): `tokens`
+    and `logprobs` hold the current turn's generated tokens, `offset` counts the tokens before
+    them (the prompt, earlier turns and the appended ones), `sampled` the tokens sampled in
+    earlier turns (the sampling step goes on counting, so no turn reuses another's noise).
+    """
 
     __slots__ = (
         "finish_reason",
@@ -82,8 +91,12 @@ class SequenceState:
         "first_token_time",
         "key",
         "logprobs",
+        "max_new_tokens",
+        "offset",
+        "pending",
         "request",
         "sample",
+        "sampled",
         "slot",
         "stop",
         "tokens",
@@ -97,11 +110,13 @@ class SequenceState:
         self.finish_reason: str | None = None
         self.stop: int | str | None = None
         self.first_token_time = self.finish_time = 0.0
+        self.offset, self.sampled, self.max_new_tokens = len(request.prompt_ids), 0, request.max_new_tokens
+        self.pending: list[int] = []  # tokens to append to the cache at the next step (continuations)
 
     @property
     def position(self) -> int:
-        """Position of the last token, the one the next decode step feeds."""
-        return len(self.request.prompt_ids) + len(self.tokens) - 1
+        """Position of the last token, the one the next decode step feeds (not in the cache yet)."""
+        return self.offset + len(self.tokens) - 1
 
 
 class Request:
@@ -115,8 +130,10 @@ class Request:
         stop_ids: set[int],
         max_new_tokens: int,
         seed: int,
+        keep: bool = False,
     ) -> None:
         self.index, self.prompt_ids, self.params, self.seed = index, prompt_ids, params, seed
+        self.keep = keep  # finished samples keep their KV slot for a continuation until released
         self.stop_ids, self.max_new_tokens = stop_ids, max_new_tokens
         # A stop string of c characters spans at most 4c tokens (every token decodes to >= 1 byte).
         self.stop_window = 4 * max((len(s) for s in params.stop_strings), default=0) + 4
@@ -160,6 +177,50 @@ def prompt_ids(prompt: str | Sequence[int] | Tensor, tokenizer, vocab_size: int,
             "and at least one new token must fit)"
         )
     return ids
+
+
+def sequence_text(seq: SequenceState, detokenize: Callable[[Sequence[int]], str] | None) -> str | None:
+    """The sample's text: without a final stop token, cut before a stop string (None without a detokenizer)."""
+    if detokenize is None:
+        return None
+    text = detokenize(seq.tokens[:-1] if isinstance(seq.stop, int) else seq.tokens)
+    if isinstance(seq.stop, str):
+        stops = seq.request.params.stop_strings
+        text = text[: min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))]
+    return text
+
+
+def completion_of(seq: SequenceState, detokenize: Callable[[Sequence[int]], str] | None) -> Completion:
+    """The sample (its current turn, for a multi-turn sequence) as a Completion."""
+    request, n = seq.request, len(seq.tokens)
+    after_first = seq.finish_time - seq.first_token_time
+    return Completion(
+        prompt_ids=request.prompt_ids,
+        token_ids=list(seq.tokens),
+        logprobs=list(seq.logprobs),
+        text=sequence_text(seq, detokenize),
+        finish_reason=seq.finish_reason or "abort",
+        ttft_s=max(seq.first_token_time - request.submit_time, 0.0) if n else 0.0,
+        tokens_per_s=(n - 1) / after_first if n > 1 and after_first > 0 else 0.0,
+        latency_s=seq.finish_time - request.submit_time,
+        index=request.index,
+        sample=seq.sample,
+        stop=seq.stop,
+    )
+
+
+Item = TypeVar("Item")
+
+
+def chunks(items: list[Item], length: Callable[[Item], int], max_tokens: int) -> list[list[Item]]:
+    """Items sorted by length, cut into chunks whose right-padded size (rows x longest) stays within
+    max_tokens (an item longer than that gets a chunk of its own): the prefill batches."""
+    out: list[list[Item]] = [[]]
+    for item in sorted(items, key=length):
+        if out[-1] and (len(out[-1]) + 1) * length(item) > max_tokens:
+            out.append([])
+        out[-1].append(item)
+    return out
 
 
 class DeltaTracker:
@@ -206,4 +267,15 @@ class DeltaTracker:
         return full[len(sent) :] if full.startswith(sent) else ""
 
 
-__all__ = ["Completion", "Delta", "DeltaTracker", "EngineStats", "Request", "SequenceState", "prompt_ids"]
+__all__ = [
+    "Completion",
+    "Delta",
+    "DeltaTracker",
+    "EngineStats",
+    "Request",
+    "SequenceState",
+    "chunks",
+    "completion_of",
+    "prompt_ids",
+    "sequence_text",
+]

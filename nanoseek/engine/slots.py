@@ -13,6 +13,9 @@ advanced by every decode step on the device (token = the sampled one; position a
 for live rows), and reset to a free row (token 0 at position 0, greedy) when the sequence
 ends: what the padded rows of a fixed-shape step (CUDA graphs) must feed anyway. Resets are
 queued and applied, in one write, before the next admission or step reads the rows.
+A kept sequence (its turn ended, its cache waits for a continuation) is parked instead: a dead
+row at the position of its last token, which is not in the cache yet, so the junk a decode step
+writes for that row lands where the continuation writes that token again.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class SlotState:
         self._params: dict[int, SamplingParams] = {}  # live slot -> its parameters
         self._sampled = 0  # live rows with temperature > 0 (the sampler skips the noise when none)
         self._filtered = 0  # of those, rows with top-k / top-p / min-p (it skips the sort when none)
-        self._freed: list[int] = []
+        self._freed: list[tuple[int, int]] = []  # (slot, position) resets to apply
 
     def admit(
         self,
@@ -46,12 +49,17 @@ class SlotState:
         positions: Sequence[int],
         params: Sequence[SamplingParams],
         keys: Sequence[tuple[int, int]],
+        steps: Sequence[int] | None = None,
     ) -> None:
-        """New sequences in `slots`: first token `tokens[i]` (on the device) at `positions[i]`, drawn at step 0."""
+        """New (or continued) sequences in `slots`: token `tokens[i]` (on the device) at `positions[i]`,
+        drawn at sampling step steps[i] (default 0)."""
         if self._freed:  # a reset still queued for a reused slot would wipe its new row
             self.flush()
         ints = torch.tensor(
-            [[0, pos, 1, p.top_k, a, b, 1] for pos, p, (a, b) in zip(positions, params, keys, strict=True)],
+            [
+                [0, pos, step + 1, p.top_k, a, b, 1]
+                for pos, p, (a, b), step in zip(positions, params, keys, steps or [0] * len(positions), strict=True)
+            ],
             dtype=torch.int64,
         )
         floats = torch.tensor([[p.temperature, p.top_p, p.min_p] for p in params], dtype=torch.float64)
@@ -64,18 +72,22 @@ class SlotState:
             self._params[slot] = p
             self._count(p, +1)
 
-    def release(self, slot: int) -> None:
-        """The slot's sequence ended: reset its row before the next admission or step (see `flush`)."""
+    def release(self, slot: int, position: int = 0) -> None:
+        """The slot's sequence ended: reset its row before the next admission or step (see `flush`), to
+        a dead row at `position` (0 for a free slot; a kept sequence's last position when parked)."""
         p = self._params.pop(slot, None)
         if p is not None:
             self._count(p, -1)
-            self._freed.append(slot)
+            self._freed.append((slot, position))
 
     def flush(self) -> None:
         """Apply the queued resets (one write); a no-op when none are queued."""
         if self._freed:
-            index = torch.tensor(self._freed, dtype=torch.int64).to(self.device, non_blocking=True)
-            self.ints.index_fill_(0, index, 0)
+            slots, positions = zip(*self._freed)
+            index = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+            rows = torch.zeros(len(slots), 7, dtype=torch.int64)
+            rows[:, POSITION] = torch.tensor(positions)
+            self.ints.index_copy_(0, index, rows.to(self.device, non_blocking=True))
             self.floats.index_copy_(0, index, self._free_row.expand(len(self._freed), 3))
             self._freed.clear()
 

@@ -30,6 +30,9 @@ _BUILTIN: dict[str, str] = {
     "guess_number": "nanoseek.envs.guess_number:GuessNumber",
     "calculator_arithmetic": "nanoseek.envs.calculator_arithmetic:CalculatorArithmetic",
     "reasoning_gym": "nanoseek.envs.reasoning_gym:ReasoningGymEnv",
+    "farm": "nanoseek.envs.farm:Farm",
+    "budget": "nanoseek.envs.budget:Budget",
+    "inventory": "nanoseek.envs.inventory:Inventory",
 }
 ENVS: dict[str, type[Env]] = {}
 

@@ -116,11 +116,11 @@ def policy_loss(
     """The clipped policy-gradient loss of one micro-batch.
 
     logp: [n, T] current policy log-probs of the sampled tokens (with grad); old_logp: the
-    same under the policy that produced the batch (no grad); advantages: [n];
+    same under the policy that produced the batch (no grad); advantages: [n] (or [n, T] per token);
     is_weights: optional truncated importance weights [n, T] (trainer vs engine).
     """
     ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv
     per_token = -torch.minimum(unclipped, clipped)

@@ -2,13 +2,15 @@
 
     nanoseek rl --checkpoint runs/sft                     # built-in task mixture, CPU
     nanoseek rl --checkpoint runs/sft --set rl.loss_agg=dr-grpo --set rl.scale_rewards=none
+    nanoseek rl --checkpoint runs/sft --set rl.envs=guess_number     # multi-turn episodes, returns as rewards
 
 Each step: P prompts x G samples from the engine on the live policy weights (no copy) and
 their rewards (`nanoseek.train.rollouts`); group-relative advantages; `num_iterations` clipped
 policy-gradient updates (`nanoseek.train.update`). What every stage shares (optimizers, resume,
 metrics, checkpoints, summary, plots) is the run scaffold's (`nanoseek.train.run`).
-The held-out evaluation (pass@1 over k samples on test-split problems) runs before the
-first step and after the last, so every run reports what RL changed.
+The held-out evaluation (pass@1 over k samples on test-split problems; with rl.envs, the success
+rate over k episodes of each held-out seed) runs before the first step and after the last, so
+every run reports what RL changed.
 
 Under `torchrun` (`torchrun --standalone --nproc_per_node=8 -m nanoseek rl ...`) each rank
 generates and scores its share of every step's prompts with its own engine, and the update sums
@@ -22,22 +24,28 @@ import copy
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Unpack
 
-from nanoseek.config import RLConfig, RunConfig, TrainConfig
+from nanoseek.config import RLConfig, RunConfig, TrainConfig, parse_env_weights
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.runner import prompt_ids, run_problems, summarize_records
 from nanoseek.rewards import RewardSet, grade
 from nanoseek.rewards.sandbox import configure_sandbox
 from nanoseek.train import distributed, grpo, parallel
 from nanoseek.train.rollouts import (
+    EnvSampler,
     PromptSampler,
     batch_statistics,
     check_rows_for_rewards,
     collect,
     file_rows,
+    held_out_env_rows,
+    make_envs,
+    play,
     task_rows,
+    turn_advantages,
 )
 from nanoseek.train.run import Run, RunOptions, autocast, autocast_dtype
 from nanoseek.train.update import update
@@ -86,6 +94,8 @@ def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RL
     )
     topo = distributed.topology()
     mine = rows[topo.rank :: topo.world]
+    if rows and "env" in rows[0]:
+        return evaluate_episodes(engine, tokenizer, mine, cfg, params)
     with autocast(engine.device):
         records, wall = run_problems(engine, tokenizer, mine, grade, params) if mine else ([], 0.0)
     records = distributed.gather_lists(records)
@@ -97,6 +107,41 @@ def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RL
         detail=summary,
         wall_s=wall,
         tokens_per_s=tokens / max(wall, 1e-9),
+    )
+
+
+def evaluate_episodes(
+    engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, params: SamplingParams
+) -> dict[str, Any]:
+    """rl.envs: k = eval_samples episodes of each held-out (environment, seed) row; accuracy = success rate,
+    per environment and overall (every rank's share gathered)."""
+    t0 = time.perf_counter()
+    k = params.n
+    episodes = play(engine, tokenizer, rows, cfg, replace(params, n=1), k) if rows else []
+    wall = time.perf_counter() - t0
+    records = distributed.gather_lists(
+        [
+            (row["group"], ep.success, ep.score, ep.policy_tokens)
+            for row, ep in zip([r for r in rows for _ in range(k)], episodes)
+        ]
+    )
+    (wall,) = distributed.max_over_ranks(wall)
+    groups: dict[str, list[tuple]] = {}
+    for record in records:
+        groups.setdefault(record[0], []).append(record)
+    groups["all"] = records
+
+    def rate(items: list[tuple], column: int) -> float:
+        return sum(float(x[column]) for x in items) / max(len(items), 1)
+
+    return dict(
+        accuracy={g: rate(items, 1) for g, items in groups.items()},
+        detail={
+            g: {"success": rate(items, 1), "score": rate(items, 2), "episodes": len(items)}
+            for g, items in groups.items()
+        },
+        wall_s=wall,
+        tokens_per_s=sum(x[3] for x in records) / max(wall, 1e-9),
     )
 
 
@@ -121,16 +166,24 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
     model.train()
     reward_set = RewardSet.parse(r.rewards)
 
-    if r.prompts_file:
+    if r.envs:  # every environment made once here: an unknown name or knob fails before the run
+        make_envs([{"env": name} for name in parse_env_weights(r.envs, "rl.envs")], r, 1)
+        train_rows, eval_rows = [], held_out_env_rows(r.envs, r.eval_problems)
+    elif r.prompts_file:
         train_rows, eval_rows = file_rows(r.prompts_file), []
     else:
         train_rows = task_rows(r, max(4096, r.prompts_per_step * t.steps), "train", t.seed)
         eval_rows = task_rows(r, r.eval_problems, "test", t.seed + 1)
     if r.eval_file:
         eval_rows = file_rows(r.eval_file)[: r.eval_problems]
-    check_rows_for_rewards(reward_set, train_rows, r.prompts_file or "rl.tasks")
-    sampler = PromptSampler(train_rows, t.seed)
-    max_prompt = max(len(prompt_ids(tokenizer, row["prompt"])) for row in train_rows + eval_rows)
+    if r.envs:
+        sampler: PromptSampler | EnvSampler = EnvSampler(r.envs, t.seed)
+        max_seq_len = model.cfg.max_seq_len  # episodes grow turn by turn, up to the whole context
+    else:
+        check_rows_for_rewards(reward_set, train_rows, r.prompts_file or "rl.tasks")
+        sampler = PromptSampler(train_rows, t.seed)
+        max_prompt = max(len(prompt_ids(tokenizer, row["prompt"])) for row in train_rows + eval_rows)
+        max_seq_len = min(model.cfg.max_seq_len, max_prompt + r.max_new_tokens + 8)
 
     before = None  # the held-out evaluation before the first step, kept in every checkpoint
     state = run.begin(model, tokenizer, lambda: {"sampler": sampler.state_dict(), "before": before, "stage": "rl"})
@@ -143,7 +196,7 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
         engine_policy,
         tokenizer,
         max_batch=max(math.ceil(r.prompts_per_step / run.topo.world) * r.group_size, 8),
-        max_seq_len=min(model.cfg.max_seq_len, max_prompt + r.max_new_tokens + 8),
+        max_seq_len=max_seq_len,
     )
     if before is None and eval_rows:
         before = evaluate(engine, tokenizer, eval_rows, r, seed=t.seed)
@@ -159,8 +212,9 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
         advantages = grpo.group_advantages(
             batch.rewards, r.group_size, r.scale_rewards, batch_std=stats["reward_std"] if run.topo.world > 1 else None
         )
+        token_adv = turn_advantages(batch, r.group_size, r.scale_rewards) if r.turn_credit and r.envs else None
         t1 = time.perf_counter()
-        upd = update(model, ref_model, run.optimizers, batch, advantages, r, t.grad_clip, run.device)
+        upd = update(model, ref_model, run.optimizers, batch, advantages, r, t.grad_clip, run.device, token_adv)
         parallel.refresh_generation_policy(engine_policy, model)
         t_update = time.perf_counter() - t1
         done = step + 1

@@ -1,11 +1,15 @@
-"""What an RL step learns from: prompts, their sampled completions and the rewards.
+"""What an RL step learns from: prompts or environments, their sampled episodes and the rewards.
 
 Prompts come from the built-in tasks (a weighted mixture; `task_rows`) or a JSONL file
-(`file_rows`), and a resumable `PromptSampler` deals them out. `collect` turns one step's
-prompts into `Rollouts`: G samples each from the engine on the live policy, scored by the
-reward functions, with DAPO's dynamic sampling when asked (zero-variance groups dropped and
-refilled). Under torchrun every rank draws the same prompts and keeps its share. The engine
-runs `engine.twin.rollout_policy(model)`: on CUDA a twin with 16-bit copies of the matmul weights.
+(`file_rows`), and a resumable `PromptSampler` deals them out; with rl.envs an `EnvSampler` deals
+out (environment, seed) rows instead. `collect` turns one step's rows into `Rollouts`: G episodes
+each, played by `nanoseek.envs.episodes.run_episodes` on the live policy (one rollout path: a
+prompt row is a one-turn episode, `RowEnv`), with DAPO's dynamic sampling when asked (zero-variance
+groups dropped and refilled). A prompt row's completions are scored by the reward functions exactly
+as single-turn rows always were; an environment episode's reward is its return (the sum of its
+turns' rewards), and its environment-written tokens are masked out of the loss (`policy_masks`).
+Under torchrun every rank draws the same rows and keeps its share. The engine runs
+`engine.twin.rollout_policy(model)`: on CUDA a twin with 16-bit copies of the matmul weights.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from typing import Any
 
 import torch
 
-from nanoseek.config import RLConfig, parse_task_weights
+from nanoseek.config import RLConfig, parse_env_weights, parse_task_weights
 from nanoseek.data.errors import BadInputError
 from nanoseek.data.jsonl import read_jsonl
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.eval.runner import prompt_ids
+from nanoseek.envs import HELD_OUT_SEED_START, make
+from nanoseek.envs.base import Env, Message, StepResult, step_info
+from nanoseek.envs.episodes import Episode, run_episodes
 from nanoseek.rewards import RewardSet, code_reward, code_tests, grade_many, has_code_tests, math_reward, task_reward
 from nanoseek.tasks.corpus import task_mixture
 from nanoseek.train import distributed, grpo
@@ -107,6 +113,73 @@ class PromptSampler:
         self._order = self._shuffle(self.epoch)
 
 
+class EnvSampler:
+    """rl.envs: row k of the stream is an environment drawn by weight (seeded) with episode seed k (below
+    HELD_OUT_SEED_START, where the held-out seeds begin: training never sees those); resumable."""
+
+    def __init__(self, spec: str, seed: int) -> None:
+        weights = parse_env_weights(spec, "rl.envs")
+        self.names, self.weights, self.seed, self.pos = list(weights), list(weights.values()), seed, 0
+
+    def take(self, n: int) -> list[dict[str, Any]]:
+        out = []
+        for k in range(self.pos, self.pos + n):
+            [name] = random.Random(f"envs:{self.seed}:{k}").choices(self.names, self.weights)
+            out.append(dict(env=name, seed=k % HELD_OUT_SEED_START, id=f"{name}-{k}", group=name))
+        self.pos += n
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.pos = state["pos"]
+
+
+def held_out_env_rows(spec: str, n: int) -> list[dict[str, Any]]:
+    """n held-out episodes of each environment of rl.envs (seeds from HELD_OUT_SEED_START)."""
+    return [
+        dict(env=name, seed=HELD_OUT_SEED_START + i, id=f"{name}-heldout-{i}", group=name)
+        for name in parse_env_weights(spec, "rl.envs")
+        for i in range(n)
+    ]
+
+
+class RowEnv(Env):
+    """A prompt row as a one-turn episode; its reward comes from the reward functions, afterwards."""
+
+    name = "row"
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        super().__init__()
+        self.row = row
+
+    def _reset(self, seed: int) -> list[Message]:
+        prompt = self.row["prompt"]
+        return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+    def respond(self, text: str) -> StepResult:
+        return StepResult([], 0.0, True, step_info())
+
+    def score(self) -> float:
+        return 0.0
+
+
+def make_envs(rows: list[dict[str, Any]], cfg: RLConfig, group_size: int) -> list[Env]:
+    """group_size environments per row: `RowEnv`s for prompt rows, rl.envs' environments (knobs from
+    rl.difficulty under the environment's spec, e.g. "task:arithmetic", else its name) for episode rows."""
+    out: list[Env] = []
+    for row in rows:
+        for _ in range(group_size):
+            if "env" in row:
+                spec = row["env"]
+                knobs = cfg.difficulty.get(spec, cfg.difficulty.get(spec.partition(":")[0], {}))
+                out.append(make(spec, **knobs))
+            else:
+                out.append(RowEnv(row))
+    return out
+
+
 # ----------------------------------------------------------------------------- rollouts
 @dataclass
 class Rollouts:
@@ -117,6 +190,10 @@ class Rollouts:
     engine_logprobs: list[list[float]]
     texts: list[str]
     truncated: list[bool]
+    policy_masks: list[list[int]]
+    """Per completion token: 1 if the policy wrote it (trained on), 0 if the environment did."""
+    turn_advantage_spans: list[list[tuple[int, int, float]]]
+    """rl.turn_credit: each policy turn's (start, end, reward-to-go) in the completion; [] otherwise."""
     rewards: torch.Tensor
     """[N] the weighted total, overlong penalty included."""
     per_function: dict[str, list[float]]
@@ -135,36 +212,77 @@ class Rollouts:
     """Reward functions that raised or timed out this step, by kind."""
 
 
-def rollout(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int) -> dict[str, Any]:
-    """Sample G completions for each prompt row; flat per-sample lists."""
-    ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
-    params = SamplingParams.from_config(cfg, n=cfg.group_size, seed=seed)
+def play(
+    engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, params: SamplingParams, G: int
+) -> list[Episode]:
+    """G episodes of each row (prompt rows: one turn each), as `run_episodes` plays them."""
     # The policy keeps float32 master weights; on CUDA, rollouts decode under bf16 autocast like the
     # trainer's forward (MoE experts then reach the grouped GEMM, and decode runs as CUDA graphs).
     with autocast(engine.device):
-        outputs = engine.generate(ids, params)
+        episodes = run_episodes(
+            engine, tokenizer, make_envs(rows, cfg, G), [row.get("seed", 0) for row in rows], params, group_size=G
+        )
+    for row, ep in zip((row for row in rows for _ in range(G)), episodes):
+        if ep.error is not None and "env" not in row:
+            raise ValueError(f"prompt {row.get('id')}: {ep.error}")
+    return episodes
+
+
+def rollout(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, seed: int) -> dict[str, Any]:
+    """G episodes of each row; flat per-sample lists."""
+    G = cfg.group_size
+    episodes = play(engine, tokenizer, rows, cfg, SamplingParams.from_config(cfg, n=1, seed=seed), G)
     flat: dict[str, list] = {
-        k: [] for k in ("rows", "prompt_ids", "completion_ids", "engine_logprobs", "texts", "truncated")
+        k: []
+        for k in (
+            "rows",
+            "prompt_ids",
+            "completion_ids",
+            "engine_logprobs",
+            "texts",
+            "truncated",
+            "policy_masks",
+            "turn_advantage_spans",
+            "episodes",
+        )
     }
-    for row, p_ids, completions in zip(rows, ids, outputs):
-        if any(c.finish_reason == "error" for c in completions):
-            raise ValueError(f"prompt {row.get('id')}: {completions[0].error}")
-        for c in completions:
-            flat["rows"].append(row)
-            flat["prompt_ids"].append(p_ids)
-            flat["completion_ids"].append(c.token_ids)
-            flat["engine_logprobs"].append(c.logprobs)
-            flat["texts"].append(c.text or "")
-            flat["truncated"].append(c.finish_reason == "length")
+    for row, ep in zip((row for row in rows for _ in range(G)), episodes):
+        flat["rows"].append(row)
+        flat["prompt_ids"].append(ep.prompt_ids)
+        flat["completion_ids"].append(ep.token_ids)
+        flat["engine_logprobs"].append(ep.logprobs)
+        flat["texts"].append("\n".join(ep.texts))
+        one_turn_cut = "env" not in row and ep.finish_reasons == ["length"]
+        flat["truncated"].append(ep.truncated or one_turn_cut)
+        flat["policy_masks"].append(ep.policy_mask)
+        to_go = [sum(ep.turn_rewards[k:]) for k in range(len(ep.turn_spans))]
+        spans = [(s, e, r) for (s, e), r in zip(ep.turn_spans, to_go)] if cfg.turn_credit and "env" in row else []
+        flat["turn_advantage_spans"].append(spans)
+        flat["episodes"].append(ep)
     return flat
 
 
 def score(flat: dict[str, Any], reward_set: RewardSet, cfg: RLConfig) -> dict[str, Any]:
+    """Rewards: the reward functions' over prompt rows; episodes' returns (success: correct) for env rows."""
+    episodes = flat.pop("episodes")
+    if flat["rows"] and "env" in flat["rows"][0]:
+        returns = [ep.return_ for ep in episodes]
+        errors: dict[str, int] = {}  # environments that raised or hung, by where ("env_reset", "env_step")
+        for ep in episodes:
+            if ep.error:
+                kind = "env_" + ep.error.split(":")[0]
+                errors[kind] = errors.get(kind, 0) + 1
+        return dict(
+            rewards=torch.tensor(returns, dtype=torch.float32),
+            per_function={"return": returns},
+            correct=[ep.success for ep in episodes],
+            warnings=errors,
+        )
     prompts = [r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"]) for r in flat["rows"]]
     result = reward_set.score(prompts, flat["texts"], flat["rows"])
     rewards = torch.tensor(result.total, dtype=torch.float32)
     if cfg.overlong == "soft":
-        lengths = torch.tensor([len(c) for c in flat["completion_ids"]])
+        lengths = torch.tensor([sum(m) for m in flat["policy_masks"]])
         rewards = rewards + grpo.soft_overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer)
     correct = [v >= 1.0 for v in _accuracy_scores(reward_set, result.per_function, prompts, flat)]
     return dict(rewards=rewards, per_function=result.per_function, correct=correct, warnings=dict(result.warnings))
@@ -215,7 +333,7 @@ def collect(
         reward_sum += sum(flat["rewards"])
         n_correct += sum(flat["correct"])
         n_samples += len(flat["rewards"])
-        n_tokens += sum(len(c) for c in flat["completion_ids"])
+        n_tokens += sum(sum(m) for m in flat["policy_masks"])
         zero = grpo.zero_variance_groups(torch.tensor(flat["rewards"]), G).tolist()
         generated += len(zero)
         zero_var += sum(zero)
@@ -245,8 +363,10 @@ def collect(
         engine_logprobs=kept.get("engine_logprobs", []),
         texts=kept.get("texts", []),
         truncated=kept.get("truncated", []),
+        policy_masks=kept.get("policy_masks", []),
+        turn_advantage_spans=kept.get("turn_advantage_spans", []),
         rewards=torch.tensor(kept.get("rewards", []), dtype=torch.float32),
-        per_function=kept.get("per_function", {name: [] for name in reward_set.names}),
+        per_function=kept.get("per_function", {name: [] for name in reward_set.names}),  # "return" for envs
         correct=kept.get("correct", []),
         groups_generated=int(generated),
         zero_variance_fraction=zero_var / max(generated, 1),
@@ -260,7 +380,7 @@ def collect(
 def batch_statistics(batch: Rollouts) -> dict[str, float]:
     """Reward std, response lengths, truncation and each reward function's mean/std over the batch
     (every rank's share under torchrun); stds are sample stds, as torch.std gives."""
-    lengths = [len(c) for c in batch.completion_ids]
+    lengths = [sum(m) for m in batch.policy_masks]  # the policy's tokens: environment tokens are not its length
     columns = [batch.rewards.tolist(), *batch.per_function.values()]
     sums = distributed.sum_over_ranks(
         len(lengths), sum(lengths), sum(batch.truncated), *[f(v) for v in columns for f in (sum, _sum_sq)]
@@ -286,3 +406,19 @@ def batch_statistics(batch: Rollouts) -> dict[str, float]:
 
 def _sum_sq(values: list[float]) -> float:
     return sum(v * v for v in values)
+
+
+def turn_advantages(batch: Rollouts, group_size: int, scale: str) -> list[list[float]]:
+    """rl.turn_credit: per completion token, the advantage of the rewards-to-go at its turn: turn k of each
+    episode is compared with turn k of its group's others (one without a turn k counts 0 there);
+    environment tokens get 0 (they are masked out anyway)."""
+    out = [[0.0] * len(c) for c in batch.completion_ids]
+    spans = batch.turn_advantage_spans
+    for k in range(max((len(s) for s in spans), default=0)):
+        to_go = torch.tensor([s[k][2] if k < len(s) else 0.0 for s in spans], dtype=torch.float32)
+        adv = grpo.group_advantages(to_go, group_size, scale).tolist()
+        for i, s in enumerate(spans):
+            if k < len(s):
+                start, end, _ = s[k]
+                out[i][start:end] = [adv[i]] * (end - start)
+    return out

@@ -5,9 +5,10 @@
     python benchmarks/rl_step.py --no-trl              # `collect` + `update` timed, as `nanoseek rl` runs them
 
 Samples are packed into right-padded micro-batches of rl.micro_batch_size; log-probs are taken at the
-sampling temperature; gradients are accumulated over the micro-batches of a pass and stepped once per
-pass. Under torchrun each rank updates on its share of the batch with whole-batch normalisers, and the
-ranks' gradients are summed before each optimizer step.
+sampling temperature; only the policy's tokens enter the loss (an episode's environment-written tokens
+are context, masked out: `Rollouts.policy_masks`); gradients are accumulated over the micro-batches of a
+pass and stepped once per pass. Under torchrun each rank updates on its share of the batch with
+whole-batch normalisers, and the ranks' gradients are summed before each optimizer step.
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ def update(
     cfg: RLConfig,
     grad_clip: float,
     device: torch.device,
+    token_advantages: list[list[float]] | None = None,
 ) -> dict[str, float]:
     """num_iterations passes of clipped policy-gradient updates over the batch; returns statistics.
+
+    token_advantages (rl.turn_credit): per completion token, replacing each sample's one advantage.
 
     A sample whose advantage is zero adds nothing to the loss or its gradient (and, without a KL
     term, nothing at all), so it is left out of the forward and backward passes; the normalisers
@@ -76,6 +80,8 @@ def update(
     mb = cfg.micro_batch_size
     if cfg.beta > 0:
         active = list(range(n))
+    elif token_advantages is not None:
+        active = [i for i in range(n) if any(token_advantages[i])]
     else:
         active = torch.nonzero(advantages.cpu() != 0).flatten().tolist()
     chunks = [active[i : i + mb] for i in range(0, len(active), mb)]
@@ -87,16 +93,23 @@ def update(
         if cfg.overlong == "mask":
             keep = torch.tensor([0.0 if batch.truncated[i] else 1.0 for i in idx], device=device)
             mask = mask * keep[:, None]
-        engine_lp = torch.zeros(mask.shape, dtype=mask.dtype)  # filled on the host, one copy to the device
+        # filled on the host, one copy to the device: the engine's log-probs, who wrote each token, and
+        # (turn credit) each token's advantage
+        host = torch.zeros(3, *mask.shape, dtype=mask.dtype)
         for row, i in enumerate(idx):
-            start = len(batch.prompt_ids[i]) - 1
-            engine_lp[row, start : start + len(batch.engine_logprobs[i])] = torch.tensor(batch.engine_logprobs[i])
-        packed.append((idx, ids, targets, mask, engine_lp.to(device, non_blocking=True)))
+            start, length = len(batch.prompt_ids[i]) - 1, len(batch.completion_ids[i])
+            host[0, row, start : start + length] = torch.tensor(batch.engine_logprobs[i])
+            host[1, row, start : start + length] = torch.tensor(batch.policy_masks[i], dtype=mask.dtype)
+            if token_advantages is not None:
+                host[2, row, start : start + length] = torch.tensor(token_advantages[i])
+        engine_lp, policy, adv = host.to(device, non_blocking=True)
+        adv = adv if token_advantages is not None else advantages[idx].to(device)
+        packed.append((idx, ids, targets, mask * policy, engine_lp, adv))
 
     def loss_tokens(indices: list[int]) -> float:
-        """Completion tokens that enter the loss (truncated samples are masked out under overlong=mask)."""
+        """Policy tokens that enter the loss (truncated samples are masked out under overlong=mask)."""
         return float(
-            sum(len(batch.completion_ids[i]) for i in indices if not (cfg.overlong == "mask" and batch.truncated[i]))
+            sum(sum(batch.policy_masks[i]) for i in indices if not (cfg.overlong == "mask" and batch.truncated[i]))
         )
 
     total_tokens, n_total, trained_tokens, n_trained = distributed.sum_over_ranks(
@@ -116,7 +129,7 @@ def update(
     ref: list[torch.Tensor] = []
     model.eval()
     with torch.no_grad(), autocast(device):
-        for k, (_, ids, targets, _, _) in enumerate(packed):
+        for k, (_, ids, targets, _, _, _) in enumerate(packed):
             if cfg.num_iterations > 1:
                 old[k] = sequence_logprobs(model, ids, targets, cfg.temperature)[0]
             if ref_model is not None:
@@ -130,7 +143,7 @@ def update(
     names = ("loss", "clip_low", "clip_high", "kl", "entropy", "grad_norm", "is_weight")
     acc = {name: torch.zeros((), device=device) for name in names}
     for it in range(cfg.num_iterations):
-        for k, (idx, ids, targets, mask, engine_lp) in enumerate(packed):
+        for k, (_, ids, targets, mask, engine_lp, adv) in enumerate(packed):
             with autocast(device):
                 logp, entropy = sequence_logprobs(model, ids, targets, cfg.temperature, with_entropy=it == 0)
                 old_k = old[k] if old[k] is not None else logp.detach()
@@ -138,7 +151,7 @@ def update(
                 parts = grpo.policy_loss(
                     logp,
                     old_k,
-                    advantages[idx].to(device),
+                    adv,
                     mask,
                     norm,
                     epsilon_low=cfg.epsilon_low,
