@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("nanoseek.commands.convert", "convert to and from Hugging Face checkpoints"),
     "speedrun": ("nanoseek.commands.speedrun", "the whole pipeline: tokenizer, pretrain, SFT, RL, eval"),
     "model": ("nanoseek.commands.model", "show a preset's size, FLOPs per token and KV bytes"),
+    "study": ("nanoseek.commands.study", "the recipe's claims measured: moe-vs-dense, rl-ablation, r1-zero"),
 }
 DEBUG_HELP = "show the traceback of an error (also: NANOSEEK_DEBUG=1)"
 
