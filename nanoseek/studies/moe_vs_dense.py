@@ -54,6 +54,8 @@ class Scale:
     vocab_size: int
     lr_multipliers: tuple[float, ...] = (0.5, 1.0, 2.0)
     seeds: tuple[int, ...] = (0, 1, 2)
+    sweep_extensions: int = 2
+    """How many times a sweep whose best lr is at an end of the grid is extended by one more 2x step."""
     base_lr: dict[str, float] = field(default_factory=lambda: {"lr": 3e-3, "muon_lr": 0.02})
     """The pretraining defaults (TrainConfig) the multipliers scale."""
 
@@ -85,6 +87,7 @@ QUICK = Scale(
     vocab_size=300,
     lr_multipliers=(0.5, 1.0),
     seeds=(0, 1),
+    sweep_extensions=1,
 )
 
 MAIN = ("dense", "moe", "dense-wide")
@@ -170,12 +173,28 @@ class Study:
             max_violation=balance,
         )
 
+    def multipliers(self, model: str) -> list[float]:
+        """The sweep of a model: the scale's lr multipliers and any it was extended by (`sweep`), ascending."""
+        extended = {float(d.name[len(model) + 3 : -3]) for d in (self.out / "runs").glob(f"{model}-lr*-s0")}
+        return sorted(set(self.scale.lr_multipliers) | extended)
+
     def best_lr(self, model: str) -> float | None:
         """The multiplier with the lowest final validation loss on seed 0 (None until the sweep is done)."""
-        done = [r for m in self.scale.lr_multipliers if (r := self.result(model, m, 0)) is not None]
-        if len(done) < len(self.scale.lr_multipliers):
+        done = [r for m in self.multipliers(model) if (r := self.result(model, m, 0)) is not None]
+        if len(done) < len(self.multipliers(model)):
             return None
         return min(done, key=lambda r: r["final_val_loss"])["lr_mult"]
+
+    def sweep(self, model: str) -> None:
+        """Seed 0 at each lr multiplier; while the best is at an end of the sweep, one more step of 2x beyond
+        it (at most scale.sweep_extensions times): a model is compared at an lr that is not cut off by the grid."""
+        for m in self.multipliers(model):
+            self.train(model, m, 0)
+        for _ in range(self.scale.sweep_extensions):
+            best, mults = self.best_lr(model), self.multipliers(model)
+            if best not in (mults[0], mults[-1]):
+                return
+            self.train(model, best * 2 if best == mults[-1] else best / 2, 0)
 
     def run(self) -> Path:
         s = self.scale
@@ -189,8 +208,7 @@ class Study:
         for names, phase in phases:
             for name in names:
                 if phase == "sweep":
-                    for m in s.lr_multipliers:
-                        self.train(name, m, 0)
+                    self.sweep(name)
                 elif phase == "seeds":
                     for seed in s.seeds[1:]:
                         self.train(name, self.best_lr(name), seed)
@@ -202,7 +220,9 @@ class Study:
     # ------------------------------------------------------------------------- the report
     def report(self) -> Path:
         s = self.scale
-        sweep = {name: {m: r for m in s.lr_multipliers if (r := self.result(name, m, 0)) is not None} for name in MAIN}
+        sweep = {
+            name: {m: r for m in self.multipliers(name) if (r := self.result(name, m, 0)) is not None} for name in MAIN
+        }
         best = {name: self.best_lr(name) for name in MAIN}
         seeds = {
             name: [r for seed in s.seeds if best[name] is not None and (r := self.result(name, best[name], seed))]
@@ -249,10 +269,11 @@ class Study:
             "## Learning-rate sweep (seed 0): final validation loss",
             "",
         ]
-        header = ["model", *(f"lr x{m:g}" for m in s.lr_multipliers), "best"]
+        grid = sorted({m for runs in sweep.values() for m in runs})
+        header = ["model", *(f"lr x{m:g}" for m in grid), "best"]
         rows = []
         for name in MAIN:
-            losses = [f"{sweep[name][m]['final_val_loss']:.4f}" if m in sweep[name] else "-" for m in s.lr_multipliers]
+            losses = [f"{sweep[name][m]['final_val_loss']:.4f}" if m in sweep[name] else "-" for m in grid]
             rows.append([name, *losses, f"x{best[name]:g}" if best[name] else "-"])
         lines += markdown_table(header, rows)
         lines += ["", f"## Each model at its best lr, seeds {', '.join(map(str, s.seeds))}", ""]
