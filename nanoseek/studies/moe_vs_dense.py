@@ -190,7 +190,7 @@ class Study:
         it (at most scale.sweep_extensions times): a model is compared at an lr that is not cut off by the grid."""
         for m in self.multipliers(model):
             self.train(model, m, 0)
-        for _ in range(self.scale.sweep_extensions):
+        while len(self.multipliers(model)) - len(self.scale.lr_multipliers) < self.scale.sweep_extensions:
             best, mults = self.best_lr(model), self.multipliers(model)
             if best not in (mults[0], mults[-1]):
                 return
