@@ -15,7 +15,9 @@ from nanoseek.studies import STUDIES
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=list(STUDIES), help="the study")
-    p.add_argument("--out", default=None, metavar="DIR", help="study directory (default: runs/studies/NAME)")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="study directory (default: runs/studies/NAME[-STEPSsteps])"
+    )
     p.add_argument("--quick", action="store_true", help="toy sizes: every step of the study in seconds (the tests')")
     p.add_argument(
         "--base",
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise InputError(f"--steps {args.steps}: must be >= 1")
         options["steps"] = args.steps
-    out = args.out or f"runs/studies/{args.name}"
+    out = args.out or f"runs/studies/{args.name}" + (f"-{args.steps}steps" if args.steps else "")
     table = study.run_study(out, quick=args.quick, quiet=args.quiet, **options)
     print(table.read_text())
     return 0
