@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "speedrun": ("nanoseek.commands.speedrun", "the whole pipeline: tokenizer, pretrain, SFT, RL, eval"),
     "model": ("nanoseek.commands.model", "show a preset's size, FLOPs per token and KV bytes"),
     "checkpoint": ("nanoseek.commands.checkpoint", "consolidate a sharded (FSDP) checkpoint into the ordinary one"),
+    "study": ("nanoseek.commands.study", "the recipe's claims measured: moe-vs-dense, rl-ablation, r1-zero"),
 }
 DEBUG_HELP = "show the traceback of an error (also: NANOSEEK_DEBUG=1)"
 

@@ -224,6 +224,7 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
             reward=batch.sampled_reward,
             accuracy=batch.sampled_accuracy,
             zero_variance_groups=batch.zero_variance_fraction,
+            samples=batch.groups_generated * r.group_size,  # generated this step, dropped groups included
             **stats,
             lr=run.lr(),
             time_rollout=t_rollout,

@@ -1,0 +1,129 @@
+"""R1-Zero: RL straight from the pretrained model (no SFT), with a format reward beside the task reward, and
+the same RL from the SFT model: do accuracy and response length rise together?
+
+    nanoseek study r1-zero                                    # trains OUT/base (speedrun cpu: pretrain + SFT) first
+    nanoseek study r1-zero --base runs/speedrun               # from a speedrun's models (BASE/pretrain, BASE/sft)
+    nanoseek study r1-zero --quick --out /tmp/r1              # seconds: every step of the study, toy sizes
+
+Every run is `nanoseek rl` with the speedrun's RL settings (configs/cpu.toml [rl]: 2-digit multiplication,
+where the pretrained model already has some signal: its corpus holds worked solutions in the
+`<think>...</think> \\boxed{}` layout) and the reward `task=1,format=0.2` (R1-Zero's accuracy and format
+rewards). Both starts are prompted through the chat template, which the pretrained model has never seen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nanoseek.studies.common import (
+    RLScale,
+    build_base,
+    claim_directory,
+    last_mean,
+    markdown_table,
+    mean_sd,
+    plot_bands,
+    rl_config,
+    rl_curves,
+    run_once,
+    write_json,
+)
+from nanoseek.studies.rl_ablation import QUICK_BASE
+from nanoseek.train.rl import rl
+
+STARTS = ("pretrain", "sft")
+REWARDS = "rl.rewards=task=1,format=0.2"
+
+R1_TINY = RLScale(
+    name="tiny", steps=60, prompts_per_step=32, group_size=8, eval_every=15, eval_problems=100, eval_samples=4
+)
+R1_QUICK = RLScale(
+    name="quick",
+    steps=2,
+    prompts_per_step=2,
+    group_size=2,
+    eval_every=1,
+    eval_problems=4,
+    eval_samples=1,
+    seeds=(0,),
+    base=QUICK_BASE,
+    rl=("rl.max_new_tokens=8",),
+)
+
+
+def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: str | Path | None = None) -> Path:
+    """Run (or continue) the study in `out`; returns OUT/table.md. `base`: a directory with `pretrain/`, `sft/`."""
+    out, scale = Path(out), R1_QUICK if quick else R1_TINY
+    claim_directory(out, scale)
+    base = Path(base) if base else build_base(out / "base", scale.base, quiet)
+    for seed in scale.seeds:
+        for start in STARTS:
+            run_once(
+                rl, rl_config(scale, [REWARDS], seed), out / "runs" / f"{start}-s{seed}", base / start, quiet=quiet
+            )
+    return report(out, scale)
+
+
+def report(out: Path, scale: RLScale) -> Path:
+    curves = {
+        s: [
+            rl_curves(out / "runs" / f"{s}-s{seed}") for seed in scale.seeds if (out / "runs" / f"{s}-s{seed}").exists()
+        ]
+        for s in STARTS
+    }
+    write_json(out / "results.json", dict(scale=scale.name, curves=curves))
+    lines = [
+        f"# R1-Zero: RL from the pretrained model vs from SFT (scale `{scale.name}`)",
+        "",
+        f"{scale.steps} steps x {scale.prompts_per_step} prompts x {scale.group_size} samples, reward "
+        f"`{REWARDS.split('=', 1)[1]}`, {len(scale.seeds)} seed(s). Held-out pass@1 on {scale.eval_problems} "
+        f"test-split problems ({scale.eval_samples} samples each) in %, mean ± sd over seeds; rollouts' accuracy, "
+        "format reward and response length: the mean of the first / last 10 steps.",
+        "",
+    ]
+    header = ["start", "pass@1 before", "pass@1 after", "rollout accuracy", "format reward", "length (tokens)"]
+    rows = []
+    for start, runs in curves.items():
+        if not runs:
+            continue
+
+        before, after = (mean_sd([100 * c["pass@1"][i][1] for c in runs]) for i in (0, -1))
+        rows.append(
+            [
+                start,
+                f"{before[0]:.1f} ± {before[1]:.1f}",
+                f"{after[0]:.1f} ± {after[1]:.1f}",
+                first_last(runs, "accuracy", "{:.1%}"),
+                first_last(runs, "format", "{:.2f}"),
+                first_last(runs, "length", "{:.1f}"),
+            ]
+        )
+    lines += markdown_table(header, rows)
+    plots = out / "plots"
+    pngs = [
+        plot_bands(
+            plots / "pass1.png", "held-out pass@1", "pass@1", {s: [c["pass@1"] for c in r] for s, r in curves.items()}
+        ),
+        plot_bands(
+            plots / "accuracy.png",
+            "rollouts' accuracy",
+            "fraction correct",
+            {s: [c["accuracy"] for c in r] for s, r in curves.items()},
+        ),
+        plot_bands(
+            plots / "length.png",
+            "mean response length",
+            "tokens",
+            {s: [c["length"] for c in r] for s, r in curves.items()},
+        ),
+    ]
+    lines += ["", "## Plots", "", *(f"![{p.stem}](plots/{p.name})" for p in pngs), ""]
+    (out / "table.md").write_text("\n".join(lines))
+    return out / "table.md"
+
+
+def first_last(runs: list[dict[str, list[tuple[float, float]]]], key: str, fmt: str) -> str:
+    """A per-step curve's mean over its first 10 steps -> over its last 10, each averaged over the seeds."""
+    first = mean_sd([last_mean(c[key][:10]) for c in runs])[0]
+    last = mean_sd([last_mean(c[key]) for c in runs])[0]
+    return f"{fmt.format(first)} -> {fmt.format(last)}"

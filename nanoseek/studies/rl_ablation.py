@@ -1,0 +1,177 @@
+"""The GRPO family side by side: GRPO, Dr. GRPO, DAPO and REINFORCE from the same SFT model, same tasks, same
+budget in samples, 3 seeds each.
+
+    nanoseek study rl-ablation                                # trains OUT/base (speedrun cpu: pretrain + SFT) first
+    nanoseek study rl-ablation --base runs/speedrun           # from a speedrun's SFT model (BASE/sft)
+    nanoseek study rl-ablation --quick --out /tmp/rl          # seconds: every step of the study, toy sizes
+
+Every run is `nanoseek rl` (`train.rl.rl`) with the speedrun's RL settings (configs/cpu.toml [rl]: 2-digit
+multiplication, AdamW at a constant 1e-4, temperature 0.7), a smaller budget (RL_TINY) and two policy updates
+per batch of rollouts (rl.num_iterations = 2): with one, the policy that sampled is the one updated, the ratio
+is 1 and no clipping can act, so GRPO and REINFORCE could differ only in their advantages and normalisers.
+The methods are settings of `train.grpo`'s functions (METHODS). Each run's held-out pass@1 (RL's own test-split
+problems, k samples each) is measured before RL, every rl.eval_every steps and after the last step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nanoseek.studies.common import (
+    RLScale,
+    build_base,
+    claim_directory,
+    last_mean,
+    markdown_table,
+    mean_sd,
+    plot_bands,
+    rl_config,
+    rl_curves,
+    run_once,
+    significant,
+    write_json,
+)
+from nanoseek.train.rl import rl
+
+METHODS: dict[str, tuple[str, ...]] = {
+    # DeepSeekMath: per-sequence mean, advantages scaled by the group's std, symmetric clip.
+    "grpo": ("rl.loss_agg=seq-mean", "rl.scale_rewards=group", "rl.epsilon_high=0.2"),
+    # Dr. GRPO: no std scaling, a constant normaliser (no length bias).
+    "dr_grpo": ("rl.loss_agg=dr-grpo", "rl.scale_rewards=none", "rl.epsilon_high=0.2"),
+    # DAPO: token-level mean, clip-higher, dynamic sampling, soft overlong penalty.
+    "dapo": (
+        "rl.loss_agg=token-mean",
+        "rl.scale_rewards=group",
+        "rl.epsilon_high=0.28",
+        "rl.dynamic_sampling=true",
+        "rl.overlong=soft",
+    ),
+    # REINFORCE with the group mean as baseline: Dr. GRPO's advantages and normaliser, no clipping (the clip
+    # range [1 - 1, 1 + 1e9] holds every ratio, so the gradient is the plain importance-weighted one).
+    "reinforce": ("rl.loss_agg=dr-grpo", "rl.scale_rewards=none", "rl.epsilon_low=1", "rl.epsilon_high=1e9"),
+}
+SHARED = ("rl.num_iterations=2",)
+
+RL_TINY = RLScale(
+    name="tiny", steps=60, prompts_per_step=32, group_size=8, eval_every=15, eval_problems=100, eval_samples=4
+)
+QUICK_BASE = (
+    "pretrain.preset=tiny",
+    "pretrain.model.d_model=32",
+    "pretrain.model.n_heads=2",
+    "pretrain.model.n_kv_heads=1",
+    "pretrain.model.d_ff=64",
+    "pretrain.model.n_layers=2",
+    "pretrain.data.builtin_examples=300",
+    "pretrain.data.vocab_size=300",
+    "pretrain.train.steps=3",
+    "pretrain.train.batch_size=4",
+    "pretrain.train.seq_len=64",
+    "sft.train.steps=2",
+    "sft.train.batch_size=4",
+    "sft.train.seq_len=128",
+    "sft.data.builtin_examples=50",
+)
+RL_QUICK = RLScale(
+    name="quick",
+    steps=2,
+    prompts_per_step=2,
+    group_size=2,
+    eval_every=1,
+    eval_problems=4,
+    eval_samples=1,
+    seeds=(0, 1),
+    base=QUICK_BASE,
+    rl=("rl.max_new_tokens=8", "rl.overlong_buffer=4"),
+)
+
+
+def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: str | Path | None = None) -> Path:
+    """Run (or continue) the study in `out`; returns OUT/table.md. `base`: a directory holding `sft/`."""
+    out, scale = Path(out), RL_QUICK if quick else RL_TINY
+    claim_directory(out, scale)
+    base = Path(base) if base else build_base(out / "base", scale.base, quiet)
+    for seed in scale.seeds:  # seed by seed: an unfinished study has every method on its first seeds
+        for method, settings in METHODS.items():
+            cfg = rl_config(scale, [*SHARED, *settings], seed)
+            run_once(rl, cfg, out / "runs" / f"{method}-s{seed}", base / "sft", quiet=quiet)
+    return report(out, scale)
+
+
+def report(out: Path, scale: RLScale) -> Path:
+    curves = {
+        m: [rl_curves(out / "runs" / f"{m}-s{s}") for s in scale.seeds if (out / "runs" / f"{m}-s{s}").exists()]
+        for m in METHODS
+    }
+    final = {m: [c["pass@1"][-1][1] for c in runs] for m, runs in curves.items()}
+    at_budget = {m: [within_budget(c, scale.samples) for c in runs] for m, runs in curves.items()}
+    write_json(out / "results.json", dict(scale=scale.name, samples_budget=scale.samples, curves=curves))
+    lines = [
+        f"# RL ablation: the GRPO family side by side (scale `{scale.name}`)",
+        "",
+        f"From one SFT model; {scale.steps} steps x {scale.prompts_per_step} prompts x {scale.group_size} samples "
+        f"= {scale.samples:,} completions per run (DAPO's dynamic sampling generates more: its own column), "
+        f"{len(scale.seeds)} seeds. Held-out pass@1 on {scale.eval_problems} test-split problems, "
+        f"{scale.eval_samples} samples each, in %: mean ± sd over seeds. Difference from GRPO ± its standard "
+        "error, significant only beyond two. Entropy and length: the mean of the last 10 steps.",
+        "",
+    ]
+    header = [
+        "method",
+        "before RL",
+        "final pass@1",
+        "vs grpo",
+        f"pass@1 within {scale.samples:,} samples",
+        "completions generated",
+        "entropy",
+        "length (tokens)",
+    ]
+    rows = []
+    for m, runs in curves.items():
+        if not runs:
+            continue
+        before, after = mean_sd([100 * c["pass@1"][0][1] for c in runs]), mean_sd([100 * v for v in final[m]])
+        budget = mean_sd([100 * v for v in at_budget[m]])
+        diff, se, sig = significant([100 * v for v in final[m]], [100 * v for v in final["grpo"]])
+        rows.append(
+            [
+                m,
+                f"{before[0]:.1f} ± {before[1]:.1f}",
+                f"{after[0]:.1f} ± {after[1]:.1f}",
+                "-" if m == "grpo" else f"{diff:+.1f} ± {se:.1f}" + (" (significant)" if sig else ""),
+                f"{budget[0]:.1f} ± {budget[1]:.1f}",
+                f"{mean_sd([c['samples'][-1][1] for c in runs])[0]:,.0f}",
+                f"{mean_sd([last_mean(c['entropy']) for c in runs])[0]:.3f}",
+                f"{mean_sd([last_mean(c['length']) for c in runs])[0]:.1f}",
+            ]
+        )
+    lines += markdown_table(header, rows)
+    lines += ["", "Settings (beyond " + ", ".join(SHARED) + "):", ""]
+    lines += [f"- `{m}`: " + ", ".join(f"`{s}`" for s in settings) for m, settings in METHODS.items()]
+    plots = out / "plots"
+    pngs = [
+        plot_bands(
+            plots / "pass1.png", "held-out pass@1", "pass@1", {m: [c["pass@1"] for c in r] for m, r in curves.items()}
+        ),
+        plot_bands(
+            plots / "entropy.png",
+            "policy entropy",
+            "nats/token",
+            {m: [c["entropy"] for c in r] for m, r in curves.items()},
+        ),
+        plot_bands(
+            plots / "length.png",
+            "mean response length",
+            "tokens",
+            {m: [c["length"] for c in r] for m, r in curves.items()},
+        ),
+    ]
+    lines += ["", "## Plots", "", *(f"![{p.stem}](plots/{p.name})" for p in pngs), ""]
+    (out / "table.md").write_text("\n".join(lines))
+    return out / "table.md"
+
+
+def within_budget(curve: dict[str, list[tuple[float, float]]], budget: int) -> float:
+    """Held-out pass@1 at the last evaluation made before the run had generated more than `budget` completions."""
+    samples = dict(curve["samples"])
+    return [acc for step, acc in curve["pass@1"] if samples.get(step, 0) <= budget][-1]
