@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nanoseek import precision
 from nanoseek.model import Transformer, router_stats
 from nanoseek.train import distributed
+from nanoseek.train.logprobs import causal_lm_loss
 from nanoseek.train.run import Run, autocast
 
 # Dense bf16 peak FLOP/s by device-name substring; the first match wins, so variants precede their family.
@@ -80,7 +81,22 @@ class LossModule(nn.Module):
         positions: torch.Tensor | None,
         doc_ids: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.loss(input_ids, targets, positions, doc_ids, reduction="sum")
+        return causal_lm_loss(self.model, input_ids, targets, positions, doc_ids, reduction="sum")
+
+
+def model_loss(model: Transformer) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`model.loss`, computed without the full float32 logits (`nanoseek.train.logprobs`)."""
+
+    def loss(
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return causal_lm_loss(model, input_ids, targets, positions, doc_ids, reduction)
+
+    return loss
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -90,7 +106,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 def batch_loss(
     loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy over target tokens, MoE aux loss); loss_fn is `model.loss` or its compiled form."""
+    """(summed cross-entropy over target tokens, MoE aux loss); loss_fn is `model_loss(model)` or its compiled form."""
     return loss_fn(batch["input_ids"], batch["targets"], batch.get("positions"), batch.get("doc_ids"), reduction="sum")
 
 
@@ -102,7 +118,7 @@ def evaluate_loss(model: Transformer, batches: Iterable[dict[str, torch.Tensor]]
     for batch in batches:
         batch = to_device(batch, device)
         with autocast(device):
-            ce, _ = batch_loss(model.loss, batch)
+            ce, _ = batch_loss(model_loss(model), batch)
         total += ce.item()
         count += int((batch["targets"] != -100).sum())
     model.train(was_training)
@@ -138,8 +154,8 @@ def train(
         ddp_loss = torch.compile(ddp) if cfg.compile else ddp
         loss_fn = lambda ids, tgt, pos, doc, reduction: ddp_loss(ids, tgt, pos, doc)
     else:
-        # Compile the loss method itself: `torch.compile(model).loss(...)` would run the eager model.
-        loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
+        # Compile the loss function itself: `torch.compile(model).loss(...)` would run the eager model.
+        loss_fn = torch.compile(model_loss(model)) if cfg.compile else model_loss(model)
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak = peak_flops(device)
     peak = peak * topo.world if peak else None
