@@ -31,13 +31,16 @@ from pathlib import Path
 from typing import Any, TextIO, TypedDict
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from nanoseek import precision
 from nanoseek.config import RunConfig, run_config_to_toml
-from nanoseek.loading import load_checkpoint, pick_device
+from nanoseek.interop.peft import fill_adapters
+from nanoseek.loading import load_checkpoint, pick_device, resolve_checkpoint
 from nanoseek.model import Transformer, install_balancing_hook
-from nanoseek.model.io import read_safetensors
+from nanoseek.model.io import model_state, read_safetensors
+from nanoseek.model.lora import adapter_state, apply_lora, lora_of, merge_lora
 from nanoseek.plots import plot_run
 from nanoseek.train import distributed
 from nanoseek.train.checkpoint import find_resume_checkpoint, load_trainer_state, remove_stale_tmp, save_checkpoint
@@ -137,11 +140,44 @@ class Run:
         self._t_start = time.perf_counter()
 
     def load_model(self, checkpoint: str | Path) -> tuple[Transformer, Any]:
-        """The model a fine-tuning stage (SFT, RL) starts from, in float32 on this rank's device, and its tokenizer."""
+        """The model a fine-tuning stage (SFT, RL) starts from, in float32 on this rank's device, and its tokenizer.
+
+        With train.lora.enabled, frozen under new adapters (`add_adapters`); a checkpoint that is itself an
+        adapter directory is its base with those adapters merged in."""
         model, tokenizer = load_checkpoint(checkpoint, device=self.device, dtype=torch.float32)
         if tokenizer is None:
             raise FileNotFoundError(f"{checkpoint}: no tokenizer.json beside the weights")
+        base = str(resolve_checkpoint(checkpoint)[1].resolve())
+        if lora_of(model) is not None:
+            merge_lora(model)
+            base = ""  # the merged weights are on no disk: `begin` writes them to RUN_DIR/base
+        self.add_adapters(model, base)
         return model, tokenizer
+
+    def add_adapters(self, model: Transformer, base: str) -> None:
+        """train.lora.enabled: freeze `model` (its matrices in bf16 on CUDA) under new adapters, once.
+
+        `base` is the directory holding the frozen weights ('' when none does, e.g. a fresh pretraining model)."""
+        lc = self.train_cfg.lora
+        if lc.enabled and lora_of(model) is None:
+            base_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+            apply_lora(model, lc.rank, lc.alpha, lc.targets, lc.dropout, base=base, base_dtype=base_dtype)
+
+    def _save_base(self, model: Transformer) -> None:
+        """Adapters whose base is on no disk: write the frozen weights to RUN_DIR/base, which their checkpoints name."""
+        adapters = lora_of(model)
+        if adapters is None or adapters.base:
+            return
+        base_dir = self.run_dir / "base"
+        adapters.base = str(base_dir.resolve())
+        if self.topo.is_main and not (self.resume and (base_dir / "model.safetensors").is_file()):
+            skip = adapter_state(model).keys()
+            state = {k: v for k, v in model_state(model).items() if k not in skip}
+            base_dir.mkdir(parents=True, exist_ok=True)
+            model.cfg.save(base_dir / "config.json")
+            save_file(state, str(base_dir / "model.safetensors"))
+            if self.tokenizer is not None:
+                self.tokenizer.save(base_dir)
 
     def begin(
         self, model: Transformer, tokenizer: Any, stage_state: Callable[[], dict[str, Any]]
@@ -153,12 +189,18 @@ class Run:
         """
         self.model, self.tokenizer, self.stage_state = model, tokenizer, stage_state
         model.to(self.device).train()
+        self.add_adapters(model, "")
+        self._save_base(model)
         self.optimizers = build_optimizers(model, self.train_cfg, self.device)
-        install_balancing_hook(self.optimizers[-1], model)
+        if lora_of(model) is None:  # a frozen base keeps its routers' selection biases too
+            install_balancing_hook(self.optimizers[-1], model)
         ckpt = find_resume_checkpoint(self.run_dir) if self.resume else None
         state = None
         if ckpt is not None:
-            model.load_state_dict(read_safetensors(ckpt / "model.safetensors", self.device))
+            if lora_of(model) is not None:
+                fill_adapters(model, ckpt)
+            else:
+                model.load_state_dict(read_safetensors(ckpt / "model.safetensors", self.device))
             state = load_trainer_state(ckpt, self.optimizers)
             self.start = self.done = state["step"]
             if not self.quiet:
