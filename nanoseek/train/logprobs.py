@@ -37,7 +37,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
     """(log p(target), entropy) per row of hidden [N, D] under logits hidden @ weight.T / temperature."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, chunk: int):
+    def forward(ctx, hidden: Tensor, master: Tensor, targets: Tensor, temperature: float, chunk: int):
+        # The matmul dtype is hidden's; the weight is cast here, not by autograd, so its gradient comes
+        # back in the master's dtype without a second [vocab, d_model] copy in the matmul dtype.
+        weight = master.to(hidden.dtype)
         acc = torch.promote_types(hidden.dtype, torch.float32)
         n = hidden.shape[0]
         logp, entropy, lse = (torch.empty(n, dtype=acc, device=hidden.device) for _ in range(3))
@@ -50,7 +53,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             lse[s : s + chunk] = lse_c
             kept = z if n <= chunk else None  # one chunk: keep its logits, the backward needs no recompute
         ctx.save_for_backward(hidden, weight, targets, lse, entropy, kept)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.master_dtype = temperature, chunk, master.dtype
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -59,7 +62,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse, entropy, kept = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        acc_w = torch.promote_types(ctx.master_dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc_w, device=weight.device) if need_w else None
         if g_logp is None and g_entropy is None:
             return None, None, None, None, None
         T, chunk = ctx.temperature, ctx.chunk
@@ -80,7 +84,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_h[s : s + chunk] = g @ weight
             if need_w:
                 grad_w += (g.T @ h).to(grad_w.dtype)
-        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
+        return grad_h, grad_w.to(ctx.master_dtype) if need_w else None, None, None, None
 
 
 def token_logprobs(
@@ -104,7 +108,7 @@ def token_logprobs(
         flat_h, flat_t = flat_h.index_select(0, rows), flat_t.index_select(0, rows)
     chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
     with torch.autocast(device_type, enabled=False):
-        logp, entropy = _ChunkedLogprobs.apply(flat_h.to(dtype), weight.to(dtype), flat_t, temperature, chunk)
+        logp, entropy = _ChunkedLogprobs.apply(flat_h.to(dtype), weight, flat_t, temperature, chunk)
     if rows is None:
         return logp.view(targets.shape), entropy.view(targets.shape)
     spread = lambda values: values.new_zeros(targets.numel()).index_put((rows,), values).view(targets.shape)

@@ -155,12 +155,13 @@ class Run:
         return model, tokenizer
 
     def add_adapters(self, model: Transformer, base: str) -> None:
-        """train.lora.enabled: freeze `model` (its matrices in bf16 on CUDA) under new adapters, once.
+        """train.lora.enabled: freeze `model` under new adapters, once. The frozen matrices are stored in the
+        autocast dtype (bf16 on CUDA and bf16-native CPUs): every matmul would cast them to it anyway.
 
         `base` is the directory holding the frozen weights ('' when none does, e.g. a fresh pretraining model)."""
         lc = self.train_cfg.lora
         if lc.enabled and lora_of(model) is None:
-            base_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+            base_dtype = autocast_dtype(self.device)
             apply_lora(model, lc.rank, lc.alpha, lc.targets, lc.dropout, base=base, base_dtype=base_dtype)
 
     def _save_base(self, model: Transformer) -> None:
