@@ -102,3 +102,18 @@ def test_no_tensor_of_all_the_logits_is_kept_for_backward() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         plain(hidden, weight, targets, 1.0)
     assert max(sizes) >= targets.numel() * V  # the plain path does keep them (the check above can fail)
+
+
+def test_under_bf16_autocast_the_matmul_is_bf16_like_the_plain_path():
+    """Autocast: the chunked path multiplies in bf16 as F.linear under autocast does; the gradient of the
+    float32 master weight comes back in float32."""
+    hidden, weight, targets = (t.detach().float() if t.is_floating_point() else t for t in leaves(5))
+    hidden.requires_grad_(), weight.requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = torch.log_softmax(F.linear(hidden, weight).float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+        logp, _ = token_logprobs(hidden, weight, targets, chunk_bytes=4 * V * 4)
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=0)
+    (g_ref,) = torch.autograd.grad(ref.sum(), [weight])
+    (g,) = torch.autograd.grad(logp.sum(), [weight])
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, g_ref, atol=0.05, rtol=0.02)

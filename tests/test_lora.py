@@ -309,3 +309,24 @@ def test_cli_bad_lora_settings_are_one_line_exit_2(tmp_path):
     assert_one_line_error(done, "'nope'")
     done = nanoseek("pretrain", *TINY, "--set", "train.lora.rank=0", "--out", "pt", "--quiet", cwd=tmp_path)
     assert_one_line_error(done, "train.lora.rank")
+
+
+def test_the_engine_twin_shares_the_frozen_base_and_sees_new_adapters_after_a_sync():
+    """Under bf16 autocast the RL engine decodes `rollout_policy`'s twin: with a bf16 base it holds the
+    policy's own base tensors (no copy), its own copies of the adapters, refreshed by `sync_rollout_policy`."""
+    from nanoseek.engine.twin import rollout_policy, sync_rollout_policy
+
+    model = small_model("tiny-moe", seed=6)
+    apply_lora(model, rank=8, alpha=8, targets=ALL, base_dtype=torch.bfloat16)
+    twin = rollout_policy(model, torch.bfloat16)
+    assert twin.layers[0].attn.wq.weight.data_ptr() == model.layers[0].attn.wq.weight.data_ptr()
+    assert twin.layers[1].mlp.w1.data_ptr() == model.layers[1].mlp.w1.data_ptr()
+    assert twin.layers[0].attn.wq.lora_b.dtype == torch.bfloat16
+    randomize_adapters(model, 5)  # an "update"
+    x = ids(7)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        stale = twin.eval()(x)
+        sync_rollout_policy(twin, model)
+        fresh, policy = twin(x), model.eval()(x)
+    assert not torch.equal(stale, policy)
+    torch.testing.assert_close(fresh.float(), policy.float(), atol=0.05, rtol=0)  # bf16 copies of the adapters
