@@ -310,6 +310,18 @@ def test_cli_bad_lora_settings_are_one_line_exit_2(tmp_path):
     done = nanoseek("pretrain", *TINY, "--set", "train.lora.rank=0", "--out", "pt", "--quiet", cwd=tmp_path)
     assert_one_line_error(done, "train.lora.rank")
 
+    # an adapter directory whose base is another model (here: a wider MLP)
+    from nanoseek.tasks.corpus import pretrain_texts
+    from nanoseek.tokenizer import Tokenizer
+
+    model = small_model()
+    apply_lora(model, rank=2, alpha=2, targets=ALL, base=str(tmp_path / "other"))
+    save_adapters(model, tmp_path / "adapter")
+    save_model(small_model(d_ff=64), tmp_path / "other")
+    Tokenizer.train(pretrain_texts(50, seed=0), 300).save(tmp_path / "other")
+    done = nanoseek("generate", "--checkpoint", "adapter", "--prompt", "hi", "--max-new-tokens", "2", cwd=tmp_path)
+    assert_one_line_error(done, "do not fit this base model")
+
 
 def test_the_engine_twin_shares_the_frozen_base_and_sees_new_adapters_after_a_sync():
     """Under bf16 autocast the RL engine decodes `rollout_policy`'s twin: with a bf16 base it holds the
