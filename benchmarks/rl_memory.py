@@ -120,7 +120,9 @@ def run_nanoseek(args, lora: bool, device: torch.device) -> dict:
     from nanoseek.train.update import update
 
     tokenizer = Tokenizer.load(args.model)
-    model = load_hf_model(args.model, device=device, dtype=torch.float32).train()
+    # As `nanoseek rl` loads it: float32 master weights, or under LoRA the frozen base in the autocast dtype.
+    dtype = (lora and autocast_dtype(device)) or torch.float32
+    model = load_hf_model(args.model, device=device, dtype=dtype).train()
     if lora:
         apply_lora(model, 16, 32.0, LORA_TARGETS_OURS, base=str(args.model), base_dtype=autocast_dtype(device))
     tcfg = TrainConfig(optimizer="adamw", lr=1e-6, weight_decay=0.0, grad_clip=1.0)

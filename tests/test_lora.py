@@ -342,3 +342,30 @@ def test_the_engine_twin_shares_the_frozen_base_and_sees_new_adapters_after_a_sy
         fresh, policy = twin(x), model.eval()(x)
     assert not torch.equal(stale, policy)
     torch.testing.assert_close(fresh.float(), policy.float(), atol=0.05, rtol=0)  # bf16 copies of the adapters
+
+
+def test_pretraining_with_lora_keeps_its_random_base_beside_the_adapters(tmp_path):
+    """A fresh model's base is on no disk: the run writes it to RUN_DIR/base, which its adapter checkpoints
+    name; loading the run gives the base with the trained adapters, and resuming continues them exactly."""
+    from safetensors.torch import load_file
+    from test_train import small_run
+
+    from nanoseek.train.stages import pretrain
+
+    def lora_run() -> RunConfig:
+        cfg = small_run("muon")
+        cfg.train.steps, cfg.train.eval_every = 4, 0
+        cfg.train.lora.enabled = True
+        return cfg
+
+    pretrain(lora_run(), tmp_path / "straight", quiet=True)
+    pretrain(lora_run(), tmp_path / "resumed", quiet=True, stop_at=2)
+    pretrain(lora_run(), tmp_path / "resumed", quiet=True, resume=True)
+    a, b = (
+        load_file(str(tmp_path / r / "checkpoints" / "step_4" / "adapter_model.safetensors"))
+        for r in ("straight", "resumed")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)
+    model, tokenizer = load_checkpoint(tmp_path / "straight", device="cpu", dtype=torch.float32)
+    assert tokenizer is not None and Path(lora_of(model).base) == (tmp_path / "straight" / "base").resolve()

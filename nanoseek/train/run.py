@@ -140,11 +140,14 @@ class Run:
         self._t_start = time.perf_counter()
 
     def load_model(self, checkpoint: str | Path) -> tuple[Transformer, Any]:
-        """The model a fine-tuning stage (SFT, RL) starts from, in float32 on this rank's device, and its tokenizer.
+        """The model a fine-tuning stage (SFT, RL) starts from, on this rank's device, and its tokenizer: float32
+        master weights, or under LoRA a base in the autocast dtype.
 
         With train.lora.enabled, frozen under new adapters (`add_adapters`); a checkpoint that is itself an
         adapter directory is its base with those adapters merged in."""
-        model, tokenizer = load_checkpoint(checkpoint, device=self.device, dtype=torch.float32)
+        # Under LoRA the frozen base is kept in the autocast dtype: loaded in it, never held in float32.
+        dtype = (self.train_cfg.lora.enabled and autocast_dtype(self.device)) or torch.float32
+        model, tokenizer = load_checkpoint(checkpoint, device=self.device, dtype=dtype)
         if tokenizer is None:
             raise FileNotFoundError(f"{checkpoint}: no tokenizer.json beside the weights")
         base = str(resolve_checkpoint(checkpoint)[1].resolve())
