@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -201,7 +199,7 @@ def test_peft_loads_our_adapters_onto_the_exported_model(tmp_path, preset, targe
         assert (plain(input_ids=x).logits - ours).abs().max() > 1e-3
 
 
-def test_convert_merge_lora_writes_base_plus_adapters(tmp_path):
+def test_convert_merge_lora_writes_base_plus_adapters(tmp_path, capsys):
     from nanoseek.interop.hf import load_hf_model
     from nanoseek.tasks.corpus import pretrain_texts
     from nanoseek.tokenizer import Tokenizer
@@ -212,23 +210,11 @@ def test_convert_merge_lora_writes_base_plus_adapters(tmp_path):
     apply_lora(model, rank=4, alpha=8, targets=ALL, base=str(tmp_path / "base"))
     randomize_adapters(model, 4)
     save_adapters(model, tmp_path / "adapter")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nanoseek",
-            "convert",
-            "--to-hf",
-            str(tmp_path / "adapter"),
-            "--merge-lora",
-            "--out",
-            str(tmp_path / "merged"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    from nanoseek.cli import main
+
+    assert (
+        main(["convert", "--to-hf", str(tmp_path / "adapter"), "--merge-lora", "--out", str(tmp_path / "merged")]) == 0
     )
-    assert done.returncode == 0, done.stderr
     merged = load_hf_model(tmp_path / "merged")
     w = model.layers[1].mlp.w3
     torch.testing.assert_close(merged.layers[1].mlp.w3.weight, w.weight + 2.0 * w.lora_b @ w.lora_a, atol=1e-6, rtol=0)
@@ -236,22 +222,9 @@ def test_convert_merge_lora_writes_base_plus_adapters(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(x), model.eval()(x), atol=1e-5, rtol=0)
     # without --merge-lora an adapter directory is refused, with one line
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nanoseek",
-            "convert",
-            "--to-hf",
-            str(tmp_path / "adapter"),
-            "--out",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "--merge-lora" in done.stderr
+    assert main(["convert", "--to-hf", str(tmp_path / "adapter"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--merge-lora" in err[0]
 
 
 # ----------------------------------------------------------------------------- RL with LoRA, stopped and resumed
