@@ -60,12 +60,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp: Tensor | None, g_entropy: Tensor | None):
         hidden, weight, targets, lse, entropy, kept = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
+        if g_logp is None and g_entropy is None:
+            return None, None, None, None, None
+        need_h, need_w = ctx.needs_input_grad[:2]  # a frozen output layer (LoRA) gets no [vocab, d] buffer
         grad_h = torch.empty_like(hidden) if need_h else None
         acc_w = torch.promote_types(ctx.master_dtype, torch.float32)
         grad_w = torch.zeros(weight.shape, dtype=acc_w, device=weight.device) if need_w else None
-        if g_logp is None and g_entropy is None:
-            return None, None, None, None, None
         T, chunk = ctx.temperature, ctx.chunk
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
