@@ -65,8 +65,10 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
-        low = F.linear(self.lora_dropout(x).to(self.lora_a.dtype), self.lora_a)
-        return y + (F.linear(low, self.lora_b) * self.scale).to(y.dtype)
+        x = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast F.linear casts; a cast here would be
+            x = x.to(self.lora_a.dtype)  # one more saved copy of the input per adapter
+        return y + (F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale).to(y.dtype)
 
 
 class LoRAMoE(MoE):

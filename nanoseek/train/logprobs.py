@@ -6,7 +6,7 @@
 The plain computation, `log_softmax(hidden @ W.T / T)` gathered at the targets, holds the logits of
 every token in float32, and autograd keeps them (and their softmax) for the backward pass: with a
 152k-token vocabulary that is 0.6 MB per token, gigabytes for one RL micro-batch. Here the tokens
-go through the output layer in chunks of about `CHUNK_BYTES` of float32 logits: the forward pass
+go through the output layer in chunks of `CHUNK_BYTES` (64 MiB) of float32 logits: the forward pass
 keeps, per token, only the log-sum-exp and the entropy; the backward pass recomputes each chunk's
 logits and turns them into the gradients of the hidden states and of the output weight at once.
 So the memory is one chunk's logits whatever the batch, for one more output-layer matmul. When all
@@ -24,8 +24,9 @@ from torch import Tensor
 
 from nanoseek.model import Transformer
 
-CHUNK_BYTES = 1 << 28
-"""Float32 logits held at once (256 MiB: about 440 tokens of a 152k vocabulary)."""
+CHUNK_BYTES = 1 << 26
+"""Float32 logits held at once (64 MiB: about 110 tokens of a 152k vocabulary; the backward pass holds
+a few such temporaries). Larger chunks are no faster once a chunk's matmul fills the device."""
 
 
 def output_weight(model: Transformer) -> Tensor:
