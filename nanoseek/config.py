@@ -38,6 +38,20 @@ ACTIVATION_CHECKPOINTING = ("none", "block", "selective")
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (nanoseek.model.lora): the base weights frozen, only the adapters trained."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    """The adapters' output is scaled by alpha / rank."""
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    """Projections by attribute name: attention (wq wk wv wo; MLA: wq_a wq_b wkv_a wo) and MLP (w1 gate,
+    w3 up, w2 down: dense, shared and, per expert, routed experts)."""
+
+
+@dataclass
 class TrainConfig:
     steps: int = 400
     """Optimizer steps."""
@@ -91,6 +105,8 @@ class TrainConfig:
     """'none', 'block' (recompute each block in the backward) or 'selective' (keep matmul outputs only)."""
     expert_parallel: int = 1
     """Ranks the routed experts of each MoE layer are split over (all-to-all dispatch); 1 = none."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """train.lora.enabled = true: train adapters instead of the weights (pretraining, SFT and RL)."""
 
 
 @dataclass
@@ -262,6 +278,7 @@ class RunConfig:
         """Raise an InputError (a ValueError) naming the first bad setting."""
         for name in ("train", "data", "rl", "rewards"):
             check_numbers(getattr(self, name), f"{name}.")
+        check_numbers(self.train.lora, "train.lora.")
         self.eval.check("eval.")
         parse_task_weights(self.data.tasks, "data.tasks")
         parse_task_weights(self.rl.tasks, "rl.tasks")
@@ -351,10 +368,20 @@ def parse_env_weights(spec: str, where: str) -> dict[str, float]:
 _AT_LEAST = dict.fromkeys(
     "steps batch_size seq_len grad_accum eval_batches checkpoint_every keep_checkpoints log_every builtin_examples "
     "prompts_per_step max_new_tokens num_iterations micro_batch_size max_sampling_rounds eval_problems eval_samples "
-    "k n_problems limit max_batch expert_parallel".split(),
+    "k n_problems limit max_batch expert_parallel rank".split(),
     1,
 ) | {"group_size": 2}  # advantages are relative to the group
-_FRACTIONS = {"min_lr_ratio", "decay_fraction", "beta1", "beta2", "val_fraction", "top_p", "eval_top_p", "min_p"}
+_FRACTIONS = {
+    "dropout",
+    "min_lr_ratio",
+    "decay_fraction",
+    "beta1",
+    "beta2",
+    "val_fraction",
+    "top_p",
+    "eval_top_p",
+    "min_p",
+}
 _ABOVE_ZERO = {"top_p", "eval_top_p"}
 
 

@@ -1,8 +1,10 @@
 """Resolve what a user passes as `--checkpoint` and load it for inference.
 
 Accepted: a nanoseek checkpoint directory (`config.json` + `model.safetensors`), a run
-directory (its latest `checkpoints/step_N/`), or a Hugging Face model directory
-(`config.json` with `architectures`, `*.safetensors`).
+directory (its latest `checkpoints/step_N/`), a Hugging Face model directory
+(`config.json` with `architectures`, `*.safetensors`), or a LoRA adapter directory
+(`adapter_config.json` + `adapter_model.safetensors`, PEFT's format, as a LoRA run's checkpoints
+are): its base (`base_model_name_or_path`, any of the above) with the adapters on top.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from nanoseek.errors import InputError, missing
 from nanoseek.interop.hf import load_hf_model
+from nanoseek.interop.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapters, read_adapter_config
 from nanoseek.model import Transformer, load_model
 from nanoseek.tokenizer import Tokenizer
 
@@ -24,7 +27,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     for d in (run_dir / "checkpoints").glob("step_*"):
         m = re.fullmatch(r"step_(\d+)", d.name)
         # (a sharded checkpoint of an FSDP run: `nanoseek.train.checkpoint`)
-        if m and ((d / "model.safetensors").is_file() or (d / "sharded" / ".metadata").is_file()):
+        if m and (
+            (d / "model.safetensors").is_file()
+            or (d / "sharded" / ".metadata").is_file()
+            or (d / ADAPTER_WEIGHTS).is_file()
+        ):
             steps.append((int(m.group(1)), d))
     return max(steps)[1] if steps else None
 
@@ -42,12 +49,14 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
-    """('nanoseek' | 'hf', directory) for a checkpoint, run or Hugging Face directory."""
+    """('nanoseek' | 'hf' | 'adapter', directory) for a checkpoint, run, Hugging Face or adapter directory."""
     path = Path(path)
     if not path.exists():
         raise missing(path, "no such checkpoint, run or model directory")
     if not path.is_dir():
         raise InputError(f"{path}: is a file; expected a checkpoint, run or model directory")
+    if (path / ADAPTER_CONFIG).is_file():
+        return "adapter", path
     if (path / "model.safetensors").is_file() and (path / "config.json").is_file() and not is_hf_dir(path):
         return "nanoseek", path
     if is_hf_dir(path):
@@ -56,7 +65,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
     if latest is not None and not (latest / "model.safetensors").is_file():
         raise InputError(f"{latest}: a sharded checkpoint; make it whole first: nanoseek checkpoint consolidate {path}")
     if latest is not None:
-        return "nanoseek", latest
+        return ("adapter" if (latest / ADAPTER_CONFIG).is_file() else "nanoseek"), latest
     raise InputError(
         f"{path}: not a checkpoint (config.json + model.safetensors), a run directory "
         "(checkpoints/step_N/) or a Hugging Face model directory"
@@ -85,6 +94,14 @@ def load_checkpoint(
     device = pick_device(device) if isinstance(device, str) else device
     dtype = dtype or default_dtype(device)
     kind, directory = resolve_checkpoint(path)
+    if kind == "adapter":
+        base = adapter_base(directory)
+        model, tokenizer = load_checkpoint(base, device, dtype)
+        load_adapters(model, directory, dtype=dtype)
+        model.requires_grad_(False)
+        if (directory / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.load(directory)
+        return model.eval(), tokenizer
     if kind == "hf":
         model = load_hf_model(directory, device=device, dtype=dtype)
     else:
@@ -93,3 +110,16 @@ def load_checkpoint(
     if (directory / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(directory)
     return model.eval(), tokenizer
+
+
+def adapter_base(directory: Path) -> Path:
+    """The base model directory an adapter directory names (a relative path is relative to the adapters)."""
+    named = read_adapter_config(directory).get("base_model_name_or_path")
+    if not isinstance(named, str) or not named:
+        raise InputError(f"{directory / ADAPTER_CONFIG}: base_model_name_or_path names no base model directory")
+    base = directory / named  # an absolute path stays itself
+    if not base.is_dir():
+        raise missing(base, f"no such base model directory (base_model_name_or_path of {directory / ADAPTER_CONFIG})")
+    if (base / ADAPTER_CONFIG).is_file():
+        raise InputError(f"{directory / ADAPTER_CONFIG}: its base {base} is an adapter directory itself")
+    return base

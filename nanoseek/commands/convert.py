@@ -4,7 +4,10 @@
     nanoseek convert --to-hf runs/pretrain --out hf/my-model              # loadable by transformers' from_pretrained
 
 `--to-hf` accepts anything `--checkpoint` accepts: a checkpoint directory, a run directory
-(its latest checkpoint) or a Hugging Face directory.
+(its latest checkpoint) or a Hugging Face directory; a LoRA adapter directory (or a LoRA run)
+with `--merge-lora`, which writes its base with the adapters merged in:
+
+    nanoseek convert --to-hf runs/rl-lora --merge-lora --out hf/my-model
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--dtype", default="auto", choices=_DTYPES, help="weight dtype to write (default: as stored)")
     p.add_argument("--max-shard-gb", type=float, default=4.0, help="--to-hf: largest safetensors shard (GB)")
+    p.add_argument(
+        "--merge-lora", action="store_true", help="--to-hf of LoRA adapters: write their base with them merged in"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,10 +34,12 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from nanoseek.errors import InputError
     from nanoseek.interop.hf import copy_tokenizer_files, load_hf_model, save_hf
     from nanoseek.interop.hf_weights import SafetensorsDir
-    from nanoseek.loading import resolve_checkpoint
+    from nanoseek.loading import adapter_base, load_checkpoint, resolve_checkpoint
     from nanoseek.model import load_model, save_model
+    from nanoseek.model.lora import merge_lora
 
     out = Path(args.out)
     source = Path(args.from_hf or args.to_hf)
@@ -43,12 +51,21 @@ def run(args: argparse.Namespace) -> int:
     if args.from_hf and kind != "hf":
         print(f"nanoseek convert: {directory} is a nanoseek checkpoint already (use --to-hf to export it)")
         return 1
+    if (kind == "adapter") != bool(args.merge_lora) or (args.merge_lora and args.from_hf):
+        what = "is a LoRA adapter directory: add --merge-lora" if kind == "adapter" else "holds no LoRA adapters"
+        raise InputError(f"{directory} {what}" if not args.from_hf else "--merge-lora goes with --to-hf")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if dtype is None:
-        dtype = SafetensorsDir(directory).most_common_float_dtype()
+        dtype = SafetensorsDir(adapter_base(directory) if kind == "adapter" else directory).most_common_float_dtype()
 
     try:
-        model = load_hf_model(directory, dtype=dtype) if kind == "hf" else load_model(directory, dtype=dtype)
+        if kind == "adapter":  # the merge in float32, the merged weights written in `dtype`
+            model = merge_lora(load_checkpoint(directory, device="cpu", dtype=torch.float32)[0]).to(dtype)
+            directory = directory if (directory / "tokenizer.json").is_file() else adapter_base(directory)
+        elif kind == "hf":
+            model = load_hf_model(directory, dtype=dtype)
+        else:
+            model = load_model(directory, dtype=dtype)
         if args.from_hf:
             save_model(model, out)
             copied = copy_tokenizer_files(directory, out)

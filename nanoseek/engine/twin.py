@@ -11,6 +11,8 @@ Which weights are copied is a rule, not a list of module types: every floating p
 more dimensions (a matrix or a stack of them is only ever read by a matmul), except embedding
 tables, which are looked up, not multiplied. A tied embedding in its role as the output layer is a
 matmul weight too: the twin gets a 16-bit `lm_head` for it and keeps the shared table for the lookup.
+With LoRA the adapters are such weights (copied at every sync), and the frozen base, kept in bf16 on
+CUDA already, is shared rather than copied: the twin costs only the adapters.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def rollout_policy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     copies: dict[str, nn.Parameter] = {}
     for twin_name, name in _matmul_weights(model):
         weight = model.get_parameter(name)
+        # A weight already in `dtype` (LoRA's frozen bf16 base) is shared as it is: .to returns the same tensor.
         copies[twin_name] = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
         if twin_name == name:
             memo[id(weight)] = copies[twin_name]  # deepcopy puts the 16-bit copy in its place
@@ -59,7 +62,9 @@ def sync_rollout_policy(twin: nn.Module, model: nn.Module) -> None:
     """Copy the policy's matmul weights into its twin from `rollout_policy` (no-op for the policy itself)."""
     if twin is not model:
         for twin_name, name in _matmul_weights(model):
-            twin.get_parameter(twin_name).copy_(model.get_parameter(name))
+            weight = model.get_parameter(name)
+            if weight.requires_grad:  # frozen weights (a LoRA base) never change; the adapters are copied
+                twin.get_parameter(twin_name).copy_(weight)
 
 
 __all__ = ["rollout_policy", "sync_rollout_policy"]

@@ -1,7 +1,8 @@
 """Checkpoints: everything needed to continue a run bit for bit, written atomically.
 
     RUN_DIR/checkpoints/step_N/
-        config.json, model.safetensors      the model (loadable on its own: `--checkpoint`)
+        config.json, model.safetensors      the model (loadable on its own: `--checkpoint`); under LoRA instead
+        adapter_config.json, adapter_model.safetensors   the adapters (PEFT format), naming their base
         tokenizer.json, tokenizer_config.json
         optimizer.pt                        optimizer states (tensors only; loaded with weights_only=True)
         rng.safetensors                     torch (and CUDA) generator states
@@ -37,9 +38,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanoseek.errors import InputError
+from nanoseek.interop.peft import save_adapters
 from nanoseek.loading import latest_checkpoint
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.io import save_model
+from nanoseek.model.lora import lora_of
 from nanoseek.model.transformer import Transformer
 from nanoseek.train import distributed, expert_parallel
 
@@ -85,7 +88,10 @@ def save_checkpoint(
     final = ckpt_root / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step}.", suffix=".tmp"))
     try:
-        save_model(model, tmp)
+        if lora_of(model) is not None:  # the adapters (PEFT format), which name their base directory
+            save_adapters(model, tmp)
+        else:
+            save_model(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         if optimizers is not None:

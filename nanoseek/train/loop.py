@@ -27,6 +27,7 @@ import torch
 from nanoseek import precision
 from nanoseek.model import Transformer, router_stats
 from nanoseek.train import distributed, parallel
+from nanoseek.train.logprobs import model_loss
 from nanoseek.train.run import Run, autocast
 
 # Dense bf16 peak FLOP/s by device-name substring; the first match wins, so variants precede their family.
@@ -62,7 +63,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 def batch_loss(
     loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy over target tokens, MoE aux loss); loss_fn is `model.loss` or its compiled form."""
+    """(summed cross-entropy over target tokens, MoE aux loss); loss_fn is `model_loss(model)` or its compiled form."""
     return loss_fn(batch["input_ids"], batch["targets"], batch.get("positions"), batch.get("doc_ids"), reduction="sum")
 
 
@@ -74,7 +75,7 @@ def evaluate_loss(model: Transformer, batches: Iterable[dict[str, torch.Tensor]]
     for batch in batches:
         batch = to_device(batch, device)
         with autocast(device):
-            ce, _ = batch_loss(model.loss, batch)
+            ce, _ = batch_loss(model_loss(model), batch)
         total += ce.item()
         count += int((batch["targets"] != -100).sum())
     model.train(was_training)

@@ -27,8 +27,10 @@ def _no_decay(name: str, p: Tensor) -> bool:
 
 
 def _muon_eligible(name: str, p: Tensor) -> bool:
-    """Hidden matrices: 2-D linear weights and 3-D stacked expert weights, not embedding/head/router."""
-    return p.dim() >= 2 and "embed" not in name and "lm_head" not in name and "router" not in name
+    """Hidden matrices: 2-D linear weights and 3-D stacked expert weights, not embedding/head/router, nor
+    LoRA's low-rank factors (orthogonalising an update of rank r is not what they need: AdamW trains them)."""
+    hidden = "embed" not in name and "lm_head" not in name and "router" not in name and "lora_" not in name
+    return p.dim() >= 2 and hidden
 
 
 def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
@@ -91,6 +93,8 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
         torch.optim.AdamW([g for g in groups if g["params"]], betas=(cfg.beta1, cfg.beta2), fused=fused)
     ]
     if cfg.optimizer == "muon":
+        if not muon_params:  # LoRA: the adapters are all AdamW's
+            return opts
         opts.append(
             Muon(
                 [dict(params=muon_params, lr=cfg.muon_lr, base_lr=cfg.muon_lr)],

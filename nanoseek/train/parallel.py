@@ -48,6 +48,7 @@ from nanoseek.model.moe import moe_layers
 from nanoseek.model.transformer import Block
 from nanoseek.train import distributed, expert_parallel
 from nanoseek.train.distributed import Topology
+from nanoseek.train.logprobs import causal_lm_loss, model_loss
 
 
 # ----------------------------------------------------------------------------- choosing the layout
@@ -132,7 +133,7 @@ class _LossModule(nn.Module):
         self.model = model
 
     def forward(self, input_ids, targets, positions, doc_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.loss(input_ids, targets, positions, doc_ids, reduction="sum")
+        return causal_lm_loss(self.model, input_ids, targets, positions, doc_ids, reduction="sum")
 
 
 def loss_function(
@@ -161,8 +162,9 @@ def loss_function(
         )
         ddp_loss = torch.compile(ddp) if compile else ddp
         return (lambda ids, tgt, pos, doc, reduction: ddp_loss(ids, tgt, pos, doc)), ddp.no_sync
-    # Compile the loss method itself: `torch.compile(model).loss(...)` would run the eager model.
-    return (torch.compile(model.loss) if compile else model.loss), nullcontext
+    # Compile the loss function itself: `torch.compile(model)` would leave this function eager.
+    loss = model_loss(model)
+    return (torch.compile(loss) if compile else loss), nullcontext
 
 
 def finish_gradients(model: Transformer, max_norm: float) -> torch.Tensor:

@@ -34,14 +34,17 @@ from pathlib import Path
 from typing import Any, TextIO, TypedDict
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from nanoseek import precision
 from nanoseek.config import RunConfig, run_config_to_toml
 from nanoseek.errors import InputError
-from nanoseek.loading import load_checkpoint, pick_device
+from nanoseek.interop.peft import fill_adapters
+from nanoseek.loading import load_checkpoint, pick_device, resolve_checkpoint
 from nanoseek.model import Transformer, install_balancing_hook
-from nanoseek.model.io import read_safetensors
+from nanoseek.model.io import model_state, read_safetensors
+from nanoseek.model.lora import adapter_state, apply_lora, lora_of, merge_lora
 from nanoseek.plots import plot_run
 from nanoseek.train import distributed, parallel
 from nanoseek.train.checkpoint import (
@@ -151,11 +154,48 @@ class Run:
         self._t_start = time.perf_counter()
 
     def load_model(self, checkpoint: str | Path) -> tuple[Transformer, Any]:
-        """The model a fine-tuning stage (SFT, RL) starts from, in float32 on this rank's device, and its tokenizer."""
-        model, tokenizer = load_checkpoint(checkpoint, device=self.device, dtype=torch.float32)
+        """The model a fine-tuning stage (SFT, RL) starts from, on this rank's device, and its tokenizer: float32
+        master weights, or under LoRA a base in the autocast dtype.
+
+        With train.lora.enabled, frozen under new adapters (`add_adapters`); a checkpoint that is itself an
+        adapter directory is its base with those adapters merged in."""
+        # Under LoRA the frozen base is kept in the autocast dtype: loaded in it, never held in float32.
+        dtype = (self.train_cfg.lora.enabled and autocast_dtype(self.device)) or torch.float32
+        model, tokenizer = load_checkpoint(checkpoint, device=self.device, dtype=dtype)
         if tokenizer is None:
             raise FileNotFoundError(f"{checkpoint}: no tokenizer.json beside the weights")
+        base = str(resolve_checkpoint(checkpoint)[1].resolve())
+        if lora_of(model) is not None:
+            merge_lora(model)
+            base = ""  # the merged weights are on no disk: `begin` writes them to RUN_DIR/base
+        self.add_adapters(model, base)
         return model, tokenizer
+
+    def add_adapters(self, model: Transformer, base: str) -> None:
+        """train.lora.enabled: freeze `model` under new adapters, once. The frozen matrices are stored in the
+        autocast dtype (bf16 on CUDA and bf16-native CPUs): every matmul would cast them to it anyway.
+
+        `base` is the directory holding the frozen weights ('' when none does, e.g. a fresh pretraining model)."""
+        lc = self.train_cfg.lora
+        if lc.enabled and lora_of(model) is None:
+            base_dtype = autocast_dtype(self.device)
+            apply_lora(model, lc.rank, lc.alpha, lc.targets, lc.dropout, base=base, base_dtype=base_dtype)
+
+    def _save_base(self, model: Transformer) -> None:
+        """Adapters whose base is on no disk: write the frozen weights to RUN_DIR/base, which their checkpoints name."""
+        adapters = lora_of(model)
+        if adapters is None or adapters.base:
+            return
+        base_dir = self.run_dir / "base"
+        adapters.base = str(base_dir.resolve())
+        if self.topo.is_main and not (self.resume and (base_dir / "model.safetensors").is_file()):
+            skip = adapter_state(model).keys()
+            state = {k: v for k, v in model_state(model).items() if k not in skip}
+            base_dir.mkdir(parents=True, exist_ok=True)
+            model.cfg.save(base_dir / "config.json")
+            save_file(state, str(base_dir / "model.safetensors"))
+            if self.tokenizer is not None:
+                self.tokenizer.save(base_dir)
 
     def begin(
         self, model: Transformer, tokenizer: Any, stage_state: Callable[[], dict[str, Any]]
@@ -167,11 +207,19 @@ class Run:
         """
         self.model, self.tokenizer, self.stage_state = model, tokenizer, stage_state
         model.train()
+        self.add_adapters(model, "")
+        self._save_base(model)
+        lora = lora_of(model) is not None
         ckpt = find_resume_checkpoint(self.run_dir) if self.resume else None
         sharded = ckpt is not None and is_sharded_checkpoint(ckpt)
         if ckpt is not None and not sharded:
-            model.load_state_dict(read_safetensors(ckpt / "model.safetensors"))
+            if lora:
+                fill_adapters(model, ckpt)
+            else:
+                model.load_state_dict(read_safetensors(ckpt / "model.safetensors"))
         self.parallel = parallel.resolve(self.train_cfg, self.topo, self.device, model.num_params())
+        if lora and (self.parallel == "fsdp" or self.train_cfg.expert_parallel > 1):
+            raise InputError("train.lora: not supported with train.parallel = fsdp or expert_parallel > 1 (yet)")
         if ckpt is not None and not sharded and self.saves_sharded():
             raise InputError(
                 f"{ckpt}: not a sharded checkpoint; resume it with train.parallel = ddp, no expert_parallel"
@@ -179,7 +227,8 @@ class Run:
         parallel.prepare(model, self.train_cfg, self.parallel, self.device, sum_gradients=self.stage == "rl")
         model.to(self.device)  # laid out first: a model built on the host reaches the device as this rank's share
         self.optimizers = build_optimizers(model, self.train_cfg, self.device)
-        install_balancing_hook(self.optimizers[-1], model)
+        if not lora:  # a frozen base keeps its routers' selection biases too
+            install_balancing_hook(self.optimizers[-1], model)
         state = None
         if ckpt is not None:
             if sharded:

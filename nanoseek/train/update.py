@@ -17,7 +17,7 @@ import torch
 
 from nanoseek.config import RLConfig
 from nanoseek.model import Transformer
-from nanoseek.train import distributed, grpo, parallel
+from nanoseek.train import distributed, grpo, logprobs, parallel
 from nanoseek.train.rollouts import Rollouts
 from nanoseek.train.run import autocast
 
@@ -40,15 +40,18 @@ def pack_sequences(
 
 
 def sequence_logprobs(
-    model: Transformer, ids: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool = False
+    model: Transformer,
+    ids: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = False,
+    where: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = model(ids)
-    logp = grpo.token_logprobs(logits, targets, temperature)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = grpo.token_entropy(logits.detach(), temperature)
-    return logp, entropy
+    """Token log-probs [n, L] (and their entropy, detached) without the full logits (`nanoseek.train.logprobs`);
+    with `where` (the loss mask) only at those positions, 0 elsewhere."""
+    hidden, weight = model.hidden_states(ids), logprobs.output_weight(model)
+    logp, entropy = logprobs.token_logprobs(hidden, weight, targets, temperature, where=where)
+    return logp, entropy.detach() if with_entropy else None
 
 
 def update(
@@ -129,11 +132,11 @@ def update(
     ref: list[torch.Tensor] = []
     model.eval()
     with torch.no_grad(), autocast(device):
-        for k, (_, ids, targets, _, _, _) in enumerate(packed):
+        for k, (_, ids, targets, mask, _, _) in enumerate(packed):
             if cfg.num_iterations > 1:
-                old[k] = sequence_logprobs(model, ids, targets, cfg.temperature)[0]
+                old[k] = sequence_logprobs(model, ids, targets, cfg.temperature, where=mask)[0]
             if ref_model is not None:
-                ref.append(sequence_logprobs(ref_model, ids, targets, cfg.temperature)[0])
+                ref.append(sequence_logprobs(ref_model, ids, targets, cfg.temperature, where=mask)[0])
         for _ in range(len(packed), passes if cfg.num_iterations > 1 else 0):
             parallel.idle_pass(model, device, backward=False)
     model.train()
@@ -145,7 +148,9 @@ def update(
     for it in range(cfg.num_iterations):
         for k, (_, ids, targets, mask, engine_lp, adv) in enumerate(packed):
             with autocast(device):
-                logp, entropy = sequence_logprobs(model, ids, targets, cfg.temperature, with_entropy=it == 0)
+                logp, entropy = sequence_logprobs(
+                    model, ids, targets, cfg.temperature, with_entropy=it == 0, where=mask
+                )
                 old_k = old[k] if old[k] is not None else logp.detach()
                 is_w = grpo.truncated_is_weights(old_k, engine_lp, cfg.tis_cap) if cfg.tis_cap > 0 else None
                 parts = grpo.policy_loss(
