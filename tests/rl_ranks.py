@@ -48,6 +48,8 @@ def full_batch() -> Rollouts:
         engine_logprobs=[(-torch.rand(k, generator=gen)).tolist() for k in lengths],
         texts=[""] * n,
         truncated=[k == 8 for k in lengths],
+        policy_masks=[[1] * k for k in lengths],  # single-turn: every completion token is the policy's
+        turn_advantage_spans=[[] for _ in lengths],
         rewards=rewards,
         per_function={"task": rewards.tolist()},
         correct=[bool(v == 1.0) for v in rewards],
@@ -71,6 +73,8 @@ def share(batch: Rollouts, rank: int, world: int) -> Rollouts:
         engine_logprobs=pick(batch.engine_logprobs),
         texts=pick(batch.texts),
         truncated=pick(batch.truncated),
+        policy_masks=pick(batch.policy_masks),
+        turn_advantage_spans=pick(batch.turn_advantage_spans),
         rewards=batch.rewards[idx],
         per_function={k: pick(v) for k, v in batch.per_function.items()},
         correct=pick(batch.correct),
