@@ -216,10 +216,11 @@ def _python(code: str) -> str:
 
 CALCULATOR = Tool(
     name="calculator",
-    description="Evaluate an arithmetic expression exactly: numbers, + - * / ** and parentheses.",
+    # terse: the schema is rendered into every tool episode's prompt (a tiny model's context is 512 tokens)
+    description="Exact arithmetic: + - * / ** ( )",
     parameters={
         "type": "object",
-        "properties": {"expression": {"type": "string", "description": "e.g. (1234 + 56) * 789"}},
+        "properties": {"expression": {"type": "string"}},
         "required": ["expression"],
     },
     function=_calculator,
