@@ -62,7 +62,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
     if is_hf_dir(path):
         return "hf", path
     latest = latest_checkpoint(path)
-    if latest is not None and not (latest / "model.safetensors").is_file():
+    if latest is not None and (latest / "sharded").is_dir():
         raise InputError(f"{latest}: a sharded checkpoint; make it whole first: nanoseek checkpoint consolidate {path}")
     if latest is not None:
         return ("adapter" if (latest / ADAPTER_CONFIG).is_file() else "nanoseek"), latest

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from nanoseek.model import Transformer
 
@@ -133,6 +134,8 @@ def causal_lm_loss(
     reduction: str = "sum",
 ) -> tuple[Tensor, Tensor]:
     """`model.loss` without the full logits: (cross-entropy over targets != -100, MoE auxiliary loss or 0)."""
+    if isinstance(model, FSDPModule):  # FSDP gathers the weights in forward() only: the plain, full-logits path
+        return model.loss(input_ids, targets, positions, doc_ids, reduction=reduction)
     ce = cross_entropy_sum(model.hidden_states(input_ids, positions, doc_ids), output_weight(model), targets)
     if reduction == "mean":
         ce = ce / (targets != -100).sum().clamp(min=1)

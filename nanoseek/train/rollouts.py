@@ -264,7 +264,7 @@ def rollout(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLC
 
 def score(flat: dict[str, Any], reward_set: RewardSet, cfg: RLConfig) -> dict[str, Any]:
     """Rewards: the reward functions' over prompt rows; episodes' returns (success: correct) for env rows."""
-    episodes = flat.pop("episodes")
+    episodes = flat.pop("episodes", [])  # not a Rollouts field: the environments' own results
     if flat["rows"] and "env" in flat["rows"][0]:
         returns = [ep.return_ for ep in episodes]
         errors: dict[str, int] = {}  # environments that raised or hung, by where ("env_reset", "env_step")

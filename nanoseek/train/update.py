@@ -49,6 +49,11 @@ def sequence_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token log-probs [n, L] (and their entropy, detached) without the full logits (`nanoseek.train.logprobs`);
     with `where` (the loss mask) only at those positions, 0 elsewhere."""
+    if parallel.is_sharded(model):  # FSDP gathers the weights in forward() only: the plain, full-logits path
+        logits = model(ids)
+        logp = grpo.token_logprobs(logits, targets, temperature)
+        logp = logp if where is None else torch.where(where.bool(), logp, 0.0)
+        return logp, grpo.token_entropy(logits, temperature).detach() if with_entropy else None
     hidden, weight = model.hidden_states(ids), logprobs.output_weight(model)
     logp, entropy = logprobs.token_logprobs(hidden, weight, targets, temperature, where=where)
     return logp, entropy.detach() if with_entropy else None
