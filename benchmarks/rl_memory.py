@@ -115,6 +115,7 @@ def run_nanoseek(args, lora: bool, device: torch.device) -> dict:
     from nanoseek.tokenizer import Tokenizer
     from nanoseek.train import grpo
     from nanoseek.train.optim import build_optimizers
+    from nanoseek.train.parallel import checkpoint_blocks
     from nanoseek.train.rollouts import PromptSampler, collect
     from nanoseek.train.run import autocast_dtype
     from nanoseek.train.update import update
@@ -125,7 +126,14 @@ def run_nanoseek(args, lora: bool, device: torch.device) -> dict:
     model = load_hf_model(args.model, device=device, dtype=dtype).train()
     if lora:
         apply_lora(model, 16, 32.0, LORA_TARGETS_OURS, base=str(args.model), base_dtype=autocast_dtype(device))
-    tcfg = TrainConfig(optimizer="adamw", lr=1e-6, weight_decay=0.0, grad_clip=1.0)
+    tcfg = TrainConfig(
+        optimizer="adamw",
+        lr=1e-6,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    checkpoint_blocks(model, tcfg.activation_checkpointing)  # what `parallel.prepare` does in Run.begin
     optimizers = build_optimizers(model, tcfg, device)
     rcfg = RLConfig(
         prompts_per_step=args.prompts,
@@ -162,6 +170,7 @@ def run_nanoseek(args, lora: bool, device: torch.device) -> dict:
         update_s=t2 - t1,
         completion_tokens=sum(len(c) for c in batch.completion_ids),
         trainable_params_m=sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        activation_checkpointing=tcfg.activation_checkpointing,
     )
 
 
@@ -275,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (both sides)")
     p.add_argument("--layers", type=int, default=24, help="fewer layers than Qwen2.5-0.5B's 24: a smoke test")
+    p.add_argument(
+        "--activation-checkpointing",
+        default="none",
+        choices=("none", "block", "selective"),
+        help="nanoseek's train.activation_checkpointing (TRL checkpoints at its default either way)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--configurations", default=",".join(CONFIGURATIONS), help="which of " + ", ".join(CONFIGURATIONS))
     p.add_argument("--only", choices=CONFIGURATIONS, help="run one configuration in this process")
@@ -318,7 +333,15 @@ def main(argv: list[str] | None = None) -> int:
                 "--device",
                 args.device,
             ]
-            for flag in ("prompts", "samples", "prompt_tokens", "max_new_tokens", "micro_batch", "threads"):
+            for flag in (
+                "prompts",
+                "samples",
+                "prompt_tokens",
+                "max_new_tokens",
+                "micro_batch",
+                "threads",
+                "activation_checkpointing",
+            ):
                 if getattr(args, flag) is not None:
                     command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             print(f"running {configuration} ...", file=sys.stderr, flush=True)

@@ -58,6 +58,20 @@ def test_gradient_of_the_log_probs_alone_and_selected_positions() -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("chunk_bytes", [4 * V * 4, 1 << 30])
+def test_gradient_of_the_entropy_alone_and_a_second_backward(chunk_bytes: int) -> None:
+    """The backward works in place on its buffers: the entropy's own path, and the kept one-chunk logits
+    (a second backward through the same graph would see them changed)."""
+    hidden, weight, targets = leaves(4)
+    _, ref_ent = plain(hidden, weight, targets, 0.9)
+    ref = torch.autograd.grad(ref_ent.sum(), [hidden, weight])
+    _, ent = token_logprobs(hidden, weight, targets, 0.9, chunk_bytes=chunk_bytes)
+    for _ in range(2):
+        got = torch.autograd.grad(ent.sum(), [hidden, weight], retain_graph=True)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 def test_cross_entropy_ignores_minus_100_like_torch() -> None:
     hidden, weight, targets = leaves(4)
     targets[0, :4] = -100

@@ -29,7 +29,7 @@ from nanoseek.model import Transformer
 
 CHUNK_BYTES = 1 << 26
 """Float32 logits held at once (64 MiB: about 110 tokens of a 152k vocabulary; the backward pass holds
-a few such temporaries). Larger chunks are no faster once a chunk's matmul fills the device."""
+at most two such buffers). Larger chunks are no faster once a chunk's matmul fills the device."""
 
 
 def output_weight(model: Transformer) -> Tensor:
@@ -73,17 +73,22 @@ class _ChunkedLogprobs(torch.autograd.Function):
         T, chunk = ctx.temperature, ctx.chunk
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
-            z = kept if kept is not None else F.linear(h, weight).to(lse.dtype) / T
-            logp_all = z - lse[s : s + chunk, None]
-            p = logp_all.exp()
-            g = torch.zeros_like(z)
-            if g_logp is not None:  # d log p_t / dz = onehot(t) - p
-                gl = g_logp[s : s + chunk, None]
-                g = g - p * gl
-                g.scatter_add_(-1, targets[s : s + chunk, None], gl)
+            # In place from here on: at most two [chunk, vocab] buffers at once (`kept` itself is never written).
+            z = kept if kept is not None else F.linear(h, weight).to(lse.dtype).div_(T)
+            g = z - lse[s : s + chunk, None]  # log p
+            del z
+            gl = None if g_logp is None else g_logp[s : s + chunk, None]
             if g_entropy is not None:  # dH / dz_j = -p_j (log p_j + H)
-                g = g - p * (logp_all + entropy[s : s + chunk, None]) * g_entropy[s : s + chunk, None]
-            g = (g / T).to(weight.dtype)
+                p = g.exp()
+                g.add_(entropy[s : s + chunk, None]).mul_(p).mul_(-g_entropy[s : s + chunk, None])
+                if gl is not None:
+                    g.sub_(p.mul_(gl))
+                del p
+            else:
+                g.exp_().mul_(-gl)
+            if gl is not None:  # d log p_t / dz = onehot(t) - p
+                g.scatter_add_(-1, targets[s : s + chunk, None], gl)
+            g = g.div_(T).to(weight.dtype)
             if need_h:
                 grad_h[s : s + chunk] = g @ weight
             if need_w:
