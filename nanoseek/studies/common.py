@@ -166,3 +166,22 @@ def plot_bands(
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
     return path
+
+
+def write_report(
+    out: Path, lines: list[str], curves: dict[str, list[dict[str, Any]]], panels: Sequence[tuple[str, str, str]]
+) -> Path:
+    """out/table.md: `lines`, then one `plot_bands` PNG per panel (curve key, title, y label) over `curves`
+    (label -> its seeds' runs -> key -> curve), linked under "## Plots"."""
+    pngs = [
+        plot_bands(
+            out / "plots" / f"{key.replace('@', '')}.png",
+            title,
+            ylabel,
+            {s: [c[key] for c in r] for s, r in curves.items()},
+        )
+        for key, title, ylabel in panels
+    ]
+    lines = [*lines, "", "## Plots", "", *(f"![{p.stem}](plots/{p.name})" for p in pngs), ""]
+    (out / "table.md").write_text("\n".join(lines))
+    return out / "table.md"

@@ -22,11 +22,11 @@ from nanoseek.studies.common import (
     last_mean,
     markdown_table,
     mean_sd,
-    plot_bands,
     rl_config,
     rl_curves,
     run_once,
     write_json,
+    write_report,
 )
 from nanoseek.studies.rl_ablation import QUICK_BASE
 from nanoseek.train.rl import rl
@@ -99,27 +99,16 @@ def report(out: Path, scale: RLScale) -> Path:
             ]
         )
     lines += markdown_table(header, rows)
-    plots = out / "plots"
-    pngs = [
-        plot_bands(
-            plots / "pass1.png", "held-out pass@1", "pass@1", {s: [c["pass@1"] for c in r] for s, r in curves.items()}
-        ),
-        plot_bands(
-            plots / "accuracy.png",
-            "rollouts' accuracy",
-            "fraction correct",
-            {s: [c["accuracy"] for c in r] for s, r in curves.items()},
-        ),
-        plot_bands(
-            plots / "length.png",
-            "mean response length",
-            "tokens",
-            {s: [c["length"] for c in r] for s, r in curves.items()},
-        ),
-    ]
-    lines += ["", "## Plots", "", *(f"![{p.stem}](plots/{p.name})" for p in pngs), ""]
-    (out / "table.md").write_text("\n".join(lines))
-    return out / "table.md"
+    return write_report(
+        out,
+        lines,
+        curves,
+        [
+            ("pass@1", "held-out pass@1", "pass@1"),
+            ("accuracy", "rollouts' accuracy", "fraction correct"),
+            ("length", "mean response length", "tokens"),
+        ],
+    )
 
 
 def first_last(runs: list[dict[str, list[tuple[float, float]]]], key: str, fmt: str) -> str:

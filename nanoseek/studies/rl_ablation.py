@@ -24,12 +24,12 @@ from nanoseek.studies.common import (
     last_mean,
     markdown_table,
     mean_sd,
-    plot_bands,
     rl_config,
     rl_curves,
     run_once,
     significant,
     write_json,
+    write_report,
 )
 from nanoseek.train.rl import rl
 
@@ -148,27 +148,16 @@ def report(out: Path, scale: RLScale) -> Path:
     lines += markdown_table(header, rows)
     lines += ["", "Settings (beyond " + ", ".join(SHARED) + "):", ""]
     lines += [f"- `{m}`: " + ", ".join(f"`{s}`" for s in settings) for m, settings in METHODS.items()]
-    plots = out / "plots"
-    pngs = [
-        plot_bands(
-            plots / "pass1.png", "held-out pass@1", "pass@1", {m: [c["pass@1"] for c in r] for m, r in curves.items()}
-        ),
-        plot_bands(
-            plots / "entropy.png",
-            "policy entropy",
-            "nats/token",
-            {m: [c["entropy"] for c in r] for m, r in curves.items()},
-        ),
-        plot_bands(
-            plots / "length.png",
-            "mean response length",
-            "tokens",
-            {m: [c["length"] for c in r] for m, r in curves.items()},
-        ),
-    ]
-    lines += ["", "## Plots", "", *(f"![{p.stem}](plots/{p.name})" for p in pngs), ""]
-    (out / "table.md").write_text("\n".join(lines))
-    return out / "table.md"
+    return write_report(
+        out,
+        lines,
+        curves,
+        [
+            ("pass@1", "held-out pass@1", "pass@1"),
+            ("entropy", "policy entropy", "nats/token"),
+            ("length", "mean response length", "tokens"),
+        ],
+    )
 
 
 def within_budget(curve: dict[str, list[tuple[float, float]]], budget: int) -> float:
