@@ -9,6 +9,7 @@ or hangs costs that episode only; a full context ends an episode as truncated.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from typing import Any, ClassVar
 
@@ -137,6 +138,37 @@ def test_an_env_that_raises_or_hangs_costs_only_its_episode(tokenizer):
     assert "timed out" in episodes[2].error and episodes[2].turns == 1
     assert "reset failed" in episodes[3].error and episodes[3].turns == 0 and not episodes[3].token_ids
     assert not engine.has_work and len(engine._free) == engine.n_slots
+
+
+class InlineCountEnv(CountEnv):
+    """CountEnv called in the runner's own thread (`Env.inline`); records the threads it was called in."""
+
+    inline: ClassVar[bool] = True
+
+    def respond(self, text: str) -> StepResult:
+        self.threads = [*getattr(self, "threads", []), threading.get_ident()]
+        return super().respond(text)
+
+
+def test_inline_envs_step_in_the_runners_thread_and_play_the_same_episodes(tokenizer):
+    """An `inline` env is reset and stepped without a worker thread; its episodes are the threaded ones,
+    token for token (sampled), and one that raises still ends only its own episode."""
+    model = model_for(tokenizer).float()
+    params = SamplingParams(max_new_tokens=5, temperature=0.9, seed=3)
+    runs = {}
+    for kind in (CountEnv, InlineCountEnv):
+        envs = [kind(fail=f) for f in ("", "", "step", "", "", "")]
+        engine = Engine(model, tokenizer, max_batch=8, compile=False)
+        runs[kind] = run_episodes(engine, tokenizer, envs, [4, 8], params, group_size=3)
+        assert not engine.has_work and len(engine._free) == engine.n_slots
+        if kind is InlineCountEnv:
+            assert {t for env in envs for t in getattr(env, "threads", [])} == {threading.get_ident()}
+    threaded, inline = runs[CountEnv], runs[InlineCountEnv]
+    assert [e.token_ids for e in inline] == [e.token_ids for e in threaded]
+    assert [e.logprobs for e in inline] == [e.logprobs for e in threaded]
+    outcome = [(e.turn_rewards, e.turns, e.error) for e in threaded]
+    assert [(e.turn_rewards, e.turns, e.error) for e in inline] == outcome
+    assert "ValueError: bad env" in inline[2].error and sum(e.turns == 3 for e in inline) == 5
 
 
 def test_a_full_context_ends_the_episode_as_truncated(tokenizer):

@@ -57,6 +57,9 @@ class Env:
     defaults: ClassVar[dict[str, Any]] = {"max_turns": 1}  # knob -> default (its type is the knob's type)
     policies: ClassVar[tuple[str, ...]] = ("random", "expert")
     tool_set: ClassVar[tuple[Tool, ...]] = ()  # the tools the model may call ((): none)
+    # True when reset and step are cheap and always end (plain Python, bounded work): the episode runner then
+    # calls them in its own thread, with no worker thread and no time limit (`nanoseek.envs.episodes`)
+    inline: ClassVar[bool] = False
 
     max_turns: int
 

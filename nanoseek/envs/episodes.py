@@ -6,7 +6,9 @@
 `envs` holds group_size environments per seed (group g = envs[g*G:(g+1)*G], all reset with seeds[g]).
 Each group's opening prompt is one engine request of n = G samples (the prompt is prefilled once). When
 a sequence ends its turn (a stop token, or the turn's token limit), its environment steps on the turn's
-text in a worker thread with a time limit, while the engine keeps decoding the others. The new messages
+text in a worker thread with a time limit, while the engine keeps decoding the others; an environment whose
+calls are cheap and bounded (`Env.inline`: a prompt row, a task's verifier) is called in the loop's own
+thread instead, with no thread and no time limit. The new messages
 are rendered by the chat template (what follows the assistant turn, up to and including the next
 assistant generation prompt) and appended to the sequence's cache (`Engine.continue_sequence`): the
 history is never prefilled again. An episode ends when its environment says done, at max_turns, when
@@ -83,25 +85,37 @@ class Episode:
 
 class _Calls:
     """Environment calls in daemon threads: results arrive on a queue, each call has a deadline. A call that
-    hangs keeps its thread (Python cannot stop one) but never blocks the runner or the interpreter's exit."""
+    hangs keeps its thread (Python cannot stop one) but never blocks the runner or the interpreter's exit.
+    An `inline` call runs at once in the caller's thread (no thread, no deadline); its result comes with the
+    next `poll`."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s, self.results = timeout_s, queue.Queue()
         self.deadlines: dict[int, float] = {}  # episode -> when its call times out
+        self.ready: list[tuple[int, Any, str | None]] = []  # inline calls' results, not yet polled
 
-    def start(self, episode: int, fn: Callable[[], Any]) -> None:
-        def run() -> None:
+    @property
+    def pending(self) -> bool:
+        return bool(self.deadlines or self.ready)
+
+    def start(self, episode: int, fn: Callable[[], Any], inline: bool = False) -> None:
+        def run() -> tuple[int, Any, str | None]:
             try:
-                self.results.put((episode, fn(), None))
+                return episode, fn(), None
             except Exception as e:  # an environment's bug ends its episode, nothing else
-                self.results.put((episode, None, f"{type(e).__name__}: {e}"))
+                return episode, None, f"{type(e).__name__}: {e}"
 
+        if inline:
+            self.ready.append(run())
+            return
         self.deadlines[episode] = time.monotonic() + self.timeout_s
-        threading.Thread(target=run, daemon=True, name=f"env-{episode}").start()
+        threading.Thread(target=lambda: self.results.put(run()), daemon=True, name=f"env-{episode}").start()
 
     def poll(self, wait: bool) -> list[tuple[int, Any, str | None]]:
-        """Calls that ended (waiting for one, up to the next deadline, if `wait`), then the expired ones."""
-        out, wait = [], wait and bool(self.deadlines)
+        """Calls that ended (waiting for one, up to the next deadline, if `wait` and none has), then the
+        expired ones."""
+        out, self.ready = self.ready, []
+        wait = wait and not out and bool(self.deadlines)
         timeout = max(0.0, min(self.deadlines.values()) - time.monotonic()) if wait else None
         try:
             while True:
@@ -184,9 +198,9 @@ def run_episodes(
         try:
             # --- openings: every env resets in its thread; a group's identical prompts share one request
             for i, env in enumerate(envs):
-                calls.start(i, lambda env=env, seed=seeds[i // G]: env.reset(seed))
+                calls.start(i, lambda env=env, seed=seeds[i // G]: env.reset(seed), inline=env.inline)
             openings: dict[int, list[Message]] = {}
-            while calls.deadlines:
+            while calls.pending:
                 for i, messages, error in calls.poll(wait=True):
                     if error is not None:
                         end(i, f"reset: {error}")
@@ -221,7 +235,8 @@ def run_episodes(
                         continue
                     generating.discard(i)
                     _take_turn(engine, episodes[i], seqs[i])
-                    calls.start(i, lambda env=envs[i], text=episodes[i].messages[-1]["content"]: env.step(text))
+                    text = episodes[i].messages[-1]["content"]
+                    calls.start(i, lambda env=envs[i], text=text: env.step(text), inline=envs[i].inline)
                 for i, result, error in calls.poll(wait=not engine.has_work):
                     if error is not None:
                         end(i, f"step: {error}")

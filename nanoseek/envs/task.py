@@ -24,6 +24,7 @@ class TaskEnv(Env):
     takes_arg: ClassVar[bool] = True
     policies: ClassVar[tuple[str, ...]] = ("random", "expert")
     defaults: ClassVar[dict[str, Any]] = {"split": "train", "max_turns": 1}  # + the task's difficulty knobs
+    inline: ClassVar[bool] = True  # the tasks' verifiers are plain Python with bounded work
 
     @staticmethod
     def arguments() -> list[str]:

@@ -149,6 +149,7 @@ class RowEnv(Env):
     """A prompt row as a one-turn episode; its reward comes from the reward functions, afterwards."""
 
     name = "row"
+    inline = True  # nothing to do in a step: run_episodes calls it without a thread
 
     def __init__(self, row: dict[str, Any]) -> None:
         super().__init__()
