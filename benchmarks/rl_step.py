@@ -22,9 +22,17 @@ transformers model of the same shape (Qwen3ForCausalLM when the preset has QK-no
 generation with transformers' `generate` (no vLLM). Its steps are timed with a callback
 (on_step_begin -> on_step_end: generation, scoring, forward/backward and the optimizer step).
 
+--rounds R (R > 1) runs the two sides alternately in one process, ABBA (nanoseek, TRL, TRL, nanoseek, ...),
+each time from fresh weights, so a machine whose load drifts weighs on both alike; each side's figures then
+pool its timed steps over the rounds, with per_round_s beside them, and `trl_over_nanoseek` is the median of
+the rounds' ratios of seconds per step (`trl_over_nanoseek_rounds`).
+
 Both time steady-state steps after --warmup steps. completion tokens/s = completion tokens of a
 step / seconds of the whole step. peak_mem_gb (CUDA): torch.cuda.max_memory_allocated over the
 timed steps (reset after the warmup; weights, optimizer states, KV cache and graph pools included).
+cpu_s (both sides) / rollout_cpu_s (nanoseek): the process's CPU seconds (all its threads) per step / per
+rollout, a figure that moves less than wall time when other processes share the cores (trl_over_nanoseek_cpu:
+the rounds' median ratio of it).
 nanoseek's `cuda_graphs` says whether its engine's decode steps replayed CUDA graphs (and if not,
 why). TRL is optional (pip install trl); without it, or if it fails, only nanoseek is reported.
 A JSON line with nanoseek's figures is printed before TRL runs ("complete": false), so a run cut
@@ -143,20 +151,20 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
     sampler = PromptSampler(rows, seed=0)
     rewards = RewardSet().add("dummy", lambda prompts, completions, rows_: dummy_reward(completions))
 
-    step_s, rollout_s, update_s, tokens = [], [], [], []
+    step_s, rollout_s, update_s, tokens, cpu_s, rollout_cpu_s = [], [], [], [], [], []
     for step in range(args.warmup + args.steps):
         sync(device)
         if step == args.warmup:
             reset_peak(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batch = collect(engine, tokenizer, sampler, rewards, rcfg, seed=step)
         sync(device)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         advantages = grpo.group_advantages(batch.rewards, rcfg.group_size, rcfg.scale_rewards)
         update(model, None, optimizers, batch, advantages, rcfg, tcfg.grad_clip, device)
         sync_rollout_policy(engine_policy, model)
         sync(device)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         n_tokens = sum(len(c) for c in batch.completion_ids)
         print(
             f"nanoseek step {step}{' (warmup)' if step < args.warmup else ''}: {t2 - t0:.2f} s "
@@ -168,7 +176,9 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
             rollout_s.append(t1 - t0)
             update_s.append(t2 - t1)
             tokens.append(n_tokens)
-    result = summarize(step_s, tokens, rollout_s=rollout_s, update_s=update_s)
+            cpu_s.append(c2 - c0)
+            rollout_cpu_s.append(c1 - c0)
+    result = summarize(step_s, tokens, rollout_s=rollout_s, update_s=update_s, cpu_s=cpu_s, rollout_cpu_s=rollout_cpu_s)
     result["peak_mem_gb"] = peak_gb(device)
     result["cuda_graphs"] = engine.cuda_graph_status()
     engine.release()
@@ -213,18 +223,19 @@ def bench_trl(
 
     class StepTimer(transformers.TrainerCallback):
         def __init__(self) -> None:
-            self.start, self.times, self.tokens = 0.0, [], []
+            self.start, self.start_cpu, self.times, self.tokens, self.cpu = 0.0, 0.0, [], [], []
 
         def on_step_begin(self, a, state, control, **kw):
             sync(device)
             if len(self.times) == args.warmup:
                 reset_peak(device)
             lengths.clear()
-            self.start = time.perf_counter()
+            self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, a, state, control, **kw):
             sync(device)
             self.times.append(time.perf_counter() - self.start)
+            self.cpu.append(time.process_time() - self.start_cpu)
             self.tokens.append(sum(lengths))
             step = len(self.times) - 1
             print(
@@ -274,11 +285,40 @@ def bench_trl(
         )
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # keep stdout for the JSON line
         trainer.train()
-    result = summarize(timer.times[args.warmup :], timer.tokens[args.warmup :])
+    result = summarize(timer.times[args.warmup :], timer.tokens[args.warmup :], cpu_s=timer.cpu[args.warmup :])
     result["peak_mem_gb"] = peak_gb(device)
     result["version"] = trl.__version__
     result["transformers_version"] = transformers.__version__
     return result
+
+
+def pool(results: list[dict]) -> dict:
+    """One side's figures over several rounds: the timed steps pooled, each round's seconds per step kept."""
+    if len(results) == 1:
+        return results[0]
+    step_s = [t for r in results for t in r["step_s"]]
+    tokens = sum(r["completion_tokens_per_step"] * len(r["step_s"]) for r in results)
+    out = dict(results[0])
+    out.update(
+        seconds_per_step=statistics.mean(step_s),
+        step_s=step_s,
+        per_round_s=[r["seconds_per_step"] for r in results],
+        completion_tokens_per_step=tokens / len(step_s),
+        completion_tokens_per_s=tokens / sum(step_s),
+    )
+    for key in ("rollout_s", "update_s", "cpu_s", "rollout_cpu_s"):
+        if key in results[0]:
+            out[key] = statistics.mean(r[key] for r in results)
+    return out
+
+
+def run_trl(cfg: ModelConfig, tok_dir: Path, tokenizer: Tokenizer, rows: list[dict], args, device) -> dict:
+    try:
+        return bench_trl(cfg, tok_dir, tokenizer, rows, args, device)
+    except Exception as e:  # reported in the JSON next to nanoseek's figures
+        message = f"{type(e).__name__}: {str(e).strip()[:500]}"
+        print(f"TRL failed: {message}", file=sys.stderr)
+        return {"skipped": f"error: {message}", "error": message}
 
 
 # ----------------------------------------------------------------------------- main
@@ -294,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    p.add_argument("--rounds", type=int, default=1, help="run the sides alternately this many times (ABBA)")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -312,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.prompts * args.samples
     if args.micro_batch < 1 or batch % args.micro_batch:
         p.error(f"--micro-batch {args.micro_batch} must divide prompts x samples = {batch}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
 
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tmp)
@@ -348,18 +391,32 @@ def main(argv: list[str] | None = None) -> int:
             timed_steps=args.steps,
             prompt_tokens=[len(prompt_ids(tokenizer, r["prompt"])) for r in rows[: args.prompts]],
         )
-        figures["nanoseek"] = bench_nanoseek(cfg, tokenizer, rows, args, device)
-        gc.collect()  # nanoseek's model, optimizer and engine go before TRL's peak memory is measured
+        results: dict[str, list[dict]] = {"nanoseek": [], "trl": []}
+        for r in range(args.rounds):
+            for side in ("nanoseek", "trl") if r % 2 == 0 else ("trl", "nanoseek"):
+                if side == "nanoseek":
+                    results[side].append(bench_nanoseek(cfg, tokenizer, rows, args, device))
+                elif not args.no_trl and not any("skipped" in t for t in results["trl"]):
+                    # nanoseek's figures so far, before TRL runs (a run cut by a timeout still ends with them)
+                    partial = {k: pool(v) for k, v in results.items() if v}
+                    print(json.dumps({**figures, "trl": {"skipped": "not run yet"}, **partial, "complete": False}))
+                    sys.stdout.flush()
+                    results[side].append(run_trl(cfg, tok_dir, tokenizer, rows, args, device))
+                gc.collect()  # one side's model, optimizer and engine go before the other's peak memory is measured
+        figures["nanoseek"] = pool(results["nanoseek"])
+        trl_ok = [t for t in results["trl"] if "skipped" not in t]
         if args.no_trl:
             figures["trl"] = {"skipped": "--no-trl"}
+        elif len(trl_ok) < len(results["trl"]):
+            figures["trl"] = next(t for t in results["trl"] if "skipped" in t)
         else:
-            print(json.dumps({**figures, "trl": {"skipped": "not run yet"}, "complete": False}), flush=True)
-            try:
-                figures["trl"] = bench_trl(cfg, tok_dir, tokenizer, rows, args, device)
-            except Exception as e:  # reported in the JSON next to nanoseek's figures
-                message = f"{type(e).__name__}: {str(e).strip()[:500]}"
-                print(f"TRL failed: {message}", file=sys.stderr)
-                figures["trl"] = {"skipped": f"error: {message}", "error": message}
+            figures["trl"] = pool(trl_ok)
+            ratios = [t["seconds_per_step"] / n["seconds_per_step"] for n, t in zip(results["nanoseek"], trl_ok)]
+            figures["trl_over_nanoseek"] = statistics.median(ratios)
+            figures["trl_over_nanoseek_rounds"] = ratios
+            cpu = [t["cpu_s"] / n["cpu_s"] for n, t in zip(results["nanoseek"], trl_ok)]
+            figures["trl_over_nanoseek_cpu"] = statistics.median(cpu)
+            figures["trl_over_nanoseek_cpu_rounds"] = cpu
     print(json.dumps({**figures, "complete": True}))
     return 0
 
