@@ -115,7 +115,9 @@ class _Calls:
         """Calls that ended (waiting for one, up to the next deadline, if `wait` and none has), then the
         expired ones."""
         out, self.ready = self.ready, []
-        wait = wait and not out and bool(self.deadlines)
+        if not self.deadlines:  # no thread running (inline calls only): nothing to read or time out
+            return out
+        wait = wait and not out
         timeout = max(0.0, min(self.deadlines.values()) - time.monotonic()) if wait else None
         try:
             while True:
