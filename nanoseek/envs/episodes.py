@@ -6,14 +6,13 @@
 `envs` holds group_size environments per seed (group g = envs[g*G:(g+1)*G], all reset with seeds[g]).
 Each group's opening prompt is one engine request of n = G samples (the prompt is prefilled once). When
 a sequence ends its turn (a stop token, or the turn's token limit), its environment steps on the turn's
-text in a worker thread with a time limit, while the engine keeps decoding the others; an environment whose
-calls are cheap and bounded (`Env.inline`: a prompt row, a task's verifier) is called in the loop's own
-thread instead, with no thread and no time limit. The new messages
-are rendered by the chat template (what follows the assistant turn, up to and including the next
-assistant generation prompt) and appended to the sequence's cache (`Engine.continue_sequence`): the
-history is never prefilled again. An episode ends when its environment says done, at max_turns, when
-the context is full (`truncated`), or when its environment raises or runs past the time limit (`error`:
-that episode only; the others go on).
+text in a worker thread with a time limit, while the engine keeps decoding the others (an environment whose
+calls are cheap and bounded, `Env.inline` (a prompt row, a task's verifier), is called in the loop's own
+thread instead: no thread, no time limit). The new messages are rendered by the chat template (what
+follows the assistant turn, up to and including the next assistant generation prompt) and appended to the
+sequence's cache (`Engine.continue_sequence`): the history is never prefilled again. An episode ends when
+its environment says done, at max_turns, when the context is full (`truncated`), or when its environment
+raises or runs past the time limit (`error`: that episode only; the others go on).
 """
 
 from __future__ import annotations
