@@ -19,8 +19,11 @@ checkpointing on, generation with transformers' generate, no vLLM), loss_type da
 
 Each configuration runs in a fresh process; its peak memory is the process's peak RSS on CPU
 (ru_maxrss: weights, optimizer, activations, the loading included) and torch.cuda.max_memory_allocated
-on CUDA. Seconds per step: the one step, cold (generation + update), after loading. The last line
-printed is one JSON object with every figure.
+on CUDA. Seconds per step: the one step, cold (generation + update), after loading; wall clock and the
+process's CPU time (user + sys, all its threads: on a shared machine the fairer of the two). A
+configuration may be listed more than once (`--configurations nanoseek:lora,trl:lora,trl:lora,nanoseek:lora`
+alternates the sides, so a load that drifts during the run falls on both alike); the time ratios are then
+of the means. The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -155,19 +158,22 @@ def run_nanoseek(args, lora: bool, device: torch.device) -> dict:
     )
     rewards = RewardSet().add("dummy", lambda prompts_, completions, rows_: dummy_reward(completions))
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     batch = collect(engine, tokenizer, PromptSampler(rows, seed=0), rewards, rcfg, seed=0)
     sync(device)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     advantages = grpo.group_advantages(batch.rewards, rcfg.group_size, rcfg.scale_rewards)
     update(model, None, optimizers, batch, advantages, rcfg, tcfg.grad_clip, device)
     sync_rollout_policy(engine_policy, model)
     sync(device)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     return dict(
         seconds_per_step=t2 - t0,
         rollout_s=t1 - t0,
         update_s=t2 - t1,
+        cpu_seconds_per_step=c2 - c0,
+        rollout_cpu_s=c1 - c0,
+        update_cpu_s=c2 - c1,
         completion_tokens=sum(len(c) for c in batch.completion_ids),
         trainable_params_m=sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         activation_checkpointing=tcfg.activation_checkpointing,
@@ -201,7 +207,9 @@ def run_trl(args, lora: bool, device: torch.device) -> dict:
         peft_config = LoraConfig(
             r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS_HF, task_type="CAUSAL_LM"
         )
-    times: list[float] = []
+    times: list[float] = []  # per step: wall, CPU time
+    cpu_times: list[float] = []
+    rollout: list[tuple[float, float]] = []  # per generation: wall, CPU time
     tokens: list[int] = []
 
     def reward(completions, completion_ids, **_):
@@ -212,10 +220,12 @@ def run_trl(args, lora: bool, device: torch.device) -> dict:
         def on_step_begin(self, a, state, control, **kw):
             sync(device)
             times.append(time.perf_counter())
+            cpu_times.append(time.process_time())
 
         def on_step_end(self, a, state, control, **kw):
             sync(device)
             times[-1] = time.perf_counter() - times[-1]
+            cpu_times[-1] = time.process_time() - cpu_times[-1]
 
     batch = args.prompts * args.samples
     with tempfile.TemporaryDirectory() as out:
@@ -256,10 +266,26 @@ def run_trl(args, lora: bool, device: torch.device) -> dict:
             peft_config=peft_config,
         )
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # keep stdout for the JSON line
+        generate = trainer._generate_and_score_completions  # TRL's rollout: generation, rewards, advantages
+
+        def timed_generate(inputs):
+            sync(device)
+            t, c = time.perf_counter(), time.process_time()
+            out = generate(inputs)
+            sync(device)
+            rollout.append((time.perf_counter() - t, time.process_time() - c))
+            return out
+
+        trainer._generate_and_score_completions = timed_generate
         trainer.train()
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6
     return dict(
         seconds_per_step=times[0],
+        rollout_s=rollout[0][0],
+        update_s=times[0] - rollout[0][0],
+        cpu_seconds_per_step=cpu_times[0],
+        rollout_cpu_s=rollout[0][1],
+        update_cpu_s=cpu_times[0] - rollout[0][1],
         completion_tokens=sum(tokens),
         trainable_params_m=trainable,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -269,8 +295,10 @@ def run_trl(args, lora: bool, device: torch.device) -> dict:
 
 def run_one(args, device: torch.device) -> dict:
     side, mode = args.only.split(":")
+    load_before = os.getloadavg()[0]
     result = (run_nanoseek if side == "nanoseek" else run_trl)(args, mode == "lora", device)
     result["peak_memory_gb"] = peak_memory_gb(device)
+    result["load_average_1min"] = [load_before, os.getloadavg()[0]]  # before and after this process's step
     return result
 
 
@@ -293,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--configurations", default=",".join(CONFIGURATIONS), help="which of " + ", ".join(CONFIGURATIONS))
     p.add_argument("--only", choices=CONFIGURATIONS, help="run one configuration in this process")
-    p.add_argument("--model", type=Path, help="with --only: the model directory the parent built")
+    p.add_argument("--model", type=Path, help="the model directory (`build_model_dir`; default: built afresh)")
     args = p.parse_args(argv)
 
     from nanoseek.loading import pick_device
@@ -319,9 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         micro_batch=args.micro_batch,
         memory="peak RSS of a fresh process" if device.type == "cpu" else "torch.cuda.max_memory_allocated",
     )
+    runs: dict[str, list[dict]] = {}  # configuration -> one result per time it was listed
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "qwen2.5-0.5b-random"
-        build_model_dir(model_dir, 4096, args.layers)
+        model_dir = args.model or Path(tmp) / "qwen2.5-0.5b-random"
+        if args.model is None:
+            build_model_dir(model_dir, 4096, args.layers)
         for configuration in args.configurations.split(","):
             command = [
                 sys.executable,
@@ -348,15 +378,24 @@ def main(argv: list[str] | None = None) -> int:
             done = subprocess.run(command, capture_output=True, text=True)
             lines = done.stdout.strip().splitlines()
             if done.returncode != 0 or not lines:
-                figures[configuration] = {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:500]}
+                result = {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:500]}
             else:
-                figures[configuration] = json.loads(lines[-1])
-            print(f"{configuration}: {json.dumps(figures[configuration])}", file=sys.stderr, flush=True)
+                result = json.loads(lines[-1])
+            runs.setdefault(configuration, []).append(result)
+            print(f"{configuration}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    figures.update({c: results[0] if len(results) == 1 else results for c, results in runs.items()})
+
+    def mean(results: list[dict], key: str) -> float:
+        return sum(r[key] for r in results) / len(results)
+
     for mode in ("full", "lora"):
-        ours, theirs = figures.get(f"nanoseek:{mode}", {}), figures.get(f"trl:{mode}", {})
-        if "peak_memory_gb" in ours and "peak_memory_gb" in theirs:
-            figures[f"{mode}_memory_ratio"] = ours["peak_memory_gb"] / theirs["peak_memory_gb"]
-            figures[f"{mode}_time_ratio"] = ours["seconds_per_step"] / theirs["seconds_per_step"]
+        ours, theirs = ([r for r in runs.get(f"{side}:{mode}", []) if "error" not in r] for side in ("nanoseek", "trl"))
+        if ours and theirs:
+            figures[f"{mode}_memory_ratio"] = mean(ours, "peak_memory_gb") / mean(theirs, "peak_memory_gb")
+            figures[f"{mode}_time_ratio"] = mean(ours, "seconds_per_step") / mean(theirs, "seconds_per_step")
+            figures[f"{mode}_cpu_time_ratio"] = mean(ours, "cpu_seconds_per_step") / mean(
+                theirs, "cpu_seconds_per_step"
+            )
     print(json.dumps(figures))
     return 0
 

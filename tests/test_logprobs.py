@@ -131,3 +131,25 @@ def test_under_bf16_autocast_the_matmul_is_bf16_like_the_plain_path():
     (g,) = torch.autograd.grad(logp.sum(), [weight])
     assert g.dtype == torch.float32
     torch.testing.assert_close(g, g_ref, atol=0.05, rtol=0.02)
+
+
+def test_the_backward_makes_no_weight_sized_temporary() -> None:
+    """Over several chunks the weight's gradient is the one [vocab, d] tensor the backward creates: each chunk's
+    share is added a tile of rows at a time (a whole chunk's product would be a second and a third, per chunk)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountWeightSized(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.count += sum(
+                torch.is_tensor(t) and t.shape == (V, D) for t in (out if isinstance(out, tuple) else [out])
+            )
+            return out
+
+    hidden, weight, targets = leaves(6)
+    logp, ent = token_logprobs(hidden, weight, targets, chunk_bytes=4 * V * 4)  # 9 chunks
+    with CountWeightSized() as counter:
+        torch.autograd.grad(logp.sum() + ent.sum(), [weight])
+    assert counter.count == 1

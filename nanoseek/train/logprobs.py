@@ -29,7 +29,8 @@ from nanoseek.model import Transformer
 
 CHUNK_BYTES = 1 << 26
 """Float32 logits held at once (64 MiB: about 110 tokens of a 152k vocabulary; the backward pass holds
-at most two such buffers). Larger chunks are no faster once a chunk's matmul fills the device."""
+at most two such buffers and a tile of the weight's gradient of at most half that). Larger chunks are no
+faster once a chunk's matmul fills the device."""
 
 
 def output_weight(model: Transformer) -> Tensor:
@@ -41,7 +42,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     """(log p(target), entropy) per row of hidden [N, D] under logits hidden @ weight.T / temperature."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, master: Tensor, targets: Tensor, temperature: float, chunk: int):
+    def forward(ctx, hidden: Tensor, master: Tensor, targets: Tensor, temperature: float, chunk: int, tile: int):
         # The matmul dtype is hidden's; the weight is cast here, not by autograd, so its gradient comes
         # back in the master's dtype without a second [vocab, d_model] copy in the matmul dtype.
         weight = master.to(hidden.dtype)
@@ -57,7 +58,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             lse[s : s + chunk] = lse_c
             kept = z if n <= chunk else None  # one chunk: keep its logits, the backward needs no recompute
         ctx.save_for_backward(hidden, weight, targets, lse, entropy, kept)
-        ctx.temperature, ctx.chunk, ctx.master_dtype = temperature, chunk, master.dtype
+        ctx.temperature, ctx.chunk, ctx.tile, ctx.master_dtype = temperature, chunk, tile, master.dtype
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -65,7 +66,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp: Tensor | None, g_entropy: Tensor | None):
         hidden, weight, targets, lse, entropy, kept = ctx.saved_tensors
         if g_logp is None and g_entropy is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         need_h, need_w = ctx.needs_input_grad[:2]  # a frozen output layer (LoRA) gets no [vocab, d] buffer
         grad_h = torch.empty_like(hidden) if need_h else None
         acc_w = torch.promote_types(ctx.master_dtype, torch.float32)
@@ -91,9 +92,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
             g = g.div_(T).to(weight.dtype)
             if need_h:
                 grad_h[s : s + chunk] = g @ weight
-            if need_w:
-                grad_w += (g.T @ h).to(grad_w.dtype)
-        return grad_h, grad_w.to(ctx.master_dtype) if need_w else None, None, None, None
+            # The weight's gradient a tile of vocabulary rows at a time: the product of a whole chunk would be
+            # a [vocab, d_model] temporary (and its float32 copy) per chunk, each the size of the gradient itself.
+            for v in range(0, weight.shape[0] if need_w else 0, ctx.tile):
+                grad_w[v : v + ctx.tile] += (g[:, v : v + ctx.tile].T @ h).to(grad_w.dtype)
+        return grad_h, grad_w.to(ctx.master_dtype) if need_w else None, None, None, None, None
 
 
 def token_logprobs(
@@ -115,9 +118,10 @@ def token_logprobs(
     rows = None if where is None else torch.nonzero(where.reshape(-1) != 0).squeeze(-1)
     if rows is not None:
         flat_h, flat_t = flat_h.index_select(0, rows), flat_t.index_select(0, rows)
-    chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
+    chunk = max(1, chunk_bytes // (4 * weight.shape[0]))  # tokens a chunk
+    tile = max(1, chunk_bytes // (8 * weight.shape[1]))  # vocabulary rows of the weight gradient's tile: <= 1/2 chunk
     with torch.autocast(device_type, enabled=False):
-        logp, entropy = _ChunkedLogprobs.apply(flat_h.to(dtype), weight, flat_t, temperature, chunk)
+        logp, entropy = _ChunkedLogprobs.apply(flat_h.to(dtype), weight, flat_t, temperature, chunk, tile)
     if rows is None:
         return logp.view(targets.shape), entropy.view(targets.shape)
     spread = lambda values: values.new_zeros(targets.numel()).index_put((rows,), values).view(targets.shape)
