@@ -1,17 +1,18 @@
 """Measured memory per rank and bytes sent per step under DDP, FSDP and expert parallelism, against the estimates.
 
     torchrun --standalone --nproc_per_node=4 benchmarks/parallel_memory.py --parallel fsdp
-    torchrun --standalone --nproc_per_node=4 benchmarks/parallel_memory.py --parallel fsdp --expert-parallel 2
+    torchrun --standalone --nproc_per_node=4 benchmarks/parallel_memory.py --parallel fsdp --expert-parallel 2 [--tensor-peak]
     python benchmarks/parallel_memory.py --parallel ddp                          # one process
 
 On CPU (gloo): the model is built on the meta device, laid out (`nanoseek.train.parallel.prepare`) and
 only then materialised, so no rank ever holds more than its share. After one warm-up step (the
 optimizer state exists), the kernel's peak-RSS mark is reset (/proc/self/clear_refs) and one more step
 is measured: peak RSS minus the RSS before the model was built, against `nanoseek.train.memory.estimate`
-(float32 gathered weights: CPU FSDP has no bf16 all-gather). Beside it the peak of the bytes held by live
-tensors during that step (the profiler's allocation events from before the model was built: CPU's
-counterpart of CUDA's max_memory_allocated), which is what the estimate counts: RSS also holds what
-glibc keeps of freed blocks, oneDNN's cache of matmul primitives and the libraries' pages. Bytes sent:
+(float32 gathered weights: CPU FSDP has no bf16 all-gather). With --tensor-peak, the peak of the bytes
+held by live tensors during that step instead (the profiler's allocation events from before the model
+was built: CPU's counterpart of CUDA's max_memory_allocated), which is what the estimate counts: RSS
+also holds what glibc keeps of freed blocks, oneDNN's cache of matmul primitives and the libraries'
+pages; the profiler's own records would add to RSS, so the two come from separate runs. Bytes sent:
 every collective's payload on this rank during the measured step (FSDP's all-gathers and
 reduce-scatters and every all-reduce, DDP's buckets included, patched in `torch.distributed`; the
 expert all-to-alls' rows bound for other ranks, counted by the dispatch), as a ring algorithm sends
@@ -116,6 +117,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="moe-1b's width, this many layers (1 dense, the rest MoE)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--tensor-peak", action="store_true", help="the live tensors' peak (RSS then counts the profiler)")
     args = p.parse_args()
     device = torch.device("cpu")
     topo, _ = distributed.setup(device)
@@ -126,8 +128,10 @@ def main() -> None:
     counter = SentBytes() if world > 1 else None
 
     base = rss_kib("VmRSS")
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-    prof.start()
+    prof = None
+    if args.tensor_peak:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        prof.start()
     with torch.device("meta"):
         model = Transformer(cfg)
     parallel.prepare(model, train_cfg, layout_name, device, sum_gradients=False)
@@ -162,8 +166,10 @@ def main() -> None:
     with torch.profiler.record_function(MEASURED):
         step()
     peak = rss_kib("VmHWM")
-    prof.stop()
-    tensors = tensor_peak(prof)
+    tensors = float("nan")
+    if prof is not None:
+        prof.stop()
+        tensors = tensor_peak(prof)
     sent = dict(counter.by_kind) if counter is not None else {}
     if dispatches:  # rows the forward sent to other ranks (out and back); the backward sends as many again
         sent["all_to_all"] = 2 * sum(d.sent_rows for d in dispatches) * cfg.d_model * 4
