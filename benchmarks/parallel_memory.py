@@ -1,8 +1,8 @@
 """Measured memory per rank and bytes sent per step under DDP, FSDP and expert parallelism, against the estimates.
 
     torchrun --standalone --nproc_per_node=4 benchmarks/parallel_memory.py --parallel fsdp
-    torchrun --standalone --nproc_per_node=4 benchmarks/parallel_memory.py --parallel fsdp --expert-parallel 2 [--tensor-peak]
-    python benchmarks/parallel_memory.py --parallel ddp                          # one process
+    torchrun --standalone --nproc_per_node=4 benchmarks/parallel_memory.py --parallel fsdp --expert-parallel 2
+    python benchmarks/parallel_memory.py --parallel ddp --tensor-peak            # one process; live tensors too
 
 On CPU (gloo): the model is built on the meta device, laid out (`nanoseek.train.parallel.prepare`) and
 only then materialised, so no rank ever holds more than its share. After one warm-up step (the
