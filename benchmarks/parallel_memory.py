@@ -2,16 +2,21 @@
 
     torchrun --standalone --nproc_per_node=4 benchmarks/parallel_memory.py --parallel fsdp
     torchrun --standalone --nproc_per_node=4 benchmarks/parallel_memory.py --parallel fsdp --expert-parallel 2
-    python benchmarks/parallel_memory.py --parallel ddp                          # one process
+    python benchmarks/parallel_memory.py --parallel ddp --tensor-peak            # one process; live tensors too
 
 On CPU (gloo): the model is built on the meta device, laid out (`nanoseek.train.parallel.prepare`) and
 only then materialised, so no rank ever holds more than its share. After one warm-up step (the
 optimizer state exists), the kernel's peak-RSS mark is reset (/proc/self/clear_refs) and one more step
 is measured: peak RSS minus the RSS before the model was built, against `nanoseek.train.memory.estimate`
-(float32 gathered weights: CPU FSDP has no bf16 all-gather). Bytes sent: every collective's payload on
-this rank during the measured step (FSDP's all-gathers and reduce-scatters and every all-reduce, DDP's
-buckets included, patched in `torch.distributed`; the expert all-to-alls' rows bound for other ranks,
-counted by the dispatch), as a ring algorithm sends them, against `memory.bytes_sent_per_step`.
+(float32 gathered weights: CPU FSDP has no bf16 all-gather). With --tensor-peak, the peak of the bytes
+held by live tensors during that step instead (the profiler's allocation events from before the model
+was built: CPU's counterpart of CUDA's max_memory_allocated), which is what the estimate counts: RSS
+also holds what glibc keeps of freed blocks, oneDNN's cache of matmul primitives and the libraries'
+pages; the profiler's own records would add to RSS, so the two come from separate runs. Bytes sent:
+every collective's payload on this rank during the measured step (FSDP's all-gathers and
+reduce-scatters and every all-reduce, DDP's buckets included, patched in `torch.distributed`; the
+expert all-to-alls' rows bound for other ranks, counted by the dispatch), as a ring algorithm sends
+them, against `memory.bytes_sent_per_step`.
 Rank 0 prints one JSON line.
 """
 
@@ -33,9 +38,30 @@ from nanoseek.train import distributed, expert_parallel, parallel
 from nanoseek.train.memory import Layout, bytes_sent_per_step, estimate
 from nanoseek.train.optim import build_optimizers
 
+MEASURED = "parallel_memory.measured_step"
+
 
 def rss_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def tensor_peak(prof: torch.profiler.profile) -> float:
+    """Most bytes held by live CPU tensors during the `MEASURED` range: the allocation events (all of them since
+    the profiler started, so the running sum is what is held) in time order."""
+    events = prof.profiler.kineto_results.events()  # (the raw events: per allocation, with its time)
+    step = next(e for e in events if e.name() == MEASURED)
+    start, end = step.start_ns(), step.start_ns() + step.duration_ns()
+    allocations = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in events
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    held = peak = 0
+    for t, nbytes in allocations:
+        held += nbytes
+        if start <= t <= end:
+            peak = max(peak, held)
+    return peak
 
 
 class SentBytes:
@@ -91,6 +117,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="moe-1b's width, this many layers (1 dense, the rest MoE)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--tensor-peak", action="store_true", help="the live tensors' peak (RSS then counts the profiler)")
     args = p.parse_args()
     device = torch.device("cpu")
     topo, _ = distributed.setup(device)
@@ -101,6 +128,10 @@ def main() -> None:
     counter = SentBytes() if world > 1 else None
 
     base = rss_kib("VmRSS")
+    prof = None
+    if args.tensor_peak:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        prof.start()
     with torch.device("meta"):
         model = Transformer(cfg)
     parallel.prepare(model, train_cfg, layout_name, device, sum_gradients=False)
@@ -132,8 +163,13 @@ def main() -> None:
     dispatches = expert_parallel._dispatches(model)
     for d in dispatches:
         d.sent_rows = 0
-    step()
+    with torch.profiler.record_function(MEASURED):
+        step()
     peak = rss_kib("VmHWM")
+    tensors = float("nan")
+    if prof is not None:
+        prof.stop()
+        tensors = tensor_peak(prof)
     sent = dict(counter.by_kind) if counter is not None else {}
     if dispatches:  # rows the forward sent to other ranks (out and back); the backward sends as many again
         sent["all_to_all"] = 2 * sum(d.sent_rows for d in dispatches) * cfg.d_model * 4
@@ -159,13 +195,16 @@ def main() -> None:
         state_after_warmup_gib=(before_step - base) * 1024 / 2**30,
         estimate_gib={k: v / 2**30 for k, v in est.items()},
         estimate_over_measured=est["total"] / measured,
+        tensor_peak_gib=tensors / 2**30,
+        estimate_over_tensor_peak=est["total"] / tensors,
         sent_mib=sum(sent.values()) / 2**20,
         sent_by_kind_mib={k: v / 2**20 for k, v in sent.items()},
         closed_form_mib=sum(closed.values()) / 2**20,
         closed_form_by_kind_mib={k: v / 2**20 for k, v in closed.items()},
     )
-    peaks = distributed.max_over_ranks(measured)
+    peaks = distributed.max_over_ranks(measured, tensors)
     result["largest_rank_peak_gib"] = peaks[0] / 2**30
+    result["largest_rank_tensor_peak_gib"] = peaks[1] / 2**30
     if topo.is_main:
         print(json.dumps(result))
     distributed.barrier()

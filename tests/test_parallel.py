@@ -8,6 +8,7 @@ one more test starts two one-process "nodes" through the c10d rendezvous.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -237,6 +238,16 @@ def test_memory_estimate_counts_the_model_s_own_parameters(capsys):
     assert at(Layout("fsdp", 4))["weights"] == pytest.approx(4 * total / 4)
     assert at(Layout("ddp", 4, 2))["weights"] == pytest.approx(4 * (total - experts / 2))
     assert at(Layout("fsdp", 4, 2))["gradients"] == pytest.approx(4 * ((total - experts) / 4 + experts / 2))
+    # FSDP's working set: the root and the largest two neighbouring blocks gathered (bf16), the largest block's
+    # and the root's whole float32 gradients; under expert parallelism without the split experts
+    split = {id(p) for m in moe_layers(model) for p in (m.w1, m.w2, m.w3)}
+    blocks = [[p for p in block.parameters() if id(p) not in split] for block in model.layers]
+    size = lambda params: sum(p.numel() for p in params)
+    root = total - sum(size(block.parameters()) for block in model.layers)
+    for ep, per_block in ((1, [size(b.parameters()) for b in model.layers]), (2, [size(b) for b in blocks])):
+        pair = max(a + b for a, b in itertools.pairwise(per_block))
+        expected = 2 * (root + pair) + 4 * (max(per_block) + root)
+        assert at(Layout("fsdp", 4, ep))["gathered"] == pytest.approx(expected)
     assert nanoseek(["model", "--preset", "tiny-moe", "--devices", "4", "--expert-parallel", "2"]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == ["ddp", "fsdp", "ddp", "fsdp"]  # then "+ ep2" after the latter two

@@ -117,16 +117,11 @@ def reduce_gradients(model: nn.Module) -> None:
         return
     params = [p for p in expert_params(model).values() if p.grad is not None]
     dp_group = dispatches[0].mesh.get_group("dp")
-    if dist.get_world_size(dp_group) == 1:  # every expert on one rank only: nothing to sum
-        torch._foreach_div_([p.grad for p in params], dist.get_world_size())
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, group=dp_group)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
+    if dist.get_world_size(dp_group) > 1:  # (else every expert is on one rank only: nothing to sum)
+        # Each gradient in place, all in flight at once: no flat copy of this rank's expert gradients.
+        for work in [dist.all_reduce(p.grad, group=dp_group, async_op=True) for p in params]:
+            work.wait()
+    torch._foreach_div_([p.grad for p in params], dist.get_world_size())
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> Tensor:

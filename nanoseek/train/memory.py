@@ -8,9 +8,10 @@ Per device, under each layout (`nanoseek.train.parallel`):
 
   ddp    everything whole;
   fsdp   weights, gradients and optimizer state 1/N each, plus the weights gathered while they are used:
-         the root's (embedding, head, final norm: kept from forward to backward) and two blocks' (the one
-         running and the one prefetched), in the compute dtype, and one block's whole float32 gradients
-         (made by the backward, then reduce-scattered);
+         the root's (embedding, head, final norm: kept from forward to backward) and two neighbouring
+         blocks' (the one running and the one the backward prefetches), in the compute dtype, and whole
+         float32 gradients before their reduce-scatter: one block's, and the root's (made by the head at
+         the start of the backward, reduce-scattered at its end);
          DDP also keeps its gradient buckets, a second copy of the gradients it all-reduces;
   + EP   the routed experts 1/ep instead (split by expert parallelism, whole over the data-parallel ranks).
 
@@ -59,6 +60,8 @@ class Counts:
     root: int  # outside the blocks: embedding, head, final norm
     largest_block: int
     largest_block_without_experts: int
+    largest_neighbours: int  # two consecutive blocks (one block if there is one)
+    largest_neighbours_without_experts: int
 
     @staticmethod
     def of(cfg: ModelConfig) -> Counts:
@@ -67,16 +70,19 @@ class Counts:
         experts = {id(p) for m in moe_layers(model) for p in (m.w1, m.w2, m.w3)}
         named = list(model.named_parameters())
         muon = [p for n, p in named if _muon_eligible(n, p)]
+        blocks = [sum(p.numel() for p in block.parameters()) for block in model.layers]
+        dense = [sum(p.numel() for p in block.parameters() if id(p) not in experts) for block in model.layers]
+        neighbours = lambda sizes: max(sum(sizes[i : i + 2]) for i in range(len(sizes)))
         return Counts(
             total=sum(p.numel() for _, p in named),
             experts=sum(p.numel() for _, p in named if id(p) in experts),
             muon=sum(p.numel() for p in muon),
             muon_experts=sum(p.numel() for p in muon if id(p) in experts),
             root=sum(p.numel() for n, p in named if not n.startswith("layers.")),
-            largest_block=max(sum(p.numel() for p in block.parameters()) for block in model.layers),
-            largest_block_without_experts=max(
-                sum(p.numel() for p in block.parameters() if id(p) not in experts) for block in model.layers
-            ),
+            largest_block=max(blocks),
+            largest_block_without_experts=max(dense),
+            largest_neighbours=neighbours(blocks),
+            largest_neighbours_without_experts=neighbours(dense),
         )
 
 
@@ -94,13 +100,13 @@ def state_bytes(counts: Counts, layout: Layout, optimizer: str, gather_bytes: in
     gathered = 0.0
     if layout.parallel == "fsdp" and n > 1:  # (a block's split experts are not gathered)
         block = counts.largest_block if ep == 1 else counts.largest_block_without_experts
-        # and in the backward one block's whole float32 gradients, before their reduce-scatter
-        gathered = gather_bytes * (counts.root + 2 * block) + 4 * block
-    # DDP's gradient buckets (a second copy of what it reduces); expert parallelism's flat gradient copy
+        pair = counts.largest_neighbours if ep == 1 else counts.largest_neighbours_without_experts
+        # and in the backward whole float32 gradients before their reduce-scatter: one block's and the root's
+        gathered = gather_bytes * (counts.root + pair) + 4 * (block + counts.root)
+    # DDP's gradient buckets (a second copy of what it reduces; the split experts' are reduced in place)
     buffers = (
         4 * (counts.total - counts.experts if ep > 1 else counts.total) if layout.parallel == "ddp" and n > 1 else 0
     )
-    buffers += 4 * counts.experts / ep if ep > 1 and n > ep else 0
     return dict(weights=4 * params, gradients=4 * params, optimizer=optim, gathered=gathered, buffers=buffers)
 
 
