@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -14,6 +15,7 @@ from nanoseek.model import Transformer, get_preset
 from nanoseek.train import checkpoint as ckpt_mod
 from nanoseek.train.loop import batch_loss
 from nanoseek.train.optim import lr_factor, newton_schulz
+from nanoseek.train.run import with_context
 from nanoseek.train.stages import pretrain, sft
 
 
@@ -168,3 +170,67 @@ def test_compile_option_compiles_the_loss_the_loop_calls(tmp_path, monkeypatch):
     pretrain(cfg, tmp_path / "run", quiet=True)
     assert len(compiled) == 1 and getattr(compiled[0], "__name__", "") == "loss"
     assert len(calls) == cfg.train.steps * cfg.train.grad_accum
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_checkpoints_longer_context_is_kept_by_what_it_saves(tmp_path, lora):
+    """`sft --checkpoint C --set model.max_seq_len=N`: the saved model has context N, which eval accepts;
+    the weights and every other setting are the checkpoint's, and the positions it knew encode as before."""
+    from nanoseek.cli import main
+    from nanoseek.loading import load_checkpoint
+    from nanoseek.model.config import ModelConfig
+    from nanoseek.model.lora import merge_lora
+
+    base = small_run()
+    base.train.steps = 2
+    pretrain(base, tmp_path / "pt", quiet=True)
+    start = ModelConfig.load(tmp_path / "pt" / "checkpoints" / "step_2" / "config.json")
+    longer = 2 * start.max_seq_len
+    cfg = small_run()
+    cfg.train.steps, cfg.train.eval_every = 2, 0
+    cfg.model["max_seq_len"] = longer
+    cfg.model["n_layers"] = 3  # another model.* override of a checkpoint: not applied, as before
+    cfg.train.lora.enabled = lora
+    sft(cfg, tmp_path / "sft", tmp_path / "pt", quiet=True)
+
+    saved = tmp_path / "sft" / "checkpoints" / "step_2"
+    model, _ = load_checkpoint(saved, device="cpu")
+    assert model.cfg == dataclasses.replace(start, max_seq_len=longer)
+    # The same weights under the checkpoint's own context give the same logits (RoPE has no weights).
+    if lora:
+        merge_lora(model)
+    old = Transformer(start)
+    old.load_state_dict(model.state_dict())
+    ids = torch.randint(0, start.vocab_size, (2, 40))
+    torch.testing.assert_close(model(ids), old.eval()(ids), rtol=0, atol=0)
+
+    run_eval = lambda ckpt, out: main(
+        [
+            *("eval", "--checkpoint", str(ckpt), "--env", "calculator_arithmetic", "--n-episodes", "1", "--quiet"),
+            *("--max-seq-len", str(longer), "--temperature", "0", "--max-new-tokens", "4", "--device", "cpu"),
+            *("--no-plots", "--out", str(tmp_path / out)),
+        ]
+    )
+    assert run_eval(saved, "eval") == 0
+    assert run_eval(tmp_path / "pt", "eval_pt") == 2  # the checkpoint it started from: context too short
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "yarn", "factor": 4.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    ],
+)
+def test_longer_context_keeps_a_scaled_rope(scaling):
+    """A rope_scaling that reads its original length from max_seq_len still reads the old one."""
+    start = get_preset("tiny", max_seq_len=64, rope_scaling=scaling)
+    model = Transformer(start)
+    with_context(model, 256)
+    assert model.cfg.max_seq_len == 256
+    positions = torch.arange(200)[None]
+    # Reference: the model built from its checkpoint's config, where 64 is the original length.
+    for built in (model, Transformer(model.cfg)):
+        for got, want in zip(built._rope(positions, torch.float64), Transformer(start)._rope(positions, torch.float64)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

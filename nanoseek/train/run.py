@@ -27,6 +27,7 @@ other ranks log to a `NullLog`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -67,6 +68,19 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def autocast(device: torch.device):
     """Training's autocast on `device`: bf16 on CUDA and on CPUs with native bf16, else none."""
     return precision.autocast(device, autocast_dtype(device))
+
+
+def with_context(model: Transformer, max_seq_len: int) -> None:
+    """Give `model` a context of `max_seq_len` tokens, its positional encoding unchanged.
+
+    RoPE has no weights: the context length is configuration. Only a rope_scaling that reads its original
+    length from max_seq_len (dynamic, yarn, llama3 without original_max_position_embeddings) would change
+    with it, so that length is written into the scaling first."""
+    cfg = model.cfg
+    scaling = cfg.rope_scaling
+    if scaling and not scaling.get("original_max_position_embeddings"):
+        scaling = {**scaling, "original_max_position_embeddings": cfg.max_seq_len}
+    model.cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len, rope_scaling=scaling)
 
 
 class MetricsLog:
@@ -137,6 +151,7 @@ class Run:
             remove_stale_tmp(self.run_dir)  # a save killed mid-write left its temporary directory
         torch.manual_seed(cfg.train.seed)
         self.train_cfg = cfg.train
+        self.max_seq_len: int | None = cfg.model.get("max_seq_len")  # a `model.max_seq_len` override (see load_model)
         self.stage = stage
         self.resume = resume
         self.quiet = quiet or not self.topo.is_main
@@ -158,7 +173,9 @@ class Run:
         master weights, or under LoRA a base in the autocast dtype.
 
         With train.lora.enabled, frozen under new adapters (`add_adapters`); a checkpoint that is itself an
-        adapter directory is its base with those adapters merged in."""
+        adapter directory is its base with those adapters merged in. A `model.max_seq_len` override sets the
+        model's context (`with_context`), which its checkpoints then keep; the other model.* settings are
+        the checkpoint's own (an override of them is not applied)."""
         # Under LoRA the frozen base is kept in the autocast dtype: loaded in it, never held in float32.
         dtype = (self.train_cfg.lora.enabled and autocast_dtype(self.device)) or torch.float32
         model, tokenizer = load_checkpoint(checkpoint, device=self.device, dtype=dtype)
@@ -168,6 +185,9 @@ class Run:
         if lora_of(model) is not None:
             merge_lora(model)
             base = ""  # the merged weights are on no disk: `begin` writes them to RUN_DIR/base
+        if self.max_seq_len is not None and self.max_seq_len != model.cfg.max_seq_len:
+            with_context(model, self.max_seq_len)
+            base = ""  # the base directory's config.json has the old context: `begin` writes RUN_DIR/base
         self.add_adapters(model, base)
         return model, tokenizer
 
