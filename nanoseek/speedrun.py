@@ -60,16 +60,17 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         spec = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{where}: {e}") from None
-    extra = set(spec) - {*STAGES, "eval"}
+    extra = set(spec) - {*STAGES, "eval", "envs"}
     if extra:
-        raise InputError(f"{where}: unknown table(s) {sorted(extra)}; expected {[*STAGES, 'eval']}")
+        raise InputError(f"{where}: unknown table(s) {sorted(extra)}; expected {[*STAGES, 'eval', 'envs']}")
     return spec
 
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """Each stage's --set items: 'sft.train.steps=5' -> {'sft': ['train.steps=5']}; 'eval.k=8' goes to every stage."""
-    syntax = f"STAGE.SECTION.FIELD=VALUE with STAGE in {[*STAGES, 'eval']}"
-    out: dict[str, list[str]] = {s: [] for s in STAGES}
+    """Each stage's --set items: 'sft.train.steps=5' -> {'sft': ['train.steps=5']}; 'eval.k=8' goes to every stage;
+    'envs.FIELD=V' to the simulators' pipeline (nanoseek/speedrun_envs.py)."""
+    syntax = f"STAGE.SECTION.FIELD=VALUE with STAGE in {[*STAGES, 'eval', 'envs']}"
+    out: dict[str, list[str]] = {s: [] for s in (*STAGES, "envs")}
     for item in overrides:
         (stage, *path), value = split_override(item, syntax)
         if stage == "eval" and path:
@@ -128,6 +129,8 @@ def speedrun(
 ) -> Path:
     spec = load_preset(preset)
     per_stage = split_overrides(overrides or [])
+    if "envs" in spec or per_stage["envs"]:  # the simulators' pipeline: nanoseek.speedrun_envs
+        raise InputError(f"preset {preset}: [envs] / --set envs.* belong to the simulators' speedrun (speedrun_envs)")
     configs = {s: stage_config(s, spec, per_stage[s]) for s in STAGES}  # validate everything before starting
     topo, _ = distributed.setup(pick_device(configs["pretrain"].train.device))
     main = topo.is_main
