@@ -70,13 +70,15 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     """Each stage's --set items: 'sft.train.steps=5' -> {'sft': ['train.steps=5']}; 'eval.k=8' goes to every stage;
     'envs.FIELD=V' to the simulators' pipeline (nanoseek/speedrun_envs.py)."""
     syntax = f"STAGE.SECTION.FIELD=VALUE with STAGE in {[*STAGES, 'eval', 'envs']}"
-    out: dict[str, list[str]] = {s: [] for s in (*STAGES, "envs")}
+    out: dict[str, list[str]] = {s: [] for s in STAGES}
     for item in overrides:
         (stage, *path), value = split_override(item, syntax)
         if stage == "eval" and path:
             for s in STAGES:
                 if (key := _shared_eval_key(path[0], s)) is not None:
                     out[s].append(".".join(["eval", key, *path[1:]]) + f"={value}")
+        elif stage == "envs" and path:
+            out.setdefault("envs", []).append(".".join(path) + f"={value}")
         elif stage in out and path:
             out[stage].append(".".join(path) + f"={value}")
         else:
@@ -129,7 +131,7 @@ def speedrun(
 ) -> Path:
     spec = load_preset(preset)
     per_stage = split_overrides(overrides or [])
-    if "envs" in spec or per_stage["envs"]:  # the simulators' pipeline: nanoseek.speedrun_envs
+    if "envs" in spec or "envs" in per_stage:  # the simulators' pipeline: nanoseek.speedrun_envs
         raise InputError(f"preset {preset}: [envs] / --set envs.* belong to the simulators' speedrun (speedrun_envs)")
     configs = {s: stage_config(s, spec, per_stage[s]) for s in STAGES}  # validate everything before starting
     topo, _ = distributed.setup(pick_device(configs["pretrain"].train.device))

@@ -137,7 +137,7 @@ def envs_speedrun(
     if "envs" not in spec:
         raise InputError(f"preset {preset}: no [envs] table (the task pipeline is `nanoseek.speedrun.speedrun`)")
     per_stage = split_overrides(overrides or [])
-    plan = load_plan(spec["envs"], per_stage["envs"])
+    plan = load_plan(spec["envs"], per_stage.get("envs", []))
     pt = stage_config("pretrain", spec, per_stage["pretrain"])  # every config checked before any work
     sft_cfg = stage_config("sft", spec, per_stage["sft"])
     rl_cfgs = {
@@ -215,7 +215,7 @@ def report_text(plan: EnvsPlan, out: Path, timings: dict[str, dict[str, float]],
         f"episodes on the seed, 1 = the oracle's score), mean ± standard error; the models {sampling}, at most "
         f"{plan.eval_max_new_tokens} tokens a turn. The differences are paired over the same seeds.",
         "",
-        "| env | " + " | ".join(ROWS) + " | RL - heuristic | RL - SFT |",
+        "| env | " + " | ".join({"sft": "SFT", "rl": "RL"}.get(r, r) for r in ROWS) + " | RL - heuristic | RL - SFT |",
         "|---|" + "---|" * (len(ROWS) + 2),
     ]
     for name in plan.names:
