@@ -54,7 +54,7 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         try:
             text = resources.files("nanoseek.configs").joinpath(f"{name_or_path}.toml").read_text()
         except FileNotFoundError:
-            raise unknown("speedrun preset", name_or_path, ["cpu", "gpu", "FILE.toml"]) from None
+            raise unknown("speedrun preset", name_or_path, ["cpu", "gpu", "cpu-envs", "FILE.toml"]) from None
         where = f"preset {name_or_path}"
     try:
         spec = tomllib.loads(text)
