@@ -54,21 +54,22 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         try:
             text = resources.files("nanoseek.configs").joinpath(f"{name_or_path}.toml").read_text()
         except FileNotFoundError:
-            raise unknown("speedrun preset", name_or_path, ["cpu", "gpu", "FILE.toml"]) from None
+            raise unknown("speedrun preset", name_or_path, ["cpu", "gpu", "cpu-envs", "FILE.toml"]) from None
         where = f"preset {name_or_path}"
     try:
         spec = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{where}: {e}") from None
-    extra = set(spec) - {*STAGES, "eval"}
+    extra = set(spec) - {*STAGES, "eval", "envs"}
     if extra:
-        raise InputError(f"{where}: unknown table(s) {sorted(extra)}; expected {[*STAGES, 'eval']}")
+        raise InputError(f"{where}: unknown table(s) {sorted(extra)}; expected {[*STAGES, 'eval', 'envs']}")
     return spec
 
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """Each stage's --set items: 'sft.train.steps=5' -> {'sft': ['train.steps=5']}; 'eval.k=8' goes to every stage."""
-    syntax = f"STAGE.SECTION.FIELD=VALUE with STAGE in {[*STAGES, 'eval']}"
+    """Each stage's --set items: 'sft.train.steps=5' -> {'sft': ['train.steps=5']}; 'eval.k=8' goes to every stage;
+    'envs.FIELD=V' to the simulators' pipeline (nanoseek/speedrun_envs.py)."""
+    syntax = f"STAGE.SECTION.FIELD=VALUE with STAGE in {[*STAGES, 'eval', 'envs']}"
     out: dict[str, list[str]] = {s: [] for s in STAGES}
     for item in overrides:
         (stage, *path), value = split_override(item, syntax)
@@ -76,6 +77,8 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
             for s in STAGES:
                 if (key := _shared_eval_key(path[0], s)) is not None:
                     out[s].append(".".join(["eval", key, *path[1:]]) + f"={value}")
+        elif stage == "envs" and path:
+            out.setdefault("envs", []).append(".".join(path) + f"={value}")
         elif stage in out and path:
             out[stage].append(".".join(path) + f"={value}")
         else:
@@ -128,6 +131,8 @@ def speedrun(
 ) -> Path:
     spec = load_preset(preset)
     per_stage = split_overrides(overrides or [])
+    if "envs" in spec or "envs" in per_stage:  # the simulators' pipeline: nanoseek.speedrun_envs
+        raise InputError(f"preset {preset}: [envs] / --set envs.* belong to the simulators' speedrun (speedrun_envs)")
     configs = {s: stage_config(s, spec, per_stage[s]) for s in STAGES}  # validate everything before starting
     topo, _ = distributed.setup(pick_device(configs["pretrain"].train.device))
     main = topo.is_main

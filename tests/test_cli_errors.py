@@ -92,6 +92,7 @@ CASES = [
     ("model-unknown-preset", ["model", "--preset", "foo"], "'foo'"),
     ("speedrun-unknown-preset", ["speedrun", "--preset", "cpux", "--out", "o"], "did you mean 'cpu'"),
     ("speedrun-set-no-stage", ["speedrun", "--set", "train.steps=5", "--out", "o"], "train.steps=5"),
+    ("speedrun-envs-field", ["speedrun", "--preset", "cpu-envs", "--set", "envs.eval_episodes=x", "--out", "o"], "x"),
     ("loss-agg", ["rl", "--checkpoint", "pt", "--set", "rl.loss_agg=foo", "--out", "o"], "rl.loss_agg"),
     ("unknown-task", ["rl", "--checkpoint", "pt", "--set", "rl.tasks=arithmatic", "--out", "o"], "'arithmetic'"),
     ("tokenizer-show-missing", ["tokenizer", "show", "runs/nope"], "runs/nope"),

@@ -18,8 +18,8 @@ Demand: mean mu_t = base + trend*t, plus PROMO in one promotion week; base ~ U(1
 units/week, the promotion week uniform in 1..7; all stated in the opening message as the forecast row.
 The realised d_t is gamma-Poisson (negative binomial, the usual over-dispersed retail demand):
 d_t ~ Poisson(mu_t * g_t), g_t ~ Gamma(shape 8, scale 1/8) (coefficient of variation ~ 0.35 + Poisson's).
-Prices: P = $10 sale, C = $5 purchase, K = $50 per order, H = $0.10 per unit-week (a perishable good; ~100%
-a year of its cost, against the 20-40% of durable goods), G = $2, S = $2.50 (half the cost); round
+Prices: P = $10 sale, C = $5 purchase, K = $50 per order, H = $0.20 per unit-week (a perishable good; ~200%
+a year of its cost, against the 20-40% of durable goods), G = $2, S = $1 (a fifth of the cost); round
 illustrative figures, not calibrated to a business. Units: items, $, weeks.
 
 Start: 30 units on hand, 20 ordered before week 0 arriving in week 1.
