@@ -31,7 +31,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from nanoseek.config import EvalConfig, RunConfig, load_run_config, parse_task_weights, split_override
+from nanoseek.config import EvalConfig, RunConfig, parse_task_weights
+from nanoseek.config_toml import load_run_config, split_override
 from nanoseek.errors import InputError, reading, unknown
 from nanoseek.eval.harness import evaluate_checkpoint
 from nanoseek.eval.report import format_pct

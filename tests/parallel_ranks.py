@@ -20,7 +20,8 @@ import rl_ranks
 import torch
 from safetensors.torch import save_file
 
-from nanoseek.config import RLConfig, load_run_config
+from nanoseek.config import RLConfig
+from nanoseek.config_toml import load_run_config
 from nanoseek.model import Transformer, get_preset, install_balancing_hook
 from nanoseek.train import distributed, grpo, parallel
 from nanoseek.train.rl import rl, rl_defaults

@@ -9,14 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek.config import (
-    DEFAULT_TASKS,
-    EvalConfig,
-    RunConfig,
-    load_run_config,
-    parse_task_weights,
-    run_config_to_toml,
-)
+from nanoseek.config import DEFAULT_TASKS, EvalConfig, RunConfig, parse_task_weights
+from nanoseek.config_toml import load_run_config, run_config_to_toml
 from nanoseek.tasks import list_tasks
 from nanoseek.values import parse_value
 

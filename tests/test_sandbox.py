@@ -354,7 +354,7 @@ def test_server_killed_mid_call_scores_0_and_counts(level, token) -> None:
 
 # ----------------------------------------------------------------------------- the setting
 def test_the_setting_is_checked_and_reaches_the_runner(monkeypatch, capsys) -> None:
-    from nanoseek.config import load_run_config
+    from nanoseek.config_toml import load_run_config
 
     with pytest.raises(ValueError, match=r"rewards.sandbox = 'jail': must be one of auto, namespaces, process"):
         load_run_config(overrides=["rewards.sandbox=jail"])

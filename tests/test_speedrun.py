@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from nanoseek.config import EvalConfig, run_config_to_toml
+from nanoseek.config import EvalConfig
+from nanoseek.config_toml import run_config_to_toml
 from nanoseek.speedrun import STAGES, load_preset, speedrun, split_overrides, stage_config
 
 TINY = [

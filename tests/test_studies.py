@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from nanoseek.cli import main
-from nanoseek.config import RunConfig, apply_override
+from nanoseek.config import RunConfig
+from nanoseek.config_toml import apply_override
 from nanoseek.model import Transformer
 from nanoseek.model.config import get_preset
 from nanoseek.studies import common, moe_vs_dense, r1_zero, rl_ablation

@@ -12,7 +12,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_set_argument(p: argparse.ArgumentParser, metavar: str, help: str) -> None:
-    """--set PATH=VALUE (repeatable) into args.overrides: the one override syntax (nanoseek.config.split_override)."""
+    """--set PATH=VALUE (repeatable) into args.overrides: the one override syntax (`config_toml.split_override`)."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar, help=help)
 
 
@@ -48,7 +48,7 @@ def add_run_arguments(
 
 def run_config_from_args(args: argparse.Namespace, base: Any = None):
     """The run's settings from the command line, checked (RunConfig.check): a bad one is a UserError naming it."""
-    from nanoseek.config import load_run_config
+    from nanoseek.config_toml import load_run_config
 
     cfg = load_run_config(base, args.config, args.overrides)
     if args.preset:
@@ -182,7 +182,7 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
 def parse_difficulty(items: Sequence[str], tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """{task: {knob: value}} from --set TASK.KNOB=VALUE or KNOB=VALUE (every one of `tasks`, default all,
     that has the knob), each value read as the type of the knob's default."""
-    from nanoseek.config import split_override
+    from nanoseek.config_toml import split_override
     from nanoseek.tasks import get_task, list_tasks
     from nanoseek.tasks.base import coerce_knobs
 

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_knobs(items: list[str]) -> dict[str, str]:
     """--set KNOB=VALUE items as {knob: text}; the environment reads each as its knob's type."""
-    from nanoseek.config import split_override
+    from nanoseek.config_toml import split_override
     from nanoseek.errors import InputError
 
     knobs: dict[str, str] = {}

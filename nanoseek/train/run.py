@@ -39,7 +39,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from nanoseek import precision
-from nanoseek.config import RunConfig, run_config_to_toml
+from nanoseek.config import RunConfig
+from nanoseek.config_toml import run_config_to_toml
 from nanoseek.errors import InputError
 from nanoseek.interop.peft import fill_adapters
 from nanoseek.loading import load_checkpoint, pick_device, resolve_checkpoint
