@@ -19,11 +19,11 @@ from nanoseek.studies.common import (
     RLScale,
     build_base,
     claim_directory,
+    finished_curves,
     last_mean,
     markdown_table,
     mean_sd,
     rl_config,
-    rl_curves,
     run_once,
     write_json,
     write_report,
@@ -65,23 +65,18 @@ def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: s
 
 
 def report(out: Path, scale: RLScale) -> Path:
-    curves = {
-        s: [
-            rl_curves(out / "runs" / f"{s}-s{seed}") for seed in scale.seeds if (out / "runs" / f"{s}-s{seed}").exists()
-        ]
-        for s in STARTS
-    }
+    curves = finished_curves(out, STARTS, scale)
     write_json(out / "results.json", dict(scale=scale.name, curves=curves))
     lines = [
         f"# R1-Zero: RL from the pretrained model vs from SFT (scale `{scale.name}`)",
         "",
         f"{scale.steps} steps x {scale.prompts_per_step} prompts x {scale.group_size} samples, reward "
         f"`{REWARDS.split('=', 1)[1]}`, {len(scale.seeds)} seed(s). Held-out pass@1 on {scale.eval_problems} "
-        f"test-split problems ({scale.eval_samples} samples each) in %, mean ± sd over seeds; rollouts' accuracy, "
-        "format reward and response length: the mean of the first / last 10 steps.",
+        f"test-split problems ({scale.eval_samples} samples each) in %, mean ± sd over the seeds that finished "
+        "(n); rollouts' accuracy, format reward and response length: the mean of the first / last 10 steps.",
         "",
     ]
-    header = ["start", "pass@1 before", "pass@1 after", "rollout accuracy", "format reward", "length (tokens)"]
+    header = ["start", "n", "pass@1 before", "pass@1 after", "rollout accuracy", "format reward", "length (tokens)"]
     rows = []
     for start, runs in curves.items():
         if not runs:
@@ -91,6 +86,7 @@ def report(out: Path, scale: RLScale) -> Path:
         rows.append(
             [
                 start,
+                len(runs),
                 f"{before[0]:.1f} ± {before[1]:.1f}",
                 f"{after[0]:.1f} ± {after[1]:.1f}",
                 first_last(runs, "accuracy", "{:.1%}"),
