@@ -224,3 +224,13 @@ def test_r1_zero_quick_from_the_pretrained_and_the_sft_model(rl_study, tmp_path)
 def test_study_cli_refuses_a_base_that_is_not_there(tmp_path, capsys):
     assert main(["study", "r1-zero", "--quick", "--out", str(tmp_path / "x"), "--base", str(tmp_path)]) == 2
     assert "pretrain: no such run directory (--base)" in capsys.readouterr().err
+
+
+def test_study_refuses_a_base_whose_sft_run_is_unfinished(rl_study, tmp_path, capsys):
+    # An unfinished run directory loads as its latest checkpoint: the study must not start from it.
+    base = tmp_path / "base"
+    shutil.copytree(rl_study / "base", base)
+    (base / "sft" / "summary.json").unlink()
+    assert main(["study", "rl-ablation", "--quick", "--out", str(tmp_path / "x"), "--base", str(base)]) == 2
+    assert f"{base / 'sft'}: an unfinished run (no summary.json)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -52,6 +52,18 @@ def build_base(out: Path, overrides: Sequence[str], quiet: bool) -> Path:
     return out
 
 
+def finished_base(base: Path, stages: Sequence[str]) -> Path:
+    """`base` when each of its stage runs finished (has its summary.json). An unfinished run directory would
+    load as its latest checkpoint: every RL run would start, silently, from a half-trained model."""
+    for stage in stages:
+        if not (base / stage / "summary.json").is_file():
+            raise InputError(
+                f"{base / stage}: an unfinished run (no summary.json); finish it first (a rerun of the command "
+                "that trained it resumes it)"
+            )
+    return base
+
+
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     n = len(values)

@@ -19,6 +19,7 @@ from nanoseek.studies.common import (
     RLScale,
     build_base,
     claim_directory,
+    finished_base,
     finished_curves,
     last_mean,
     markdown_table,
@@ -54,8 +55,9 @@ R1_QUICK = RLScale(
 def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: str | Path | None = None) -> Path:
     """Run (or continue) the study in `out`; returns OUT/table.md. `base`: a directory with `pretrain/`, `sft/`."""
     out, scale = Path(out), R1_QUICK if quick else R1_TINY
+    base = finished_base(Path(base), STARTS) if base else None  # checked before anything is written
     claim_directory(out, scale)
-    base = Path(base) if base else build_base(out / "base", scale.base, quiet)
+    base = base or build_base(out / "base", scale.base, quiet)
     for seed in scale.seeds:
         for start in STARTS:
             run_once(

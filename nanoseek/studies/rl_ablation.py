@@ -21,6 +21,7 @@ from nanoseek.studies.common import (
     RLScale,
     build_base,
     claim_directory,
+    finished_base,
     finished_curves,
     last_mean,
     markdown_table,
@@ -89,8 +90,9 @@ RL_QUICK = RLScale(
 def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: str | Path | None = None) -> Path:
     """Run (or continue) the study in `out`; returns OUT/table.md. `base`: a directory holding `sft/`."""
     out, scale = Path(out), RL_QUICK if quick else RL_TINY
+    base = finished_base(Path(base), ("sft",)) if base else None  # checked before anything is written
     claim_directory(out, scale)
-    base = Path(base) if base else build_base(out / "base", scale.base, quiet)
+    base = base or build_base(out / "base", scale.base, quiet)
     for seed in scale.seeds:  # seed by seed: an unfinished study has every method on its first seeds
         for method, settings in METHODS.items():
             cfg = rl_config(scale, [*SHARED, *settings], seed)
