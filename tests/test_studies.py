@@ -62,6 +62,15 @@ def test_pointwise_mean_sd_matches_curves_by_step_not_by_position():
     assert [sd for _, sd in stats] == [pytest.approx(statistics.stdev([1.0, 2.0])), 0.0, pytest.approx(math.sqrt(2))]
 
 
+def test_level_averages_each_seeds_ends_over_the_seeds_that_have_points():
+    a = [(s, float(s)) for s in range(1, 13)]  # last 10: 3..12, mean 7.5; first 10: 1..10, mean 5.5
+    b = [(1, 1.0), (2, 3.0)]
+    assert common.level([dict(x=a), dict(x=b)], "x", "{:.2f}") == f"{(7.5 + 2.0) / 2:.2f}"
+    assert common.level([dict(x=a), dict(x=b)], "x", "{:.2f}", first=True) == f"{(5.5 + 2.0) / 2:.2f}"
+    assert common.level([dict(x=a), dict(x=[])], "x", "{:.2f}") == "7.50"  # no point: not a zero
+    assert common.level([dict(x=[])], "x", "{:.2f}") == "-"
+
+
 def test_within_budget_is_the_last_evaluation_before_the_budget_is_exceeded():
     curve = {
         "samples": [(1, 100), (2, 250), (3, 400), (4, 500)],

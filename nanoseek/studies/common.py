@@ -161,10 +161,13 @@ def finished_curves(out: Path, labels: Sequence[str], scale: RLScale) -> dict[st
     return {label: [rl_curves(d) for d in dirs if stage_done(d, scale.steps)] for label, dirs in runs.items()}
 
 
-def last_mean(curve: Sequence[tuple[float, float]], n: int = 10) -> float:
-    """The mean of a per-step curve's last n values (a noisy per-step statistic's final level)."""
-    tail = [y for _, y in curve[-n:]]
-    return sum(tail) / max(len(tail), 1)
+def level(runs: Sequence[dict[str, Any]], key: str, fmt: str, first: bool = False, n: int = 10) -> str:
+    """A noisy per-step curve's final level (or with `first`, its first), formatted: the mean of each seed's last
+    (first) n points, averaged over the seeds whose curve has any ("-" when none has: entropy has no point in a
+    run that never trained on a sample, and a 0 there would read as a measured collapse)."""
+    ends = [[y for _, y in (c[key][:n] if first else c[key][-n:])] for c in runs]
+    means = [sum(ys) / len(ys) for ys in ends if ys]
+    return fmt.format(mean_sd(means)[0]) if means else "-"
 
 
 def pointwise_mean_sd(runs: Sequence[Sequence[tuple[float, float]]]) -> tuple[list[float], list[tuple[float, float]]]:

@@ -21,7 +21,7 @@ from nanoseek.studies.common import (
     claim_directory,
     finished_base,
     finished_curves,
-    last_mean,
+    level,
     markdown_table,
     mean_sd,
     rl_config,
@@ -111,6 +111,4 @@ def report(out: Path, scale: RLScale) -> Path:
 
 def first_last(runs: list[dict[str, list[tuple[float, float]]]], key: str, fmt: str) -> str:
     """A per-step curve's mean over its first 10 steps -> over its last 10, each averaged over the seeds."""
-    first = mean_sd([last_mean(c[key][:10]) for c in runs])[0]
-    last = mean_sd([last_mean(c[key]) for c in runs])[0]
-    return f"{fmt.format(first)} -> {fmt.format(last)}"
+    return f"{level(runs, key, fmt, first=True)} -> {level(runs, key, fmt)}"

@@ -23,7 +23,7 @@ from nanoseek.studies.common import (
     claim_directory,
     finished_base,
     finished_curves,
-    last_mean,
+    level,
     markdown_table,
     mean_sd,
     rl_config,
@@ -145,8 +145,8 @@ def report(out: Path, scale: RLScale) -> Path:
                 f"{budget[0]:.1f} ± {budget[1]:.1f}",
                 versus(at_budget[m], at_budget["grpo"], m == "grpo"),
                 f"{mean_sd([c['samples'][-1][1] for c in runs])[0]:,.0f}",
-                f"{mean_sd([last_mean(c['entropy']) for c in runs])[0]:.3f}",
-                f"{mean_sd([last_mean(c['length']) for c in runs])[0]:.1f}",
+                level(runs, "entropy", "{:.3f}"),
+                level(runs, "length", "{:.1f}"),
             ]
         )
     lines += markdown_table(header, rows)
