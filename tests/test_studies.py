@@ -51,6 +51,10 @@ def test_significance_is_the_difference_beyond_two_standard_errors():
     assert se == pytest.approx(reference_se) and sig == (abs(diff) > 2 * reference_se) and sig
     assert not common.significant([0.5, 0.6, 0.4], [0.45, 0.55, 0.5])[2]
     assert not common.significant([0.9], [0.1])[2]  # no spread to judge by
+    assert rl_ablation.versus([0.9], [0.1, 0.2], False) == "+0.8 (one seed: no error)"
+    assert rl_ablation.versus(a, b, False) == f"{diff:+.1f} ± {reference_se:.1f} (significant)"
+    assert common.mean_sd_text([2.0, 4.0]) == f"3.0 ± {statistics.stdev([2.0, 4.0]):.1f}"
+    assert common.mean_sd_text([2.0]) == "2.0"  # one seed: its spread is unknown, not 0
 
 
 def test_pointwise_mean_sd_matches_curves_by_step_not_by_position():

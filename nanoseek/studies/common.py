@@ -72,6 +72,12 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return mean, sd
 
 
+def mean_sd_text(values: Sequence[float]) -> str:
+    """'mean ± sd' to one decimal; the value alone for a single seed (its spread is unknown, not 0)."""
+    mean, sd = mean_sd(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {sd:.1f}"
+
+
 def significant(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, bool]:
     """(mean(a) - mean(b), its standard error, whether the difference exceeds two standard errors).
     With one value on either side there is no spread to judge by: never significant."""

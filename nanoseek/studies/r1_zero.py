@@ -23,7 +23,7 @@ from nanoseek.studies.common import (
     finished_curves,
     level,
     markdown_table,
-    mean_sd,
+    mean_sd_text,
     rl_config,
     run_once,
     write_json,
@@ -84,13 +84,12 @@ def report(out: Path, scale: RLScale) -> Path:
         if not runs:
             continue
 
-        before, after = (mean_sd([100 * c["pass@1"][i][1] for c in runs]) for i in (0, -1))
         rows.append(
             [
                 start,
                 len(runs),
-                f"{before[0]:.1f} ± {before[1]:.1f}",
-                f"{after[0]:.1f} ± {after[1]:.1f}",
+                mean_sd_text([100 * c["pass@1"][0][1] for c in runs]),
+                mean_sd_text([100 * c["pass@1"][-1][1] for c in runs]),
                 first_last(runs, "accuracy", "{:.1%}"),
                 first_last(runs, "format", "{:.2f}"),
                 first_last(runs, "length", "{:.1f}"),

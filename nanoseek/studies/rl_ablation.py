@@ -26,6 +26,7 @@ from nanoseek.studies.common import (
     level,
     markdown_table,
     mean_sd,
+    mean_sd_text,
     rl_config,
     run_once,
     significant,
@@ -133,16 +134,14 @@ def report(out: Path, scale: RLScale) -> Path:
     for m, runs in curves.items():
         if not runs:
             continue
-        before, after = mean_sd([100 * c["pass@1"][0][1] for c in runs]), mean_sd(final[m])
-        budget = mean_sd(at_budget[m])
         rows.append(
             [
                 m,
                 len(runs),
-                f"{before[0]:.1f} ± {before[1]:.1f}",
-                f"{after[0]:.1f} ± {after[1]:.1f}",
+                mean_sd_text([100 * c["pass@1"][0][1] for c in runs]),
+                mean_sd_text(final[m]),
                 versus(final[m], final["grpo"], m == "grpo"),
-                f"{budget[0]:.1f} ± {budget[1]:.1f}",
+                mean_sd_text(at_budget[m]),
                 versus(at_budget[m], at_budget["grpo"], m == "grpo"),
                 f"{mean_sd([c['samples'][-1][1] for c in runs])[0]:,.0f}",
                 level(runs, "entropy", "{:.3f}"),
@@ -169,6 +168,8 @@ def versus(values: list[float], grpo: list[float], is_grpo: bool) -> str:
     if is_grpo or not grpo:
         return "-"
     diff, se, sig = significant(values, grpo)
+    if min(len(values), len(grpo)) < 2:
+        return f"{diff:+.1f} (one seed: no error)"
     return f"{diff:+.1f} ± {se:.1f}" + (" (significant)" if sig else "")
 
 
