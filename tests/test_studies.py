@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 
 import pytest
@@ -51,6 +52,38 @@ def test_significance_is_the_difference_beyond_two_standard_errors():
     assert se == pytest.approx(reference_se) and sig == (abs(diff) > 2 * reference_se) and sig
     assert not common.significant([0.5, 0.6, 0.4], [0.45, 0.55, 0.5])[2]
     assert not common.significant([0.9], [0.1])[2]  # no spread to judge by
+    assert rl_ablation.versus([0.9], [0.1, 0.2], False) == "+0.8 (one seed: no error)"
+    assert rl_ablation.versus(a, b, False) == f"{diff:+.1f} ± {reference_se:.1f} (significant)"
+    assert common.mean_sd_text([2.0, 4.0]) == f"3.0 ± {statistics.stdev([2.0, 4.0]):.1f}"
+    assert common.mean_sd_text([2.0]) == "2.0"  # one seed: its spread is unknown, not 0
+
+
+def test_pointwise_mean_sd_matches_curves_by_step_not_by_position():
+    # Seed b has no point at step 2 (say, no trained sample there): step 3 must not be averaged with step 2.
+    a, b = [(1, 1.0), (2, 3.0), (3, 5.0)], [(1, 2.0), (3, 7.0)]
+    xs, stats = common.pointwise_mean_sd([a, b])
+    assert xs == [1, 2, 3]
+    assert [m for m, _ in stats] == [pytest.approx(1.5), 3.0, pytest.approx(6.0)]
+    assert [sd for _, sd in stats] == [pytest.approx(statistics.stdev([1.0, 2.0])), 0.0, pytest.approx(math.sqrt(2))]
+
+
+def test_level_averages_each_seeds_ends_over_the_seeds_that_have_points():
+    a = [(s, float(s)) for s in range(1, 13)]  # last 10: 3..12, mean 7.5; first 10: 1..10, mean 5.5
+    b = [(1, 1.0), (2, 3.0)]
+    assert common.level([dict(x=a), dict(x=b)], "x", "{:.2f}") == f"{(7.5 + 2.0) / 2:.2f}"
+    assert common.level([dict(x=a), dict(x=b)], "x", "{:.2f}", first=True) == f"{(5.5 + 2.0) / 2:.2f}"
+    assert common.level([dict(x=a), dict(x=[])], "x", "{:.2f}") == "7.50"  # no point: not a zero
+    assert common.level([dict(x=[])], "x", "{:.2f}") == "-"
+
+
+def test_within_budget_is_the_last_evaluation_before_the_budget_is_exceeded():
+    curve = {
+        "samples": [(1, 100), (2, 250), (3, 400), (4, 500)],
+        "pass@1": [(0, 0.1), (2, 0.2), (4, 0.4)],
+    }
+    assert rl_ablation.within_budget(curve, 300) == 0.2  # step 4's 500 completions exceed 300
+    assert rl_ablation.within_budget(curve, 500) == 0.4
+    assert rl_ablation.within_budget(curve, 50) == 0.1  # before RL: no completions yet
 
 
 def test_moe_models_match_the_dense_model_in_active_width_and_the_wide_one_in_total_size():
@@ -177,6 +210,19 @@ def test_rl_ablation_quick_end_to_end_and_rerun_skips(rl_study, monkeypatch):
     assert rl_ablation.run_study(rl_study, quick=True, quiet=True).read_text() == table
 
 
+def test_rl_ablation_report_counts_only_finished_runs(rl_study, tmp_path):
+    # A run without its summary (interrupted) has no final evaluation yet: the report leaves it out.
+    out = tmp_path / "rl"
+    shutil.copytree(rl_study, out)
+    (out / "runs" / "dapo-s1" / "summary.json").unlink()
+    table = rl_ablation.report(out, rl_ablation.RL_QUICK).read_text()
+    cells = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    rows = {row[0]: row for row in cells}
+    assert rows["dapo"][1] == "1" and rows["grpo"][1] == str(len(rl_ablation.RL_QUICK.seeds))
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["curves"]["dapo"]) == 1 and len(results["curves"]["grpo"]) == 2
+
+
 def test_r1_zero_quick_from_the_pretrained_and_the_sft_model(rl_study, tmp_path):
     out = tmp_path / "r1"
     assert main(["study", "r1-zero", "--quick", "--quiet", "--out", str(out), "--base", str(rl_study / "base")]) == 0
@@ -192,3 +238,13 @@ def test_r1_zero_quick_from_the_pretrained_and_the_sft_model(rl_study, tmp_path)
 def test_study_cli_refuses_a_base_that_is_not_there(tmp_path, capsys):
     assert main(["study", "r1-zero", "--quick", "--out", str(tmp_path / "x"), "--base", str(tmp_path)]) == 2
     assert "pretrain: no such run directory (--base)" in capsys.readouterr().err
+
+
+def test_study_refuses_a_base_whose_sft_run_is_unfinished(rl_study, tmp_path, capsys):
+    # An unfinished run directory loads as its latest checkpoint: the study must not start from it.
+    base = tmp_path / "base"
+    shutil.copytree(rl_study / "base", base)
+    (base / "sft" / "summary.json").unlink()
+    assert main(["study", "rl-ablation", "--quick", "--out", str(tmp_path / "x"), "--base", str(base)]) == 2
+    assert f"{base / 'sft'}: an unfinished run (no summary.json)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

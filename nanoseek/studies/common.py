@@ -52,12 +52,30 @@ def build_base(out: Path, overrides: Sequence[str], quiet: bool) -> Path:
     return out
 
 
+def finished_base(base: Path, stages: Sequence[str]) -> Path:
+    """`base` when each of its stage runs finished (has its summary.json). An unfinished run directory would
+    load as its latest checkpoint: every RL run would start, silently, from a half-trained model."""
+    for stage in stages:
+        if not (base / stage / "summary.json").is_file():
+            raise InputError(
+                f"{base / stage}: an unfinished run (no summary.json); finish it first (a rerun of the command "
+                "that trained it resumes it)"
+            )
+    return base
+
+
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     n = len(values)
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     return mean, sd
+
+
+def mean_sd_text(values: Sequence[float]) -> str:
+    """'mean ± sd' to one decimal; the value alone for a single seed (its spread is unknown, not 0)."""
+    mean, sd = mean_sd(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {sd:.1f}"
 
 
 def significant(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, bool]:
@@ -142,24 +160,44 @@ def rl_curves(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
-def last_mean(curve: Sequence[tuple[float, float]], n: int = 10) -> float:
-    """The mean of a per-step curve's last n values (a noisy per-step statistic's final level)."""
-    tail = [y for _, y in curve[-n:]]
-    return sum(tail) / max(len(tail), 1)
+def finished_curves(out: Path, labels: Sequence[str], scale: RLScale) -> dict[str, list[dict[str, Any]]]:
+    """label -> `rl_curves` of its runs OUT/runs/LABEL-sSEED that finished (an unfinished run's last held-out
+    evaluation is not its final one), in seed order."""
+    runs = {label: [out / "runs" / f"{label}-s{seed}" for seed in scale.seeds] for label in labels}
+    return {label: [rl_curves(d) for d in dirs if stage_done(d, scale.steps)] for label, dirs in runs.items()}
+
+
+def level(runs: Sequence[dict[str, Any]], key: str, fmt: str, first: bool = False, n: int = 10) -> str:
+    """A noisy per-step curve's final level (or with `first`, its first), formatted: the mean of each seed's last
+    (first) n points, averaged over the seeds whose curve has any ("-" when none has: entropy has no point in a
+    run that never trained on a sample, and a 0 there would read as a measured collapse)."""
+    ends = [[y for _, y in (c[key][:n] if first else c[key][-n:])] for c in runs]
+    means = [sum(ys) / len(ys) for ys in ends if ys]
+    return fmt.format(mean_sd(means)[0]) if means else "-"
+
+
+def pointwise_mean_sd(runs: Sequence[Sequence[tuple[float, float]]]) -> tuple[list[float], list[tuple[float, float]]]:
+    """Every x of the curves, ascending, and the (mean, sd) of the values the curves have there. Matched by x, not
+    by position: a per-step curve may skip steps (entropy is measured only on steps that trained on something),
+    and not the same steps in every seed."""
+    by_x: dict[float, list[float]] = {}
+    for run in runs:
+        for x, y in run:
+            by_x.setdefault(x, []).append(y)
+    xs = sorted(by_x)
+    return xs, [mean_sd(by_x[x]) for x in xs]
 
 
 def plot_bands(
     path: Path, title: str, ylabel: str, curves: dict[str, list[list[tuple[float, float]]]], xlabel: str = "step"
 ) -> Path:
-    """One line per label: the mean over its seeds' curves (the same x values each), shaded ± one sd."""
+    """One line per label: the `pointwise_mean_sd` of its seeds' curves, shaded ± one sd."""
     with figure(path) as ax:
         for label, runs in curves.items():
             runs = [r for r in runs if r]
             if not runs:
                 continue
-            n = min(len(r) for r in runs)
-            xs = [x for x, _ in runs[0][:n]]
-            stats = [mean_sd([r[i][1] for r in runs]) for i in range(n)]
+            xs, stats = pointwise_mean_sd(runs)
             (line,) = ax.plot(xs, [m for m, _ in stats], label=f"{label} ({len(runs)} seeds)")
             ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(), alpha=0.2)
         ax.set_xlabel(xlabel)

@@ -19,11 +19,12 @@ from nanoseek.studies.common import (
     RLScale,
     build_base,
     claim_directory,
-    last_mean,
+    finished_base,
+    finished_curves,
+    level,
     markdown_table,
-    mean_sd,
+    mean_sd_text,
     rl_config,
-    rl_curves,
     run_once,
     write_json,
     write_report,
@@ -54,8 +55,9 @@ R1_QUICK = RLScale(
 def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: str | Path | None = None) -> Path:
     """Run (or continue) the study in `out`; returns OUT/table.md. `base`: a directory with `pretrain/`, `sft/`."""
     out, scale = Path(out), R1_QUICK if quick else R1_TINY
+    base = finished_base(Path(base), STARTS) if base else None  # checked before anything is written
     claim_directory(out, scale)
-    base = Path(base) if base else build_base(out / "base", scale.base, quiet)
+    base = base or build_base(out / "base", scale.base, quiet)
     for seed in scale.seeds:
         for start in STARTS:
             run_once(
@@ -65,34 +67,29 @@ def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: s
 
 
 def report(out: Path, scale: RLScale) -> Path:
-    curves = {
-        s: [
-            rl_curves(out / "runs" / f"{s}-s{seed}") for seed in scale.seeds if (out / "runs" / f"{s}-s{seed}").exists()
-        ]
-        for s in STARTS
-    }
+    curves = finished_curves(out, STARTS, scale)
     write_json(out / "results.json", dict(scale=scale.name, curves=curves))
     lines = [
         f"# R1-Zero: RL from the pretrained model vs from SFT (scale `{scale.name}`)",
         "",
         f"{scale.steps} steps x {scale.prompts_per_step} prompts x {scale.group_size} samples, reward "
         f"`{REWARDS.split('=', 1)[1]}`, {len(scale.seeds)} seed(s). Held-out pass@1 on {scale.eval_problems} "
-        f"test-split problems ({scale.eval_samples} samples each) in %, mean ± sd over seeds; rollouts' accuracy, "
-        "format reward and response length: the mean of the first / last 10 steps.",
+        f"test-split problems ({scale.eval_samples} samples each) in %, mean ± sd over the seeds that finished "
+        "(n); rollouts' accuracy, format reward and response length: the mean of the first / last 10 steps.",
         "",
     ]
-    header = ["start", "pass@1 before", "pass@1 after", "rollout accuracy", "format reward", "length (tokens)"]
+    header = ["start", "n", "pass@1 before", "pass@1 after", "rollout accuracy", "format reward", "length (tokens)"]
     rows = []
     for start, runs in curves.items():
         if not runs:
             continue
 
-        before, after = (mean_sd([100 * c["pass@1"][i][1] for c in runs]) for i in (0, -1))
         rows.append(
             [
                 start,
-                f"{before[0]:.1f} ± {before[1]:.1f}",
-                f"{after[0]:.1f} ± {after[1]:.1f}",
+                len(runs),
+                mean_sd_text([100 * c["pass@1"][0][1] for c in runs]),
+                mean_sd_text([100 * c["pass@1"][-1][1] for c in runs]),
                 first_last(runs, "accuracy", "{:.1%}"),
                 first_last(runs, "format", "{:.2f}"),
                 first_last(runs, "length", "{:.1f}"),
@@ -113,6 +110,4 @@ def report(out: Path, scale: RLScale) -> Path:
 
 def first_last(runs: list[dict[str, list[tuple[float, float]]]], key: str, fmt: str) -> str:
     """A per-step curve's mean over its first 10 steps -> over its last 10, each averaged over the seeds."""
-    first = mean_sd([last_mean(c[key][:10]) for c in runs])[0]
-    last = mean_sd([last_mean(c[key]) for c in runs])[0]
-    return f"{fmt.format(first)} -> {fmt.format(last)}"
+    return f"{level(runs, key, fmt, first=True)} -> {level(runs, key, fmt)}"

@@ -21,11 +21,13 @@ from nanoseek.studies.common import (
     RLScale,
     build_base,
     claim_directory,
-    last_mean,
+    finished_base,
+    finished_curves,
+    level,
     markdown_table,
     mean_sd,
+    mean_sd_text,
     rl_config,
-    rl_curves,
     run_once,
     significant,
     write_json,
@@ -89,8 +91,9 @@ RL_QUICK = RLScale(
 def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: str | Path | None = None) -> Path:
     """Run (or continue) the study in `out`; returns OUT/table.md. `base`: a directory holding `sft/`."""
     out, scale = Path(out), RL_QUICK if quick else RL_TINY
+    base = finished_base(Path(base), ("sft",)) if base else None  # checked before anything is written
     claim_directory(out, scale)
-    base = Path(base) if base else build_base(out / "base", scale.base, quiet)
+    base = base or build_base(out / "base", scale.base, quiet)
     for seed in scale.seeds:  # seed by seed: an unfinished study has every method on its first seeds
         for method, settings in METHODS.items():
             cfg = rl_config(scale, [*SHARED, *settings], seed)
@@ -99,12 +102,9 @@ def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: s
 
 
 def report(out: Path, scale: RLScale) -> Path:
-    curves = {
-        m: [rl_curves(out / "runs" / f"{m}-s{s}") for s in scale.seeds if (out / "runs" / f"{m}-s{s}").exists()]
-        for m in METHODS
-    }
-    final = {m: [c["pass@1"][-1][1] for c in runs] for m, runs in curves.items()}
-    at_budget = {m: [within_budget(c, scale.samples) for c in runs] for m, runs in curves.items()}
+    curves = finished_curves(out, list(METHODS), scale)
+    final = {m: [100 * c["pass@1"][-1][1] for c in runs] for m, runs in curves.items()}
+    at_budget = {m: [100 * within_budget(c, scale.samples) for c in runs] for m, runs in curves.items()}
     write_json(out / "results.json", dict(scale=scale.name, samples_budget=scale.samples, curves=curves))
     lines = [
         f"# RL ablation: the GRPO family side by side (scale `{scale.name}`)",
@@ -112,16 +112,20 @@ def report(out: Path, scale: RLScale) -> Path:
         f"From one SFT model; {scale.steps} steps x {scale.prompts_per_step} prompts x {scale.group_size} samples "
         f"= {scale.samples:,} completions per run (DAPO's dynamic sampling generates more: its own column), "
         f"{len(scale.seeds)} seeds. Held-out pass@1 on {scale.eval_problems} test-split problems, "
-        f"{scale.eval_samples} samples each, in %: mean ± sd over seeds. Difference from GRPO ± its standard "
-        "error, significant only beyond two. Entropy and length: the mean of the last 10 steps.",
+        f"{scale.eval_samples} samples each, in %: mean ± sd over the seeds that finished (n). Difference from "
+        "GRPO ± its standard error, significant only beyond two: after the last step, and at equal samples (the "
+        f"last evaluation within {scale.samples:,} completions: the same for every method but DAPO, whose dynamic "
+        "sampling spends the budget in fewer steps). Entropy and length: the mean of the last 10 steps.",
         "",
     ]
     header = [
         "method",
+        "n",
         "before RL",
         "final pass@1",
         "vs grpo",
         f"pass@1 within {scale.samples:,} samples",
+        "vs grpo (equal samples)",
         "completions generated",
         "entropy",
         "length (tokens)",
@@ -130,19 +134,18 @@ def report(out: Path, scale: RLScale) -> Path:
     for m, runs in curves.items():
         if not runs:
             continue
-        before, after = mean_sd([100 * c["pass@1"][0][1] for c in runs]), mean_sd([100 * v for v in final[m]])
-        budget = mean_sd([100 * v for v in at_budget[m]])
-        diff, se, sig = significant([100 * v for v in final[m]], [100 * v for v in final["grpo"]])
         rows.append(
             [
                 m,
-                f"{before[0]:.1f} ± {before[1]:.1f}",
-                f"{after[0]:.1f} ± {after[1]:.1f}",
-                "-" if m == "grpo" else f"{diff:+.1f} ± {se:.1f}" + (" (significant)" if sig else ""),
-                f"{budget[0]:.1f} ± {budget[1]:.1f}",
+                len(runs),
+                mean_sd_text([100 * c["pass@1"][0][1] for c in runs]),
+                mean_sd_text(final[m]),
+                versus(final[m], final["grpo"], m == "grpo"),
+                mean_sd_text(at_budget[m]),
+                versus(at_budget[m], at_budget["grpo"], m == "grpo"),
                 f"{mean_sd([c['samples'][-1][1] for c in runs])[0]:,.0f}",
-                f"{mean_sd([last_mean(c['entropy']) for c in runs])[0]:.3f}",
-                f"{mean_sd([last_mean(c['length']) for c in runs])[0]:.1f}",
+                level(runs, "entropy", "{:.3f}"),
+                level(runs, "length", "{:.1f}"),
             ]
         )
     lines += markdown_table(header, rows)
@@ -158,6 +161,16 @@ def report(out: Path, scale: RLScale) -> Path:
             ("length", "mean response length", "tokens"),
         ],
     )
+
+
+def versus(values: list[float], grpo: list[float], is_grpo: bool) -> str:
+    """The difference from GRPO ± its standard error, marked when beyond two ("-" for GRPO itself or none)."""
+    if is_grpo or not grpo:
+        return "-"
+    diff, se, sig = significant(values, grpo)
+    if min(len(values), len(grpo)) < 2:
+        return f"{diff:+.1f} (one seed: no error)"
+    return f"{diff:+.1f} ± {se:.1f}" + (" (significant)" if sig else "")
 
 
 def within_budget(curve: dict[str, list[tuple[float, float]]], budget: int) -> float:
