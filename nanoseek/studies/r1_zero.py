@@ -13,6 +13,7 @@ rewards). Both starts are prompted through the chat template, which the pretrain
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from nanoseek.studies.common import (
@@ -29,7 +30,7 @@ from nanoseek.studies.common import (
     write_json,
     write_report,
 )
-from nanoseek.studies.rl_ablation import QUICK_BASE
+from nanoseek.studies.rl_ablation import RL_QUICK
 from nanoseek.train.rl import rl
 
 STARTS = ("pretrain", "sft")
@@ -38,18 +39,8 @@ REWARDS = "rl.rewards=task=1,format=0.2"
 R1_TINY = RLScale(
     name="tiny", steps=60, prompts_per_step=32, group_size=8, eval_every=15, eval_problems=100, eval_samples=4
 )
-R1_QUICK = RLScale(
-    name="quick",
-    steps=2,
-    prompts_per_step=2,
-    group_size=2,
-    eval_every=1,
-    eval_problems=4,
-    eval_samples=1,
-    seeds=(0,),
-    base=QUICK_BASE,
-    rl=("rl.max_new_tokens=8",),
-)
+# The ablation's toy scale with one seed, only the reply length set.
+R1_QUICK = dataclasses.replace(RL_QUICK, seeds=(0,), rl=("rl.max_new_tokens=8",))
 
 
 def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: str | Path | None = None) -> Path:
