@@ -55,6 +55,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.trl_grpo import grpo_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally; never reach the Hub
 
 from nanoseek.config import RLConfig, TrainConfig
@@ -244,36 +247,8 @@ def bench_trl(
                 file=sys.stderr,
             )
 
-    batch = args.prompts * args.samples
     with tempfile.TemporaryDirectory() as out:
-        config = trl.GRPOConfig(
-            output_dir=out,
-            per_device_train_batch_size=args.micro_batch,
-            gradient_accumulation_steps=batch // args.micro_batch,
-            num_generations=args.samples,
-            max_completion_length=args.max_new_tokens,
-            generation_kwargs={"min_new_tokens": args.max_new_tokens},
-            temperature=1.0,
-            learning_rate=1e-6,
-            weight_decay=0.0,
-            lr_scheduler_type="constant",
-            max_grad_norm=1.0,
-            beta=0.0,
-            epsilon=0.2,
-            epsilon_high=0.28,
-            loss_type="dapo",
-            scale_rewards="group",
-            num_iterations=1,
-            max_steps=args.warmup + args.steps,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            bf16=device.type == "cuda",
-            use_cpu=device.type == "cpu",
-            dataloader_num_workers=0,
-            seed=0,
-        )
+        config = grpo_config(out, args, device.type, max_steps=args.warmup + args.steps)
         timer = StepTimer()
         trainer = trl.GRPOTrainer(
             model=model,
