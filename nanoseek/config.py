@@ -143,6 +143,10 @@ class RLConfig:
     top_p: float = 1.0
     num_iterations: int = 1
     """Policy updates per batch of rollouts (mu in GRPO)."""
+    max_samples: int = 0
+    """End the run after the step at which the completions generated so far (groups dropped by dynamic sampling
+    included) reach this many, as if it were the last step; 0: no limit. Holds DAPO's dynamic sampling, which
+    generates more per step, to another method's budget in samples (`nanoseek study rl-ablation`)."""
     micro_batch_size: int = 64
     """Sequences per forward/backward in the update."""
     epsilon_low: float = 0.2

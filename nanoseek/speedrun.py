@@ -112,10 +112,12 @@ def stage_config(stage: str, spec: dict[str, Any], overrides: list[str]) -> RunC
 
 
 def stage_done(run_dir: Path, steps: int) -> bool:
+    """Whether the stage's run in `run_dir` finished: all `steps`, or an RL run that ended at rl.max_samples."""
     summary = run_dir / "summary.json"
     if not summary.exists():
         return False
-    return json.loads(summary.read_text()).get("steps", -1) >= steps
+    done = json.loads(summary.read_text())
+    return done.get("finished", False) or done.get("steps", -1) >= steps
 
 
 def evaluate_stage(checkpoint: Path, out_dir: Path, cfg: EvalConfig, quiet: bool) -> dict[str, Any]:

@@ -415,6 +415,34 @@ def test_rl_resume_is_exact(tmp_path):
     assert any(r["reward_std"] > 0 for r in steps) and any(r["loss"] != 0 for r in steps)
 
 
+def test_rl_max_samples_ends_the_run_at_its_budget_as_at_a_last_step(tmp_path):
+    from nanoseek.speedrun import stage_done
+
+    ckpt = tiny_checkpoint(tmp_path / "sft")
+    budget, reference = tmp_path / "budget", tmp_path / "reference"
+    cfg = rl_run()
+    cfg.rl.max_samples = 6  # 2 prompts x 2 samples a step: reached after step 2 (8 generated)
+    cfg.rl.eval_every = 1
+    summary = rl(cfg, budget, ckpt, quiet=True)
+    assert (summary["steps"], summary["samples"], summary["finished"]) == (2, 8, True)
+    assert "after" in summary  # the final held-out evaluation ran, as after a last step
+    records = [json.loads(line) for line in (budget / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 1, 2]  # before, periodic, final: once each
+    assert [r["samples_total"] for r in records if "samples_total" in r] == [4, 8]
+    assert stage_done(budget, cfg.train.steps)
+    assert sorted(p.name for p in (budget / "checkpoints").iterdir()) == ["step_2"]  # saved although 2 % 100 != 0
+    # The same two steps as a 4-step run interrupted after step 2 (the schedule spans train.steps either way).
+    rl(rl_run(), reference, ckpt, quiet=True, stop_at=2)
+    a = load_file(str(budget / "checkpoints" / "step_2" / "model.safetensors"))
+    b = load_file(str(reference / "checkpoints" / "step_2" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not stage_done(reference, 4)
+    # Resuming a run that ended at its budget takes no more steps.
+    again = rl(cfg, budget, ckpt, quiet=True, resume=True)
+    assert (again["steps"], again["samples"]) == (2, 8)
+    assert sorted(p.name for p in (budget / "checkpoints").iterdir()) == ["step_2"]
+
+
 def test_rl_with_a_16_bit_engine_twin_trains_exactly_as_without_it(tmp_path, monkeypatch):
     """Under bf16 autocast (CPU standing in for CUDA) the engine decodes a twin with bf16 matmul weights;
     synced after every update (and made after the resume), the run's weights equal a run whose engine decodes

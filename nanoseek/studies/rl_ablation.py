@@ -9,7 +9,9 @@ Every run is `nanoseek rl` (`train.rl.rl`) with the speedrun's RL settings (conf
 multiplication, AdamW at a constant 1e-4, temperature 0.7), a smaller budget (RL_TINY) and two policy updates
 per batch of rollouts (rl.num_iterations = 2): with one, the policy that sampled is the one updated, the ratio
 is 1 and no clipping can act, so GRPO and REINFORCE could differ only in their advantages and normalisers.
-The methods are settings of `train.grpo`'s functions (METHODS). Each run's held-out pass@1 (RL's own test-split
+The methods are settings of `train.grpo`'s functions (METHODS). Every run stops at the same budget in samples,
+steps x prompts x group size completions (rl.max_samples): the others reach it at their last step, DAPO, whose
+dynamic sampling generates more per step, in fewer steps. Each run's held-out pass@1 (RL's own test-split
 problems, k samples each) is measured before RL, every rl.eval_every steps and after the last step.
 """
 
@@ -96,7 +98,7 @@ def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: s
     base = base or build_base(out / "base", scale.base, quiet)
     for seed in scale.seeds:  # seed by seed: an unfinished study has every method on its first seeds
         for method, settings in METHODS.items():
-            cfg = rl_config(scale, [*SHARED, *settings], seed)
+            cfg = rl_config(scale, [*SHARED, f"rl.max_samples={scale.samples}", *settings], seed)
             run_once(rl, cfg, out / "runs" / f"{method}-s{seed}", base / "sft", quiet=quiet)
     return report(out, scale)
 
@@ -104,18 +106,17 @@ def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: s
 def report(out: Path, scale: RLScale) -> Path:
     curves = finished_curves(out, list(METHODS), scale)
     final = {m: [100 * c["pass@1"][-1][1] for c in runs] for m, runs in curves.items()}
-    at_budget = {m: [100 * within_budget(c, scale.samples) for c in runs] for m, runs in curves.items()}
     write_json(out / "results.json", dict(scale=scale.name, samples_budget=scale.samples, curves=curves))
     lines = [
         f"# RL ablation: the GRPO family side by side (scale `{scale.name}`)",
         "",
         f"From one SFT model; {scale.steps} steps x {scale.prompts_per_step} prompts x {scale.group_size} samples "
-        f"= {scale.samples:,} completions per run (DAPO's dynamic sampling generates more: its own column), "
-        f"{len(scale.seeds)} seeds. Held-out pass@1 on {scale.eval_problems} test-split problems, "
-        f"{scale.eval_samples} samples each, in %: mean ± sd over the seeds that finished (n). Difference from "
-        "GRPO ± its standard error, significant only beyond two: after the last step, and at equal samples (the "
-        f"last evaluation within {scale.samples:,} completions: the same for every method but DAPO, whose dynamic "
-        "sampling spends the budget in fewer steps). Entropy and length: the mean of the last 10 steps.",
+        f"= {scale.samples:,} completions per run: every run stops once it has generated that many "
+        "(rl.max_samples), DAPO, whose dynamic sampling generates more per step, after fewer steps (its last "
+        f"step may overshoot by part of a step). {len(scale.seeds)} seeds. Held-out pass@1 on "
+        f"{scale.eval_problems} test-split problems, {scale.eval_samples} samples each, in %: mean ± sd over the "
+        "seeds that finished (n). Difference from GRPO ± its standard error, significant only beyond two. "
+        "Entropy and length: the mean of the last 10 steps.",
         "",
     ]
     header = [
@@ -124,8 +125,7 @@ def report(out: Path, scale: RLScale) -> Path:
         "before RL",
         "final pass@1",
         "vs grpo",
-        f"pass@1 within {scale.samples:,} samples",
-        "vs grpo (equal samples)",
+        "steps",
         "completions generated",
         "entropy",
         "length (tokens)",
@@ -141,15 +141,14 @@ def report(out: Path, scale: RLScale) -> Path:
                 mean_sd_text([100 * c["pass@1"][0][1] for c in runs]),
                 mean_sd_text(final[m]),
                 versus(final[m], final["grpo"], m == "grpo"),
-                mean_sd_text(at_budget[m]),
-                versus(at_budget[m], at_budget["grpo"], m == "grpo"),
+                f"{mean_sd([c['samples'][-1][0] for c in runs])[0]:.1f}",
                 f"{mean_sd([c['samples'][-1][1] for c in runs])[0]:,.0f}",
                 level(runs, "entropy", "{:.3f}"),
                 level(runs, "length", "{:.1f}"),
             ]
         )
     lines += markdown_table(header, rows)
-    lines += ["", "Settings (beyond " + ", ".join(SHARED) + "):", ""]
+    lines += ["", "Settings (beyond " + ", ".join([*SHARED, f"rl.max_samples={scale.samples}"]) + "):", ""]
     lines += [f"- `{m}`: " + ", ".join(f"`{s}`" for s in settings) for m, settings in METHODS.items()]
     return write_report(
         out,
@@ -171,9 +170,3 @@ def versus(values: list[float], grpo: list[float], is_grpo: bool) -> str:
     if min(len(values), len(grpo)) < 2:
         return f"{diff:+.1f} (one seed: no error)"
     return f"{diff:+.1f} ± {se:.1f}" + (" (significant)" if sig else "")
-
-
-def within_budget(curve: dict[str, list[tuple[float, float]]], budget: int) -> float:
-    """Held-out pass@1 at the last evaluation made before the run had generated more than `budget` completions."""
-    samples = dict(curve["samples"])
-    return [acc for step, acc in curve["pass@1"] if samples.get(step, 0) <= budget][-1]

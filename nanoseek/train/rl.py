@@ -186,10 +186,17 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
         max_seq_len = min(model.cfg.max_seq_len, max_prompt + r.max_new_tokens + 8)
 
     before = None  # the held-out evaluation before the first step, kept in every checkpoint
-    state = run.begin(model, tokenizer, lambda: {"sampler": sampler.state_dict(), "before": before, "stage": "rl"})
+    generated = 0  # completions generated so far (rl.max_samples), kept in every checkpoint
+    state = run.begin(
+        model,
+        tokenizer,
+        lambda: {"sampler": sampler.state_dict(), "before": before, "generated": generated, "stage": "rl"},
+    )
     if state is not None:
         sampler.load_state_dict(state["sampler"])
         before = state.get("before")
+        generated = state.get("generated", 0)
+    run.ending = bool(r.max_samples) and generated >= r.max_samples
     # The engine decodes the policy's twin (16-bit matmul weights; whole weights when the policy is sharded).
     engine_policy = parallel.generation_policy(model, autocast_dtype(run.device))
     engine = Engine(
@@ -218,6 +225,8 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
         parallel.refresh_generation_policy(engine_policy, model)
         t_update = time.perf_counter() - t1
         done = step + 1
+        generated += batch.groups_generated * r.group_size
+        run.ending = bool(r.max_samples) and generated >= r.max_samples
 
         record: dict[str, Any] = dict(
             step=done,
@@ -225,6 +234,7 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
             accuracy=batch.sampled_accuracy,
             zero_variance_groups=batch.zero_variance_fraction,
             samples=batch.groups_generated * r.group_size,  # generated this step, dropped groups included
+            samples_total=generated,
             **stats,
             lr=run.lr(),
             time_rollout=t_rollout,
@@ -234,7 +244,7 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
         )
         if batch.reward_warnings:
             record["reward_warnings"] = batch.reward_warnings
-        if r.eval_every and done % r.eval_every == 0 and done < t.steps and eval_rows:
+        if r.eval_every and done % r.eval_every == 0 and done < t.steps and not run.ending and eval_rows:
             ev = evaluate(engine, tokenizer, eval_rows, r, seed=t.seed)
             record.update(eval_accuracy=ev["accuracy"]["all"], eval=ev["accuracy"])
         run.log.write(record)
@@ -247,8 +257,10 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
     engine.release()
     reward_set.close()  # its worker processes (import-path rewards) end here
 
-    summary: dict[str, Any] = dict(stage="rl", steps=run.done, wall_time_s=run.elapsed())
-    if eval_rows and run.done == t.steps:
+    summary: dict[str, Any] = dict(
+        stage="rl", steps=run.done, samples=generated, finished=run.finished, wall_time_s=run.elapsed()
+    )
+    if eval_rows and run.finished:
         after = evaluate(engine, tokenizer, eval_rows, r, seed=t.seed)
         engine.release()
         run.log.write(dict(step=run.done, eval_accuracy=after["accuracy"]["all"], eval=after["accuracy"]))

@@ -166,6 +166,7 @@ class Run:
         self.parallel = "single"  # the layout over the ranks, set by `begin` (`nanoseek.train.parallel`)
         self.log: MetricsLog | NullLog = NullLog()
         self.start = self.done = 0  # the step this process started from; the steps done so far
+        self.ending = False  # set by a stage's step body: this step is the run's last (e.g. rl.max_samples reached)
         self.bar: tqdm | None = None
         self._t_start = time.perf_counter()
 
@@ -266,23 +267,32 @@ class Run:
     def steps(self) -> Iterator[int]:
         """The steps left (0-based), each with its learning rate set.
 
-        After each step's body: a checkpoint every train.checkpoint_every steps, after the last and at
-        `stop_at` (which ends the loop), then the progress bar's tick (the body sets its postfix).
+        After each step's body: a checkpoint every train.checkpoint_every steps, after the last (train.steps,
+        or the step whose body set `ending`) and at `stop_at` (which ends the loop), then the progress bar's
+        tick (the body sets its postfix). None left when `ending` is already set (a resumed run that had ended).
         """
         t = self.train_cfg
         self.bar = tqdm(total=t.steps, initial=self.start, desc=self.stage, disable=self.quiet, dynamic_ncols=True)
         self._t_start = time.perf_counter()
         for step in range(self.start, t.steps):
+            if self.ending:
+                break
             set_lr(self.optimizers, lr_factor(step, t))
             yield step
             self.done = step + 1
-            interrupted = self.stop_at is not None and self.done >= self.stop_at and self.done < t.steps
-            if self.done % t.checkpoint_every == 0 or self.done == t.steps or interrupted:
+            last = self.done == t.steps or self.ending
+            interrupted = not last and self.stop_at is not None and self.done >= self.stop_at
+            if self.done % t.checkpoint_every == 0 or last or interrupted:
                 self.save()
             self.bar.update(1)
-            if interrupted:
+            if interrupted or last:
                 break
         self.bar.close()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has done all its steps: train.steps, or the last one a step body marked `ending`."""
+        return self.done == self.train_cfg.steps or self.ending
 
     def save(self) -> None:
         """Checkpoint this step: sharded by every rank under FSDP or EP, else the ordinary one by rank 0."""
