@@ -136,6 +136,27 @@ def test_cuda_grouped_kernel_matches_float64_loop(mode, monkeypatch):
     assert rel < 2e-2
 
 
+@pytest.mark.parametrize("rows_per_expert, kernel_dtype", [(4, torch.float32), (2048, torch.bfloat16)])
+def test_cpu_experts_under_bf16_autocast_multiply_in_bf16_only_with_enough_work(rows_per_expert, kernel_dtype):
+    # With few rows per expert a bf16 grouped GEMM on CPU is slower than float32 (per-call conversions), so the
+    # experts keep the float32 rows; with many they take autocast's bf16. Either way within bf16 of float64.
+    torch.manual_seed(0)
+    cfg = moe_config(d_model=64, moe_d_ff=32, n_routed_experts=4, top_k=2)
+    ref_layer = MoE(cfg).double()
+    for p in ref_layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    counts = torch.full((4,), rows_per_expert)
+    x = torch.randn(int(counts.sum()), 64, dtype=torch.float64)
+    ref = ref_layer.experts(x, counts)
+    layer = MoE(cfg)
+    layer.load_state_dict(ref_layer.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.experts(x.float(), counts)
+    assert out.dtype == kernel_dtype
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if kernel_dtype == torch.float32 else 2e-2)
+
+
 def test_selection_bias_changes_choice_not_gate_weights():
     torch.manual_seed(0)
     cfg = moe_config(score_func="sigmoid", norm_topk_prob=False)

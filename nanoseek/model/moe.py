@@ -89,6 +89,24 @@ def _(x: Tensor, w_t: Tensor, offs: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], w_t.shape[-1])
 
 
+# On CPU each expert's 16-bit matmul costs tens of microseconds more than a float32 one (oneDNN converts and
+# reorders per call), so under bf16 autocast the experts gain only when each does enough work; below this many
+# multiply-adds per expert per matmul float32 is faster (torch 2.13, AVX-512 BF16: fwd + bwd 2-7x faster in
+# float32 at 4-32 rows of 64 x 32; bf16 ahead from ~2^19: docs/LOG.md, 2026-12-01, fourth session).
+_CPU_BF16_MIN_MACS = 1 << 19
+
+
+def _experts_dtype(x: Tensor, n_experts: int, d_ff: int) -> torch.dtype:
+    """The dtype the experts multiply in: autocast's, as for any matmul (autocast does not cover
+    _grouped_mm), except on CPU for too little work per expert (the rows' own dtype, float32 in training)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x.dtype
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if x.shape[0] / max(n_experts, 1) * x.shape[-1] * d_ff < _CPU_BF16_MIN_MACS:
+            return x.dtype
+    return torch.get_autocast_dtype(x.device.type)
+
+
 def count_per_expert(expert_ids: Tensor, n_experts: int) -> Tensor:
     """How many entries of expert_ids name each expert. Unlike torch.bincount, no host sync on CUDA."""
     flat = expert_ids.reshape(-1)
@@ -229,9 +247,7 @@ class MoE(nn.Module):
         # Training keeps float32 weights under bf16 autocast, and the RMSNorm before this layer hands
         # over float32 rows; autocast does not cover _grouped_mm, so cast here as autocast would for a
         # matmul, or the trainer would never reach the kernel. (.to is a no-op when nothing changes.)
-        dtype = x_sorted.dtype
-        if torch.is_autocast_enabled(x_sorted.device.type):
-            dtype = torch.get_autocast_dtype(x_sorted.device.type)
+        dtype = _experts_dtype(x_sorted, counts.shape[0], self.cfg.moe_d_ff)
         if _kernel_ok(x_sorted, dtype) and self.cfg.moe_d_ff % 8 == 0:
             x = x_sorted.to(dtype)
             h = F.silu(grouped_mm(x, self.w1.to(dtype), counts)) * grouped_mm(x, self.w3.to(dtype), counts)
