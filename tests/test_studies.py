@@ -54,6 +54,14 @@ def test_significance_is_the_difference_beyond_two_standard_errors():
     assert not common.significant([0.9], [0.1])[2]  # no spread to judge by
     assert rl_ablation.versus([0.9], [0.1, 0.2], False) == "+0.8 (one seed: no error)"
     assert rl_ablation.versus(a, b, False) == f"{diff:+.1f} ± {reference_se:.1f} (significant)"
+    # Paired by seed: only the seeds both have; the differences' spread, not the two means'.
+    diffs = [0.50 - 0.40, 0.54 - 0.43]  # seeds 0 and 1; seed 2 only on one side
+    pd, pse, psig, n = common.paired({0: 0.50, 1: 0.54, 2: 0.52}, {1: 0.43, 0: 0.40, 5: 0.1})
+    assert n == 2 and pd == pytest.approx(statistics.mean(diffs))
+    assert pse == pytest.approx(statistics.stdev(diffs) / math.sqrt(2)) and psig == (abs(pd) > 2 * pse)
+    matched = common.paired(dict(enumerate([0.50, 0.54, 0.52])), dict(enumerate([0.41, 0.44, 0.42])))
+    assert matched[1] < reference_se and matched[2]  # the seeds' shared part cancels: a tighter error
+    assert rl_ablation.versus_paired({0: 0.9}, {0: 0.1}, False) == "+0.8 (one seed: no error)"
     assert common.mean_sd_text([2.0, 4.0]) == f"3.0 ± {statistics.stdev([2.0, 4.0]):.1f}"
     assert common.mean_sd_text([2.0]) == "2.0"  # one seed: its spread is unknown, not 0
 
@@ -74,6 +82,15 @@ def test_level_averages_each_seeds_ends_over_the_seeds_that_have_points():
     assert common.level([dict(x=a), dict(x=b)], "x", "{:.2f}", first=True) == f"{(5.5 + 2.0) / 2:.2f}"
     assert common.level([dict(x=a), dict(x=[])], "x", "{:.2f}") == "7.50"  # no point: not a zero
     assert common.level([dict(x=[])], "x", "{:.2f}") == "-"
+
+
+def test_pass1_on_the_sample_grid_interpolates_between_evaluations_and_ends_at_the_budget():
+    # Evaluations before RL, after step 2 (300 completions) and after step 4, which overshot the 400 budget.
+    curve = {"samples": [(1, 100), (2, 300), (3, 420), (4, 520)], "pass@1": [(0, 0.2), (2, 0.5), (4, 0.6)]}
+    grid = rl_ablation.on_sample_grid(curve, 400, points=4)
+    # x in thousands: 0, 100, 200, 300, 400 completions; 100 and 200 on the line from (0, 0.2) to (300, 0.5).
+    assert [x for x, _ in grid] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert [y for _, y in grid] == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6])
 
 
 def test_moe_models_match_the_dense_model_in_active_width_and_the_wide_one_in_total_size():
@@ -199,7 +216,7 @@ def test_rl_ablation_quick_end_to_end_and_rerun_skips(rl_study, monkeypatch):
     grpo_samples = results["curves"]["grpo"][0]["samples"][-1][1]
     assert grpo_samples == results["samples_budget"] == 2 * 2 * 2
     assert results["curves"]["dapo"][0]["samples"][-1][1] >= grpo_samples
-    for png in ("pass1", "entropy", "length"):
+    for png in ("pass1_by_samples", "entropy", "length"):
         assert (rl_study / "plots" / f"{png}.png").exists()
     _forbid_training(monkeypatch, rl_ablation)
     assert rl_ablation.run_study(rl_study, quick=True, quiet=True).read_text() == table

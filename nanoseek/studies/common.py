@@ -86,6 +86,17 @@ def significant(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, b
     return ma - mb, se, len(a) > 1 and len(b) > 1 and abs(ma - mb) > 2 * se
 
 
+def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, bool, int]:
+    """Over the seeds both runs have (a seed fixes the start, the prompts and the held-out problems, so its
+    runs are matched): (the mean of a - b, its standard error sd(a - b) / sqrt(n), whether beyond two, n)."""
+    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+    if len(diffs) < 2:
+        return (diffs[0] if diffs else math.nan), math.nan, False, len(diffs)
+    mean, sd = mean_sd(diffs)
+    se = sd / math.sqrt(len(diffs))
+    return mean, se, abs(mean) > 2 * se, len(diffs)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
@@ -162,9 +173,13 @@ def rl_curves(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
 
 def finished_curves(out: Path, labels: Sequence[str], scale: RLScale) -> dict[str, list[dict[str, Any]]]:
     """label -> `rl_curves` of its runs OUT/runs/LABEL-sSEED that finished (an unfinished run's last held-out
-    evaluation is not its final one), in seed order."""
-    runs = {label: [out / "runs" / f"{label}-s{seed}" for seed in scale.seeds] for label in labels}
-    return {label: [rl_curves(d) for d in dirs if stage_done(d, scale.steps)] for label, dirs in runs.items()}
+    evaluation is not its final one), in seed order, each with its "seed"."""
+
+    def finished(label: str) -> list[dict[str, Any]]:
+        dirs = {seed: out / "runs" / f"{label}-s{seed}" for seed in scale.seeds}
+        return [dict(rl_curves(d), seed=seed) for seed, d in dirs.items() if stage_done(d, scale.steps)]
+
+    return {label: finished(label) for label in labels}
 
 
 def level(runs: Sequence[dict[str, Any]], key: str, fmt: str, first: bool = False, n: int = 10) -> str:
@@ -207,18 +222,22 @@ def plot_bands(
 
 
 def write_report(
-    out: Path, lines: list[str], curves: dict[str, list[dict[str, Any]]], panels: Sequence[tuple[str, str, str]]
+    out: Path,
+    lines: list[str],
+    curves: dict[str, list[dict[str, Any]]],
+    panels: Sequence[tuple[str, str, str] | tuple[str, str, str, str]],
 ) -> Path:
-    """out/table.md: `lines`, then one `plot_bands` PNG per panel (curve key, title, y label) over `curves`
-    (label -> its seeds' runs -> key -> curve), linked under "## Plots"."""
+    """out/table.md: `lines`, then one `plot_bands` PNG per panel (curve key, title, y label[, x label: default
+    step]) over `curves` (label -> its seeds' runs -> key -> curve), linked under "## Plots"."""
     pngs = [
         plot_bands(
-            out / "plots" / f"{key.replace('@', '')}.png",
-            title,
-            ylabel,
-            {s: [c[key] for c in r] for s, r in curves.items()},
+            out / "plots" / f"{panel[0].replace('@', '').replace(' ', '_')}.png",
+            panel[1],
+            panel[2],
+            {s: [c[panel[0]] for c in r] for s, r in curves.items()},
+            *panel[3:],
         )
-        for key, title, ylabel in panels
+        for panel in panels
     ]
     lines = [*lines, "", "## Plots", "", *(f"![{p.stem}](plots/{p.name})" for p in pngs), ""]
     (out / "table.md").write_text("\n".join(lines))

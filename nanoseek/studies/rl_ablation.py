@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from nanoseek.studies.common import (
     RLScale,
     build_base,
@@ -29,6 +31,7 @@ from nanoseek.studies.common import (
     markdown_table,
     mean_sd,
     mean_sd_text,
+    paired,
     rl_config,
     run_once,
     significant,
@@ -105,7 +108,11 @@ def run_study(out: str | Path, quick: bool = False, quiet: bool = False, base: s
 
 def report(out: Path, scale: RLScale) -> Path:
     curves = finished_curves(out, list(METHODS), scale)
+    for runs in curves.values():
+        for c in runs:
+            c["pass@1 by samples"] = on_sample_grid(c, scale.samples)
     final = {m: [100 * c["pass@1"][-1][1] for c in runs] for m, runs in curves.items()}
+    by_seed = {m: {c["seed"]: 100 * c["pass@1"][-1][1] for c in runs} for m, runs in curves.items()}
     write_json(out / "results.json", dict(scale=scale.name, samples_budget=scale.samples, curves=curves))
     lines = [
         f"# RL ablation: the GRPO family side by side (scale `{scale.name}`)",
@@ -115,7 +122,9 @@ def report(out: Path, scale: RLScale) -> Path:
         "(rl.max_samples), DAPO, whose dynamic sampling generates more per step, after fewer steps (its last "
         f"step may overshoot by part of a step). {len(scale.seeds)} seeds. Held-out pass@1 on "
         f"{scale.eval_problems} test-split problems, {scale.eval_samples} samples each, in %: mean ± sd over the "
-        "seeds that finished (n). Difference from GRPO ± its standard error, significant only beyond two. "
+        "seeds that finished (n). Difference from GRPO ± its standard error, significant only beyond two: "
+        "between the means, and paired by seed (the runs of one seed share the start, the prompts and the "
+        "held-out problems; the mean of the seeds' differences ± their sd / sqrt(n)). "
         "Entropy and length: the mean of the last 10 steps.",
         "",
     ]
@@ -125,6 +134,7 @@ def report(out: Path, scale: RLScale) -> Path:
         "before RL",
         "final pass@1",
         "vs grpo",
+        "vs grpo, paired by seed",
         "steps",
         "completions generated",
         "entropy",
@@ -141,6 +151,7 @@ def report(out: Path, scale: RLScale) -> Path:
                 mean_sd_text([100 * c["pass@1"][0][1] for c in runs]),
                 mean_sd_text(final[m]),
                 versus(final[m], final["grpo"], m == "grpo"),
+                versus_paired(by_seed[m], by_seed["grpo"], m == "grpo"),
                 f"{mean_sd([c['samples'][-1][0] for c in runs])[0]:.1f}",
                 f"{mean_sd([c['samples'][-1][1] for c in runs])[0]:,.0f}",
                 level(runs, "entropy", "{:.3f}"),
@@ -155,7 +166,12 @@ def report(out: Path, scale: RLScale) -> Path:
         lines,
         curves,
         [
-            ("pass@1", "held-out pass@1", "pass@1"),
+            (
+                "pass@1 by samples",
+                "held-out pass@1 by completions generated (interpolated between evaluations)",
+                "pass@1",
+                "completions generated (thousands)",
+            ),
             ("entropy", "policy entropy", "nats/token"),
             ("length", "mean response length", "tokens"),
         ],
@@ -170,3 +186,25 @@ def versus(values: list[float], grpo: list[float], is_grpo: bool) -> str:
     if min(len(values), len(grpo)) < 2:
         return f"{diff:+.1f} (one seed: no error)"
     return f"{diff:+.1f} ± {se:.1f}" + (" (significant)" if sig else "")
+
+
+def versus_paired(values: dict[int, float], grpo: dict[int, float], is_grpo: bool) -> str:
+    """The mean of the per-seed differences from GRPO ± its standard error, marked when beyond two."""
+    if is_grpo:
+        return "-"
+    diff, se, sig, n = paired(values, grpo)
+    if n < 2:
+        return "-" if n == 0 else f"{diff:+.1f} (one seed: no error)"
+    return f"{diff:+.1f} ± {se:.1f}" + (" (significant)" if sig else "")
+
+
+def on_sample_grid(curve: dict[str, list[tuple[float, float]]], budget: int, points: int = 4) -> list[tuple]:
+    """Held-out pass@1 at 0, 1/points, ..., all of the budget in completions (x in thousands), linear between
+    the evaluations, the last evaluation (after the step that reached the budget) placed at the budget: one grid
+    for every method, whose evaluations fall at different sample counts (DAPO's dynamic sampling)."""
+    samples = dict(curve["samples"])
+    evals = [(0.0 if step == 0 else float(samples[step]), acc) for step, acc in curve["pass@1"]]
+    evals[-1] = (float(budget), evals[-1][1])
+    xs = [budget * k / points for k in range(points + 1)]
+    at_x, pass1 = zip(*evals, strict=True)
+    return [(x / 1000, float(y)) for x, y in zip(xs, np.interp(xs, at_x, pass1), strict=True)]
