@@ -21,6 +21,12 @@ import os
 import sys
 import traceback
 
+# OpenMP threads that wait for work by spinning stall every parallel region when another process holds one of
+# the cores (a second job, reward workers, a test run): two-thread pretraining beside three busy processes ran
+# 2.2-5x slower than with passive waiting, which costs nothing measurable on a quiet machine (docs/LOG.md,
+# 2026-12-02). Read once when the OpenMP runtime loads, i.e. before torch is imported; a user's value stands.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("nanoseek.commands.tokenizer", "train or inspect a byte-level BPE tokenizer"),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -31,3 +35,14 @@ def test_model_command_prints_every_preset(capsys):
         with torch.device("meta"):
             m = Transformer(get_preset(name))
         assert f"{m.num_params() / 1e6:.1f}M" in out and name in out
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_makes_openmp_threads_wait_passively_unless_told_otherwise(given, expected):
+    # Read by the OpenMP runtime when it loads: the command must set it before anything imports torch.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import sys, nanoseek.cli, os; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", expected]
