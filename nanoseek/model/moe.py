@@ -92,7 +92,10 @@ def _(x: Tensor, w_t: Tensor, offs: Tensor) -> Tensor:
 # On CPU each expert's 16-bit matmul costs tens of microseconds more than a float32 one (oneDNN converts and
 # reorders per call), so under bf16 autocast the experts gain only when each does enough work; below this many
 # multiply-adds per expert per matmul float32 is faster (torch 2.13, AVX-512 BF16: fwd + bwd 2-7x faster in
-# float32 at 4-32 rows of 64 x 32; bf16 ahead from ~2^19: docs/LOG.md, 2026-12-01, fourth session).
+# float32 at 4-32 rows of 64 x 32; bf16 ahead from ~2^19: docs/LOG.md, 2026-12-01, fourth session). The rule
+# reads only shapes, so the trainer's passes over one micro-batch agree; the engine's bf16 twin
+# (train/parallel.py) does not follow it, a CPU-only engine/trainer difference that truncated importance
+# sampling absorbs like any other.
 _CPU_BF16_MIN_MACS = 1 << 19
 
 
