@@ -7,10 +7,14 @@ A preset with an [envs] table runs this instead of the task pipeline:
 1. pretraining (the [pretrain] table), or reuse of a checkpoint (envs.pretrained);
 2. the heuristic's SFT transcripts of each environment (`nanoseek data make --env E --policy heuristic`),
    envs.transcripts of each, shuffled into one file;
-3. one SFT on that file (the [sft] table): one model that has seen every environment's opening;
-4. RL from it on each environment alone (the [rl] table with rl.envs = E, then envs.rl_overrides[E]);
+3. one SFT on that file (the [sft] table): one model that has seen every environment's opening; then, for each
+   environment in envs.env_sft, that model fine-tuned again on the environment's own heuristic transcripts
+   (`transcripts` of them, the heuristic's `noise` knob, `steps` steps of the [sft] table's settings);
+4. RL on each environment alone (the [rl] table with rl.envs = E, then envs.rl_overrides[E]), from E's own
+   SFT model where it has one, else the shared one;
 5. `nanoseek eval --env E` on envs.eval_episodes held-out seeds: the environment's own random, heuristic and
-   oracle policies, the SFT model and E's RL model, greedy by default (envs.eval_temperature).
+   oracle policies, E's SFT model (the one its RL started from) and E's RL model, greedy by default
+   (envs.eval_temperature).
 OUT/report.md gets the table: normalised score (0 = random, 1 = oracle) mean ± s.e. per policy, the paired
 differences RL - heuristic and RL - SFT on the same seeds, and each stage's wall and CPU seconds.
 Every stage resumes or is skipped when done, as in the task speedrun (nanoseek/speedrun.py).
@@ -48,21 +52,33 @@ class EnvsPlan:
     eval_max_new_tokens: int = 12
     pretrained: str = ""  # a checkpoint to start SFT from; "" = pretrain here with the [pretrain] table
     rl_overrides: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # SECTION.FIELD=V per env
+    # env -> {"transcripts": N, "noise": X, "steps": S}: a second SFT on that env alone (module docstring)
+    env_sft: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+ENV_SFT_FIELDS = {"transcripts": int, "noise": float, "steps": int}
 
 
 def load_plan(table: dict[str, Any], overrides: list[str]) -> EnvsPlan:
-    """The [envs] table, then --set envs.FIELD=V (names=a,b; transcripts.ENV=N), checked before any work."""
-    values = {**table, "transcripts": dict(table.get("transcripts", {}))}
+    """The [envs] table, then --set envs.FIELD=V (names=a,b; transcripts.ENV=N; env_sft.ENV.FIELD=V), checked
+    before any work."""
+    values = {
+        **table,
+        "transcripts": dict(table.get("transcripts", {})),
+        "env_sft": {env: dict(spec) for env, spec in table.get("env_sft", {}).items()},
+    }
     for item in overrides:
         dotted, _, value = item.partition("=")
         field, *env = dotted.split(".")
         where = f"--set envs.{item}"
         if field == "transcripts" and len(env) == 1:
             values["transcripts"][env[0]] = _number(int, value, where)
+        elif field == "env_sft" and len(env) == 2 and env[1] in ENV_SFT_FIELDS:
+            values["env_sft"].setdefault(env[0], {})[env[1]] = _number(ENV_SFT_FIELDS[env[1]], value, where)
         elif env or field not in ("names", "eval_episodes", "eval_temperature", "eval_max_new_tokens", "pretrained"):
             raise InputError(
                 f"{where}: expected envs.FIELD=VALUE (names, eval_episodes, eval_temperature, "
-                "eval_max_new_tokens, pretrained) or envs.transcripts.ENV=N"
+                "eval_max_new_tokens, pretrained), envs.transcripts.ENV=N or envs.env_sft.ENV.FIELD=V"
             )
         elif field == "names":
             values["names"] = [n.strip() for n in value.split(",") if n.strip()]
@@ -77,11 +93,17 @@ def load_plan(table: dict[str, Any], overrides: list[str]) -> EnvsPlan:
         raise InputError("[envs] names: at least one environment")
     for name in plan.names:
         make(name)  # an unknown environment is named before any work
-    for field in ("transcripts", "rl_overrides"):
+    for field in ("transcripts", "rl_overrides", "env_sft"):
         if extra := set(getattr(plan, field)) - set(plan.names):
             raise InputError(f"[envs] {field}: {sorted(extra)} not in names {plan.names}")
     if plan.eval_episodes < 1 or any(n < 1 for n in plan.transcripts.values()):
         raise InputError("[envs] eval_episodes and transcripts: at least 1")
+    for name, spec in plan.env_sft.items():
+        if not {"transcripts", "steps"} <= set(spec) <= set(ENV_SFT_FIELDS):
+            raise InputError(f"[envs] env_sft.{name}: expected transcripts, steps (and noise), got {sorted(spec)}")
+        if spec["transcripts"] < 1 or spec["steps"] < 1:
+            raise InputError(f"[envs] env_sft.{name}: transcripts and steps at least 1")
+        make(name, noise=spec.get("noise", 0.0))  # a noise outside [0, 1] is named here
     return plan
 
 
@@ -92,16 +114,31 @@ def _number(kind: type, value: str, where: str) -> Any:
         raise InputError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
 
 
-def write_transcripts(plan: EnvsPlan, path: Path, seed: int = 0) -> None:
-    """Each environment's heuristic episodes on seeds seed, seed+1, ... (the rows of `nanoseek data make --env
-    E --policy heuristic`), shuffled into one SFT file: its first rows, SFT's validation, hold every env."""
+def heuristic_rows(name: str, n: int, noise: float = 0.0, seed: int = 0) -> list[dict[str, Any]]:
+    """The heuristic's episodes of env `name` on seeds seed, seed+1, ...: the rows of `nanoseek data make --env
+    NAME --policy heuristic --set noise=NOISE`."""
+    env = make(name, noise=noise)
     rows = []
-    for name in plan.names:
-        env = make(name)
-        for i in range(plan.transcripts.get(name, 1000)):
-            t = play_policy(env, "heuristic", seed + i)
-            rows.append({**t.sft_record(), "env": name, "seed": t.seed, "policy": t.policy, "score": t.score})
+    for i in range(n):
+        t = play_policy(env, "heuristic", seed + i)
+        rows.append({**t.sft_record(), "env": name, "seed": t.seed, "policy": t.policy, "score": t.score})
+    return rows
+
+
+def write_transcripts(plan: EnvsPlan, path: Path, seed: int = 0) -> None:
+    """Each environment's heuristic episodes, shuffled into one SFT file: its first rows, SFT's validation, hold
+    every env."""
+    rows = [row for name in plan.names for row in heuristic_rows(name, plan.transcripts.get(name, 1000), seed=seed)]
     random.Random(seed).shuffle(rows)
+    write_rows(rows, path)
+
+
+def write_env_transcripts(name: str, spec: dict[str, Any], path: Path) -> None:
+    """The transcripts of env_sft's entry `spec` for env `name` (its own SFT's data)."""
+    write_rows(heuristic_rows(name, spec["transcripts"], spec.get("noise", 0.0)), path)
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -140,6 +177,9 @@ def envs_speedrun(
     plan = load_plan(spec["envs"], per_stage.get("envs", []))
     pt = stage_config("pretrain", spec, per_stage["pretrain"])  # every config checked before any work
     sft_cfg = stage_config("sft", spec, per_stage["sft"])
+    env_sft_cfgs = {
+        n: stage_config("sft", spec, [*per_stage["sft"], f"train.steps={s['steps']}"]) for n, s in plan.env_sft.items()
+    }
     rl_cfgs = {
         n: stage_config("rl", spec, [*per_stage["rl"], f"rl.envs={n}", *plan.rl_overrides.get(n, [])])
         for n in plan.names
@@ -177,16 +217,29 @@ def envs_speedrun(
     if not stage_done(out / "sft", sft_cfg.train.steps):
         say(f"sft: {sft_cfg.train.steps} steps")
         timed("sft", sft, sft_cfg, out / "sft", start, resume=True, quiet=quiet)
-    # 4. RL on each environment alone, from the SFT model.
+    # 3b. each env_sft environment's own SFT, from the shared one, on its own (noisy) heuristic transcripts.
+    sft_of = {name: out / "sft" for name in plan.names}
+    for name, cfg in env_sft_cfgs.items():
+        spec_n = plan.env_sft[name]
+        env_data = out / "data" / f"{name}.jsonl"
+        if not env_data.exists():
+            say(f"data {name}: {spec_n['transcripts']} heuristic transcripts, noise {spec_n.get('noise', 0.0)}")
+            timed(f"data_{name}", write_env_transcripts, name, spec_n, env_data)
+        cfg.data.files = [str(env_data)]
+        sft_of[name] = out / "sft_env" / name
+        if not stage_done(sft_of[name], cfg.train.steps):
+            say(f"sft {name}: {cfg.train.steps} steps")
+            timed(f"sft_{name}", sft, cfg, sft_of[name], out / "sft", resume=True, quiet=quiet)
+    # 4. RL on each environment alone, from its SFT model.
     for name, cfg in rl_cfgs.items():
         if not stage_done(out / "rl" / name, cfg.train.steps):
             say(f"rl {name}: {cfg.train.steps} steps")
-            timed(f"rl_{name}", rl, cfg, out / "rl" / name, out / "sft", resume=True, quiet=quiet)
+            timed(f"rl_{name}", rl, cfg, out / "rl" / name, sft_of[name], resume=True, quiet=quiet)
     # 5. every policy on the same held-out seeds.
     for name in plan.names:
         say(f"eval {name}")
         runs: dict[str, tuple[Path | None, str | None]] = {p: (None, p) for p in POLICIES}
-        runs |= {"sft": (out / "sft", None), "rl": (out / "rl" / name, None)}
+        runs |= {"sft": (sft_of[name], None), "rl": (out / "rl" / name, None)}
         for row in ROWS:
             timed(f"eval_{name}", evaluate, plan, name, out / "eval" / name / row, *runs[row])
     report = out / "report.md"
@@ -214,6 +267,14 @@ def report_text(plan: EnvsPlan, out: Path, timings: dict[str, dict[str, float]],
         f"Normalised score on {plan.eval_episodes} held-out seeds per environment (0 = the mean of random "
         f"episodes on the seed, 1 = the oracle's score), mean ± standard error; the models {sampling}, at most "
         f"{plan.eval_max_new_tokens} tokens a turn. The differences are paired over the same seeds.",
+        "",
+        "SFT is the model RL started from: the one SFT on every environment's heuristic transcripts"
+        + "".join(
+            f"; for {name}, that model fine-tuned {e['steps']} more steps on {e['transcripts']} of {name}'s own"
+            f" heuristic transcripts (noise {e.get('noise', 0.0):g})"
+            for name, e in plan.env_sft.items()
+        )
+        + ".",
         "",
         "| env | " + " | ".join({"sft": "SFT", "rl": "RL"}.get(r, r) for r in ROWS) + " | RL - heuristic | RL - SFT |",
         "|---|" + "---|" * (len(ROWS) + 2),

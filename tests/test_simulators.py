@@ -341,3 +341,69 @@ def budget_heuristic_scores(n: int) -> list[float]:
         rand, _, oracle = env.references()
         scores.append((env.total - rand) / (oracle - rand))
     return scores
+
+
+# ---------------------------------------------------------------------- the noisy heuristic (the `noise` knob)
+def neighbours(cls: type[Simulator], rule: str) -> set[str]:
+    """The actions a perturbation of the rule's `rule` may give, enumerated here from the docstrings."""
+    if cls is Farm:
+        if rule == "harvest":
+            return {rule}
+        water, n = (int(x[1:]) for x in rule.split())
+        waters = {min(80, max(0, water + 10 * k)) for k in (-2, -1, 1, 2)}
+        return {f"w{w} n{m}" for w in waters for m in {min(100, max(0, n + 20 * k)) for k in (-2, -1, 1, 2)}}
+    if cls is Inventory:
+        return {f"order {min(100, max(0, int(rule.split()[1]) + 10 * k))}" for k in (-2, -1, 1, 2)}
+    moves = [{min(25, max(0, int(x) + k)) for k in (-3, -2, -1, 1, 2, 3)} for x in rule.split()]
+    return {f"{h} {e} {r}" for h in moves[0] for e in moves[1] for r in moves[2]}
+
+
+def noisy_turns(cls: type[Simulator], noise: float, seeds: range) -> list[tuple[str, str, int]]:
+    """(the rule's action, the noisy player's, the day or week) of every turn of `seeds` episodes."""
+    from nanoseek.envs.baselines import play_policy
+
+    turns = []
+    for seed in seeds:
+        env, clean = cls(noise=noise), cls()  # the clean copy replays the same actions, to ask the rule
+        transcript = play_policy(env, "heuristic", seed)
+        clean.reset(seed)
+        for message in transcript.messages:
+            if message["role"] == "assistant":
+                turns.append((clean._heuristic_action(), message["content"], clean.t))
+                clean.step(message["content"])
+        assert clean.total == env.total
+    return turns
+
+
+@pytest.mark.parametrize("cls", ENVS)
+def test_noise_zero_is_the_rule_and_noise_one_its_neighbours(cls):
+    assert all(rule == played for rule, played, _ in noisy_turns(cls, 0.0, range(20)))
+    turns = noisy_turns(cls, 1.0, range(20))
+    for rule, played, t in turns:
+        assert played in neighbours(cls, rule), (rule, played)
+        if cls is Farm and t * TURN_DAYS >= N_DEADLINE and rule != "harvest":
+            assert played.endswith(" n0")  # no nitrogen after the deadline, where it is wasted
+    assert sum(rule != played for rule, played, _ in turns) > len(turns) / 2
+
+
+def test_noise_is_the_share_of_perturbed_turns():
+    turns = noisy_turns(Budget, 0.3, range(200))  # a budget perturbation always moves all three amounts
+    assert abs(sum(rule != played for rule, played, _ in turns) / len(turns) - 0.3) < 0.04
+
+
+@pytest.mark.parametrize("cls", ENVS)
+def test_noisy_transcripts_are_deterministic_and_scored_against_the_clean_references(cls):
+    from nanoseek.envs.baselines import play_policy
+
+    a, b = play_policy(cls(noise=0.3), "heuristic", 5), play_policy(cls(noise=0.3), "heuristic", 5)
+    assert a == b
+    env = cls(noise=0.3)
+    run(env, 6, policy="heuristic")
+    clean = cls()
+    clean.reset(6)
+    rand, heuristic, oracle = env.references()
+    assert (rand, heuristic, oracle) == clean.references()
+    assert math.isclose(env.score(), max(-1.0, min(1.0, (env.total - rand) / (oracle - rand))))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(UserError, match="noise must be in"):
+            cls(noise=bad)

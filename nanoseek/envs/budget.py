@@ -25,10 +25,10 @@ Conservation (checked every quarter by the tests): B_t = B_0 + revenue + interes
 emergencies - interest paid.
 
 Policies: `random`: each amount uniform in 0..25. `heuristic`: spend the quarter's revenue in equal shares
-(R // 3 each). `oracle`: the exact optimum with the known shocks: the score is a sum over (service, quarter)
-of C_k,s * g_k(x_k,s) - MU (1 + r)^(7 - s) x_k,s, with C_k,s = m_k,s sum_{t >= s + L_k} (1 - d_k)^(t - s - L_k) / 3,
-separable and concave in each amount, so each amount is its own argmax over 0..25. An upper bound on every
-seed for any policy, which cannot see the shocks ahead.
+(R // 3 each; with the `noise` knob, sim.py, some turns' amounts 1-3 off). `oracle`: the exact optimum
+with the known shocks: the score is a sum over (service, quarter) of C_k,s * g_k(x_k,s) - MU (1 + r)^(7 - s) x_k,s,
+with C_k,s = m_k,s sum_{t >= s + L_k} (1 - d_k)^(t - s - L_k) / 3, separable and concave in each amount, so each amount
+is its own argmax over 0..25. An upper bound on every seed for any policy, which cannot see the shocks ahead.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def effect(k: int, x: float) -> float:
 class Budget(Simulator):
     name: ClassVar[str] = "budget"
     description: ClassVar[str] = "a city's budget, 8 quarters: health, education, roads; lags, shocks, debt; welfare"
-    defaults: ClassVar[dict[str, Any]] = {"max_turns": QUARTERS}
+    defaults: ClassVar[dict[str, Any]] = {"max_turns": QUARTERS, "noise": 0.0}
     n_decisions: ClassVar[int] = QUARTERS
     penalty: ClassVar[float] = 3.0
     null_action: ClassVar[Any] = (0, 0, 0)
@@ -143,6 +143,11 @@ class Budget(Simulator):
     def _heuristic_action(self) -> str:
         share = self.revenue[self.t] // len(SERVICES)
         return " ".join([str(share)] * len(SERVICES))
+
+    def _perturbed_action(self, rng: random.Random) -> str:
+        """Each of the rule's amounts 1-3 $M off, clipped to 0-25."""
+        moved = (int(x) + rng.choice((-3, -2, -1, 1, 2, 3)) for x in self._heuristic_action().split())
+        return " ".join(str(min(MAX_SPEND, max(0, x))) for x in moved)
 
     def _oracle_action(self) -> str:
         return " ".join(str(self._best_amount(k, self.t)) for k in range(len(SERVICES)))

@@ -33,7 +33,8 @@ the right order, not a calibration. An invalid reply costs $50 and counts as "w0
 
 Policies: `random`: "harvest" with probability 1/8, else a uniform irrigation and nitrogen level. `heuristic`:
 100 kg N at the first decision; irrigate when the depletion is over 60 mm, the depletion rounded down to 10 mm
-(at most 80); harvest at the first decision after ripeness. `oracle`: dynamic programming with the known
+(at most 80); harvest at the first decision after ripeness (with the `noise` knob, sim.py, some turns'
+amounts one or two steps off). `oracle`: dynamic programming with the known
 weather: for each reachable total N and each harvest day, the yield is linear in sum ETa, so the best
 irrigation plan is an exact DP over the depletion (0..130 mm in 0.1 mm) and the 9 irrigation levels; the
 best of those plans. An upper bound on every seed for any policy, which cannot see the weather ahead.
@@ -79,7 +80,7 @@ def n_factor(n: float) -> float:
 class Farm(Simulator):
     name: ClassVar[str] = "farm"
     description: ClassVar[str] = "a maize season in 14-day decisions: irrigation, nitrogen, harvest; profit (FAO-56)"
-    defaults: ClassVar[dict[str, Any]] = {"max_turns": DECISIONS}
+    defaults: ClassVar[dict[str, Any]] = {"max_turns": DECISIONS, "noise": 0.0}
     n_decisions: ClassVar[int] = DECISIONS
     penalty: ClassVar[float] = 50.0
     null_action: ClassVar[Any] = (0, 0)
@@ -215,6 +216,18 @@ class Farm(Simulator):
         depletion = round(self.depletion / 10)
         water = min(80, depletion // 10 * 10) if depletion > 60 else 0
         return f"w{water} n{100 if self.t == 0 else 0}"
+
+    def _perturbed_action(self, rng: random.Random) -> str:
+        """Irrigation and (before the N deadline) nitrogen one or two steps off the rule's, clipped to their
+        ranges; a harvest stays a harvest (the rule's timing is right, and a late one costs 0.5% a day)."""
+        action = self._heuristic_action()
+        if action == "harvest":
+            return action
+        water, n = self._parse(action)
+        water = min(80, max(0, water + 10 * rng.choice((-2, -1, 1, 2))))
+        if self.t * TURN_DAYS < N_DEADLINE:
+            n = min(100, max(0, n + 20 * rng.choice((-2, -1, 1, 2))))
+        return f"w{water} n{n}"
 
     def _oracle_action(self) -> str:
         state = (self.t, self.depletion, self.n_applied)

@@ -27,7 +27,8 @@ Start: 30 units on hand, 20 ordered before week 0 arriving in week 1.
 Policies: `random` orders a uniform 0..100 each week. `heuristic`: order-up-to on the inventory position
 (on hand + on order): the forecast demand of the lead time plus the review week (this week and the next two)
 plus 30% safety stock; orders under 15 units skipped (the fixed fee). It ignores that orders placed in the last
-two weeks arrive too late, and the spread of the demand. `oracle`: dynamic programming
+two weeks arrive too late, and the spread of the demand (with the `noise` knob, sim.py, some orders 10-20
+units off). `oracle`: dynamic programming
 with the known future (the realised demand): with the demand known the order placed in week t only decides
 what arrives in week t + 2, so the exact optimum is a one-dimensional DP over the stock on hand before each
 arrival (0..CAP, whole units) and the arrival (0..100); an upper bound on every seed for any policy, which
@@ -64,7 +65,7 @@ def poisson(rng: random.Random, mean: float) -> int:
 class Inventory(Simulator):
     name: ClassVar[str] = "inventory"
     description: ClassVar[str] = "a shop orders stock for 8 weeks: 2-week lead time, seasonal random demand; profit"
-    defaults: ClassVar[dict[str, Any]] = {"max_turns": WEEKS}
+    defaults: ClassVar[dict[str, Any]] = {"max_turns": WEEKS, "noise": 0.0}
     n_decisions: ClassVar[int] = WEEKS
     penalty: ClassVar[float] = 20.0
     null_action: ClassVar[Any] = 0
@@ -134,6 +135,11 @@ class Inventory(Simulator):
         position = self.stock + sum(self.arrivals.values())
         q = round(1.3 * sum(self.forecast[self.t : self.t + LEAD + 1])) - position
         return f"order {min(q, MAX_ORDER) if q >= 15 else 0}"
+
+    def _perturbed_action(self, rng: random.Random) -> str:
+        """The rule's order 10 or 20 units off, clipped to 0-100."""
+        q = int(self._heuristic_action().split()[1]) + 10 * rng.choice((-2, -1, 1, 2))
+        return f"order {min(MAX_ORDER, max(0, q))}"
 
     def _oracle_action(self) -> str:
         if self.t + LEAD >= WEEKS:

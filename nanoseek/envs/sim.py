@@ -19,6 +19,14 @@ return is the same number, all of it the last turn's reward: an episode cut shor
 kept several periods' earnings, a return of ~6 against at most 1 for a finished one, an incentive to run out
 of context: truncations rose from 3% to 14% in 6 RL steps; docs/LOG.md, 2026-12-01, simulators.)
 `success()`: the episode beat (strictly) the heuristic's total on its seed.
+
+The `noise` knob (default 0, in [0, 1]) makes the `heuristic` player noisy, for SFT transcripts with some
+spread (`nanoseek data make --env farm --policy heuristic --set noise=0.3`): each turn, with probability
+`noise`, it plays `_perturbed_action`, the rule's action with its numbers moved a step or two (never a random
+action: a uniform farm action harvests early one time in eight). The references stay the clean policies'
+(noise 0), and with noise 0 no random number is drawn: the transcripts are the rule's own. A model fine-tuned
+only on the rule's transcripts copies its actions exactly (farm: token entropy ~0.005 at temperature 0.7),
+which leaves RL nothing to explore (docs/LOG.md, 2026-12-01, third session, simulators).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from nanoseek.envs.base import Env, Message, StepResult, step_info
+from nanoseek.errors import InputError
 
 N_RANDOM = 16  # random-policy episodes averaged into a seed's random reference
 
@@ -48,6 +57,12 @@ class Simulator(Env):
     n_decisions: ClassVar[int]
     penalty: ClassVar[float]  # score units an invalid reply costs
     null_action: ClassVar[Any]  # what an invalid reply counts as
+    noise: float  # the knob (module docstring); each subclass's defaults has it at 0.0
+
+    def __init__(self, **knobs: Any) -> None:
+        super().__init__(**knobs)
+        if not 0.0 <= self.noise <= 1.0:
+            raise InputError(f"env {self.name}: knob noise must be in [0, 1], got {self.noise}")
 
     # ------------------------------------------------------------------ what a subclass implements
     def _new_world(self, seed: int) -> None:
@@ -79,6 +94,10 @@ class Simulator(Env):
         raise NotImplementedError
 
     def _oracle_action(self) -> str:
+        raise NotImplementedError
+
+    def _perturbed_action(self, rng: random.Random) -> str:
+        """The heuristic's action with its numbers moved a step or two (the noisy heuristic's other turns)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the episode
@@ -116,8 +135,10 @@ class Simulator(Env):
 
     # ------------------------------------------------------------------ scores
     def references(self) -> tuple[float, float, float]:
-        """(random, heuristic, oracle) totals on this episode's seed and knobs (cached per seed)."""
-        return _references(type(self), tuple(sorted(self.knobs.items())), self.seed)
+        """(random, heuristic, oracle) totals on this episode's seed and knobs (cached per seed); the clean
+        policies' whatever this episode's `noise`."""
+        knobs = dict(self.knobs, noise=0.0)
+        return _references(type(self), tuple(sorted(knobs.items())), self.seed)
 
     def score(self) -> float:
         """(total - random) / (oracle - random) on this seed, clipped to [-1, 1]; 0 before the end."""
@@ -145,7 +166,11 @@ class Simulator(Env):
         self.check_policy(policy)
         if policy == "random":
             return self._random_action(rng)
-        return self._heuristic_action() if policy == "heuristic" else self._oracle_action()
+        if policy == "oracle":
+            return self._oracle_action()
+        if self.noise > 0 and rng.random() < self.noise:
+            return self._perturbed_action(rng)
+        return self._heuristic_action()
 
 
 def play(env: Simulator, policy: str, seed: int, rng: random.Random) -> float:
