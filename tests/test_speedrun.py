@@ -6,20 +6,14 @@ import dataclasses
 import json
 
 import pytest
+from toy_speedrun import TOY_PRETRAIN_MODEL
 
 from nanoseek.config import EvalConfig
 from nanoseek.config_toml import run_config_to_toml
 from nanoseek.speedrun import STAGES, load_preset, speedrun, split_overrides, stage_config
 
 TINY = [
-    "pretrain.preset=tiny-moe",
-    "pretrain.model.d_model=32",
-    "pretrain.model.n_heads=2",
-    "pretrain.model.n_kv_heads=1",
-    "pretrain.model.d_ff=64",
-    "pretrain.model.moe_d_ff=16",
-    "pretrain.model.n_layers=2",
-    "pretrain.data.builtin_examples=300",
+    *TOY_PRETRAIN_MODEL,
     "pretrain.data.vocab_size=300",
     "pretrain.train.steps=3",
     "pretrain.train.batch_size=4",

@@ -7,6 +7,7 @@ import json
 import tomllib
 
 import pytest
+from toy_speedrun import TOY_PRETRAIN_MODEL
 
 from nanoseek.envs import HELD_OUT_SEED_START, make
 from nanoseek.envs.baselines import mean_and_error, play_policy
@@ -17,14 +18,7 @@ from nanoseek.train.rl import rl
 
 NAMES = ["farm", "budget", "inventory"]
 TINY = [
-    "pretrain.preset=tiny-moe",
-    "pretrain.model.d_model=32",
-    "pretrain.model.n_heads=2",
-    "pretrain.model.n_kv_heads=1",
-    "pretrain.model.d_ff=64",
-    "pretrain.model.moe_d_ff=16",
-    "pretrain.model.n_layers=2",
-    "pretrain.data.builtin_examples=300",
+    *TOY_PRETRAIN_MODEL,
     "pretrain.train.steps=2",
     "pretrain.train.batch_size=4",
     "pretrain.train.seq_len=64",
