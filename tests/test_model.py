@@ -108,15 +108,21 @@ def test_padded_grouped_mm_equals_loop():
         start += c
 
 
+def float64_reference_layer(cfg):
+    """An MoE layer in float64 with weights large enough (std 0.2) that low-precision errors show."""
+    layer = MoE(cfg).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return layer
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["bf16 weights", "float32 weights under bf16 autocast"])
 def test_cuda_grouped_kernel_matches_float64_loop(mode, monkeypatch):
     # The trainer's case is the second: float32 weights, bf16 autocast, float32 rows from the RMSNorm.
     torch.manual_seed(0)
     cfg = moe_config(d_model=64, moe_d_ff=32, n_routed_experts=16, top_k=4)
-    ref_layer = MoE(cfg).double()
-    for p in ref_layer.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    ref_layer = float64_reference_layer(cfg)
     x = torch.randn(300, 64, dtype=torch.float64)
     counts = torch.tensor([40, 0, 75, 5, 0, 60, 20, 100] + [0] * 8)  # ragged, empty experts included
     ref = ref_layer.experts(x, counts)
@@ -142,9 +148,7 @@ def test_cpu_experts_under_bf16_autocast_multiply_in_bf16_only_with_enough_work(
     # experts keep the float32 rows; with many they take autocast's bf16. Either way within bf16 of float64.
     torch.manual_seed(0)
     cfg = moe_config(d_model=64, moe_d_ff=32, n_routed_experts=4, top_k=2)
-    ref_layer = MoE(cfg).double()
-    for p in ref_layer.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    ref_layer = float64_reference_layer(cfg)
     counts = torch.full((4,), rows_per_expert)
     x = torch.randn(int(counts.sum()), 64, dtype=torch.float64)
     ref = ref_layer.experts(x, counts)
