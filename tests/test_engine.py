@@ -92,6 +92,26 @@ def test_logprobs_equal_teacher_forced_forward(name, dtype, atol):
             torch.testing.assert_close(torch.tensor(c.logprobs, dtype=dtype), expected, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("name", ["tiny", "mla"])
+def test_many_rows_decode_through_matmul_attention_as_teacher_forcing(name):
+    """From CPU_MATMUL_ATTENTION_MIN rows x heads the CPU decode step attends with plain matmuls, not SDPA."""
+    from nanoseek.engine.cache import CPU_MATMUL_ATTENTION_MIN
+
+    model = build(name).double()
+    prompts = prompts_of([3 + i % 13 for i in range(64)], seed=4)
+    assert len(prompts) * model.cfg.n_heads >= CPU_MATMUL_ATTENTION_MIN
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    results = Engine(model, max_batch=64, compile=False).generate(prompts, greedy)
+    for [c] in results:
+        ids = torch.tensor([c.prompt_ids + c.token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids)[0], -1)
+        P = len(c.prompt_ids)
+        assert c.token_ids == logp[P - 1 : -1].argmax(-1).tolist()
+        expected = logp[P - 1 : -1].gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-10)
+
+
 def test_continuous_batching_matches_one_at_a_time(models):
     model = models["tiny-moe"]
     prompts = prompts_of([4, 25, 7, 2, 13, 30, 9], seed=3)

@@ -243,6 +243,70 @@ def test_packed_attention_equals_documents_one_by_one(attn_type):
     assert (packed - separate).abs().max().item() < 1e-5
 
 
+def _packed_doc_ids(lengths_per_row: list[list[int]]) -> torch.Tensor:
+    return torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths_per_row])
+
+
+def _attention_doc_by_doc(q, k, v, scale, doc_ids):
+    """The reference: each document of each row attended alone (a plain causal softmax in float64)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for doc in doc_ids[b].unique():
+            t = torch.nonzero(doc_ids[b] == doc).flatten()
+            qs, ks, vs = (x[b][:, t].double() for x in (q, k, v))
+            scores = (qs @ ks.transpose(-1, -2)) * scale
+            scores = scores.masked_fill(~torch.ones(len(t), len(t), dtype=torch.bool).tril(), float("-inf"))
+            out[b][:, t] = scores.softmax(-1) @ vs
+    return out
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_blocked_cpu_attention_equals_each_document_alone(dtype, packed):
+    from nanoseek.model.attention import BLOCK, attention, cpu_block_starts
+
+    torch.manual_seed(0)
+    # 3 rows of 200 tokens (not a multiple of the block), documents of 7-90 tokens (or one causal document
+    # per row); GQA (4 query heads, 2 kv)
+    rows = [[90, 40, 70], [7, 60, 13, 80, 40], [50, 50, 50, 50]] if packed else [[200]] * 3
+    doc_ids = _packed_doc_ids(rows)
+    q = torch.randn(3, 4, 200, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 2, 200, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 2, 200, 16, dtype=torch.float64, requires_grad=True)
+    assert cpu_block_starts(q, doc_ids if packed else None, BLOCK) is not None  # the blocked path is under test
+    ref = _attention_doc_by_doc(q, k, v, 0.25, doc_ids)
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    qd, kd, vd = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out = attention(qd, kd, vd, 0.25, doc_ids if packed else None)
+    grads = torch.autograd.grad(out, (qd, kd, vd), grad_out.to(dtype))
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    assert out.dtype == dtype
+    assert (out.double() - ref).abs().max().item() < tol
+    for g, r in zip(grads, ref_grads):
+        assert (g.double() - r).abs().max().item() < tol * 10
+
+
+def test_cpu_block_starts_fall_back_to_sdpa_where_blocks_do_not_pay():
+    from nanoseek.model import attention as A
+
+    q = torch.zeros(1, 4, 240, 16, requires_grad=True)
+    short = _packed_doc_ids([[60, 60, 60, 60]])
+    assert A.cpu_block_starts(q, short, 64) == [0, 60, 120, 180]  # each block from its first token's document
+    assert A.cpu_block_starts(q, _packed_doc_ids([[240]]), 64) == [0, 0, 0, 0]  # one document: the triangle
+    assert A.cpu_block_starts(q[:, :, :100], _packed_doc_ids([[100]]), 64) is None  # ... 77% of the scores
+    assert A.cpu_block_starts(q, short.flip(1), 64) is None  # not packed in order
+    assert A.cpu_block_starts(q, None, 64) == [0, 0, 0, 0]  # causal, training: the triangle's blocks
+    with torch.no_grad():
+        assert A.cpu_block_starts(q, None, 64) is None  # causal, no gradients: SDPA
+    assert A.cpu_block_starts(q.expand(300, 4, 240, 16), None, 64) is None  # 37 MiB of scores: SDPA
+    long = torch.zeros(1, 4, 320, 16, requires_grad=True)
+    assert A.cpu_block_starts(long, None, 64) is None  # causal, longer than BLOCKED_MAX_CAUSAL_LEN: SDPA
+    assert A.cpu_block_starts(long, _packed_doc_ids([[80] * 4]), 64) == [0, 0, 80, 160, 240]  # packed: blocks
+
+
 class ConcatCache:
     """The simplest KV cache: keep concatenating; attend with an explicit causal mask."""
 
