@@ -19,13 +19,47 @@ import argparse
 import importlib
 import os
 import sys
+import time
 import traceback
 
-# OpenMP threads that wait for work by spinning stall every parallel region when another process holds one of
-# the cores (a second job, reward workers, a test run): two-thread pretraining beside three busy processes ran
-# 2.2-5x slower than with passive waiting, which costs nothing measurable on a quiet machine (docs/LOG.md,
-# 2026-12-02). Read once when the OpenMP runtime loads, i.e. before torch is imported; a user's value stands.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def others_busy_cores(seconds: float = 0.1) -> float | None:
+    """How many cores other processes kept busy over `seconds` (this process sleeps meanwhile), from /proc/stat;
+    None where that cannot be read (not Linux)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(ticks), ticks[3] + ticks[4]
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
+def wait_policy(busy_cores: float | None) -> str | None:
+    """OMP_WAIT_POLICY for a run that starts beside `busy_cores` of other work: PASSIVE from half a core, else
+    None (OpenMP's default: threads spin a while before they sleep).
+
+    Spinning threads stall every parallel region when another process holds one of the cores: the demo's RL
+    step beside one busy process took 4.0 s with the default and 2.4 s passive (two-thread pretraining beside
+    three, 2.2-5x); on a quiet machine passive waiting made the same step 1.5x slower (2.1-2.5 s against
+    1.4-1.5: a sleeping thread is woken for each of the step's thousands of small operations). docs/LOG.md,
+    2026-12-02."""
+    return "PASSIVE" if busy_cores is not None and busy_cores >= 0.5 else None
+
+
+# Read once when the OpenMP runtime loads, i.e. before torch is imported, so decided once, from the load at the
+# start; a user's value stands.
+if "OMP_WAIT_POLICY" not in os.environ and (policy := wait_policy(others_busy_cores())):
+    os.environ["OMP_WAIT_POLICY"] = policy
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
