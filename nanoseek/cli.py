@@ -23,7 +23,6 @@ import time
 import traceback
 
 
-
 def others_busy_cores(seconds: float = 0.1) -> float | None:
     """How many cores other processes kept busy over `seconds` (this process sleeps meanwhile), from /proc/stat;
     None where that cannot be read (not Linux)."""
