@@ -94,14 +94,18 @@ def test_logprobs_equal_teacher_forced_forward(name, dtype, atol):
 
 @pytest.mark.parametrize("name", ["tiny", "mla"])
 def test_many_rows_decode_through_matmul_attention_as_teacher_forcing(name):
-    """From CPU_MATMUL_ATTENTION_MIN rows x heads the CPU decode step attends with plain matmuls, not SDPA."""
+    """From CPU_MATMUL_ATTENTION_MIN slots x heads the CPU decode step attends with plain matmuls, not SDPA."""
     from nanoseek.engine.cache import CPU_MATMUL_ATTENTION_MIN
 
     model = build(name).double()
     prompts = prompts_of([3 + i % 13 for i in range(64)], seed=4)
     assert len(prompts) * model.cfg.n_heads >= CPU_MATMUL_ATTENTION_MIN
     greedy = SamplingParams(max_new_tokens=6, temperature=0)
-    results = Engine(model, max_batch=64, compile=False).generate(prompts, greedy)
+    engine = Engine(model, max_batch=64, compile=False)
+    results = engine.generate(prompts, greedy)
+    few = Engine(model, max_batch=8, compile=False)
+    few.generate(prompts[:1], greedy)
+    assert engine.cache.matmul_attention and not few.cache.matmul_attention
     for [c] in results:
         ids = torch.tensor([c.prompt_ids + c.token_ids])
         with torch.no_grad():

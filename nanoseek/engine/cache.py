@@ -34,9 +34,10 @@ from torch import Tensor
 from nanoseek.model.transformer import Transformer
 
 CPU_MATMUL_ATTENTION_MIN = 256
-"""Decoding on CPU attends with plain matmuls from this many rows x query heads: the tiny preset's compiled decode
-step at 512 rows took 9.3 ms against SDPA's 12.6, at 64 rows 1.47 against 1.78; at 8 and 2 rows SDPA's kernel was
-7-12% faster (one process, interleaved; docs/LOG.md, 2026-12-02)."""
+"""A CPU cache of this many slots x query heads decodes with plain matmul attention (`KVCache.matmul_attention`):
+the tiny preset's compiled decode step at 512 rows took 9.3 ms against SDPA's 12.6, at 64 rows 1.47 against
+1.78; at 8 and 2 rows SDPA's kernel was 7-12% faster (one process, interleaved; docs/LOG.md, 2026-12-02). Decided
+per cache, not per step, so a compiled decode step keeps one graph as the batch shrinks."""
 
 
 class KVCache:
@@ -51,10 +52,14 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         values_in_keys: bool = False,
+        matmul_attention: bool = False,
     ) -> None:
         if values_in_keys and v_dim > k_dim:
             raise ValueError(f"values_in_keys needs v_dim <= k_dim, got {v_dim} > {k_dim}")
         self.n_slots, self.max_seq_len, self.dtype, self.v_dim = n_slots, max_seq_len, dtype, v_dim
+        # Decode steps attend with two batched matmuls and a float32 softmax instead of SDPA, whose CPU kernel pays
+        # ~2 us per (row, kv head): the faster choice for many rows (CPU_MATMUL_ATTENTION_MIN).
+        self.matmul_attention = matmul_attention
         # Zeros, not empty: masked keys must hold finite numbers (0 x NaN would poison the output).
         self.k = torch.zeros(n_layers, n_slots, n_kv_heads, max_seq_len, k_dim, dtype=dtype, device=device)
         self.v = (
@@ -91,6 +96,8 @@ class KVCache:
             dtype,
             device,
             layout.values_in_keys,
+            matmul_attention=torch.device(device).type == "cpu"
+            and n_slots * model.cfg.n_heads >= CPU_MATMUL_ATTENTION_MIN,
         )
 
     @property
@@ -157,8 +164,7 @@ class KVCache:
             bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device).masked_fill_(blocked, float("-inf"))
             self._mask = bias[:, None, None].expand(B, 1, rep, T, Lp).reshape(B, 1, rep * T, Lp)[..., :L]
         q = q.reshape(B, Hkv, rep * T, dk)
-        if q.device.type == "cpu" and B * H >= CPU_MATMUL_ATTENTION_MIN:
-            # Two batched matmuls and a float32 softmax: SDPA's CPU kernel pays ~2 us per (row, kv head) here.
+        if self.matmul_attention:
             acc = torch.promote_types(q.dtype, torch.float32)
             scores = (q @ keys.transpose(-1, -2)).to(acc) * scale + self._mask
             out = scores.softmax(-1).to(values.dtype) @ values
