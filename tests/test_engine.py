@@ -59,6 +59,14 @@ def naive_greedy(model: Transformer, prompt: list[int], n: int, stop: set[int] =
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 
 
+@torch.no_grad()
+def teacher_forced_logprobs(model: Transformer, completion, temperature: float = 1.0) -> torch.Tensor:
+    """[new tokens, vocab]: the log-softmax the model gives each of a completion's positions in one full forward."""
+    ids = torch.tensor([completion.prompt_ids + completion.token_ids])
+    logp = torch.log_softmax(model(ids)[0] / temperature, -1)
+    return logp[len(completion.prompt_ids) - 1 : -1]
+
+
 # ----------------------------------------------------------------------------- correctness
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe", "mla"])
 def test_greedy_matches_naive_generation(models, name):
@@ -84,11 +92,7 @@ def test_logprobs_equal_teacher_forced_forward(name, dtype, atol):
     temps = [0.7] * len(prompts) + [1.0]  # greedy: temperature 1
     for group, temp in zip(results, temps):
         for c in group:
-            ids = torch.tensor([c.prompt_ids + c.token_ids])
-            with torch.no_grad():
-                logp = torch.log_softmax(model(ids)[0].to(dtype) / temp, -1)
-            P = len(c.prompt_ids)
-            expected = logp[P - 1 : -1].gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+            expected = teacher_forced_logprobs(model, c, temp).gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
             torch.testing.assert_close(torch.tensor(c.logprobs, dtype=dtype), expected, rtol=0, atol=atol)
 
 
@@ -107,12 +111,9 @@ def test_many_rows_decode_through_matmul_attention_as_teacher_forcing(name):
     few.generate(prompts[:1], greedy)
     assert engine.cache.matmul_attention and not few.cache.matmul_attention
     for [c] in results:
-        ids = torch.tensor([c.prompt_ids + c.token_ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids)[0], -1)
-        P = len(c.prompt_ids)
-        assert c.token_ids == logp[P - 1 : -1].argmax(-1).tolist()
-        expected = logp[P - 1 : -1].gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+        logp = teacher_forced_logprobs(model, c)
+        assert c.token_ids == logp.argmax(-1).tolist()
+        expected = logp.gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
         torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-10)
 
 
