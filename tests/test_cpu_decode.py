@@ -69,8 +69,8 @@ def test_compiled_decode_gives_the_eager_tokens_and_logprobs(monkeypatch):
     """tiny-moe in float32: dense and MoE layers, the experts through torch._grouped_mm inside the graph."""
     model = build("tiny-moe")
     calls = []
-    real = compiled.COMPILED.logits
-    monkeypatch.setattr(compiled.COMPILED, "logits", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    real = compiled.COMPILED.step
+    monkeypatch.setattr(compiled.COMPILED, "step", lambda *a: calls.append(a[2].shape[0]) or real(*a))
     engine = Engine(model, max_batch=4, compile=True)
     got = outputs(engine)
     assert engine.compiling and compiled.COMPILED.failure is None
@@ -122,12 +122,11 @@ def test_engine_compiles_after_the_set_number_of_steps(monkeypatch):
     (here a stand-in that records its calls and runs the same step eagerly)."""
     calls = []
 
-    def stand_in(model, cache, ids, pos, kv_len):
+    def stand_in(model, cache, ids, pos, kv_len, batch):
         calls.append(ids.shape[0])
-        return model.logits(model.hidden_states(ids, pos, cache=cache.decode(pos, kv_len))[:, -1])
+        return sample(model.logits(model.hidden_states(ids, pos, cache=cache.decode(pos, kv_len))[:, -1]), batch)
 
-    monkeypatch.setattr(compiled.COMPILED, "logits", stand_in)
-    monkeypatch.setattr(compiled.COMPILED, "sample", sample)
+    monkeypatch.setattr(compiled.COMPILED, "step", stand_in)
     monkeypatch.delenv(compiled.COMPILE_ENV, raising=False)
     model = build("tiny")
     engine = Engine(model, max_batch=2)

@@ -14,9 +14,9 @@ from nanoseek.engine.sampling import (
     _mix32,
     _mul32,
     filter_logits,
-    gumbel_noise,
     sample,
     sequence_key,
+    uniform_noise,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,11 +117,9 @@ def test_sampling_is_seeded_and_independent_of_the_batch():
     # row 3 alone draws what it drew in the batch
     c, _ = sample(logits[3:4], batch_for([1.0], [0], [1.0], [0.0], keys=keys[3:4], steps=[5]))
     assert c.item() == a[3].item()
-    # other steps / keys give other noise
-    assert not torch.equal(
-        gumbel_noise(torch.tensor([keys[0]]), torch.tensor([5]), 50),
-        gumbel_noise(torch.tensor([keys[0]]), torch.tensor([6]), 50),
-    )
+    # other steps / keys give other draws
+    draws = uniform_noise(torch.tensor([keys[0], keys[0], keys[1]]), torch.tensor([5, 6, 5])).tolist()
+    assert len(set(draws)) == 3
     assert sequence_key(1, 0, 0) != sequence_key(1, 0, 1) != sequence_key(1, 1, 0)
 
 
@@ -143,11 +141,49 @@ def test_hash_arithmetic_and_noise_statistics():
     for c in (0x7FEB352D, 0x846CA68B, 0xFFFFFFFF):
         assert _mul32(torch.tensor(xs), c).tolist() == [(x * c) % 2**32 for x in xs]
     assert _mix32(torch.tensor(xs)).max() < 2**32 and _mix32(torch.tensor(xs)).min() >= 0
-    keys = torch.tensor([sequence_key(9, i) for i in range(64)])
-    g = gumbel_noise(keys, torch.arange(64), 1000)
-    assert torch.isfinite(g).all()
-    assert abs(g.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni
-    assert abs(g.std().item() - math.pi / math.sqrt(6)) < 0.01
+    keys = torch.tensor([sequence_key(9, i) for i in range(20_000)])
+    u = uniform_noise(keys, torch.arange(20_000) % 7)
+    assert u.dtype == torch.float64 and 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.std().item() - 1 / math.sqrt(12)) < 0.005
+    assert u.unique().numel() == 20_000
+    # 48 bits: the draws' fractional parts past 2^-24 are used too (a 24-bit draw would be a multiple of 2^-24)
+    assert ((u * 2.0**24) % 1).std() > 0.25
+
+
+def test_sampled_tokens_are_the_inverse_cdf_of_the_draw_even_in_a_long_tail():
+    """The sampler picks the first token whose running sum of exp(logit - max) reaches u x total, u the row's
+    draw: checked against Python's float64 running sum, on a row whose top token is followed by 20,000 tokens
+    of relative weight 5.6e-8 each (0.11% of the mass together). A float32 running sum near 1 would drop them:
+    each is below half a float32 step at 1."""
+    import bisect
+
+    V = 20_001
+    logits = torch.full((V,), -16.7, dtype=torch.float64)
+    logits[0] = 0.0
+    cum, running = [], 0.0
+    for w in (logits - logits.max()).exp().tolist():
+        running += w
+        cum.append(running)
+    tail = 1 - cum[0] / running  # the mass after the top token
+    # keys whose draw lands past the top token, and some that do not
+    candidates = torch.tensor([sequence_key(11, i) for i in range(200_000)])
+    u = uniform_noise(candidates, torch.zeros(len(candidates), dtype=torch.int64))
+    rows = torch.cat([(u > 1 - tail).nonzero().squeeze(1)[:150], torch.arange(50)])
+    keys, draws = candidates[rows], u[rows].tolist()
+    batch = SamplingBatch(
+        temperature=torch.ones(len(rows), dtype=torch.float64),
+        top_k=torch.zeros(len(rows), dtype=torch.int64),
+        top_p=torch.ones(len(rows), dtype=torch.float64),
+        min_p=torch.zeros(len(rows), dtype=torch.float64),
+        keys=keys,
+        steps=torch.zeros(len(rows), dtype=torch.int64),
+        any_sampling=True,
+        any_filter=False,
+    )
+    tokens, _ = sample(logits.expand(len(rows), V), batch)
+    expected = [bisect.bisect_left(cum, d * running) for d in draws]
+    assert tokens.tolist() == expected
+    assert sum(t != 0 for t in expected) >= 150 and len(set(expected)) > 100  # the tail was reached
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,16 @@
 """The CPU decode step and sampler through torch.compile (the inductor backend builds C++ kernels).
 
 At the shapes a CPU runs, an eager decode step is a few hundred small ATen calls, each paying
-Python and dispatch overhead that is larger than its arithmetic, and the sampler's hashed
-Gumbel noise is ~50 int64 operations over [B, vocab]. Inductor fuses the elementwise work
-(norms, RoPE, the attention mask, SiLU, the whole sampler) into a few C++ loops and calls the
-matmuls and attention kernels directly, from a C++ wrapper (`cpp_wrapper`). What the compiled
-step relies on:
+Python and dispatch overhead that is larger than its arithmetic. Inductor fuses the elementwise
+work (norms, RoPE, the attention mask, SiLU, the sampler's exp and hash) into a few C++ loops and
+calls the matmuls and attention kernels directly, from a C++ wrapper (`cpp_wrapper`). What the
+compiled step relies on:
 
-* one graph for all batches, contexts and engines: the rows (0..hi-1), the number of keys read
+* one graph, the forward and the sampling together (`decode_step`): each graph is one C++ file,
+  and its compilation costs ~20 s on a cold 2-core machine whatever its size. Rows with top-k,
+  top-p or min-p are sampled again, eagerly, from the graph's logits (the filters' sort would
+  otherwise be a second graph, or cost every step);
+* for all batches, contexts and engines: the rows (0..hi-1), the number of keys read
   and the cache's slot count and length are dynamic dimensions. Torch specialises a dimension
   of size 1, so the engine pads a batch of one with a free slot's dummy row rather than
   compile a second graph;
@@ -37,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from nanoseek.engine.cache import KVCache
-from nanoseek.engine.sampling import SamplingBatch, sample
+from nanoseek.engine.sampling import SamplingBatch, draw, sample
 
 COMPILE_ENV = "NANOSEEK_COMPILE"
 COMPILE_AFTER_STEPS = 512
@@ -69,47 +72,64 @@ def decode_logits(model: nn.Module, cache: KVCache, ids: Tensor, pos: Tensor, ke
     return model.logits(hidden[:, -1])
 
 
+def decode_step(
+    model: nn.Module,
+    cache: KVCache,
+    ids: Tensor,
+    pos: Tensor,
+    keys: Tensor,
+    temperature: Tensor,
+    sample_keys: Tensor,
+    steps: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One decode step and its unfiltered sampling in one graph: (logits, tokens, logprobs).
+
+    One graph, not two: each graph is a C++ file whose compilation (mostly the headers) costs ~20 s on a cold
+    2-core machine. Rows with top-k/p or min-p are re-sampled from the logits eagerly (`_Compiled.step`)."""
+    logits = decode_logits(model, cache, ids, pos, keys)
+    tokens, logprobs = draw(logits, temperature, sample_keys, steps)
+    return logits, tokens, logprobs
+
+
 class _Compiled:
-    """The compiled functions of this process, built at first use; eager after a failure."""
+    """The compiled step of this process, built at first use; eager after a failure."""
 
     def __init__(self) -> None:
         self.failure: str | None = None
-        self._forward: Callable | None = None
-        self._sample: Callable | None = None
+        self._step: Callable | None = None
 
-    def _call(self, compiled: Callable, eager: Callable, *args):
+    def step(
+        self, model: nn.Module, cache: KVCache, ids: Tensor, pos: Tensor, kv_len: int, batch: SamplingBatch
+    ) -> tuple[Tensor, Tensor]:
+        """Tokens and log-probs of one decode step over rows 0..B-1 (B = len(ids)), as `sample` gives them."""
+        if self._step is None:
+            self._step = torch.compile(decode_step, options=_OPTIONS)
+        keys = ids.new_empty(0, kv_len)
+        # Rows, keys read, and the cache's slots and length: engines of other sizes reuse the graph.
+        dynamic = [(ids, 0), (pos, 0), (keys, 1), (batch.temperature, 0), (batch.keys, 0), (batch.steps, 0)]
+        dynamic += [(t, d) for t in (cache.k, cache.v) if t is not None for d in (1, 3)]
+        for t, dim in dynamic:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        args = (model, cache, ids, pos, keys, batch.temperature, batch.keys, batch.steps)
         if self.failure is None:
             try:
-                return compiled(*args)
+                logits, tokens, logprobs = self._step(*args)
             except Exception as e:  # compiling failed: the step had not run, so running it eagerly is safe
                 text = str(e).strip()
                 self.failure = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
                 warnings.warn(
                     f"compiled decoding disabled, decoding eagerly: torch.compile failed ({self.failure}); "
                     f"set {COMPILE_ENV}=0 to skip the attempt",
-                    stacklevel=3,
+                    stacklevel=2,
                 )
-        return eager(*args)
-
-    def logits(self, model: nn.Module, cache: KVCache, ids: Tensor, pos: Tensor, kv_len: int) -> Tensor:
-        if self._forward is None:
-            self._forward = torch.compile(decode_logits, options=_OPTIONS)
-        keys = ids.new_empty(0, kv_len)
-        # Rows, keys read, and the cache's slots and length: engines of other sizes reuse the graph.
-        dynamic = [(ids, 0), (pos, 0), (keys, 1)] + [
-            (t, d) for t in (cache.k, cache.v) if t is not None for d in (1, 3)
-        ]
-        for t, dim in dynamic:
-            torch._dynamo.maybe_mark_dynamic(t, dim)
-        return self._call(self._forward, decode_logits, model, cache, ids, pos, keys)
-
-    def sample(self, logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor]:
-        if self._sample is None:
-            self._sample = torch.compile(sample, dynamic=True, options=_OPTIONS)
-        return self._call(self._sample, sample, logits, batch)
+            else:
+                if batch.any_sampling and batch.any_filter:
+                    return sample(logits, batch)
+                return tokens, logprobs
+        return sample(decode_logits(model, cache, ids, pos, keys), batch)
 
 
 COMPILED = _Compiled()
 
 
-__all__ = ["COMPILED", "COMPILE_AFTER_STEPS", "COMPILE_ENV", "compile_after", "decode_logits"]
+__all__ = ["COMPILED", "COMPILE_AFTER_STEPS", "COMPILE_ENV", "compile_after", "decode_logits", "decode_step"]

@@ -323,19 +323,20 @@ class Engine(MultiTurn):
         if compiling and hi == 1 and self.n_slots > 1:
             hi = 2  # a free slot's dummy row: torch.compile would specialise a batch of one into a second graph
         ids, pos = self.slots.inputs(hi)
-        if self.use_cuda_graphs and (self._graphs is None or self._graphs.disabled_reason is None):
-            # Full check of the weights (re-assigned parameters too) when requests were admitted; the
-            # cheap one (same tensors, same storage) at every other step.
-            full, self._check_weights = self._check_weights, False
-            if self._graphs is None or not self._graphs.matches(self.model, self.cache, full=full):
-                self._graphs = DecodeGraphs(self.model, self.cache, capture=self._capture_graphs)
-            logits = self._graphs.run(ids[:, 0], pos[:, 0], kv_len)
-        elif compiling:
-            logits = compiled.COMPILED.logits(self.model, self.cache, ids, pos, kv_len)
+        if compiling:  # the forward and the sampling in one graph
+            tokens, logprobs = compiled.COMPILED.step(self.model, self.cache, ids, pos, kv_len, self.slots.batch(hi))
         else:
-            logits = self.model.logits(self.model.hidden_states(ids, pos, cache=self.cache.decode(pos, kv_len))[:, -1])
-        batch = self.slots.batch(hi)
-        tokens, logprobs = compiled.COMPILED.sample(logits, batch) if compiling else sample(logits, batch)
+            if self.use_cuda_graphs and (self._graphs is None or self._graphs.disabled_reason is None):
+                # Full check of the weights (re-assigned parameters too) when requests were admitted; the
+                # cheap one (same tensors, same storage) at every other step.
+                full, self._check_weights = self._check_weights, False
+                if self._graphs is None or not self._graphs.matches(self.model, self.cache, full=full):
+                    self._graphs = DecodeGraphs(self.model, self.cache, capture=self._capture_graphs)
+                logits = self._graphs.run(ids[:, 0], pos[:, 0], kv_len)
+            else:
+                hidden = self.model.hidden_states(ids, pos, cache=self.cache.decode(pos, kv_len))
+                logits = self.model.logits(hidden[:, -1])
+            tokens, logprobs = sample(logits, self.slots.batch(hi))
         self.slots.advance(hi, tokens)
         self.stats.decode_steps += 1
         self.stats.decode_rows += hi

@@ -16,10 +16,15 @@ Definitions (what the tests check against brute-force references):
   trainer recomputes with a forward pass at the same temperature; the filters are a
   property of the sampler, not of the policy.
 
-Sampling is the Gumbel-max trick: token = argmax(filtered_logits / T + g) with g a Gumbel
-noise drawn from a counter-based hash of (sequence key, step, token id) rather than from a
-stateful generator. So a seeded request gives the same tokens whatever else is in the
-batch, in whichever slot it runs, and the whole batch is sampled in a handful of kernels.
+Sampling inverts the cumulative distribution: token = the first id whose running sum of the
+filtered weights exp(logit / T - max) reaches u x their total, with u in (0, 1) drawn from a
+counter-based hash of (sequence key, step) rather than from a stateful generator. So a seeded
+request gives the same tokens whatever else is in the batch, in whichever slot it runs, and
+the whole batch is sampled in a handful of kernels over [B, vocab] and one hash per row (the
+Gumbel-max trick it replaced hashed every (row, token): ~30 int64 operations per element,
+most of a CPU decode step's sampling time; docs/LOG.md, 2026-12-02, sixth session). The
+running sum is float64: in float32 a sum near 1 drops the terms below ~6e-8, so a large
+vocabulary's long tail would lose its mass.
 """
 
 from __future__ import annotations
@@ -157,18 +162,16 @@ def _mix32(x: Tensor) -> Tensor:
     return x.bitwise_xor_(x >> 16)
 
 
-def gumbel_noise(keys: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
-    """Gumbel(0, 1) noise [B, V] determined by (keys[b] (two 32-bit halves), steps[b], token id).
+def uniform_noise(keys: Tensor, steps: Tensor) -> Tensor:
+    """One uniform in (0, 1) per row [B] float64, determined by (keys[b] (two 32-bit halves), steps[b]).
 
-    keys: [B, 2] int64 in [0, 2^32); steps: [B] int64. Same inputs, same noise, on any device.
+    keys: [B, 2] int64 in [0, 2^32); steps: [B] int64. 48 random bits; same inputs, same draw, on any device.
     """
     ka = _mix32(keys[:, 0] ^ _mix32(steps & _MASK32))
     kb = _mix32(keys[:, 1] ^ ka)
-    token = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
-    x = _mix32(_mix32(token + 0x9E3779B9)[None, :] ^ ka[:, None])
-    x = _mix32(x ^ kb[:, None])
-    u = (x >> 8).to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))  # in (0, 1), 24 random bits
-    return u.log_().neg_().log_().neg_()  # -log(-log(u)), in place
+    low = _mix32(kb ^ ka ^ 0x9E3779B9)
+    bits = (kb << 16) | (low >> 16)
+    return (bits.double() + 0.5) * 2.0**-48
 
 
 def _splitmix64(x: int) -> int:
@@ -242,20 +245,42 @@ def sample(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor]:
     Returns (tokens [B] int64, logprobs [B]: float32, or float64 for float64 logits);
     see the module docstring for the definitions.
     """
+    filters = (batch.top_k, batch.top_p, batch.min_p) if batch.any_sampling and batch.any_filter else None
+    return draw(logits, batch.temperature, batch.keys, batch.steps, filters, sampling=batch.any_sampling)
+
+
+def draw(
+    logits: Tensor,
+    temperature: Tensor,
+    keys: Tensor,
+    steps: Tensor,
+    filters: tuple[Tensor, Tensor, Tensor] | None = None,
+    sampling: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """`sample` on a batch's tensors: what a compiled graph takes (no flags of the batch to guard on).
+
+    filters: (top_k, top_p, min_p) or None (no row filters); sampling False: every row is greedy.
+    """
     logits = logits if logits.dtype == torch.float64 else logits.float()
     dtype = logits.dtype
-    greedy_token = logits.argmax(dim=-1)
-    temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0).to(dtype)
-    scaled = logits / temperature[:, None]
-    logprobs = scaled.log_softmax(dim=-1)
-    if batch.any_sampling:
-        top_p, min_p = batch.top_p.to(dtype), batch.min_p.to(dtype)
-        kept = filter_logits(scaled, batch.top_k, top_p, min_p) if batch.any_filter else scaled
-        sampled = (kept + gumbel_noise(batch.keys, batch.steps, logits.shape[-1])).argmax(dim=-1)
-        tokens = torch.where(batch.temperature > 0, sampled, greedy_token)
+    top, greedy_token = logits.max(dim=-1)
+    temperature_or_1 = torch.where(temperature > 0, temperature, 1.0).to(dtype)
+    scaled = logits / temperature_or_1[:, None]
+    shift = (top / temperature_or_1)[:, None]  # each row's largest scaled logit (division keeps the order)
+    weights = (scaled - shift).exp()  # unnormalised probabilities, the largest exactly 1
+    if sampling:
+        kept = weights
+        if filters is not None:
+            top_k, top_p, min_p = filters
+            kept = (filter_logits(scaled, top_k, top_p.to(dtype), min_p.to(dtype)) - shift).exp()  # 0 if dropped
+        cdf = kept.cumsum(dim=-1, dtype=torch.float64)
+        target = uniform_noise(keys, steps) * cdf[:, -1]  # in (0, total]: lands on a kept token's step
+        sampled = torch.searchsorted(cdf, target[:, None]).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+        tokens = torch.where(temperature > 0, sampled, greedy_token)
     else:
         tokens = greedy_token
-    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+    chosen = scaled.gather(1, tokens[:, None]).squeeze(1)
+    return tokens, chosen - shift.squeeze(1) - weights.sum(dim=-1).log()
 
 
-__all__ = ["SamplingBatch", "SamplingParams", "filter_logits", "gumbel_noise", "sample", "sequence_key"]
+__all__ = ["SamplingBatch", "SamplingParams", "draw", "filter_logits", "sample", "sequence_key", "uniform_noise"]
