@@ -12,8 +12,11 @@ Qwen2MoeForCausalLM for MoE presets (routed + shared experts, first layers dense
 QK-norm, softmax routing and a d_model-wide shared-expert gate per layer, which cost about
 the same). It runs with its default dynamic cache and with cache_implementation="static"
 (on CUDA, transformers compiles the static-cache decode step itself: slow to warm up, so last).
-Each configuration runs once to warm up (CUDA graph capture, compilation), then once timed.
-Output tokens/s = batch x new tokens / wall time of the whole call (prefill included).
+Each configuration runs once to warm up (CUDA graph capture, compilation), then `--repeats` timed
+calls (default 3), nanoseek's and transformers' alike; the row reports the median call (a single call
+of a fraction of a second moved by up to 1.8x between runs on a shared 2-core VM; docs/LOG.md,
+2026-12-02, sixth session). Output tokens/s = batch x new tokens / wall time of the whole call
+(prefill included).
 
 Precision: nanoseek runs `--dtype` (auto: nanoseek.precision's choice, printed at the start: bf16
 on CUDA, and on a CPU with native bf16 for models large enough to gain; else float32).
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 from functools import partial
@@ -104,20 +108,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device: torch.device) -> tuple[float, float, object]:
-    """(seconds, peak memory MiB, result) of fn()."""
-    sync(device)
+def measure(fn, device: torch.device, repeats: int = 1) -> tuple[float, float, object]:
+    """(median seconds of `repeats` calls, peak memory MiB, the last call's result) of fn()."""
+    times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    elapsed = time.perf_counter() - start
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return elapsed, peak, result
+    return statistics.median(times), peak, result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes for a CPU smoke run")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (the median is reported)")
     p.add_argument("--dtype", default="auto", help="nanoseek's weights: auto (nanoseek.precision), float32, bfloat16")
     p.add_argument("--hf-dtypes", default=None, help="transformers' weights, comma-separated (default: see above)")
     p.add_argument(
         "--compile", choices=["on", "off", "auto"], default="on", help="CPU: nanoseek's compiled decode step"
     )
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: must be >= 1")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             new_tokens=new_tokens,
             batch_sizes=batch_sizes,
             threads=torch.get_num_threads(),
+            repeats=args.repeats,
             cuda_graphs=graph_status.get("nanoseek"),
             compiled=compiled_status,
             results=results,
@@ -246,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup = time.perf_counter()
                 engine.generate(prompts, params)  # warm-up: captures the graphs / compiles what this shape needs
                 warmup = time.perf_counter() - warmup
-                elapsed, peak, out = measure(partial(engine.generate, prompts, params), device)
+                elapsed, peak, out = measure(partial(engine.generate, prompts, params), device, args.repeats)
                 assert all(len(c[0].token_ids) == new_tokens for c in out), "a sequence stopped early"
             except Exception as e:  # reported in the JSON; the next configuration runs
                 failed(name, batch, e)
@@ -282,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     with torch.inference_mode():
                         hf.generate(ids, **kwargs)  # warm-up
-                        elapsed, peak, out = measure(partial(hf.generate, ids, **kwargs), device)
+                        elapsed, peak, out = measure(partial(hf.generate, ids, **kwargs), device, args.repeats)
                     assert out.shape[1] == prompt_len + new_tokens, "a sequence stopped early"
                 except Exception as e:  # reported in the JSON; the next configuration runs
                     failed(name, batch, e)

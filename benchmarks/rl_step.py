@@ -33,6 +33,9 @@ timed steps (reset after the warmup; weights, optimizer states, KV cache and gra
 cpu_s (both sides) / rollout_cpu_s (nanoseek): the process's CPU seconds (all its threads) per step / per
 rollout, a figure that moves less than wall time when other processes share the cores (trl_over_nanoseek_cpu:
 the rounds' median ratio of it).
+On CPU nanoseek's engine decodes through its torch.compile'd step from the first (warm-up) step
+(`--compile on`, the default): what a `nanoseek rl` run does from its 512th decode step on (docs/LOG.md,
+2026-12-02, sixth session); `compiled` in its figures says whether it did.
 nanoseek's `cuda_graphs` says whether its engine's decode steps replayed CUDA graphs (and if not,
 why). TRL is optional (pip install trl); without it, or if it fails, only nanoseek is reported.
 A JSON line with nanoseek's figures is printed before TRL runs ("complete": false), so a run cut
@@ -150,6 +153,7 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
         max_batch=args.prompts * args.samples,
         eos_ids=[],
         max_seq_len=min(cfg.max_seq_len, max_prompt + args.max_new_tokens + 8),
+        compile={"on": True, "off": False, "auto": None}[args.compile],
     )
     sampler = PromptSampler(rows, seed=0)
     rewards = RewardSet().add("dummy", lambda prompts, completions, rows_: dummy_reward(completions))
@@ -184,6 +188,7 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
     result = summarize(step_s, tokens, rollout_s=rollout_s, update_s=update_s, cpu_s=cpu_s, rollout_cpu_s=rollout_cpu_s)
     result["peak_mem_gb"] = peak_gb(device)
     result["cuda_graphs"] = engine.cuda_graph_status()
+    result["compiled"] = engine.compiling
     engine.release()
     return result
 
@@ -310,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     p.add_argument("--rounds", type=int, default=1, help="run the sides alternately this many times (ABBA)")
+    p.add_argument(
+        "--compile",
+        choices=["on", "off", "auto"],
+        default="on",
+        help="CPU: nanoseek's compiled decode step from the first step (on: the steady state of a run; auto: "
+        "what `nanoseek rl` does, compile after 512 decode steps)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
