@@ -26,7 +26,10 @@ layers took the grouped-GEMM kernel (`moe_grouped_kernel`: it needs bf16 activat
 which experts implementation transformers used.
 
 Timing: --warmup untimed steps (the first compiles with --compile), then --steps steps, each bracketed by
-CUDA events on CUDA (host clock elsewhere). tokens/s = batch x seq-len / median step time. MFU =
+CUDA events on CUDA (host clock elsewhere). tokens/s = batch x seq-len / median step time. With --rounds R
+(default 6 with --quick, else 1) the peer shape runs R times per side, alternately (ABBA), each from fresh
+weights; its rows are each side's median round (`step_ms_rounds` beside), and `speedup_vs_transformers` is
+the median of the rounds' ratios (`speedup_rounds`). MFU =
 flops_per_token(seq-len) (nanoseek's accounting: 6 x active matmul parameters + attention, the same for
 both sides of the peer shape) x tokens/s / peak dense bf16 FLOP/s of the GPU (by name; --peak-tflops
 otherwise). Peak memory: torch.cuda.max_memory_allocated from the model's build to the last step. A run
@@ -151,7 +154,8 @@ def build_hf(seq_len: int, quick: bool, device: torch.device, experts_impl: str 
 
 
 def moe_input_probe(model: torch.nn.Module) -> dict:
-    """Records the dtype reaching the first nanoseek MoE layer (the grouped kernel needs bf16 there)."""
+    """Records the dtype reaching the first nanoseek MoE layer and whether its experts take the grouped kernel
+    (on CUDA it needs bf16 there; on CPU a training step takes the padded bmm)."""
     seen: dict = {}
     layers = moe_mod.moe_layers(model)
     if layers:
@@ -162,7 +166,7 @@ def moe_input_probe(model: torch.nn.Module) -> dict:
             if torch.is_autocast_enabled(x.device.type):  # the experts cast to the autocast dtype
                 dtype = torch.get_autocast_dtype(x.device.type)
             seen["dtype"] = dtype
-            seen["kernel"] = moe_mod._kernel_ok(x.reshape(-1, x.shape[-1]), dtype)
+            seen["kernel"] = module.uses_grouped_kernel(x.reshape(-1, x.shape[-1]), dtype)
 
         layers[0].register_forward_pre_hook(hook)
     return seen
@@ -335,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU, for MFU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="tiny shapes (d_model 64, 2 layers), seq 64, batch 2")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"run nanoseek and transformers on {PEER} alternately this many times, ABBA (default 1; --quick: 6)",
+    )
     args = p.parse_args(argv)
 
     if args.threads:
@@ -345,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     # --quick steps take milliseconds: 2 timed steps (as before 2026-12) gave ratios off by 2x on a shared machine.
     args.steps = args.steps or (20 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else 3
+    # --quick runs take a second each: one pair of runs gave 0.87x-1.64x within minutes (docs/LOG.md, 2026-12-02).
+    args.rounds = args.rounds if args.rounds is not None else (6 if args.quick else 1)
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be >= 1")
     if args.compile and args.warmup < 1:
         p.error("--compile needs --warmup >= 1 (the first step compiles)")
     precisions = (args.precisions or ("amp,bf16" if device.type == "cuda" else "amp")).split(",")
@@ -365,36 +379,57 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     rows: list[dict] = []
+    ratio_rounds: dict[str, list[float]] = {}
     failed = False
+
+    def run_logged(name: str, impl: str, precision: str) -> dict:
+        nonlocal failed
+        try:
+            row = run_one(name, impl, precision, args, device, peak)
+        except torch.OutOfMemoryError as e:
+            row = dict(model=name, impl=impl, precision=precision, error=f"OOM: {str(e).splitlines()[0]}")
+        except Exception as e:  # report and go on: one broken configuration must not hide the rest
+            row = dict(model=name, impl=impl, precision=precision, error=f"{type(e).__name__}: {e}")
+            failed = True
+        free_memory(device)
+        if "error" in row:
+            print(f"  {name} {impl} {precision}: {row['error']}", file=sys.stderr, flush=True)
+        else:
+            print(
+                f"  {name} {impl} {precision}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:,.0f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
+        return row
+
     for name in names:
         impls = ["nanoseek"] + (["transformers"] if name == PEER and not args.no_hf else [])
+        rounds = args.rounds if len(impls) == 2 else 1
         for precision in precisions:
+            runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+            for r in range(rounds):  # ABBA: a machine whose speed drifts weighs on both sides alike
+                for impl in impls if r % 2 == 0 else impls[::-1]:
+                    runs[impl].append(run_logged(name, impl, precision))
             for impl in impls:
-                try:
-                    row = run_one(name, impl, precision, args, device, peak)
-                except torch.OutOfMemoryError as e:
-                    row = dict(model=name, impl=impl, precision=precision, error=f"OOM: {str(e).splitlines()[0]}")
-                except Exception as e:  # report and go on: one broken configuration must not hide the rest
-                    row = dict(model=name, impl=impl, precision=precision, error=f"{type(e).__name__}: {e}")
-                    failed = True
-                free_memory(device)
+                ok = [row for row in runs[impl] if "error" not in row]
+                if not ok:
+                    rows.append(runs[impl][0])
+                    continue
+                row = sorted(ok, key=lambda x: x["step_ms"])[(len(ok) - 1) // 2]  # the median round's row
+                if rounds > 1:
+                    row["step_ms_rounds"] = [x["step_ms"] for x in runs[impl] if "error" not in x]
                 rows.append(row)
-                if "error" in row:
-                    print(f"  {name} {impl} {precision}: {row['error']}", file=sys.stderr, flush=True)
-                else:
-                    print(
-                        f"  {name} {impl} {precision}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:,.0f} tok/s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            if len(impls) < 2:
+                continue
+            pairs = zip(runs["nanoseek"], runs["transformers"])
+            ratio_rounds[precision] = [
+                round(b["step_ms"] / a["step_ms"], 3) for a, b in pairs if "error" not in a and "error" not in b
+            ]
 
     print_table(rows)
     # Per precision: nanoseek tokens/s over transformers' on the peer shape.
-    speedups = {}
-    for precision in precisions:
-        pair = {r["impl"]: r for r in rows if r["model"] == PEER and r["precision"] == precision and "error" not in r}
-        if {"nanoseek", "transformers"} <= set(pair):
-            speedups[precision] = round(pair["nanoseek"]["tokens_per_s"] / pair["transformers"]["tokens_per_s"], 3)
+    # (the median of the rounds' ratios with --rounds > 1)
+    speedups = {p: round(statistics.median(v), 3) for p, v in ratio_rounds.items() if v}
     for precision, s in speedups.items():
         print(f"{PEER} {precision}: nanoseek / transformers tokens/s = {s:.2f}x")
     summary = dict(
@@ -414,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         peak_tflops=peak / 1e12 if peak else None,
         peak_source=peak_source,
         results=rows,
+        rounds=args.rounds,
         speedup_vs_transformers=speedups,
+        speedup_rounds=ratio_rounds,
     )
     print(json.dumps(summary))
     return 1 if failed else 0

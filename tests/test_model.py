@@ -154,11 +154,48 @@ def test_cpu_experts_under_bf16_autocast_multiply_in_bf16_only_with_enough_work(
     ref = ref_layer.experts(x, counts)
     layer = MoE(cfg)
     layer.load_state_dict(ref_layer.state_dict())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the grouped kernel: not to train on CPU
         out = layer.experts(x.float(), counts)
     assert out.dtype == kernel_dtype
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if kernel_dtype == torch.float32 else 2e-2)
+
+
+def test_cpu_training_takes_the_padded_experts_and_matches_float64(monkeypatch):
+    """With autograd on, CPU experts run the padded bmm (not torch._grouped_mm, slower to train on CPU);
+    forward and gradients under bf16 autocast within bf16 of a float64 loop over experts."""
+    torch.manual_seed(0)
+    cfg = moe_config(d_model=64, moe_d_ff=32, n_routed_experts=8, top_k=2)
+    ref_layer = float64_reference_layer(cfg)
+    counts = torch.tensor([30, 0, 5, 60, 1, 0, 17, 40])  # ragged, empty experts included
+    x64 = torch.randn(int(counts.sum()), 64, dtype=torch.float64, requires_grad=True)
+    layer = MoE(cfg)
+    layer.load_state_dict(ref_layer.state_dict())
+    x = x64.detach().float().requires_grad_()
+    seen = []
+    real_kernel = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: seen.append(1) or real_kernel(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.experts(x, counts)
+    assert not seen and not layer.uses_grouped_kernel(x, torch.bfloat16)
+    with torch.no_grad():
+        assert layer.uses_grouped_kernel(x, torch.bfloat16)  # decoding keeps the kernel
+    # the float64 reference: each expert's rows through its own SwiGLU, one expert at a time
+    starts = torch.cumsum(counts, 0) - counts
+    ref = torch.cat(
+        [
+            (F.silu(x64[a : a + n] @ ref_layer.w1[e].T) * (x64[a : a + n] @ ref_layer.w3[e].T)) @ ref_layer.w2[e].T
+            for e, (a, n) in enumerate(zip(starts.tolist(), counts.tolist()))
+        ]
+    )
+    grad = torch.randn_like(ref)
+    out.backward(grad.float())
+    ref.backward(grad)
+    pairs = [(out, ref), (x.grad, x64.grad)] + [
+        (getattr(layer, n).grad, getattr(ref_layer, n).grad) for n in ("w1", "w3", "w2")
+    ]
+    for got, want in pairs:
+        assert ((got.double() - want).norm() / want.norm()).item() < 2e-2
 
 
 def test_selection_bias_changes_choice_not_gate_weights():

@@ -10,7 +10,8 @@ each optimizer step `update_bias()` nudges it by `rate * sign(mean_load - load)`
 The experts run without a Python loop: token copies are sorted by expert and the
 three expert matmuls each go through one call, `grouped_mm`, which is the seam to
 swap kernels: torch._grouped_mm where this torch has it for the rows' dtype (bfloat16
-on CUDA; float32 and bfloat16 on CPU), a padded bmm elsewhere (float64, other dtypes).
+on CUDA; float32 and bfloat16 on CPU, except to train: `MoE.uses_grouped_kernel`), a padded
+bmm elsewhere (float64, other dtypes).
 """
 
 from __future__ import annotations
@@ -245,13 +246,24 @@ class MoE(nn.Module):
         # their counts per expert go to it instead of `experts`, which then holds this rank's experts only.
         self.expert_dispatch: Callable[[Tensor, Tensor], Tensor] | None = None
 
+    def uses_grouped_kernel(self, x: Tensor, dtype: torch.dtype) -> bool:
+        """Whether `experts` runs torch._grouped_mm on rows like `x` cast to `dtype` (else the padded bmm).
+
+        Not to train on CPU (autograd on): torch 2.13's CPU kernel is one matmul per expert, forward and
+        backward, and the padded bmm's few large calls were faster at every shape measured (2 threads, bf16
+        autocast, whole training steps interleaved: 64 experts of 64 x 32 at 16 rows each 19.6 vs 24.1 ms,
+        tiny-moe at 16 x 256 tokens 243 vs 304 ms, at 2 x 64 equal; docs/LOG.md, 2026-12-02, sixth session).
+        Decoding and no-grad passes keep the kernel (no host read of the counts, so it compiles)."""
+        cpu_training = x.device.type == "cpu" and torch.is_grad_enabled()
+        return _kernel_ok(x, dtype) and self.cfg.moe_d_ff % 8 == 0 and not cpu_training
+
     def experts(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         """SwiGLU of each row by its own expert; rows sorted by expert with `counts` per expert."""
         # Training keeps float32 weights under bf16 autocast, and the RMSNorm before this layer hands
         # over float32 rows; autocast does not cover _grouped_mm, so cast here as autocast would for a
         # matmul, or the trainer would never reach the kernel. (.to is a no-op when nothing changes.)
         dtype = _experts_dtype(x_sorted, counts.shape[0], self.cfg.moe_d_ff)
-        if _kernel_ok(x_sorted, dtype) and self.cfg.moe_d_ff % 8 == 0:
+        if self.uses_grouped_kernel(x_sorted, dtype):
             x = x_sorted.to(dtype)
             h = F.silu(grouped_mm(x, self.w1.to(dtype), counts)) * grouped_mm(x, self.w3.to(dtype), counts)
             return grouped_mm(h, self.w2.to(dtype), counts)
