@@ -155,7 +155,7 @@ def build_hf(seq_len: int, quick: bool, device: torch.device, experts_impl: str 
 
 def moe_input_probe(model: torch.nn.Module) -> dict:
     """Records the dtype reaching the first nanoseek MoE layer and whether its experts take the grouped kernel
-    (on CUDA it needs bf16 there; on CPU a training step takes the padded bmm)."""
+    (on CUDA it needs bf16 there; on CPU only decoding takes it)."""
     seen: dict = {}
     layers = moe_mod.moe_layers(model)
     if layers:

@@ -179,8 +179,14 @@ def test_cpu_grouped_mm_equals_the_padded_path(dtype, tol, monkeypatch):
     seen = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: seen.append(1) or real(*a, **k))
-    out = moe_mod.grouped_mm(x, w, counts)
-    assert seen == [1] and out.dtype == dtype  # the kernel ran, not the padded fallback
+    with torch.inference_mode():  # on CPU the kernel serves decoding only
+        decoded = moe_mod.grouped_mm(x.detach(), w.detach(), counts)
+    assert seen == [1] and decoded.dtype == dtype  # the kernel ran, not the padded fallback
+    out = torch._grouped_mm(x, w.transpose(-2, -1), offs=torch.cumsum(counts, 0, dtype=torch.int32))
+    assert out.equal(decoded)
+    seen.clear()
+    moe_mod.grouped_mm(x, w, counts)
+    assert not seen  # outside inference mode (training): the padded path
 
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     ref = moe_mod._padded_grouped_mm(x64, w64, counts)
@@ -191,7 +197,8 @@ def test_cpu_grouped_mm_equals_the_padded_path(dtype, tol, monkeypatch):
         assert ((got.double() - want).norm() / want.norm()).item() < tol
     assert moe_mod._cpu_grouped_mm(x, w.transpose(-2, -1), torch.cumsum(counts, 0, dtype=torch.int32)).equal(out)
     seen.clear()
-    moe_mod.grouped_mm(x64, w64, counts)
+    with torch.inference_mode():
+        moe_mod.grouped_mm(x64.detach(), w64.detach(), counts)
     assert not seen  # float64: the padded path
 
 

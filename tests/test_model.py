@@ -154,7 +154,7 @@ def test_cpu_experts_under_bf16_autocast_multiply_in_bf16_only_with_enough_work(
     ref = ref_layer.experts(x, counts)
     layer = MoE(cfg)
     layer.load_state_dict(ref_layer.state_dict())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the grouped kernel: not to train on CPU
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # the grouped kernel: decoding only
         out = layer.experts(x.float(), counts)
     assert out.dtype == kernel_dtype
     rel = ((out.double() - ref).norm() / ref.norm()).item()
@@ -162,8 +162,9 @@ def test_cpu_experts_under_bf16_autocast_multiply_in_bf16_only_with_enough_work(
 
 
 def test_cpu_training_takes_the_padded_experts_and_matches_float64(monkeypatch):
-    """With autograd on, CPU experts run the padded bmm (not torch._grouped_mm, slower to train on CPU);
-    forward and gradients under bf16 autocast within bf16 of a float64 loop over experts."""
+    """Outside inference mode (the trainer, its no-grad passes too) CPU experts run the padded bmm (not
+    torch._grouped_mm, slower to train on CPU); forward and gradients under bf16 autocast within bf16 of a
+    float64 loop over experts."""
     torch.manual_seed(0)
     cfg = moe_config(d_model=64, moe_d_ff=32, n_routed_experts=8, top_k=2)
     ref_layer = float64_reference_layer(cfg)
@@ -179,6 +180,8 @@ def test_cpu_training_takes_the_padded_experts_and_matches_float64(monkeypatch):
         out = layer.experts(x, counts)
     assert not seen and not layer.uses_grouped_kernel(x, torch.bfloat16)
     with torch.no_grad():
+        assert not layer.uses_grouped_kernel(x, torch.bfloat16)  # the trainer's no-grad passes: the same path
+    with torch.inference_mode():
         assert layer.uses_grouped_kernel(x, torch.bfloat16)  # decoding keeps the kernel
     # the float64 reference: each expert's rows through its own SwiGLU, one expert at a time
     starts = torch.cumsum(counts, 0) - counts
@@ -559,7 +562,7 @@ def test_save_load_roundtrip(tmp_path):
     saved, back = model.state_dict(), loaded.state_dict()
     assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
     with torch.no_grad():
-        # Outputs to float32 rounding, not bit for bit: on CPU the experts' torch._grouped_mm sums in an
+        # Outputs to float32 rounding, not bit for bit: on CPU the experts' matmuls sum in an
         # order that depends on the weights' memory alignment, which a memory-mapped load does not keep.
         torch.testing.assert_close(model.eval()(x), loaded.eval()(x), rtol=0, atol=1e-6)
     assert not list(tmp_path.glob("*.tmp"))

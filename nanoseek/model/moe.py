@@ -10,8 +10,8 @@ each optimizer step `update_bias()` nudges it by `rate * sign(mean_load - load)`
 The experts run without a Python loop: token copies are sorted by expert and the
 three expert matmuls each go through one call, `grouped_mm`, which is the seam to
 swap kernels: torch._grouped_mm where this torch has it for the rows' dtype (bfloat16
-on CUDA; float32 and bfloat16 on CPU, except to train: `MoE.uses_grouped_kernel`), a padded
-bmm elsewhere (float64, other dtypes).
+on CUDA; float32 and bfloat16 on CPU for decoding: `MoE.uses_grouped_kernel`), a padded
+bmm elsewhere (float64, other dtypes, training on CPU).
 """
 
 from __future__ import annotations
@@ -36,14 +36,21 @@ _KERNEL_DTYPES = {"cuda": (torch.bfloat16,), "cpu": (torch.float32, torch.bfloat
 def _kernel_ok(x: Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether torch._grouped_mm can take these rows (in `dtype`, when they are about to be cast).
     Rows must be 16-byte aligned: d_in a multiple of 8 (callers check d_out the same way).
-    Not on CPU inside torch.compile with autograd on: see `_cpu_grouped_mm`."""
-    cpu_compiled_training = x.device.type == "cpu" and torch.compiler.is_compiling() and torch.is_grad_enabled()
+
+    On CPU only in inference mode (the engine's decoding, eager or compiled): torch 2.13's CPU kernel is one
+    matmul per expert, forward and backward, and the padded bmm's few large calls were faster to train at every
+    shape measured (2 threads, bf16 autocast, whole training steps interleaved: 64 experts of 64 x 32 at 16 rows
+    each 19.6 vs 24.1 ms, tiny-moe at 16 x 256 tokens 243 vs 304 ms, at 2 x 64 equal; docs/LOG.md, 2026-12-02,
+    sixth session). The trainer's no-grad passes (RL's old and reference log-probs, evaluation losses) take the
+    padded path too, so they multiply as its gradient passes do; a compiled training step could not take the
+    kernel anyway (`_cpu_grouped_mm` has no autograd formula)."""
+    cpu_trainer = x.device.type == "cpu" and not torch.is_inference_mode_enabled()
     return (
         USE_GROUPED_MM_KERNEL
         and (dtype or x.dtype) in _KERNEL_DTYPES.get(x.device.type, ())
         and hasattr(torch, "_grouped_mm")
         and x.shape[-1] % 8 == 0
-        and not cpu_compiled_training
+        and not cpu_trainer
     )
 
 
@@ -93,10 +100,10 @@ def _(x: Tensor, w_t: Tensor, offs: Tensor) -> Tensor:
 # On CPU each expert's 16-bit matmul costs tens of microseconds more than a float32 one (oneDNN converts and
 # reorders per call), so under bf16 autocast the experts gain only when each does enough work; below this many
 # multiply-adds per expert per matmul float32 is faster (torch 2.13, AVX-512 BF16: fwd + bwd 2-7x faster in
-# float32 at 4-32 rows of 64 x 32; bf16 ahead from ~2^19: docs/LOG.md, 2026-12-01, fourth session). The rule
-# reads only shapes, so the trainer's passes over one micro-batch agree; the engine's bf16 twin
-# (train/parallel.py) does not follow it, a CPU-only engine/trainer difference that truncated importance
-# sampling absorbs like any other.
+# float32 at 4-32 rows of 64 x 32; bf16 ahead from ~2^19: docs/LOG.md, 2026-12-01, fourth session). On CPU the
+# kernel now serves decoding only (`MoE.uses_grouped_kernel`; the trainer's padded bmm autocasts like any
+# matmul); the engine's bf16 twin (train/parallel.py) does not follow this rule either, a CPU-only
+# engine/trainer difference that truncated importance sampling absorbs like any other.
 _CPU_BF16_MIN_MACS = 1 << 19
 
 
@@ -247,15 +254,9 @@ class MoE(nn.Module):
         self.expert_dispatch: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def uses_grouped_kernel(self, x: Tensor, dtype: torch.dtype) -> bool:
-        """Whether `experts` runs torch._grouped_mm on rows like `x` cast to `dtype` (else the padded bmm).
-
-        Not to train on CPU (autograd on): torch 2.13's CPU kernel is one matmul per expert, forward and
-        backward, and the padded bmm's few large calls were faster at every shape measured (2 threads, bf16
-        autocast, whole training steps interleaved: 64 experts of 64 x 32 at 16 rows each 19.6 vs 24.1 ms,
-        tiny-moe at 16 x 256 tokens 243 vs 304 ms, at 2 x 64 equal; docs/LOG.md, 2026-12-02, sixth session).
-        Decoding and no-grad passes keep the kernel (no host read of the counts, so it compiles)."""
-        cpu_training = x.device.type == "cpu" and torch.is_grad_enabled()
-        return _kernel_ok(x, dtype) and self.cfg.moe_d_ff % 8 == 0 and not cpu_training
+        """Whether `experts` runs torch._grouped_mm on rows like `x` cast to `dtype` (else the padded bmm; on
+        CPU the kernel serves decoding only: `_kernel_ok`)."""
+        return _kernel_ok(x, dtype) and self.cfg.moe_d_ff % 8 == 0
 
     def experts(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         """SwiGLU of each row by its own expert; rows sorted by expert with `counts` per expert."""
