@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 
@@ -155,8 +156,6 @@ def test_sampled_tokens_are_the_inverse_cdf_of_the_draw_even_in_a_long_tail():
     draw: checked against Python's float64 running sum, on a row whose top token is followed by 20,000 tokens
     of relative weight 5.6e-8 each (0.11% of the mass together). A float32 running sum near 1 would drop them:
     each is below half a float32 step at 1."""
-    import bisect
-
     V = 20_001
     logits = torch.full((V,), -16.7, dtype=torch.float64)
     logits[0] = 0.0

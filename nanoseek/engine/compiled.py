@@ -6,8 +6,9 @@ work (norms, RoPE, the attention mask, SiLU, the sampler's exp and hash) into a 
 calls the matmuls and attention kernels directly, from a C++ wrapper (`cpp_wrapper`). What the
 compiled step relies on:
 
-* one graph, the forward and the sampling together (`decode_step`): each graph is one C++ file,
-  and its compilation costs ~20 s on a cold 2-core machine whatever its size. Rows with top-k,
+* one graph, the forward and the sampling together (`decode_step`): each graph is one C++ file
+  with a large fixed compilation cost (cold cache, 2 cores: the forward alone 32 s, the sampler
+  alone 25 s, both in one graph 43 s; docs/LOG.md, 2026-12-02). Rows with top-k,
   top-p or min-p are sampled again, eagerly, from the graph's logits (the filters' sort would
   otherwise be a second graph, or cost every step);
 * for all batches, contexts and engines: the rows (0..hi-1), the number of keys read
@@ -84,8 +85,8 @@ def decode_step(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One decode step and its unfiltered sampling in one graph: (logits, tokens, logprobs).
 
-    One graph, not two: each graph is a C++ file whose compilation (mostly the headers) costs ~20 s on a cold
-    2-core machine. Rows with top-k/p or min-p are re-sampled from the logits eagerly (`_Compiled.step`)."""
+    One graph, not two: each graph's compilation has a large fixed cost (see the module docstring). Rows with
+    top-k/p or min-p are re-sampled from the logits eagerly (`_Compiled.step`)."""
     logits = decode_logits(model, cache, ids, pos, keys)
     tokens, logprobs = draw(logits, temperature, sample_keys, steps)
     return logits, tokens, logprobs
