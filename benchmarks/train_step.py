@@ -22,7 +22,8 @@ Precisions (--precisions): `amp` = float32 weights and optimizer under the autoc
 (`nanoseek.precision`: bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, none elsewhere, where `amp` is plain
 float32), for both sides (transformers' Trainer with bf16=True autocasts the same way). `bf16` = bf16 weights
 and AdamW states, no autocast. The JSON says per run whether nanoseek's MoE
-layers took the grouped-GEMM kernel (`moe_grouped_kernel`: it needs bf16 activations at the MoE input) and
+layers took the grouped-GEMM kernel (`moe_grouped_kernel`: on CUDA it needs bf16 activations at the MoE
+input; on CPU training always takes the padded bmm, `nanoseek.model.moe._kernel_ok`) and
 which experts implementation transformers used.
 
 Timing: --warmup untimed steps (the first compiles with --compile), then --steps steps, each bracketed by

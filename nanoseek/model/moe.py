@@ -10,7 +10,7 @@ each optimizer step `update_bias()` nudges it by `rate * sign(mean_load - load)`
 The experts run without a Python loop: token copies are sorted by expert and the
 three expert matmuls each go through one call, `grouped_mm`, which is the seam to
 swap kernels: torch._grouped_mm where this torch has it for the rows' dtype (bfloat16
-on CUDA; float32 and bfloat16 on CPU for decoding: `MoE.uses_grouped_kernel`), a padded
+on CUDA; float32 and bfloat16 on CPU for decoding only: `_kernel_ok`), a padded
 bmm elsewhere (float64, other dtypes, training on CPU).
 """
 
@@ -101,7 +101,7 @@ def _(x: Tensor, w_t: Tensor, offs: Tensor) -> Tensor:
 # reorders per call), so under bf16 autocast the experts gain only when each does enough work; below this many
 # multiply-adds per expert per matmul float32 is faster (torch 2.13, AVX-512 BF16: fwd + bwd 2-7x faster in
 # float32 at 4-32 rows of 64 x 32; bf16 ahead from ~2^19: docs/LOG.md, 2026-12-01, fourth session). On CPU the
-# kernel now serves decoding only (`MoE.uses_grouped_kernel`; the trainer's padded bmm autocasts like any
+# kernel now serves decoding only (`_kernel_ok`; the trainer's padded bmm autocasts like any
 # matmul); the engine's bf16 twin (train/parallel.py) does not follow this rule either, a CPU-only
 # engine/trainer difference that truncated importance sampling absorbs like any other.
 _CPU_BF16_MIN_MACS = 1 << 19
