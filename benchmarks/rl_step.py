@@ -33,9 +33,12 @@ timed steps (reset after the warmup; weights, optimizer states, KV cache and gra
 cpu_s (both sides) / rollout_cpu_s (nanoseek): the process's CPU seconds (all its threads) per step / per
 rollout, a figure that moves less than wall time when other processes share the cores (trl_over_nanoseek_cpu:
 the rounds' median ratio of it).
-On CPU nanoseek's engine decodes through its torch.compile'd step from the first (warm-up) step
-(`--compile on`, the default): what a `nanoseek rl` run does from its 512th decode step on (docs/LOG.md,
-2026-12-02, sixth session); `compiled` in its figures says whether it did.
+With `--compile on` (the default) nanoseek's engine decodes on CPU through its torch.compile'd step from the
+first (warm-up) step, what a `nanoseek rl` run does from its 512th decode step on (docs/LOG.md, 2026-12-02,
+sixth session), and the update's gradient passes run a compiled forward (`update.compiled_hidden_states`), what
+`nanoseek rl --set train.compile=true` does; both compile during the warm-up step. `compiled` in its figures
+says whether the engine did. `--compile auto`: the engine as `nanoseek rl` decides, the update eager (its
+default); `off`: neither compiled.
 nanoseek's `cuda_graphs` says whether its engine's decode steps replayed CUDA graphs (and if not,
 why). TRL is optional (pip install trl); without it, or if it fails, only nanoseek is reported.
 A JSON line with nanoseek's figures is printed before TRL runs ("complete": false), so a run cut
@@ -75,7 +78,7 @@ from nanoseek.train import grpo
 from nanoseek.train.optim import build_optimizers
 from nanoseek.train.rollouts import PromptSampler, collect
 from nanoseek.train.run import autocast_dtype
-from nanoseek.train.update import update
+from nanoseek.train.update import compiled_hidden_states, update
 
 QUICK_SHAPE = dict(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256)
 
@@ -155,6 +158,7 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
         max_seq_len=min(cfg.max_seq_len, max_prompt + args.max_new_tokens + 8),
         compile={"on": True, "off": False, "auto": None}[args.compile],
     )
+    forward = compiled_hidden_states(model) if args.compile == "on" else None  # train.compile = true
     sampler = PromptSampler(rows, seed=0)
     rewards = RewardSet().add("dummy", lambda prompts, completions, rows_: dummy_reward(completions))
 
@@ -168,7 +172,7 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
         sync(device)
         t1, c1 = time.perf_counter(), time.process_time()
         advantages = grpo.group_advantages(batch.rewards, rcfg.group_size, rcfg.scale_rewards)
-        update(model, None, optimizers, batch, advantages, rcfg, tcfg.grad_clip, device)
+        update(model, None, optimizers, batch, advantages, rcfg, tcfg.grad_clip, device, hidden_states=forward)
         sync_rollout_policy(engine_policy, model)
         sync(device)
         t2, c2 = time.perf_counter(), time.process_time()
@@ -189,6 +193,7 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
     result["peak_mem_gb"] = peak_gb(device)
     result["cuda_graphs"] = engine.cuda_graph_status()
     result["compiled"] = engine.compiling
+    result["update_compiled"] = forward is not None
     engine.release()
     return result
 
@@ -319,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         "--compile",
         choices=["on", "off", "auto"],
         default="on",
-        help="CPU: nanoseek's compiled decode step from the first step (on: the steady state of a run; auto: "
-        "what `nanoseek rl` does, compile after 512 decode steps)",
+        help="nanoseek on: the engine's compiled CPU decode step from the first step and the update's compiled "
+        "forward (train.compile); auto: the engine as `nanoseek rl` decides (after 512 decode steps), the update "
+        "eager; off: neither",
     )
     p.add_argument(
         "--quick",

@@ -329,6 +329,28 @@ def test_blocked_cpu_attention_equals_each_document_alone(dtype, packed):
         assert (g.double() - r).abs().max().item() < tol * 10
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_causal_matmul_attention_equals_the_causal_reference(dtype):
+    """The compiled CPU training path's attention (one block of the whole chunk) against the naive reference,
+    forward and gradients; and `fits_one_block` keeps long or large chunks on SDPA."""
+    from nanoseek.model.attention import causal_matmul_attention, fits_one_block
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 90, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ref = _attention_doc_by_doc(q, k, v, 0.25, _packed_doc_ids([[90], [90]]))
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    qd, kd, vd = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out = causal_matmul_attention(qd, kd, vd, 0.25)
+    grads = torch.autograd.grad(out, (qd, kd, vd), grad_out.to(dtype))
+    tol = {torch.float64: 1e-10, torch.bfloat16: 5e-2}[dtype]
+    assert out.dtype == dtype and (out.double() - ref).abs().max().item() < tol
+    for g, r in zip(grads, ref_grads):
+        assert (g.double() - r).abs().max().item() < tol * 10
+    assert fits_one_block(q) and not fits_one_block(torch.zeros(2, 4, 300, 16))  # longer than BLOCKED_MAX_CAUSAL_LEN
+    assert not fits_one_block(torch.zeros(1, 1, 1, 1).expand(256, 16, 256, 16))  # 256 MiB of float32 scores
+
+
 def test_cpu_block_starts_fall_back_to_sdpa_where_blocks_do_not_pay():
     from nanoseek.model import attention as A
 

@@ -167,3 +167,77 @@ def test_precision_switch(monkeypatch):
     monkeypatch.setenv(precision.CPU_BF16_ENV, "yes")
     with pytest.raises(ValueError, match="NANOSEEK_CPU_BF16='yes'"):
         precision.autocast_dtype(cpu)
+
+
+def rollouts(lengths: list[tuple[int, int]], vocab: int, seed: int):
+    """A batch of prompt/completion pairs of these lengths, random tokens (the update's input)."""
+    from nanoseek.train.rollouts import Rollouts
+
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()
+    completions = [ids(c) for _, c in lengths]
+    n = len(lengths)
+    return Rollouts(
+        rows=[dict(id=str(i)) for i in range(n)],
+        prompt_ids=[ids(p) for p, _ in lengths],
+        completion_ids=completions,
+        engine_logprobs=[[-1.0] * len(c) for c in completions],
+        texts=[""] * n,
+        truncated=[False] * n,
+        policy_masks=[[1] * len(c) for c in completions],
+        turn_advantage_spans=[[] for _ in range(n)],
+        rewards=torch.zeros(n),
+        per_function={},
+        correct=[False] * n,
+        groups_generated=1,
+        zero_variance_fraction=0.0,
+        sampled_reward=0.0,
+        sampled_accuracy=0.0,
+        sampled_tokens=sum(c for _, c in lengths),
+        reward_warnings={},
+    )
+
+
+def test_compiled_rl_update_matches_eager_without_recompiling():
+    """`nanoseek rl` with train.compile: the update's gradient passes through `compiled_hidden_states` (on CPU its
+    attention is `causal_matmul_attention`) give the eager update's weights, over micro-batches of other row
+    counts and lengths without compiling again."""
+    from nanoseek.config import RLConfig
+    from nanoseek.train.update import compiled_hidden_states, update
+
+    torch._dynamo.reset()
+    cfg = SHAPES["gqa"]
+    torch.manual_seed(0)
+    start = Transformer(cfg).train()
+    rl = RLConfig(group_size=5, micro_batch_size=3, max_new_tokens=24, tis_cap=2.0)
+    models = {mode: Transformer(cfg).train() for mode in ("eager", "compiled")}
+    for model in models.values():
+        model.load_state_dict(start.state_dict())
+    forward = compiled_hidden_states(models["compiled"])
+    batches = [  # micro-batches of 3 and 2 rows, and of other lengths in the second step
+        rollouts([(5, 20), (7, 11), (6, 24), (4, 9), (5, 17)], cfg.vocab_size, 0),
+        rollouts([(8, 13), (3, 22), (5, 5), (6, 19), (4, 12)], cfg.vocab_size, 1),
+    ]
+    advantages = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.5])
+    for step, batch in enumerate(batches):
+        for mode, model in models.items():
+            opt = torch.optim.SGD(model.parameters(), lr=20.0)  # policy-gradient steps are small: make them show
+            with torch._dynamo.config.patch(error_on_recompile=step > 0):
+                update(
+                    model,
+                    None,
+                    [opt],
+                    batch,
+                    advantages,
+                    rl,
+                    1.0,
+                    torch.device("cpu"),
+                    hidden_states=forward if mode == "compiled" else None,
+                )
+    moved = 0.0
+    for (name, p_e), p_c, p_0 in zip(
+        models["eager"].named_parameters(), models["compiled"].parameters(), start.parameters()
+    ):
+        torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        moved = max(moved, float((p_e - p_0).detach().abs().max()))
+    assert moved > 1e-3  # the update moved the weights: the comparison is not of two untouched models

@@ -105,12 +105,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | N
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     # On CPU, SDPA's flash kernel computes every one of the T x T scores under a mask, and its backward pass
     # costs ~0.1-0.2 ms per (row, head) at the lengths training runs on CPU (5-8x its forward): plain matmuls
-    # over the blocks that can attend are faster there (CUDA keeps SDPA's kernels; under torch.compile the
-    # blocks' data-dependent shapes would break the graph).
+    # over the blocks that can attend are faster there (CUDA keeps SDPA's kernels). Under torch.compile the
+    # blocks' data-dependent shapes would break the graph: a short causal chunk with gradients (RL's update)
+    # takes one block of the whole chunk there, whose mask and softmax inductor fuses.
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         starts = cpu_block_starts(q, doc_ids, BLOCK)
         if starts is not None:
             return blocked_attention(q, k, v, scale, doc_ids, starts, BLOCK)
+    elif q.device.type == "cpu" and doc_ids is None and q.requires_grad and fits_one_block(q):
+        return causal_matmul_attention(q, k, v, scale)
     if doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     T = q.shape[2]
@@ -140,6 +143,22 @@ def cpu_block_starts(q: Tensor, doc_ids: Tensor | None, block: int) -> list[int]
     if doc_ids is not None and area > BLOCKED_MAX_AREA * T * T:
         return None
     return starts if 4 * B * H * area <= BLOCKED_MAX_BYTES else None
+
+
+def fits_one_block(q: Tensor) -> bool:
+    """Whether a causal chunk is short and small enough for `causal_matmul_attention` (the compiled CPU path):
+    at most BLOCKED_MAX_CAUSAL_LEN tokens and BLOCKED_MAX_BYTES of float32 scores."""
+    B, H, T = q.shape[:3]
+    return T <= BLOCKED_MAX_CAUSAL_LEN and 4 * B * H * T * T <= BLOCKED_MAX_BYTES
+
+
+def causal_matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """`blocked_attention` of a causal chunk as one block, with no Python loop over its length, so torch.compile
+    keeps the length dynamic (a loop over range(T) would specialise the graph to one length)."""
+    T = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1).to(v.dtype) @ v
 
 
 def blocked_attention(

@@ -48,7 +48,7 @@ from nanoseek.train.rollouts import (
     turn_advantages,
 )
 from nanoseek.train.run import Run, RunOptions, autocast, autocast_dtype
-from nanoseek.train.update import update
+from nanoseek.train.update import compiled_hidden_states, update
 
 
 def rl_defaults() -> RunConfig:
@@ -205,6 +205,8 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
         max_batch=max(math.ceil(r.prompts_per_step / run.topo.world) * r.group_size, 8),
         max_seq_len=max_seq_len,
     )
+    # train.compile: the update's gradient passes through a compiled forward (the engine compiles on its own).
+    policy_forward = compiled_hidden_states(model) if t.compile and not parallel.is_sharded(model) else None
     if before is None and eval_rows:
         before = evaluate(engine, tokenizer, eval_rows, r, seed=t.seed)
         run.log.write(dict(step=0, eval_accuracy=before["accuracy"]["all"], eval=before["accuracy"]))
@@ -221,7 +223,9 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
         )
         token_adv = turn_advantages(batch, r.group_size, r.scale_rewards) if r.turn_credit and r.envs else None
         t1 = time.perf_counter()
-        upd = update(model, ref_model, run.optimizers, batch, advantages, r, t.grad_clip, run.device, token_adv)
+        upd = update(
+            model, ref_model, run.optimizers, batch, advantages, r, t.grad_clip, run.device, token_adv, policy_forward
+        )
         parallel.refresh_generation_policy(engine_policy, model)
         t_update = time.perf_counter() - t1
         done = step + 1

@@ -13,6 +13,8 @@ whole-batch normalisers, and the ranks' gradients are summed before each optimiz
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from nanoseek.config import RLConfig
@@ -46,17 +48,38 @@ def sequence_logprobs(
     temperature: float,
     with_entropy: bool = False,
     where: torch.Tensor | None = None,
+    hidden_states: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token log-probs [n, L] (and their entropy, detached) without the full logits (`nanoseek.train.logprobs`);
-    with `where` (the loss mask) only at those positions, 0 elsewhere."""
+    with `where` (the loss mask) only at those positions, 0 elsewhere. `hidden_states` stands in for
+    `model.hidden_states` (its compiled form: `compiled_hidden_states`)."""
     if parallel.is_sharded(model):  # FSDP gathers the weights in forward() only: the plain, full-logits path
         logits = model(ids)
         logp = grpo.token_logprobs(logits, targets, temperature)
         logp = logp if where is None else torch.where(where.bool(), logp, 0.0)
         return logp, grpo.token_entropy(logits, temperature).detach() if with_entropy else None
-    hidden, weight = model.hidden_states(ids), logprobs.output_weight(model)
+    hidden, weight = (hidden_states or model.hidden_states)(ids), logprobs.output_weight(model)
     logp, entropy = logprobs.token_logprobs(hidden, weight, targets, temperature, where=where)
     return logp, entropy.detach() if with_entropy else None
+
+
+def compiled_hidden_states(model: Transformer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model.hidden_states` through torch.compile, for the update's gradient passes (`nanoseek rl` with
+    train.compile = true), compiled at the first call: the forward and its backward each one graph, dynamic in
+    the micro-batch's rows and length from the start (every RL micro-batch has its own; a micro-batch of one row
+    compiles once more). The log-probs after it stay eager (a chunked autograd function). On CPU the compiled
+    attention is one fused block (`attention.causal_matmul_attention`). Not for a sharded model (FSDP runs its
+    own forward). Measured: docs/LOG.md, 2026-12-02, seventh session."""
+    compiled = torch.compile(model.hidden_states)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        # Only these two sizes are dynamic: `dynamic=True` would make every size symbolic and let equal ones
+        # share a symbol (16 rows and the rotary table's 16 frequencies), then pin the rows to 16 with the table.
+        torch._dynamo.maybe_mark_dynamic(ids, 0)
+        torch._dynamo.maybe_mark_dynamic(ids, 1)
+        return compiled(ids)
+
+    return forward
 
 
 def update(
@@ -69,10 +92,13 @@ def update(
     grad_clip: float,
     device: torch.device,
     token_advantages: list[list[float]] | None = None,
+    hidden_states: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """num_iterations passes of clipped policy-gradient updates over the batch; returns statistics.
 
     token_advantages (rl.turn_credit): per completion token, replacing each sample's one advantage.
+    hidden_states: the policy's forward for the gradient passes in place of `model.hidden_states` (its compiled
+    form, `compiled_hidden_states`); the no-grad passes keep the eager model.
 
     A sample whose advantage is zero adds nothing to the loss or its gradient (and, without a KL
     term, nothing at all), so it is left out of the forward and backward passes; the normalisers
@@ -154,7 +180,7 @@ def update(
         for k, (_, ids, targets, mask, engine_lp, adv) in enumerate(packed):
             with autocast(device):
                 logp, entropy = sequence_logprobs(
-                    model, ids, targets, cfg.temperature, with_entropy=it == 0, where=mask
+                    model, ids, targets, cfg.temperature, with_entropy=it == 0, where=mask, hidden_states=hidden_states
                 )
                 old_k = old[k] if old[k] is not None else logp.detach()
                 is_w = grpo.truncated_is_weights(old_k, engine_lp, cfg.tis_cap) if cfg.tis_cap > 0 else None
