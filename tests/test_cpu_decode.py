@@ -66,14 +66,18 @@ def assert_same_tokens_close_logprobs(got, want, atol: float) -> None:
 # ----------------------------------------------------------------------------- the compiled step
 @pytest.mark.slow
 def test_compiled_decode_gives_the_eager_tokens_and_logprobs(monkeypatch):
-    """tiny-moe in float32: dense and MoE layers, the experts through torch._grouped_mm inside the graph."""
+    """tiny-moe in float32: dense and MoE layers, the experts through torch._grouped_mm inside the one graph."""
+    from torch._dynamo.utils import counters
+
     model = build("tiny-moe")
     calls = []
     real = compiled.COMPILED.step
     monkeypatch.setattr(compiled.COMPILED, "step", lambda *a: calls.append(a[2].shape[0]) or real(*a))
     engine = Engine(model, max_batch=4, compile=True)
+    counters.clear()
     got = outputs(engine)
     assert engine.compiling and compiled.COMPILED.failure is None
+    assert not counters["graph_break"], dict(counters["graph_break"])  # one graph: no break at the MoE layers
     assert 1 not in calls and 2 in calls  # the one-sequence tail ran with a free slot's dummy row
     want = outputs(Engine(model, max_batch=4, compile=False))
     assert len({len(t) for t, _ in want}) > 3  # varied lengths: slots were freed and reused

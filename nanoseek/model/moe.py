@@ -43,8 +43,15 @@ def _kernel_ok(x: Tensor, dtype: torch.dtype | None = None) -> bool:
     each 19.6 vs 24.1 ms, tiny-moe at 16 x 256 tokens 243 vs 304 ms, at 2 x 64 equal; docs/LOG.md, 2026-12-02,
     sixth session). The trainer's no-grad passes (RL's old and reference log-probs, evaluation losses) take the
     padded path too, so they multiply as its gradient passes do; a compiled training step could not take the
-    kernel anyway (`_cpu_grouped_mm` has no autograd formula)."""
-    cpu_trainer = x.device.type == "cpu" and not torch.is_inference_mode_enabled()
+    kernel anyway (`_cpu_grouped_mm` has no autograd formula). Inside a compiled graph the test is on grad mode
+    instead: Dynamo cannot trace `torch.is_inference_mode_enabled` and would split the engine's compiled decode
+    step at every MoE layer (it did for a session: tiny-moe decoded at about half its speed)."""
+    if x.device.type != "cpu":
+        cpu_trainer = False
+    elif torch.compiler.is_compiling():
+        cpu_trainer = torch.is_grad_enabled()
+    else:
+        cpu_trainer = not torch.is_inference_mode_enabled()
     return (
         USE_GROUPED_MM_KERNEL
         and (dtype or x.dtype) in _KERNEL_DTYPES.get(x.device.type, ())
