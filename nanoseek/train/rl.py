@@ -207,6 +207,8 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
     )
     # train.compile: the update's gradient passes through a compiled forward (the engine compiles on its own).
     policy_forward = compiled_hidden_states(model) if t.compile and not parallel.is_sharded(model) else None
+    if policy_forward is not None and not run.quiet:
+        print("rl: the update's forward compiled (train.compile; the first step compiles it)", file=sys.stderr)
     if before is None and eval_rows:
         before = evaluate(engine, tokenizer, eval_rows, r, seed=t.seed)
         run.log.write(dict(step=0, eval_accuracy=before["accuracy"]["all"], eval=before["accuracy"]))
