@@ -13,9 +13,10 @@ Every completion runs to max_new_tokens: nanoseek's engine gets no eos ids; TRL 
 generation_kwargs min_new_tokens = max_completion_length (eos suppressed until then).
 
 nanoseek: `collect` (nanoseek.train.rollouts) + `update` (nanoseek.train.update), as `nanoseek rl` runs them
-(float32 master weights, bf16 autocast on CUDA, the engine on a twin holding bf16 copies of the matmul
-weights, refreshed after each optimizer step; the update also takes one no-grad forward for the
-old/trainer log-probs that the truncated importance-sampling weights need).
+(float32 master weights, bf16 autocast on CUDA and on CPUs with AVX-512 BF16 or AMX, the engine on a twin
+holding bf16 copies of the matmul weights, refreshed after each optimizer step; AdamW, `nanoseek rl`'s default
+optimizer, as TRL's; one pass over the batch, whose detached log-probs serve as the old policy's for the
+truncated importance-sampling weights, so no extra forward).
 TRL: GRPOConfig(per_device_train_batch_size=micro-batch, gradient_accumulation_steps=P*G/micro-batch,
 num_generations=G, loss_type="dapo", beta=0, epsilon 0.2 / epsilon_high 0.28, bf16 on CUDA), a
 transformers model of the same shape (Qwen3ForCausalLM when the preset has QK-norm, else Llama),
@@ -76,6 +77,7 @@ from nanoseek.rewards import RewardSet
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import grpo
 from nanoseek.train.optim import build_optimizers
+from nanoseek.train.rl import rl_defaults
 from nanoseek.train.rollouts import PromptSampler, collect
 from nanoseek.train.run import autocast_dtype
 from nanoseek.train.update import compiled_hidden_states, update
@@ -139,7 +141,9 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
     with torch.device(device):
         model = Transformer(cfg)
     model.train()  # float32 master weights, as `nanoseek rl` loads them
-    tcfg = TrainConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0)
+    # `nanoseek rl`'s optimizer (train.rl.rl_defaults: AdamW, no weight decay; TrainConfig's own default is Muon,
+    # which this benchmark took before 2026-12-02 evening), at TRL's learning rate.
+    tcfg = TrainConfig(optimizer=rl_defaults().train.optimizer, lr=1e-6, weight_decay=0.0, grad_clip=1.0)
     optimizers = build_optimizers(model, tcfg, device)
     install_balancing_hook(optimizers[-1], model)
     rcfg = RLConfig(
