@@ -216,6 +216,23 @@ def test_selection_bias_changes_choice_not_gate_weights():
     assert torch.allclose(w1, scores.gather(1, ids1), atol=0)
 
 
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_router_scores_in_float32_under_bf16_autocast(score_func):
+    """Under autocast the gate's matmul runs in bf16 (autocast decides), but the scores, the top-k and the gate
+    weights are float32 functions of those logits, not bf16 ones (which would tie near-equal experts)."""
+    torch.manual_seed(0)
+    m = MoE(moe_config(score_func=score_func))
+    torch.nn.init.normal_(m.router.weight)
+    x = torch.randn(64, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids, _w, scores = m.router(x)
+    logits = F.linear(x.bfloat16(), m.router.weight.bfloat16()).float()  # what autocast's matmul gives
+    want = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, want, rtol=0, atol=0)
+    assert torch.equal(ids, (want + m.router.e_score_correction_bias).topk(m.cfg.top_k, dim=-1).indices)
+
+
 def test_balancing_drives_max_violation_down():
     torch.manual_seed(0)
     cfg = moe_config(n_routed_experts=8, top_k=2, score_func="sigmoid", bias_update_rate=0.01)

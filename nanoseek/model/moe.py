@@ -205,9 +205,11 @@ class Router(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: [N, D] -> (expert ids [N, k], gate weights [N, k] in x's dtype, scores [N, E] in >= float32)."""
         cfg = self.cfg
-        # Route in at least float32: bf16 scores would flip near-tied expert choices.
+        # Scores in at least float32: bf16 scores would flip near-tied expert choices. Under autocast the matmul
+        # itself runs in autocast's dtype whatever its inputs' (as DeepSeek-V3's gate runs in the model's dtype),
+        # so its output is cast back before the score function and the top-k.
         work = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(work), self.weight.to(work))
+        logits = F.linear(x.to(work), self.weight.to(work)).to(work)
         scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias.to(work)
         if cfg.n_groups > 1:
