@@ -156,30 +156,31 @@ def causal_matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Te
     """`blocked_attention` of a causal chunk as one block, with no Python loop over its length, so torch.compile
     keeps the length dynamic (a loop over range(T) would specialise the graph to one length)."""
     T = q.shape[2]
-    scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(-1).to(v.dtype) @ v
+    return _masked_attention(q, k, v, scale, torch.ones(T, T, dtype=torch.bool, device=q.device).tril())
 
 
 def blocked_attention(
     q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | None, starts: list[int], block: int
 ) -> Tensor:
     """Causal attention (within documents, with doc_ids), one block of `block` queries at a time over the keys
-    from its start in `starts` (`cpu_block_starts`). The scores are taken in q's dtype and the softmax in
-    float32 (float64 for a float64 model), as transformers' eager attention does."""
+    from its start in `starts` (`cpu_block_starts`)."""
     T = q.shape[2]
-    acc = torch.promote_types(q.dtype, torch.float32)
     pos = torch.arange(T, device=q.device)
     out = []
     for s, lo in zip(range(0, T, block), starts):
         e = min(s + block, T)
-        scores = (q[:, :, s:e] @ k[:, :, lo:e].transpose(-1, -2)).to(acc) * scale
         seen = pos[s:e, None] >= pos[None, lo:e]
         if doc_ids is not None:
             seen = (seen & (doc_ids[:, s:e, None] == doc_ids[:, None, lo:e]))[:, None]
-        probs = scores.masked_fill(~seen, float("-inf")).softmax(-1)
-        out.append(probs.to(v.dtype) @ v[:, :, lo:e])
+        out.append(_masked_attention(q[:, :, s:e], k[:, :, lo:e], v[:, :, lo:e], scale, seen))
     return torch.cat(out, dim=2)
+
+
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, seen: Tensor) -> Tensor:
+    """softmax(q k^T * scale) v over the keys each query has `seen`: the scores are taken in q's dtype and the
+    softmax in float32 (float64 for a float64 model), as transformers' eager attention does."""
+    scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    return scores.masked_fill(~seen, float("-inf")).softmax(-1).to(v.dtype) @ v
 
 
 class Attention(nn.Module):
