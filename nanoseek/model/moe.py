@@ -109,7 +109,7 @@ def _(x: Tensor, w_t: Tensor, offs: Tensor) -> Tensor:
 # multiply-adds per expert per matmul float32 is faster (torch 2.13, AVX-512 BF16: fwd + bwd 2-7x faster in
 # float32 at 4-32 rows of 64 x 32; bf16 ahead from ~2^19: docs/LOG.md, 2026-12-01, fourth session). On CPU the
 # kernel now serves decoding only (`_kernel_ok`; the trainer's padded bmm autocasts like any
-# matmul); the engine's bf16 twin (train/parallel.py) does not follow this rule either, a CPU-only
+# matmul); the engine's bf16 twin (engine/twin.py) does not follow this rule either, a CPU-only
 # engine/trainer difference that truncated importance sampling absorbs like any other.
 _CPU_BF16_MIN_MACS = 1 << 19
 
