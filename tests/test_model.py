@@ -492,6 +492,29 @@ def test_gqa_with_all_kv_heads_equals_plain_mha():
     assert (ours - ref).abs().max().item() < 1e-12
 
 
+def test_rope_lookup_table_gives_the_computed_cos_sin_and_grows_past_the_context():
+    """float32 cos/sin come from a table of positions 0..max_seq_len-1 (`rope.rope_table`): the same numbers as
+    computing them for each position in float64 (yarn: the attention scaling is in the table), at any
+    positions, and a sequence longer than the context grows the table instead of reading past its end."""
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    model = Transformer(get_preset("tiny", max_seq_len=64, rope_scaling=scaling))
+    positions = torch.tensor([[0, 5, 63, 17], [7, 7, 1, 40]])
+    cos, sin = model._rope(positions, torch.float32)
+    inv_freq, attention_scaling = model._inv_freq[torch.device("cpu")], model.rope_attention_scaling
+    assert attention_scaling != 1.0
+    angles = positions.double()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    torch.testing.assert_close(cos, (angles.cos() * attention_scaling).float(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(sin, (angles.sin() * attention_scaling).float(), rtol=0, atol=2e-6)
+    cos16, _ = model._rope(positions, torch.bfloat16)
+    assert cos16.dtype == torch.bfloat16 and torch.equal(cos16, cos.to(torch.bfloat16))
+
+    long_cos, _ = model._rope(torch.arange(100)[None], torch.float32)
+    assert model._rope_tables[torch.device("cpu")][0].shape[0] == 100
+    at99 = torch.cat([99 * inv_freq, 99 * inv_freq])
+    torch.testing.assert_close(long_cos[0, 99], (at99.cos() * attention_scaling).float(), rtol=0, atol=2e-6)
+
+
 def closed_form_params(c: ModelConfig) -> int:
     hd = c.attn_head_dim
     if c.attn_type == "mla":

@@ -96,6 +96,22 @@ def rope_cos_sin(
     return (angles.cos() * attention_scaling).to(dtype), (angles.sin() * attention_scaling).to(dtype)
 
 
+def rope_table(inv_freq: Tensor, attention_scaling: float, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """float32 cos, sin [length, dim/2] of positions 0..length-1, the values `rope_cos_sin` computes for them.
+
+    A table, not cos/sin of each step's positions: inside a compiled graph inductor recomputes the cos and sin
+    in every kernel that reads them (each layer's q and k), which cost the tiny preset's decode step a quarter
+    of its time (docs/LOG.md, 2026-12-02, eighth session); a lookup is a load."""
+    angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq.to(device, torch.float32)
+    return angles.cos() * attention_scaling, angles.sin() * attention_scaling
+
+
+def rope_lookup(positions: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape [B, T, dim] for integer positions [B, T] from `rope_table`'s [length, dim/2]."""
+    cos, sin = cos[positions], sin[positions]
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([sin, sin], dim=-1).to(dtype)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: [B, T, H, dim]; cos/sin: [B, T, dim]."""
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]

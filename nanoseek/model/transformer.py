@@ -24,7 +24,7 @@ from nanoseek.model.attention import AttentionCache, CacheLayout, attention_clas
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.moe import MoE, SwiGLU, moe_layers
 from nanoseek.model.norm import RMSNorm
-from nanoseek.model.rope import dynamic_inv_freq, rope_cos_sin, rope_frequencies
+from nanoseek.model.rope import dynamic_inv_freq, rope_cos_sin, rope_frequencies, rope_lookup, rope_table
 
 
 class Block(nn.Module):
@@ -56,6 +56,10 @@ class Transformer(nn.Module):
         )
         # Kept out of the state dict and out of .to(dtype): a bf16 copy of the frequencies would be wrong.
         self._inv_freq = {torch.device("cpu"): inv_freq}
+        # float32 cos/sin of positions 0..max_seq_len-1 by device (`_rope`), the CPU's built here: built on first
+        # use inside a compiled graph, a table would be a graph output, and the next call would recompile.
+        cpu = torch.device("cpu")
+        self._rope_tables = {cpu: rope_table(inv_freq, self.rope_attention_scaling, cfg.max_seq_len, cpu)}
         self.reset_parameters()
 
     # --- init ---
@@ -94,11 +98,17 @@ class Transformer(nn.Module):
         if rs.get("rope_type", rs.get("type")) == "dynamic":
             seq_len = int(positions.max()) + 1  # host read, only for this rarely used variant
             inv_freq = dynamic_inv_freq(cfg.rope_theta, self.rope_dim, rs, cfg.max_seq_len, seq_len)
-        else:
-            if device not in self._inv_freq:
-                self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
-            inv_freq = self._inv_freq[device]
-        return rope_cos_sin(positions, inv_freq, self.rope_attention_scaling, dtype)
+            return rope_cos_sin(positions, inv_freq, self.rope_attention_scaling, dtype)
+        if dtype == torch.float64:  # reference runs: computed in float64, not looked up in the float32 table
+            return rope_cos_sin(positions, self._inv_freq[torch.device("cpu")], self.rope_attention_scaling, dtype)
+        # Another device's is built on first use, and any is built again if the context grew
+        # (`train.run.with_context`) or a sequence is longer than the context.
+        length = max(cfg.max_seq_len, positions.shape[-1])
+        table = self._rope_tables.get(device)
+        if table is None or table[0].shape[0] < length:
+            table = rope_table(self._inv_freq[torch.device("cpu")], self.rope_attention_scaling, length, device)
+            self._rope_tables[device] = table
+        return rope_lookup(positions, *table, dtype)
 
     def hidden_states(
         self,
