@@ -84,6 +84,28 @@ def test_compiled_decode_gives_the_eager_tokens_and_logprobs(monkeypatch):
     assert_same_tokens_close_logprobs(got, want, COMPILED_LOGPROB_ATOL)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
+def test_summed_attention_equals_softmax_attention_in_float64(dtype, atol):
+    """The compiled step's attention (`cache._summed_attention`, run eagerly here) on strided views of a cache,
+    with masked keys, against softmax(q k^T * scale + mask) v in float64 on the same (rounded) inputs."""
+    from nanoseek.engine.cache import _summed_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, rows, dk, dv, L = 3, 2, 4, 16, 8, 11
+    cache_k = torch.randn(5, Hkv, 20, dk, generator=g).to(dtype)
+    cache_v = torch.randn(5, Hkv, 20, dv, generator=g).to(dtype)
+    q = torch.randn(B, Hkv, rows, dk, generator=g).to(dtype)
+    mask = torch.zeros(B, 1, rows, L, dtype=dtype)
+    mask[0, :, :, 7:] = float("-inf")  # a shorter sequence in row 0
+    mask[2, :, 1:, 3:] = float("-inf")
+    keys, values = cache_k[:B, :, :L], cache_v[:B, :, :L]
+    got = _summed_attention(q, keys, values, 0.3, mask)
+    scores = q.double() @ keys.double().transpose(-1, -2) * 0.3 + mask.double()
+    want = scores.softmax(-1) @ values.double()
+    assert got.dtype == dtype and got.shape == (B, Hkv, rows, dv)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
+
+
 def test_a_failed_compile_decodes_eagerly_after_one_warning(monkeypatch):
     def broken_compile(fn, **kwargs):
         def run(*args):
@@ -236,6 +258,25 @@ def test_bf16_decoding_is_within_tolerance_of_float32():
             errors.append((torch.tensor(c.logprobs) - want).abs())
         errors = torch.cat(errors)
         assert errors.max() < BF16_LOGPROB_MAX and errors.mean() < BF16_LOGPROB_MEAN, (name, errors)
+
+
+def test_the_twin_caches_keys_in_its_16bit_dtype_with_the_float32_cache_outputs():
+    """RL's twin decodes under bf16 autocast, where the attention matmuls read the cache in bf16 anyway: its
+    engine caches in bf16 (half the bytes, no cast of the cache at every layer), with the tokens and log-probs
+    of a float32 cache. The plain float32 model keeps a float32 cache."""
+    from nanoseek.engine.twin import rollout_policy
+
+    model = build("tiny", init_std=0.05)
+    twin = rollout_policy(model, torch.bfloat16)
+    prompts = prompts_of([4, 11, 20, 2], seed=6)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    assert Engine(model, max_batch=4).kv_dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_cache = Engine(twin, max_batch=4, compile=False)
+        assert bf16_cache.kv_dtype == torch.bfloat16
+        got = outputs(bf16_cache, prompts, params)
+        want = outputs(Engine(twin, max_batch=4, compile=False, kv_dtype=torch.float32), prompts, params)
+    assert_same_tokens_close_logprobs(got, want, atol=1e-5)
 
 
 def test_precision_rule_bf16_where_native_and_the_weights_outgrow_the_cache(monkeypatch):

@@ -34,10 +34,10 @@ from torch import Tensor
 from nanoseek.model.transformer import Transformer
 
 CPU_MATMUL_ATTENTION_MIN = 256
-"""A CPU cache of this many slots x query heads decodes with plain matmul attention (`KVCache.matmul_attention`):
-the tiny preset's compiled decode step at 512 rows took 9.3 ms against SDPA's 12.6, at 64 rows 1.47 against
-1.78; at 8 and 2 rows SDPA's kernel was 7-12% faster (one process, interleaved; docs/LOG.md, 2026-12-02). Decided
-per cache, not per step, so a compiled decode step keeps one graph as the batch shrinks."""
+"""A CPU cache of this many slots x query heads decodes eagerly with plain matmul attention
+(`KVCache.matmul_attention`); a compiled step sums instead (`_summed_attention`). Measured when the compiled step
+used it too: tiny at 512 rows 9.3 ms against SDPA's 12.6, at 64 rows 1.47 against 1.78; at 8 and 2 rows SDPA's
+kernel was 7-12% faster (one process, interleaved; docs/LOG.md, 2026-12-02). Decided per cache, not per step."""
 
 
 class KVCache:
@@ -57,8 +57,8 @@ class KVCache:
         if values_in_keys and v_dim > k_dim:
             raise ValueError(f"values_in_keys needs v_dim <= k_dim, got {v_dim} > {k_dim}")
         self.n_slots, self.max_seq_len, self.dtype, self.v_dim = n_slots, max_seq_len, dtype, v_dim
-        # Decode steps attend with two batched matmuls and a float32 softmax instead of SDPA, whose CPU kernel pays
-        # ~2 us per (row, kv head): the faster choice for many rows (CPU_MATMUL_ATTENTION_MIN).
+        # Eager decode steps attend with two batched matmuls and a float32 softmax instead of SDPA, whose CPU kernel
+        # pays ~2 us per (row, kv head): the faster choice for many rows (CPU_MATMUL_ATTENTION_MIN).
         self.matmul_attention = matmul_attention
         # Zeros, not empty: masked keys must hold finite numbers (0 x NaN would poison the output).
         self.k = torch.zeros(n_layers, n_slots, n_kv_heads, max_seq_len, k_dim, dtype=dtype, device=device)
@@ -164,13 +164,29 @@ class KVCache:
             bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device).masked_fill_(blocked, float("-inf"))
             self._mask = bias[:, None, None].expand(B, 1, rep, T, Lp).reshape(B, 1, rep * T, Lp)[..., :L]
         q = q.reshape(B, Hkv, rep * T, dk)
-        if self.matmul_attention:
+        if torch.compiler.is_compiling() and q.device.type == "cpu":  # the compiled CPU step (engine/compiled.py)
+            out = _summed_attention(q, keys, values, scale, self._mask)
+        elif self.matmul_attention:
             acc = torch.promote_types(q.dtype, torch.float32)
             scores = (q @ keys.transpose(-1, -2)).to(acc) * scale + self._mask
             out = scores.softmax(-1).to(values.dtype) @ values
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask, scale=scale)
         return out.reshape(B, H, T, -1).to(out_dtype)
+
+
+def _summed_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float, mask: Tensor) -> Tensor:
+    """Decode attention as products and sums, for the compiled CPU step: inductor fuses them into loops over
+    the cache (scores, softmax, weighted sum). Two batched matmuls of [rows, dk] x [dk, L] per kv head cost a
+    library call each and, in bf16, a copy of the strided cache view; SDPA's kernel pays per (row, head).
+    Alone in a compiled function (docs/LOG.md, 2026-12-02, eighth session; 2 threads): tiny's shape at 64 rows 70 us
+    against 93 (matmuls) and 299 (SDPA), at 280 keys 197 against 437 and 433; small's at 8 rows and 1,000
+    keys 404 against 1,072 and 673; at one row within 10% of SDPA. Scores and the weighted sum accumulate
+    in float32 (the matmuls rounded both to bf16). Eagerly it would build [B, Hkv, rows, L, dk] products:
+    only for graphs."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = (q[:, :, :, None, :].to(acc) * keys[:, :, None, :, :].to(acc)).sum(-1) * scale + mask
+    return (scores.softmax(-1)[..., None] * values[:, :, None, :, :].to(acc)).sum(-2).to(values.dtype)
 
 
 def _aligned(n: int, multiple: int = 16) -> int:

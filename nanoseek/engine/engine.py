@@ -66,7 +66,8 @@ class Engine(MultiTurn):
     max_seq_len: prompt + generation length of a slot (default: the model's).
     kv_cache_gb: KV budget in GiB; default: kv_cache_fraction of the free GPU memory on CUDA,
     min(2 GiB, a quarter of the available RAM) on CPU. Only what max_batch slots need is allocated.
-    kv_dtype: default bfloat16 on CUDA, the model's dtype elsewhere.
+    kv_dtype: default bfloat16 on CUDA, elsewhere the dtype of the model's output-layer weight (the model's
+    dtype; 16-bit for a twin from `engine.twin.rollout_policy`, which decodes under autocast).
     eos_ids: ids that end a sequence unless ignore_eos (default: the tokenizer's stop_ids).
     detokenize: ids -> text, for text and stop strings (default: tokenizer.decode).
     compile: on CPU, decode through torch.compile: True from the first step, False never, None
@@ -100,7 +101,11 @@ class Engine(MultiTurn):
             raise ValueError(f"max_seq_len = {max_seq_len!r}: must be in [2, model max_seq_len={cfg.max_seq_len}]")
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens = {max_prefill_tokens!r}: must be >= 1")
-        self.kv_dtype = kv_dtype or (torch.bfloat16 if self.device.type == "cuda" else weight.dtype)
+        # Elsewhere the dtype the output layer's matmul runs in: the model's, or for RL's twin under autocast
+        # (engine/twin.py) its 16-bit copies'. Under autocast a float32 cache is what every step's attention
+        # matmuls would cast (and, for the keys, transpose) in full at each layer: the same values, read twice.
+        head = model.lm_head.weight if getattr(model, "lm_head", None) is not None else weight
+        self.kv_dtype = kv_dtype or (torch.bfloat16 if self.device.type == "cuda" else head.dtype)
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_ids = list(eos_ids) if eos_ids is not None else list(tokenizer.stop_ids if tokenizer else [])
         self.detokenize = detokenize or (tokenizer.decode if tokenizer is not None else None)
