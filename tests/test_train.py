@@ -235,3 +235,8 @@ def test_longer_context_keeps_a_scaled_rope(scaling):
     for built in (model, Transformer(model.cfg)):
         for got, want in zip(built._rope(positions, torch.float64), Transformer(start)._rope(positions, torch.float64)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # The float32 cos/sin table grew with the context at once (not on first use, perhaps inside a compiled
+    # graph), to the values a model built with that context looks up.
+    assert model._rope_tables[torch.device("cpu")][0].shape[0] == 256
+    for got, want in zip(model._rope(positions, torch.float32), Transformer(model.cfg)._rope(positions, torch.float32)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -101,14 +101,19 @@ class Transformer(nn.Module):
             return rope_cos_sin(positions, inv_freq, self.rope_attention_scaling, dtype)
         if dtype == torch.float64:  # reference runs: computed in float64, not looked up in the float32 table
             return rope_cos_sin(positions, self._inv_freq[torch.device("cpu")], self.rope_attention_scaling, dtype)
-        # Another device's is built on first use, and any is built again if the context grew
-        # (`train.run.with_context`) or a sequence is longer than the context.
-        length = max(cfg.max_seq_len, positions.shape[-1])
+        return rope_lookup(positions, *self.rope_table(device, positions.shape[-1]), dtype)
+
+    def rope_table(self, device: torch.device, length: int = 0) -> tuple[Tensor, Tensor]:
+        """float32 cos/sin [n, rope_dim/2] of positions 0..n-1 on `device`, n >= max(max_seq_len, length):
+        another device's built on first use, any built again for a longer context or sequence. Call it
+        eagerly after changing the context (`train.run.with_context`): built inside a compiled graph, the
+        table would be that graph's output and the next call would recompile."""
+        length = max(self.cfg.max_seq_len, length)
         table = self._rope_tables.get(device)
         if table is None or table[0].shape[0] < length:
             table = rope_table(self._inv_freq[torch.device("cpu")], self.rope_attention_scaling, length, device)
             self._rope_tables[device] = table
-        return rope_lookup(positions, *table, dtype)
+        return table
 
     def hidden_states(
         self,

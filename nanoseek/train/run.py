@@ -82,6 +82,7 @@ def with_context(model: Transformer, max_seq_len: int) -> None:
     if scaling and not scaling.get("original_max_position_embeddings"):
         scaling = {**scaling, "original_max_position_embeddings": cfg.max_seq_len}
     model.cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len, rope_scaling=scaling)
+    model.rope_table(torch.device("cpu"))  # the longer cos/sin table now, in eager code
 
 
 class MetricsLog:
