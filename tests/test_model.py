@@ -500,7 +500,7 @@ def test_rope_lookup_table_gives_the_computed_cos_sin_and_grows_past_the_context
     model = Transformer(get_preset("tiny", max_seq_len=64, rope_scaling=scaling))
     positions = torch.tensor([[0, 5, 63, 17], [7, 7, 1, 40]])
     cos, sin = model._rope(positions, torch.float32)
-    inv_freq, attention_scaling = model._inv_freq[torch.device("cpu")], model.rope_attention_scaling
+    inv_freq, attention_scaling = model._inv_freq, model.rope_attention_scaling
     assert attention_scaling != 1.0
     angles = positions.double()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)

@@ -54,10 +54,10 @@ class Transformer(nn.Module):
         inv_freq, self.rope_attention_scaling = rope_frequencies(
             cfg.rope_theta, self.rope_dim, cfg.rope_scaling, cfg.max_seq_len
         )
-        # Kept out of the state dict and out of .to(dtype): a bf16 copy of the frequencies would be wrong.
-        self._inv_freq = {torch.device("cpu"): inv_freq}
-        # float32 cos/sin of positions 0..max_seq_len-1 by device (`_rope`), the CPU's built here: built on first
-        # use inside a compiled graph, a table would be a graph output, and the next call would recompile.
+        # On the CPU in float64, kept out of the state dict and out of .to(dtype): a bf16 copy would be wrong.
+        self._inv_freq = inv_freq
+        # float32 cos/sin of positions 0..max_seq_len-1 by device (`rope_table`), the CPU's built here: built on
+        # first use inside a compiled graph, a table would be a graph output, and the next call would recompile.
         cpu = torch.device("cpu")
         self._rope_tables = {cpu: rope_table(inv_freq, self.rope_attention_scaling, cfg.max_seq_len, cpu)}
         self.reset_parameters()
@@ -100,7 +100,7 @@ class Transformer(nn.Module):
             inv_freq = dynamic_inv_freq(cfg.rope_theta, self.rope_dim, rs, cfg.max_seq_len, seq_len)
             return rope_cos_sin(positions, inv_freq, self.rope_attention_scaling, dtype)
         if dtype == torch.float64:  # reference runs: computed in float64, not looked up in the float32 table
-            return rope_cos_sin(positions, self._inv_freq[torch.device("cpu")], self.rope_attention_scaling, dtype)
+            return rope_cos_sin(positions, self._inv_freq, self.rope_attention_scaling, dtype)
         return rope_lookup(positions, *self.rope_table(device, positions.shape[-1]), dtype)
 
     def rope_table(self, device: torch.device, length: int = 0) -> tuple[Tensor, Tensor]:
@@ -111,7 +111,7 @@ class Transformer(nn.Module):
         length = max(self.cfg.max_seq_len, length)
         table = self._rope_tables.get(device)
         if table is None or table[0].shape[0] < length:
-            table = rope_table(self._inv_freq[torch.device("cpu")], self.rope_attention_scaling, length, device)
+            table = rope_table(self._inv_freq, self.rope_attention_scaling, length, device)
             self._rope_tables[device] = table
         return table
 

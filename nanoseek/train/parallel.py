@@ -256,7 +256,6 @@ def generation_policy(model: Transformer, dtype: torch.dtype | None) -> nn.Modul
     with torch.device("meta"):
         plain = Transformer(model.cfg)
     plain.to_empty(device=device)
-    plain._inv_freq = {k: v for k, v in model._inv_freq.items()}  # host-side frequencies, not parameters
     refresh_generation_policy(plain, model)
     twin = rollout_policy(plain, dtype)  # 16-bit matmul weights where autocast uses them; `plain` then goes
     return twin.eval()
