@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.model import Transformer, get_preset
-from nanoseek.train.logprobs import causal_lm_loss, cross_entropy_sum, output_weight, token_logprobs
+from nanoseek.train.logprobs import causal_lm_loss, cross_entropy_sum, token_logprobs
 
 V, D = 97, 16
 
@@ -90,9 +90,9 @@ def test_causal_lm_loss_equals_the_loss_of_the_models_logits() -> None:
     targets[1, :3] = -100
     # model.loss casts logits to float32; the float64 reference is the cross-entropy of the float64 logits
     ref = F.cross_entropy(model(ids).view(-1, 128), targets.view(-1), ignore_index=-100, reduction="sum")
-    ref_grad = torch.autograd.grad(ref, [output_weight(model), model.layers[0].attn.wq.weight])
+    ref_grad = torch.autograd.grad(ref, [model.output_weight, model.layers[0].attn.wq.weight])
     ce, _ = causal_lm_loss(model, ids, targets)
-    grad = torch.autograd.grad(ce, [output_weight(model), model.layers[0].attn.wq.weight])
+    grad = torch.autograd.grad(ce, [model.output_weight, model.layers[0].attn.wq.weight])
     torch.testing.assert_close(ce, ref, atol=1e-6, rtol=0)
     for a, b in zip(grad, ref_grad):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -104,8 +104,7 @@ class Engine(MultiTurn):
         # Elsewhere the dtype the output layer's matmul runs in: the model's, or for RL's twin under autocast
         # (engine/twin.py) its 16-bit copies'. Under autocast a float32 cache is what every step's attention
         # matmuls would cast (and, for the keys, transpose) in full at each layer: the same values, read twice.
-        head = model.lm_head.weight if getattr(model, "lm_head", None) is not None else weight
-        self.kv_dtype = kv_dtype or (torch.bfloat16 if self.device.type == "cuda" else head.dtype)
+        self.kv_dtype = kv_dtype or (torch.bfloat16 if self.device.type == "cuda" else model.output_weight.dtype)
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_ids = list(eos_ids) if eos_ids is not None else list(tokenizer.stop_ids if tokenizer else [])
         self.detokenize = detokenize or (tokenizer.decode if tokenizer is not None else None)

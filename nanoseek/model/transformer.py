@@ -132,9 +132,13 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, doc_ids, cache)
         return self.norm(x)
 
+    @property
+    def output_weight(self) -> Tensor:
+        """The [vocab, d_model] matrix the logits are taken with (the embedding when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden: Tensor) -> Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.output_weight)
 
     def forward(
         self,

@@ -1,6 +1,6 @@
 """Token log-probs, entropy and cross-entropy from hidden states, without the [tokens, vocab] float32 logits.
 
-    logp, entropy = token_logprobs(hidden, output_weight(model), targets, temperature)   # the RL update
+    logp, entropy = token_logprobs(hidden, model.output_weight, targets, temperature)   # the RL update
     ce, aux = causal_lm_loss(model, input_ids, targets, positions, doc_ids)              # pretraining, SFT
 
 The plain computation, `log_softmax(hidden @ W.T / T)` gathered at the targets, holds the logits of
@@ -31,11 +31,6 @@ CHUNK_BYTES = 1 << 26
 """Float32 logits held at once (64 MiB: about 110 tokens of a 152k vocabulary; the backward pass holds
 at most two such buffers and a tile of the weight's gradient of at most half that). Larger chunks are no
 faster once a chunk's matmul fills the device."""
-
-
-def output_weight(model: Transformer) -> Tensor:
-    """The [vocab, d_model] matrix the model's logits are taken with (the embedding when tied)."""
-    return model.embed.weight if model.lm_head is None else model.lm_head.weight
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -145,7 +140,7 @@ def causal_lm_loss(
     """`model.loss` without the full logits: (cross-entropy over targets != -100, MoE auxiliary loss or 0)."""
     if isinstance(model, FSDPModule):  # FSDP gathers the weights in forward() only: the plain, full-logits path
         return model.loss(input_ids, targets, positions, doc_ids, reduction=reduction)
-    ce = cross_entropy_sum(model.hidden_states(input_ids, positions, doc_ids), output_weight(model), targets)
+    ce = cross_entropy_sum(model.hidden_states(input_ids, positions, doc_ids), model.output_weight, targets)
     if reduction == "mean":
         ce = ce / (targets != -100).sum().clamp(min=1)
     elif reduction != "sum":

@@ -58,7 +58,7 @@ def sequence_logprobs(
         logp = grpo.token_logprobs(logits, targets, temperature)
         logp = logp if where is None else torch.where(where.bool(), logp, 0.0)
         return logp, grpo.token_entropy(logits, temperature).detach() if with_entropy else None
-    hidden, weight = (hidden_states or model.hidden_states)(ids), logprobs.output_weight(model)
+    hidden, weight = (hidden_states or model.hidden_states)(ids), model.output_weight
     logp, entropy = logprobs.token_logprobs(hidden, weight, targets, temperature, where=where)
     return logp, entropy.detach() if with_entropy else None
 
