@@ -86,14 +86,25 @@ def dynamic_inv_freq(base: float, dim: int, scaling: dict[str, Any], max_positio
     return _default(base, dim)
 
 
+def _half_cos_sin(
+    positions: Tensor, inv_freq: Tensor, attention_scaling: float, work: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos, sin [..., dim/2] (x attention_scaling) of integer positions [...], computed in `work`."""
+    angles = positions.to(work)[..., None] * inv_freq.to(device=positions.device, dtype=work)
+    return angles.cos() * attention_scaling, angles.sin() * attention_scaling
+
+
+def _rotate_half_layout(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """[..., dim/2] -> [..., dim] in `dtype`: pair (i, i + dim/2) shares frequency i."""
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([sin, sin], dim=-1).to(dtype)
+
+
 def rope_cos_sin(
     positions: Tensor, inv_freq: Tensor, attention_scaling: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """cos, sin of shape [B, T, dim] for integer positions [B, T]."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    angles = positions.to(work)[..., None] * inv_freq.to(device=positions.device, dtype=work)
-    angles = torch.cat([angles, angles], dim=-1)
-    return (angles.cos() * attention_scaling).to(dtype), (angles.sin() * attention_scaling).to(dtype)
+    return _rotate_half_layout(*_half_cos_sin(positions, inv_freq, attention_scaling, work), dtype)
 
 
 def rope_table(inv_freq: Tensor, attention_scaling: float, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -102,14 +113,12 @@ def rope_table(inv_freq: Tensor, attention_scaling: float, length: int, device: 
     A table, not cos/sin of each step's positions: inside a compiled graph inductor recomputes the cos and sin
     in every kernel that reads them (each layer's q and k), which cost the tiny preset's decode step a quarter
     of its time (docs/LOG.md, 2026-12-02, eighth session); a lookup is a load."""
-    angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq.to(device, torch.float32)
-    return angles.cos() * attention_scaling, angles.sin() * attention_scaling
+    return _half_cos_sin(torch.arange(length, device=device), inv_freq, attention_scaling, torch.float32)
 
 
 def rope_lookup(positions: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin of shape [B, T, dim] for integer positions [B, T] from `rope_table`'s [length, dim/2]."""
-    cos, sin = cos[positions], sin[positions]
-    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([sin, sin], dim=-1).to(dtype)
+    return _rotate_half_layout(cos[positions], sin[positions], dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
