@@ -216,7 +216,7 @@ def run_one(model_name: str, impl: str, precision: str, args, device: torch.devi
     # nanoseek: compile the loss method itself (forward + cross-entropy in one graph); compiling the module and
     # calling `.loss` on the wrapper would run the original, uncompiled forward.
     if impl == "nanoseek":
-        forward_loss = torch.compile(model.loss) if args.compile else model.loss
+        forward_loss = moe_mod.compile_model(model.loss) if args.compile else model.loss
     else:
         forward_loss = torch.compile(model) if args.compile else model
 

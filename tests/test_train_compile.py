@@ -1,8 +1,8 @@
 """The CPU training step's fast paths against their plain references.
 
-* torch.compile'd loss (what `train.compile = true` runs) vs the eager model: same loss and gradients on
-  packed batches, for dense GQA, MoE and MLA, and no recompilation per step (the MoE layer's padded
-  experts read their capacity on the host: one recompilation to a dynamic capacity, then none).
+* the compiled loss (`moe.compile_model`, what `train.compile = true` runs) vs the eager model: same loss and
+  gradients on packed batches, for dense GQA, MoE and MLA, one graph and no recompilation (the MoE layer's
+  padded experts read their capacity on the host: a symbol in the graph).
 * bf16 autocast on CPU (`nanoseek.precision`) vs float32: one step's loss and gradients, and a whole
   short training run's losses.
 * Muon's batched, shape-grouped step vs the per-matrix textbook update.
@@ -26,6 +26,7 @@ import torch._dynamo
 from nanoseek import precision
 from nanoseek.config import RunConfig, TrainConfig
 from nanoseek.model import Transformer, get_preset
+from nanoseek.model.moe import compile_model, moe_layers
 from nanoseek.train.optim import Muon, newton_schulz
 from nanoseek.train.stages import pretrain
 
@@ -67,21 +68,27 @@ def loss_and_grads(model: Transformer, loss_fn, batch: dict[str, torch.Tensor]) 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_compiled_step_matches_eager_without_recompiling(shape):
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     cfg = SHAPES[shape]
     torch.manual_seed(0)
     model = Transformer(cfg).train()
-    compiled = torch.compile(model.loss)
-    # The MoE layer's capacity differs between batches: Dynamo recompiles once with it dynamic.
-    settle = 2 if cfg.is_moe else 1
-    for seed in range(settle + 2):
+    compiled = compile_model(model.loss)
+    # The MoE layer's capacity (its experts' largest count) differs between batches and is a symbol in the graph.
+    capacities = set()
+    for seed in range(3):
         batch = packed_batch(cfg.vocab_size, seed)
-        with torch._dynamo.config.patch(error_on_recompile=seed >= settle):
+        with torch._dynamo.config.patch(error_on_recompile=seed >= 1):
             loss_c, grads_c = loss_and_grads(model, compiled, batch)
+        capacities.add(tuple(int(m.router.last_load.max()) for m in moe_layers(model)))
         loss_e, grads_e = loss_and_grads(model, model.loss, batch)
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=0)
         for (name, _), g_c, g_e in zip(model.named_parameters(), grads_c, grads_e):
             torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{shape} {n}: {m}")
+    assert not counters["graph_break"], dict(counters["graph_break"])  # one graph, not split at the MoE layers
+    assert not cfg.is_moe or len(capacities) > 1  # the batches did need different capacities
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -198,15 +205,16 @@ def rollouts(lengths: list[tuple[int, int]], vocab: int, seed: int):
     )
 
 
-def test_compiled_rl_update_matches_eager_without_recompiling():
+@pytest.mark.parametrize("shape", ["gqa", "moe"])
+def test_compiled_rl_update_matches_eager_without_recompiling(shape):
     """`nanoseek rl` with train.compile: the update's gradient passes through `compiled_hidden_states` (on CPU its
     attention is `causal_matmul_attention`) give the eager update's weights, over micro-batches of other row
-    counts and lengths without compiling again."""
+    counts and lengths without compiling again (MoE: with the experts' capacity a symbol too)."""
     from nanoseek.config import RLConfig
     from nanoseek.train.update import compiled_hidden_states, update
 
     torch._dynamo.reset()
-    cfg = SHAPES["gqa"]
+    cfg = SHAPES[shape]
     torch.manual_seed(0)
     start = Transformer(cfg).train()
     rl = RLConfig(group_size=5, micro_batch_size=3, max_new_tokens=24, tis_cap=2.0)

@@ -138,6 +138,12 @@ def _padded_rows(counts: Tensor, n_rows: int) -> tuple[Tensor, int]:
     expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=counts.device), counts, output_size=n_rows)
     starts = torch.cumsum(counts, 0) - counts
     capacity = int(counts.max()) if counts.numel() else 0  # host read: the fallback's one sync
+    if torch.compiler.is_compiling():
+        # In a graph compiled by `compile_model` the capacity is a symbol, known only at run time. Inductor's bmm
+        # asks whether its batch size is 1, which it cannot answer for a symbol: at least 2 answers it (one
+        # padding row more when every expert gets at most one copy).
+        capacity = max(capacity, 2)
+        torch._check(capacity >= 2)
     slot = torch.arange(expert_of_row.shape[0], device=counts.device) - starts[expert_of_row]
     return expert_of_row * capacity + slot, capacity
 
@@ -160,6 +166,22 @@ def _padded_grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """
     rows, capacity = _padded_rows(counts, x.shape[0])
     return _unpad(torch.bmm(_pad(x, rows, w.shape[0], capacity), w.transpose(-2, -1)), rows)
+
+
+def compile_model(fn: Callable, **options) -> Callable:
+    """torch.compile for a function that trains the model (a loss, a forward with gradients), with what the MoE
+    layers' padded path needs: its one host read (the capacity) traced as a symbol (Dynamo's
+    `capture_scalar_outputs`), so the forward and backward stay one graph each, not split at every MoE layer.
+    Measured: a compiled CPU training step at `train_step.py --quick`'s shape went from 13 graphs to 1 (docs/LOG.md,
+    2026-12-02, ninth session). The setting holds only while `fn` runs (Dynamo traces at the call; ~15 us a
+    call, why the engine's decode step, which takes the grouped kernel and reads nothing, does without)."""
+    compiled = torch.compile(fn, **options)
+
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 class SwiGLU(nn.Module):

@@ -44,7 +44,7 @@ from nanoseek.config import TrainConfig
 from nanoseek.engine.twin import rollout_policy, sync_rollout_policy
 from nanoseek.errors import InputError
 from nanoseek.model import Transformer
-from nanoseek.model.moe import moe_layers
+from nanoseek.model.moe import compile_model, moe_layers
 from nanoseek.model.transformer import Block
 from nanoseek.train import distributed, expert_parallel
 from nanoseek.train.distributed import Topology
@@ -160,11 +160,11 @@ def loss_function(
         ddp = DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None, **{no_buffer_sync: False}
         )
-        ddp_loss = torch.compile(ddp) if compile else ddp
+        ddp_loss = compile_model(ddp) if compile else ddp
         return (lambda ids, tgt, pos, doc, reduction: ddp_loss(ids, tgt, pos, doc)), ddp.no_sync
     # Compile the loss function itself: `torch.compile(model)` would leave this function eager.
     loss = model_loss(model)
-    return (torch.compile(loss) if compile else loss), nullcontext
+    return (compile_model(loss) if compile else loss), nullcontext
 
 
 def finish_gradients(model: Transformer, max_norm: float) -> torch.Tensor:

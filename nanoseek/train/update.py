@@ -19,6 +19,7 @@ import torch
 
 from nanoseek.config import RLConfig
 from nanoseek.model import Transformer
+from nanoseek.model.moe import compile_model
 from nanoseek.train import distributed, grpo, logprobs, parallel
 from nanoseek.train.rollouts import Rollouts
 from nanoseek.train.run import autocast
@@ -70,7 +71,7 @@ def compiled_hidden_states(model: Transformer) -> Callable[[torch.Tensor], torch
     compiles once more). The log-probs after it stay eager (a chunked autograd function). On CPU the compiled
     attention is one fused block (`attention.causal_matmul_attention`). Not for a sharded model (FSDP runs its
     own forward). Measured: docs/LOG.md, 2026-12-02, seventh session."""
-    compiled = torch.compile(model.hidden_states)
+    compiled = compile_model(model.hidden_states)
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
         # Only these two sizes are dynamic: `dynamic=True` would make every size symbolic and let equal ones
