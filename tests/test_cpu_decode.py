@@ -83,6 +83,18 @@ def test_compiled_decode_gives_the_eager_tokens_and_logprobs(monkeypatch):
     assert len({len(t) for t, _ in want}) > 3  # varied lengths: slots were freed and reused
     assert_same_tokens_close_logprobs(got, want, COMPILED_LOGPROB_ATOL)
 
+    # One sequence alone for long (ONE_ROW_GRAPH_AFTER steps in a row): its own one-row graph from then on. Slot 0
+    # runs 12 tokens, slot 1 two: one decode step of two rows, then slot 0 alone for ten (padded for three).
+    monkeypatch.setattr(compiled, "ONE_ROW_GRAPH_AFTER", 3)
+    calls.clear()
+    prompts = PROMPTS[2:4]
+    params = [SamplingParams(max_new_tokens=12, temperature=0.8, seed=4), SamplingParams(max_new_tokens=2, temperature=0)]
+    got = outputs(engine, prompts, params)
+    assert calls == [2] * 4 + [1] * 7, calls
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    want = outputs(Engine(model, max_batch=4, compile=False), prompts, params)
+    assert_same_tokens_close_logprobs(got, want, COMPILED_LOGPROB_ATOL)
+
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
 def test_summed_attention_equals_softmax_attention_in_float64(dtype, atol):

@@ -14,7 +14,8 @@ compiled step relies on:
 * for all batches, contexts and engines: the rows (0..hi-1), the number of keys read
   and the cache's slot count and length are dynamic dimensions. Torch specialises a dimension
   of size 1, so the engine pads a batch of one with a free slot's dummy row rather than
-  compile a second graph;
+  compile a second graph, until a long run of one-row steps pays for that graph
+  (`ONE_ROW_GRAPH_AFTER`);
 * in-place cache writes: `KVCache` writes new keys through the whole k/v tensors, which
   inductor keeps in place (a write through a view of a graph input would copy the layer);
 * live weights: parameters are graph inputs read at every call, not constants folded in, so
@@ -45,6 +46,12 @@ from nanoseek.engine.sampling import SamplingBatch, draw, sample
 
 COMPILE_ENV = "NANOSEEK_COMPILE"
 COMPILE_AFTER_STEPS = 512
+ONE_ROW_GRAPH_AFTER = 128
+"""After this many one-row decode steps in a row an engine stops padding them to two rows (a free slot's dummy
+row, through the graph of every batch size) and runs them through a graph of their own: one compilation more
+(seconds with a warm inductor cache, ~40 s cold on 2 cores) for a step that does half the work with sizes known
+at compile time: the tiny preset in an engine of 64 slots decoded one sequence at 3,450 tok/s against 2,450
+(docs/LOG.md, 2026-12-02, ninth session). The short tails of a batch (RL's rollouts) never reach it."""
 # The graph's wrapper in C++ too, not Python: at a batch of a few rows it halves the step (measured on the
 # tiny preset: 0.41 -> 0.22 ms), the Python wrapper's per-kernel bookkeeping being most of it.
 _OPTIONS = {"cpp_wrapper": True}
@@ -133,4 +140,12 @@ class _Compiled:
 COMPILED = _Compiled()
 
 
-__all__ = ["COMPILED", "COMPILE_AFTER_STEPS", "COMPILE_ENV", "compile_after", "decode_logits", "decode_step"]
+__all__ = [
+    "COMPILED",
+    "COMPILE_AFTER_STEPS",
+    "COMPILE_ENV",
+    "ONE_ROW_GRAPH_AFTER",
+    "compile_after",
+    "decode_logits",
+    "decode_step",
+]

@@ -127,6 +127,7 @@ class Engine(MultiTurn):
         self._check_weights = True
         self._waiting: deque[Request] = deque()
         self._running: dict[int, SequenceState] = {}  # slot -> sequence
+        self._one_row_steps = 0  # decode steps in a row that had one row (slot 0) to run
         self._kept: dict[int, SequenceState] = {}  # slot -> finished sequence of a keep request
         self._continuing: list[SequenceState] = []  # kept sequences with tokens to append at the next step
         self._free: list[int] = list(range(self.n_slots))  # a heap: lowest slot first keeps the batch compact
@@ -324,8 +325,9 @@ class Engine(MultiTurn):
         hi = max(self._running) + 1
         kv_len = max(s.position for s in self._running.values()) + 1
         compiling = self.compiling
-        if compiling and hi == 1 and self.n_slots > 1:
-            hi = 2  # a free slot's dummy row: torch.compile would specialise a batch of one into a second graph
+        self._one_row_steps = self._one_row_steps + 1 if hi == 1 else 0
+        if compiling and hi == 1 and self.n_slots > 1 and self._one_row_steps <= compiled.ONE_ROW_GRAPH_AFTER:
+            hi = 2  # a free slot's dummy row: the graph of every batch size, not one of its own (ONE_ROW_GRAPH_AFTER)
         ids, pos = self.slots.inputs(hi)
         if compiling:  # the forward and the sampling in one graph
             tokens, logprobs = compiled.COMPILED.step(self.model, self.cache, ids, pos, kv_len, self.slots.batch(hi))
