@@ -12,7 +12,8 @@ Qwen2MoeForCausalLM for MoE presets (routed + shared experts, first layers dense
 QK-norm, softmax routing and a d_model-wide shared-expert gate per layer, which cost about
 the same). It runs with its default dynamic cache and with cache_implementation="static"
 (on CUDA, transformers compiles the static-cache decode step itself: slow to warm up, so last).
-Each configuration runs once to warm up (CUDA graph capture, compilation), then `--repeats` timed
+Each configuration runs once to warm up (CUDA graph capture, compilation; nanoseek's batch of one on CPU until
+its own graph is compiled, `engine.compiled.ONE_ROW_GRAPH_AFTER`), then `--repeats` timed
 calls (default 3), nanoseek's and transformers' alike; the row reports the median call (a single call
 of a fraction of a second moved by up to 1.8x between runs on a shared 2-core VM; docs/LOG.md,
 2026-12-02, sixth session). Output tokens/s = batch x new tokens / wall time of the whole call
@@ -254,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             prompts = all_prompts[:batch].tolist()
             try:
                 warmup = time.perf_counter()
-                engine.generate(prompts, params)  # warm-up: captures the graphs / compiles what this shape needs
+                # Warm-up: captures the graphs / compiles what this shape needs. A single sequence decoding alone
+                # gets its own compiled graph after ONE_ROW_GRAPH_AFTER steps in a row: warm up past them.
+                steps = compiled.ONE_ROW_GRAPH_AFTER + 1 if batch == 1 and engine.compile_after is not None else 0
+                for _ in range(1 + -(-steps // new_tokens)):
+                    engine.generate(prompts, params)
                 warmup = time.perf_counter() - warmup
                 elapsed, peak, out = measure(partial(engine.generate, prompts, params), device, args.repeats)
                 assert all(len(c[0].token_ids) == new_tokens for c in out), "a sequence stopped early"
