@@ -17,6 +17,7 @@ bmm elsewhere (float64, other dtypes, training on CPU).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -168,7 +169,7 @@ def _padded_grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     return _unpad(torch.bmm(_pad(x, rows, w.shape[0], capacity), w.transpose(-2, -1)), rows)
 
 
-def compile_model(fn: Callable, **options) -> Callable:
+def compile_model(fn: Callable, **options: Any) -> Callable:
     """torch.compile for a function that trains the model (a loss, a forward with gradients), with what the MoE
     layers' padded path needs: its one host read (the capacity) traced as a symbol (Dynamo's
     `capture_scalar_outputs`), so the forward and backward stay one graph each, not split at every MoE layer.
@@ -177,7 +178,7 @@ def compile_model(fn: Callable, **options) -> Callable:
     call, why the engine's decode step, which takes the grouped kernel and reads nothing, does without)."""
     compiled = torch.compile(fn, **options)
 
-    def run(*args, **kwargs):
+    def run(*args: Any, **kwargs: Any) -> Any:
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return compiled(*args, **kwargs)
 
