@@ -88,7 +88,10 @@ def test_compiled_decode_gives_the_eager_tokens_and_logprobs(monkeypatch):
     monkeypatch.setattr(compiled, "ONE_ROW_GRAPH_AFTER", 3)
     calls.clear()
     prompts = PROMPTS[2:4]
-    params = [SamplingParams(max_new_tokens=12, temperature=0.8, seed=4), SamplingParams(max_new_tokens=2, temperature=0)]
+    params = [
+        SamplingParams(max_new_tokens=12, temperature=0.8, seed=4),
+        SamplingParams(max_new_tokens=2, temperature=0),
+    ]
     got = outputs(engine, prompts, params)
     assert calls == [2] * 4 + [1] * 7, calls
     assert not counters["graph_break"], dict(counters["graph_break"])
