@@ -144,7 +144,6 @@ def _padded_rows(counts: Tensor, n_rows: int) -> tuple[Tensor, int]:
         # asks whether its batch size is 1, which it cannot answer for a symbol: at least 2 answers it (one
         # padding row more when every expert gets at most one copy).
         capacity = max(capacity, 2)
-        torch._check(capacity >= 2)
     slot = torch.arange(expert_of_row.shape[0], device=counts.device) - starts[expert_of_row]
     return expert_of_row * capacity + slot, capacity
 
