@@ -19,6 +19,14 @@ from nanoseek.model import moe as moe_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+@pytest.fixture(autouse=True)
+def two_steps_a_call(monkeypatch):
+    """Compiled calls of two decode steps, not STEPS_PER_CALL's four: the same code, half the compilation (which
+    grows with the steps a graph holds: ~20 s a step on a cold 2-core machine)."""
+    monkeypatch.setattr(compiled, "STEPS_PER_CALL", 2)
+
+
 # Compiled vs eager, float32: the same tokens; log-probs to float32 rounding of differently ordered sums.
 COMPILED_LOGPROB_ATOL = 1e-4
 # bf16 vs float32 (tiny-moe at init_std 0.05, whose float32 log-probs spread over about [-4.8, -2.7]): each
@@ -64,27 +72,37 @@ def assert_same_tokens_close_logprobs(got, want, atol: float) -> None:
 
 
 # ----------------------------------------------------------------------------- the compiled step
+def record_calls(monkeypatch) -> list[tuple[int, int]]:
+    """(rows, steps) of each compiled call from now on: `COMPILED.step` runs one step, `COMPILED.steps` several."""
+    calls = []
+    step, steps = compiled.COMPILED.step, compiled.COMPILED.steps
+    monkeypatch.setattr(compiled.COMPILED, "step", lambda *a: calls.append((a[2].shape[0], 1)) or step(*a))
+    monkeypatch.setattr(compiled.COMPILED, "steps", lambda *a: calls.append((a[2].shape[0], a[-1])) or steps(*a))
+    return calls
+
+
 @pytest.mark.slow
 def test_compiled_decode_gives_the_eager_tokens_and_logprobs(monkeypatch):
     """tiny-moe in float32: dense and MoE layers, the experts through torch._grouped_mm inside the one graph."""
     from torch._dynamo.utils import counters
 
     model = build("tiny-moe")
-    calls = []
-    real = compiled.COMPILED.step
-    monkeypatch.setattr(compiled.COMPILED, "step", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    calls = record_calls(monkeypatch)
     engine = Engine(model, max_batch=4, compile=True)
     counters.clear()
     got = outputs(engine)
     assert engine.compiling and compiled.COMPILED.failure is None
     assert not counters["graph_break"], dict(counters["graph_break"])  # one graph: no break at the MoE layers
-    assert 1 not in calls and 2 in calls  # the one-sequence tail ran with a free slot's dummy row
+    # One step a call while the filtered row runs (its token is drawn eagerly), two otherwise; the one-sequence
+    # tail ran with a free slot's dummy row.
+    assert {n for _, n in calls} == {1, 2} and all(rows > 1 for rows, _ in calls)
     want = outputs(Engine(model, max_batch=4, compile=False))
     assert len({len(t) for t, _ in want}) > 3  # varied lengths: slots were freed and reused
     assert_same_tokens_close_logprobs(got, want, COMPILED_LOGPROB_ATOL)
 
     # One sequence alone for long (ONE_ROW_GRAPH_AFTER steps in a row): its own one-row graph from then on. Slot 0
-    # runs 12 tokens, slot 1 two: one decode step of two rows, then slot 0 alone for ten (padded for three).
+    # runs 12 tokens, slot 1 two: a call of two rows, two of slot 0 alone padded (to 4 steps in a row), three of
+    # its own (the last step wasted: the sequence has its 12 tokens after the first).
     monkeypatch.setattr(compiled, "ONE_ROW_GRAPH_AFTER", 3)
     calls.clear()
     prompts = PROMPTS[2:4]
@@ -93,10 +111,63 @@ def test_compiled_decode_gives_the_eager_tokens_and_logprobs(monkeypatch):
         SamplingParams(max_new_tokens=2, temperature=0),
     ]
     got = outputs(engine, prompts, params)
-    assert calls == [2] * 4 + [1] * 7, calls
+    assert calls == [(2, 2)] * 3 + [(1, 2)] * 3, calls
     assert not counters["graph_break"], dict(counters["graph_break"])
     want = outputs(Engine(model, max_batch=4, compile=False), prompts, params)
     assert_same_tokens_close_logprobs(got, want, COMPILED_LOGPROB_ATOL)
+
+
+def test_several_steps_a_call_stop_where_single_steps_stop(monkeypatch):
+    """`decode_steps` as the engine calls it (run eagerly here: the compiled graph is the test above's), four steps a
+    call: sequences that stop inside a call (a stop token, max_new_tokens), run to the end of the cache, or continue
+    a kept turn get the tokens and log-probs of single steps, nothing after the stop; a slot freed inside a call
+    serves the next request."""
+    monkeypatch.setattr(compiled, "COMPILED", compiled._Compiled())
+    monkeypatch.setattr(compiled.torch, "compile", lambda fn, **options: fn)
+    monkeypatch.setattr(compiled, "STEPS_PER_CALL", 4)
+    model = build("tiny-moe")
+    prompts = prompts_of([3, 8, 21, 5, 12], seed=7)
+    greedy = SamplingParams(max_new_tokens=40, temperature=0)
+    first = outputs(Engine(model, max_batch=3, max_seq_len=40, compile=False), prompts, greedy)
+    stops = [tokens[4] for tokens, _ in first]  # a stop at the 5th token (or before, where it comes earlier)
+    params = [
+        SamplingParams(max_new_tokens=40, temperature=0, stop_ids=[stops[0]]),
+        SamplingParams(max_new_tokens=7, temperature=0),  # 6 decode steps: ends inside a call
+        SamplingParams(max_new_tokens=40, temperature=0.9, seed=5),  # runs to the end of the cache (clamped rows)
+        SamplingParams(max_new_tokens=40, temperature=0, stop_ids=[stops[3]]),
+        SamplingParams(max_new_tokens=30, temperature=1.0, seed=6, n=2),
+    ]
+    calls = record_calls(monkeypatch)
+    engine = Engine(model, max_batch=3, max_seq_len=40, compile=True)
+    got = outputs(engine, prompts, params)
+    want = outputs(Engine(model, max_batch=3, max_seq_len=40, compile=False), prompts, params)
+    assert calls and {n for _, n in calls} == {4}
+    assert_same_tokens_close_logprobs(got, want, 1e-5)
+    lengths = [len(t) for t, _ in want]
+    assert lengths[0] <= 5 and lengths[1] == 7 and lengths[2] == 40 - 21 and lengths[3] <= 5, lengths
+    assert engine.stats.decode_tokens == sum(lengths) - len(lengths)  # the first tokens come from the prefills
+
+    def two_turns(engine: Engine) -> list[tuple[list[int], list[float]]]:
+        """A kept sequence that stops inside a call, continued with three tokens; a second sequence alongside."""
+        kept = engine.submit(
+            prompts[1], SamplingParams(max_new_tokens=9, temperature=0, stop_ids=[stops[1]]), keep=True
+        )
+        other = engine.submit(prompts[4], SamplingParams(max_new_tokens=15, temperature=0.7, seed=8), index=1)
+        while engine.has_work:
+            engine.step()
+        [seq] = kept.seqs
+        turns = [(list(seq.tokens), list(seq.logprobs))]
+        engine.continue_sequence(seq, [7, 8, 9], max_new_tokens=6)
+        while engine.has_work:
+            engine.step()
+        turns += [(list(seq.tokens), list(seq.logprobs)), (other.seqs[0].tokens, other.seqs[0].logprobs)]
+        engine.release_sequence(seq)
+        return turns
+
+    calls.clear()
+    got = two_turns(engine)
+    assert calls and {n for _, n in calls} == {4}
+    assert_same_tokens_close_logprobs(got, two_turns(Engine(model, max_batch=3, max_seq_len=40, compile=False)), 1e-5)
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
@@ -168,6 +239,7 @@ def test_engine_compiles_after_the_set_number_of_steps(monkeypatch):
         return sample(model.logits(model.hidden_states(ids, pos, cache=cache.decode(pos, kv_len))[:, -1]), batch)
 
     monkeypatch.setattr(compiled.COMPILED, "step", stand_in)
+    monkeypatch.setattr(compiled.COMPILED, "steps", lambda *args: None)  # as after a failed compile: one step a call
     monkeypatch.delenv(compiled.COMPILE_ENV, raising=False)
     model = build("tiny")
     engine = Engine(model, max_batch=2)

@@ -23,6 +23,10 @@ compiled step relies on:
   shapes share the graphs (dynamo caches them per function, and these functions are shared);
 * no host synchronisation inside: the MoE experts run torch._grouped_mm (float32, bfloat16);
   the padded fallback (float64 models) reads a count on the host, which splits the graph;
+* several steps per call (`decode_steps`, `STEPS_PER_CALL`): each feeds the token the previous drew, inside
+  the graph, so the call's fixed costs (Dynamo's guards, the wrapper, the engine's Python and its one host
+  read) are paid once for all of them. Rows with top-k, top-p or min-p cannot be fed inside (their token is
+  drawn eagerly from the logits): batches with such rows take one step a call (`decode_step`);
 * failure is not fatal: if compiling raises (no C++ compiler, an unsupported operation),
   one warning, and the process decodes eagerly from then on.
 
@@ -52,6 +56,11 @@ row, through the graph of every batch size) and runs them through a graph of the
 (seconds with a warm inductor cache, ~40 s cold on 2 cores) for a step that does half the work with sizes known
 at compile time: the tiny preset in an engine of 64 slots decoded one sequence at 3,450 tok/s against 2,450
 (docs/LOG.md, 2026-12-02, ninth session). The short tails of a batch (RL's rollouts) never reach it."""
+STEPS_PER_CALL = 4
+"""Decode steps one compiled call runs when no row filters its sampling (`decode_steps`). Per token, against one
+step a call (one process, 2 threads, the tiny preset): 392 -> 278 -> 148 us at batch 1 for 1, 2 and 4 steps, 3.3
+-> 2.3 -> 1.9 ms at batch 64; compiling takes longer in proportion (cold cache: 28, 47 and 85 s). A sequence that
+stops inside a call wastes the call's remaining steps (docs/LOG.md, 2026-12-02, tenth session)."""
 # The graph's wrapper in C++ too, not Python: at a batch of a few rows it halves the step (measured on the
 # tiny preset: 0.41 -> 0.22 ms), the Python wrapper's per-kernel bookkeeping being most of it.
 _OPTIONS = {"cpp_wrapper": True}
@@ -99,42 +108,98 @@ def decode_step(
     return logits, tokens, logprobs
 
 
+def decode_steps(
+    model: nn.Module,
+    cache: KVCache,
+    ids: Tensor,
+    pos: Tensor,
+    keys: Tensor,
+    temperature: Tensor,
+    sample_keys: Tensor,
+    steps: Tensor,
+    live: Tensor,
+    n_steps: int,
+) -> tuple[Tensor, Tensor]:
+    """n_steps decode steps in one graph, each feeding the tokens the previous one drew: (tokens, logprobs), each
+    [B, n_steps]. Live rows (live[b] = 1) move one position and one sampling step on per step, as `SlotState.advance`
+    moves them between calls, so a call draws the tokens n_steps calls of `decode_step` would. `keys` must cover the
+    last step's positions. A row that reaches the end of the cache stays at its last position: it has finished, and
+    what it writes there is never read (a sequence's last token is drawn, never fed)."""
+    last = cache.k.shape[3] - 1
+    tokens, logprobs = [], []
+    for _ in range(n_steps):
+        _, drawn, logprob = decode_step(model, cache, ids, pos, keys, temperature, sample_keys, steps)
+        tokens.append(drawn)
+        logprobs.append(logprob)
+        ids = drawn[:, None]
+        pos = (pos + live[:, None]).clamp(max=last)
+        steps = steps + live
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1)
+
+
 class _Compiled:
-    """The compiled step of this process, built at first use; eager after a failure."""
+    """The compiled steps of this process, built at first use; eager after a failure."""
 
     def __init__(self) -> None:
         self.failure: str | None = None
-        self._step: Callable | None = None
+        self._compiled: dict[Callable, Callable] = {}
 
     def step(
         self, model: nn.Module, cache: KVCache, ids: Tensor, pos: Tensor, kv_len: int, batch: SamplingBatch
     ) -> tuple[Tensor, Tensor]:
         """Tokens and log-probs of one decode step over rows 0..B-1 (B = len(ids)), as `sample` gives them."""
-        if self._step is None:
-            self._step = torch.compile(decode_step, options=_OPTIONS)
         keys = ids.new_empty(0, kv_len)
+        out = self._call(decode_step, model, cache, ids, pos, keys, batch.temperature, batch.keys, batch.steps)
+        if out is None:
+            return sample(decode_logits(model, cache, ids, pos, keys), batch)
+        logits, tokens, logprobs = out
+        if batch.any_sampling and batch.any_filter:
+            return sample(logits, batch)
+        return tokens, logprobs
+
+    def steps(
+        self,
+        model: nn.Module,
+        cache: KVCache,
+        ids: Tensor,
+        pos: Tensor,
+        kv_len: int,
+        batch: SamplingBatch,
+        live: Tensor,
+        n_steps: int,
+    ) -> tuple[Tensor, Tensor] | None:
+        """Tokens and log-probs [B, n_steps] of `decode_steps` (no row may filter: `batch.any_filter` False); None
+        when compiling failed (nothing has run then: the caller decodes eagerly). kv_len covers the last step."""
+        if batch.any_sampling and batch.any_filter:
+            raise ValueError("decode_steps cannot feed rows with top-k / top-p / min-p: one step a call")
+        keys = ids.new_empty(0, kv_len)
+        torch._dynamo.maybe_mark_dynamic(live, 0)
+        args = (model, cache, ids, pos, keys, batch.temperature, batch.keys, batch.steps, live, n_steps)
+        return self._call(decode_steps, *args)
+
+    def _call(self, fn: Callable, model: nn.Module, cache: KVCache, ids: Tensor, pos: Tensor, keys: Tensor, *rest):
+        """fn compiled (at its first call), on these arguments; None, with one warning, if compiling fails."""
+        if self.failure is not None:
+            return None
+        compiled_fn = self._compiled.get(fn)
+        if compiled_fn is None:
+            compiled_fn = self._compiled[fn] = torch.compile(fn, options=_OPTIONS)
         # Rows, keys read, and the cache's slots and length: engines of other sizes reuse the graph.
-        dynamic = [(ids, 0), (pos, 0), (keys, 1), (batch.temperature, 0), (batch.keys, 0), (batch.steps, 0)]
+        dynamic = [(ids, 0), (pos, 0), (keys, 1)] + [(t, 0) for t in rest[:3]]
         dynamic += [(t, d) for t in (cache.k, cache.v) if t is not None for d in (1, 3)]
         for t, dim in dynamic:
             torch._dynamo.maybe_mark_dynamic(t, dim)
-        args = (model, cache, ids, pos, keys, batch.temperature, batch.keys, batch.steps)
-        if self.failure is None:
-            try:
-                logits, tokens, logprobs = self._step(*args)
-            except Exception as e:  # compiling failed: the step had not run, so running it eagerly is safe
-                text = str(e).strip()
-                self.failure = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-                warnings.warn(
-                    f"compiled decoding disabled, decoding eagerly: torch.compile failed ({self.failure}); "
-                    f"set {COMPILE_ENV}=0 to skip the attempt",
-                    stacklevel=2,
-                )
-            else:
-                if batch.any_sampling and batch.any_filter:
-                    return sample(logits, batch)
-                return tokens, logprobs
-        return sample(decode_logits(model, cache, ids, pos, keys), batch)
+        try:
+            return compiled_fn(model, cache, ids, pos, keys, *rest)
+        except Exception as e:  # compiling failed: the step had not run, so running it eagerly is safe
+            text = str(e).strip()
+            self.failure = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+            warnings.warn(
+                f"compiled decoding disabled, decoding eagerly: torch.compile failed ({self.failure}); "
+                f"set {COMPILE_ENV}=0 to skip the attempt",
+                stacklevel=3,
+            )
+            return None
 
 
 COMPILED = _Compiled()
@@ -145,7 +210,9 @@ __all__ = [
     "COMPILE_AFTER_STEPS",
     "COMPILE_ENV",
     "ONE_ROW_GRAPH_AFTER",
+    "STEPS_PER_CALL",
     "compile_after",
     "decode_logits",
     "decode_step",
+    "decode_steps",
 ]

@@ -325,13 +325,28 @@ class Engine(MultiTurn):
         hi = max(self._running) + 1
         kv_len = max(s.position for s in self._running.values()) + 1
         compiling = self.compiling
-        self._one_row_steps = self._one_row_steps + 1 if hi == 1 else 0
-        if compiling and hi == 1 and self.n_slots > 1 and self._one_row_steps <= compiled.ONE_ROW_GRAPH_AFTER:
+        batch = self.slots.batch(hi)
+        # Several steps a call when no row filters its sampling (compiled.STEPS_PER_CALL); the keys read cover the last.
+        n_steps = compiled.STEPS_PER_CALL if compiling and not (batch.any_sampling and batch.any_filter) else 1
+        one_row = hi == 1
+        if compiling and one_row and self.n_slots > 1 and self._one_row_steps < compiled.ONE_ROW_GRAPH_AFTER:
             hi = 2  # a free slot's dummy row: the graph of every batch size, not one of its own (ONE_ROW_GRAPH_AFTER)
+            batch = self.slots.batch(hi)
         ids, pos = self.slots.inputs(hi)
-        if compiling:  # the forward and the sampling in one graph
-            tokens, logprobs = compiled.COMPILED.step(self.model, self.cache, ids, pos, kv_len, self.slots.batch(hi))
+        steps = None
+        if n_steps > 1:
+            # Not past max_seq_len - 1: only a row that has finished feeds there (a last token is drawn, not fed), and
+            # a graph reading the whole cache would be a second one (slicing all of a dimension is a special case).
+            keys_read = min(kv_len + n_steps - 1, self.max_seq_len - 1)
+            live = self.slots.live(hi)
+            steps = compiled.COMPILED.steps(self.model, self.cache, ids, pos, keys_read, batch, live, n_steps)
+        if steps is not None:
+            tokens, logprobs = steps
+        elif compiling:  # the forward and the sampling in one graph
+            n_steps = 1
+            tokens, logprobs = compiled.COMPILED.step(self.model, self.cache, ids, pos, kv_len, batch)
         else:
+            n_steps = 1
             if self.use_cuda_graphs and (self._graphs is None or self._graphs.disabled_reason is None):
                 # Full check of the weights (re-assigned parameters too) when requests were admitted; the
                 # cheap one (same tensors, same storage) at every other step.
@@ -342,12 +357,12 @@ class Engine(MultiTurn):
             else:
                 hidden = self.model.hidden_states(ids, pos, cache=self.cache.decode(pos, kv_len))
                 logits = self.model.logits(hidden[:, -1])
-            tokens, logprobs = sample(logits, self.slots.batch(hi))
-        self.slots.advance(hi, tokens)
-        self.stats.decode_steps += 1
-        self.stats.decode_rows += hi
-        self.stats.decode_tokens += len(self._running)
-        self._append_rows(list(self._running.items()), tokens, logprobs)  # row = slot
+            tokens, logprobs = sample(logits, batch)
+        self.slots.advance(hi, tokens, n_steps)
+        self._one_row_steps = self._one_row_steps + n_steps if one_row else 0
+        self.stats.decode_steps += n_steps
+        self.stats.decode_rows += hi * n_steps
+        self.stats.decode_tokens += self._append_rows(list(self._running.items()), tokens, logprobs)  # row = slot
 
     # Host-to-device copies are made before a step's forward is queued, while the stream is idle (the
     # previous step ended with its one synchronisation): a copy from pageable memory queued behind GPU
@@ -366,13 +381,23 @@ class Engine(MultiTurn):
             self.device,
         )
 
-    def _append_rows(self, rows: list[tuple[int, SequenceState]], tokens: Tensor, logprobs: Tensor) -> None:
-        """Give each (row, sequence) its row's token and log-prob."""
+    def _append_rows(self, rows: list[tuple[int, SequenceState]], tokens: Tensor, logprobs: Tensor) -> int:
+        """Give each (row, sequence) its row's tokens and log-probs ([B], or [B, n] from n steps: a sequence takes
+        them in order until it finishes); the number of tokens taken."""
         # The one host synchronisation of a step: the host decides who stops.
         tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()
         now = time.perf_counter()
+        taken = 0
         for row, seq in rows:
-            self._append(seq, int(tokens[row]), logprobs[row], now)
+            row_tokens, row_logprobs = tokens[row], logprobs[row]
+            if not isinstance(row_tokens, list):
+                row_tokens, row_logprobs = [row_tokens], [row_logprobs]
+            for token, logprob in zip(row_tokens, row_logprobs):
+                self._append(seq, int(token), logprob, now)
+                taken += 1
+                if seq.finish_reason is not None:
+                    break
+        return taken
 
     def _append(self, seq: SequenceState, token: int, logprob: float, now: float) -> None:
         request = seq.request

@@ -113,11 +113,16 @@ class SlotState:
             any_filter=self._filtered > 0,
         )
 
-    def advance(self, hi: int, tokens: Tensor) -> None:
-        """After a step over rows 0..hi-1 drew `tokens`: live rows move one position and one step on."""
+    def live(self, hi: int) -> Tensor:
+        """1 for the live rows among 0..hi-1, 0 for free or parked ones ([hi], a view)."""
+        return self.ints[:hi, LIVE]
+
+    def advance(self, hi: int, tokens: Tensor, n_steps: int = 1) -> None:
+        """After n_steps steps over rows 0..hi-1 drew `tokens` ([hi], or [hi, n_steps]: the last is fed next): live
+        rows move n_steps positions and sampling steps on."""
         rows = self.ints[:hi]
-        rows[:, TOKEN] = tokens
-        rows[:, POSITION : STEP + 1] += rows[:, LIVE : LIVE + 1]
+        rows[:, TOKEN] = tokens if tokens.dim() == 1 else tokens[:, -1]
+        rows[:, POSITION : STEP + 1] += n_steps * rows[:, LIVE : LIVE + 1]
 
 
 __all__ = ["SlotState"]
