@@ -15,6 +15,12 @@ weights do not fit in the last-level cache: a decode step then reads every weigh
 bf16 halves those bytes (the 100M `small` preset decodes 1.5-2x faster), while weights that fit are
 read from the cache at no such cost and bf16's conversions make the 0.85M `tiny` presets slower.
 
+The engine's KV cache (`kv_cache_dtype`): bf16 on CUDA; on a CPU with native bf16, bf16 for a float32 model
+whose float32 cache would not fit in the last-level cache, for the same reason: every decode step reads the keys
+and values of every running sequence from memory (the tiny preset, 64 sequences of 320 tokens: 1.17-1.26x the
+tokens/s of a float32 cache; at one sequence, 4% fewer). Attention still sums in float32 (docs/LOG.md,
+2026-12-02, tenth session).
+
 `NANOSEEK_CPU_BF16=0` keeps a bf16-capable CPU in float32 (and `=1` forces bf16 on any CPU), for both.
 """
 
@@ -85,6 +91,17 @@ def inference_dtype(device: torch.device | str, n_params: int) -> torch.dtype:
     return torch.float32
 
 
+def kv_cache_dtype(device: torch.device | str, model_dtype: torch.dtype, float32_bytes: int) -> torch.dtype:
+    """The dtype of an engine's KV cache for a model of `model_dtype` whose cache would take float32_bytes in
+    float32 (see the module docstring)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and model_dtype == torch.float32 and cpu_bf16() and float32_bytes > cpu_cache_bytes():
+        return torch.bfloat16
+    return model_dtype
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """A context that autocasts matmuls to `dtype` on `device` (none for None or float32)."""
     if dtype is None or dtype == torch.float32:
@@ -112,7 +129,10 @@ def describe_inference(device: torch.device | str, dtype: torch.dtype) -> str:
     found = cpu_bf16_instructions()
     has = f"CPU has {found}" if found else "CPU without native bf16"
     cache_mib = cpu_cache_bytes() / 2**20
-    return f"precision: {name} ({has}; bf16 when the float32 weights exceed the {cache_mib:.0f} MiB CPU cache)"
+    return (
+        f"precision: {name} ({has}; bf16 weights, and KV caches, when their float32 bytes exceed the {cache_mib:.0f} "
+        "MiB CPU cache)"
+    )
 
 
 __all__ = [
@@ -125,4 +145,5 @@ __all__ = [
     "describe",
     "describe_inference",
     "inference_dtype",
+    "kv_cache_dtype",
 ]

@@ -324,9 +324,10 @@ def float32_logprobs(model: Transformer, prompt: list[int], tokens: list[int]) -
 
 @pytest.mark.slow
 def test_bf16_decoding_is_within_tolerance_of_float32():
-    """The two bf16 ways to decode on CPU: the RL twin (bf16 matmul weights, the rest shared) under bf16
-    autocast, eager and compiled; and a whole-model bf16 copy. Greedy, so each path picks its own tokens;
-    each token's log-prob is compared with the float32 model's in the same context."""
+    """The bf16 ways to decode on CPU: the RL twin (bf16 matmul weights, the rest shared) under bf16
+    autocast, eager and compiled; a whole-model bf16 copy; the float32 model over a bf16 cache, eager and
+    compiled. Greedy, so each path picks its own tokens; each token's log-prob is compared with the float32
+    model's in the same context."""
     from nanoseek.engine.twin import rollout_policy
 
     model = build("tiny-moe", init_std=0.05)
@@ -338,6 +339,9 @@ def test_bf16_decoding_is_within_tolerance_of_float32():
     for name, policy, compile_ in (("twin", twin, False), ("twin compiled", twin, True), ("bf16", whole, False)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             runs[name] = Engine(policy, max_batch=4, compile=compile_).generate(prompts, params)
+    for compile_ in (False, True):  # the float32 model over a bf16 KV cache (`precision.kv_cache_dtype`)
+        engine = Engine(model, max_batch=4, compile=compile_, kv_dtype=torch.bfloat16)
+        runs[f"bf16 cache{' compiled' * compile_}"] = engine.generate(prompts, params)
     for name, results in runs.items():
         errors = []
         for prompt, [c] in zip(prompts, results):
@@ -375,5 +379,14 @@ def test_precision_rule_bf16_where_native_and_the_weights_outgrow_the_cache(monk
     assert precision.inference_dtype("cpu", 8_400_000) == torch.bfloat16  # 33.6 MB: read from memory every step
     assert precision.inference_dtype("cuda", 1000) == torch.bfloat16
     assert "32 MiB" in precision.describe_inference("cpu", torch.float32)
+    # The KV cache: bf16 for a float32 model whose float32 cache outgrows the CPU cache; other models keep theirs.
+    assert precision.kv_cache_dtype("cpu", torch.float32, 32 * 2**20) == torch.float32
+    assert precision.kv_cache_dtype("cpu", torch.float32, 32 * 2**20 + 1) == torch.bfloat16
+    assert precision.kv_cache_dtype("cpu", torch.float64, 2**40) == torch.float64
+    assert precision.kv_cache_dtype("cuda", torch.float32, 1) == torch.bfloat16
+    model = build("tiny")  # 2 KiB of float32 keys and values a token: 64 sequences of 320 tokens are 40 MiB
+    assert Engine(model, max_batch=64, max_seq_len=320).kv_dtype == torch.bfloat16
+    assert Engine(model, max_batch=16, max_seq_len=320).kv_dtype == torch.float32
     monkeypatch.setattr(precision, "cpu_bf16", lambda: False)
     assert precision.inference_dtype("cpu", 10**9) == torch.float32
+    assert Engine(model, max_batch=64, max_seq_len=320).kv_dtype == torch.float32

@@ -133,17 +133,17 @@ class KVCache:
         B, H, T, dk = q.shape
         Hkv, rep = k.shape[1], H // k.shape[1]
         out_dtype = q.dtype
-        q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
         K = self.k[layer]
         V = self.v[layer] if self.v is not None else None
-        if self._mode == "prefill":
-            K[self._slots, :, :T] = k
+        if self._mode == "prefill":  # attention over the chunk's own k/v, in q's dtype (the cache's may be lower)
+            K[self._slots, :, :T] = k.to(self.dtype)
             if V is not None:
-                V[self._slots, :, :T] = v
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
-            return out.to(out_dtype)
+                V[self._slots, :, :T] = v.to(self.dtype)
+            k, v = k.to(out_dtype), v.to(out_dtype)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
         if self._mode != "decode":
             raise RuntimeError("KVCache.attend called without prefill(...) or decode(...) set up")
+        k, v = k.to(self.dtype), v.to(self.dtype)
         pos, L = self._positions, self._kv_len
         rows = self._rows[:B] if self._slots is None else self._slots[:, None]
         at_layer = self._layers[layer : layer + 1]
@@ -161,9 +161,11 @@ class KVCache:
             # rows padded to a multiple of 16 keys (the memory-efficient kernel copies unaligned masks).
             Lp = _aligned(L)
             blocked = self._key_pos[:Lp] > pos[:, :, None]  # [B, T, Lp]: key position > query position
-            bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device).masked_fill_(blocked, float("-inf"))
+            bias = torch.zeros(blocked.shape, dtype=self.dtype, device=q.device).masked_fill_(blocked, float("-inf"))
             self._mask = bias[:, None, None].expand(B, 1, rep, T, Lp).reshape(B, 1, rep * T, Lp)[..., :L]
-        q = q.reshape(B, Hkv, rep * T, dk)
+        # q in the cache's dtype too: with a float32 q over a bf16 cache inductor's loops ran 1.5x slower (tiny,
+        # 64 rows; docs/LOG.md, 2026-12-02, tenth session).
+        q = q.to(self.dtype).reshape(B, Hkv, rep * T, dk)
         if torch.compiler.is_compiling() and q.device.type == "cpu":  # the compiled CPU step (engine/compiled.py)
             out = _summed_attention(q, keys, values, scale, self._mask)
         elif self.matmul_attention:
