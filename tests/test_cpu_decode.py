@@ -169,6 +169,12 @@ def test_several_steps_a_call_stop_where_single_steps_stop(monkeypatch):
     assert calls and {n for _, n in calls} == {4}
     assert_same_tokens_close_logprobs(got, two_turns(Engine(model, max_batch=3, max_seq_len=40, compile=False)), 1e-5)
 
+    calls.clear()  # an engine of more than MANY_STEPS_MAX_SLOTS slots: one step a call
+    large = Engine(model, max_batch=compiled.MANY_STEPS_MAX_SLOTS + 1, max_seq_len=40, compile=True)
+    want = outputs(Engine(model, max_batch=3, max_seq_len=40, compile=False), prompts, params)
+    assert_same_tokens_close_logprobs(outputs(large, prompts, params), want, 1e-5)
+    assert calls and {n for _, n in calls} == {1}
+
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
 def test_summed_attention_equals_softmax_attention_in_float64(dtype, atol):

@@ -23,10 +23,11 @@ compiled step relies on:
   shapes share the graphs (dynamo caches them per function, and these functions are shared);
 * no host synchronisation inside: the MoE experts run torch._grouped_mm (float32, bfloat16);
   the padded fallback (float64 models) reads a count on the host, which splits the graph;
-* several steps per call (`decode_steps`, `STEPS_PER_CALL`): each feeds the token the previous drew, inside
-  the graph, so the call's fixed costs (Dynamo's guards, the wrapper, the engine's Python and its one host
-  read) are paid once for all of them. Rows with top-k, top-p or min-p cannot be fed inside (their token is
-  drawn eagerly from the logits): batches with such rows take one step a call (`decode_step`);
+* several steps per call in engines of up to 128 slots (`decode_steps`, `steps_per_call`): each feeds the
+  token the previous drew, inside the graph, so the call's fixed costs (Dynamo's guards, the wrapper, the
+  engine's Python and its one host read) are paid once for all of them. Rows with top-k, top-p or min-p
+  cannot be fed inside (their token is drawn eagerly from the logits): batches with such rows take one step a
+  call (`decode_step`);
 * failure is not fatal: if compiling raises (no C++ compiler, an unsupported operation),
   one warning, and the process decodes eagerly from then on.
 
@@ -57,10 +58,22 @@ row, through the graph of every batch size) and runs them through a graph of the
 at compile time: the tiny preset in an engine of 64 slots decoded one sequence at 3,450 tok/s against 2,450
 (docs/LOG.md, 2026-12-02, ninth session). The short tails of a batch (RL's rollouts) never reach it."""
 STEPS_PER_CALL = 4
-"""Decode steps one compiled call runs when no row filters its sampling (`decode_steps`). Per token, against one
-step a call (one process, 2 threads, the tiny preset): 392 -> 278 -> 148 us at batch 1 for 1, 2 and 4 steps, 3.3
--> 2.3 -> 1.9 ms at batch 64; compiling takes longer in proportion (cold cache: 28, 47 and 85 s). A sequence that
-stops inside a call wastes the call's remaining steps (docs/LOG.md, 2026-12-02, tenth session)."""
+"""Decode steps one compiled call runs when no row filters its sampling (`decode_steps`), in an engine of at most
+`MANY_STEPS_MAX_SLOTS` slots. The tiny preset in an engine of 64 slots (2 threads, one process, interleaved):
+3,646 -> 5,955 tok/s at batch 1, 1.15x at batch 64. Compiling takes longer in proportion to the steps (cold cache,
+batch 64: 28, 47 and 85 s for 1, 2 and 4). A sequence that stops inside a call wastes the call's remaining steps
+(docs/LOG.md, 2026-12-02, tenth session)."""
+MANY_STEPS_MAX_SLOTS = 128
+"""Larger engines run one step a call: a step over hundreds of rows dwarfs the call's fixed costs (tiny, 512 rows:
+1.065x for four steps a call) and does not pay the longer compilation (the speedrun's RL engine, 512 slots: its
+stage took 305 s instead of 217 on a cold inductor cache)."""
+
+
+def steps_per_call(n_slots: int) -> int:
+    """Decode steps a compiled call runs, rows allowing, in an engine of n_slots slots."""
+    return STEPS_PER_CALL if n_slots <= MANY_STEPS_MAX_SLOTS else 1
+
+
 # The graph's wrapper in C++ too, not Python: at a batch of a few rows it halves the step (measured on the
 # tiny preset: 0.41 -> 0.22 ms), the Python wrapper's per-kernel bookkeeping being most of it.
 _OPTIONS = {"cpp_wrapper": True}
@@ -209,10 +222,12 @@ __all__ = [
     "COMPILED",
     "COMPILE_AFTER_STEPS",
     "COMPILE_ENV",
+    "MANY_STEPS_MAX_SLOTS",
     "ONE_ROW_GRAPH_AFTER",
     "STEPS_PER_CALL",
     "compile_after",
     "decode_logits",
     "decode_step",
     "decode_steps",
+    "steps_per_call",
 ]
