@@ -172,7 +172,7 @@ def test_several_steps_a_call_stop_where_single_steps_stop(monkeypatch):
     calls.clear()  # an engine of more than MANY_STEPS_MAX_SLOTS slots: one step a call
     large = Engine(model, max_batch=compiled.MANY_STEPS_MAX_SLOTS + 1, max_seq_len=40, compile=True)
     want = outputs(Engine(model, max_batch=3, max_seq_len=40, compile=False), prompts, params)
-    assert_same_tokens_close_logprobs(outputs(large, prompts, params), want, 1e-5)
+    assert_same_tokens_close_logprobs(outputs(large, prompts, params), want, COMPILED_LOGPROB_ATOL)  # other row counts
     assert calls and {n for _, n in calls} == {1}
 
 
