@@ -169,11 +169,14 @@ def test_several_steps_a_call_stop_where_single_steps_stop(monkeypatch):
     assert calls and {n for _, n in calls} == {4}
     assert_same_tokens_close_logprobs(got, two_turns(Engine(model, max_batch=3, max_seq_len=40, compile=False)), 1e-5)
 
-    calls.clear()  # an engine of more than MANY_STEPS_MAX_SLOTS slots: one step a call
-    large = Engine(model, max_batch=compiled.MANY_STEPS_MAX_SLOTS + 1, max_seq_len=40, compile=True)
+    # One step a call in an engine of more than MANY_STEPS_MAX_SLOTS slots, or over weights that outgrow the cache.
     want = outputs(Engine(model, max_batch=3, max_seq_len=40, compile=False), prompts, params)
-    assert_same_tokens_close_logprobs(outputs(large, prompts, params), want, COMPILED_LOGPROB_ATOL)  # other row counts
-    assert calls and {n for _, n in calls} == {1}
+    large = Engine(model, max_batch=compiled.MANY_STEPS_MAX_SLOTS + 1, max_seq_len=40, compile=True)
+    monkeypatch.setattr(compiled.precision, "cpu_cache_bytes", lambda: 4 * model.num_params() - 1)
+    for engine in (large, Engine(model, max_batch=3, max_seq_len=40, compile=True)):
+        calls.clear()
+        assert_same_tokens_close_logprobs(outputs(engine, prompts, params), want, COMPILED_LOGPROB_ATOL)  # row counts
+        assert calls and {n for _, n in calls} == {1}
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])

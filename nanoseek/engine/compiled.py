@@ -23,9 +23,9 @@ compiled step relies on:
   shapes share the graphs (dynamo caches them per function, and these functions are shared);
 * no host synchronisation inside: the MoE experts run torch._grouped_mm (float32, bfloat16);
   the padded fallback (float64 models) reads a count on the host, which splits the graph;
-* several steps per call in engines of up to 128 slots (`decode_steps`, `steps_per_call`): each feeds the
-  token the previous drew, inside the graph, so the call's fixed costs (Dynamo's guards, the wrapper, the
-  engine's Python and its one host read) are paid once for all of them. Rows with top-k, top-p or min-p
+* several steps per call for small models in engines of up to 128 slots (`decode_steps`, `steps_per_call`):
+  each feeds the token the previous drew, inside the graph, so the call's fixed costs (Dynamo's guards, the
+  wrapper, the engine's Python and its one host read) are paid once for all of them. Rows with top-k, top-p or min-p
   cannot be fed inside (their token is drawn eagerly from the logits): batches with such rows take one step a
   call (`decode_step`);
 * failure is not fatal: if compiling raises (no C++ compiler, an unsupported operation),
@@ -46,6 +46,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from nanoseek import precision
 from nanoseek.engine.cache import KVCache
 from nanoseek.engine.sampling import SamplingBatch, draw, sample
 
@@ -58,20 +59,25 @@ row, through the graph of every batch size) and runs them through a graph of the
 at compile time: the tiny preset in an engine of 64 slots decoded one sequence at 3,450 tok/s against 2,450
 (docs/LOG.md, 2026-12-02, ninth session). The short tails of a batch (RL's rollouts) never reach it."""
 STEPS_PER_CALL = 4
-"""Decode steps one compiled call runs when no row filters its sampling (`decode_steps`), in an engine of at most
-`MANY_STEPS_MAX_SLOTS` slots. The tiny preset in an engine of 64 slots (2 threads, one process, interleaved):
-3,646 -> 5,955 tok/s at batch 1, 1.15x at batch 64. Compiling takes longer in proportion to the steps (cold cache,
-batch 64: 28, 47 and 85 s for 1, 2 and 4). A sequence that stops inside a call wastes the call's remaining steps
-(docs/LOG.md, 2026-12-02, tenth session)."""
+"""Decode steps one compiled call runs when no row filters its sampling (`decode_steps`), where that pays
+(`steps_per_call`). The tiny preset in an engine of 64 slots (2 threads, one process, interleaved): 3,646 -> 5,955
+tok/s at batch 1, 1.15x at batch 64. Compiling takes longer in proportion to the steps (cold cache, batch 64: 28,
+47 and 85 s for 1, 2 and 4). A sequence that stops inside a call wastes the call's remaining steps (docs/LOG.md,
+2026-12-02, tenth session)."""
 MANY_STEPS_MAX_SLOTS = 128
 """Larger engines run one step a call: a step over hundreds of rows dwarfs the call's fixed costs (tiny, 512 rows:
 1.065x for four steps a call) and does not pay the longer compilation (the speedrun's RL engine, 512 slots: its
 stage took 305 s instead of 217 on a cold inductor cache)."""
 
 
-def steps_per_call(n_slots: int) -> int:
-    """Decode steps a compiled call runs, rows allowing, in an engine of n_slots slots."""
-    return STEPS_PER_CALL if n_slots <= MANY_STEPS_MAX_SLOTS else 1
+def steps_per_call(n_slots: int, n_params: int) -> int:
+    """Decode steps a compiled call runs, rows allowing, in an engine of n_slots slots over a model of n_params
+    parameters: STEPS_PER_CALL where a step is short against the call's fixed costs (~0.3 ms): at most
+    MANY_STEPS_MAX_SLOTS rows, and float32 weights that fit in the CPU's last-level cache. A model read from memory
+    at every step gains nothing and compiles four times the layers (the 100M `small` preset: 91.5 tok/s at batch 1
+    against 91.7-94.2 at one step a call; the four-step graphs' cold compilation took 486 s)."""
+    fits = 4 * n_params <= precision.cpu_cache_bytes()
+    return STEPS_PER_CALL if n_slots <= MANY_STEPS_MAX_SLOTS and fits else 1
 
 
 # The graph's wrapper in C++ too, not Python: at a batch of a few rows it halves the step (measured on the

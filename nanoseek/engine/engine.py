@@ -115,6 +115,7 @@ class Engine(MultiTurn):
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self._capture_graphs = self.device.type == "cuda"  # False: run the static-shape path eagerly (tests)
         self.compile_after = compiled.compile_after(self.device, compile)
+        n_params = sum(p.numel() for p in model.parameters())
 
         per_slot = KVCache.bytes_per_slot(model, self.max_seq_len, self.kv_dtype)
         budget = self._kv_budget(kv_cache_gb, kv_cache_fraction)
@@ -125,6 +126,7 @@ class Engine(MultiTurn):
                 f"{self.max_seq_len} ({per_slot / 2**20:.1f} MiB): lower max_seq_len or raise kv_cache_gb"
             )
         self.kv_cache_bytes = self.n_slots * per_slot
+        self.steps_per_call = compiled.steps_per_call(self.n_slots, n_params)  # compiled calls with no row filtering
         self.cache: KVCache | None = None
         self.slots: SlotState | None = None
         self._graphs: DecodeGraphs | None = None
@@ -331,9 +333,7 @@ class Engine(MultiTurn):
         compiling = self.compiling
         batch = self.slots.batch(hi)
         # Several steps a call when no row filters its sampling (compiled.steps_per_call); the keys read cover the last.
-        n_steps = (
-            compiled.steps_per_call(self.n_slots) if compiling and not (batch.any_sampling and batch.any_filter) else 1
-        )
+        n_steps = self.steps_per_call if compiling and not (batch.any_sampling and batch.any_filter) else 1
         one_row = hi == 1
         if compiling and one_row and self.n_slots > 1 and self._one_row_steps < compiled.ONE_ROW_GRAPH_AFTER:
             hi = 2  # a free slot's dummy row: the graph of every batch size, not one of its own (ONE_ROW_GRAPH_AFTER)
