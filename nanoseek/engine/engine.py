@@ -331,13 +331,12 @@ class Engine(MultiTurn):
         hi = max(self._running) + 1
         kv_len = max(s.position for s in self._running.values()) + 1
         compiling = self.compiling
-        batch = self.slots.batch(hi)
-        # Several steps a call when no row filters its sampling (compiled.steps_per_call); the keys read cover the last.
-        n_steps = self.steps_per_call if compiling and not (batch.any_sampling and batch.any_filter) else 1
         one_row = hi == 1
         if compiling and one_row and self.n_slots > 1 and self._one_row_steps < compiled.ONE_ROW_GRAPH_AFTER:
             hi = 2  # a free slot's dummy row: the graph of every batch size, not one of its own (ONE_ROW_GRAPH_AFTER)
-            batch = self.slots.batch(hi)
+        batch = self.slots.batch(hi)
+        # Several steps a call when no row filters its sampling (compiled.steps_per_call); the keys read cover the last.
+        n_steps = self.steps_per_call if compiling and not (batch.any_sampling and batch.any_filter) else 1
         ids, pos = self.slots.inputs(hi)
         steps = None
         if n_steps > 1:
