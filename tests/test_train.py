@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanoseek.config import RunConfig, TrainConfig
+from nanoseek.errors import InputError
 from nanoseek.model import Transformer, get_preset
 from nanoseek.train import checkpoint as ckpt_mod
 from nanoseek.train.loop import batch_loss
@@ -173,7 +174,7 @@ def test_compile_option_compiles_the_loss_the_loop_calls(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_a_checkpoints_longer_context_is_kept_by_what_it_saves(tmp_path, lora):
+def test_a_checkpoints_longer_context_is_kept_by_what_it_saves(tmp_path, lora, capsys):
     """`sft --checkpoint C --set model.max_seq_len=N`: the saved model has context N, which eval accepts;
     the weights and every other setting are the checkpoint's, and the positions it knew encode as before."""
     from nanoseek.cli import main
@@ -189,7 +190,7 @@ def test_a_checkpoints_longer_context_is_kept_by_what_it_saves(tmp_path, lora):
     cfg = small_run()
     cfg.train.steps, cfg.train.eval_every = 2, 0
     cfg.model["max_seq_len"] = longer
-    cfg.model["n_layers"] = 3  # another model.* override of a checkpoint: not applied, as before
+    cfg.model["n_layers"] = start.n_layers  # an architecture setting equal to the checkpoint's: accepted
     cfg.train.lora.enabled = lora
     sft(cfg, tmp_path / "sft", tmp_path / "pt", quiet=True)
 
@@ -214,6 +215,35 @@ def test_a_checkpoints_longer_context_is_kept_by_what_it_saves(tmp_path, lora):
     )
     assert run_eval(saved, "eval") == 0
     assert run_eval(tmp_path / "pt", "eval_pt") == 2  # the checkpoint it started from: context too short
+    if not lora:  # another architecture on the command line: one line naming the field, exit 2, nothing written
+        capsys.readouterr()
+        args = ["sft", "--checkpoint", str(tmp_path / "pt"), "--out", str(tmp_path / "bad")]
+        assert main([*args, "--set", "model.n_layers=3", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "model.n_layers = 3:" in err and "\n" not in err and "Traceback" not in err
+        assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_a_checkpoints_architecture_is_not_overridden_but_its_balancing_knobs_are():
+    """model.* settings on a checkpoint: another n_layers is an error naming the field; the balancing knobs reach
+    every module that reads them (a bias step moves by the new rate, closed form); equal values change nothing."""
+    from nanoseek.train.run import apply_model_settings
+
+    start = get_preset("tiny-moe")
+    model = Transformer(start)
+    with pytest.raises(InputError, match=r"model\.n_layers = 3: ckpt has n_layers = "):
+        apply_model_settings(model, {"n_layers": 3}, "ckpt")
+    assert model.cfg is start
+    same = {"n_layers": start.n_layers, "bias_update_rate": start.bias_update_rate}
+    assert not apply_model_settings(model, same, "ckpt")
+    assert apply_model_settings(model, {"bias_update_rate": 0.25, "aux_loss_coef": 0.5}, "ckpt")
+    assert model.cfg == dataclasses.replace(start, bias_update_rate=0.25, aux_loss_coef=0.5)
+    assert all(m.cfg is model.cfg for m in model.modules() if hasattr(m, "cfg"))
+    router = next(m for m in model.modules() if type(m).__name__ == "Router")
+    router.tokens_per_expert.copy_(torch.arange(start.n_routed_experts, dtype=torch.float32))
+    want = 0.25 * torch.sign(router.tokens_per_expert.mean() - router.tokens_per_expert)
+    router.update_bias()
+    torch.testing.assert_close(router.e_score_correction_bias, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,33 @@ def with_context(model: Transformer, max_seq_len: int) -> None:
     model.rope_table(torch.device("cpu"))  # the longer cos/sin table now, in eager code
 
 
+# ModelConfig fields read afresh at every training step, which a fine-tuning run may change on its checkpoint.
+TRAINING_KNOBS = ("bias_update_rate", "aux_loss_coef")
+
+
+def apply_model_settings(model: Transformer, settings: dict[str, Any], checkpoint: str | Path) -> bool:
+    """Apply a run's `model.*` settings to the checkpoint it fine-tunes; True when the config changed.
+
+    The context (`with_context`) and the balancing knobs (TRAINING_KNOBS) may change; any other field set to
+    a value other than the checkpoint's is an InputError: the weights fix the architecture."""
+    for name, value in settings.items():
+        if name != "max_seq_len" and name not in TRAINING_KNOBS and getattr(model.cfg, name) != value:
+            raise InputError(
+                f"model.{name} = {value!r}: {checkpoint} has {name} = {getattr(model.cfg, name)!r}; a checkpoint "
+                f"keeps its architecture (only model.max_seq_len, {', '.join(f'model.{k}' for k in TRAINING_KNOBS)} "
+                "may change)"
+            )
+    old = model.cfg
+    if settings.get("max_seq_len", old.max_seq_len) != old.max_seq_len:
+        with_context(model, settings["max_seq_len"])
+    knobs = {k: settings[k] for k in TRAINING_KNOBS if k in settings}
+    new = dataclasses.replace(model.cfg, **knobs)
+    for module in model.modules():  # the router and MoE layers read these from their own reference to the config
+        if getattr(module, "cfg", None) is old or module is model:
+            module.cfg = new
+    return new != old
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint are dropped."""
 
@@ -153,7 +180,7 @@ class Run:
             remove_stale_tmp(self.run_dir)  # a save killed mid-write left its temporary directory
         torch.manual_seed(cfg.train.seed)
         self.train_cfg = cfg.train
-        self.max_seq_len: int | None = cfg.model.get("max_seq_len")  # a `model.max_seq_len` override (see load_model)
+        self.model_settings = dict(cfg.model)  # applied to a checkpoint by `load_model`
         self.stage = stage
         self.resume = resume
         self.quiet = quiet or not self.topo.is_main
@@ -176,9 +203,8 @@ class Run:
         master weights, or under LoRA a base in the autocast dtype.
 
         With train.lora.enabled, frozen under new adapters (`add_adapters`); a checkpoint that is itself an
-        adapter directory is its base with those adapters merged in. A `model.max_seq_len` override sets the
-        model's context (`with_context`), which its checkpoints then keep; the other model.* settings are
-        the checkpoint's own (an override of them is not applied)."""
+        adapter directory is its base with those adapters merged in. The run's `model.*` settings apply as
+        `apply_model_settings` allows (the context, the balancing knobs; the checkpoints then keep them)."""
         # Under LoRA the frozen base is kept in the autocast dtype: loaded in it, never held in float32.
         dtype = (self.train_cfg.lora.enabled and autocast_dtype(self.device)) or torch.float32
         model, tokenizer = load_checkpoint(checkpoint, device=self.device, dtype=dtype)
@@ -188,9 +214,8 @@ class Run:
         if lora_of(model) is not None:
             merge_lora(model)
             base = ""  # the merged weights are on no disk: `begin` writes them to RUN_DIR/base
-        if self.max_seq_len is not None and self.max_seq_len != model.cfg.max_seq_len:
-            with_context(model, self.max_seq_len)
-            base = ""  # the base directory's config.json has the old context: `begin` writes RUN_DIR/base
+        if apply_model_settings(model, self.model_settings, checkpoint):
+            base = ""  # the base directory's config.json is the old one: `begin` writes RUN_DIR/base
         self.add_adapters(model, base)
         return model, tokenizer
 
