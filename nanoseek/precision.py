@@ -21,6 +21,12 @@ and values of every running sequence from memory (the tiny preset, 64 sequences 
 tokens/s of a float32 cache; at one sequence, 4% fewer). Attention still sums in float32 (docs/LOG.md,
 2026-12-02, tenth session).
 
+The engine's prefill (`prefill_dtype`): a float32 model's prefill autocasts its matmuls to bf16 on a CPU with native
+bf16 when the chunk holds at least PREFILL_BF16_MIN_TOKENS tokens. Unlike a decode step, a prefill of many tokens
+is bound by the matmuls' arithmetic, which bf16 dot products do at twice float32's rate: 2048-4096 prompt tokens
+through the tiny presets 1.8-1.9x faster; below ~256 tokens bf16 is slower (docs/LOG.md, 2026-12-02, eleventh
+session). Only the keys and values it caches and the first token's logits see it (the logits layer is float32).
+
 `NANOSEEK_CPU_BF16=0` keeps a bf16-capable CPU in float32 (and `=1` forces bf16 on any CPU), for both.
 """
 
@@ -102,6 +108,20 @@ def kv_cache_dtype(device: torch.device | str, model_dtype: torch.dtype, float32
     return model_dtype
 
 
+# Prompt tokens in one prefill chunk from which bf16 autocast pays on a CPU (the crossover, measured on the tiny
+# presets: 0.64-0.91x at 16-64 tokens, 1.10-1.29x at 256, 1.8-2.0x at 1024).
+PREFILL_BF16_MIN_TOKENS = 256
+
+
+def prefill_dtype(device: torch.device | str, model_dtype: torch.dtype, tokens: int) -> torch.dtype | None:
+    """The dtype a prefill of `tokens` (padded) tokens through a `model_dtype` model autocasts its matmuls to, or
+    None for none (see the module docstring). A 16-bit model, or RL's twin under its own autocast, needs none."""
+    device = torch.device(device)
+    if device.type == "cpu" and model_dtype == torch.float32 and tokens >= PREFILL_BF16_MIN_TOKENS and cpu_bf16():
+        return torch.bfloat16
+    return None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """A context that autocasts matmuls to `dtype` on `device` (none for None or float32)."""
     if dtype is None or dtype == torch.float32:
@@ -129,9 +149,10 @@ def describe_inference(device: torch.device | str, dtype: torch.dtype) -> str:
     found = cpu_bf16_instructions()
     has = f"CPU has {found}" if found else "CPU without native bf16"
     cache_mib = cpu_cache_bytes() / 2**20
+    prefill = f"; bf16 autocast for prefills of {PREFILL_BF16_MIN_TOKENS}+ tokens" if cpu_bf16() else ""
     return (
         f"precision: {name} ({has}; bf16 weights, and KV caches, when their float32 bytes exceed the {cache_mib:.0f} "
-        "MiB CPU cache)"
+        f"MiB CPU cache{prefill})"
     )
 
 

@@ -379,6 +379,29 @@ def test_the_twin_caches_keys_in_its_16bit_dtype_with_the_float32_cache_outputs(
     assert_same_tokens_close_logprobs(got, want, atol=1e-5)
 
 
+def test_a_long_prefill_autocasts_to_bf16_within_tolerance_of_float32(monkeypatch):
+    """A prefill chunk of PREFILL_BF16_MIN_TOKENS or more through a float32 model runs its matmuls in bf16 on a
+    CPU with native bf16: the first tokens' log-probs and the cached keys and values move (so every later token's
+    log-prob does), within the bf16 tolerance of the float32 model's; a shorter chunk stays float32 exactly."""
+    from nanoseek import precision
+
+    model = build("tiny-moe", init_std=0.05)
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: True)
+    long, short = prompts_of([300, 40, 120], seed=7), prompts_of([30, 40], seed=8)  # 3 x 300 and 2 x 40 padded
+    assert 2 * 40 < precision.PREFILL_BF16_MIN_TOKENS <= 3 * 300
+    for prompts, bf16 in ((long, True), (short, False)):
+        errors = []
+        for prompt, [c] in zip(prompts, Engine(model, max_batch=4, compile=False).generate(prompts, params)):
+            want = float32_logprobs(model, prompt, c.token_ids)
+            errors.append((torch.tensor(c.logprobs) - want).abs())
+        errors = torch.cat(errors)
+        if bf16:
+            assert 1e-4 < errors.max() < BF16_LOGPROB_MAX and errors.mean() < BF16_LOGPROB_MEAN, errors
+        else:
+            assert errors.max() < 1e-4, errors
+
+
 def test_precision_rule_bf16_where_native_and_the_weights_outgrow_the_cache(monkeypatch):
     from nanoseek import precision
 
@@ -396,6 +419,13 @@ def test_precision_rule_bf16_where_native_and_the_weights_outgrow_the_cache(monk
     model = build("tiny")  # 2 KiB of float32 keys and values a token: 64 sequences of 320 tokens are 40 MiB
     assert Engine(model, max_batch=64, max_seq_len=320).kv_dtype == torch.bfloat16
     assert Engine(model, max_batch=16, max_seq_len=320).kv_dtype == torch.float32
+    # The prefill: bf16 autocast for a float32 model's chunks of PREFILL_BF16_MIN_TOKENS tokens or more, on the CPU.
+    n = precision.PREFILL_BF16_MIN_TOKENS
+    assert precision.prefill_dtype("cpu", torch.float32, n - 1) is None
+    assert precision.prefill_dtype("cpu", torch.float32, n) == torch.bfloat16
+    assert precision.prefill_dtype("cpu", torch.bfloat16, 10 * n) is None
+    assert precision.prefill_dtype("cuda", torch.float32, 10 * n) is None
     monkeypatch.setattr(precision, "cpu_bf16", lambda: False)
+    assert precision.prefill_dtype("cpu", torch.float32, 10 * n) is None
     assert precision.inference_dtype("cpu", 10**9) == torch.float32
     assert Engine(model, max_batch=64, max_seq_len=320).kv_dtype == torch.float32

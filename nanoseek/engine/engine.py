@@ -308,7 +308,9 @@ class Engine(MultiTurn):
         )
         batch = self._sampling_batch(seqs)
         positions = torch.arange(T, device=self.device).expand(B, T)
-        hidden = self.model.hidden_states(ids.view(B, T), positions, cache=self.cache.prefill(slots))
+        autocast_to = precision.prefill_dtype(self.device, self.model.output_weight.dtype, B * T)
+        with precision.autocast(self.device, autocast_to):  # many tokens: the matmuls' arithmetic is the cost
+            hidden = self.model.hidden_states(ids.view(B, T), positions, cache=self.cache.prefill(slots))
         logits = self.model.logits(hidden[torch.arange(B, device=self.device), last])  # [B, V]
         self.cache.copy_slots(src, dst, T)  # one gather/scatter for the chunk
         if rows != list(range(B)):
