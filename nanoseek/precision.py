@@ -147,12 +147,13 @@ def describe_inference(device: torch.device | str, dtype: torch.dtype) -> str:
     if device.type != "cpu":
         return f"precision: {name} on {device.type}"
     found = cpu_bf16_instructions()
-    has = f"CPU has {found}" if found else "CPU without native bf16"
+    if not cpu_bf16():  # no bf16 rule applies: say why
+        return f"precision: {name} ({f'{CPU_BF16_ENV}=0' if found else 'CPU without native bf16'})"
+    has = f"CPU has {found}" if found else f"{CPU_BF16_ENV}=1"
     cache_mib = cpu_cache_bytes() / 2**20
-    prefill = f"; bf16 autocast for prefills of {PREFILL_BF16_MIN_TOKENS}+ tokens" if cpu_bf16() else ""
     return (
         f"precision: {name} ({has}; bf16 weights, and KV caches, when their float32 bytes exceed the {cache_mib:.0f} "
-        f"MiB CPU cache{prefill})"
+        f"MiB CPU cache; bf16 autocast for prefills of {PREFILL_BF16_MIN_TOKENS}+ tokens)"
     )
 
 

@@ -427,5 +427,6 @@ def test_precision_rule_bf16_where_native_and_the_weights_outgrow_the_cache(monk
     assert precision.prefill_dtype("cuda", torch.float32, 10 * n) is None
     monkeypatch.setattr(precision, "cpu_bf16", lambda: False)
     assert precision.prefill_dtype("cpu", torch.float32, 10 * n) is None
+    assert "MiB" not in precision.describe_inference("cpu", torch.float32)  # no bf16 rule to describe
     assert precision.inference_dtype("cpu", 10**9) == torch.float32
     assert Engine(model, max_batch=64, max_seq_len=320).kv_dtype == torch.float32
