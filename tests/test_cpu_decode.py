@@ -169,6 +169,16 @@ def test_several_steps_a_call_stop_where_single_steps_stop(monkeypatch):
     assert calls and {n for _, n in calls} == {4}
     assert_same_tokens_close_logprobs(got, two_turns(Engine(model, max_batch=3, max_seq_len=40, compile=False)), 1e-5)
 
+    # A stop string met inside a call: the text is searched after each of the call's tokens, as single steps do.
+    text = lambda ids: "".join(f"<{t}>" for t in ids)
+    by_text = SamplingParams(max_new_tokens=40, temperature=0, stop_strings=[f"{first[0][0][2]}><"])
+    calls.clear()
+    got = outputs(Engine(model, max_batch=3, max_seq_len=40, compile=True, detokenize=text), prompts[:1], by_text)
+    want = outputs(Engine(model, max_batch=3, max_seq_len=40, compile=False, detokenize=text), prompts[:1], by_text)
+    assert calls and {n for _, n in calls} == {4}
+    assert_same_tokens_close_logprobs(got, want, 1e-5)
+    assert len(want[0][0]) == 4, want  # found at the 4th token (the 3rd of the first call's 4): greedy's first 3 + 1
+
     # One step a call in an engine of more than MANY_STEPS_MAX_SLOTS slots, or over weights that outgrow the cache.
     want = outputs(Engine(model, max_batch=3, max_seq_len=40, compile=False), prompts, params)
     large = Engine(model, max_batch=compiled.MANY_STEPS_MAX_SLOTS + 1, max_seq_len=40, compile=True)
