@@ -322,7 +322,7 @@ def _attention_doc_by_doc(q, k, v, scale, doc_ids):
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_blocked_cpu_attention_equals_each_document_alone(dtype, packed):
-    from nanoseek.model.attention import BLOCK, attention, cpu_block_starts
+    from nanoseek.model.chunk_attention import BLOCK, attention, cpu_block_starts
 
     torch.manual_seed(0)
     # 3 rows of 200 tokens (not a multiple of the block), documents of 7-90 tokens (or one causal document
@@ -350,7 +350,7 @@ def test_blocked_cpu_attention_equals_each_document_alone(dtype, packed):
 def test_causal_matmul_attention_equals_the_causal_reference(dtype):
     """The compiled CPU training path's attention (one block of the whole chunk) against the naive reference,
     forward and gradients; and `fits_one_block` keeps long or large chunks on SDPA."""
-    from nanoseek.model.attention import causal_matmul_attention, fits_one_block
+    from nanoseek.model.chunk_attention import causal_matmul_attention, fits_one_block
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 90, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -369,7 +369,7 @@ def test_causal_matmul_attention_equals_the_causal_reference(dtype):
 
 
 def test_cpu_block_starts_fall_back_to_sdpa_where_blocks_do_not_pay():
-    from nanoseek.model import attention as A
+    from nanoseek.model import chunk_attention as A
 
     q = torch.zeros(1, 4, 240, 16, requires_grad=True)
     short = _packed_doc_ids([[60, 60, 60, 60]])

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nanoseek.model.chunk_attention import attention
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope
 
@@ -79,108 +79,6 @@ class HFTensor:
     ours: str
     theirs: str
     rows: Tensor | None = None
-
-
-BLOCK = 64
-"""Query rows per block of `blocked_attention`; at 64 the tiny preset's packed step on CPU was fastest (32 and
-128 slower; docs/LOG.md, 2026-12-02)."""
-
-BLOCKED_MAX_AREA = 0.75
-"""Packed rows take `blocked_attention` when its blocks cover at most this fraction of the T x T scores (SDPA's
-masked CPU kernel computes all of them): at ~0.5 it took half the time, computing everything ~1.5x."""
-
-BLOCKED_MAX_CAUSAL_LEN = 256
-"""A causal chunk (no doc_ids) with gradients takes `blocked_attention` up to this length: forward + backward
-of [B, 4, T, 32] bf16 took 0.16x SDPA's time at T = 48, 0.28x at 80, 0.74x at 256, 1.07x at 512, 1.7x at 1024."""
-
-BLOCKED_MAX_BYTES = 1 << 25
-"""... and when one layer's float32 scores in the blocks (kept for the backward pass) fit in 32 MiB; SDPA's
-kernels keep none, which is what long sequences need."""
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | None) -> Tensor:
-    """Causal attention over one chunk, blocked across documents when doc_ids [B, T] is given."""
-    if k.shape[1] != q.shape[1]:  # GQA: share each kv head across n_heads // n_kv_heads query heads
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    # On CPU, SDPA's flash kernel computes every one of the T x T scores under a mask, and its backward pass
-    # costs ~0.1-0.2 ms per (row, head) at the lengths training runs on CPU (5-8x its forward): plain matmuls
-    # over the blocks that can attend are faster there (CUDA keeps SDPA's kernels). Under torch.compile the
-    # blocks' data-dependent shapes would break the graph: a short causal chunk with gradients (RL's update)
-    # takes one block of the whole chunk there, whose mask and softmax inductor fuses.
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        starts = cpu_block_starts(q, doc_ids, BLOCK)
-        if starts is not None:
-            return blocked_attention(q, k, v, scale, doc_ids, starts, BLOCK)
-    elif q.device.type == "cpu" and doc_ids is None and q.requires_grad and fits_one_block(q):
-        return causal_matmul_attention(q, k, v, scale)
-    if doc_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    T = q.shape[2]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
-
-
-def cpu_block_starts(q: Tensor, doc_ids: Tensor | None, block: int) -> list[int] | None:
-    """For each block of `block` query positions, the first key position any of its queries sees (with doc_ids,
-    the start of the document of the block's first token, the earliest over the batch; else 0), or None where
-    `blocked_attention` would not pay on CPU: a causal chunk without gradients (SDPA's forward is fast) or longer
-    than BLOCKED_MAX_CAUSAL_LEN, doc_ids not non-decreasing along each row (not packed), the blocks covering more
-    than BLOCKED_MAX_AREA of a packed chunk's scores, or more than BLOCKED_MAX_BYTES of them. (Every layer asks
-    again for the same doc_ids: a few tens of microseconds, against milliseconds of attention.)"""
-    B, H, T = q.shape[:3]
-    if doc_ids is None:
-        if T > BLOCKED_MAX_CAUSAL_LEN or not (torch.is_grad_enabled() and q.requires_grad):
-            return None
-        starts = [0] * -(-T // block)
-    else:
-        if not bool((doc_ids[:, 1:] >= doc_ids[:, :-1]).all()):
-            return None
-        doc_ids = doc_ids.contiguous()
-        starts = torch.searchsorted(doc_ids, doc_ids[:, ::block].contiguous()).amin(0).tolist()
-    area = sum((min(s + block, T) - s) * (min(s + block, T) - lo) for s, lo in zip(range(0, T, block), starts))
-    if doc_ids is not None and area > BLOCKED_MAX_AREA * T * T:
-        return None
-    return starts if 4 * B * H * area <= BLOCKED_MAX_BYTES else None
-
-
-def fits_one_block(q: Tensor) -> bool:
-    """Whether a causal chunk is short and small enough for `causal_matmul_attention` (the compiled CPU path):
-    at most BLOCKED_MAX_CAUSAL_LEN tokens and BLOCKED_MAX_BYTES of float32 scores."""
-    B, H, T = q.shape[:3]
-    return T <= BLOCKED_MAX_CAUSAL_LEN and 4 * B * H * T * T <= BLOCKED_MAX_BYTES
-
-
-def causal_matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """`blocked_attention` of a causal chunk as one block, with no Python loop over its length, so torch.compile
-    keeps the length dynamic (a loop over range(T) would specialise the graph to one length)."""
-    T = q.shape[2]
-    return _masked_attention(q, k, v, scale, torch.ones(T, T, dtype=torch.bool, device=q.device).tril())
-
-
-def blocked_attention(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | None, starts: list[int], block: int
-) -> Tensor:
-    """Causal attention (within documents, with doc_ids), one block of `block` queries at a time over the keys
-    from its start in `starts` (`cpu_block_starts`)."""
-    T = q.shape[2]
-    pos = torch.arange(T, device=q.device)
-    out = []
-    for s, lo in zip(range(0, T, block), starts):
-        e = min(s + block, T)
-        seen = pos[s:e, None] >= pos[None, lo:e]
-        if doc_ids is not None:
-            seen = (seen & (doc_ids[:, s:e, None] == doc_ids[:, None, lo:e]))[:, None]
-        out.append(_masked_attention(q[:, :, s:e], k[:, :, lo:e], v[:, :, lo:e], scale, seen))
-    return torch.cat(out, dim=2)
-
-
-def _masked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, seen: Tensor) -> Tensor:
-    """softmax(q k^T * scale) v over the keys each query has `seen`: the scores are taken in q's dtype and the
-    softmax in float32 (float64 for a float64 model), as transformers' eager attention does."""
-    scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
-    return scores.masked_fill(~seen, float("-inf")).softmax(-1).to(v.dtype) @ v
 
 
 class Attention(nn.Module):

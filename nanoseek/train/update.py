@@ -69,7 +69,7 @@ def compiled_hidden_states(model: Transformer) -> Callable[[torch.Tensor], torch
     train.compile = true), compiled at the first call: the forward and its backward each one graph, dynamic in
     the micro-batch's rows and length from the start (every RL micro-batch has its own; a micro-batch of one row
     compiles once more). The log-probs after it stay eager (a chunked autograd function). On CPU the compiled
-    attention is one fused block (`attention.causal_matmul_attention`). Not for a sharded model (FSDP runs its
+    attention is one fused block (`chunk_attention.causal_matmul_attention`). Not for a sharded model (FSDP runs its
     own forward). Measured: docs/LOG.md, 2026-12-02, seventh session."""
     compiled = compile_model(model.hidden_states)
 
