@@ -20,7 +20,8 @@ compiled step relies on:
   inductor keeps in place (a write through a view of a graph input would copy the layer);
 * live weights: parameters are graph inputs read at every call, not constants folded in, so
   the trainer's updates are seen and nothing is rebuilt; engines over models of the same
-  shapes share the graphs (dynamo caches them per function, and these functions are shared);
+  shapes share the graphs (dynamo caches them per function, and these functions are shared); a large bf16
+  weight's prepacked copy (`model.linear`) lives outside the graph and is remade when the weight changes;
 * no host synchronisation inside: the MoE experts run torch._grouped_mm (float32, bfloat16);
   the padded fallback (float64 models) reads a count on the host, which splits the graph;
 * several steps per call for small models in engines of up to 128 slots (`decode_steps`, `steps_per_call`):

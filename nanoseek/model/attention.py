@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from nanoseek.model.chunk_attention import attention
+from nanoseek.model.linear import Linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope
 
@@ -140,10 +141,10 @@ class GQAttention(Attention):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads = layer, cfg.n_heads, cfg.n_kv_heads
         self.head_dim = hd = cfg.attn_head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+        self.wq = Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.wk = Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = hd**-0.5
@@ -264,15 +265,15 @@ class MLAttention(Attention):
         self.kv_lora_rank = cfg.kv_lora_rank
         qk_dim = self.nope + self.rope
         if cfg.q_lora_rank > 0:
-            self.wq_a = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+            self.wq_a = Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
+            self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
         else:
-            self.wq = nn.Linear(cfg.d_model, cfg.n_heads * qk_dim, bias=False)
-        self.wkv_a = nn.Linear(cfg.d_model, cfg.kv_lora_rank + self.rope, bias=False)
+            self.wq = Linear(cfg.d_model, cfg.n_heads * qk_dim, bias=False)
+        self.wkv_a = Linear(cfg.d_model, cfg.kv_lora_rank + self.rope, bias=False)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
-        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.d_model, bias=False)
+        self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
+        self.wo = Linear(cfg.n_heads * self.v_dim, cfg.d_model, bias=False)
         self.scale = qk_dim**-0.5
         rs = cfg.rope_scaling or {}
         # YaRN also sharpens the softmax (DeepSeek-V3); no-op for factor <= 1, as in transformers.

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanoseek.model.config import ModelConfig
+from nanoseek.model.linear import Linear
 
 # Set to False to force the padded-bmm fallback everywhere (benchmarks compare both).
 USE_GROUPED_MM_KERNEL = True
@@ -189,9 +190,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, d_model, bias=False)  # down
+        self.w1 = Linear(d_model, hidden, bias=False)  # gate
+        self.w3 = Linear(d_model, hidden, bias=False)  # up
+        self.w2 = Linear(hidden, d_model, bias=False)  # down
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -278,7 +279,7 @@ class MoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, F_, D))  # up
         self.w2 = nn.Parameter(torch.empty(E, D, F_))  # down
         self.shared = SwiGLU(D, cfg.shared_hidden) if cfg.shared_hidden > 0 else None
-        self.shared_gate = nn.Linear(D, 1, bias=False) if cfg.shared_expert_gate and self.shared else None
+        self.shared_gate = Linear(D, 1, bias=False) if cfg.shared_expert_gate and self.shared else None
         self.aux_loss: Tensor | None = None
         # The seam for expert parallelism (`nanoseek.train.parallel`): when set, the sorted token copies and
         # their counts per expert go to it instead of `experts`, which then holds this rank's experts only.

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from nanoseek.model.attention import AttentionCache, CacheLayout, attention_class
 from nanoseek.model.config import ModelConfig
+from nanoseek.model.linear import Linear, linear
 from nanoseek.model.moe import MoE, SwiGLU, moe_layers
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import dynamic_inv_freq, rope_cos_sin, rope_frequencies, rope_lookup, rope_table
@@ -49,7 +50,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope_dim = attention_class(cfg).rope_dim(cfg)
         inv_freq, self.rope_attention_scaling = rope_frequencies(
             cfg.rope_theta, self.rope_dim, cfg.rope_scaling, cfg.max_seq_len
@@ -138,7 +139,7 @@ class Transformer(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.output_weight)
+        return linear(hidden, self.output_weight)
 
     def forward(
         self,

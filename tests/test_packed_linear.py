@@ -1,0 +1,139 @@
+"""`model.linear`: bf16 weights of a megabyte or more through oneDNN's prepacked kernel on a CPU, against F.linear
+and a float64 reference; the packed copy following the weight (live weights); where it must not be used."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.model import Transformer, get_preset
+from nanoseek.model import linear as L
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not L._AVAILABLE, reason="torch without oneDNN's bf16 kernels on this processor"),
+]
+
+
+def weight(out_features: int = 2048, in_features: int = 512, seed: int = 0, **kw) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16).requires_grad_(False)
+
+
+def assert_the_product(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    """Within bf16 output rounding of the float64 product of the same bf16 numbers, and equal to F.linear's."""
+    ref = x.double() @ w.double().T + (0 if b is None else b.double())
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, rtol=2**-7, atol=1e-3)
+    assert torch.equal(out, F.linear(x.to(w.dtype), w, b))
+
+
+def packed(w: torch.Tensor) -> bool:
+    return w in L._packed
+
+
+@pytest.mark.parametrize("shape", [(1, 512), (8, 512), (3, 5, 512), "strided"])
+def test_packed_product_equals_f_linear_and_float64(shape):
+    w, b = weight(), weight(1, 2048, seed=1)[0]
+    g = torch.Generator().manual_seed(2)
+    if shape == "strided":  # the engine's last-position rows: hidden[:, -1]
+        x = torch.randn(4, 7, 512, generator=g).to(torch.bfloat16)[:, -1]
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        out = L.linear(x, w)
+        assert packed(w)
+        assert_the_product(out, x, w)
+        assert_the_product(L.linear(x, w, b), x, w, b)
+
+
+def test_the_packed_copy_follows_the_weight():
+    w = weight()
+    x = torch.randn(4, 512).to(torch.bfloat16)
+    with torch.no_grad():
+        first = L.linear(x, w)
+        w.copy_(weight(seed=3))  # an in-place update (an optimizer step, the RL twin's sync)
+        assert not torch.equal(L.linear(x, w), first)
+        assert_the_product(L.linear(x, w), x, w)
+        w.data = weight(seed=4)  # a new storage
+        assert_the_product(L.linear(x, w), x, w)
+    n = len(L._packed)
+    del w
+    gc.collect()
+    assert len(L._packed) == n - 1  # a dead weight's copy goes with it
+
+
+def test_under_bf16_autocast_float32_rows_are_cast_as_autocast_would():
+    w = weight()
+    x = torch.randn(3, 512)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = L.linear(x, w)
+        want = F.linear(x, w)
+    assert packed(w) and torch.equal(out, want)
+
+
+def test_where_the_packed_kernel_is_not_used():
+    x = torch.randn(2, 512).to(torch.bfloat16)
+    with torch.no_grad():
+        small = weight(1000)  # under PACKED_MIN_BYTES: it fits in the cache
+        L.linear(x, small)
+        w32 = weight().float()  # float32 weights keep F.linear
+        assert torch.equal(L.linear(x.float(), w32), F.linear(x.float(), w32))
+    assert not packed(small) and not packed(w32)
+
+    # A gradient wanted: F.linear, with its backward (against the float64 product's)
+    w = weight().requires_grad_()
+    out = L.linear(x, w)
+    assert not packed(w) and out.grad_fn is not None
+    out.float().sum().backward()
+    torch.testing.assert_close(w.grad.double(), x.double().sum(0).expand(2048, -1), rtol=2**-7, atol=1e-2)
+
+
+def test_past_the_memory_budget_weights_keep_f_linear(monkeypatch):
+    monkeypatch.setattr(L, "PACKED_MAX_MEMORY_FRACTION", 0.0)
+    w = weight()
+    x = torch.randn(2, 512).to(torch.bfloat16)
+    with torch.no_grad():
+        assert_the_product(L.linear(x, w), x, w)
+    assert not packed(w)
+
+
+@pytest.mark.slow
+def test_inside_a_compiled_graph_the_packed_copy_follows_live_weights():
+    """As in the engine's compiled decode step (the C++ wrapper): the same product as eager, and after the weight
+    changes in place the graph multiplies by the new weight, with no recompilation."""
+    from torch._dynamo.utils import counters
+
+    w = weight()
+    x = torch.randn(4, 512).to(torch.bfloat16)
+    step = torch.compile(lambda x, w: L.linear(x, w).float() * 2, options={"cpp_wrapper": True})
+    counters.clear()
+    with torch.no_grad():
+        assert torch.equal(step(x, w), F.linear(x, w).float() * 2)
+        assert packed(w)
+        w.copy_(weight(seed=5))
+        assert torch.equal(step(x, w), F.linear(x, w).float() * 2)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_a_bf16_model_decodes_the_same_with_and_without_packed_weights(monkeypatch):
+    """tiny with a 4096-token vocabulary in bf16: its tied output layer (1 MiB) takes the packed kernel."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=4096, init_std=0.2)).to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 4096, (n,), generator=g).tolist() for n in (3, 11, 6)]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+
+    def run() -> list:
+        engine = Engine(model, max_batch=4, compile=False)
+        return [(c.token_ids, c.logprobs) for group in engine.generate(prompts, params) for c in group]
+
+    got = run()
+    assert packed(model.output_weight)
+    monkeypatch.setattr(L, "USE_PACKED", False)
+    assert got == run()
