@@ -137,3 +137,41 @@ def test_a_bf16_model_decodes_the_same_with_and_without_packed_weights(monkeypat
     assert packed(model.output_weight)
     monkeypatch.setattr(L, "USE_PACKED", False)
     assert got == run()
+
+
+def layers(*out_features: int, bias: bool = False, cls=L.Linear) -> list[torch.nn.Linear]:
+    torch.manual_seed(0)
+    return [cls(512, n, bias=bias).to(torch.bfloat16).requires_grad_(False) for n in out_features]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_stacked_layers_take_one_packed_product_equal_to_each_layers(bias):
+    """q/k/v-like layers (one 1 MiB weight and two of 0.25 MiB, under PACKED_MIN_BYTES alone): one packed product
+    of their stack, split; each part as the layer's own product; it follows an in-place change of any of them."""
+    q, k, v = layers(1024, 256, 256, bias=bias)
+    x = torch.randn(2, 3, 512).to(torch.bfloat16)
+    with torch.no_grad():
+        outs = L.linears(x, (q, k, v))
+        assert packed(q.weight) and not packed(k.weight)  # one entry, for the stack, under its first weight
+        for out, layer in zip(outs, (q, k, v)):
+            assert_the_product(out, x, layer.weight, layer.bias)
+        v.weight.copy_(torch.randn(256, 512).to(torch.bfloat16))
+        assert_the_product(L.linears(x, (q, k, v))[2], x, v.weight, v.bias)
+
+
+def test_stacked_layers_each_apply_where_they_cannot_be_stacked():
+    x = torch.randn(4, 512).to(torch.bfloat16)
+    plain = layers(1024, 256, cls=torch.nn.Linear)  # not the model's Linear (a LoRA wrapper, say): its own forward
+    with torch.no_grad():
+        outs = L.linears(x, plain)
+    assert not packed(plain[0].weight) and all(torch.equal(o, m(x)) for o, m in zip(outs, plain))
+    mixed = [*layers(1024), *layers(256, bias=True)]  # biases on some layers only
+    with torch.no_grad():
+        outs = L.linears(x, mixed)
+        assert all(torch.equal(o, m(x)) for o, m in zip(outs, mixed))
+    assert len(L._packed[mixed[0].weight][0]) == 1  # the 1 MiB layer packed alone, by its own forward: no stack
+    grads = layers(1024, 256)
+    for m in grads:
+        m.requires_grad_(True)
+    outs = L.linears(x, grads)  # gradients wanted: each layer, with its backward
+    assert all(o.grad_fn is not None for o in outs)

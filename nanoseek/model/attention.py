@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from nanoseek.model.chunk_attention import attention
-from nanoseek.model.linear import Linear
+from nanoseek.model.linear import Linear, linears
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope
 
@@ -153,9 +153,9 @@ class GQAttention(Attention):
         self, x: Tensor, cos: Tensor, sin: Tensor, doc_ids: Tensor | None, cache: AttentionCache | None
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = linears(x, (self.wq, self.wk, self.wv))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k, v = k.view(B, T, self.n_kv_heads, self.head_dim), v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

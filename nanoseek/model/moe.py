@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.linear import Linear
+from nanoseek.model.linear import Linear, linears
 
 # Set to False to force the padded-bmm fallback everywhere (benchmarks compare both).
 USE_GROUPED_MM_KERNEL = True
@@ -195,7 +195,8 @@ class SwiGLU(nn.Module):
         self.w2 = Linear(hidden, d_model, bias=False)  # down
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = linears(x, (self.w1, self.w3))
+        return self.w2(F.silu(gate) * up)
 
 
 class Router(nn.Module):
