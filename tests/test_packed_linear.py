@@ -175,3 +175,20 @@ def test_stacked_layers_each_apply_where_they_cannot_be_stacked():
         m.requires_grad_(True)
     outs = L.linears(x, grads)  # gradients wanted: each layer, with its backward
     assert all(o.grad_fn is not None for o in outs)
+
+
+def test_a_lora_layer_multiplies_its_frozen_bf16_base_through_the_packed_copy():
+    from nanoseek.model.lora import LoRALinear
+
+    (base,) = layers(2048)
+    lora = LoRALinear(base, rank=4, scale=2.0, dropout=0.0, dtype=torch.float32)
+    torch.nn.init.normal_(lora.lora_b)
+    x = torch.randn(3, 512).to(torch.bfloat16)
+    with torch.no_grad():
+        out = lora(x)
+        assert packed(base.weight)
+        low = F.linear(F.linear(x.float(), lora.lora_a), lora.lora_b) * 2.0
+        assert torch.equal(out, F.linear(x, base.weight) + low.to(torch.bfloat16))
+    out = lora(x.requires_grad_())  # training: F.linear with its backward, the adapters get gradients
+    out.float().sum().backward()
+    assert lora.lora_a.grad is not None and base.weight.grad is None

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanoseek.errors import InputError
+from nanoseek.model.linear import linear
 from nanoseek.model.moe import MoE, grouped_mm
 
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
@@ -64,7 +65,7 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)  # the frozen base: packed on a CPU where `linear` packs
         x = self.lora_dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast F.linear casts; a cast here would be
             x = x.to(self.lora_a.dtype)  # one more saved copy of the input per adapter
