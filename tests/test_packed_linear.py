@@ -98,9 +98,12 @@ def test_past_the_memory_budget_weights_keep_f_linear(monkeypatch):
     monkeypatch.setattr(L, "PACKED_MAX_MEMORY_FRACTION", 0.0)
     w = weight()
     x = torch.randn(2, 512).to(torch.bfloat16)
+    q, k, v = layers(1024, 256, 256, bias=True)
     with torch.no_grad():
         assert_the_product(L.linear(x, w), x, w)
-    assert not packed(w)
+        for out, layer in zip(L.linears(x, (q, k, v)), (q, k, v)):  # a stack: each product on its own
+            assert_the_product(out, x, layer.weight, layer.bias)
+    assert not packed(w) and not packed(q.weight)
 
 
 @pytest.mark.slow

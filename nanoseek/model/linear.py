@@ -132,10 +132,11 @@ def _packed_linear(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Te
     """x times the weights stacked (plus the biases stacked, if any), through their prepacked copy; an opaque
     operation to torch.compile (the packed copy lives outside the graph, in this module's table, and the graph only
     passes the weights it belongs to)."""
-    bias = None if not biases else biases[0] if len(biases) == 1 else torch.cat(biases)
     packed = _packed_weights(weights)
-    if packed is None:
-        return F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights), bias)
+    if packed is None:  # each weight on its own (stacking them here would copy them at every call)
+        products = [F.linear(x, w, biases[i] if biases else None) for i, w in enumerate(weights)]
+        return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
+    bias = None if not biases else biases[0] if len(biases) == 1 else torch.cat(biases)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
