@@ -448,6 +448,39 @@ def test_engine_on_a_loaded_checkpoint(checkpoint):
     assert c.token_ids == naive_greedy(model, c.prompt_ids, 6)
 
 
+def test_cli_dtype_auto_follows_the_precision_rule(checkpoint, monkeypatch, capsys):
+    """`--dtype auto` on a CPU decodes in `precision.inference_dtype`'s choice (the benchmarks' too): bf16 weights
+    once the float32 ones outgrow the CPU cache on a CPU with native bf16, said on stderr; an explicit --dtype
+    stands. The rule's threshold checked on both sides of the model's own size."""
+    import argparse
+
+    from nanoseek import precision
+    from nanoseek.commands.common import load_model
+    from nanoseek.loading import load_checkpoint
+
+    reference, _ = load_checkpoint(checkpoint, "cpu")
+    n_params = sum(p.numel() for p in reference.parameters())
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: True)
+
+    def load(dtype: str, cache_bytes: int):
+        monkeypatch.setattr(precision, "cpu_cache_bytes", lambda: cache_bytes)
+        args = argparse.Namespace(checkpoint=str(checkpoint), tokenizer=None, device="cpu", dtype=dtype)
+        model, _ = load_model(args)
+        return model, capsys.readouterr().err
+
+    model, err = load("auto", 4 * n_params - 1)  # float32 weights one byte past the cache: bf16
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert "precision: bfloat16" in err and "--dtype auto" in err
+    assert torch.equal(model.output_weight, reference.output_weight.to(torch.bfloat16))  # a cast, nothing more
+    model, err = load("auto", 4 * n_params)  # they fit: float32, nothing said
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and err == ""
+    model, err = load("float32", 1)  # an explicit dtype stands
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and err == ""
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: False)  # no native bf16: float32 at any size
+    model, err = load("auto", 1)
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and err == ""
+
+
 def test_generate_command(checkpoint, tmp_path, capsys):
     from nanoseek.cli import main
 

@@ -108,7 +108,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint, run or Hugging Face model directory")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's tokenizer.json)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="auto: bfloat16 on CUDA; on a CPU, bfloat16 where it has native bf16 and the float32 weights outgrow "
+        "its cache, else float32 (nanoseek.precision.inference_dtype)",
+    )
     parser.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
     parser.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget (default: automatic)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
@@ -127,13 +133,25 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int,
 
 
 def load_model(args: argparse.Namespace):
-    """(model, tokenizer) from the engine options."""
+    """(model, tokenizer) from the engine options. `--dtype auto` on a CPU decodes in the dtype
+    `precision.inference_dtype` picks for the model's size (the benchmarks' choice too); one line on stderr says so
+    when that is bf16 rather than the float32 a CPU otherwise loads."""
+    import sys
+
     import torch
 
+    from nanoseek import precision
     from nanoseek.loading import load_checkpoint, pick_device
 
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, tokenizer = load_checkpoint(args.checkpoint, pick_device(args.device), dtype)
+    device = pick_device(args.device)
+    auto = args.dtype == "auto"
+    model, tokenizer = load_checkpoint(args.checkpoint, device, None if auto else getattr(torch, args.dtype))
+    if auto and device.type == "cpu":
+        # Loaded as float32 (a CPU's default) and cast here: the rule needs the model's parameter count.
+        chosen = precision.inference_dtype(device, sum(p.numel() for p in model.parameters()))
+        if chosen != torch.float32:
+            model.to(chosen)
+            print(precision.describe_inference(device, chosen) + " (--dtype auto)", file=sys.stderr, flush=True)
     if args.tokenizer:
         from nanoseek.tokenizer import Tokenizer
 
