@@ -195,3 +195,20 @@ def test_a_lora_layer_multiplies_its_frozen_bf16_base_through_the_packed_copy():
     out = lora(x.requires_grad_())  # training: F.linear with its backward, the adapters get gradients
     out.float().sum().backward()
     assert lora.lora_a.grad is not None and base.weight.grad is None
+
+
+def test_the_start_line_says_when_weights_are_packed(monkeypatch):
+    """`describe_packing` (the commands' start line): said for a bf16 model with a Linear weight of PACKED_MIN_BYTES
+    or more, which the first product then packs; nothing for the same model in float32, under the threshold, or
+    with USE_PACKED off."""
+    big = Transformer(get_preset("tiny", d_model=512, d_ff=1024, n_layers=1)).eval()  # a 1 MiB bf16 MLP weight
+    assert big.layers[0].mlp.w1.weight.numel() * 2 >= L.PACKED_MIN_BYTES
+    assert L.describe_packing(big) == ""  # float32
+    big.to(torch.bfloat16)
+    assert "prepacked" in L.describe_packing(big)
+    with torch.no_grad():
+        big.layers[0].mlp.w1(torch.randn(2, 512, dtype=torch.bfloat16))
+    assert packed(big.layers[0].mlp.w1.weight)  # what the line says is what the product does
+    assert L.describe_packing(Transformer(get_preset("tiny")).to(torch.bfloat16)) == ""  # every weight under 1 MiB
+    monkeypatch.setattr(L, "USE_PACKED", False)
+    assert L.describe_packing(big) == ""

@@ -142,16 +142,21 @@ def load_model(args: argparse.Namespace):
 
     from nanoseek import precision
     from nanoseek.loading import load_checkpoint, pick_device
+    from nanoseek.model.linear import describe_packing
 
     device = pick_device(args.device)
     auto = args.dtype == "auto"
     model, tokenizer = load_checkpoint(args.checkpoint, device, None if auto else getattr(torch, args.dtype))
     if auto and device.type == "cpu":
         # Loaded as float32 (a CPU's default) and cast here: the rule needs the model's parameter count.
-        chosen = precision.inference_dtype(device, sum(p.numel() for p in model.parameters()))
+        chosen = precision.inference_dtype(device, model.num_params())
         if chosen != torch.float32:
             model.to(chosen)
-            print(precision.describe_inference(device, chosen) + " (--dtype auto)", file=sys.stderr, flush=True)
+            packing = describe_packing(model)
+            line = (
+                precision.describe_inference(device, chosen) + " (--dtype auto)" + (f"; {packing}" if packing else "")
+            )
+            print(line, file=sys.stderr, flush=True)
     if args.tokenizer:
         from nanoseek.tokenizer import Tokenizer
 

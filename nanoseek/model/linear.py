@@ -71,6 +71,21 @@ def linears(x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
     return [m(x) for m in layers]
 
 
+def describe_packing(model: nn.Module) -> str:
+    """A phrase for the precision line a command prints at its start: what `linear` does with this model's weights
+    on a CPU; '' when the model has no bf16 `Linear` weight of PACKED_MIN_BYTES or more, or oneDNN's bf16 kernels
+    are missing (or USE_PACKED is off)."""
+    big = any(
+        m.weight.dtype == torch.bfloat16 and m.weight.numel() * m.weight.element_size() >= PACKED_MIN_BYTES
+        for m in model.modules()
+        if isinstance(m, Linear)
+    )
+    if not (USE_PACKED and _AVAILABLE and big):
+        return ""
+    size = f"{PACKED_MIN_BYTES >> 20} MiB"
+    return f"bf16 weights of {size} or more (and q/k/v, gate/up stacked) multiply through oneDNN-prepacked copies"
+
+
 class Linear(nn.Linear):
     """nn.Linear whose product is `linear`: the model's projections (same parameters, names and checkpoints)."""
 
