@@ -459,7 +459,7 @@ def test_cli_dtype_auto_follows_the_precision_rule(checkpoint, monkeypatch, caps
     from nanoseek.loading import load_checkpoint
 
     reference, _ = load_checkpoint(checkpoint, "cpu")
-    n_params = sum(p.numel() for p in reference.parameters())
+    n_params = reference.num_params()
     monkeypatch.setattr(precision, "cpu_bf16", lambda: True)
 
     def load(dtype: str, cache_bytes: int):

@@ -75,12 +75,7 @@ def describe_packing(model: nn.Module) -> str:
     """A phrase for the precision line a command prints at its start: what `linear` does with this model's weights
     on a CPU; '' when the model has no bf16 `Linear` weight of PACKED_MIN_BYTES or more, or oneDNN's bf16 kernels
     are missing (or USE_PACKED is off)."""
-    big = any(
-        m.weight.dtype == torch.bfloat16 and m.weight.numel() * m.weight.element_size() >= PACKED_MIN_BYTES
-        for m in model.modules()
-        if isinstance(m, Linear)
-    )
-    if not (USE_PACKED and _AVAILABLE and big):
+    if not any(_weights_packable([m.weight]) for m in model.modules() if isinstance(m, Linear)):
         return ""
     size = f"{PACKED_MIN_BYTES >> 20} MiB"
     return f"bf16 weights of {size} or more (and q/k/v, gate/up stacked) multiply through oneDNN-prepacked copies"
@@ -93,12 +88,18 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def _weights_packable(weights: list[Tensor]) -> bool:
+    """What the weights alone decide: packing on and available, 2-D bf16 weights of PACKED_MIN_BYTES together."""
+    return (
+        USE_PACKED
+        and _AVAILABLE
+        and all(w.dtype == torch.bfloat16 and w.dim() == 2 for w in weights)
+        and sum(w.numel() * w.element_size() for w in weights) >= PACKED_MIN_BYTES
+    )
+
+
 def _packable(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> bool:
-    if not (USE_PACKED and _AVAILABLE and x.device.type == "cpu"):
-        return False
-    if any(w.dtype != torch.bfloat16 or w.dim() != 2 or w.shape[1] != x.shape[-1] for w in weights):
-        return False
-    if sum(w.numel() * w.element_size() for w in weights) < PACKED_MIN_BYTES:
+    if x.device.type != "cpu" or not _weights_packable(weights) or any(w.shape[1] != x.shape[-1] for w in weights):
         return False
     if any(b.dtype != torch.bfloat16 for b in biases):
         return False
