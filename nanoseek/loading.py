@@ -112,6 +112,29 @@ def load_checkpoint(
     return model.eval(), tokenizer
 
 
+def load_for_inference(
+    path: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None
+) -> tuple[Transformer, Tokenizer | None, str]:
+    """`load_checkpoint` for decoding (generate, chat, serve, eval): with `dtype` None on a CPU the model loads in
+    float32 and is cast to `precision.inference_dtype`'s choice for its size (bf16 on a CPU with native bf16 once
+    the float32 weights outgrow its cache; the benchmarks' choice too). Returns (model, tokenizer, line): the line
+    says so when that cast happened, to print at the start; '' otherwise."""
+    from nanoseek import precision
+    from nanoseek.model.linear import describe_packing
+
+    device = pick_device(device) if isinstance(device, str) else device
+    model, tokenizer = load_checkpoint(path, device, dtype)
+    if dtype is not None or device.type != "cpu":
+        return model, tokenizer, ""
+    chosen = precision.inference_dtype(device, model.num_params())  # needs the parameter count: after the load
+    if chosen == torch.float32:
+        return model, tokenizer, ""
+    model.to(chosen)
+    packing = describe_packing(model)
+    line = precision.describe_inference(device, chosen) + " (auto)"
+    return model, tokenizer, f"{line}; {packing}" if packing else line
+
+
 def adapter_base(directory: Path) -> Path:
     """The base model directory an adapter directory names (a relative path is relative to the adapters)."""
     named = read_adapter_config(directory).get("base_model_name_or_path")

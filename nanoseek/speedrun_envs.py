@@ -149,13 +149,13 @@ def evaluate(plan: EnvsPlan, name: str, out_dir: Path, checkpoint: Path | None, 
     """`nanoseek eval --env name` by a scripted policy or a checkpoint; cached in out_dir/summary.json."""
     from nanoseek.engine import Engine, SamplingParams
     from nanoseek.eval.episodes import evaluate_env
-    from nanoseek.loading import load_checkpoint
+    from nanoseek.loading import load_for_inference
 
     if (out_dir / "summary.json").exists():
         return json.loads((out_dir / "summary.json").read_text())
     engine = tokenizer = params = None
     if checkpoint is not None:
-        model, tokenizer = load_checkpoint(checkpoint)
+        model, tokenizer, _ = load_for_inference(checkpoint)
         engine = Engine(model, tokenizer, max_batch=plan.eval_episodes)
         params = SamplingParams(max_new_tokens=plan.eval_max_new_tokens, temperature=plan.eval_temperature, seed=0)
     return evaluate_env(

@@ -470,7 +470,7 @@ def test_cli_dtype_auto_follows_the_precision_rule(checkpoint, monkeypatch, caps
 
     model, err = load("auto", 4 * n_params - 1)  # float32 weights one byte past the cache: bf16
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert "precision: bfloat16" in err and "--dtype auto" in err
+    assert "precision: bfloat16" in err and "(auto)" in err
     assert torch.equal(model.output_weight, reference.output_weight.to(torch.bfloat16))  # a cast, nothing more
     model, err = load("auto", 4 * n_params)  # they fit: float32, nothing said
     assert {p.dtype for p in model.parameters()} == {torch.float32} and err == ""
@@ -479,6 +479,26 @@ def test_cli_dtype_auto_follows_the_precision_rule(checkpoint, monkeypatch, caps
     monkeypatch.setattr(precision, "cpu_bf16", lambda: False)  # no native bf16: float32 at any size
     model, err = load("auto", 1)
     assert {p.dtype for p in model.parameters()} == {torch.float32} and err == ""
+
+
+def test_eval_by_checkpoint_name_follows_the_precision_rule(checkpoint, monkeypatch, tmp_path, capsys):
+    """The library's `evaluate_checkpoint(name, ...)` loads as the commands do (`load_for_inference`) and records
+    the precision its accuracies were measured in, in summary.json and report.md."""
+    from nanoseek import precision
+    from nanoseek.eval.harness import evaluate_checkpoint
+    from nanoseek.loading import load_checkpoint
+
+    n_params = load_checkpoint(checkpoint, "cpu")[0].num_params()
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: True)
+    for cache_bytes, weights in ((4 * n_params - 1, "bfloat16"), (4 * n_params, "float32")):
+        monkeypatch.setattr(precision, "cpu_cache_bytes", lambda b=cache_bytes: b)
+        out = tmp_path / weights
+        options = dict(n_problems=2, k=1, temperature=0, max_new_tokens=4, quiet=True, plots=False)
+        summary = evaluate_checkpoint(str(checkpoint), None, ["arithmetic"], out, device="cpu", **options)
+        assert summary["precision"]["weights"] == weights and summary["precision"]["device"] == "cpu"
+        assert f"Weights {weights}" in (out / "report.md").read_text()
+        said = capsys.readouterr().err
+        assert ("precision: bfloat16" in said) == (weights == "bfloat16")
 
 
 def test_generate_command(checkpoint, tmp_path, capsys):

@@ -134,29 +134,18 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int,
 
 def load_model(args: argparse.Namespace):
     """(model, tokenizer) from the engine options. `--dtype auto` on a CPU decodes in the dtype
-    `precision.inference_dtype` picks for the model's size (the benchmarks' choice too); one line on stderr says so
-    when that is bf16 rather than the float32 a CPU otherwise loads."""
+    `precision.inference_dtype` picks for the model's size (`loading.load_for_inference`); one line on stderr says
+    so when that is bf16 rather than the float32 a CPU otherwise loads."""
     import sys
 
     import torch
 
-    from nanoseek import precision
-    from nanoseek.loading import load_checkpoint, pick_device
-    from nanoseek.model.linear import describe_packing
+    from nanoseek.loading import load_for_inference
 
-    device = pick_device(args.device)
-    auto = args.dtype == "auto"
-    model, tokenizer = load_checkpoint(args.checkpoint, device, None if auto else getattr(torch, args.dtype))
-    if auto and device.type == "cpu":
-        # Loaded as float32 (a CPU's default) and cast here: the rule needs the model's parameter count.
-        chosen = precision.inference_dtype(device, model.num_params())
-        if chosen != torch.float32:
-            model.to(chosen)
-            packing = describe_packing(model)
-            line = (
-                precision.describe_inference(device, chosen) + " (--dtype auto)" + (f"; {packing}" if packing else "")
-            )
-            print(line, file=sys.stderr, flush=True)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer, line = load_for_inference(args.checkpoint, args.device, dtype)
+    if line:
+        print(line, file=sys.stderr, flush=True)
     if args.tokenizer:
         from nanoseek.tokenizer import Tokenizer
 

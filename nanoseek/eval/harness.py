@@ -61,7 +61,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.benchmarks import Problem, grade, load_benchmark
 from nanoseek.eval.report import write_plots, write_report
 from nanoseek.eval.runner import ProblemRecord, prompt_text, run_problems, summarize_records
-from nanoseek.loading import load_checkpoint
+from nanoseek.loading import load_for_inference
 from nanoseek.rewards import Grade, extract_answer, math_verify_stats
 from nanoseek.tasks import get_task, list_tasks
 from nanoseek.tasks.corpus import task_mixture
@@ -352,6 +352,12 @@ def evaluate(
         "settings": settings,
         "benchmarks": {},
     }
+    if isinstance(engine, Engine):  # what the accuracies were measured in: bf16 and float32 can differ
+        summary["precision"] = {
+            "weights": str(engine.model.output_weight.dtype).removeprefix("torch."),
+            "kv_cache": str(engine.kv_dtype).removeprefix("torch."),
+            "device": engine.device.type,
+        }
     lengths: dict[str, list[int]] = {}
     t0 = time.perf_counter()
     with open(out_dir / "records.jsonl", "w", encoding="utf-8") as f:
@@ -422,7 +428,9 @@ def evaluate_checkpoint(
     if engine is None:
         model = model_or_checkpoint
         if name:
-            model, own_tokenizer = load_checkpoint(name, device)
+            model, own_tokenizer, line = load_for_inference(name, device)
+            if line:
+                print(line, file=sys.stderr, flush=True)
             tokenizer = tokenizer or own_tokenizer
         if tokenizer is None:
             raise ValueError(f"{name or 'model'}: no tokenizer (pass one; a checkpoint needs a tokenizer.json)")

@@ -102,6 +102,10 @@ def _bench_section(name: str, entry: dict[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+def _precision(p: dict[str, str] | None) -> str:
+    return f" Weights {p['weights']}, KV cache {p['kv_cache']}, on {p['device']}." if p else ""
+
+
 def write_report(out_dir: str | Path, summary: dict[str, Any]) -> Path:
     """report.md: the settings, then per benchmark the accuracy table (± standard error), grading and speed."""
     out_dir = Path(out_dir)
@@ -121,7 +125,7 @@ def write_report(out_dir: str | Path, summary: dict[str, Any]) -> Path:
         f"# Evaluation of {summary.get('model') or 'a model'}",
         "",
         f"{summary['created']}; {sampling}; max {s['max_new_tokens']} new tokens; {prompting}; seed {s['seed']}; "
-        f"{summary['wall_s']:.1f} s in all.",
+        f"{summary['wall_s']:.1f} s in all." + _precision(summary.get("precision")),
         "",
         "Accuracies in %, ± one standard error over problems. pass@k: unbiased estimate from all samples; "
         "cons@k: majority vote of the first k samples.",
