@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoseek import precision
 from nanoseek.engine import Engine, SamplingParams, compiled
+from nanoseek.loading import describe_precision
 from nanoseek.model import ModelConfig, Transformer, get_preset
-from nanoseek.model.linear import describe_packing
 
 
 def hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
@@ -172,10 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     auto = args.dtype == "auto"
     dtype = precision.inference_dtype(device, model.num_params()) if auto else getattr(torch, args.dtype)
     model = model.to(dtype).eval()
-    packing = describe_packing(model)
-    print(precision.describe_inference(device, dtype) + (" (auto)" if auto else " (--dtype)"), flush=True)
-    if packing:
-        print(packing, flush=True)
+    print(describe_precision(model, device, "auto" if auto else "--dtype"), flush=True)
     hf_dtypes = [dtype] if device.type == "cuda" else list(dict.fromkeys([torch.float32, dtype]))
     if args.hf_dtypes:
         hf_dtypes = [getattr(torch, d.strip()) for d in args.hf_dtypes.split(",")]

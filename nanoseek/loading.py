@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from nanoseek import precision
 from nanoseek.errors import InputError, missing
 from nanoseek.interop.hf import load_hf_model
 from nanoseek.interop.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapters, read_adapter_config
 from nanoseek.model import Transformer, load_model
+from nanoseek.model.linear import describe_packing
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -119,9 +121,6 @@ def load_for_inference(
     float32 and is cast to `precision.inference_dtype`'s choice for its size (bf16 on a CPU with native bf16 once
     the float32 weights outgrow its cache; the benchmarks' choice too). Returns (model, tokenizer, line): the line
     says so when that cast happened, to print at the start; '' otherwise."""
-    from nanoseek import precision
-    from nanoseek.model.linear import describe_packing
-
     device = pick_device(device) if isinstance(device, str) else device
     model, tokenizer = load_checkpoint(path, device, dtype)
     if dtype is not None or device.type != "cpu":
@@ -129,10 +128,15 @@ def load_for_inference(
     chosen = precision.inference_dtype(device, model.num_params())  # needs the parameter count: after the load
     if chosen == torch.float32:
         return model, tokenizer, ""
-    model.to(chosen)
+    return model, tokenizer, describe_precision(model.to(chosen), device, "auto")
+
+
+def describe_precision(model: Transformer, device: torch.device, how: str) -> str:
+    """The line a command or benchmark prints at its start: the model's dtype, why (`how`: auto or the flag that
+    set it), and whether its bf16 weights multiply through prepacked copies."""
     packing = describe_packing(model)
-    line = precision.describe_inference(device, chosen) + " (auto)"
-    return model, tokenizer, f"{line}; {packing}" if packing else line
+    line = precision.describe_inference(device, model.embed.weight.dtype) + f" ({how})"
+    return f"{line}; {packing}" if packing else line
 
 
 def adapter_base(directory: Path) -> Path:
