@@ -128,7 +128,8 @@ def load_for_inference(
     chosen = precision.inference_dtype(device, model.num_params())  # needs the parameter count: after the load
     if chosen == torch.float32:
         return model, tokenizer, ""
-    return model, tokenizer, describe_precision(model.to(chosen), device, "auto")
+    model.to(chosen)
+    return model, tokenizer, describe_precision(model, device, "auto")
 
 
 def describe_precision(model: Transformer, device: torch.device, how: str) -> str:
