@@ -136,7 +136,7 @@ def describe_precision(model: Transformer, device: torch.device, how: str) -> st
     """The line a command or benchmark prints at its start: the model's dtype, why (`how`: auto or the flag that
     set it), and whether its bf16 weights multiply through prepacked copies."""
     packing = describe_packing(model)
-    line = precision.describe_inference(device, model.embed.weight.dtype) + f" ({how})"
+    line = precision.describe_inference(device, model.output_weight.dtype) + f" ({how})"
     return f"{line}; {packing}" if packing else line
 
 
