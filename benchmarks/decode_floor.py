@@ -44,6 +44,7 @@ from generate import hf_model  # benchmarks/generate.py: transformers with our p
 
 from nanoseek import precision
 from nanoseek.engine import Engine, SamplingParams, compiled
+from nanoseek.errors import InputError
 from nanoseek.loading import describe_precision
 from nanoseek.model import Transformer, get_preset
 from nanoseek.model.config import ModelConfig
@@ -125,16 +126,26 @@ def main(argv: list[str] | None = None) -> int:
         batch_sizes = [int(b) for b in sizes.split(",")]
     except ValueError:
         p.error(f"--batch-sizes {sizes!r}: expected comma-separated integers")
-    new_tokens = args.new_tokens or (16 if args.quick else 64)
-    rounds = args.rounds or (2 if args.quick else 7)
-    for name, value in (("--prompt-len", args.prompt_len), ("--new-tokens", new_tokens), ("--rounds", rounds)):
-        if value < 1:
-            p.error(f"{name} {value}: must be >= 1")
-    if new_tokens < 2 or args.product_calls < 1 or min(batch_sizes) < 1:
-        p.error("--new-tokens must be >= 2, --product-calls and every batch size >= 1")
+    if min(batch_sizes) < 1:
+        p.error(f"--batch-sizes {sizes!r}: every batch size must be >= 1")
+    new_tokens = (16 if args.quick else 64) if args.new_tokens is None else args.new_tokens
+    rounds = (2 if args.quick else 7) if args.rounds is None else args.rounds
+    for flag, value, least in (
+        ("--prompt-len", args.prompt_len, 1),
+        ("--new-tokens", new_tokens, 2),  # the floor's steps are new tokens - 1
+        ("--rounds", rounds, 1),
+        ("--product-calls", args.product_calls, 1),
+    ):
+        if value < least:
+            p.error(f"{flag} {value}: must be >= {least}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = get_preset(preset, max_seq_len=max(args.prompt_len + new_tokens, get_preset(preset).max_seq_len))
+    try:
+        cfg = get_preset(preset, max_seq_len=max(args.prompt_len + new_tokens, get_preset(preset).max_seq_len))
+    except InputError as e:
+        p.error(f"--preset: {e}")
     if cfg.is_moe or cfg.attn_type != "gqa":
         p.error(f"--preset {preset}: dense GQA presets only (a MoE step's bytes depend on its routing)")
 

@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoseek import precision
 from nanoseek.engine import Engine, SamplingParams, compiled
+from nanoseek.errors import InputError
 from nanoseek.loading import describe_precision
 from nanoseek.model import ModelConfig, Transformer, get_preset
 
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: must be >= 1")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,11 +163,23 @@ def main(argv: list[str] | None = None) -> int:
         preset = "tiny"
     if args.quick and preset.startswith("small"):
         preset = preset.replace("small", "tiny")
-    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,4,16" if args.quick else "1,32,128")).split(",")]
-    prompt_len = args.prompt_len or (16 if args.quick else 64)
-    new_tokens = args.new_tokens or (32 if args.quick else 256)
+    sizes = args.batch_sizes or ("1,4,16" if args.quick else "1,32,128")
+    try:
+        batch_sizes = [int(b) for b in sizes.split(",")]
+    except ValueError:
+        p.error(f"--batch-sizes {sizes!r}: expected comma-separated integers")
+    if min(batch_sizes) < 1:
+        p.error(f"--batch-sizes {sizes!r}: every batch size must be >= 1")
+    prompt_len = (16 if args.quick else 64) if args.prompt_len is None else args.prompt_len
+    new_tokens = (32 if args.quick else 256) if args.new_tokens is None else args.new_tokens
+    for flag, value in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens)):
+        if value < 1:
+            p.error(f"{flag} {value}: must be >= 1")
     max_seq_len = prompt_len + new_tokens
-    cfg = get_preset(preset, max_seq_len=max(max_seq_len, get_preset(preset).max_seq_len))
+    try:
+        cfg = get_preset(preset, max_seq_len=max(max_seq_len, get_preset(preset).max_seq_len))
+    except InputError as e:
+        p.error(f"--preset: {e}")
 
     torch.manual_seed(0)
     with torch.device(device):
