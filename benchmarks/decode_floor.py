@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate import hf_model  # benchmarks/generate.py: transformers with our preset's shapes
+from generate import batch_sizes_arg, hf_model  # benchmarks/generate.py: the peer with our preset's shapes
 
 from nanoseek import precision
 from nanoseek.engine import Engine, SamplingParams, compiled
@@ -121,13 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: a smoke run")
     args = p.parse_args(argv)
     preset = args.preset or ("tiny" if args.quick else "small")
-    sizes = args.batch_sizes or ("1,4" if args.quick else "1,8")
-    try:
-        batch_sizes = [int(b) for b in sizes.split(",")]
-    except ValueError:
-        p.error(f"--batch-sizes {sizes!r}: expected comma-separated integers")
-    if min(batch_sizes) < 1:
-        p.error(f"--batch-sizes {sizes!r}: every batch size must be >= 1")
+    batch_sizes = batch_sizes_arg(p, args.batch_sizes or ("1,4" if args.quick else "1,8"))
     new_tokens = (16 if args.quick else 64) if args.new_tokens is None else args.new_tokens
     rounds = (2 if args.quick else 7) if args.rounds is None else args.rounds
     for flag, value, least in (

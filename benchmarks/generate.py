@@ -106,6 +106,17 @@ def hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     return model.to(dtype).eval()
 
 
+def batch_sizes_arg(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """--batch-sizes as positive integers; otherwise the parser's one-line error (exit 2)."""
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        parser.error(f"--batch-sizes {text!r}: expected comma-separated integers")
+    if min(sizes) < 1:
+        parser.error(f"--batch-sizes {text!r}: every batch size must be >= 1")
+    return sizes
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -163,13 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         preset = "tiny"
     if args.quick and preset.startswith("small"):
         preset = preset.replace("small", "tiny")
-    sizes = args.batch_sizes or ("1,4,16" if args.quick else "1,32,128")
-    try:
-        batch_sizes = [int(b) for b in sizes.split(",")]
-    except ValueError:
-        p.error(f"--batch-sizes {sizes!r}: expected comma-separated integers")
-    if min(batch_sizes) < 1:
-        p.error(f"--batch-sizes {sizes!r}: every batch size must be >= 1")
+    batch_sizes = batch_sizes_arg(p, args.batch_sizes or ("1,4,16" if args.quick else "1,32,128"))
     prompt_len = (16 if args.quick else 64) if args.prompt_len is None else args.prompt_len
     new_tokens = (32 if args.quick else 256) if args.new_tokens is None else args.new_tokens
     for flag, value in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens)):
