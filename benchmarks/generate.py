@@ -13,11 +13,15 @@ QK-norm, softmax routing and a d_model-wide shared-expert gate per layer, which 
 the same). It runs with its default dynamic cache and with cache_implementation="static"
 (on CUDA, transformers compiles the static-cache decode step itself: slow to warm up, so last).
 Each configuration runs once to warm up (CUDA graph capture, compilation; nanoseek's batch of one on CPU until
-its own graph is compiled, `engine.compiled.ONE_ROW_GRAPH_AFTER`), then `--repeats` timed
-calls (default 3), nanoseek's and transformers' alike; the row reports the median call (a single call
-of a fraction of a second moved by up to 1.8x between runs on a shared 2-core VM; docs/LOG.md,
-2026-12-02, sixth session). Output tokens/s = batch x new tokens / wall time of the whole call
-(prefill included).
+its own graph is compiled, `engine.compiled.ONE_ROW_GRAPH_AFTER`), then `--repeats` rounds (default 3): each
+round times one call of every configuration, nanoseek's and transformers' alike, the order reversed every other
+round; on a CPU each timed call follows an untimed one of the same configuration, so it runs in its own steady
+state (caches warm with its weights), not in the state the other configuration's call left. A row reports its
+median call; `vs_best_transformers` is, per batch size, the median over rounds of
+nanoseek's rate over the best transformers configuration's in the same round (`vs_best_transformers_rounds`
+lists them). Rounds, because the speed of a shared 2-core VM drifts by up to 2x within minutes, and timing one
+side's calls minutes after the other's moved the ratio with it (docs/LOG.md, 2026-12-03, fifteenth session).
+Output tokens/s = batch x new tokens / wall time of the whole call (prefill included).
 
 Precision: nanoseek runs `--dtype` (auto: nanoseek.precision's choice, printed at the start: bf16
 on CUDA, and on a CPU with native bf16 for models large enough to gain; else float32).
@@ -30,9 +34,9 @@ weights, KV cache, graph pools and the run's activations); on CPU, the process's
 set size (it only grows). `cuda_graphs` (per nanoseek row and in the summary) says whether the
 engine's decode steps replayed CUDA graphs, and if not, why (`disabled_reason`).
 
-After every configuration a JSON line with every figure so far is printed ("complete": false),
+After the warm-ups and after every round a JSON line with every figure so far is printed ("complete": false),
 so a run cut by a timeout still ends with one; the last line has "complete": true. A configuration
-that fails (out of memory, an unsupported option) goes to "errors" and the next one runs.
+that fails (out of memory, an unsupported option) goes to "errors" and the others run on.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -122,22 +128,45 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device: torch.device, repeats: int = 1) -> tuple[float, float, object]:
-    """(median seconds of `repeats` calls, peak memory MiB, the last call's result) of fn()."""
-    times = []
+@dataclass
+class Contestant:
+    """One configuration (an implementation at a batch size): its call, the check of its output, its timings."""
+
+    impl: str
+    batch: int
+    call: Callable[[], object]
+    check: Callable[[object], None]
+    extra: dict
+    times: list[float] = field(default_factory=list)
+    peak_mb: float = 0.0
+    failed: bool = False
+
+
+def timed_call(c: Contestant, device: torch.device) -> tuple[float, float]:
+    """(seconds, peak memory MiB) of one call of c, its output checked."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    sync(device)
+    start = time.perf_counter()
+    out = c.call()
+    sync(device)
+    elapsed = time.perf_counter() - start
+    c.check(out)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return statistics.median(times), peak, result
+    return elapsed, peak
+
+
+def check_engine(out, new_tokens: int) -> None:
+    if not all(len(c[0].token_ids) == new_tokens for c in out):
+        raise RuntimeError("a sequence stopped early")
+
+
+def check_hf(out, length: int) -> None:
+    if out.shape[1] != length:
+        raise RuntimeError("a sequence stopped early")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,24 +228,46 @@ def main(argv: list[str] | None = None) -> int:
     compile_engine = {"on": True, "off": False, "auto": None}[args.compile]
     gen = torch.Generator().manual_seed(0)
     all_prompts = torch.randint(0, cfg.vocab_size, (max(batch_sizes), prompt_len), generator=gen)
-    results = []
-
     errors: list[dict] = []
     graph_status: dict[str, dict] = {}
     compiled_status: dict[str, object] = {}
     hf_params = None
+    contestants: list[Contestant] = []
 
-    def vs_best_transformers() -> dict[int, float]:
-        """nanoseek tokens/s / the best transformers row's, per batch size measured by both."""
-        ours = {r["batch"]: r["tokens_per_s"] for r in results if r["impl"] == "nanoseek"}
-        best: dict[int, float] = {}
-        for r in results:
-            if r["impl"].startswith("transformers"):
-                best[r["batch"]] = max(best.get(r["batch"], 0.0), r["tokens_per_s"])
-        return {b: round(ours[b] / best[b], 2) for b in ours if best.get(b)}
+    def results() -> list[dict]:
+        """A row per configuration timed so far: its median call."""
+        rows = []
+        for c in contestants:
+            if c.times:
+                elapsed = statistics.median(c.times)
+                rows.append(
+                    dict(
+                        impl=c.impl,
+                        batch=c.batch,
+                        elapsed_s=round(elapsed, 4),
+                        tokens_per_s=round(c.batch * new_tokens / elapsed, 1),
+                        peak_mem_mb=round(c.peak_mb, 1),
+                        **c.extra,
+                    )
+                )
+        return rows
+
+    def ratio_rounds() -> dict[int, list[float]]:
+        """Per batch size, nanoseek's rate over the best transformers configuration's in each round."""
+        out: dict[int, list[float]] = {}
+        for batch in batch_sizes:
+            ours = next((c for c in contestants if c.impl == "nanoseek" and c.batch == batch and c.times), None)
+            peers = [c for c in contestants if c.impl.startswith("transformers") and c.batch == batch and c.times]
+            if ours is None or not peers:
+                continue
+            rounds = min(len(c.times) for c in (ours, *peers))
+            out[batch] = [min(c.times[r] for c in peers) / ours.times[r] for r in range(rounds)]
+        return out
 
     def report(complete: bool) -> None:
-        """The JSON line with every figure so far (printed after each configuration)."""
+        """The JSON line with every figure so far (printed after the warm-ups and after each round)."""
+        rows = results()
+        ratios = ratio_rounds()
         summary = dict(
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             dtype=str(dtype).removeprefix("torch."),
@@ -231,31 +282,15 @@ def main(argv: list[str] | None = None) -> int:
             repeats=args.repeats,
             cuda_graphs=graph_status.get("nanoseek"),
             compiled=compiled_status,
-            results=results,
-            vs_best_transformers=vs_best_transformers(),
+            results=rows,
+            vs_best_transformers={b: round(statistics.median(r), 2) for b, r in ratios.items()},
+            vs_best_transformers_rounds={b: [round(x, 2) for x in r] for b, r in ratios.items()},
             errors=errors,
-            peak_memory_mb=round(max((r["peak_mem_mb"] for r in results), default=0.0), 1),
+            peak_memory_mb=round(max((r["peak_mem_mb"] for r in rows), default=0.0), 1),
             peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
             complete=complete,
         )
         print(json.dumps(summary), flush=True)
-
-    def record(impl: str, batch: int, elapsed: float, peak: float, generated: int, **extra) -> None:
-        row = dict(
-            impl=impl,
-            batch=batch,
-            elapsed_s=round(elapsed, 4),
-            tokens_per_s=round(generated / elapsed, 1),
-            peak_mem_mb=round(peak, 1),
-            **extra,
-        )
-        results.append(row)
-        print(
-            f"{impl:>22} batch {batch:>4}: {row['tokens_per_s']:>10.1f} tok/s  {elapsed:8.3f} s  "
-            f"peak {row['peak_mem_mb']:9.1f} MiB" + "".join(f"  {k} {v}" for k, v in extra.items()),
-            flush=True,
-        )
-        report(complete=False)
 
     def failed(impl: str, batch: int, e: BaseException) -> None:
         message = f"{type(e).__name__}: {str(e).strip()[:500]}"
@@ -263,42 +298,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{impl:>22} batch {batch:>4}: FAILED {message}", file=sys.stderr, flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        report(complete=False)
 
-    # --- the engine (eagerly too on CUDA, to show what the graphs buy)
+    # --- warm-ups: every configuration once (the engine eagerly too on CUDA, to show what the graphs buy)
     variants = [("nanoseek", True)] + ([("nanoseek (no graphs)", False)] if device.type == "cuda" else [])
+    engines = []
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     for name, graphs in variants:
-        engine = Engine(
-            model, max_batch=max(batch_sizes), max_seq_len=max_seq_len, use_cuda_graphs=graphs, compile=compile_engine
-        )
-        params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
         for batch in batch_sizes:
-            prompts = all_prompts[:batch].tolist()
+            # An engine per batch size, all of the same size: a lone sequence keeps its own graph between rounds
+            # (a batch in between would end its run of one-row steps, `compiled.ONE_ROW_GRAPH_AFTER`).
+            engine = Engine(
+                model,
+                max_batch=max(batch_sizes),
+                max_seq_len=max_seq_len,
+                use_cuda_graphs=graphs,
+                compile=compile_engine,
+            )
+            engines.append(engine)
+            call = partial(engine.generate, all_prompts[:batch].tolist(), params)
             try:
                 warmup = time.perf_counter()
                 # Warm-up: captures the graphs / compiles what this shape needs. A single sequence decoding alone
                 # gets its own compiled graph after ONE_ROW_GRAPH_AFTER steps in a row: warm up past them.
                 steps = compiled.ONE_ROW_GRAPH_AFTER + 1 if batch == 1 and engine.compile_after is not None else 0
                 for _ in range(1 + -(-steps // new_tokens)):
-                    engine.generate(prompts, params)
+                    check_engine(call(), new_tokens)
                 warmup = time.perf_counter() - warmup
-                elapsed, peak, out = measure(partial(engine.generate, prompts, params), device, args.repeats)
-                assert all(len(c[0].token_ids) == new_tokens for c in out), "a sequence stopped early"
-            except Exception as e:  # reported in the JSON; the next configuration runs
+            except Exception as e:  # reported in the JSON; the other configurations run
                 failed(name, batch, e)
                 continue
             graph_status[name] = status = engine.cuda_graph_status()
-            used = status["enabled"] and status["captured"] > 0  # decode steps replayed captured graphs
-            extra = dict(cuda_graphs=used)
+            extra: dict[str, object] = dict(dtype=str(dtype).removeprefix("torch."))
             if device.type == "cpu":
                 compiled_status.update(compiled=engine.compiling, failure=compiled.COMPILED.failure)
-                extra = dict(compiled=engine.compiling, warmup_s=round(warmup, 2))
-            record(name, batch, elapsed, peak, batch * new_tokens, dtype=str(dtype).removeprefix("torch."), **extra)
-        engine.release()
+                extra.update(compiled=engine.compiling, warmup_s=round(warmup, 2))
+            else:
+                extra.update(cuda_graphs=status["enabled"] and status["captured"] > 0)  # steps replayed graphs
+            contestants.append(Contestant(name, batch, call, partial(check_engine, new_tokens=new_tokens), extra))
 
-    # --- transformers
+    hf_models = []  # held until the end: every configuration is timed in every round
     for hf_dtype in [] if args.no_hf else hf_dtypes:
         hf = hf_model(cfg, device, hf_dtype)
+        hf_models.append(hf)
         hf_params = sum(p.numel() for p in hf.parameters())
         for cache in (None, "static"):
             name = "transformers" + (" static" if cache else " dynamic")
@@ -315,19 +356,52 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if cache:
                     kwargs["cache_implementation"] = cache
+                call = partial(hf.generate, ids, **kwargs)
+                check = partial(check_hf, length=prompt_len + new_tokens)
                 try:
                     with torch.inference_mode():
-                        hf.generate(ids, **kwargs)  # warm-up
-                        elapsed, peak, out = measure(partial(hf.generate, ids, **kwargs), device, args.repeats)
-                    assert out.shape[1] == prompt_len + new_tokens, "a sequence stopped early"
-                except Exception as e:  # reported in the JSON; the next configuration runs
+                        check(call())
+                except Exception as e:  # reported in the JSON; the other configurations run
                     failed(name, batch, e)
                     continue
-                record(name, batch, elapsed, peak, batch * new_tokens)
-        del hf
+                contestants.append(Contestant(name, batch, call, check, {}))
+    report(complete=False)
 
-    for batch, ratio in vs_best_transformers().items():
-        print(f"batch {batch:>4}: nanoseek / best transformers = {ratio:.2f}x", flush=True)
+    # --- the timed rounds: one call of every configuration per round, the order reversed every other round
+    for r in range(args.repeats):
+        for c in contestants if r % 2 == 0 else contestants[::-1]:
+            if c.failed:
+                continue
+            try:
+                with torch.inference_mode():
+                    if device.type == "cpu":  # untimed: back in its own steady state after the other's call
+                        c.call()
+                    elapsed, peak = timed_call(c, device)
+            except Exception as e:  # this configuration stops; the others run on
+                c.failed = True
+                failed(c.impl, c.batch, e)
+                continue
+            c.times.append(elapsed)
+            c.peak_mb = max(c.peak_mb, peak)
+        report(complete=False)
+    for engine in engines:
+        engine.release()
+    del hf_models
+
+    for row in results():
+        (_, impl), (_, batch), (_, elapsed), (_, rate), (_, peak_mb), *extra = row.items()
+        print(
+            f"{impl:>22} batch {batch:>4}: {rate:>10.1f} tok/s  {elapsed:8.3f} s  peak {peak_mb:9.1f} MiB"
+            + "".join(f"  {k} {v}" for k, v in extra),
+            flush=True,
+        )
+    for batch, ratios in ratio_rounds().items():
+        rounds = ", ".join(f"{x:.2f}" for x in ratios)
+        print(
+            f"batch {batch:>4}: nanoseek / best transformers = {statistics.median(ratios):.2f}x "
+            f"(median of {len(ratios)} rounds: {rounds})",
+            flush=True,
+        )
     report(complete=True)
     return 0
 
