@@ -40,8 +40,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate import batch_sizes_arg, hf_model  # benchmarks/generate.py: the peer with our preset's shapes
-
+from benchmarks.generate import batch_sizes_arg, hf_model  # the peer with our preset's shapes
 from nanoseek import precision
 from nanoseek.engine import Engine, SamplingParams, compiled
 from nanoseek.errors import InputError

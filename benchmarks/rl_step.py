@@ -213,17 +213,13 @@ def bench_trl(
             f"note: TRL is not installed ({e}); reporting nanoseek only (pip install trl to compare)", file=sys.stderr
         )
         return {"skipped": f"trl not installed: {e}"}
-    import importlib.util
-
     import transformers
     from datasets import Dataset
 
-    # The transformers model of the same shape, built offline by the generation benchmark's helper.
-    spec = importlib.util.spec_from_file_location("nanoseek_bench_generate", Path(__file__).with_name("generate.py"))
-    gen_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen_bench)
+    from benchmarks.generate import hf_model  # the transformers model of the same shape, built offline
+
     torch.manual_seed(0)
-    model = gen_bench.hf_model(cfg, device, torch.float32)
+    model = hf_model(cfg, device, torch.float32)
     hf_tok = transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(tok_dir / "tokenizer.json"), eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token
     )
