@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes for a CPU smoke run")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (the median is reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (one call of every configuration each)")
     p.add_argument("--dtype", default="auto", help="nanoseek's weights: auto (nanoseek.precision), float32, bfloat16")
     p.add_argument("--hf-dtypes", default=None, help="transformers' weights, comma-separated (default: see above)")
     p.add_argument(
