@@ -16,8 +16,9 @@ moment: where 3x the peer's rate is above it, a 3x goal is out of reach there.
 Why interleaved: the 2-core VM's memory rate moves by up to 2x within minutes (`small`'s products at one row took
 3.8 to 9.5 ms a step in one session), and the peer's and nanoseek's rates with it. Each round measures, for each
 batch size, transformers' `generate` (dynamic and static cache, in nanoseek's dtype; the best of the two is "peer"),
-nanoseek's engine (the compiled decode step, as `generate.py` runs it) and the products, back to back, and every
-ratio is taken within a round; the summary gives the median round and the range.
+nanoseek's engine (the compiled decode step, an engine per batch size, as `generate.py` runs it) and the products,
+back to back, each timed call after an untimed one of its own, and every ratio is taken within a round; the
+summary gives the median round and the range.
 
 Dense GQA presets only (a MoE step's bytes depend on its routing; transformers has no MLA peer here). The last line
 is a JSON object: rounds, and per batch size the medians and ranges of tokens/s and of the ratios.
@@ -153,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     print(f"{preset}: {len(weights)} weight matrices, {weight_bytes / 1e6:.1f} MB read per step", flush=True)
     hf = hf_model(cfg, device, dtype)
-    engine = Engine(model, max_batch=max(batch_sizes), max_seq_len=args.prompt_len + new_tokens, compile=True)
+    # An engine per batch size, all of the same size, as generate.py has: a lone sequence keeps its own graph.
+    engines = {
+        b: Engine(model, max_batch=max(batch_sizes), max_seq_len=args.prompt_len + new_tokens, compile=True)
+        for b in batch_sizes
+    }
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     prompts = torch.randint(0, cfg.vocab_size, (max(batch_sizes), args.prompt_len))
     steps = {b: products(weights, b) for b in batch_sizes}
@@ -167,8 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
 
     def ours(batch: int) -> None:
-        out = engine.generate(prompts[:batch].tolist(), params)
+        out = engines[batch].generate(prompts[:batch].tolist(), params)
         assert all(len(c[0].token_ids) == new_tokens for c in out), "a sequence stopped early"
+
+    def rate(fn: Callable[[], object], tokens: int) -> float:
+        """tokens / seconds of one call of fn, after an untimed one (its own steady state, not the last call's)."""
+        fn()
+        return tokens / seconds(fn)
 
     with torch.inference_mode():
         start = time.perf_counter()
@@ -176,13 +186,14 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(1 + (-(-(compiled.ONE_ROW_GRAPH_AFTER + 1) // new_tokens) if b == 1 else 0)):
                 ours(b)
             peer(b, None), peer(b, "static"), steps[b](), prefills[b][0]()
-        print(f"warm-up {time.perf_counter() - start:.1f} s; compiled: {engine.compiling}", flush=True)
+        compiling = all(e.compiling for e in engines.values())
+        print(f"warm-up {time.perf_counter() - start:.1f} s; compiled: {compiling}", flush=True)
         measured = []
         for r in range(rounds):
             for b in batch_sizes:
                 tokens = b * new_tokens
-                peer_rate = max(tokens / seconds(partial(peer, b, cache)) for cache in (None, "static"))
-                ours_rate = tokens / seconds(partial(ours, b))
+                peer_rate = max(rate(partial(peer, b, cache), tokens) for cache in (None, "static"))
+                ours_rate = rate(partial(ours, b), tokens)
                 step_s = seconds(steps[b], args.product_calls)
                 prefill_s = seconds(prefills[b][0]) + seconds(prefills[b][1])
                 floor_rate = tokens / (prefill_s + (new_tokens - 1) * step_s)
