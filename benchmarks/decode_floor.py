@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.generate import batch_sizes_arg, hf_model  # the peer with our preset's shapes
+from benchmarks.generate import batch_sizes_arg, check_engine, hf_model  # the peer with our preset's shapes
 from nanoseek import precision
 from nanoseek.engine import Engine, SamplingParams, compiled
 from nanoseek.errors import InputError
@@ -172,13 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
 
     def ours(batch: int) -> None:
-        out = engines[batch].generate(prompts[:batch].tolist(), params)
-        assert all(len(c[0].token_ids) == new_tokens for c in out), "a sequence stopped early"
+        check_engine(engines[batch].generate(prompts[:batch].tolist(), params), new_tokens)
 
-    def rate(fn: Callable[[], object], tokens: int) -> float:
-        """tokens / seconds of one call of fn, after an untimed one (its own steady state, not the last call's)."""
+    def warm_seconds(fn: Callable[[], object]) -> float:
+        """Seconds of one call of fn, after an untimed one (its own steady state, not the last call's)."""
         fn()
-        return tokens / seconds(fn)
+        return seconds(fn)
 
     with torch.inference_mode():
         start = time.perf_counter()
@@ -192,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(rounds):
             for b in batch_sizes:
                 tokens = b * new_tokens
-                peer_rate = max(rate(partial(peer, b, cache), tokens) for cache in (None, "static"))
-                ours_rate = rate(partial(ours, b), tokens)
+                peer_rate = max(tokens / warm_seconds(partial(peer, b, cache)) for cache in (None, "static"))
+                ours_rate = tokens / warm_seconds(partial(ours, b))
                 step_s = seconds(steps[b], args.product_calls)
-                prefill_s = seconds(prefills[b][0]) + seconds(prefills[b][1])
+                prefill_s = warm_seconds(prefills[b][0]) + warm_seconds(prefills[b][1])
                 floor_rate = tokens / (prefill_s + (new_tokens - 1) * step_s)
                 row = dict(
                     round=r,
