@@ -41,9 +41,9 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.generate import batch_sizes_arg, check_engine, hf_model  # the peer with our preset's shapes
+from benchmarks.generate import batch_sizes_arg, check_engine, check_hf, hf_call, hf_model, warmup_calls
 from nanoseek import precision
-from nanoseek.engine import Engine, SamplingParams, compiled
+from nanoseek.engine import Engine, SamplingParams
 from nanoseek.errors import InputError
 from nanoseek.loading import describe_precision
 from nanoseek.model import Transformer, get_preset
@@ -164,12 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = {b: products(weights, b) for b in batch_sizes}
     prefills = {b: (products(blocks, b * args.prompt_len), products([output], b)) for b in batch_sizes}
 
+    peers = {(b, cache): hf_call(hf, prompts[:b], new_tokens, cache) for b in batch_sizes for cache in (None, "static")}
+
     def peer(batch: int, cache: str | None) -> None:
-        ids = prompts[:batch]
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        if cache:
-            kwargs["cache_implementation"] = cache
-        hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        check_hf(peers[batch, cache](), length=args.prompt_len + new_tokens)
 
     def ours(batch: int) -> None:
         check_engine(engines[batch].generate(prompts[:batch].tolist(), params), new_tokens)
@@ -181,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.inference_mode():
         start = time.perf_counter()
-        for b in batch_sizes:  # warm-up: compiles; a lone sequence's own graph comes after ONE_ROW_GRAPH_AFTER steps
-            for _ in range(1 + (-(-(compiled.ONE_ROW_GRAPH_AFTER + 1) // new_tokens) if b == 1 else 0)):
+        for b in batch_sizes:  # warm-up: compiles; a lone sequence gets its own graph
+            for _ in range(warmup_calls(engines[b], b, new_tokens)):
                 ours(b)
             peer(b, None), peer(b, "static"), steps[b](), prefills[b][0]()
         compiling = all(e.compiling for e in engines.values())

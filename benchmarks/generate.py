@@ -159,6 +159,28 @@ def timed_call(c: Contestant, device: torch.device) -> tuple[float, float]:
     return elapsed, peak
 
 
+def warmup_calls(engine: Engine, batch: int, new_tokens: int) -> int:
+    """Untimed calls that bring an engine to its steady state at this batch size: one, or for a single sequence
+    on a compiling CPU engine enough to pass ONE_ROW_GRAPH_AFTER steps in a row (it then gets its own graph)."""
+    steps = compiled.ONE_ROW_GRAPH_AFTER + 1 if batch == 1 and engine.compile_after is not None else 0
+    return 1 + -(-steps // new_tokens)
+
+
+def hf_call(hf, ids: torch.Tensor, new_tokens: int, cache: str | None) -> Callable[[], torch.Tensor]:
+    """transformers' `generate` as the peer runs: greedy, exactly new_tokens new tokens, its default dynamic cache
+    or `cache` ("static")."""
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    if cache:
+        kwargs["cache_implementation"] = cache
+    return partial(hf.generate, ids, **kwargs)
+
+
 def check_engine(out, new_tokens: int) -> None:
     if not all(len(c[0].token_ids) == new_tokens for c in out):
         raise RuntimeError("a sequence stopped early")
@@ -318,10 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             call = partial(engine.generate, all_prompts[:batch].tolist(), params)
             try:
                 warmup = time.perf_counter()
-                # Warm-up: captures the graphs / compiles what this shape needs. A single sequence decoding alone
-                # gets its own compiled graph after ONE_ROW_GRAPH_AFTER steps in a row: warm up past them.
-                steps = compiled.ONE_ROW_GRAPH_AFTER + 1 if batch == 1 and engine.compile_after is not None else 0
-                for _ in range(1 + -(-steps // new_tokens)):
+                for _ in range(warmup_calls(engine, batch, new_tokens)):  # captures graphs / compiles
                     check_engine(call(), new_tokens)
                 warmup = time.perf_counter() - warmup
             except Exception as e:  # reported in the JSON; the other configurations run
@@ -346,17 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(hf_dtypes) > 1:
                 name += " " + str(hf_dtype).removeprefix("torch.").replace("bfloat16", "bf16")
             for batch in batch_sizes:
-                ids = all_prompts[:batch].to(device)
-                kwargs = dict(
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-                if cache:
-                    kwargs["cache_implementation"] = cache
-                call = partial(hf.generate, ids, **kwargs)
+                call = hf_call(hf, all_prompts[:batch].to(device), new_tokens, cache)
                 check = partial(check_hf, length=prompt_len + new_tokens)
                 try:
                     with torch.inference_mode():
