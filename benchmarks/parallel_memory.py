@@ -208,8 +208,7 @@ def main() -> None:
     if topo.is_main:
         print(json.dumps(result))
     distributed.barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.leave()
 
 
 if __name__ == "__main__":

@@ -149,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 def _leave_process_group() -> None:
     """Under torchrun, leave the process group on the way out (torch warns about one left behind)."""
     if "torch" in sys.modules:
-        import torch.distributed as dist
+        from nanoseek.train import distributed
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.leave()
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def main(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "layer.json").write_text(json.dumps(results, indent=1))
     distributed.barrier()
-    dist.destroy_process_group()
+    distributed.leave()
 
 
 if __name__ == "__main__":

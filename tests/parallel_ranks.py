@@ -103,6 +103,7 @@ def main(out: Path, checkpoint: Path, four: Path) -> None:
     pretrain_run("tiny-moe", four, world, ["train.expert_parallel=2"], micro=4, resume=True)
     rl_under_fsdp(out / "rl")
     rl_run(out / "rl_run", checkpoint)
+    distributed.leave()
 
 
 if __name__ == "__main__":

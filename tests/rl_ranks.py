@@ -111,6 +111,7 @@ def main(out: Path) -> None:
         save_file(weights, str(out / "weights.safetensors"))
         (out / "stats.json").write_text(json.dumps(stats))
     distributed.barrier()
+    distributed.leave()
 
 
 if __name__ == "__main__":

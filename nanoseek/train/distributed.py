@@ -80,6 +80,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave() -> None:
+    """Leave the process group on the way out (a no-op in a single process).
+
+    A process that exits with its gloo group alive can abort while the interpreter shuts down
+    ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489; it failed
+    tests/rl_ranks.py in CI once), and torch warns about a group left behind, so every program
+    that joined one ends here.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over ranks in place (a no-op in a single process); returns it."""
     if _spread():
