@@ -108,17 +108,21 @@ def rope_cos_sin(
 
 
 def rope_table(inv_freq: Tensor, attention_scaling: float, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """float32 cos, sin [length, dim/2] of positions 0..length-1, the values `rope_cos_sin` computes for them.
+    """float32 cos, sin [length, dim] of positions 0..length-1, the values `rope_cos_sin` computes for them.
 
     A table, not cos/sin of each step's positions: inside a compiled graph inductor recomputes the cos and sin
     in every kernel that reads them (each layer's q and k), which cost the tiny preset's decode step a quarter
-    of its time (docs/LOG.md, 2026-12-02, eighth session); a lookup is a load."""
-    return _half_cos_sin(torch.arange(length, device=device), inv_freq, attention_scaling, torch.float32)
+    of its time (docs/LOG.md, 2026-12-02, eighth session); a lookup is a load. Full width, each half-width value
+    twice: from a [length, dim/2] table the lookup's index is `i % (dim/2)`, which inductor's C++ loops read one
+    number at a time, and it reads them once per key where the rotated query is recomputed inside the decode
+    attention's loop (docs/LOG.md, 2026-12-03, sixteenth session)."""
+    cos, sin = _half_cos_sin(torch.arange(length, device=device), inv_freq, attention_scaling, torch.float32)
+    return _rotate_half_layout(cos, sin, torch.float32)
 
 
 def rope_lookup(positions: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape [B, T, dim] for integer positions [B, T] from `rope_table`'s [length, dim/2]."""
-    return _rotate_half_layout(cos[positions], sin[positions], dtype)
+    """cos, sin of shape [B, T, dim] for integer positions [B, T] from `rope_table`'s [length, dim]."""
+    return cos[positions].to(dtype), sin[positions].to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

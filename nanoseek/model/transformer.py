@@ -105,7 +105,7 @@ class Transformer(nn.Module):
         return rope_lookup(positions, *self.rope_table(device, positions.shape[-1]), dtype)
 
     def rope_table(self, device: torch.device, length: int = 0) -> tuple[Tensor, Tensor]:
-        """float32 cos/sin [n, rope_dim/2] of positions 0..n-1 on `device`, n >= max(max_seq_len, length):
+        """float32 cos/sin [n, rope_dim] of positions 0..n-1 on `device`, n >= max(max_seq_len, length):
         another device's built on first use, any built again for a longer context or sequence. Call it
         eagerly after changing the context (`train.run.with_context`): built inside a compiled graph, the
         table would be that graph's output and the next call would recompile."""
