@@ -41,15 +41,21 @@ command_of() {
     esac
 }
 
+for part in $PARTS; do  # every name checked before anything runs
+    command_of "$part" >/dev/null || { echo "cpu_suite: unknown part: $part"; exit 2; }
+done
+
 {
     echo "cpu_suite $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') threads $THREADS"
-    lscpu 2>/dev/null | grep -E '^(Model name|CPU\(s\)|Flags)' | sed -E 's/^Flags:.*/flags: '"$(grep -o -w -E 'avx512_bf16|amx_bf16|avx512f' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ')"'/'
-    "$PY" -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)" 2>&1
+    lscpu 2>/dev/null | grep -E '^(Model name|CPU\(s\))'
+    "$PY" -c "import torch, transformers, trl; from nanoseek.precision import cpu_bf16_instructions as bf16
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)
+print('bf16 instructions:', bf16() or 'none')" 2>&1
     echo "other processes using the CPU now: $(ps -eo pcpu=,comm= | awk '$1 > 5' | wc -l)"
 } | tee "$OUT/suite.log"
 
 for part in $PARTS; do
-    cmd=$(command_of "$part") || { echo "unknown part: $part" | tee -a "$OUT/suite.log"; exit 2; }
+    cmd=$(command_of "$part")
     start=$SECONDS
     args=(--threads "$THREADS")
     [ "$part" = decode_floor ] || args=(--device cpu "${args[@]}")
