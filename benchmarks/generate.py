@@ -29,6 +29,8 @@ transformers runs every dtype of `--hf-dtypes` (default on CPU: float32 and nano
 its best setting is among the rows; `vs_best_transformers` in the summary divides nanoseek's
 tokens/s by the best transformers row at each batch size. On CPU nanoseek decodes through its
 torch.compile'd step (`--compile on`, the default; the warm-up run compiles, `warmup_s` shows it).
+The process keeps freed memory for reuse, as the `nanoseek` command does (`nanoseek.host`; process-wide, so for
+both sides; `malloc_keeps_freed` in the summary).
 Peak memory: torch.cuda.max_memory_allocated per run on CUDA (after reset_peak_memory_stats:
 weights, KV cache, graph pools and the run's activations); on CPU, the process's peak resident
 set size (it only grows). `cuda_graphs` (per nanoseek row and in the summary) says whether the
@@ -59,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoseek import precision
 from nanoseek.engine import Engine, SamplingParams, compiled
 from nanoseek.errors import InputError
+from nanoseek.host import keep_freed_memory
 from nanoseek.loading import describe_precision
 from nanoseek.model import ModelConfig, Transformer, get_preset
 
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept_freed = keep_freed_memory()  # as the `nanoseek` command does
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
@@ -301,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             new_tokens=new_tokens,
             batch_sizes=batch_sizes,
             threads=torch.get_num_threads(),
+            malloc_keeps_freed=kept_freed,
             repeats=args.repeats,
             cuda_graphs=graph_status.get("nanoseek"),
             compiled=compiled_status,

@@ -40,6 +40,8 @@ sixth session), and the update's gradient passes run a compiled forward (`update
 `nanoseek rl --set train.compile=true` does; both compile during the warm-up step. `compiled` in its figures
 says whether the engine did. `--compile auto`: the engine as `nanoseek rl` decides, the update eager (its
 default); `off`: neither compiled.
+The process keeps freed memory for reuse, as the `nanoseek` command does (`nanoseek.host`, process-wide, so for
+both sides; `malloc_keeps_freed` in the figures).
 nanoseek's `cuda_graphs` says whether its engine's decode steps replayed CUDA graphs (and if not,
 why). TRL is optional (pip install trl); without it, or if it fails, only nanoseek is reported.
 A JSON line with nanoseek's figures is printed before TRL runs ("complete": false), so a run cut
@@ -71,6 +73,7 @@ from nanoseek.config import RLConfig, TrainConfig
 from nanoseek.engine import Engine
 from nanoseek.engine.twin import rollout_policy, sync_rollout_policy
 from nanoseek.eval.runner import prompt_ids
+from nanoseek.host import keep_freed_memory
 from nanoseek.loading import pick_device
 from nanoseek.model import ModelConfig, Transformer, get_preset, install_balancing_hook
 from nanoseek.rewards import RewardSet
@@ -338,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
+    kept_freed = keep_freed_memory()  # as the `nanoseek` command does (nanoseek/host.py); for both sides
     cfg = get_preset(args.preset)
     if args.quick:
         cfg = cfg.replace(**QUICK_SHAPE)
@@ -363,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = dict(
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name})",
             threads=torch.get_num_threads() if device.type == "cpu" else None,
+            malloc_keeps_freed=kept_freed,
             torch=torch.__version__,
             preset=args.preset + (" (--quick shape)" if args.quick else ""),
             shape=dict(

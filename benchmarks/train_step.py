@@ -26,6 +26,9 @@ layers took the grouped-GEMM kernel (`moe_grouped_kernel`: on CUDA it needs bf16
 input; on CPU training always takes the padded bmm, `nanoseek.model.moe._kernel_ok`) and
 which experts implementation transformers used.
 
+The process keeps freed memory for reuse, as the `nanoseek` command does (`nanoseek.host`: glibc's thresholds,
+process-wide, so for both sides; `malloc_keeps_freed` in the JSON).
+
 Timing: --warmup untimed steps (the first compiles with --compile), then --steps steps, each bracketed by
 CUDA events on CUDA (host clock elsewhere). tokens/s = batch x seq-len / median step time. With --rounds R
 (default 6 with --quick, else 1) the peer shape runs R times per side, alternately (ABBA), each from fresh
@@ -53,6 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoseek.config import TrainConfig
+from nanoseek.host import keep_freed_memory
 from nanoseek.interop.hf_config import hf_config_to_model_config
 from nanoseek.loading import pick_device
 from nanoseek.model import PRESETS, ModelConfig, Transformer, get_preset, install_balancing_hook
@@ -351,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    kept_freed = keep_freed_memory()  # as the `nanoseek` command does (nanoseek/host.py); for both sides
     args.seq_len = args.seq_len or (64 if args.quick else 2048)
     args.batch_size = args.batch_size or (2 if args.quick else 8)
     # --quick steps take milliseconds: 2 timed steps (as before 2026-12) gave ratios off by 2x on a shared machine.
@@ -445,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile,
         quick=args.quick,
         threads=torch.get_num_threads() if device.type == "cpu" else None,
+        malloc_keeps_freed=kept_freed,
         amp_dtype=str(autocast_dtype(device)).removeprefix("torch."),
         cpu_bf16_instructions=cpu_bf16_instructions() if device.type == "cpu" else None,
         peak_tflops=peak / 1e12 if peak else None,

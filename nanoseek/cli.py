@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from nanoseek.errors import UserError
+    from nanoseek.host import keep_freed_memory
 
+    keep_freed_memory()  # a step's freed tensors stay in the process for the next step (nanoseek/host.py)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except UserError as e:
