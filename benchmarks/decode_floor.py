@@ -48,6 +48,7 @@ from nanoseek.errors import InputError
 from nanoseek.loading import describe_precision
 from nanoseek.model import Transformer, get_preset
 from nanoseek.model.config import ModelConfig
+from nanoseek.model.linear import packing_available
 
 
 def step_weights(model: Transformer) -> tuple[list[Tensor], Tensor]:
@@ -73,7 +74,7 @@ def products(weights: list[Tensor], rows: int) -> Callable[[], None]:
     larger products were the fastest arrangement measured (at one row 4.6 ms a step against 5.3 for the engine's
     stacking and 5.9 for one product a matrix), so the floor errs on the fast side. Each product is checked once
     against F.linear in float32."""
-    packable = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    packable = packing_available()  # as the engine's `linear` decides
     by_width: dict[int, list[Tensor]] = {}
     for w in weights:
         by_width.setdefault(w.shape[1], []).append(w.detach())

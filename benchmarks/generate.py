@@ -402,11 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         engine.release()
     del hf_models
 
+    table_keys = ("impl", "batch", "elapsed_s", "tokens_per_s", "peak_mem_mb")
     for row in results():
-        (_, impl), (_, batch), (_, elapsed), (_, rate), (_, peak_mb), *extra = row.items()
         print(
-            f"{impl:>22} batch {batch:>4}: {rate:>10.1f} tok/s  {elapsed:8.3f} s  peak {peak_mb:9.1f} MiB"
-            + "".join(f"  {k} {v}" for k, v in extra),
+            f"{row['impl']:>22} batch {row['batch']:>4}: {row['tokens_per_s']:>10.1f} tok/s  "
+            f"{row['elapsed_s']:8.3f} s  peak {row['peak_mem_mb']:9.1f} MiB"
+            + "".join(f"  {k} {v}" for k, v in row.items() if k not in table_keys),
             flush=True,
         )
     for batch, ratios in ratio_rounds().items():

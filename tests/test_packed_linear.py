@@ -15,7 +15,7 @@ from nanoseek.model import linear as L
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(not L._AVAILABLE, reason="torch without oneDNN's bf16 kernels on this processor"),
+    pytest.mark.skipif(not L.packing_available(), reason="torch without oneDNN's bf16 kernels on this processor"),
 ]
 
 

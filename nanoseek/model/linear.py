@@ -43,6 +43,13 @@ _AVAILABLE = (
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 )
+
+
+def packing_available() -> bool:
+    """Whether this torch and processor have oneDNN's prepacked bf16 product (False after it once failed)."""
+    return _AVAILABLE
+
+
 _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # first weight -> (key, packed copy, its bytes)
 _lock = threading.Lock()
 
