@@ -2,7 +2,7 @@
 # Issue 23's side by side on a CPU: nanoseek against transformers and TRL, the seven commands one after another
 # (never two at once: on a small machine they would share its cores), then one line per figure beside its goal.
 #
-#   bash benchmarks/cpu_suite.sh                        # ~10 minutes on the 2-core dev machine; OUT=cpu_out
+#   bash benchmarks/cpu_suite.sh                        # ~30 minutes on the 2-core dev machine; OUT=cpu_out
 #   PARTS="generate_small" bash benchmarks/cpu_suite.sh # some parts only (names below)
 #   THREADS=4 bash benchmarks/cpu_suite.sh              # torch threads per command (default: the cores, at most 2)
 #
