@@ -4,7 +4,7 @@ A training step on the CPU frees and allocates the same few hundred tensors ever
 itself, hands a freed block back to the kernel when it is larger than its (adaptive) mmap threshold, or when the
 free space at the top of its heap passes the trim threshold (twice the mmap threshold); the next step then
 faults every page of it in again, zero-filled by the kernel. Measured (docs/LOG.md, 2026-12-03, seventeenth
-session; 2-core VM): the tiny preset's pretraining step (16 x 256 tokens) took ~5,100 page faults a step, ~420
+session; 2-core VM): the tiny preset's pretraining step (16 x 256 tokens) took ~5,100 page faults a step, 180-420
 with the thresholds below; the MoE training step of `benchmarks/train_step.py --quick` ~800 and ~140
 (transformers' step ~10 either way), at ~1.3 us a fault here. Fixed thresholds keep freed blocks in the process
 for reuse: the resident memory stays near the step's peak instead of dropping between steps.
