@@ -18,7 +18,8 @@ Why interleaved: the 2-core VM's memory rate moves by up to 2x within minutes (`
 batch size, transformers' `generate` (dynamic and static cache, in nanoseek's dtype; the best of the two is "peer"),
 nanoseek's engine (the compiled decode step, an engine per batch size, as `generate.py` runs it) and the products,
 back to back, each timed call after an untimed one of its own, and every ratio is taken within a round; the
-summary gives the median round and the range.
+summary gives the median round and the range. The process keeps freed memory for reuse, as the `nanoseek` command
+does (`nanoseek.host`; process-wide, so for all three).
 
 Dense GQA presets only (a MoE step's bytes depend on its routing; transformers has no MLA peer here). The last line
 is a JSON object: rounds, and per batch size the medians and ranges of tokens/s and of the ratios.
@@ -45,6 +46,7 @@ from benchmarks.generate import batch_sizes_arg, check_engine, check_hf, hf_call
 from nanoseek import precision
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.errors import InputError
+from nanoseek.host import keep_freed_memory
 from nanoseek.loading import describe_precision
 from nanoseek.model import Transformer, get_preset
 from nanoseek.model.config import ModelConfig
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--threads {args.threads}: must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept_freed = keep_freed_memory()  # as the `nanoseek` command and generate.py do
     try:
         cfg = get_preset(preset, max_seq_len=max(args.prompt_len + new_tokens, get_preset(preset).max_seq_len))
     except InputError as e:
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=str(dtype).removeprefix("torch."),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
+        malloc_keeps_freed=kept_freed,
         prompt_len=args.prompt_len,
         new_tokens=new_tokens,
         weight_matrices=len(weights),
