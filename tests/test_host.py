@@ -6,13 +6,13 @@ page in again each cycle."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import subprocess
 import sys
 
 import pytest
+
+from nanoseek.host import glibc
 
 _CHILD = """
 import ctypes, ctypes.util, resource, sys
@@ -44,12 +44,7 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 2
 PAGES_PER_CYCLE = 8 * (1 << 20) // os.sysconf("SC_PAGE_SIZE")
 
 
-def _glibc() -> bool:
-    name = ctypes.util.find_library("c")
-    return name is not None and hasattr(ctypes.CDLL(name), "gnu_get_libc_version")
-
-
-pytestmark = pytest.mark.skipif(not _glibc(), reason="glibc's malloc only")
+pytestmark = pytest.mark.skipif(glibc() is None, reason="glibc's malloc only")
 
 
 def _faults_per_cycle(mode: str, **env: str) -> tuple[str, float]:
