@@ -150,11 +150,16 @@ def _packed_weights(weights: list[Tensor]) -> Tensor | None:
         return packed
 
 
-@torch.library.custom_op("nanoseek::packed_linear", mutates_args=())
-def _packed_linear(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
-    """x times the weights stacked (plus the biases stacked, if any), through their prepacked copy; an opaque
-    operation to torch.compile (the packed copy lives outside the graph, in this module's table, and the graph only
-    passes the weights it belongs to)."""
+# An operation of our own, opaque to torch.compile: the packed copy lives outside the graph, in this module's table,
+# and the graph only passes the weights it belongs to. Defined with torch.library.define/impl, a plain CPU kernel,
+# not torch.library.custom_op, whose Python layers (autograd, argument checks) cost ~14 us a call eagerly and ~30
+# from a compiled graph: `small`'s 49 products a step at one row 16.2 -> 14.2 ms (docs/LOG.md, 2026-12-03). Inference
+# only: `_packable` never sends a tensor that wants a gradient.
+torch.library.define("nanoseek::packed_linear", "(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor")
+
+
+def _packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
+    """x times the weights stacked (plus the biases stacked, if any), through their prepacked copy."""
     packed = _packed_weights(weights)
     if packed is None:  # each weight on its own (stacking them here would copy them at every call)
         products = [F.linear(x, w, biases[i] if biases else None) for i, w in enumerate(weights)]
@@ -163,6 +168,12 @@ def _packed_linear(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Te
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-@_packed_linear.register_fake
+torch.library.impl("nanoseek::packed_linear", "cpu", _packed_linear_cpu)
+
+
+@torch.library.register_fake("nanoseek::packed_linear")
 def _(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
     return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
+
+
+_packed_linear = torch.ops.nanoseek.packed_linear.default

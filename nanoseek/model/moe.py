@@ -93,17 +93,24 @@ def _each_row_times_its_expert(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     return (x[:, None, :] * w[expert]).sum(-1)
 
 
-@torch.library.custom_op("nanoseek::cpu_grouped_mm", mutates_args=())
-def _cpu_grouped_mm(x: Tensor, w_t: Tensor, offs: Tensor) -> Tensor:
-    """torch._grouped_mm as an opaque operation for torch.compile on CPU (many rows): torch 2.13's shape
-    function for it only accepts bfloat16, so a float32 call could not be traced. Inference only (no
-    autograd formula): a compiled training step on CPU takes the padded path (`_kernel_ok`)."""
+def _cpu_grouped_mm_kernel(x: Tensor, w_t: Tensor, offs: Tensor) -> Tensor:
     return torch._grouped_mm(x, w_t, offs=offs)
 
 
-@_cpu_grouped_mm.register_fake
+# torch._grouped_mm as an opaque operation for torch.compile on CPU (many rows): torch 2.13's shape function for it
+# only accepts bfloat16, so a float32 call could not be traced. A plain CPU kernel (torch.library.define/impl, as
+# `linear._packed_linear`), inference only: no autograd formula, so a compiled training step on CPU takes the padded
+# path (`_kernel_ok`).
+torch.library.define("nanoseek::cpu_grouped_mm", "(Tensor x, Tensor w_t, Tensor offs) -> Tensor")
+torch.library.impl("nanoseek::cpu_grouped_mm", "cpu", _cpu_grouped_mm_kernel)
+
+
+@torch.library.register_fake("nanoseek::cpu_grouped_mm")
 def _(x: Tensor, w_t: Tensor, offs: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], w_t.shape[-1])
+
+
+_cpu_grouped_mm = torch.ops.nanoseek.cpu_grouped_mm.default
 
 
 # On CPU each expert's 16-bit matmul costs tens of microseconds more than a float32 one (oneDNN converts and
