@@ -13,7 +13,8 @@ that pays and is safe:
   the cache where the engine keeps them float32: `precision.inference_dtype`);
 * no gradient wanted (the packed kernel has no backward): evaluation, decoding, the RL twin's rollouts;
 * a weight of PACKED_MIN_BYTES or more: a smaller one fits in the cache, and the call's own cost inside a compiled
-  decode step (~10 us: the kernel is an opaque custom operation) outweighs the reorder it saves;
+  decode step (the kernel is an opaque operation, a call into Python) outweighs the reorder it saves (measured when
+  that call still went through custom_op's layers, ~30 us dearer; not measured again since);
 * while the packed copies, each as large as its weight, take at most PACKED_MAX_MEMORY_FRACTION of the machine's
   memory; past that, weights keep F.linear.
 """
