@@ -15,15 +15,15 @@ import pytest
 from nanoseek.host import glibc
 
 _CHILD = """
-import ctypes, ctypes.util, resource, sys
-from nanoseek.host import keep_freed_memory
+import ctypes, resource, sys
+from nanoseek.host import glibc, keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 if sys.argv[1] == "command":  # what the `nanoseek` command leaves set, after a subcommand ran
     import contextlib, io
     from nanoseek.cli import main
     with contextlib.redirect_stdout(io.StringIO()):
         main(["model", "--preset", "tiny"])
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc = glibc()
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
