@@ -10,11 +10,13 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoseek.engine import Engine, SamplingParams, compiled
 from nanoseek.engine.sampling import sample
 from nanoseek.engine.slots import LIVE, POSITION, STEP, TOKEN
 from nanoseek.model import Transformer, get_preset
+from nanoseek.model import linear as L
 from nanoseek.model import moe as moe_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -339,6 +341,58 @@ def float32_logprobs(model: Transformer, prompt: list[int], tokens: list[int]) -
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0].float(), -1)
     return logp[len(prompt) - 1 : -1].gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+
+
+def summed_calls(monkeypatch) -> list[int]:
+    """The rows of each product `model.linear` sends to its one-row product-sums (counted when a graph is traced)."""
+    calls = []
+    summed = L._summed_products
+    monkeypatch.setattr(L, "_summed_products", lambda x, *a: calls.append(x.shape[:-1].numel()) or summed(x, *a))
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_compiled_one_row_product_is_summed_within_bf16_rounding_of_float64(bias, monkeypatch):
+    """Inside a compiled graph, one row (known when the graph is built) of a bf16 product takes the product-sums:
+    within the output's bf16 rounding of the float64 product of the same numbers, alone and for stacked layers
+    (q/k/v); two rows, an eager call and a product that wants gradients keep the library's product."""
+    calls = summed_calls(monkeypatch)
+    torch.manual_seed(0)
+    q, k = (L.Linear(512, n, bias=bias).to(torch.bfloat16).requires_grad_(False) for n in (1024, 256))
+    with torch.no_grad():
+        for shape in [(1, 512), (1, 1, 512)]:  # the engine's decode rows are [B, 1, d]
+            x = torch.randn(*shape).to(torch.bfloat16)
+            outs = torch.compile(lambda x: (q(x), *L.linears(x, (q, k))), dynamic=False)(x)
+            assert calls and all(n == 1 for n in calls)
+            for out, layer in zip(outs, (q, q, k)):
+                ref = x.double() @ layer.weight.double().T + (layer.bias.double() if bias else 0)
+                assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+                torch.testing.assert_close(out.double(), ref, rtol=2**-7, atol=1e-3)
+        calls.clear()
+        x2 = torch.randn(2, 512).to(torch.bfloat16)
+        assert torch.equal(torch.compile(q, dynamic=False)(x2), F.linear(x2, q.weight, q.bias))
+        assert torch.equal(q(x), F.linear(x, q.weight, q.bias))  # eager
+    q.requires_grad_(True)
+    out = torch.compile(q, dynamic=False)(x)
+    assert out.grad_fn is not None and not calls
+
+
+@pytest.mark.slow
+def test_a_bf16_model_s_one_row_graph_decodes_as_eager_within_bf16_tolerance(monkeypatch):
+    """A bf16 model decoding one sequence alone: after ONE_ROW_GRAPH_AFTER steps its one-row graph, whose products
+    are the product-sums; the greedy tokens of the eager bf16 engine, each log-prob within bf16's tolerance of the
+    float32 model's in the same context."""
+    monkeypatch.setattr(compiled, "ONE_ROW_GRAPH_AFTER", 3)
+    model = build("tiny", n_layers=2, init_std=0.05)
+    whole = build("tiny", n_layers=2, init_std=0.05).to(torch.bfloat16)
+    calls, products = record_calls(monkeypatch), summed_calls(monkeypatch)
+    prompts, params = prompts_of([6]), SamplingParams(max_new_tokens=24, temperature=0)
+    [[got]] = Engine(whole, max_batch=2, compile=True).generate(prompts, params)
+    assert (1, 2) in calls and products and all(n == 1 for n in products)
+    [[want]] = Engine(whole, max_batch=2, compile=False).generate(prompts, params)
+    assert got.token_ids == want.token_ids
+    errors = (torch.tensor(got.logprobs) - float32_logprobs(model, prompts[0], got.token_ids)).abs()
+    assert errors.max() < BF16_LOGPROB_MAX and errors.mean() < BF16_LOGPROB_MEAN, errors
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The model's products with a weight matrix go through one call, `linear` (and the `Linear` layer that calls it):
-the seam where a CPU's bf16 weights of a megabyte or more take oneDNN's prepacked kernel.
+the seam where a CPU's bf16 weights of a megabyte or more take oneDNN's prepacked kernel, and where one row inside a
+compiled graph takes product-sums that inductor fuses (the last paragraph).
 
 On a CPU, F.linear over bf16 weights calls oneDNN, which reorders the weight into its blocked layout at every call.
 A decode step reads every weight once, for a few rows, so the reorder doubles the bytes it moves: a 3 MiB weight
@@ -17,10 +18,18 @@ that pays and is safe:
   that call still went through custom_op's layers, ~30 us dearer; not measured again since);
 * while the packed copies, each as large as its weight, take at most PACKED_MAX_MEMORY_FRACTION of the machine's
   memory; past that, weights keep F.linear.
+
+One row of a bf16 product inside torch.compile on a CPU, known to be one row when the graph is built (the engine's
+one-row decode graph for a lone sequence), is neither: it is written as elementwise products summed in float32
+(`_summed_products`), which inductor turns into one loop per weight that streams the weight once, fused with the
+step's other loops. oneDNN's kernel reads a weight at one row at ~17-22 GB/s on the 2-core EPYC, the loop at ~25:
+`small`'s 49 products a step 11.1 -> 8.6 ms, its whole one-row decode 1.17-1.20x (docs/LOG.md, 2026-12-03,
+nineteenth session). From two rows on the loop converts every weight once per row and loses (2 rows 1.4x slower).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -39,6 +48,9 @@ PACKED_MAX_MEMORY_FRACTION = 0.25
 USE_PACKED = True
 """Set to False to keep F.linear everywhere (benchmarks compare both)."""
 
+SUMMED_ONE_ROW = True
+"""Set to False to keep the library products in a compiled one-row step too (`_one_row_in_graph`)."""
+
 _AVAILABLE = (
     torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -56,10 +68,13 @@ _lock = threading.Lock()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias), through a prepacked copy of the weight where that pays (see the module docstring).
+    """F.linear(x, weight, bias), through a prepacked copy of the weight where that pays, or inside a compiled one-row
+    step as a product-sum inductor fuses (see the module docstring).
 
     Under bf16 autocast x is cast as autocast would; the result is bf16 either way."""
     biases = [] if bias is None else [bias]
+    if _one_row_in_graph(x, [weight], biases):
+        return _summed_products(x, [weight], biases)[0]
     if _packable(x, [weight], biases):
         return _packed_linear(x.to(weight.dtype), [weight], biases)
     return F.linear(x, weight, bias)
@@ -73,6 +88,8 @@ def linears(x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
     if all(type(m) is Linear for m in layers) and len({m.bias is None for m in layers}) == 1:
         weights = [m.weight for m in layers]
         biases = [m.bias for m in layers if m.bias is not None]
+        if _one_row_in_graph(x, weights, biases):
+            return _summed_products(x, weights, biases)
         if _packable(x, weights, biases):
             out = _packed_linear(x.to(weights[0].dtype), weights, biases)
             return list(out.split([w.shape[0] for w in weights], dim=-1))
@@ -107,15 +124,43 @@ def _weights_packable(weights: list[Tensor]) -> bool:
 
 
 def _packable(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> bool:
-    if x.device.type != "cpu" or not _weights_packable(weights) or any(w.shape[1] != x.shape[-1] for w in weights):
+    return _weights_packable(weights) and _bf16_inference(x, weights, biases)
+
+
+def _bf16_inference(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> bool:
+    """A CPU product of bf16 2-D weights (and biases) that wants no gradient, on x that is bf16 or that bf16 autocast
+    casts: what both of `linear`'s own paths require."""
+    if x.device.type != "cpu" or any(w.dtype != torch.bfloat16 or w.dim() != 2 for w in weights):
         return False
-    if any(b.dtype != torch.bfloat16 for b in biases):
+    if any(w.shape[1] != x.shape[-1] for w in weights) or any(b.dtype != torch.bfloat16 for b in biases):
         return False
     wants_grad = x.requires_grad or any(t.requires_grad for t in (*weights, *biases))
     if torch.is_grad_enabled() and wants_grad:
         return False
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     return x.dtype == torch.bfloat16 or (autocast_bf16 and x.is_floating_point())
+
+
+def _one_row_in_graph(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> bool:
+    """A bf16 product of one row, known to be one row when the graph is built (the engine's one-row decode graph),
+    inside torch.compile on a CPU: `_summed_products` there."""
+    if not (SUMMED_ONE_ROW and torch.compiler.is_compiling()):
+        return False
+    rows = x.shape[:-1]
+    one_row = all(isinstance(n, int) for n in rows) and math.prod(rows) == 1
+    return one_row and _bf16_inference(x, weights, biases)
+
+
+def _summed_products(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> list[Tensor]:
+    """x times each weight (plus its bias) as elementwise products summed in float32, for inductor to fuse into one
+    loop per weight that streams it once: x rounded to bf16 first, as a bf16 product rounds it, the sums in float32
+    and the result rounded to bf16, as oneDNN's kernel does (up to the order of the sums)."""
+    x32 = x.to(torch.bfloat16).float()[..., None, :]
+    out = []
+    for i, w in enumerate(weights):
+        y = (x32 * w.float()).sum(-1)
+        out.append((y + biases[i].float() if biases else y).to(torch.bfloat16))
+    return out
 
 
 def _machine_bytes() -> int:
