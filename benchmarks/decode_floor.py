@@ -6,12 +6,14 @@
 A decode step of a dense model multiplies by every weight matrix once. The floor row is the rate a `generate` call
 would reach if each of its steps cost only those products: every matrix a step multiplies by (each projection of
 each block and the output layer), stacked into the fewest products (one per input width), through the fastest
-product this torch has on this CPU (bf16 weights: oneDNN's prepacked kernel, called directly; float32: F.linear),
-on inputs of the batch's rows; and the prefill's products the same way (the blocks' at batch x prompt rows, the
-output layer's at batch rows: the first token's logits). Attention, norms, sampling and the host's work are free.
-Its tokens/s = batch x new tokens / (the prefill's products + (new tokens - 1) x one step's products). With this
-torch's kernels, no implementation of the same weights in the same precision beats it on this machine at that
-moment: where 3x the peer's rate is above it, a 3x goal is out of reach there.
+product this torch has on this CPU (bf16 weights: oneDNN's prepacked kernel, called directly, and at one row also
+the product-sums inductor compiles for the engine's one-row graph, the faster of the two in each round; float32:
+F.linear), on inputs of the batch's rows; and the prefill's products the same way (the blocks' at batch x prompt
+rows, the output layer's at batch rows: the first token's logits). Attention, norms, sampling and the host's work
+are free. Its tokens/s = batch x new tokens / (the prefill's products + (new tokens - 1) x one step's products).
+With the products this torch makes, no implementation of the same weights in the same precision beats it on this
+machine at that moment: where 3x the peer's rate is above it, a 3x goal is out of reach there (a faster way to make
+a product moves the floor: the one-row product-sums did, 2026-12-03).
 
 Why interleaved: the 2-core VM's memory rate moves by up to 2x within minutes (`small`'s products at one row took
 3.8 to 9.5 ms a step in one session), and the peer's and nanoseek's rates with it. Each round measures, for each
@@ -49,6 +51,7 @@ from nanoseek.errors import InputError
 from nanoseek.host import keep_freed_memory
 from nanoseek.loading import describe_precision
 from nanoseek.model import Transformer, get_preset
+from nanoseek.model import linear as linear_mod
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.linear import packing_available
 
@@ -70,17 +73,21 @@ def step_weights(model: Transformer) -> tuple[list[Tensor], Tensor]:
     return blocks, output
 
 
-def products(weights: list[Tensor], rows: int) -> Callable[[], None]:
-    """One step's products alone, at `rows` rows: a function to time. The weights that share an input width are
-    stacked into one matrix (`small`: two products a step, where the engine makes 49 and a plain model 85): fewer,
-    larger products were the fastest arrangement measured (at one row 4.6 ms a step against 5.3 for the engine's
-    stacking and 5.9 for one product a matrix), so the floor errs on the fast side. Each product is checked once
-    against F.linear in float32."""
+def products(weights: list[Tensor], rows: int) -> list[Callable[[], None]]:
+    """One step's products alone, at `rows` rows: the ways to make them, each a function to time (the floor takes
+    the fastest in each round). The weights that share an input width are stacked into one matrix (`small`: two
+    products a step, where the engine makes 49 and a plain model 85): fewer, larger products were the fastest
+    arrangement measured (at one row 4.6 ms a step against 5.3 for the engine's stacking and 5.9 for one product a
+    matrix), so the floor errs on the fast side. The ways: the library's product (bf16: oneDNN's prepacked kernel,
+    called directly; float32: F.linear) and, at one row of bf16 weights, the product-sums the engine's one-row graph
+    compiles (`model.linear`: inductor streams each weight once, faster than oneDNN at one row). Each product is
+    checked once against F.linear in float32."""
     packable = packing_available()  # as the engine's `linear` decides
     by_width: dict[int, list[Tensor]] = {}
     for w in weights:
         by_width.setdefault(w.shape[1], []).append(w.detach())
-    steps: list[Callable[[], Tensor]] = []
+    library: list[Callable[[], Tensor]] = []
+    pairs: list[tuple[Tensor, Tensor]] = []
     for group in by_width.values():
         w = torch.cat(group)
         x = torch.randn(rows, w.shape[1], dtype=w.dtype)
@@ -89,16 +96,27 @@ def products(weights: list[Tensor], rows: int) -> Callable[[], None]:
             step = partial(torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], "")
         else:
             step = partial(F.linear, x, w)
-        want = F.linear(x.float(), w.float())
-        if not torch.allclose(step().float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
-            raise RuntimeError(f"products: the {tuple(w.shape)} product differs from F.linear")
-        steps.append(step)
+        check_product(step(), x, w)
+        library.append(step)
+        pairs.append((x, w))
 
-    def run() -> None:
-        for step in steps:
+    def run_library() -> None:
+        for step in library:
             step()
 
-    return run
+    runs = [run_library]
+    if rows == 1 and all(w.dtype == torch.bfloat16 for _, w in pairs):
+        summed = torch.compile(lambda: [linear_mod._summed_products(x, [w], [])[0] for x, w in pairs])
+        for (x, w), y in zip(pairs, summed()):
+            check_product(y, x, w)
+        runs.append(summed)
+    return runs
+
+
+def check_product(y: Tensor, x: Tensor, w: Tensor) -> None:
+    want = F.linear(x.float(), w.float())
+    if not torch.allclose(y.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
+        raise RuntimeError(f"products: the {tuple(w.shape)} product differs from F.linear")
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -186,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         for b in batch_sizes:  # warm-up: compiles; a lone sequence gets its own graph
             for _ in range(warmup_calls(engines[b], b, new_tokens)):
                 ours(b)
-            peer(b, None), peer(b, "static"), steps[b](), prefills[b][0]()
+            peer(b, None), peer(b, "static")
+            for run in (*steps[b], *prefills[b][0], *prefills[b][1]):
+                run()
         compiling = all(e.compiling for e in engines.values())
         print(f"warm-up {time.perf_counter() - start:.1f} s; compiled: {compiling}", flush=True)
         measured = []
@@ -195,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 tokens = b * new_tokens
                 peer_rate = max(tokens / warm_seconds(partial(peer, b, cache)) for cache in (None, "static"))
                 ours_rate = tokens / warm_seconds(partial(ours, b))
-                step_s = seconds(steps[b], args.product_calls)
-                prefill_s = warm_seconds(prefills[b][0]) + warm_seconds(prefills[b][1])
+                step_s = min(seconds(run, args.product_calls) for run in steps[b])
+                prefill_s = sum(min(warm_seconds(run) for run in runs) for runs in prefills[b])
                 floor_rate = tokens / (prefill_s + (new_tokens - 1) * step_s)
                 row = dict(
                     round=r,
