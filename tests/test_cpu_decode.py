@@ -377,6 +377,29 @@ def test_a_compiled_one_row_product_is_summed_within_bf16_rounding_of_float64(bi
     assert out.grad_fn is not None and not calls
 
 
+@pytest.mark.parametrize("realize", [True, False])
+def test_a_one_row_product_of_a_row_made_in_the_graph_is_within_bf16_rounding(realize, monkeypatch):
+    """The product-sums of a row the graph itself makes (an RMSNorm of a residual sum, as every decode product's
+    input is), with the row written out once (`REALIZE_ROW`) or recomputed inside the loops: within the output's
+    bf16 rounding of the float64 product of the eager row."""
+    monkeypatch.setattr(L, "REALIZE_ROW", realize)
+    calls = summed_calls(monkeypatch)
+    torch.manual_seed(1)
+    layer = L.Linear(512, 768, bias=False).to(torch.bfloat16).requires_grad_(False)
+    gain = torch.randn(512).to(torch.bfloat16)
+
+    def normed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        h = (a + b).float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16) * gain
+
+    a, b = (torch.randn(1, 1, 512).to(torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        out = torch.compile(lambda a, b: layer(normed(a, b)), dynamic=False)(a, b)
+    assert calls == [1] and out.dtype == torch.bfloat16
+    ref = normed(a, b).double() @ layer.weight.double().T
+    torch.testing.assert_close(out.double(), ref, rtol=2**-7, atol=1e-2)
+
+
 @pytest.mark.slow
 def test_a_bf16_model_s_one_row_graph_decodes_as_eager_within_bf16_tolerance(monkeypatch):
     """A bf16 model decoding one sequence alone: after ONE_ROW_GRAPH_AFTER steps its one-row graph, whose products

@@ -25,6 +25,7 @@ one-row decode graph for a lone sequence), is neither: it is written as elementw
 step's other loops. oneDNN's kernel reads a weight at one row at ~17-22 GB/s on the 2-core EPYC, the loop at ~25:
 `small`'s 49 products a step 11.1 -> 8.6 ms, its whole one-row decode 1.17-1.20x (docs/LOG.md, 2026-12-03,
 nineteenth session). From two rows on the loop converts every weight once per row and loses (2 rows 1.4x slower).
+The row itself is written out once before the loops (`REALIZE_ROW`), not recomputed inside each of them.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ USE_PACKED = True
 
 SUMMED_ONE_ROW = True
 """Set to False to keep the library products in a compiled one-row step too (`_one_row_in_graph`)."""
+
+REALIZE_ROW = True
+"""Set to False to let inductor recompute the row inside every product-sum's loop (`_summed_products`)."""
 
 _AVAILABLE = (
     torch.backends.mkldnn.is_available()
@@ -155,7 +159,14 @@ def _summed_products(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> 
     """x times each weight (plus its bias) as elementwise products summed in float32, for inductor to fuse into one
     loop per weight that streams it once: x rounded to bf16 first, as a bf16 product rounds it, the sums in float32
     and the result rounded to bf16, as oneDNN's kernel does (up to the order of the sums)."""
-    x32 = x.to(torch.bfloat16).float()[..., None, :]
+    x32 = x.to(torch.bfloat16).float()
+    if REALIZE_ROW:
+        # Inductor would inline x's producers (the RMSNorm's scale: a division and a square root that -fmath-errno
+        # keeps inside the loop; the residual sums) into each product's loop, once per 32 weights of every output.
+        # A strided view of it makes inductor write the row out once: `small`'s one-row decode 1.20x, its output
+        # layer's loop 40% -> 24% of the step's samples (docs/LOG.md, 2026-12-03, twentieth session).
+        x32 = torch.as_strided(x32, x32.shape, x32.stride())
+    x32 = x32[..., None, :]
     out = []
     for i, w in enumerate(weights):
         y = (x32 * w.float()).sum(-1)
