@@ -18,6 +18,7 @@ from nanoseek.engine.slots import LIVE, POSITION, STEP, TOKEN
 from nanoseek.model import Transformer, get_preset
 from nanoseek.model import linear as L
 from nanoseek.model import moe as moe_mod
+from nanoseek.model.norm import RMSNorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -386,17 +387,13 @@ def test_a_one_row_product_of_a_row_made_in_the_graph_is_within_bf16_rounding(re
     calls = summed_calls(monkeypatch)
     torch.manual_seed(1)
     layer = L.Linear(512, 768, bias=False).to(torch.bfloat16).requires_grad_(False)
-    gain = torch.randn(512).to(torch.bfloat16)
-
-    def normed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        h = (a + b).float()
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16) * gain
-
-    a, b = (torch.randn(1, 1, 512).to(torch.bfloat16) for _ in range(2))
+    norm = RMSNorm(512, eps=1e-6).to(torch.bfloat16).requires_grad_(False)
     with torch.no_grad():
-        out = torch.compile(lambda a, b: layer(normed(a, b)), dynamic=False)(a, b)
+        norm.weight.copy_(torch.randn(512))
+        a, b = (torch.randn(1, 1, 512).to(torch.bfloat16) for _ in range(2))
+        out = torch.compile(lambda a, b: layer(norm(a + b)), dynamic=False)(a, b)
+        ref = norm(a + b).double() @ layer.weight.double().T
     assert calls == [1] and out.dtype == torch.bfloat16
-    ref = normed(a, b).double() @ layer.weight.double().T
     torch.testing.assert_close(out.double(), ref, rtol=2**-7, atol=1e-2)
 
 
