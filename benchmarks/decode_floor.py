@@ -6,14 +6,15 @@
 A decode step of a dense model multiplies by every weight matrix once. The floor row is the rate a `generate` call
 would reach if each of its steps cost only those products: every matrix a step multiplies by (each projection of
 each block and the output layer), stacked into the fewest products (one per input width), through the fastest
-product this torch has on this CPU (bf16 weights: oneDNN's prepacked kernel, called directly, and at one row also
-the product-sums inductor compiles for the engine's one-row graph, the faster of the two in each round; float32:
-F.linear), on inputs of the batch's rows; and the prefill's products the same way (the blocks' at batch x prompt
-rows, the output layer's at batch rows: the first token's logits). Attention, norms, sampling and the host's work
-are free. Its tokens/s = batch x new tokens / (the prefill's products + (new tokens - 1) x one step's products).
-With the products this torch makes, no implementation of the same weights in the same precision beats it on this
-machine at that moment: where 3x the peer's rate is above it, a 3x goal is out of reach there (a faster way to make
-a product moves the floor: the one-row product-sums did, 2026-12-03).
+product this torch and nanoseek have on this CPU (bf16 weights: oneDNN's prepacked kernel, called directly,
+nanoseek's own few-rows kernel where it is built (`model.cpu_kernel`), and at one row also the product-sums inductor
+compiles for the engine's one-row graph, the fastest in each round; float32: F.linear), on inputs of the batch's
+rows; and the prefill's products the same way (the blocks' at batch x prompt rows, the output layer's at batch rows:
+the first token's logits). Attention, norms, sampling and the host's work are free. Its tokens/s = batch x new
+tokens / (the prefill's products + (new tokens - 1) x one step's products). With the products this torch and
+nanoseek make, no implementation of the same weights in the same precision beats it on this machine at that
+moment: where 3x the peer's rate is above it, a 3x goal is out of reach there (a faster way to make a product moves
+the floor: the one-row product-sums did, 2026-12-03, and the few-rows kernel, 2026-12-04).
 
 Why interleaved: the 2-core VM's memory rate moves by up to 2x within minutes (`small`'s products at one row took
 3.8 to 9.5 ms a step in one session), and the peer's and nanoseek's rates with it. Each round measures, for each
@@ -50,7 +51,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.errors import InputError
 from nanoseek.host import keep_freed_memory
 from nanoseek.loading import describe_precision
-from nanoseek.model import Transformer, get_preset
+from nanoseek.model import Transformer, cpu_kernel, get_preset
 from nanoseek.model import linear as linear_mod
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.linear import packing_available
@@ -79,9 +80,9 @@ def products(weights: list[Tensor], rows: int) -> list[Callable[[], None]]:
     products a step, where the engine makes 49 and a plain model 85): fewer, larger products were the fastest
     arrangement measured (at one row 4.6 ms a step against 5.3 for the engine's stacking and 5.9 for one product a
     matrix), so the floor errs on the fast side. The ways: the library's product (bf16: oneDNN's prepacked kernel,
-    called directly; float32: F.linear) and, at one row of bf16 weights, the product-sums the engine's one-row graph
-    compiles (`model.linear`: inductor streams each weight once, faster than oneDNN at one row). Each product is
-    checked once against F.linear in float32."""
+    called directly; float32: F.linear), nanoseek's few-rows kernel for bf16 weights where it is built, and, at one
+    row of bf16 weights, the product-sums the engine's one-row graph compiles (`model.linear`: inductor streams each
+    weight once, faster than oneDNN at one row). Each product is checked once against F.linear in float32."""
     packable = packing_available()  # as the engine's `linear` decides
     by_width: dict[int, list[Tensor]] = {}
     for w in weights:
@@ -105,7 +106,13 @@ def products(weights: list[Tensor], rows: int) -> list[Callable[[], None]]:
             step()
 
     runs = [run_library]
-    if rows == 1 and all(w.dtype == torch.bfloat16 for _, w in pairs):
+    bf16 = all(w.dtype == torch.bfloat16 for _, w in pairs)
+    if bf16 and all(cpu_kernel.fits(w) for _, w in pairs) and cpu_kernel.available():
+        ours = [partial(cpu_kernel.product, x, cpu_kernel.pack(w)) for x, w in pairs]
+        for (x, w), step in zip(pairs, ours):
+            check_product(step(), x, w)
+        runs.append(lambda: [step() for step in ours])
+    if rows == 1 and bf16:
         summed = torch.compile(lambda: [linear_mod._summed_products(x, [w], [])[0] for x, w in pairs])
         for (x, w), y in zip(pairs, summed()):
             check_product(y, x, w)

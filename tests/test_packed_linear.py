@@ -1,5 +1,6 @@
-"""`model.linear`: bf16 weights of a megabyte or more through oneDNN's prepacked kernel on a CPU, against F.linear
-and a float64 reference; the packed copy following the weight (live weights); where it must not be used."""
+"""`model.linear`: bf16 weights of a megabyte or more through a prepacked kernel on a CPU (ours, `cpu_kernel`, where
+it is built; oneDNN's otherwise: every test runs with both), against F.linear and a float64 reference; the packed copy
+following the weight (live weights); where it must not be used."""
 
 from __future__ import annotations
 
@@ -10,13 +11,22 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.model import Transformer, get_preset
+from nanoseek.model import Transformer, cpu_kernel, get_preset
 from nanoseek.model import linear as L
 
 pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.usefixtures("one_thread", "kernel"),
     pytest.mark.skipif(not L.packing_available(), reason="torch without oneDNN's bf16 kernels on this processor"),
 ]
+
+
+@pytest.fixture(params=["ours", "onednn"])
+def kernel(request, monkeypatch) -> str:
+    """Which prepacked kernel `linear` multiplies with: ours (skipped where it is not built) or oneDNN's."""
+    if request.param == "ours" and not cpu_kernel.available():
+        pytest.skip("nanoseek's CPU kernel does not apply here (AVX-512 BF16 without AMX, a C++ compiler)")
+    monkeypatch.setattr(cpu_kernel, "USE", request.param == "ours")
+    return request.param
 
 
 def weight(out_features: int = 2048, in_features: int = 512, seed: int = 0, **kw) -> torch.Tensor:
@@ -25,11 +35,21 @@ def weight(out_features: int = 2048, in_features: int = 512, seed: int = 0, **kw
 
 
 def assert_the_product(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> None:
-    """Within bf16 output rounding of the float64 product of the same bf16 numbers, and equal to F.linear's."""
+    """Within bf16 output rounding of the float64 product of the same bf16 numbers, and F.linear's (oneDNN's
+    kernel: equal; ours: the same sums, so at most one bf16 step apart where their order of additions differs)."""
     ref = x.double() @ w.double().T + (0 if b is None else b.double())
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, rtol=2**-7, atol=1e-3)
-    assert torch.equal(out, F.linear(x.to(w.dtype), w, b))
+    assert_as_f_linear(out, F.linear(x.to(w.dtype), w, b))
+
+
+def assert_as_f_linear(out: torch.Tensor, want: torch.Tensor) -> None:
+    if not cpu_kernel.USE:
+        assert torch.equal(out, want)
+        return
+    one_step = torch.maximum(out.float().abs(), want.float().abs()) * 2**-7
+    assert bool(((out.float() - want.float()).abs() <= one_step).all())
+    assert (out != want).float().mean().item() < 0.05  # an occasional last bit, not a different product
 
 
 def packed(w: torch.Tensor) -> bool:
@@ -74,7 +94,8 @@ def test_under_bf16_autocast_float32_rows_are_cast_as_autocast_would():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = L.linear(x, w)
         want = F.linear(x, w)
-    assert packed(w) and torch.equal(out, want)
+    assert packed(w)
+    assert_as_f_linear(out, want)
 
 
 def test_where_the_packed_kernel_is_not_used():
@@ -114,13 +135,14 @@ def test_inside_a_compiled_graph_the_packed_copy_follows_live_weights():
 
     w = weight()
     x = torch.randn(4, 512).to(torch.bfloat16)
+    torch._dynamo.reset()  # the other kernel's run compiled this same code
     step = torch.compile(lambda x, w: L.linear(x, w).float() * 2, options={"cpp_wrapper": True})
     counters.clear()
     with torch.no_grad():
-        assert torch.equal(step(x, w), F.linear(x, w).float() * 2)
+        assert_as_f_linear(step(x, w), F.linear(x, w).float() * 2)
         assert packed(w)
         w.copy_(weight(seed=5))
-        assert torch.equal(step(x, w), F.linear(x, w).float() * 2)
+        assert_as_f_linear(step(x, w), F.linear(x, w).float() * 2)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
@@ -139,7 +161,12 @@ def test_a_bf16_model_decodes_the_same_with_and_without_packed_weights(monkeypat
     got = run()
     assert packed(model.output_weight)
     monkeypatch.setattr(L, "USE_PACKED", False)
-    assert got == run()
+    want = run()
+    if not cpu_kernel.USE:  # oneDNN's prepacked kernel: F.linear's values exactly
+        assert got == want
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want):  # ours: an occasional last bit
+        assert tokens == want_tokens
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(want_logprobs), rtol=0, atol=0.05)
 
 
 def layers(*out_features: int, bias: bool = False, cls=L.Linear) -> list[torch.nn.Linear]:
@@ -191,7 +218,7 @@ def test_a_lora_layer_multiplies_its_frozen_bf16_base_through_the_packed_copy():
         out = lora(x)
         assert packed(base.weight)
         low = F.linear(F.linear(x.float(), lora.lora_a), lora.lora_b) * 2.0
-        assert torch.equal(out, F.linear(x, base.weight) + low.to(torch.bfloat16))
+        assert_as_f_linear(out, F.linear(x, base.weight) + low.to(torch.bfloat16))
     out = lora(x.requires_grad_())  # training: F.linear with its backward, the adapters get gradients
     out.float().sum().backward()
     assert lora.lora_a.grad is not None and base.weight.grad is None

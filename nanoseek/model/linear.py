@@ -1,5 +1,5 @@
 """The model's products with a weight matrix go through one call, `linear` (and the `Linear` layer that calls it):
-the seam where a CPU's bf16 weights of a megabyte or more take oneDNN's prepacked kernel, and where one row inside a
+the seam where a CPU's bf16 weights of a megabyte or more take a prepacked kernel, and where one row inside a
 compiled graph takes product-sums that inductor fuses (the last paragraph).
 
 On a CPU, F.linear over bf16 weights calls oneDNN, which reorders the weight into its blocked layout at every call.
@@ -7,12 +7,13 @@ A decode step reads every weight once, for a few rows, so the reorder doubles th
 (the 100M `small` preset's MLP) multiplied one row at 22 GB/s, and at 45 GB/s prepacked; eight rows at 17 vs 37 GB/s
 (docs/LOG.md, 2026-12-02, twelfth session). `linear` keeps one prepacked copy per weight, made at its first use and
 made again when the weight changes (its version counter moves with an optimizer step or a `copy_`, its storage with
-`.data =`), and multiplies with it. The result is oneDNN's product either way (the same values, tested). Only where
-that pays and is safe:
+`.data =`), and multiplies with it: through our own kernel (`cpu_kernel`: AVX-512 BF16 without AMX; at 1-8 rows it
+streams the weights 1.1-1.9x faster than oneDNN's prepacked kernel, equal at many) where it is built, else through
+oneDNN's prepacked kernel (the same values as F.linear, tested). Only where that pays and is safe:
 
 * a CPU, torch built with oneDNN and its bf16 kernels supported by the processor; a bf16 weight (float32 ones fit
   the cache where the engine keeps them float32: `precision.inference_dtype`);
-* no gradient wanted (the packed kernel has no backward): evaluation, decoding, the RL twin's rollouts;
+* no gradient wanted (the packed kernels have no backward): evaluation, decoding, the RL twin's rollouts;
 * a weight of PACKED_MIN_BYTES or more: a smaller one fits in the cache, and the call's own cost inside a compiled
   decode step (the kernel is an opaque operation, a call into Python) outweighs the reorder it saves (measured when
   that call still went through custom_op's layers, ~30 us dearer; not measured again since);
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from nanoseek.model import cpu_kernel
+
 PACKED_MIN_BYTES = 1 << 20
 """Inside a compiled decode step (bf16, 1/8/64 rows, us per product against F.linear's): a 0.5 MiB weight 0.87-0.91x,
 1.5 MiB 1.20-1.36x, 3 MiB 1.15-2.23x, 8 MiB 1.14-1.65x (docs/LOG.md, 2026-12-02, twelfth session)."""
@@ -67,7 +70,7 @@ def packing_available() -> bool:
     return _AVAILABLE
 
 
-_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # first weight -> (key, packed copy, its bytes)
+_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # first weight -> (key, kernel, packed copy, its bytes)
 _lock = threading.Lock()
 
 
@@ -107,7 +110,8 @@ def describe_packing(model: nn.Module) -> str:
     if not any(_weights_packable([m.weight]) for m in model.modules() if isinstance(m, Linear)):
         return ""
     size = f"{PACKED_MIN_BYTES >> 20} MiB"
-    return f"bf16 weights of {size} or more (and q/k/v, gate/up stacked) multiply through oneDNN-prepacked copies"
+    kernel = "nanoseek's AVX-512 BF16 kernel" if cpu_kernel.available() else "oneDNN's kernel"
+    return f"bf16 weights of {size} or more (and q/k/v, gate/up stacked) multiply prepacked, through {kernel}"
 
 
 class Linear(nn.Linear):
@@ -181,9 +185,10 @@ def _machine_bytes() -> int:
         return 0
 
 
-def _packed_weights(weights: list[Tensor]) -> Tensor | None:
-    """The prepacked copy of the weights stacked (one weight: itself), made now if there is none or a weight changed;
-    None past the memory budget or for inference tensors (no version counter to tell a change by)."""
+def _packed_weights(weights: list[Tensor]) -> tuple[str, Tensor] | None:
+    """(kernel, the prepacked copy of the weights stacked), made now if there is none or a weight changed: "ours"
+    (`cpu_kernel`, where it is built and the stack has its shape) or "onednn"; None past the memory budget or for
+    inference tensors (no version counter to tell a change by)."""
     global _AVAILABLE
     if any(w.is_inference() for w in weights):
         return None
@@ -192,19 +197,22 @@ def _packed_weights(weights: list[Tensor]) -> Tensor | None:
     with _lock:
         hit = _packed.get(weights[0])
         if hit is not None and hit[0] == key:
-            return hit[1]
-        held = sum(entry[2] for entry in _packed.values()) - (hit[2] if hit is not None else 0)
+            return hit[1], hit[2]
+        held = sum(entry[-1] for entry in _packed.values()) - (hit[-1] if hit is not None else 0)
         if held + nbytes > PACKED_MAX_MEMORY_FRACTION * _machine_bytes():
             return None
         stacked = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(stacked, None)
-        except RuntimeError as e:  # an unsupported build or processor: F.linear from now on
-            _AVAILABLE = False
-            warnings.warn(f"oneDNN's prepacked bf16 linear failed ({e}); using F.linear", stacklevel=3)
-            return None
-        _packed[weights[0]] = (key, packed, nbytes)
-        return packed
+        if cpu_kernel.fits(stacked) and cpu_kernel.available():
+            kernel, packed = "ours", cpu_kernel.pack(stacked)
+        else:
+            try:
+                kernel, packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(stacked, None)
+            except RuntimeError as e:  # an unsupported build or processor: F.linear from now on
+                _AVAILABLE = False
+                warnings.warn(f"oneDNN's prepacked bf16 linear failed ({e}); using F.linear", stacklevel=3)
+                return None
+        _packed[weights[0]] = (key, kernel, packed, nbytes)
+        return kernel, packed
 
 
 # An operation of our own, opaque to torch.compile: the packed copy lives outside the graph, in this module's table,
@@ -217,11 +225,14 @@ torch.library.define("nanoseek::packed_linear", "(Tensor x, Tensor[] weights, Te
 
 def _packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
     """x times the weights stacked (plus the biases stacked, if any), through their prepacked copy."""
-    packed = _packed_weights(weights)
-    if packed is None:  # each weight on its own (stacking them here would copy them at every call)
+    hit = _packed_weights(weights)
+    if hit is None:  # each weight on its own (stacking them here would copy them at every call)
         products = [F.linear(x, w, biases[i] if biases else None) for i, w in enumerate(weights)]
         return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
+    kernel, packed = hit
     bias = None if not biases else biases[0] if len(biases) == 1 else torch.cat(biases)
+    if kernel == "ours":
+        return cpu_kernel.product(x, packed, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 

@@ -1,0 +1,130 @@
+"""`model.cpu_kernel`: our few-rows bf16 product against float64 and oneDNN's prepacked kernel at every row count it
+specialises; its build (cached, atomic, a failed compiler or a wrong answer: a warning and oneDNN's kernel)."""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model import cpu_kernel
+from nanoseek.model import linear as L
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_kernel.available(), reason="nanoseek's CPU kernel does not apply here (AVX-512 BF16 without AMX, g++)"
+)
+
+
+def bf16(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("n", "k"), [(16, 2), (48, 36), (1056, 768)])  # one block; a lone last block; many
+def test_the_product_at_every_row_count_against_float64_and_onednn(n, k, threads, monkeypatch):
+    """1-20 rows (chunks of 8 and every tail), with and without a bias: within bf16 output rounding of the float64
+    product of the same numbers, and oneDNN's prepacked product of the same weight but for an occasional last bit."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    w, b, x = bf16(n, k, seed=0) / k**0.5, bf16(n, seed=1), bf16(20, k, seed=2)
+    packed, onednn = cpu_kernel.pack(w), torch.ops.mkldnn._reorder_linear_weight(w, None)
+    for rows in range(1, 21):
+        for bias in (None, b):
+            got = cpu_kernel.product(x[:rows], packed, bias)
+            want = F.linear(x[:rows].double(), w.double(), None if bias is None else bias.double())
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+            torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-6)  # bf16 rounding: half a step
+            theirs = torch.ops.mkldnn._linear_pointwise(x[:rows], onednn, bias, "none", [], "")
+            # one bf16 step apart at most (float32 sums added in another order round differently near a tie); near
+            # zero, where the sums cancel, by their float32 rounding
+            torch.testing.assert_close(got.float(), theirs.float(), rtol=2**-7, atol=1e-5)
+            assert (got != theirs).float().mean().item() < 0.01
+
+
+@needs_kernel
+def test_rows_of_any_leading_shape_and_none():
+    w = bf16(64, 32, seed=0)
+    packed = cpu_kernel.pack(w)
+    x = bf16(3, 5, 64, seed=1)[..., ::2]  # [3, 5, 32], not contiguous
+    got = cpu_kernel.product(x, packed)
+    assert got.shape == (3, 5, 64)
+    torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=2**-8, atol=1e-6)
+    assert cpu_kernel.product(x[:0], packed).shape == (0, 5, 64)
+
+
+def test_the_shapes_it_takes():
+    assert cpu_kernel.fits(torch.empty(32, 64)) and cpu_kernel.fits(torch.empty(16, 2))
+    assert not cpu_kernel.fits(torch.empty(24, 64))  # not whole blocks of 16 outputs
+    assert not cpu_kernel.fits(torch.empty(32, 63))  # not whole pairs of inputs
+    w = torch.arange(32 * 4, dtype=torch.float32).view(32, 4)
+    packed = cpu_kernel.pack(w)  # [N/16, K/2, 16, 2]: block, input pair, output in the block, the pair's two
+    assert packed.shape == (2, 2, 16, 2)
+    assert packed[1, 1, 3].tolist() == [w[16 + 3, 2].item(), w[16 + 3, 3].item()]
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """The module as before its first build, building into an empty directory."""
+    monkeypatch.setattr(cpu_kernel, "_function", None)
+    monkeypatch.setattr(cpu_kernel, "_failure", None)
+    monkeypatch.setattr(cpu_kernel, "USE", True)
+    monkeypatch.setenv(cpu_kernel.DIR_ENV, str(tmp_path))
+    return tmp_path
+
+
+@needs_kernel
+def test_a_build_is_kept_and_reused(fresh, monkeypatch):
+    assert cpu_kernel.available()
+    (library,) = fresh.glob("few_rows-*.so")
+    assert list(fresh.iterdir()) == [library]  # no partial file left
+    monkeypatch.setattr(cpu_kernel, "_function", None)  # a new process, say
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(cpu_kernel.subprocess, "run", no_compiling)
+    assert cpu_kernel.available() and list(fresh.iterdir()) == [library]
+
+
+@needs_kernel
+@pytest.mark.parametrize("failure", ["compiler", "wrong answer"])
+def test_a_failed_build_warns_once_and_the_products_stay_onednns(failure, fresh, monkeypatch):
+    if failure == "compiler":
+        monkeypatch.setenv("CXX", "false")  # exits 1
+    else:
+        real_load = cpu_kernel._load
+
+        def a_kernel_with_a_bug(library):
+            function = real_load(library)
+
+            def wrong(x, m, p, bias, out, n, k, threads):
+                function(x, m, p, bias, out, n, k, threads)
+                words = (ctypes.c_int16 * (m * n)).from_address(out)
+                torch.frombuffer(words, dtype=torch.int16).bitwise_xor_(0x40)  # each output's top mantissa bit
+
+            return wrong
+
+        monkeypatch.setattr(cpu_kernel, "_load", a_kernel_with_a_bug)
+    with pytest.warns(UserWarning, match="CPU kernel is off"):
+        assert not cpu_kernel.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu_kernel.available()  # warned once
+        w, x = bf16(2048, 512, seed=0), bf16(2, 512, seed=1)
+        with torch.no_grad():
+            out = L.linear(x, w)
+        assert L._packed[w][1] == "onednn" and torch.equal(out, F.linear(x, w))
+
+
+def test_where_it_does_not_apply(fresh, monkeypatch):
+    monkeypatch.setenv(cpu_kernel.ENV, "0")
+    assert not cpu_kernel.available()
+    monkeypatch.setenv(cpu_kernel.ENV, "yes")
+    with pytest.raises(ValueError, match="NANOSEEK_CPU_KERNEL"):
+        cpu_kernel.available()
+    monkeypatch.delenv(cpu_kernel.ENV)
+    monkeypatch.setattr(cpu_kernel.precision, "cpu_bf16_instructions", lambda: "AMX")
+    assert not cpu_kernel.available() and not list(fresh.iterdir())  # nothing built
