@@ -128,3 +128,21 @@ def test_where_it_does_not_apply(fresh, monkeypatch):
     monkeypatch.delenv(cpu_kernel.ENV)
     monkeypatch.setattr(cpu_kernel.precision, "cpu_bf16_instructions", lambda: "AMX")
     assert not cpu_kernel.available() and not list(fresh.iterdir())  # nothing built
+
+
+@needs_kernel
+def test_linear_packs_for_the_kernel_in_use(monkeypatch):
+    """`model.linear` multiplies a 2 MiB bf16 weight through ours; with USE off, the same weight is packed again for
+    oneDNN at its next product (not multiplied through a copy laid out for the other kernel), and back."""
+    w, x = bf16(2048, 512, seed=0), bf16(3, 512, seed=1)
+    want = x.double() @ w.double().T
+    for use, kernel in ((True, "ours"), (False, "onednn"), (True, "ours")):
+        monkeypatch.setattr(cpu_kernel, "USE", use)
+        with torch.no_grad():
+            out = L.linear(x, w)
+        assert L._packed[w][1] == kernel
+        torch.testing.assert_close(out.double(), want, rtol=2**-8, atol=1e-6)
+    odd = bf16(2040, 512, seed=2)  # not whole blocks of 16 outputs: oneDNN's, with ours on
+    with torch.no_grad():
+        L.linear(x, odd)
+    assert L._packed[odd][1] == "onednn"

@@ -38,7 +38,8 @@ ENV = "NANOSEEK_CPU_KERNEL"
 DIR_ENV = "NANOSEEK_KERNEL_DIR"
 SOURCE = Path(__file__).with_name("few_rows.cpp")
 USE = True
-"""Set to False to keep oneDNN's prepacked kernel (benchmarks and tests compare both)."""
+"""Set to False for oneDNN's prepacked kernel (weights packed for ours are packed again for it at their next product;
+benchmarks and tests compare both)."""
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
 _lock = threading.Lock()
@@ -47,8 +48,13 @@ _failure: str | None = None
 
 
 def fits(weight: Tensor) -> bool:
-    """Whether a [N, K] weight has the kernel's shape: N a multiple of 16 (one packed block), K even (a pair)."""
-    return weight.dim() == 2 and weight.shape[0] % 16 == 0 and weight.shape[1] % 2 == 0
+    """Whether a [N, K] weight has the kernel's shape (`fits_shape`)."""
+    return weight.dim() == 2 and fits_shape(*weight.shape)
+
+
+def fits_shape(n: int, k: int) -> bool:
+    """N outputs a multiple of 16 (whole packed blocks), K inputs even (whole pairs)."""
+    return n % 16 == 0 and k % 2 == 0
 
 
 def pack(weight: Tensor) -> Tensor:
@@ -124,7 +130,8 @@ def _build() -> Path:
             [compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300
         )
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-300:]}")
+            last = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            raise RuntimeError(f"{compiler} failed: {last[0][:300]}")
         os.replace(partial, library)  # another process building the same file wrote the same bytes
     finally:
         if os.path.exists(partial):
@@ -156,4 +163,4 @@ def _check() -> None:
             raise AssertionError(f"the built kernel's product at {m} rows is off by {err:.3g}")
 
 
-__all__ = ["ENV", "USE", "available", "fits", "pack", "product"]
+__all__ = ["ENV", "USE", "available", "fits", "fits_shape", "pack", "product"]

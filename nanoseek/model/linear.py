@@ -194,19 +194,21 @@ def _packed_weights(weights: list[Tensor]) -> tuple[str, Tensor] | None:
         return None
     key = tuple((id(w), w._version, w.data_ptr()) for w in weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
+    rows = sum(w.shape[0] for w in weights)
+    kernel = "ours" if cpu_kernel.fits_shape(rows, weights[0].shape[1]) and cpu_kernel.available() else "onednn"
     with _lock:
         hit = _packed.get(weights[0])
-        if hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == key and hit[1] == kernel:
             return hit[1], hit[2]
         held = sum(entry[-1] for entry in _packed.values()) - (hit[-1] if hit is not None else 0)
         if held + nbytes > PACKED_MAX_MEMORY_FRACTION * _machine_bytes():
             return None
         stacked = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
-        if cpu_kernel.fits(stacked) and cpu_kernel.available():
-            kernel, packed = "ours", cpu_kernel.pack(stacked)
+        if kernel == "ours":
+            packed = cpu_kernel.pack(stacked)
         else:
             try:
-                kernel, packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(stacked, None)
+                packed = torch.ops.mkldnn._reorder_linear_weight(stacked, None)
             except RuntimeError as e:  # an unsupported build or processor: F.linear from now on
                 _AVAILABLE = False
                 warnings.warn(f"oneDNN's prepacked bf16 linear failed ({e}); using F.linear", stacklevel=3)
