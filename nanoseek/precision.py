@@ -15,7 +15,8 @@ weights do not fit in the last-level cache: a decode step then reads every weigh
 bf16 halves those bytes (the 100M `small` preset decodes 1.5-2x faster), while weights that fit are
 read from the cache at no such cost and bf16's conversions make the 0.85M `tiny` presets slower.
 Those bf16 weights are multiplied through prepacked copies where a weight is large enough (`model.linear`:
-oneDNN otherwise reorders each weight at every call; `small` at one row 96-99 -> 163-181 tok/s).
+oneDNN otherwise reorders each weight at every call; `small` at one row 96-99 -> 163-181 tok/s), laid out for
+nanoseek's own few-rows kernel on a CPU with AVX-512 BF16 and no AMX (`model.cpu_kernel`: 2-8 rows 1.1-1.4x more).
 
 The engine's KV cache (`kv_cache_dtype`): bf16 on CUDA; on a CPU with native bf16, bf16 for a float32 model
 whose float32 cache would not fit in the last-level cache, for the same reason: every decode step reads the keys
