@@ -65,6 +65,10 @@ def pack(weight: Tensor) -> Tensor:
 
 def product(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [..., K] (bf16) times the packed weight's [N, K] transposed, plus bias [N] (bf16): [..., N] bf16."""
+    return _product(_function, x, packed, bias)
+
+
+def _product(function, x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     N, K = packed.shape[0] * 16, packed.shape[1] * 2
     flat = x.dim() == 2 and x.is_contiguous()  # the decode step's rows: no reshape, no view (~1 us each)
     rows = x if flat else x.reshape(-1, K).contiguous()
@@ -72,7 +76,7 @@ def product(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
     if rows.shape[0]:
         bias_ptr = None if bias is None else bias.contiguous().data_ptr()
         threads = torch.get_num_threads()
-        _function(rows.data_ptr(), rows.shape[0], packed.data_ptr(), bias_ptr, out.data_ptr(), N, K, threads)
+        function(rows.data_ptr(), rows.shape[0], packed.data_ptr(), bias_ptr, out.data_ptr(), N, K, threads)
     return out if flat else out.view(*x.shape[:-1], N)
 
 
@@ -89,10 +93,11 @@ def available() -> bool:
     with _lock:
         if _function is None and _failure is None:
             try:
-                _function = _load(_build())
-                _check()
+                function = _load(_build())
+                _check(function)
+                _function = function  # only a checked kernel is ever seen by another thread
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as e:
-                _function, _failure = None, f"{type(e).__name__}: {str(e).strip()[:300]}"
+                _failure = f"{type(e).__name__}: {str(e).strip()[:300]}"
                 warnings.warn(f"nanoseek's CPU kernel is off, products stay oneDNN's: {_failure}", stacklevel=2)
     return _function is not None
 
@@ -148,7 +153,7 @@ def _load(library: Path):
     return function
 
 
-def _check() -> None:
+def _check(function) -> None:
     """One product of every row count the kernel specialises (1-9) against float64, on odd sizes (a lone last
     block of 16 outputs): a build that miscomputes is not used."""
     g = torch.Generator().manual_seed(0)
@@ -158,7 +163,7 @@ def _check() -> None:
     packed = pack(w)
     for m in range(1, 10):
         want = x[:m].double() @ w.double().T + b.double()
-        got = product(x[:m], packed, b).double()
+        got = _product(function, x[:m], packed, b).double()
         err = (got - want).abs().max().item()
         if not err <= 2**-7 * want.abs().max().item() + 1e-3:
             raise AssertionError(f"the built kernel's product at {m} rows is off by {err:.3g}")
