@@ -11,7 +11,7 @@ it), oneDNN's prepacked kernel (`torch.ops.mkldnn._linear_pointwise` on `_reorde
 three run one after another in every round, the order turned around every other round, so the machine's drifting
 memory rate (up to 2x within minutes on the 2-core VM) falls on all of them; each row reports the median round, the
 weight bytes read per second and the arithmetic rate, and the ratio to oneDNN's prepacked kernel per round. Every
-product is checked once against float64. The last line is one JSON object.
+way's first products are checked against F.linear in float32. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.decode_floor import check_product
 from nanoseek.errors import InputError
 from nanoseek.host import keep_freed_memory
 from nanoseek.model import cpu_kernel, get_preset
@@ -48,7 +49,7 @@ def step_shapes(preset: str) -> list[tuple[int, int]]:
 
 
 def ways(weights: list[Tensor], rows: int) -> dict[str, Callable[[], None]]:
-    """Each way of making the step's products at `rows` rows, checked once against float64."""
+    """Each way of making the step's products at `rows` rows, checked once (`decode_floor.check_product`)."""
     inputs = {k: torch.randn(rows, k).to(torch.bfloat16) for k in {w.shape[1] for w in weights}}
     calls: dict[str, list[Callable[[], Tensor]]] = {
         "f_linear": [lambda x=inputs[w.shape[1]], w=w: F.linear(x, w) for w in weights]
@@ -64,12 +65,9 @@ def ways(weights: list[Tensor], rows: int) -> dict[str, Callable[[], None]]:
         calls["nanoseek_kernel"] = [
             lambda x=inputs[w.shape[1]], p=p: cpu_kernel.product(x, p) for w, p in zip(weights, ours)
         ]
-    for name, products in calls.items():
+    for products in calls.values():
         for w, product in list(zip(weights, products))[:5]:
-            x = inputs[w.shape[1]]
-            want = x.double() @ w.double().T
-            if not torch.allclose(product().double(), want, rtol=2**-7, atol=1e-3):
-                raise RuntimeError(f"{name}: the {tuple(w.shape)} product at {rows} rows differs from float64's")
+            check_product(product(), inputs[w.shape[1]], w)
     return {name: (lambda products=products: [p() for p in products]) for name, products in calls.items()}
 
 

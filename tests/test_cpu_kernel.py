@@ -53,6 +53,10 @@ def test_rows_of_any_leading_shape_and_none():
     assert got.shape == (3, 5, 64)
     torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=2**-8, atol=1e-6)
     assert cpu_kernel.product(x[:0], packed).shape == (0, 5, 64)
+    with pytest.raises(ValueError, match="must be bf16"):  # the kernel would read float32 bytes as bf16 pairs
+        cpu_kernel.product(x.float(), packed)
+    with pytest.raises(ValueError, match="must be bf16"):  # or read past the row's end
+        cpu_kernel.product(x[..., :16], packed)
 
 
 def test_the_shapes_it_takes():

@@ -70,6 +70,8 @@ def product(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def _product(function, x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     N, K = packed.shape[0] * 16, packed.shape[1] * 2
+    if x.dtype != torch.bfloat16 or x.shape[-1] != K:  # the kernel reads raw memory: a wrong input is not an error
+        raise ValueError(f"cpu_kernel.product: x must be bf16 [..., {K}], got {x.dtype} {tuple(x.shape)}")
     flat = x.dim() == 2 and x.is_contiguous()  # the decode step's rows: no reshape, no view (~1 us each)
     rows = x if flat else x.reshape(-1, K).contiguous()
     out = torch.empty((rows.shape[0], N), dtype=torch.bfloat16)
