@@ -210,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compile", choices=["on", "off", "auto"], default="on", help="CPU: nanoseek's compiled decode step"
     )
+    p.add_argument(
+        "--eager-too",
+        action="store_true",
+        help="CUDA: also time the engine without CUDA graphs (what they buy; slow: ~60 ms a step at small on an H200)",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: must be >= 1")
@@ -326,8 +331,14 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # --- warm-ups: every configuration once (the engine eagerly too on CUDA, to show what the graphs buy)
-    variants = [("nanoseek", True)] + ([("nanoseek (no graphs)", False)] if device.type == "cuda" else [])
+    def warmed(impl: str, batch: int, seconds: float) -> None:
+        """A progress line per warm-up: where the time went when a run is cut by its timeout."""
+        print(f"{impl:>22} batch {batch:>4}: warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    # --- warm-ups: every configuration once (with --eager-too on CUDA the engine without graphs as well)
+    variants = [("nanoseek", True)] + (
+        [("nanoseek (no graphs)", False)] if device.type == "cuda" and args.eager_too else []
+    )
     engines = []
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     for name, graphs in variants:
@@ -351,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # reported in the JSON; the other configurations run
                 failed(name, batch, e)
                 continue
+            warmed(name, batch, warmup)
             graph_status[name] = status = engine.cuda_graph_status()
             extra: dict[str, object] = dict(dtype=str(dtype).removeprefix("torch."))
             if device.type == "cpu":
@@ -373,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
                 call = hf_call(hf, all_prompts[:batch].to(device), new_tokens, cache)
                 check = partial(check_hf, length=prompt_len + new_tokens)
                 try:
+                    warmup = time.perf_counter()
                     with torch.inference_mode():
                         check(call())
+                    warmed(name, batch, time.perf_counter() - warmup)
                 except Exception as e:  # reported in the JSON; the other configurations run
                     failed(name, batch, e)
                     continue

@@ -5,9 +5,10 @@
 #
 # That image (Python 3.12, no network) already has torch, transformers, accelerate, safetensors, tokenizers,
 # jinja2, tqdm, numpy, pyarrow, pandas, matplotlib, sympy, psutil, xxhash, fsspec, huggingface-hub, pyyaml
-# and pytest. Missing there: math-verify (a nanoseek dependency) and TRL (the RL benchmark's peer), with the
-# packages they need that the image lacks. Pinned, one version each (two versions of one package stop the
-# whole install); --no-deps, so every needed package is named here.
+# and pytest. Missing there: math-verify and the server's packages (nanoseek dependencies; 2026-12-04: no
+# starlette there, so the serve tests failed to import) and TRL (the RL benchmark's peer), with the packages they
+# need that the image lacks. Pinned, one version each (two versions of one package stop the whole install);
+# --no-deps, so every needed package is named here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,14 @@ WHEELS=(
     math-verify==0.9.0             # nanoseek (rewards)
     latex2sympy2_extended==1.11.0  # math-verify
     antlr4-python3-runtime==4.13.2 # latex2sympy2_extended
+    starlette==1.10.0              # nanoseek (serve; tests/test_serve*.py import it)
+    uvicorn==0.55.0                # nanoseek (serve)
+    httptools==0.9.0               # uvicorn's HTTP parser, as `nanoseek serve` runs it
+    pydantic==2.14.4               # nanoseek (serve schemas)
+    pydantic-core==2.50.5          # pydantic
+    annotated-types==0.8.0         # pydantic
+    typing-inspection==0.4.5       # pydantic
+    typing-extensions==4.16.0      # pydantic-core needs >= 4.16 (the image's may be older)
 )
 
 PY=${PYTHON:-.venv/bin/python}

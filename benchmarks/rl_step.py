@@ -34,12 +34,12 @@ timed steps (reset after the warmup; weights, optimizer states, KV cache and gra
 cpu_s (both sides) / rollout_cpu_s (nanoseek): the process's CPU seconds (all its threads) per step / per
 rollout, a figure that moves less than wall time when other processes share the cores (trl_over_nanoseek_cpu:
 the rounds' median ratio of it).
-With `--compile on` (the default) nanoseek's engine decodes on CPU through its torch.compile'd step from the
+With `--compile on` (the default on CPU) nanoseek's engine decodes on CPU through its torch.compile'd step from the
 first (warm-up) step, what a `nanoseek rl` run does from its 512th decode step on (docs/LOG.md, 2026-12-02,
 sixth session), and the update's gradient passes run a compiled forward (`update.compiled_hidden_states`), what
 `nanoseek rl --set train.compile=true` does; both compile during the warm-up step. `compiled` in its figures
-says whether the engine did. `--compile auto`: the engine as `nanoseek rl` decides, the update eager (its
-default); `off`: neither compiled.
+says whether the engine did. `--compile auto` (the default on CUDA, where compiling the update took 126 s on an
+H200): the engine as `nanoseek rl` decides, the update eager (its default); `off`: neither compiled.
 The process keeps freed memory for reuse, as the `nanoseek` command does (`nanoseek.host`, process-wide, so for
 both sides; `malloc_keeps_freed` in the figures).
 nanoseek's `cuda_graphs` says whether its engine's decode steps replayed CUDA graphs (and if not,
@@ -326,10 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compile",
         choices=["on", "off", "auto"],
-        default="on",
-        help="nanoseek on: the engine's compiled CPU decode step from the first step and the update's compiled "
-        "forward (train.compile); auto: the engine as `nanoseek rl` decides (after 512 decode steps), the update "
-        "eager; off: neither",
+        default=None,
+        help="nanoseek on (the default on CPU): the engine's compiled CPU decode step from the first step and the "
+        "update's compiled forward (train.compile); auto (the default elsewhere): the engine as `nanoseek rl` "
+        "decides (after 512 decode steps on CPU; CUDA graphs on CUDA), the update eager; off: neither",
     )
     p.add_argument(
         "--quick",
@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = pick_device(args.device)
+    if args.compile is None:  # on CUDA the compiled update took 126 s to build (H200, 2026-12-04): not by default
+        args.compile = "on" if device.type == "cpu" else "auto"
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     kept_freed = keep_freed_memory()  # as the `nanoseek` command does (nanoseek/host.py); for both sides

@@ -239,3 +239,5 @@ def test_the_start_line_says_when_weights_are_packed(monkeypatch):
     assert L.describe_packing(Transformer(get_preset("tiny")).to(torch.bfloat16)) == ""  # every weight under 1 MiB
     monkeypatch.setattr(L, "USE_PACKED", False)
     assert L.describe_packing(big) == ""
+    monkeypatch.setattr(L, "USE_PACKED", True)
+    assert L.describe_packing(big.to("meta")) == ""  # weights off the CPU (a CUDA model's line said so until 12-04)

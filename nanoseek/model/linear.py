@@ -122,11 +122,11 @@ class Linear(nn.Linear):
 
 
 def _weights_packable(weights: list[Tensor]) -> bool:
-    """What the weights alone decide: packing on and available, 2-D bf16 weights of PACKED_MIN_BYTES together."""
+    """What the weights alone decide: packing on and available, 2-D bf16 CPU weights of PACKED_MIN_BYTES together."""
     return (
         USE_PACKED
         and _AVAILABLE
-        and all(w.dtype == torch.bfloat16 and w.dim() == 2 for w in weights)
+        and all(w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu" for w in weights)
         and sum(w.numel() * w.element_size() for w in weights) >= PACKED_MIN_BYTES
     )
 
