@@ -10,7 +10,8 @@
 #   cuda_tests          pytest tests -k cuda (the tests that skip without CUDA)
 #   moe_kernel_check    torch._grouped_mm path vs the float64 padded-bmm path: forward and gradients
 #   moe_layer           benchmarks/moe_layer.py at D=2048 F=1408 E=64 top-6, 16384 tokens (issue 2)
-#   train_step          benchmarks/train_step.py: small-moe, moe-1b, Qwen3-MoE 1.3B shape vs transformers (issue 3)
+#   train_step          benchmarks/train_step.py: small-moe, moe-1b, Qwen3-MoE 1.3B shape vs transformers (issue 3),
+#                       each run's costliest kernels (--profile 12)
 #   generate_small      benchmarks/generate.py --preset small: batch 1/128, 64 + 256 tokens, vs transformers
 #   rl_step             benchmarks/rl_step.py --preset small: 8 prompts x 8 samples x 256 tokens, vs TRL
 #   generate_small_moe  benchmarks/generate.py --preset small-moe
@@ -171,8 +172,8 @@ for part in $PARTS; do
         [ -n "${QUICK:-}" ] && args=()
         run_part "$part" 90 moe_layer.log "$PY" benchmarks/moe_layer.py "${DEV[@]}" "${args[@]}"
         ;;
-    train_step) run_part "$part" 180 train_step.log "$PY" benchmarks/train_step.py "${DEV[@]}" ;;
-    generate_small) run_part "$part" 150 generate.log "$PY" benchmarks/generate.py "${DEV[@]}" "${GEN[@]}" --preset small ;;
+    train_step) run_part "$part" 180 train_step.log "$PY" benchmarks/train_step.py "${DEV[@]}" --profile 12 ;;
+    generate_small) run_part "$part" 200 generate.log "$PY" benchmarks/generate.py "${DEV[@]}" "${GEN[@]}" --preset small ;;
     rl_step) run_part "$part" 150 rl_step.log "$PY" benchmarks/rl_step.py "${DEV[@]}" "${RL[@]}" --preset small ;;
     generate_small_moe)
         run_part "$part" 150 generate.log "$PY" benchmarks/generate.py "${DEV[@]}" "${GEN[@]}" --preset small-moe
@@ -217,6 +218,9 @@ for line in open(sys.argv[1]):
             mem = f"{row['peak_mem_gb']} GiB" if row.get("peak_mem_gb") is not None else "-"
             print(f"{tag} {row['tokens_per_s']:>10,.0f} tok/s  MFU {mfu:>6}  {mem}{kern}"
                   + (" NON-FINITE" if not row["finite"] else ""))
+            if prof := row.get("profile"):  # --profile: how busy the GPU was, the three costliest kernels
+                busy = f"busy {100 * prof['device_busy']:.0f}%; " if "device_busy" in prof else ""
+                print("      " + busy + "; ".join(f"{e['name'][:50]} {100 * e['share']:.0f}%" for e in prof["top"][:3]))
         if r.get("speedup_vs_transformers"):
             print(f"  nanoseek/transformers on the Qwen3-MoE shape: {r['speedup_vs_transformers']}")
     elif name.startswith("generate"):

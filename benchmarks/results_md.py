@@ -83,6 +83,11 @@ def section(out: Path) -> str:
                 if impl == "nanoseek" and ours is not None and theirs is not None:
                     ok = "meets the goal" if ours <= theirs else f"misses: {ours / theirs:.2f}x theirs"
                     lines.append(f"Peak memory, Qwen3-MoE shape, {precision}: {ours} vs {theirs} GiB: {ok}.")
+            for row in r["results"]:  # train_step.py --profile: where one step's time went
+                if prof := row.get("profile"):
+                    busy = f", kernels fill {100 * prof['device_busy']:.0f}% of a step" if "device_busy" in prof else ""
+                    top = "; ".join(f"{e['name'][:60]} {100 * e['share']:.0f}%" for e in prof["top"][:5])
+                    lines.append(f"Profile, {row['model']} {row['impl']} {row['precision']}{busy}: {top}.")
             lines.append("")
     for name in ("generate_small", "generate_small_moe"):
         if r := result(name):

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                                   # all three models, seq 2048, batch 8
     python benchmarks/train_step.py --presets moe-1b --precisions amp # the issue's MFU figure alone
     python benchmarks/train_step.py --compile --presets moe-1b        # the same through torch.compile
+    python benchmarks/train_step.py --presets moe-1b --profile 15     # and where its step's time goes
     python benchmarks/train_step.py --quick --device cpu              # tiny shapes on CPU (seconds)
 
 One step = forward with the loss (cross-entropy, logits upcast to float32, as both libraries compute it),
@@ -37,7 +38,10 @@ the median of the rounds' ratios (`speedup_rounds`). MFU =
 flops_per_token(seq-len) (nanoseek's accounting: 6 x active matmul parameters + attention, the same for
 both sides of the peer shape) x tokens/s / peak dense bf16 FLOP/s of the GPU (by name; --peak-tflops
 otherwise). Peak memory: torch.cuda.max_memory_allocated from the model's build to the last step. A run
-that runs out of memory is reported as such and the next one starts. The last line is one JSON object.
+that runs out of memory is reported as such and the next one starts. With --profile N each run then profiles one
+more step: its N costliest kernels (CUDA) or operations (CPU) go to stderr and into its row (`profile`), with
+`device_busy` on CUDA: the kernels' time over the median step (under 1: the host's launches set the pace).
+The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -285,7 +291,52 @@ def run_one(model_name: str, impl: str, precision: str, args, device: torch.devi
     if probe:
         row["moe_input_dtype"] = str(probe["dtype"]).removeprefix("torch.")
         row["moe_grouped_kernel"] = bool(probe["kernel"])
+    if args.profile:
+        row["profile"] = profile_step(partial(step, args.warmup + args.steps), device, args.profile, median)
+        print_profile(f"{model_name} {impl} {precision}", row["profile"])
     return row
+
+
+def profile_step(step: Callable[[], object], device: torch.device, top: int, step_s: float) -> dict:
+    """One more step under torch.profiler: the `top` entries by their own time (on CUDA the kernels' device time,
+    elsewhere the operations' CPU time), each with its share of the total, and on CUDA how much of a timed step
+    the kernels fill (`device_busy`: kernel time over the median step; well under 1 means the host's launches,
+    not the GPU, set the pace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+
+    def own_us(e) -> float:  # torch < 2.4 names the device time "cuda"
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    events = [e for e in prof.key_averages() if own_us(e) > 0]
+    total_us = sum(own_us(e) for e in events)
+    ranked = sorted(events, key=own_us, reverse=True)[:top]
+    out: dict = dict(
+        kind="kernels, own device time" if cuda else "operations, own CPU time",
+        total_ms=round(total_us / 1e3, 2),
+        top=[
+            dict(name=e.key[:100], ms=round(own_us(e) / 1e3, 3), share=round(own_us(e) / total_us, 4), calls=e.count)
+            for e in ranked
+        ],
+    )
+    if cuda:
+        out["device_busy"] = round(total_us / 1e6 / step_s, 3)
+    return out
+
+
+def print_profile(title: str, prof: dict) -> None:
+    busy = f", kernels fill {100 * prof['device_busy']:.0f}% of a step" if "device_busy" in prof else ""
+    print(f"  profile of one {title} step ({prof['kind']}: {prof['total_ms']:.1f} ms{busy}):", file=sys.stderr)
+    for e in prof["top"]:
+        print(f"    {100 * e['share']:5.1f}% {e['ms']:9.3f} ms {e['calls']:6d}x  {e['name']}", file=sys.stderr)
 
 
 def count(n: int) -> str:
@@ -345,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="tiny shapes (d_model 64, 2 layers), seq 64, batch 2")
     p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile one more step of each run: its N costliest kernels (CUDA) or operations",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=None,
@@ -365,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds if args.rounds is not None else (6 if args.quick else 1)
     if args.rounds < 1:
         p.error(f"--rounds {args.rounds}: must be >= 1")
+    if args.profile < 0:
+        p.error(f"--profile {args.profile}: must be >= 0 (0: no profile)")
     if args.compile and args.warmup < 1:
         p.error("--compile needs --warmup >= 1 (the first step compiles)")
     precisions = (args.precisions or ("amp,bf16" if device.type == "cuda" else "amp")).split(",")
