@@ -16,8 +16,10 @@ Each configuration runs once to warm up (CUDA graph capture, compilation; nanose
 its own graph is compiled, `engine.compiled.ONE_ROW_GRAPH_AFTER`), then `--repeats` rounds (default 3): each
 round times one call of every configuration, nanoseek's and transformers' alike, the order reversed every other
 round; on a CPU each timed call follows an untimed one of the same configuration, so it runs in its own steady
-state (caches warm with its weights), not in the state the other configuration's call left. A row reports its
-median call; `vs_best_transformers` is, per batch size, the median over rounds of
+state (caches warm with its weights), not in the state the other configuration's call left. On CUDA each
+configuration's first round is timed right after its warm-up, with a JSON line after it (a run cut during a later
+configuration's slow warm-up still reports the earlier ones; a GPU's speed does not drift as the CPU's does).
+A row reports its median call; `vs_best_transformers` is, per batch size, the median over rounds of
 nanoseek's rate over the best transformers configuration's in the same round (`vs_best_transformers_rounds`
 lists them). Rounds, because the speed of a shared 2-core VM drifts by up to 2x within minutes, and timing one
 side's calls minutes after the other's moved the ratio with it (docs/LOG.md, 2026-12-03, fifteenth session).
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             peers = [c for c in contestants if c.impl.startswith("transformers") and c.batch == batch and c.times]
             if ours is None or not peers:
                 continue
-            rounds = min(len(c.times) for c in (ours, *peers))
+            rounds = min(len(c.times) for c in (ours, *peers))  # a peer stopped by an error may have fewer
             out[batch] = [min(c.times[r] for c in peers) / ours.times[r] for r in range(rounds)]
         return out
 
@@ -335,6 +337,23 @@ def main(argv: list[str] | None = None) -> int:
         """A progress line per warm-up: where the time went when a run is cut by its timeout."""
         print(f"{impl:>22} batch {batch:>4}: warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
 
+    def enter(c: Contestant) -> None:
+        """A warmed-up configuration joins the rounds. On CUDA its first round is timed now, with a JSON line after
+        it: a GPU's speed does not drift as the shared CPU's does, and a run cut during a slow warm-up (each batch
+        size costs transformers' static cache a compile) still reports the configurations before it."""
+        contestants.append(c)
+        if device.type != "cuda":
+            return
+        try:
+            with torch.inference_mode():
+                elapsed, c.peak_mb = timed_call(c, device)
+        except Exception as e:  # this configuration stops; the others run on
+            c.failed = True
+            failed(c.impl, c.batch, e)
+            return
+        c.times.append(elapsed)
+        report(complete=False)
+
     # --- warm-ups: every configuration once (with --eager-too on CUDA the engine without graphs as well)
     variants = [("nanoseek", True)] + (
         [("nanoseek (no graphs)", False)] if device.type == "cuda" and args.eager_too else []
@@ -364,13 +383,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             warmed(name, batch, warmup)
             graph_status[name] = status = engine.cuda_graph_status()
-            extra: dict[str, object] = dict(dtype=str(dtype).removeprefix("torch."))
+            extra: dict[str, object] = dict(dtype=str(dtype).removeprefix("torch."), warmup_s=round(warmup, 2))
             if device.type == "cpu":
                 compiled_status.update(compiled=engine.compiling, failure=compiled.COMPILED.failure)
-                extra.update(compiled=engine.compiling, warmup_s=round(warmup, 2))
+                extra.update(compiled=engine.compiling)
             else:
                 extra.update(cuda_graphs=status["enabled"] and status["captured"] > 0)  # steps replayed graphs
-            contestants.append(Contestant(name, batch, call, partial(check_engine, new_tokens=new_tokens), extra))
+            enter(Contestant(name, batch, call, partial(check_engine, new_tokens=new_tokens), extra))
 
     hf_models = []  # held until the end: every configuration is timed in every round
     for hf_dtype in [] if args.no_hf else hf_dtypes:
@@ -388,15 +407,17 @@ def main(argv: list[str] | None = None) -> int:
                     warmup = time.perf_counter()
                     with torch.inference_mode():
                         check(call())
-                    warmed(name, batch, time.perf_counter() - warmup)
+                    warmup = time.perf_counter() - warmup
                 except Exception as e:  # reported in the JSON; the other configurations run
                     failed(name, batch, e)
                     continue
-                contestants.append(Contestant(name, batch, call, check, {}))
+                warmed(name, batch, warmup)
+                enter(Contestant(name, batch, call, check, dict(warmup_s=round(warmup, 2))))
     report(complete=False)
 
     # --- the timed rounds: one call of every configuration per round, the order reversed every other round
-    for r in range(args.repeats):
+    first = 1 if device.type == "cuda" else 0  # CUDA timed each configuration's first round as it entered
+    for r in range(first, args.repeats):
         for c in contestants if r % 2 == 0 else contestants[::-1]:
             if c.failed:
                 continue
