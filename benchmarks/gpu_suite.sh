@@ -173,7 +173,9 @@ for part in $PARTS; do
         run_part "$part" 90 moe_layer.log "$PY" benchmarks/moe_layer.py "${DEV[@]}" "${args[@]}"
         ;;
     train_step) run_part "$part" 180 train_step.log "$PY" benchmarks/train_step.py "${DEV[@]}" --profile 12 ;;
-    generate_small) run_part "$part" 200 generate.log "$PY" benchmarks/generate.py "${DEV[@]}" "${GEN[@]}" --preset small ;;
+    generate_small)
+        run_part "$part" 200 generate.log "$PY" benchmarks/generate.py "${DEV[@]}" "${GEN[@]}" --preset small
+        ;;
     rl_step) run_part "$part" 150 rl_step.log "$PY" benchmarks/rl_step.py "${DEV[@]}" "${RL[@]}" --preset small ;;
     generate_small_moe)
         run_part "$part" 150 generate.log "$PY" benchmarks/generate.py "${DEV[@]}" "${GEN[@]}" --preset small-moe
