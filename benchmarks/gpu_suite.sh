@@ -6,17 +6,18 @@
 #   PARTS="train_step rl_step" bash benchmarks/gpu_suite.sh   # some parts only (names below)
 #   QUICK=1 PYTHON=.venv/bin/python bash benchmarks/gpu_suite.sh   # CPU smoke of the plumbing (--quick shapes)
 #
-# Parts, in this order (the most wanted first, so a deadline cuts the least wanted):
+# Parts, in this order (the most wanted first, so a deadline cuts the least wanted; the figures never measured on a
+# GPU before those measured on 2026-12-04, the H200 run in benchmarks/RESULTS.md):
 #   cuda_tests          pytest tests -k cuda (the tests that skip without CUDA)
 #   moe_kernel_check    torch._grouped_mm path vs the float64 padded-bmm path: forward and gradients
-#   moe_layer           benchmarks/moe_layer.py at D=2048 F=1408 E=64 top-6, 16384 tokens (issue 2)
-#   train_step          benchmarks/train_step.py: small-moe, moe-1b, Qwen3-MoE 1.3B shape vs transformers (issue 3),
-#                       each run's costliest kernels (--profile 12)
 #   generate_small      benchmarks/generate.py --preset small: batch 1/128, 64 + 256 tokens, vs transformers
 #   rl_step             benchmarks/rl_step.py --preset small: 8 prompts x 8 samples x 256 tokens, vs TRL
+#   train_step          benchmarks/train_step.py: small-moe, moe-1b, Qwen3-MoE 1.3B shape vs transformers (issue 3),
+#                       each run's costliest kernels (--profile 12)
+#   moe_layer           benchmarks/moe_layer.py at D=2048 F=1408 E=64 top-6, 16384 tokens (issue 2)
 #   generate_small_moe  benchmarks/generate.py --preset small-moe
+#   serve               benchmarks/serve.py --preset small: 1/8/32/128 streaming HTTP clients vs the engine alone
 #   train_step_compiled benchmarks/train_step.py --compile on moe-1b and the Qwen3-MoE shape, bf16 (if time is left)
-#   serve               benchmarks/serve.py --preset small: 1/8/32 streaming HTTP clients vs the engine alone
 #
 # Wheels in .whl/ (benchmarks/gpu_wheels.sh) are installed first into /tmp/site; nanoseek is imported from the
 # checkout (PYTHONPATH), nothing is fetched. Under $OUT (./gpu_out when unset), 8 files at most:
@@ -29,7 +30,7 @@ START=$SECONDS
 DEADLINE=${DEADLINE:-540}
 OUT=${OUT:-gpu_out}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-cuda_tests moe_kernel_check moe_layer train_step generate_small rl_step generate_small_moe train_step_compiled serve}
+PARTS=${PARTS:-cuda_tests moe_kernel_check generate_small rl_step train_step moe_layer generate_small_moe serve train_step_compiled}
 mkdir -p "$OUT"
 rm -f "$OUT"/{suite,tests,moe_layer,train_step,generate,rl_step,serve}.log "$OUT/results.jsonl" # a local OUT is reused
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
