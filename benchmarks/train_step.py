@@ -311,10 +311,8 @@ def profile_step(step: Callable[[], object], device: torch.device, top: int, ste
         step()
         sync(device)
 
-    def own_us(e) -> float:  # torch < 2.4 names the device time "cuda"
-        if not cuda:
-            return e.self_cpu_time_total
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+    def own_us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
 
     events = [e for e in prof.key_averages() if own_us(e) > 0]
     total_us = sum(own_us(e) for e in events)
