@@ -107,7 +107,9 @@ def describe_packing(model: nn.Module) -> str:
     """A phrase for the precision line a command prints at its start: what `linear` does with this model's weights
     on a CPU; '' when the model has no bf16 `Linear` weight of PACKED_MIN_BYTES or more, or oneDNN's bf16 kernels
     are missing (or USE_PACKED is off)."""
-    if not any(_weights_packable([m.weight]) for m in model.modules() if isinstance(m, Linear)):
+    # CPU weights only: products on another device never pack (`_bf16_inference` reads x's device at each call).
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.weight.device.type == "cpu"]
+    if not any(_weights_packable([m.weight]) for m in linears):
         return ""
     size = f"{PACKED_MIN_BYTES >> 20} MiB"
     kernel = "nanoseek's AVX-512 BF16 kernel" if cpu_kernel.available() else "oneDNN's kernel"
@@ -122,11 +124,11 @@ class Linear(nn.Linear):
 
 
 def _weights_packable(weights: list[Tensor]) -> bool:
-    """What the weights alone decide: packing on and available, 2-D bf16 CPU weights of PACKED_MIN_BYTES together."""
+    """What the weights alone decide: packing on and available, 2-D bf16 weights of PACKED_MIN_BYTES together."""
     return (
         USE_PACKED
         and _AVAILABLE
-        and all(w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu" for w in weights)
+        and all(w.dtype == torch.bfloat16 and w.dim() == 2 for w in weights)
         and sum(w.numel() * w.element_size() for w in weights) >= PACKED_MIN_BYTES
     )
 
