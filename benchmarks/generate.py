@@ -337,22 +337,28 @@ def main(argv: list[str] | None = None) -> int:
         """A progress line per warm-up: where the time went when a run is cut by its timeout."""
         print(f"{impl:>22} batch {batch:>4}: warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
 
+    def time_once(c: Contestant) -> None:
+        """One round of c: its time and peak memory recorded, or on an error c stops and the others run on."""
+        try:
+            with torch.inference_mode():
+                if device.type == "cpu":  # untimed: back in its own steady state after the other's call
+                    c.call()
+                elapsed, peak = timed_call(c, device)
+        except Exception as e:
+            c.failed = True
+            failed(c.impl, c.batch, e)
+            return
+        c.times.append(elapsed)
+        c.peak_mb = max(c.peak_mb, peak)
+
     def enter(c: Contestant) -> None:
         """A warmed-up configuration joins the rounds. On CUDA its first round is timed now, with a JSON line after
         it: a GPU's speed does not drift as the shared CPU's does, and a run cut during a slow warm-up (each batch
         size costs transformers' static cache a compile) still reports the configurations before it."""
         contestants.append(c)
-        if device.type != "cuda":
-            return
-        try:
-            with torch.inference_mode():
-                elapsed, c.peak_mb = timed_call(c, device)
-        except Exception as e:  # this configuration stops; the others run on
-            c.failed = True
-            failed(c.impl, c.batch, e)
-            return
-        c.times.append(elapsed)
-        report(complete=False)
+        if device.type == "cuda":
+            time_once(c)
+            report(complete=False)
 
     # --- warm-ups: every configuration once (with --eager-too on CUDA the engine without graphs as well)
     variants = [("nanoseek", True)] + (
@@ -419,19 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     first = 1 if device.type == "cuda" else 0  # CUDA timed each configuration's first round as it entered
     for r in range(first, args.repeats):
         for c in contestants if r % 2 == 0 else contestants[::-1]:
-            if c.failed:
-                continue
-            try:
-                with torch.inference_mode():
-                    if device.type == "cpu":  # untimed: back in its own steady state after the other's call
-                        c.call()
-                    elapsed, peak = timed_call(c, device)
-            except Exception as e:  # this configuration stops; the others run on
-                c.failed = True
-                failed(c.impl, c.batch, e)
-                continue
-            c.times.append(elapsed)
-            c.peak_mb = max(c.peak_mb, peak)
+            if not c.failed:
+                time_once(c)
         report(complete=False)
     for engine in engines:
         engine.release()
