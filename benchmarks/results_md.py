@@ -38,10 +38,14 @@ def section(out: Path) -> str:
         p = parts.get(name)
         if p is None:
             return None
-        if p["rc"] != 0 or not p["result"] or "last_line" in p["result"]:
-            lines.append(f"**{name}**: rc={p['rc']} after {p['seconds']} s; {json.dumps(p['result'])[:300]}\n")
+        r = p["result"]
+        if p["timed_out"] and r and r.get("complete") is False:  # cut, but its JSON line so far has figures
+            lines.append(f"**{name}**: cut by its timeout after {p['seconds']} s; the figures it had reached:\n")
+            return r
+        if p["rc"] != 0 or not r or "last_line" in r:
+            lines.append(f"**{name}**: rc={p['rc']} after {p['seconds']} s; {json.dumps(r)[:300]}\n")
             return None
-        return p["result"]
+        return r
 
     if r := result("moe_layer"):
         g = r["results"]["grouped"]

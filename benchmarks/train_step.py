@@ -41,7 +41,8 @@ otherwise). Peak memory: torch.cuda.max_memory_allocated from the model's build 
 that runs out of memory is reported as such and the next one starts. With --profile N each run then profiles one
 more step: its N costliest kernels (CUDA) or operations (CPU) go to stderr and into its row (`profile`), with
 `device_busy` on CUDA: the kernels' time over the median step (under 1: the host's launches set the pace).
-The last line is one JSON object.
+After each model and precision a JSON line with every figure so far ("complete": false), so a run cut by a
+timeout still ends with one; the last line is the whole, with "complete": true.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ def profile_step(step: Callable[[], object], device: torch.device, top: int, ste
     def own_us(e) -> float:
         return e.self_device_time_total if cuda else e.self_cpu_time_total
 
-    events = [e for e in prof.key_averages() if own_us(e) > 0]
+    events = [e for e in prof.key_averages() if own_us(e) > 0 and (not cuda or is_device_work(e))]
     total_us = sum(own_us(e) for e in events)
     ranked = sorted(events, key=own_us, reverse=True)[:top]
     out: dict = dict(
@@ -328,6 +329,24 @@ def profile_step(step: Callable[[], object], device: torch.device, top: int, ste
     if cuda:
         out["device_busy"] = round(total_us / 1e6 / step_s, 3)
     return out
+
+
+# Device-side entries that are not work: CUPTI's overhead records, which span the time a launch waited.
+PROFILER_OVERHEAD = ("Command Buffer Full",)
+
+
+def is_device_work(e) -> bool:
+    """Whether a profiler entry is a kernel, copy or memset on the device. An operator (aten::mm) carries the
+    device time of the kernels it launched, so counting both counted every kernel twice (the first H200 run
+    showed kernels "filling" 200% of a step); a GPU user annotation (Optimizer.step#AdamW.step) spans kernels
+    counted on their own."""
+    from torch.autograd import DeviceType
+
+    return (
+        e.device_type != DeviceType.CPU
+        and not getattr(e, "is_user_annotation", False)
+        and e.key not in PROFILER_OVERHEAD
+    )
 
 
 def print_profile(title: str, prof: dict) -> None:
@@ -466,6 +485,33 @@ def main(argv: list[str] | None = None) -> int:
             )
         return row
 
+    def summary(complete: bool) -> dict:
+        # per precision, nanoseek tokens/s over transformers' on the peer shape (median of the rounds' ratios)
+        speedups = {p: round(statistics.median(v), 3) for p, v in ratio_rounds.items() if v}
+        return dict(
+            benchmark="train_step",
+            device=device_name,
+            capability=".".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else None,
+            torch=torch.__version__,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            warmup=args.warmup,
+            steps=args.steps,
+            compile=args.compile,
+            quick=args.quick,
+            threads=torch.get_num_threads() if device.type == "cpu" else None,
+            malloc_keeps_freed=kept_freed,
+            amp_dtype=str(autocast_dtype(device)).removeprefix("torch."),
+            cpu_bf16_instructions=cpu_bf16_instructions() if device.type == "cpu" else None,
+            peak_tflops=peak / 1e12 if peak else None,
+            peak_source=peak_source,
+            results=rows,
+            rounds=args.rounds,
+            speedup_vs_transformers=speedups,
+            speedup_rounds=ratio_rounds,
+            complete=complete,
+        )
+
     for name in names:
         impls = ["nanoseek"] + (["transformers"] if name == PEER and not args.no_hf else [])
         rounds = args.rounds if len(impls) == 2 else 1
@@ -483,42 +529,19 @@ def main(argv: list[str] | None = None) -> int:
                 if rounds > 1:
                     row["step_ms_rounds"] = [x["step_ms"] for x in runs[impl] if "error" not in x]
                 rows.append(row)
-            if len(impls) < 2:
-                continue
-            pairs = zip(runs["nanoseek"], runs["transformers"])
-            ratio_rounds[precision] = [
-                round(b["step_ms"] / a["step_ms"], 3) for a, b in pairs if "error" not in a and "error" not in b
-            ]
+            if len(impls) == 2:
+                pairs = zip(runs["nanoseek"], runs["transformers"])
+                ratio_rounds[precision] = [
+                    round(b["step_ms"] / a["step_ms"], 3) for a, b in pairs if "error" not in a and "error" not in b
+                ]
+            # every figure so far: a run cut by a timeout (a slow compile) still ends with a JSON line
+            print(json.dumps(summary(complete=False)), flush=True)
 
     print_table(rows)
-    # Per precision: nanoseek tokens/s over transformers' on the peer shape.
-    # (the median of the rounds' ratios with --rounds > 1)
-    speedups = {p: round(statistics.median(v), 3) for p, v in ratio_rounds.items() if v}
-    for precision, s in speedups.items():
-        print(f"{PEER} {precision}: nanoseek / transformers tokens/s = {s:.2f}x")
-    summary = dict(
-        benchmark="train_step",
-        device=device_name,
-        capability=".".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else None,
-        torch=torch.__version__,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        warmup=args.warmup,
-        steps=args.steps,
-        compile=args.compile,
-        quick=args.quick,
-        threads=torch.get_num_threads() if device.type == "cpu" else None,
-        malloc_keeps_freed=kept_freed,
-        amp_dtype=str(autocast_dtype(device)).removeprefix("torch."),
-        cpu_bf16_instructions=cpu_bf16_instructions() if device.type == "cpu" else None,
-        peak_tflops=peak / 1e12 if peak else None,
-        peak_source=peak_source,
-        results=rows,
-        rounds=args.rounds,
-        speedup_vs_transformers=speedups,
-        speedup_rounds=ratio_rounds,
-    )
-    print(json.dumps(summary))
+    final = summary(complete=True)
+    for precision, sp in final["speedup_vs_transformers"].items():
+        print(f"{PEER} {precision}: nanoseek / transformers tokens/s = {sp:.2f}x")
+    print(json.dumps(final))
     return 1 if failed else 0
 
 

@@ -47,3 +47,36 @@ def test_every_part_runs_and_the_summaries_read_its_figures(tmp_path):
     section = results_md.section(tmp_path)
     for heading in ("**MoE layer**", "**Training step**", "**Generation**", "**RL step**", "**Serving**"):
         assert heading in section, section
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_counts_each_kernel_once():
+    """On CUDA the profiler lists an operator (aten::mm) with the device time of the kernels it launched, the
+    kernels themselves, GPU user annotations spanning kernels, and CUPTI's overhead records. The first H200
+    run summed them all and reported kernels "filling" 200% of a step; only kernels, copies and memsets count."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(i, name, start, end, device_type=DeviceType.CUDA, **kw):
+        return FunctionEvent(i, name, 0, start, end, use_device="cuda", device_type=device_type, **kw)
+
+    mm = event(0, "aten::mm", 0, 5, device_type=DeviceType.CPU)
+    mm.append_kernel("sm90_gemm", 0, 30)
+    events = [
+        mm,
+        event(1, "sm90_gemm", 10, 40),  # the kernel mm launched: 30 us
+        event(2, "Memcpy HtoD (Pageable -> Device)", 40, 48),  # 8 us
+        event(3, "Optimizer.step#AdamW.step", 0, 48, is_user_annotation=True),
+        event(4, "Command Buffer Full", 0, 20),
+    ]
+    train_step = load_benchmark("train_step")
+    work = [e for e in events if train_step.is_device_work(e)]  # key_averages' entries carry the same fields
+    assert sorted(e.key for e in work) == ["Memcpy HtoD (Pageable -> Device)", "sm90_gemm"]
+    assert sum(e.self_device_time_total for e in work) == 38
+    assert sum(e.self_device_time_total for e in events) == 38 + 30 + 48 + 20  # what the first run summed
