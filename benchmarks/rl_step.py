@@ -28,8 +28,9 @@ each time from fresh weights, so a machine whose load drifts weighs on both alik
 pool its timed steps over the rounds, with per_round_s beside them, and `trl_over_nanoseek` is the median of
 the rounds' ratios of seconds per step (`trl_over_nanoseek_rounds`).
 
-Both time steady-state steps after --warmup steps. completion tokens/s = completion tokens of a
-step / seconds of the whole step. peak_mem_gb (CUDA): torch.cuda.max_memory_allocated over the
+Both time steady-state steps after --warmup steps (on CUDA, default 2: TRL's first step after one warm-up was
+still 4-5x its later ones on the H200). seconds_per_step = the median timed step (pooled over rounds); completion
+tokens/s = completion tokens of a step / that median. peak_mem_gb (CUDA): torch.cuda.max_memory_allocated over the
 timed steps (reset after the warmup; weights, optimizer states, KV cache and graph pools included).
 cpu_s (both sides) / rollout_cpu_s (nanoseek): the process's CPU seconds (all its threads) per step / per
 rollout, a figure that moves less than wall time when other processes share the cores (trl_over_nanoseek_cpu:
@@ -127,14 +128,17 @@ def build_rows(tokenizer: Tokenizer, n: int) -> list[dict]:
 
 
 def summarize(step_s: list[float], tokens: list[int], **extra: list[float]) -> dict:
-    mean_s = statistics.mean(step_s)
+    """A side's figures: the median timed step (a mean let one slow step, TRL's first timed step on the H200 at
+    29 s against 6-8 s after it, set the ratio), its completion tokens over that step's time."""
+    median_s = statistics.median(step_s)
+    tokens_per_step = statistics.mean(tokens)
     out = dict(
-        seconds_per_step=mean_s,
+        seconds_per_step=median_s,
         step_s=step_s,
-        completion_tokens_per_step=statistics.mean(tokens),
-        completion_tokens_per_s=sum(tokens) / sum(step_s),
+        completion_tokens_per_step=tokens_per_step,
+        completion_tokens_per_s=tokens_per_step / median_s,
     )
-    out.update({k: statistics.mean(v) for k, v in extra.items()})
+    out.update({k: statistics.median(v) for k, v in extra.items()})
     return out
 
 
@@ -287,16 +291,17 @@ def pool(results: list[dict]) -> dict:
     step_s = [t for r in results for t in r["step_s"]]
     tokens = sum(r["completion_tokens_per_step"] * len(r["step_s"]) for r in results)
     out = dict(results[0])
+    median_s = statistics.median(step_s)
     out.update(
-        seconds_per_step=statistics.mean(step_s),
+        seconds_per_step=median_s,
         step_s=step_s,
         per_round_s=[r["seconds_per_step"] for r in results],
         completion_tokens_per_step=tokens / len(step_s),
-        completion_tokens_per_s=tokens / sum(step_s),
+        completion_tokens_per_s=tokens / len(step_s) / median_s,
     )
     for key in ("rollout_s", "update_s", "cpu_s", "rollout_cpu_s"):
         if key in results[0]:
-            out[key] = statistics.mean(r[key] for r in results)
+            out[key] = statistics.median(r[key] for r in results)
     return out
 
 
@@ -318,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=8, help="G: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward in the update")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 on CUDA, else 1)")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
@@ -341,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     if args.compile is None:  # on CUDA the compiled update took 126 s to build (H200, 2026-12-04): not by default
         args.compile = "on" if device.type == "cpu" else "auto"
+    if args.warmup is None:
+        args.warmup = 2 if device.type == "cuda" else 1
+    if args.warmup < 0 or args.steps < 1:
+        p.error(f"--warmup {args.warmup} / --steps {args.steps}: need warmup >= 0 and steps >= 1")
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     kept_freed = keep_freed_memory()  # as the `nanoseek` command does (nanoseek/host.py); for both sides
