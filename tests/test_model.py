@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.model import ATTENTIONS, ModelConfig, Transformer, get_preset, load_model, router_stats, save_model
+from nanoseek.model import moe as moe_mod
 from nanoseek.model.moe import MoE, _padded_grouped_mm, install_balancing_hook
 
 
@@ -73,7 +74,10 @@ def naive_moe(m: MoE, x: torch.Tensor) -> torch.Tensor:
         dict(score_func="sigmoid", n_shared_experts=0),
     ],
 )
-def test_moe_matches_naive_loop_float64(kw):
+@pytest.mark.parametrize("gathers", [False, True], ids=["scatter_add", "gathers"])
+def test_moe_matches_naive_loop_float64(kw, gathers, monkeypatch):
+    # gathers: the routing CUDA trains with (moe.GATHER_ROUTING_DEVICES), here on CPU
+    monkeypatch.setattr(moe_mod, "GATHER_ROUTING_DEVICES", {"cpu", "cuda"} if gathers else set())
     torch.manual_seed(0)
     m = MoE(moe_config(**kw)).double()
     for p in m.parameters():
@@ -140,6 +144,31 @@ def test_cuda_grouped_kernel_matches_float64_loop(mode, monkeypatch):
     assert len(seen) == 3  # gate, up and down each ran as one grouped GEMM
     rel = (out.double().cpu() - ref).norm() / ref.norm()
     assert rel < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_routing_matches_naive_loop_float64():
+    # On CUDA a training forward routes token copies by gathers both ways (moe.GATHER_ROUTING_DEVICES); float64
+    # on the GPU against the naive loop on the CPU, forward and every gradient.
+    torch.manual_seed(0)
+    m = MoE(moe_config(score_func="sigmoid", routed_scaling_factor=2.5, n_groups=4, topk_groups=2)).double()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_(True)
+    ref = naive_moe(m, x_ref.view(-1, 16)).view(2, 7, 16)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), [x_ref, *m.parameters()], allow_unused=True)
+
+    m.cuda()
+    x_gpu = x.cuda().requires_grad_(True)
+    out = m(x_gpu)
+    grads = torch.autograd.grad(out.pow(2).sum(), [x_gpu, *m.parameters()], allow_unused=True)
+    assert (out.cpu() - ref).abs().max().item() < 1e-10
+    for g, r in zip(grads, ref_grads):
+        if r is None:
+            assert g is None or g.abs().max() == 0
+        else:
+            assert (g.cpu() - r).abs().max().item() < 1e-10
 
 
 @pytest.mark.parametrize("rows_per_expert, kernel_dtype", [(4, torch.float32), (2048, torch.bfloat16)])

@@ -31,6 +31,13 @@ from nanoseek.model.linear import Linear, linears
 USE_GROUPED_MM_KERNEL = True
 
 
+# Device types whose training forward routes token copies by gathers both ways (`_GatherRows`) instead of an
+# index_select out and an index_add_ back. On CUDA those two are atomic scatter-adds (index_add_ forward, and
+# index_select's backward): the largest kernel of an eager bf16 training step on an H200, 14% of moe-1b's and
+# 18% of the Qwen3-MoE shape's (docs/LOG.md, 2026-12-04). On CPU index_add_ is a plain loop and the gathers
+# measured 0.96-1.0x, so CPU keeps it (tests add "cpu" to check the gathers against float64).
+GATHER_ROUTING_DEVICES = {"cuda"}
+
 # The dtypes torch._grouped_mm takes, per device type (torch 2.13: bf16 on sm90+ GPUs; float32 and bf16 on CPU).
 _KERNEL_DTYPES = {"cuda": (torch.bfloat16,), "cpu": (torch.float32, torch.bfloat16)}
 
@@ -174,6 +181,27 @@ def _padded_grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """
     rows, capacity = _padded_rows(counts, x.shape[0])
     return _unpad(torch.bmm(_pad(x, rows, w.shape[0], capacity), w.transpose(-2, -1)), rows)
+
+
+class _GatherRows(torch.autograd.Function):
+    """`x.index_select(0, index)` where every row of `x` is taken exactly `k` times, with a backward that gathers
+    too: the gradient of row r sums rows `inverse[r*k : r*k + k]` of the output's gradient. index_select's own
+    backward, and the index_add_ this replaces in the combine, scatter-add with atomics on CUDA
+    (`GATHER_ROUTING_DEVICES`); gathers are also deterministic."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, index: Tensor, inverse: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        rows = grad.index_select(0, inverse)
+        if ctx.k > 1:
+            rows = rows.view(-1, ctx.k, grad.shape[-1]).sum(1)
+        return rows, None, None, None
 
 
 def compile_model(fn: Callable, **options: Any) -> Callable:
@@ -320,15 +348,23 @@ class MoE(nn.Module):
         expert_ids, weights, scores = self.router(flat)
         k = expert_ids.shape[1]
 
-        # Sort the N*k token copies by expert; stable so equal experts keep token order.
+        # Sort the N*k token copies (copy c = token c // k, its (c % k)-th expert) by expert; stable so equal
+        # experts keep token order. order[i]: the copy at sorted position i.
         flat_ids = expert_ids.flatten()
         order = torch.argsort(flat_ids, stable=True)
-        token_of_copy = order // k
         counts = count_per_expert(flat_ids, self.cfg.n_routed_experts)
         run_experts = self.experts if self.expert_dispatch is None else self.expert_dispatch
-        out_sorted = run_experts(flat.index_select(0, token_of_copy), counts)
-        out_sorted = out_sorted * weights.flatten()[order, None]
-        routed = torch.zeros_like(flat).index_add_(0, token_of_copy, out_sorted)
+        if torch.is_grad_enabled() and flat.device.type in GATHER_ROUTING_DEVICES:
+            # Gathers both ways (_GatherRows), back to token order, each token's k outputs weighted and summed.
+            # inverse[c]: the sorted position of copy c.
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+            out_sorted = run_experts(_GatherRows.apply(flat, order // k, inverse, k), counts)
+            per_copy = _GatherRows.apply(out_sorted, inverse, order, 1).view(flat.shape[0], k, -1)
+            routed = (per_copy * weights.unsqueeze(-1)).sum(1).to(flat.dtype)
+        else:  # inference, and CPU training: the scatter-add combine (~30 us a layer less in eager CPU decoding)
+            token_of_copy = order // k
+            out_sorted = run_experts(flat.index_select(0, token_of_copy), counts) * weights.flatten()[order, None]
+            routed = torch.zeros_like(flat).index_add_(0, token_of_copy, out_sorted)
 
         if self.shared is not None:
             shared = self.shared(flat)
