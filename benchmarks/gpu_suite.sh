@@ -6,18 +6,19 @@
 #   PARTS="train_step rl_step" bash benchmarks/gpu_suite.sh   # some parts only (names below)
 #   QUICK=1 PYTHON=.venv/bin/python bash benchmarks/gpu_suite.sh   # CPU smoke of the plumbing (--quick shapes)
 #
-# Parts, in this order (the most wanted first, so a deadline cuts the least wanted; the figures never measured on a
-# GPU before those measured on 2026-12-04, the H200 run in benchmarks/RESULTS.md):
+# Parts, in this order (the most wanted first, so a deadline cuts the least wanted: the figures whose code changed
+# since the H200 runs of 2026-12-04 in benchmarks/RESULTS.md first, those measured in full there last):
 #   cuda_tests          pytest tests -k cuda (the tests that skip without CUDA)
 #   moe_kernel_check    torch._grouped_mm path vs the float64 padded-bmm path: forward and gradients
-#   generate_small      benchmarks/generate.py --preset small: batch 1/128, 64 + 256 tokens, vs transformers
-#   rl_step             benchmarks/rl_step.py --preset small: 8 prompts x 8 samples x 256 tokens, vs TRL
 #   train_step          benchmarks/train_step.py: small-moe, moe-1b, Qwen3-MoE 1.3B shape vs transformers (issue 3),
 #                       each run's costliest kernels (--profile 12)
-#   moe_layer           benchmarks/moe_layer.py at D=2048 F=1408 E=64 top-6, 16384 tokens (issue 2)
-#   generate_small_moe  benchmarks/generate.py --preset small-moe
 #   serve               benchmarks/serve.py --preset small: 1/8/32/128 streaming HTTP clients vs the engine alone
-#   train_step_compiled benchmarks/train_step.py --compile on moe-1b and the Qwen3-MoE shape, bf16 (if time is left)
+#   serve_gil           the same at 32 and 128 clients with a 0.5 ms GIL switch interval (serve.py's docstring)
+#   rl_step             benchmarks/rl_step.py --preset small: 8 prompts x 8 samples x 256 tokens, vs TRL
+#   train_step_compiled benchmarks/train_step.py --compile on moe-1b and the Qwen3-MoE shape, bf16
+#   moe_layer           benchmarks/moe_layer.py at D=2048 F=1408 E=64 top-6, 16384 tokens (issue 2)
+#   generate_small      benchmarks/generate.py --preset small: batch 1/128, 64 + 256 tokens, vs transformers
+#   generate_small_moe  benchmarks/generate.py --preset small-moe
 #
 # Wheels in .whl/ (benchmarks/gpu_wheels.sh) are installed first into /tmp/site; nanoseek is imported from the
 # checkout (PYTHONPATH), nothing is fetched. Under $OUT (./gpu_out when unset), 8 files at most:
@@ -30,7 +31,7 @@ START=$SECONDS
 DEADLINE=${DEADLINE:-540}
 OUT=${OUT:-gpu_out}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-cuda_tests moe_kernel_check generate_small rl_step train_step moe_layer generate_small_moe serve train_step_compiled}
+PARTS=${PARTS:-cuda_tests moe_kernel_check train_step serve serve_gil rl_step train_step_compiled moe_layer generate_small generate_small_moe}
 mkdir -p "$OUT"
 rm -f "$OUT"/{suite,tests,moe_layer,train_step,generate,rl_step,serve}.log "$OUT/results.jsonl" # a local OUT is reused
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -186,6 +187,10 @@ for part in $PARTS; do
             --presets moe-1b,qwen3-moe-1.3b --precisions bf16 --warmup 3
         ;;
     serve) run_part "$part" 90 serve.log "$PY" benchmarks/serve.py "${DEV[@]}" --preset small ;;
+    serve_gil)
+        run_part "$part" 60 serve.log "$PY" benchmarks/serve.py "${DEV[@]}" --preset small --clients 32,128 \
+            --switch-interval 0.5
+        ;;
     *) echo "unknown part $part (see the header of $0)" | tee -a "$OUT/suite.log" ;;
     esac
 done
@@ -242,8 +247,9 @@ for line in open(sys.argv[1]):
         else:
             line += f", TRL: {t.get('skipped', '?')}"
         print(line)
-    elif name == "serve":
-        print(f"{head}: {r['preset']} {r['device']}, {r['new_tokens']} new tokens per request")
+    elif name.startswith("serve"):
+        print(f"{head}: {r['preset']} {r['device']}, {r['new_tokens']} new tokens per request, "
+              f"GIL switch interval {r.get('switch_interval_ms', 5):g} ms")
         for run in r["runs"]:  # "after": the server at this checkout (serve.py's --before adds "before")
             a = run["after"]
             print(f"  {run['clients']:>3} clients: {a['tokens_per_s']:,.0f} tok/s over HTTP "

@@ -132,18 +132,22 @@ def section(out: Path) -> str:
         else:
             line += f"; TRL not measured ({t.get('skipped', '?')})."
         lines += [line, ""]
-    if r := result("serve"):
+    for name in ("serve", "serve_gil"):
+        if not (r := result(name)):
+            continue
         lines += [
-            f"**Serving** ({r['preset']}, {r['new_tokens']} new tokens per streamed request):",
+            f"**Serving** ({name}: {r['preset']}, {r['new_tokens']} new tokens per streamed request, GIL switch "
+            f"interval {r.get('switch_interval_ms', 5):g} ms):",
             "",
-            "| clients | tokens/s over HTTP | engine alone | TTFT p50 (ms) | inter-token p50 (ms) |",
-            "|---|---|---|---|---|",
+            "| clients | tokens/s over HTTP | engine alone | TTFT p50 (ms) | inter-token p50 (ms) "
+            "| server CPU/token (ms) |",
+            "|---|---|---|---|---|---|",
         ]
         for run in r["runs"]:  # "after": the server at this checkout (serve.py's --before adds "before")
             a = run["after"]
             lines.append(
                 f"| {run['clients']} | {a['tokens_per_s']:,.0f} | {run['engine_batch_tokens_per_s']:,.0f} "
-                f"| {a['ttft_p50_ms']:.0f} | {a['itl_p50_ms']:.1f} |"
+                f"| {a['ttft_p50_ms']:.0f} | {a['itl_p50_ms']:.1f} | {a['cpu_ms_per_token']:.3f} |"
             )
         lines.append("")
     if r := result("cuda_tests"):

@@ -6,10 +6,12 @@ and (with --before REF) against the server as it was at a git revision, interlea
     python benchmarks/serve.py --quick --device cpu              # a smoke run with tiny shapes
 
 Each client sends its requests one after another (`/v1/completions`, stream, greedy, ignore_eos so every
-answer is full length) with a prompt of --prompt-tokens random letters (one token each). Measured per
+answer is full length) with a prompt of --prompt-tokens random letters (one token each); the clients are threads
+of --client-processes processes of their own (`benchmarks/http_load.py`), not of the server's. Measured per
 concurrency and server: output tokens/s over the whole run, time to first token p50/p99, inter-token
-latency p50 (from the streamed chunks as the client sees them), failures (goal 0), and the process's
-CPU time per token (clients, HTTP and engine together; steadier than wall time on a shared machine).
+latency p50 (from the streamed chunks as the client sees them), failures (goal 0), and CPU time per token: the
+server's process (HTTP and engine: `cpu_ms_per_token`, steadier than wall time on a shared machine) and the
+clients' processes (`client_cpu_ms_per_token`).
 The peer, in the same run: the engine without HTTP, `Engine.generate` on the same prompts in one batch
 of C, which bounds what a server can reach.
 
@@ -18,6 +20,12 @@ standard library's HTTP server, before the move to uvicorn) runs too, on its own
 concurrency as before/after/after/before (ABBA, --rounds times, so drift from other jobs falls on both
 alike); reported: after / before of tokens/s (each pair's too) and before / after of the CPU time per
 token (above 1: the move costs less). A JSON line follows every configuration; the last has "complete".
+
+--switch-interval MS sets how long a thread may hold the GIL while another waits. The server's event loop and the
+engine's thread share one interpreter; on the H200 at 128 clients the engine stepped every ~22 ms inside the
+server against 2.3 ms alone, which is what a thread that gives the GIL up at every CUDA sync and waits up to the
+5 ms default to get it back from a busy event loop would show (a hypothesis: the suite's `serve_gil` part runs
+32 and 128 clients at 0.5 ms to test it).
 """
 
 from __future__ import annotations
@@ -25,14 +33,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from itertools import pairwise
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,6 +51,7 @@ from nanoseek.model import Transformer, get_preset
 from nanoseek.serve import Limits, Server
 
 ROOT = Path(__file__).resolve().parents[1]
+LOAD = Path(__file__).resolve().parent / "http_load.py"
 
 
 class ByteTokenizer:
@@ -65,24 +72,6 @@ class ByteTokenizer:
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
-
-
-def client(url: str, prompt: str, max_tokens: int) -> tuple[float, list[float], int] | None:
-    """(time to first token, gaps between later chunks, tokens) of one streamed request; None if it failed."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode())
-    t0 = time.perf_counter()
-    stamps = []
-    try:
-        with urllib.request.urlopen(request, timeout=600) as response:
-            for line in response:
-                if line.startswith(b"data: {"):
-                    stamps.append(time.perf_counter())
-    except OSError:
-        return None
-    if len(stamps) < 1:
-        return None
-    return stamps[0] - t0, [b - a for a, b in pairwise(stamps)], max_tokens
 
 
 class Served:
@@ -114,14 +103,32 @@ def old_server_module(ref: str) -> Any:
     return module
 
 
-def load(url: str, prompts: list[str], clients: int, requests: int, new_tokens: int) -> dict[str, float]:
-    def one_client(k: int) -> list:
-        return [client(url, prompts[k * requests + r], new_tokens) for r in range(requests)]
-
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    with ThreadPoolExecutor(clients) as pool:
-        results = [x for xs in pool.map(one_client, range(clients)) for x in xs]
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+def load(
+    url: str, prompts: list[str], clients: int, requests: int, new_tokens: int, processes: int
+) -> dict[str, float]:
+    """C clients (client k sends prompts[k * requests : (k + 1) * requests] one after another), spread over
+    `processes` client processes (benchmarks/http_load.py), none of them this one: the load generator must not
+    share the server's interpreter. (Until 2026-12-04 the clients were threads of this process: on the H200 the
+    figure at 128 clients was the GIL's, clients' parsing included.)"""
+    per_client = [prompts[k * requests : (k + 1) * requests] for k in range(clients)]
+    shares = [per_client[i::processes] for i in range(min(processes, clients))]
+    cpu0 = time.process_time()
+    procs = [
+        subprocess.Popen([sys.executable, str(LOAD)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in shares
+    ]
+    for proc, share in zip(procs, shares):  # every process gets its job before any is read: they run together
+        proc.stdin.write(json.dumps(dict(url=url, max_tokens=new_tokens, clients=share)))
+        proc.stdin.close()
+    outs = []
+    for proc in procs:
+        out = proc.stdout.read()
+        if proc.wait() != 0:
+            raise SystemExit(f"benchmarks/http_load.py exited with {proc.returncode}")
+        outs.append(json.loads(out))
+    cpu = time.process_time() - cpu0
+    wall = max(o["end"] for o in outs) - min(o["start"] for o in outs)
+    results = [r for o in outs for r in o["results"]]
     done = [x for x in results if x is not None]
     ttft = [x[0] for x in done]
     gaps = [gap for x in done for gap in x[1]]
@@ -129,6 +136,7 @@ def load(url: str, prompts: list[str], clients: int, requests: int, new_tokens: 
     return dict(
         tokens_per_s=tokens / wall,
         cpu_ms_per_token=1e3 * cpu / max(tokens, 1),
+        client_cpu_ms_per_token=1e3 * sum(o["cpu_s"] for o in outs) / max(tokens, 1),
         ttft_p50_ms=1e3 * percentile(ttft, 0.5),
         ttft_p99_ms=1e3 * percentile(ttft, 0.99),
         itl_p50_ms=1e3 * percentile(gaps, 0.5),
@@ -150,8 +158,27 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--before", default=None, metavar="REF", help="also the server at git REF, interleaved (ABBA)")
     p.add_argument("--rounds", type=int, default=1, help="ABBA blocks per concurrency (more: steadier ratios)")
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=max(1, min(4, (os.cpu_count() or 1) // 4)),
+        help="processes the clients are spread over (default: a quarter of the cores, 1 to 4)",
+    )
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="the interpreter's GIL switch interval for the run (sys.setswitchinterval; Python's default: 5 ms)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny preset and shapes (a smoke run)")
     args = p.parse_args()
+    if args.switch_interval is not None:
+        if args.switch_interval <= 0:
+            p.error(f"--switch-interval {args.switch_interval}: must be > 0 (milliseconds)")
+        sys.setswitchinterval(args.switch_interval / 1e3)
+    if args.client_processes < 1:
+        p.error(f"--client-processes {args.client_processes}: must be >= 1")
     if args.quick:
         args.preset, args.clients, args.new_tokens, args.prompt_tokens = "tiny", "1,4", 16, 16
     device = torch.device(args.device)
@@ -173,13 +200,16 @@ def main() -> None:
         return "".join(letters[j] for j in torch.randint(0, len(letters), (args.prompt_tokens,), generator=g))
 
     results: dict = {"preset": args.preset, "device": str(device), "new_tokens": args.new_tokens, "runs": []}
+    results["switch_interval_ms"] = 1e3 * sys.getswitchinterval()
     for served in servers.values():  # warm-up: first allocations, compilation, CUDA graph capture
-        load(served.url, [prompt() for _ in range(max(clients))], max(clients), 1, 4)
+        load(served.url, [prompt() for _ in range(max(clients))], max(clients), 1, 4, args.client_processes)
     for c in clients:
         prompts = [prompt() for _ in range(c * args.requests)]
         measured: dict[str, list] = {name: [] for name in servers}
         for name in order:
-            measured[name].append(load(servers[name].url, prompts, c, args.requests, args.new_tokens))
+            measured[name].append(
+                load(servers[name].url, prompts, c, args.requests, args.new_tokens, args.client_processes)
+            )
         batch = [ByteTokenizer().encode(s) for s in prompts[:c]]
         params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
         peer.generate(batch, params)  # warm-up for this batch size
