@@ -14,6 +14,7 @@
 #                       each run's costliest kernels (--profile 12)
 #   serve               benchmarks/serve.py --preset small: 1/8/32/128 streaming HTTP clients vs the engine alone
 #   serve_gil           the same at 32 and 128 clients with a 0.5 ms GIL switch interval (serve.py's docstring)
+#   serve_interval      the same at 32 and 128 clients with `--stream-interval 4` (4 decode steps an event)
 #   rl_step             benchmarks/rl_step.py --preset small: 8 prompts x 8 samples x 256 tokens, vs TRL
 #   train_step_compiled benchmarks/train_step.py --compile on moe-1b and the Qwen3-MoE shape, bf16
 #   moe_layer           benchmarks/moe_layer.py at D=2048 F=1408 E=64 top-6, 16384 tokens (issue 2)
@@ -31,7 +32,7 @@ START=$SECONDS
 DEADLINE=${DEADLINE:-540}
 OUT=${OUT:-gpu_out}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-cuda_tests moe_kernel_check train_step serve serve_gil rl_step train_step_compiled moe_layer generate_small generate_small_moe}
+PARTS=${PARTS:-cuda_tests moe_kernel_check train_step serve serve_gil serve_interval rl_step train_step_compiled moe_layer generate_small generate_small_moe}
 mkdir -p "$OUT"
 rm -f "$OUT"/{suite,tests,moe_layer,train_step,generate,rl_step,serve}.log "$OUT/results.jsonl" # a local OUT is reused
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -191,6 +192,10 @@ for part in $PARTS; do
         run_part "$part" 60 serve.log "$PY" benchmarks/serve.py "${DEV[@]}" --preset small --clients 32,128 \
             --switch-interval 0.5
         ;;
+    serve_interval)
+        run_part "$part" 60 serve.log "$PY" benchmarks/serve.py "${DEV[@]}" --preset small --clients 32,128 \
+            --stream-interval 4
+        ;;
     *) echo "unknown part $part (see the header of $0)" | tee -a "$OUT/suite.log" ;;
     esac
 done
@@ -248,8 +253,8 @@ for line in open(sys.argv[1]):
             line += f", TRL: {t.get('skipped', '?')}"
         print(line)
     elif name.startswith("serve"):
-        print(f"{head}: {r['preset']} {r['device']}, {r['new_tokens']} new tokens per request, "
-              f"GIL switch interval {r.get('switch_interval_ms', 5):g} ms")
+        print(f"{head}: {r['preset']} {r['device']}, {r['new_tokens']} new tokens per request, GIL switch "
+              f"interval {r.get('switch_interval_ms', 5):g} ms, stream interval {r.get('stream_interval', 1)}")
         for run in r["runs"]:  # "after": the server at this checkout (serve.py's --before adds "before")
             a = run["after"]
             print(f"  {run['clients']:>3} clients: {a['tokens_per_s']:,.0f} tok/s over HTTP "

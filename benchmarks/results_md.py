@@ -132,12 +132,12 @@ def section(out: Path) -> str:
         else:
             line += f"; TRL not measured ({t.get('skipped', '?')})."
         lines += [line, ""]
-    for name in ("serve", "serve_gil"):
+    for name in ("serve", "serve_gil", "serve_interval"):
         if not (r := result(name)):
             continue
         lines += [
             f"**Serving** ({name}: {r['preset']}, {r['new_tokens']} new tokens per streamed request, GIL switch "
-            f"interval {r.get('switch_interval_ms', 5):g} ms):",
+            f"interval {r.get('switch_interval_ms', 5):g} ms, stream interval {r.get('stream_interval', 1)}):",
             "",
             "| clients | tokens/s over HTTP | engine alone | TTFT p50 (ms) | inter-token p50 (ms) "
             "| server CPU/token (ms) |",

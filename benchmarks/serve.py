@@ -77,9 +77,10 @@ def percentile(values: list[float], q: float) -> float:
 class Served:
     """A server on its own engine and thread: the current one, or the module of an older revision."""
 
-    def __init__(self, module: Any | None, engine: Engine) -> None:
+    def __init__(self, module: Any | None, engine: Engine, stream_interval: int = 1) -> None:
         if module is None:
-            self.server = Server(engine, ByteTokenizer(), ("127.0.0.1", 0), limits=Limits(max_queue=4096))
+            address, limits = ("127.0.0.1", 0), Limits(max_queue=4096)
+            self.server = Server(engine, ByteTokenizer(), address, limits=limits, stream_interval=stream_interval)
             self.server.start()
         else:
             self.server = module.Server(engine, ByteTokenizer(), ("127.0.0.1", 0))
@@ -165,6 +166,12 @@ def main() -> None:
         help="processes the clients are spread over (default: a quarter of the cores, 1 to 4)",
     )
     p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="the server's decode steps between a stream's events (`nanoseek serve --stream-interval`; default 1)",
+    )
+    p.add_argument(
         "--switch-interval",
         type=float,
         default=None,
@@ -177,6 +184,8 @@ def main() -> None:
         if args.switch_interval <= 0:
             p.error(f"--switch-interval {args.switch_interval}: must be > 0 (milliseconds)")
         sys.setswitchinterval(args.switch_interval / 1e3)
+    if args.stream_interval < 1:
+        p.error(f"--stream-interval {args.stream_interval}: must be >= 1")
     if args.client_processes < 1:
         p.error(f"--client-processes {args.client_processes}: must be >= 1")
     if args.quick:
@@ -188,7 +197,7 @@ def main() -> None:
     model = model.to(device, dtype).eval()
     clients = [int(c) for c in args.clients.split(",")]
     shape = dict(max_batch=max(clients), max_seq_len=args.prompt_tokens + args.new_tokens + 8)
-    servers = {"after": Served(None, Engine(model, ByteTokenizer(), **shape))}
+    servers = {"after": Served(None, Engine(model, ByteTokenizer(), **shape), args.stream_interval)}
     if args.before:
         servers["before"] = Served(old_server_module(args.before), Engine(model, ByteTokenizer(), **shape))
     order = (["before", "after", "after", "before"] if args.before else ["after"]) * args.rounds
@@ -201,6 +210,7 @@ def main() -> None:
 
     results: dict = {"preset": args.preset, "device": str(device), "new_tokens": args.new_tokens, "runs": []}
     results["switch_interval_ms"] = 1e3 * sys.getswitchinterval()
+    results["stream_interval"] = args.stream_interval
     for served in servers.values():  # warm-up: first allocations, compilation, CUDA graph capture
         load(served.url, [prompt() for _ in range(max(clients))], max(clients), 1, 4, args.client_processes)
     for c in clients:

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PARTS = "moe_layer train_step generate_small rl_step serve serve_gil"
+PARTS = "moe_layer train_step generate_small rl_step serve serve_gil serve_interval"
 
 
 @pytest.mark.slow

@@ -58,6 +58,23 @@ def test_streamed_chunks_add_up_to_the_whole_answer(served):
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
 
 
+def test_a_stream_interval_sends_several_tokens_an_event_and_the_same_answer():
+    # --stream-interval 4: the first token at once, then an event every 4 decode steps, each carrying its tokens.
+    s = serve_tiny(stream_interval=4)
+    try:
+        body = {"prompt": "What is 7 * 8?\n", "max_tokens": 17, "ignore_eos": True, "temperature": 0}
+        whole = json.loads(post(s.url, "/v1/completions", body)[1])["choices"][0]
+        events = sse_events(post(s.url, "/v1/completions", {**body, "stream": True})[1])
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert "".join(c["text"] for c in chunks) == whole["text"] and whole["text"]
+        assert chunks[-1]["finish_reason"] == whole["finish_reason"] == "length"
+        assert 3 <= len(chunks) <= 2 + (17 - 1 + 3) // 4  # 1 token, then 4 a step (the last may come alone)
+    finally:
+        s.close()
+    with pytest.raises(ValueError, match="stream_interval 0"):
+        Server(s.engine, s.tokenizer, ("127.0.0.1", 0), stream_interval=0)
+
+
 def test_concurrent_clients_share_the_batch_and_each_gets_its_own_answer(served):
     url, model, tokenizer, engine, _ = served
     questions = [f"What is {a} + {a + 3}?" for a in range(6)]

@@ -204,7 +204,10 @@ def test_the_command_serves_a_checkpoint_with_a_key_from_the_environment(tmp_pat
     command = [sys.executable, "-m", "nanoseek", "serve", "--checkpoint", str(checkpoint), "--port", "0"]
     bad = subprocess.run([*command, "--max-n", "0"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("--max-n = 0: must be > 0")
-    proc = subprocess.Popen([*command, "--max-batch", "2"], env=env, stderr=subprocess.PIPE, text=True)
+    bad = subprocess.run([*command, "--stream-interval", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("--stream-interval = 0: must be > 0")
+    serve = [*command, "--max-batch", "2", "--stream-interval", "2"]
+    proc = subprocess.Popen(serve, env=env, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
         assert "with an API key" in line, line

@@ -34,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ORIGIN",
         help="allow browser calls from ORIGIN (repeatable; default: none)",
     )
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="decode steps between a stream's events (default 1: every token at once; more: several tokens an "
+        "event, more throughput under many clients)",
+    )
     limits = parser.add_argument_group("limits")
     limits.add_argument(
         "--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="largest request body (413 above)"
@@ -54,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.serve import Limits, Server
     from nanoseek.serve.limits import api_key_from
 
-    for name in ("max_body_mb", "max_tokens_cap", "max_n", "max_queue", "request_timeout", "shutdown_timeout"):
+    names = ("max_body_mb", "max_tokens_cap", "max_n", "max_queue", "request_timeout", "shutdown_timeout")
+    for name in (*names, "stream_interval"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be > 0")
     limits = Limits(
@@ -78,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key,
         cors_origins=tuple(args.cors_origin),
         shutdown_timeout_s=args.shutdown_timeout,
+        stream_interval=args.stream_interval,
         verbose=args.verbose,
     )
     print(

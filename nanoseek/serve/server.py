@@ -60,11 +60,12 @@ class Server:
         shutdown_timeout_s: float = 30.0,
         http: str = "auto",
         verbose: bool = False,
+        stream_interval: int = 1,
     ) -> None:
         self.limits = limits or Limits()
         if default_max_tokens is not None:
             self.limits.default_max_tokens = default_max_tokens
-        self.worker = EngineWorker(engine)
+        self.worker = EngineWorker(engine, stream_interval)  # decode steps between a stream's events
         self.app = build_app(
             self.worker,
             tokenizer,

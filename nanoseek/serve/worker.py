@@ -3,6 +3,9 @@
 A request's `Channel` is an asyncio queue on the server's loop. The worker admits new requests and
 cancellations between decode steps, runs one step, and hands every channel its new events in one
 `call_soon_threadsafe` per step (one wake-up of the event loop, however many clients are streaming).
+With `stream_interval` N > 1 a request's tokens go out every N decode steps, several to an event (its first
+token and its last at once): every per-event cost (detokenizing, an event, a JSON chunk, a socket write) is
+paid once per N tokens, for throughput under many clients at the price of a burstier stream.
 Events are (kind, value, top, index) with index the request's `index` (one HTTP request may carry several
 prompts, all on one channel): ("delta", Delta, top, i) with top the top-log-prob rows of the delta's tokens
 (None unless asked), ("done", None, None, i), ("error", message, None, i), ("scores", Scores, None, 0).
@@ -51,8 +54,11 @@ def _deliver(batch: list[tuple[Channel, tuple]]) -> None:
 class EngineWorker:
     """Every engine call happens on this thread; `submit`, `score` and `cancel` are safe from any other."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, stream_interval: int = 1) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval {stream_interval}: must be >= 1 (decode steps between events)")
+        self.engine, self.stream_interval = engine, stream_interval
+        self._steps = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[Request, tuple[DeltaTracker, Channel]] = {}
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Channel, tuple]]] = {}
@@ -161,7 +167,11 @@ class EngineWorker:
                             channel, ("error", f"generation failed: {type(e).__name__}: {e}", None, request.index)
                         )
                     self._active.clear()
+                self._steps += 1
+                hold = self._steps % self.stream_interval != 0  # this step's tokens wait, unless first or last
                 for request, (tracker, channel) in list(self._active.items()):
+                    if hold and not request.done and any(tracker.sent_tokens):
+                        continue
                     for delta in tracker.poll():
                         self._post(channel, ("delta", delta, self._top_rows(request, channel, delta), request.index))
                     if request.done:
