@@ -341,6 +341,35 @@ def test_stream_yields_the_same_tokens_and_holds_back_stop_prefixes(models):
     assert not engine.has_work and len(engine._free) == engine.n_slots
 
 
+def test_streamed_text_is_the_whole_decoding_and_decodes_each_token_a_bounded_number_of_times():
+    # A byte-level BPE tokenizer and random sampling: samples cut multi-byte characters anywhere. The streamed text,
+    # held back at an unfinished character, must add up to the text, and decoding must not redo the whole sample at
+    # every step (it did: O(n^2) ids decoded over a stream of n tokens).
+    from nanoseek.tasks.corpus import pretrain_texts
+    from nanoseek.tokenizer import Tokenizer
+
+    texts = [t + " café → 😀 naïve Ωμέγα" for t in pretrain_texts(200, seed=3)]
+    tokenizer = Tokenizer.train(texts, 400)
+    decoded_ids = []
+
+    def detokenize(ids):
+        decoded_ids.append(len(ids))
+        return tokenizer.decode(ids)
+
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=448, init_std=0.5)).eval()
+    engine = Engine(model, tokenizer, detokenize=detokenize, max_batch=2, max_seq_len=256)
+    params = SamplingParams(max_new_tokens=200, temperature=1.0, ignore_eos=True, seed=1)
+    text, sent_ids = "", []
+    for delta in engine.stream(tokenizer.encode("Ωμέγα café"), params):
+        text += delta.text
+        sent_ids += delta.token_ids
+        assert tokenizer.decode(sent_ids).startswith(text)  # never ahead of the whole decoding
+    assert text == delta.completion.text == tokenizer.decode(sent_ids) and len(sent_ids) == 200
+    assert "\ufffd" in text or any(ord(c) > 127 for c in text)  # the sample did cut or use multi-byte characters
+    assert sum(decoded_ids) < 20 * len(sent_ids)  # whole-sample decoding: ~n^2 / 2 = 20,000 ids
+
+
 # ----------------------------------------------------------------------------- requests and memory
 @pytest.mark.parametrize(
     "prompt,params,field",

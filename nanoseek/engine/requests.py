@@ -232,6 +232,9 @@ class DeltaTracker:
         self.sent_tokens = [0] * request.params.n
         self.sent_text = [""] * request.params.n
         self.closed: set[int] = set()
+        # Per sample: its text decoded so far and the token offsets of that decoding (see `_decoded`).
+        self._text = [""] * request.params.n
+        self._offsets = [(0, 0)] * request.params.n
 
     def poll(self) -> list[Delta]:
         out = []
@@ -259,12 +262,31 @@ class DeltaTracker:
         if seq.finish_reason is not None:
             full = engine.text(seq) or ""
         else:
-            full = engine.detokenize(seq.tokens).rstrip("\ufffd")  # an unfinished UTF-8 character
+            full = self._decoded(seq)
             hold = 0
             for s in seq.request.params.stop_strings:
                 hold = max(hold, next((k for k in range(min(len(s) - 1, len(full)), 0, -1) if full.endswith(s[:k])), 0))
             full = full[: len(full) - hold]
         return full[len(sent) :] if full.startswith(sent) else ""
+
+    def _decoded(self, seq: SequenceState) -> str:
+        """The sample's text up to its last whole character, decoding only the tokens after the previous poll's
+        whole characters, and the poll's tokens before them as context: a token may render differently at the
+        start of a sequence (a leading space), and the context's text, decoded both ways, cancels that out.
+        Decoding the whole sample at every poll cost O(its length) per token (a 1,024-token sample: 154 us a
+        poll, per stream; docs/LOG.md, 2026-12-04)."""
+        i, tokens, detokenize = seq.sample, seq.tokens, self.engine.detokenize
+        context, read = self._offsets[i]
+        if len(tokens) > read:
+            before = detokenize(tokens[context:read])
+            after = detokenize(tokens[context:])
+            if not after.endswith("\ufffd"):  # else the last character is unfinished: wait for its next bytes
+                if after.startswith(before):
+                    self._text[i] += after[len(before) :]
+                else:  # the context rendered differently: the whole sample, this once
+                    self._text[i] = detokenize(tokens)
+                self._offsets[i] = (read, len(tokens))
+        return self._text[i]
 
 
 __all__ = [
