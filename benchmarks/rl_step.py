@@ -29,7 +29,7 @@ pool its timed steps over the rounds, with per_round_s beside them, and `trl_ove
 the rounds' ratios of seconds per step (`trl_over_nanoseek_rounds`).
 
 Both time steady-state steps after --warmup steps (on CUDA, default 2: TRL's first step after one warm-up was
-still 4-5x its later ones on the H200). seconds_per_step = the median timed step (pooled over rounds); completion
+still 3.7-5x its later ones on the H200). seconds_per_step = the median timed step (pooled over rounds); completion
 tokens/s = completion tokens of a step / that median. peak_mem_gb (CUDA): torch.cuda.max_memory_allocated over the
 timed steps (reset after the warmup; weights, optimizer states, KV cache and graph pools included).
 cpu_s (both sides) / rollout_cpu_s (nanoseek): the process's CPU seconds (all its threads) per step / per
