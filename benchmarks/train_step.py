@@ -59,6 +59,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -340,8 +341,6 @@ def is_device_work(e) -> bool:
     device time of the kernels it launched, so counting both counted every kernel twice (the first H200 run
     showed kernels "filling" 200% of a step); a GPU user annotation (Optimizer.step#AdamW.step) spans kernels
     counted on their own."""
-    from torch.autograd import DeviceType
-
     return (
         e.device_type != DeviceType.CPU
         and not getattr(e, "is_user_annotation", False)

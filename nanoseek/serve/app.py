@@ -100,6 +100,10 @@ class Job:
     def cancel(self) -> None:
         self.state.worker.cancel(self.channel)
 
+    def past_time_limit(self) -> str:
+        """The 504's message, for an answer and for a stream alike."""
+        return f"the request ran past the server's time limit of {self.state.limits.request_timeout_s:g} s"
+
 
 async def _client_gone(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
@@ -123,8 +127,7 @@ async def guarded(request: Request, job: Job, work: Awaitable[Any], channel: Cha
             return await work
     except TimeoutError:
         job.state.worker.cancel(channel or job.channel)
-        limit = job.state.limits.request_timeout_s
-        raise ApiError(504, f"the request ran past the server's time limit of {limit:g} s") from None
+        raise ApiError(504, job.past_time_limit()) from None
     except asyncio.CancelledError:
         if not gone:  # cancelled from outside (shutdown): not ours to handle
             raise
@@ -197,10 +200,7 @@ async def stream(
                     out.append(error(value, "server_error", 500))
                     break
                 if kind == "timeout":
-                    limit = job.state.limits.request_timeout_s
-                    out.append(
-                        error(f"the request ran past the server's time limit of {limit:g} s", "timeout_error", 504)
-                    )
+                    out.append(error(job.past_time_limit(), "timeout_error", 504))
                     break
                 if kind == "done":
                     done += 1
