@@ -251,6 +251,21 @@ def test_compile_setting_from_the_flag_and_the_environment(monkeypatch):
         Engine(build("tiny"))
 
 
+def test_a_long_job_compiles_at_the_first_step(monkeypatch):
+    """`compile_for`: a job of LONG_JOB_STEPS decode steps or more compiles at once, a shorter one follows the
+    default rule, NANOSEEK_COMPILE=0 still means never, and CUDA never compiles."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(compiled.COMPILE_ENV, raising=False)
+    assert compiled.LONG_JOB_STEPS >= compiled.COMPILE_AFTER_STEPS
+    assert compiled.compile_for(cpu, compiled.LONG_JOB_STEPS) is True
+    assert compiled.compile_for(cpu, compiled.LONG_JOB_STEPS - 1) is None
+    assert compiled.compile_for(cuda, 10**6) is False
+    monkeypatch.setenv(compiled.COMPILE_ENV, "0")
+    assert compiled.compile_for(cpu, 10**6) is False
+    monkeypatch.setenv(compiled.COMPILE_ENV, "1")
+    assert compiled.compile_for(cpu, 1) is None and compiled.compile_after(cpu, None) == 0  # at once anyway
+
+
 def test_engine_compiles_after_the_set_number_of_steps(monkeypatch):
     """By default the engine decodes eagerly for `compile_after` steps, then through the compiled step
     (here a stand-in that records its calls and runs the same step eagerly)."""

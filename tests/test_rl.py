@@ -415,6 +415,41 @@ def test_rl_resume_is_exact(tmp_path):
     assert any(r["reward_std"] > 0 for r in steps) and any(r["loss"] != 0 for r in steps)
 
 
+@pytest.mark.parametrize("steps", [3, 4])
+def test_a_long_rl_run_decodes_compiled_from_its_first_step(tmp_path, monkeypatch, steps):
+    """RL knows its length (steps x max_new_tokens): at LONG_JOB_STEPS or more its engine decodes through the
+    compiled step from the first decode step (the held-out evaluation's included), else only after the default
+    COMPILE_AFTER_STEPS. The compiled step is a stand-in here that records its calls and runs the step eagerly."""
+    from nanoseek.engine import compiled
+    from nanoseek.engine.sampling import sample
+    from nanoseek.train import rl as rl_module
+
+    calls, engines = [], []
+
+    def stand_in(model, cache, ids, pos, kv_len, batch):
+        calls.append(ids.shape[0])
+        return sample(model.logits(model.hidden_states(ids, pos, cache=cache.decode(pos, kv_len))[:, -1]), batch)
+
+    class Recorded(rl_module.Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    monkeypatch.setattr(compiled.COMPILED, "step", stand_in)
+    monkeypatch.setattr(compiled.COMPILED, "steps", lambda *args: None)
+    monkeypatch.setattr(compiled, "COMPILE_AFTER_STEPS", 16)
+    monkeypatch.setattr(compiled, "LONG_JOB_STEPS", 32)  # rl_run: 8 new tokens a step, so 4 steps and not 3
+    monkeypatch.setattr(rl_module, "Engine", Recorded)
+    monkeypatch.delenv(compiled.COMPILE_ENV, raising=False)
+    cfg = rl_run()
+    cfg.train.steps = steps
+    rl(cfg, tmp_path / "run", tiny_checkpoint(tmp_path / "sft"), quiet=True)
+    (engine,) = engines
+    decoded = engine.stats.decode_steps
+    assert decoded > 16
+    assert len(calls) == (decoded if steps == 4 else decoded - 16)
+
+
 def test_rl_max_samples_ends_the_run_at_its_budget_as_at_a_last_step(tmp_path):
     from nanoseek.speedrun import stage_done
 

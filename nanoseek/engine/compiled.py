@@ -102,6 +102,22 @@ def compile_after(device: torch.device, compile: bool | None) -> int | None:
     return {"0": None, "1": 0}.get(setting, COMPILE_AFTER_STEPS)
 
 
+LONG_JOB_STEPS = 4 * COMPILE_AFTER_STEPS
+"""A job that will decode at least this many steps compiles its engine at the first step (`compile_for`)."""
+
+
+def compile_for(device: torch.device, decode_steps: int) -> bool | None:
+    """`Engine(compile=...)` for a job known to decode about `decode_steps` steps (RL: steps x max_new_tokens):
+    True, compile at the first step, when the job is long (LONG_JOB_STEPS) and the default rule would compile
+    within it anyway, so the eager steps before the switch are saved (the speedrun's RL stage: its first 9 steps'
+    rollouts took ~1.0-1.4 s eagerly against ~0.6 s compiled, and its held-out evaluation before them ran eagerly);
+    else None, the default rule (NANOSEEK_COMPILE=0 still means never)."""
+    after = compile_after(device, None)
+    if after is None:
+        return False
+    return True if decode_steps >= max(after, LONG_JOB_STEPS) else None
+
+
 def decode_logits(model: nn.Module, cache: KVCache, ids: Tensor, pos: Tensor, keys: Tensor) -> Tensor:
     """Logits [B, V] of one decode step: row b is slot b, feeding ids[b] at pos[b] ([B, 1] each) and
     reading keys [0, kv_len) where kv_len = keys.shape[1] (`keys` holds no data: a dynamic size)."""
@@ -228,11 +244,13 @@ COMPILED = _Compiled()
 __all__ = [
     "COMPILED",
     "COMPILE_AFTER_STEPS",
+    "LONG_JOB_STEPS",
     "COMPILE_ENV",
     "MANY_STEPS_MAX_SLOTS",
     "ONE_ROW_GRAPH_AFTER",
     "STEPS_PER_CALL",
     "compile_after",
+    "compile_for",
     "decode_logits",
     "decode_step",
     "decode_steps",
