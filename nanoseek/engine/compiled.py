@@ -34,8 +34,9 @@ compiled step relies on:
 
 Compiling takes seconds to tens of seconds (a 2-core machine, a cold inductor cache), so by
 default an engine compiles only after `COMPILE_AFTER_STEPS` decode steps, when the run is
-long enough to pay for it; NANOSEEK_COMPILE=1 (or `Engine(compile=True)`) compiles at the
-first step, NANOSEEK_COMPILE=0 (or `compile=False`) never.
+long enough to pay for it; a job that knows it is long (an RL run: `compile_for`) compiles at
+the first step, as NANOSEEK_COMPILE=1 (or `Engine(compile=True)`) does; NANOSEEK_COMPILE=0 (or
+`compile=False`) never.
 """
 
 from __future__ import annotations
