@@ -245,8 +245,8 @@ COMPILED = _Compiled()
 __all__ = [
     "COMPILED",
     "COMPILE_AFTER_STEPS",
-    "LONG_JOB_STEPS",
     "COMPILE_ENV",
+    "LONG_JOB_STEPS",
     "MANY_STEPS_MAX_SLOTS",
     "ONE_ROW_GRAPH_AFTER",
     "STEPS_PER_CALL",
