@@ -415,11 +415,12 @@ def test_rl_resume_is_exact(tmp_path):
     assert any(r["reward_std"] > 0 for r in steps) and any(r["loss"] != 0 for r in steps)
 
 
-@pytest.mark.parametrize("steps", [3, 4])
-def test_a_long_rl_run_decodes_compiled_from_its_first_step(tmp_path, monkeypatch, steps):
-    """RL knows its length (steps x max_new_tokens): at LONG_JOB_STEPS or more its engine decodes through the
-    compiled step from the first decode step (the held-out evaluation's included), else only after the default
-    COMPILE_AFTER_STEPS. The compiled step is a stand-in here that records its calls and runs the step eagerly."""
+@pytest.mark.parametrize("steps, stop_at", [(3, None), (4, None), (4, 3)])
+def test_a_long_rl_run_decodes_compiled_from_its_first_step(tmp_path, monkeypatch, steps, stop_at):
+    """RL knows its length (the steps this process will run x max_new_tokens): at LONG_JOB_STEPS or more its engine
+    decodes through the compiled step from the first decode step (the held-out evaluation's included), else only
+    after the default COMPILE_AFTER_STEPS; a run stopped early (`stop_at`) counts the steps it will run. The compiled
+    step is a stand-in here that records its calls and runs the step eagerly."""
     from nanoseek.engine import compiled
     from nanoseek.engine.sampling import sample
     from nanoseek.train import rl as rl_module
@@ -443,11 +444,11 @@ def test_a_long_rl_run_decodes_compiled_from_its_first_step(tmp_path, monkeypatc
     monkeypatch.delenv(compiled.COMPILE_ENV, raising=False)
     cfg = rl_run()
     cfg.train.steps = steps
-    rl(cfg, tmp_path / "run", tiny_checkpoint(tmp_path / "sft"), quiet=True)
+    rl(cfg, tmp_path / "run", tiny_checkpoint(tmp_path / "sft"), quiet=True, stop_at=stop_at)
     (engine,) = engines
     decoded = engine.stats.decode_steps
     assert decoded > 16
-    assert len(calls) == (decoded if steps == 4 else decoded - 16)
+    assert len(calls) == (decoded if (steps, stop_at) == (4, None) else decoded - 16)
 
 
 def test_rl_max_samples_ends_the_run_at_its_budget_as_at_a_last_step(tmp_path):

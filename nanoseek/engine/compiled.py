@@ -108,11 +108,11 @@ LONG_JOB_STEPS = 4 * COMPILE_AFTER_STEPS
 
 
 def compile_for(device: torch.device, decode_steps: int) -> bool | None:
-    """`Engine(compile=...)` for a job known to decode about `decode_steps` steps (RL: steps x max_new_tokens):
-    True, compile at the first step, when the job is long (LONG_JOB_STEPS) and the default rule would compile
-    within it anyway, so the eager steps before the switch are saved (the speedrun's RL stage: its first 9 steps'
-    rollouts took ~1.0-1.4 s eagerly against ~0.6 s compiled, and its held-out evaluation before them ran eagerly);
-    else None, the default rule (NANOSEEK_COMPILE=0 still means never)."""
+    """`Engine(compile=...)` for a job known to decode about `decode_steps` steps (RL: the steps it will run x
+    max_new_tokens): True, compile at the first step, when the job is long (LONG_JOB_STEPS) and the default rule
+    would compile within it anyway, so the eager steps before the switch are saved (the speedrun's RL stage: its
+    first 9 steps' rollouts took ~1.0-1.4 s eagerly against ~0.6 s compiled, and its held-out evaluation before
+    them ran eagerly); else None, the default rule (NANOSEEK_COMPILE=0 still means never)."""
     after = compile_after(device, None)
     if after is None:
         return False

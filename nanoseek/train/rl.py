@@ -205,7 +205,7 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
         tokenizer,
         max_batch=max(math.ceil(r.prompts_per_step / run.topo.world) * r.group_size, 8),
         max_seq_len=max_seq_len,
-        compile=compile_for(run.device, t.steps * r.max_new_tokens),  # a long run: compiled from the first step
+        compile=compile_for(run.device, run.steps_ahead * r.max_new_tokens),  # a long run: compiled from the first step
     )
     # train.compile: the update's gradient passes through a compiled forward (the engine compiles on its own).
     policy_forward = compiled_hidden_states(model) if t.compile and not parallel.is_sharded(model) else None

@@ -320,6 +320,12 @@ class Run:
         """Whether the run has done all its steps: train.steps, or the last one a step body marked `ending`."""
         return self.done == self.train_cfg.steps or self.ending
 
+    @property
+    def steps_ahead(self) -> int:
+        """The steps this process will run from here: to `stop_at` when given, else to train.steps."""
+        end = self.train_cfg.steps if self.stop_at is None else min(self.stop_at, self.train_cfg.steps)
+        return max(end - self.done, 0)
+
     def save(self) -> None:
         """Checkpoint this step: sharded by every rank under FSDP or EP, else the ordinary one by rank 0."""
         args = (self.run_dir, self.done, self.model, self.optimizers, self.tokenizer, self.stage_state())
