@@ -113,10 +113,9 @@ def compile_for(device: torch.device, decode_steps: int) -> bool | None:
     would compile within it anyway, so the eager steps before the switch are saved (the speedrun's RL stage: its
     first 9 steps' rollouts took ~1.0-1.4 s eagerly against ~0.6 s compiled, and its held-out evaluation before
     them ran eagerly); else None, the default rule (NANOSEEK_COMPILE=0 still means never)."""
-    after = compile_after(device, None)
-    if after is None:
+    if compile_after(device, None) is None:
         return False
-    return True if decode_steps >= max(after, LONG_JOB_STEPS) else None
+    return True if decode_steps >= LONG_JOB_STEPS else None
 
 
 def decode_logits(model: nn.Module, cache: KVCache, ids: Tensor, pos: Tensor, keys: Tensor) -> Tensor:
