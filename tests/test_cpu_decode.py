@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.engine import Engine, SamplingParams, compiled
+from nanoseek.engine.cache import CPU_MANY_ROWS
 from nanoseek.engine.sampling import sample
 from nanoseek.engine.slots import LIVE, POSITION, STEP, TOKEN
-from nanoseek.model import Transformer, get_preset
+from nanoseek.model import Transformer, cpu_kernel, get_preset
 from nanoseek.model import linear as L
 from nanoseek.model import moe as moe_mod
 from nanoseek.model.norm import RMSNorm
@@ -457,6 +458,40 @@ def test_bf16_decoding_is_within_tolerance_of_float32():
             errors.append((torch.tensor(c.logprobs) - want).abs())
         errors = torch.cat(errors)
         assert errors.max() < BF16_LOGPROB_MAX and errors.mean() < BF16_LOGPROB_MEAN, (name, errors)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_kernel.available(), reason="nanoseek's CPU kernel does not apply here")
+def test_many_rows_over_a_bf16_cache_attend_through_the_kernel_within_bf16_tolerance(monkeypatch):
+    """From CPU_MANY_ROWS slots x heads a bf16 cache decodes through nanoseek's attention kernel, eagerly and
+    compiled, and for MLA's cache (the values inside the keys): each greedy token's log-prob within bf16's
+    tolerance of the float32 model's in the same context. Fewer slots keep the engine's own attention."""
+    from nanoseek.engine.twin import rollout_policy
+
+    kernels, calls = cpu_kernel._kernels, []
+
+    def counted(*args):
+        calls.append(args[11])  # the rows
+        kernels.attention(*args)
+
+    monkeypatch.setattr(cpu_kernel, "_kernels", kernels._replace(attention=counted))
+    mla = dict(attn_type="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8)
+    prompts = prompts_of([4, 11, 20, 7, 30, 2], seed=5)
+    params = SamplingParams(max_new_tokens=16, temperature=0)
+    for name, overrides, compile_ in (("tiny-moe", {}, False), ("tiny-moe", {}, True), ("tiny", mla, False)):
+        model = build(name, init_std=0.05, **overrides)
+        twin = rollout_policy(model, torch.bfloat16)
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            engine = Engine(twin, max_batch=64, compile=compile_)
+            results = engine.generate(prompts, params)
+            assert engine.cache.kernel_attention and calls and engine.n_slots * model.cfg.n_heads >= CPU_MANY_ROWS
+            few = Engine(twin, max_batch=8, compile=False)
+            few.generate(prompts[:1], params)
+            assert not few.cache.kernel_attention
+        want = [float32_logprobs(model, p, c.token_ids) for p, [c] in zip(prompts, results)]
+        errors = torch.cat([(torch.tensor(c.logprobs) - w).abs() for w, [c] in zip(want, results)])
+        assert errors.max() < BF16_LOGPROB_MAX and errors.mean() < BF16_LOGPROB_MEAN, (name, compile_, errors)
 
 
 def test_the_twin_caches_keys_in_its_16bit_dtype_with_the_float32_cache_outputs():

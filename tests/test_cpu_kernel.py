@@ -1,5 +1,6 @@
 """`model.cpu_kernel`: our few-rows bf16 product against float64 and oneDNN's prepacked kernel at every row count it
-specialises; its build (cached, atomic, a failed compiler or a wrong answer: a warning and oneDNN's kernel)."""
+specialises; our decode attention against a float64 loop over every query row; the build (cached, atomic, a failed
+compiler or a wrong answer: a warning, oneDNN's kernel and the cache's own attention)."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_the_shapes_it_takes():
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """The module as before its first build, building into an empty directory."""
-    monkeypatch.setattr(cpu_kernel, "_function", None)
+    monkeypatch.setattr(cpu_kernel, "_kernels", None)
     monkeypatch.setattr(cpu_kernel, "_failure", None)
     monkeypatch.setattr(cpu_kernel, "USE", True)
     monkeypatch.setenv(cpu_kernel.DIR_ENV, str(tmp_path))
@@ -82,9 +83,9 @@ def fresh(monkeypatch, tmp_path):
 @needs_kernel
 def test_a_build_is_kept_and_reused(fresh, monkeypatch):
     assert cpu_kernel.available()
-    (library,) = fresh.glob("few_rows-*.so")
+    (library,) = fresh.glob("kernels-*.so")
     assert list(fresh.iterdir()) == [library]  # no partial file left
-    monkeypatch.setattr(cpu_kernel, "_function", None)  # a new process, say
+    monkeypatch.setattr(cpu_kernel, "_kernels", None)  # a new process, say
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled again")
@@ -94,24 +95,34 @@ def test_a_build_is_kept_and_reused(fresh, monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("failure", ["compiler", "wrong answer"])
+@pytest.mark.parametrize("failure", ["compiler", "wrong product", "wrong attention"])
 def test_a_failed_build_warns_once_and_the_products_stay_onednns(failure, fresh, monkeypatch):
     if failure == "compiler":
         monkeypatch.setenv("CXX", "false")  # exits 1
     else:
         real_load = cpu_kernel._load
 
-        def a_kernel_with_a_bug(library):
-            function = real_load(library)
+        def flip_top_mantissa_bits(out: int, count: int) -> None:
+            words = (ctypes.c_int16 * count).from_address(out)
+            torch.frombuffer(words, dtype=torch.int16).bitwise_xor_(0x40)
 
-            def wrong(x, m, p, bias, out, n, k, threads):
-                function(x, m, p, bias, out, n, k, threads)
-                words = (ctypes.c_int16 * (m * n)).from_address(out)
-                torch.frombuffer(words, dtype=torch.int16).bitwise_xor_(0x40)  # each output's top mantissa bit
+        def kernels_with_a_bug(library):
+            kernels = real_load(library)
 
-            return wrong
+            def wrong_product(x, m, p, bias, out, n, k, threads):
+                kernels.product(x, m, p, bias, out, n, k, threads)
+                flip_top_mantissa_bits(out, m * n)
 
-        monkeypatch.setattr(cpu_kernel, "_load", a_kernel_with_a_bug)
+            def wrong_attention(*args):
+                kernels.attention(*args)
+                B, Hkv, R, dv, out = args[11], args[12], args[13], args[17], args[19]
+                flip_top_mantissa_bits(out, B * Hkv * R * dv)
+
+            if failure == "wrong product":
+                return kernels._replace(product=wrong_product)
+            return kernels._replace(attention=wrong_attention)
+
+        monkeypatch.setattr(cpu_kernel, "_load", kernels_with_a_bug)
     with pytest.warns(UserWarning, match="CPU kernel is off"):
         assert not cpu_kernel.available()
     with warnings.catch_warnings():
@@ -150,3 +161,75 @@ def test_linear_packs_for_the_kernel_in_use(monkeypatch):
     with torch.no_grad():
         L.linear(x, odd)
     assert L._packed[odd][1] == "onednn"
+
+
+def attention_loop(q, keys, values, positions, slots, kv_len, scale):
+    """The reference: each (row, kv head, query row) on its own in float64, over the keys its token may see."""
+    B, Hkv, R, _ = q.shape
+    T = positions.shape[1]
+    out = torch.zeros(B, Hkv, R, values.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        s = b if slots is None else int(slots[b])
+        for h in range(Hkv):
+            for r in range(R):
+                n = min(int(positions[b, r % T]) + 1, kv_len)
+                scores = keys[s, h, :n].double() @ q[b, h, r].double() * scale
+                out[b, h, r] = scores.softmax(0) @ values[s, h, :n].double()
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("rep", "T", "dk", "dv", "kv_len"),
+    [
+        (2, 1, 32, 32, 37),  # tiny's heads; a partial last block of 16 keys
+        (3, 1, 64, 64, 80),  # small's: 3 query heads a kv head, two chunks of 32 numbers a key
+        (1, 3, 40, 24, 16),  # three tokens a row (an append), partial chunks of the key and the value
+        (4, 2, 144, 128, 33),  # five chunks a key: the loop for any key width
+    ],
+)
+def test_decode_attention_against_a_float64_loop(rep, T, dk, dv, kv_len, threads, monkeypatch):
+    """Rows reading their own slot or other slots, positions before, at and past the keys read: within bf16 output
+    rounding of the float64 attention over the same bf16 numbers."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    n_slots, max_len, Hkv, B = 6, 96, 2, 5
+    keys, values = bf16(n_slots, Hkv, max_len, dk, seed=0), bf16(n_slots, Hkv, max_len, dv, seed=1)
+    q = bf16(B, Hkv, rep * T, dk, seed=2)
+    g = torch.Generator().manual_seed(3)
+    positions = torch.randint(0, kv_len + 4, (B, T), generator=g)
+    positions[0] = 0  # a row that sees one key
+    for slots in (None, torch.tensor([4, 0, 5, 2, 2])):
+        got = cpu_kernel.decode_attention(q, keys, values, positions, slots, kv_len, dk**-0.5)
+        want = attention_loop(q, keys, values, positions, slots, kv_len, dk**-0.5)
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5)
+
+
+@needs_kernel
+def test_decode_attention_reads_values_inside_the_keys():
+    """MLA's absorbed cache: the value is the first v_dim numbers of each key (a strided view, no copy)."""
+    keys = bf16(3, 1, 40, 80, seed=0)  # [slots, one kv "head", positions, latent + rope]
+    values = keys[..., :64]
+    q = bf16(3, 1, 4, 80, seed=1)
+    positions = torch.tensor([[5], [39], [17]])
+    got = cpu_kernel.decode_attention(q, keys, values, positions, None, 40, 0.1)
+    want = attention_loop(q, keys, values, positions, None, 40, 0.1)
+    torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5)
+
+
+@needs_kernel
+def test_decode_attention_refuses_what_it_cannot_read():
+    keys = bf16(2, 1, 8, 32, seed=0)
+    q, positions = bf16(2, 1, 2, 32, seed=1), torch.zeros(2, 1, dtype=torch.int64)
+    for bad in (
+        dict(q=q.float()),  # not bf16
+        dict(keys=keys[..., :16]),  # a key narrower than the query
+        dict(keys=keys.transpose(-1, -2).contiguous().transpose(-1, -2)),  # numbers of a key not contiguous
+        dict(positions=positions.int()),
+        dict(kv_len=9),  # more keys than the cache holds
+        dict(kv_len=0),
+    ):
+        args = dict(q=q, keys=keys, values=keys, positions=positions, slots=None, kv_len=8, scale=1.0) | bad
+        with pytest.raises(ValueError, match="cpu_kernel.decode_attention"):
+            cpu_kernel.decode_attention(**args)

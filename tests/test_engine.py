@@ -98,12 +98,12 @@ def test_logprobs_equal_teacher_forced_forward(name, dtype, atol):
 
 @pytest.mark.parametrize("name", ["tiny", "mla"])
 def test_many_rows_decode_through_matmul_attention_as_teacher_forcing(name):
-    """From CPU_MATMUL_ATTENTION_MIN slots x heads the CPU decode step attends with plain matmuls, not SDPA."""
-    from nanoseek.engine.cache import CPU_MATMUL_ATTENTION_MIN
+    """From CPU_MANY_ROWS slots x heads the CPU decode step attends with plain matmuls, not SDPA."""
+    from nanoseek.engine.cache import CPU_MANY_ROWS
 
     model = build(name).double()
     prompts = prompts_of([3 + i % 13 for i in range(64)], seed=4)
-    assert len(prompts) * model.cfg.n_heads >= CPU_MATMUL_ATTENTION_MIN
+    assert len(prompts) * model.cfg.n_heads >= CPU_MANY_ROWS
     greedy = SamplingParams(max_new_tokens=6, temperature=0)
     engine = Engine(model, max_batch=64, compile=False)
     results = engine.generate(prompts, greedy)

@@ -23,6 +23,11 @@ does with them depends on the mode the engine set just before the forward:
 
 GQA in decode without repeating k/v: the rep = n_heads // n_kv_heads query heads sharing
 a kv head are folded into the query-length axis ([B, Hkv, rep*T, d] against [B, Hkv, L, d]).
+
+Decode attention, by where it runs: a bf16 cache on a CPU where nanoseek's kernel is built
+(`model.cpu_kernel.decode_attention`, eager and compiled alike, an opaque operation to the graph), else in a
+compiled CPU step products and sums inductor fuses (`_summed_attention`), else eagerly two matmuls for many rows
+(`matmul_attention`) or SDPA.
 """
 
 from __future__ import annotations
@@ -31,13 +36,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nanoseek.model import cpu_kernel
 from nanoseek.model.transformer import Transformer
 
-CPU_MATMUL_ATTENTION_MIN = 256
-"""A CPU cache of this many slots x query heads decodes eagerly with plain matmul attention
-(`KVCache.matmul_attention`); a compiled step sums instead (`_summed_attention`). Measured when the compiled step
-used it too: tiny at 512 rows 9.3 ms against SDPA's 12.6, at 64 rows 1.47 against 1.78; at 8 and 2 rows SDPA's
-kernel was 7-12% faster (one process, interleaved; docs/LOG.md, 2026-12-02). Decided per cache, not per step."""
+CPU_MANY_ROWS = 256
+"""A CPU cache of this many slots x query heads decodes with nanoseek's kernel where it applies (a bf16 cache, the
+kernel built: `KVCache.kernel_attention`), else eagerly with plain matmul attention (`KVCache.matmul_attention`; a
+compiled step sums instead, `_summed_attention`). Decided per cache, not per step. Matmul attention, measured when
+the compiled step used it too: tiny at 512 rows 9.3 ms against SDPA's 12.6, at 64 rows 1.47 against 1.78; at 8 and
+2 rows SDPA's kernel was 7-12% faster (docs/LOG.md, 2026-12-02). The kernel against the compiled step's summed
+attention, whole decode calls interleaved in one process (docs/LOG.md, 2026-12-04, twenty-seventh session): tiny at
+512 rows (RL's rollouts) 1.18x, at 64 rows 1.25x (eagerly against matmul attention 1.20x), tiny-moe at 32 rows
+0.96x and small at 8 rows 0.98x, where the call's own cost (~20 us) outweighs the loops it saves."""
+
+KERNEL_ATTENTION = True
+"""Set to False to keep the engine's own attention paths where the CPU kernel would apply (benchmarks compare both)."""
+
+# The kernel as an operation of our own, opaque to torch.compile, defined as `model.linear`'s packed product is
+# (torch.library.define/impl: a plain CPU kernel, none of custom_op's Python layers). Inference only.
+torch.library.define(
+    "nanoseek::decode_attention",
+    "(Tensor q, Tensor keys, Tensor values, Tensor positions, Tensor? slots, SymInt kv_len, float scale) -> Tensor",
+)
+torch.library.impl("nanoseek::decode_attention", "cpu", cpu_kernel.decode_attention)
+
+
+@torch.library.register_fake("nanoseek::decode_attention")
+def _(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, slots: Tensor | None, kv_len, scale: float):
+    return q.new_empty(*q.shape[:3], values.shape[-1])
 
 
 class KVCache:
@@ -53,13 +79,18 @@ class KVCache:
         device: torch.device | str,
         values_in_keys: bool = False,
         matmul_attention: bool = False,
+        kernel_attention: bool = False,
     ) -> None:
         if values_in_keys and v_dim > k_dim:
             raise ValueError(f"values_in_keys needs v_dim <= k_dim, got {v_dim} > {k_dim}")
         self.n_slots, self.max_seq_len, self.dtype, self.v_dim = n_slots, max_seq_len, dtype, v_dim
         # Eager decode steps attend with two batched matmuls and a float32 softmax instead of SDPA, whose CPU kernel
-        # pays ~2 us per (row, kv head): the faster choice for many rows (CPU_MATMUL_ATTENTION_MIN).
+        # pays ~2 us per (row, kv head): the faster choice for many rows (CPU_MANY_ROWS).
         self.matmul_attention = matmul_attention
+        # Decode steps attend through nanoseek's CPU kernel (`cpu_kernel.decode_attention`; a bf16 cache only).
+        if kernel_attention and not (dtype == torch.bfloat16 and torch.device(device).type == "cpu"):
+            raise ValueError(f"kernel_attention needs a bf16 cache on a CPU, got {dtype} on {device}")
+        self.kernel_attention = kernel_attention
         # Zeros, not empty: masked keys must hold finite numbers (0 x NaN would poison the output).
         self.k = torch.zeros(n_layers, n_slots, n_kv_heads, max_seq_len, k_dim, dtype=dtype, device=device)
         self.v = (
@@ -86,6 +117,7 @@ class KVCache:
         cls, model: Transformer, n_slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device
     ) -> KVCache:
         layout = model.cache_layout()
+        many_rows = torch.device(device).type == "cpu" and n_slots * model.cfg.n_heads >= CPU_MANY_ROWS
         return cls(
             model.cfg.n_layers,
             n_slots,
@@ -96,8 +128,8 @@ class KVCache:
             dtype,
             device,
             layout.values_in_keys,
-            matmul_attention=torch.device(device).type == "cpu"
-            and n_slots * model.cfg.n_heads >= CPU_MATMUL_ATTENTION_MIN,
+            matmul_attention=many_rows,
+            kernel_attention=many_rows and dtype == torch.bfloat16 and KERNEL_ATTENTION and cpu_kernel.available(),
         )
 
     @property
@@ -150,9 +182,17 @@ class KVCache:
         # Written through the whole tensor, not the layer's view: a compiled decode step then updates
         # the cache in place (writing into a view of a graph input makes it copy the layer).
         self.k[at_layer, rows, :, pos] = k.transpose(1, 2)  # index [B, T] -> value [B, T, Hkv, dk]
-        keys = K[:B, :, :L] if self._slots is None else K[self._slots, :, :L]  # a view [B, Hkv, L, dk] (or a gather)
         if V is not None:
             self.v[at_layer, rows, :, pos] = v.transpose(1, 2)
+        # q in the cache's dtype: with a float32 q over a bf16 cache inductor's loops ran 1.5x slower (tiny, 64 rows;
+        # docs/LOG.md, 2026-12-02, tenth session), and the kernel reads bf16.
+        q = q.to(self.dtype).reshape(B, Hkv, rep * T, dk)
+        if self.kernel_attention:  # the layer's whole cache and the positions: the kernel reads the keys in place
+            values = V if V is not None else K[..., : self.v_dim]
+            out = torch.ops.nanoseek.decode_attention(q, K, values, pos, self._slots, L, scale)
+            return out.reshape(B, H, T, -1).to(out_dtype)
+        keys = K[:B, :, :L] if self._slots is None else K[self._slots, :, :L]  # a view [B, Hkv, L, dk] (or a gather)
+        if V is not None:
             values = V[:B, :, :L] if self._slots is None else V[self._slots, :, :L]
         else:
             values = keys[..., : self.v_dim]
@@ -163,9 +203,6 @@ class KVCache:
             blocked = self._key_pos[:Lp] > pos[:, :, None]  # [B, T, Lp]: key position > query position
             bias = torch.zeros(blocked.shape, dtype=self.dtype, device=q.device).masked_fill_(blocked, float("-inf"))
             self._mask = bias[:, None, None].expand(B, 1, rep, T, Lp).reshape(B, 1, rep * T, Lp)[..., :L]
-        # q in the cache's dtype too: with a float32 q over a bf16 cache inductor's loops ran 1.5x slower (tiny,
-        # 64 rows; docs/LOG.md, 2026-12-02, tenth session).
-        q = q.to(self.dtype).reshape(B, Hkv, rep * T, dk)
         if torch.compiler.is_compiling() and q.device.type == "cpu":  # the compiled CPU step (engine/compiled.py)
             out = _summed_attention(q, keys, values, scale, self._mask)
         elif self.matmul_attention:

@@ -1,4 +1,5 @@
-"""Our one CPU kernel: a few rows times a bf16 weight with AVX-512 BF16 (`few_rows.cpp`), for the decode step.
+"""Our CPU kernels, for the decode step on a CPU with AVX-512 BF16: a few rows times a bf16 weight (`few_rows.cpp`)
+and attention over a bf16 KV cache (`decode_attention.cpp`).
 
 A decode step multiplies a few rows by every weight, so it is bound by how fast the weights stream from memory.
 oneDNN's prepacked kernel reads them below the memory's rate at a few rows; this loop (one 64-byte load of a
@@ -8,12 +9,18 @@ arithmetic (2 threads, the 2-core EPYC; docs/LOG.md, 2026-12-04, twenty-second s
 the inputs in order, as oneDNN's does: the same float32 sums, rounded to bf16 once (equal to oneDNN's output but
 for an occasional last bit, tested against float64).
 
-Built at first use with the C++ compiler inductor also needs (`$CXX`, else g++; about a second) into
-`$NANOSEEK_KERNEL_DIR` (default `~/.cache/nanoseek/kernels`), under a name that hashes the source and the flags,
-written atomically; loaded with ctypes (which releases the GIL during the call) after torch, so the kernel's OpenMP
-threads are torch's own pool. Only on x86-64 Linux with AVX-512 BF16 and without AMX (where oneDNN's AMX kernels
-were not measured against it); `NANOSEEK_CPU_KERNEL=0` turns it off. A failed build or a wrong answer in the check
-that follows it: one warning, and `model.linear` keeps oneDNN's prepacked kernel.
+The decode attention computes each score once (inductor's fused loop recomputed it in every pass of the softmax,
+with the query's RoPE inside), soft-maxes and sums the values in float32, and rounds once to bf16: the same sums as
+the engine's other attention paths in another order (tested against float64). `engine.cache` calls it for a bf16
+cache on a CPU where it is built.
+
+Built at first use with the C++ compiler inductor also needs (`$CXX`, else g++; about two seconds) into
+`$NANOSEEK_KERNEL_DIR` (default `~/.cache/nanoseek/kernels`), one library under a name that hashes the sources and
+the flags, written atomically; loaded with ctypes (which releases the GIL during the call) after torch, so the
+kernels' OpenMP threads are torch's own pool. Only on x86-64 Linux with AVX-512 BF16 and without AMX (where oneDNN's
+AMX kernels were not measured against them); `NANOSEEK_CPU_KERNEL=0` turns them off. A failed build or a wrong answer
+in the check that follows it: one warning, and `model.linear` keeps oneDNN's prepacked kernel, the cache its own
+attention.
 """
 
 from __future__ import annotations
@@ -27,23 +34,33 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from nanoseek import precision
 
+
+class Kernels(NamedTuple):
+    """The built library's functions (ctypes)."""
+
+    product: Callable[..., None]  # nanoseek_few_rows_bf16
+    attention: Callable[..., None]  # nanoseek_decode_attention_bf16
+
+
 ENV = "NANOSEEK_CPU_KERNEL"
 DIR_ENV = "NANOSEEK_KERNEL_DIR"
-SOURCE = Path(__file__).with_name("few_rows.cpp")
+SOURCES = (Path(__file__).with_name("few_rows.cpp"), Path(__file__).with_name("decode_attention.cpp"))
 USE = True
 """Set to False for oneDNN's prepacked kernel (weights packed for ours are packed again for it at their next product;
 benchmarks and tests compare both)."""
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
 _lock = threading.Lock()
-_function = None  # the loaded kernel; None until tried
+_kernels: Kernels | None = None  # the loaded library's functions; None until tried
 _failure: str | None = None
 
 
@@ -65,10 +82,10 @@ def pack(weight: Tensor) -> Tensor:
 
 def product(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [..., K] (bf16) times the packed weight's [N, K] transposed, plus bias [N] (bf16): [..., N] bf16."""
-    return _product(_function, x, packed, bias)
+    return _product(_kernels.product, x, packed, bias)
 
 
-def _product(function, x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+def _product(function: Callable[..., None], x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     N, K = packed.shape[0] * 16, packed.shape[1] * 2
     if x.dtype != torch.bfloat16 or x.shape[-1] != K:  # the kernel reads raw memory: a wrong input is not an error
         raise ValueError(f"cpu_kernel.product: x must be bf16 [..., {K}], got {x.dtype} {tuple(x.shape)}")
@@ -82,26 +99,72 @@ def _product(function, x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor
     return out if flat else out.view(*x.shape[:-1], N)
 
 
+def decode_attention(
+    q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, slots: Tensor | None, kv_len: int, scale: float
+) -> Tensor:
+    """Attention of q [B, Hkv, R, dk] (R = the query heads sharing a kv head x the step's T tokens, head-major)
+    over a bf16 cache layer's keys [n_slots, Hkv, max_seq_len, dk] and values [..., dv] (a view of the keys is
+    fine): batch row b reads cache row slots[b] (b without slots), and its query row r, the token t = r % T at
+    positions[b, t], sees keys 0..min(positions[b, t], kv_len - 1). -> [B, Hkv, R, dv] bf16."""
+    return _attention(_kernels.attention, q, keys, values, positions, slots, kv_len, scale)
+
+
+def _attention(
+    function: Callable[..., None],
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    positions: Tensor,
+    slots: Tensor | None,
+    kv_len: int,
+    scale: float,
+) -> Tensor:
+    B, Hkv, R, dk = q.shape
+    ok = q.dtype == keys.dtype == values.dtype == torch.bfloat16 and keys.shape[-1] == dk and keys.shape[1] == Hkv
+    ok = ok and keys.stride(-1) == values.stride(-1) == 1 and positions.dtype == torch.int64 and positions.dim() == 2
+    if not ok or not 0 < kv_len <= keys.shape[2] or positions.shape[0] != B or R % positions.shape[1]:
+        # the kernel reads raw memory: a wrong input is not an error there
+        raise ValueError(
+            f"cpu_kernel.decode_attention: q {q.dtype} {tuple(q.shape)}, keys {keys.dtype} {tuple(keys.shape)}, "
+            f"values {values.dtype} {tuple(values.shape)}, positions {positions.dtype} {tuple(positions.shape)}, "
+            f"kv_len {kv_len}"
+        )
+    q, positions = q.contiguous(), positions.contiguous()
+    if slots is not None:
+        slots = slots.to(torch.int64).contiguous()
+    dv = values.shape[-1]
+    out = torch.empty((B, Hkv, R, dv), dtype=torch.bfloat16)
+    if B:
+        ks, kh, kl = keys.stride()[:3]
+        vs, vh, vl = values.stride()[:3]
+        function(
+            q.data_ptr(), keys.data_ptr(), ks, kh, kl, values.data_ptr(), vs, vh, vl,
+            None if slots is None else slots.data_ptr(), positions.data_ptr(),
+            B, Hkv, R, positions.shape[1], kv_len, dk, dv, scale, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return out
+
+
 def available() -> bool:
     """Whether the kernel is on and built (building it now if it has not been tried): False where it does not
     apply, is turned off, or failed once (warned)."""
-    global _function, _failure
+    global _kernels, _failure
     if not USE:
         return False
-    if _function is not None:
+    if _kernels is not None:
         return True
     if _failure is not None or not _applies():
         return False
     with _lock:
-        if _function is None and _failure is None:
+        if _kernels is None and _failure is None:
             try:
-                function = _load(_build())
-                _check(function)
-                _function = function  # only a checked kernel is ever seen by another thread
+                kernels = _load(_build())
+                _check(kernels)
+                _kernels = kernels  # only checked kernels are ever seen by another thread
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as e:
                 _failure = f"{type(e).__name__}: {str(e).strip()[:300]}"
                 warnings.warn(f"nanoseek's CPU kernel is off, products stay oneDNN's: {_failure}", stacklevel=2)
-    return _function is not None
+    return _kernels is not None
 
 
 def _applies() -> bool:
@@ -123,19 +186,19 @@ def _compiler() -> str:
 def _build() -> Path:
     """The shared library, compiled now unless a build of this source with these flags is already there."""
     compiler = _compiler()
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    sources = b"".join(path.read_bytes() for path in SOURCES)
+    tag = hashlib.sha256(sources + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoseek" / "kernels"
     directory = Path(os.environ.get(DIR_ENV) or default)
-    library = directory / f"few_rows-{tag}.so"
+    library = directory / f"kernels-{tag}.so"
     if library.exists():
         return library
     directory.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=directory, prefix=".few_rows-", suffix=".so")
+    fd, partial = tempfile.mkstemp(dir=directory, prefix=".kernels-", suffix=".so")
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", partial], capture_output=True, text=True, timeout=300
         )
         if done.returncode != 0:
             last = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
@@ -147,28 +210,45 @@ def _build() -> Path:
     return library
 
 
-def _load(library: Path):
-    function = ctypes.CDLL(str(library)).nanoseek_few_rows_bf16
+def _load(library: Path) -> Kernels:
+    loaded = ctypes.CDLL(str(library))
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64, ctypes.c_int]
-    function.restype = None
-    return function
+    product, attention = loaded.nanoseek_few_rows_bf16, loaded.nanoseek_decode_attention_bf16
+    product.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64, ctypes.c_int]
+    attention.argtypes = [pointer, pointer, i64, i64, i64, pointer, i64, i64, i64, pointer, pointer]
+    attention.argtypes += [i64] * 7 + [ctypes.c_float, pointer, ctypes.c_int]
+    product.restype = attention.restype = None
+    return Kernels(product, attention)
 
 
-def _check(function) -> None:
-    """One product of every row count the kernel specialises (1-9) against float64, on odd sizes (a lone last
-    block of 16 outputs): a build that miscomputes is not used."""
+def _check(kernels: Kernels) -> None:
+    """Every row count the product specialises (1-9) and an attention of every masked edge against float64: a
+    build that miscomputes is not used."""
     g = torch.Generator().manual_seed(0)
+    # The product on odd sizes (a lone last block of 16 outputs).
     w = torch.randn(48, 36, generator=g).to(torch.bfloat16)
     b = torch.randn(48, generator=g).to(torch.bfloat16)
     x = torch.randn(9, 36, generator=g).to(torch.bfloat16)
     packed = pack(w)
     for m in range(1, 10):
         want = x[:m].double() @ w.double().T + b.double()
-        got = _product(function, x[:m], packed, b).double()
+        got = _product(kernels.product, x[:m], packed, b).double()
         err = (got - want).abs().max().item()
         if not err <= 2**-7 * want.abs().max().item() + 1e-3:
             raise AssertionError(f"the built kernel's product at {m} rows is off by {err:.3g}")
+    # The attention: a partial last chunk of the key (40 = 32 + 8) and of the value (24), 37 keys read (a partial
+    # last block of 16), rows reading other slots, 3 query heads x 2 tokens, one position past the keys read.
+    keys = torch.randn(4, 2, 40, 40, generator=g).to(torch.bfloat16)
+    values = torch.randn(4, 2, 40, 24, generator=g).to(torch.bfloat16)
+    q = torch.randn(3, 2, 6, 40, generator=g).to(torch.bfloat16)
+    positions, slots = torch.tensor([[3, 4], [20, 36], [38, 39]]), torch.tensor([2, 0, 3])
+    got = _attention(kernels.attention, q, keys, values, positions, slots, 37, 0.125).double()
+    k, v = keys[slots, :, :37].double(), values[slots, :, :37].double()
+    seen = torch.arange(37)[None, None, :] <= positions.repeat(1, 3)[:, :, None]  # [B, R, L]
+    scores = (q.double() @ k.transpose(-1, -2) * 0.125).masked_fill(~seen[:, None], float("-inf"))
+    err = (got - scores.softmax(-1) @ v).abs().max().item()
+    if not err <= 2**-7:
+        raise AssertionError(f"the built kernel's attention is off by {err:.3g}")
 
 
-__all__ = ["ENV", "USE", "available", "fits", "fits_shape", "pack", "product"]
+__all__ = ["ENV", "USE", "Kernels", "available", "decode_attention", "fits", "fits_shape", "pack", "product"]

@@ -1,0 +1,187 @@
+// Decode attention over a bf16 KV cache on a CPU with AVX-512 BF16: the engine's many-row decode step
+// (nanoseek/model/cpu_kernel.py builds this file beside few_rows.cpp and calls it through ctypes).
+//
+// One (sequence, kv head) at a time: its R query rows (the query heads sharing the kv head, times the step's new
+// tokens) against the keys each may see. Every score is computed once (a key's 32-wide chunks by vdpbf16ps against
+// the query, the 16 lanes summed), kept in a float32 row, soft-maxed with a vector exp, and the values are summed
+// in float32 weighted by the probabilities; the output is rounded to bf16 once. Inductor's fused loop for the same
+// sums recomputed each score in each pass of the softmax, with the query's RoPE inside (docs/LOG.md, 2026-12-04,
+// twenty-seventh session).
+#include <immintrin.h>
+#include <stdint.h>
+
+#include <cmath>
+#include <vector>
+
+// 2^f for f in [-0.5, 0.5] by its Taylor series in f ln 2 to the 7th power (relative error < 1e-8), scaled by 2^n.
+static inline __m512 exp_ps(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5252734e-5f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530e-4f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);  // 0 below 2^-149, as exp's own underflow
+}
+
+// 16 bf16 numbers (the low `m` of them) widened to float32: the 16 bits to the top of a word.
+static inline __m512 widen(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline __mmask16 first16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+static inline __mmask32 first32(int64_t n) { return n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1); }
+
+// out[i] = the sum of p[i]'s 16 lanes, for 16 vectors at once: halves, quarters, pairs and single lanes of the
+// vectors added pairwise (45 operations, against ~8 a vector summed alone), then the lanes put in key order.
+static inline __m512 sum16(__m512 p[16]) {
+  __m512 h[8], q[4], s[2];
+  for (int i = 0; i < 8; ++i)  // h[i]: vector 2i's 8 partial sums in lanes 0-7, vector 2i+1's in 8-15
+    h[i] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // q[i]: 128-bit lane l holds vector 4i+l's 4 partial sums
+    q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // s[i]: lane l holds vectors 8i+l's and 8i+4+l's 2 partial sums each
+    s[i] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * i], q[2 * i + 1], 0x44), _mm512_shuffle_ps(q[2 * i], q[2 * i + 1], 0xEE));
+  // t: lane l holds the sums of vectors l, 4+l, 8+l, 12+l.
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xDD));
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(order, t);
+}
+
+// One query row's scores against 16 keys (fewer at the end: the first `n`), each times `scale`, into row[0..16).
+// DK: the key's 32-number chunks, 0 for any count (`dk32` of them). Past the n-th key the last key is read again
+// (never memory past the keys) and its score thrown away: the loops stay whole and unrolled.
+template <int DK>
+static inline void scores16(const uint16_t* key, int64_t kl, int64_t n, const uint16_t* q, int64_t dk, int64_t dk32,
+                            float scale, float* row) {
+  const int64_t chunks = DK ? DK : dk32;
+  __m512 p[16];
+  for (int i = 0; i < 16; ++i) {
+    const uint16_t* k = key + (i < n ? i : n - 1) * kl;
+    p[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask32 m = first32(dk - c * 32);
+      p[i] = _mm512_dpbf16_ps(p[i], (__m512bh)_mm512_maskz_loadu_epi16(m, k + c * 32),
+                              (__m512bh)_mm512_maskz_loadu_epi16(m, q + c * 32));
+    }
+  }
+  _mm512_storeu_ps(row, _mm512_mul_ps(sum16(p), _mm512_set1_ps(scale)));
+}
+
+// out rows [NR][NC x 16 numbers from c0 x 16] = the probabilities' rows times the values (keys 0..n), summed in
+// float32 in registers, rounded to bf16 once.
+template <int NR, int NC>
+static inline void weighted(const uint16_t* values, int64_t vl, int64_t n, const float* probs, int64_t stride,
+                            int64_t c0, int64_t dv, uint16_t* out) {
+  __m512 acc[NR][NC];
+  __mmask16 m[NC];
+  for (int c = 0; c < NC; ++c) m[c] = first16(dv - (c0 + c) * 16);
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 v[NC];
+    for (int c = 0; c < NC; ++c) v[c] = widen(values + j * vl + (c0 + c) * 16, m[c]);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 pr = _mm512_set1_ps(probs[r * stride + j]);
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_fmadd_ps(pr, v[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c)
+      _mm256_mask_storeu_epi16(out + r * dv + (c0 + c) * 16, m[c], (__m256i)_mm512_cvtneps_pbh(acc[r][c]));
+}
+
+template <int NR>
+static inline void weighted_rows(const uint16_t* values, int64_t vl, int64_t n, const float* probs, int64_t stride,
+                                 int64_t dv, uint16_t* out) {
+  const int64_t dv16 = (dv + 15) / 16;
+  for (int64_t c0 = 0; c0 < dv16; c0 += 4) {
+    switch (dv16 - c0 < 4 ? dv16 - c0 : 4) {
+      case 1: weighted<NR, 1>(values, vl, n, probs, stride, c0, dv, out); break;
+      case 2: weighted<NR, 2>(values, vl, n, probs, stride, c0, dv, out); break;
+      case 3: weighted<NR, 3>(values, vl, n, probs, stride, c0, dv, out); break;
+      default: weighted<NR, 4>(values, vl, n, probs, stride, c0, dv, out); break;
+    }
+  }
+}
+
+// q [B, Hkv, R, dk] and out [B, Hkv, R, dv], contiguous. Key j of cache row s, kv head h starts at
+// K + s * ks + h * kh + j * kl (dk contiguous numbers); values likewise in V. Row b of the batch reads cache row
+// slots[b] (row b where slots is null). Query row r is the step's token t = r % T, which sees keys
+// 0..min(pos[b, t], L - 1).
+extern "C" void nanoseek_decode_attention_bf16(const uint16_t* q, const uint16_t* K, int64_t ks, int64_t kh,
+                                               int64_t kl, const uint16_t* V, int64_t vs, int64_t vh, int64_t vl,
+                                               const int64_t* slots, const int64_t* pos, int64_t B, int64_t Hkv,
+                                               int64_t R, int64_t T, int64_t L, int64_t dk, int64_t dv, float scale,
+                                               uint16_t* out, int threads) {
+  const int64_t dk32 = (dk + 31) / 32, Lpad = (L + 15) / 16 * 16;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> probs(R * Lpad);  // row r's scores, then its probabilities, zero past its last key
+    std::vector<int64_t> seen(R);        // how many keys row r sees
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv, s = slots ? slots[b] : b;
+      const uint16_t* keys = K + s * ks + h * kh;
+      const uint16_t* values = V + s * vs + h * vh;
+      const uint16_t* qs = q + bh * R * dk;
+      uint16_t* o = out + bh * R * dv;
+      int64_t most = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t p = pos[b * T + r % T] + 1;
+        seen[r] = p < L ? p : L;
+        most = seen[r] > most ? seen[r] : most;
+      }
+      // Scores, 16 keys at a time, one query row after another (the keys stay in the core's cache between them).
+      for (int64_t r = 0; r < R; ++r) {
+        const uint16_t* qr = qs + r * dk;
+        float* row = probs.data() + r * Lpad;
+        for (int64_t j = 0; j < most; j += 16) {
+          const int64_t n = most - j;
+          switch (dk32) {
+            case 1: scores16<1>(keys + j * kl, kl, n, qr, dk, dk32, scale, row + j); break;
+            case 2: scores16<2>(keys + j * kl, kl, n, qr, dk, dk32, scale, row + j); break;
+            case 3: scores16<3>(keys + j * kl, kl, n, qr, dk, dk32, scale, row + j); break;
+            case 4: scores16<4>(keys + j * kl, kl, n, qr, dk, dk32, scale, row + j); break;
+            default: scores16<0>(keys + j * kl, kl, n, qr, dk, dk32, scale, row + j); break;
+          }
+        }
+      }
+      // Softmax of each row over the keys it sees; zero past them (the weighted sum runs to `most`).
+      for (int64_t r = 0; r < R; ++r) {
+        float* row = probs.data() + r * Lpad;
+        const int64_t n = seen[r];
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; j += 16) top = _mm512_mask_max_ps(top, first16(n - j), top, _mm512_loadu_ps(row + j));
+        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 m = first16(n - j);
+          const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift)));
+          _mm512_storeu_ps(row + j, e);
+          total = _mm512_add_ps(total, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+        for (int64_t j = 0; j < n; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), inv));
+        for (int64_t j = n; j < most; ++j) row[j] = 0.0f;
+      }
+      // The weighted sum, up to 4 rows per pass over the values.
+      for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        const float* rows = probs.data() + r0 * Lpad;
+        switch (R - r0 < 4 ? R - r0 : 4) {
+          case 1: weighted_rows<1>(values, vl, most, rows, Lpad, dv, o + r0 * dv); break;
+          case 2: weighted_rows<2>(values, vl, most, rows, Lpad, dv, o + r0 * dv); break;
+          case 3: weighted_rows<3>(values, vl, most, rows, Lpad, dv, o + r0 * dv); break;
+          default: weighted_rows<4>(values, vl, most, rows, Lpad, dv, o + r0 * dv); break;
+        }
+      }
+    }
+  }
+}
