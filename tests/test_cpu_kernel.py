@@ -229,6 +229,8 @@ def test_decode_attention_refuses_what_it_cannot_read():
         dict(positions=positions.int()),
         dict(kv_len=9),  # more keys than the cache holds
         dict(kv_len=0),
+        dict(values=bf16(2, 1, 4, 32, seed=2)),  # fewer positions than the keys
+        dict(q=bf16(3, 1, 2, 32, seed=3), positions=torch.zeros(3, 1, dtype=torch.int64)),  # rows past the cache's
     ):
         args = dict(q=q, keys=keys, values=keys, positions=positions, slots=None, kv_len=8, scale=1.0) | bad
         with pytest.raises(ValueError, match="cpu_kernel.decode_attention"):

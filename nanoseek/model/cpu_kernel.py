@@ -105,7 +105,8 @@ def decode_attention(
     """Attention of q [B, Hkv, R, dk] (R = the query heads sharing a kv head x the step's T tokens, head-major)
     over a bf16 cache layer's keys [n_slots, Hkv, max_seq_len, dk] and values [..., dv] (a view of the keys is
     fine): batch row b reads cache row slots[b] (b without slots), and its query row r, the token t = r % T at
-    positions[b, t], sees keys 0..min(positions[b, t], kv_len - 1). -> [B, Hkv, R, dv] bf16."""
+    positions[b, t], sees keys 0..min(positions[b, t], kv_len - 1). -> [B, Hkv, R, dv] bf16. Shapes, dtypes and
+    layouts are checked; the slot indices are not (a reduction per call): the engine's own."""
     return _attention(_kernels.attention, q, keys, values, positions, slots, kv_len, scale)
 
 
@@ -122,6 +123,7 @@ def _attention(
     B, Hkv, R, dk = q.shape
     ok = q.dtype == keys.dtype == values.dtype == torch.bfloat16 and keys.shape[-1] == dk and keys.shape[1] == Hkv
     ok = ok and keys.stride(-1) == values.stride(-1) == 1 and positions.dtype == torch.int64 and positions.dim() == 2
+    ok = ok and values.shape[:3] == keys.shape[:3] and (slots is not None or B <= keys.shape[0])
     if not ok or not 0 < kv_len <= keys.shape[2] or positions.shape[0] != B or R % positions.shape[1]:
         # the kernel reads raw memory: a wrong input is not an error there
         raise ValueError(
@@ -146,8 +148,8 @@ def _attention(
 
 
 def available() -> bool:
-    """Whether the kernel is on and built (building it now if it has not been tried): False where it does not
-    apply, is turned off, or failed once (warned)."""
+    """Whether the kernels are on and built (building them now if not yet tried): False where they do not apply,
+    are turned off, or failed once (warned)."""
     global _kernels, _failure
     if not USE:
         return False
@@ -163,7 +165,10 @@ def available() -> bool:
                 _kernels = kernels  # only checked kernels are ever seen by another thread
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as e:
                 _failure = f"{type(e).__name__}: {str(e).strip()[:300]}"
-                warnings.warn(f"nanoseek's CPU kernel is off, products stay oneDNN's: {_failure}", stacklevel=2)
+                warnings.warn(
+                    f"nanoseek's CPU kernel is off, products stay oneDNN's and attention the engine's own: {_failure}",
+                    stacklevel=2,
+                )
     return _kernels is not None
 
 
@@ -184,7 +189,7 @@ def _compiler() -> str:
 
 
 def _build() -> Path:
-    """The shared library, compiled now unless a build of this source with these flags is already there."""
+    """The shared library, compiled now unless a build of these sources with these flags is already there."""
     compiler = _compiler()
     sources = b"".join(path.read_bytes() for path in SOURCES)
     tag = hashlib.sha256(sources + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
