@@ -165,3 +165,41 @@ def test_continue_and_release_contract():
     engine.release_sequence(seq)
     assert len(engine._free) == 2
     engine.release()
+
+
+def test_continuations_through_the_cpu_attention_kernel_within_bf16_tolerance(monkeypatch):
+    """A bf16 cache of many slots attends through nanoseek's CPU kernel, continuations too (rows of several new
+    tokens, each reading its own slot): every generated token's log-prob within bf16's tolerance of the float32
+    model's on the transcript, as close as the engine's own attention paths come."""
+    from nanoseek.engine import cache as cache_mod
+    from nanoseek.engine.twin import rollout_policy
+    from nanoseek.model import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("nanoseek's CPU kernel does not apply here")
+    kernels, rows_and_tokens = cpu_kernel._kernels, []
+
+    def counted(*args):
+        rows_and_tokens.append((args[11], args[14]))
+        kernels.attention(*args)
+
+    monkeypatch.setattr(cpu_kernel, "_kernels", kernels._replace(attention=counted))
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", init_std=0.05)).eval()
+    twin = rollout_policy(model, torch.bfloat16)
+    episodes = [(tokens(5 + 3 * i, i), [(tokens(4 + i % 3, 100 + i), 3), (tokens(2, 200 + i), 4)]) for i in range(6)]
+    errors = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(cache_mod, "KERNEL_ATTENTION", kernel)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            engine = Engine(twin, max_batch=64, compile=False)
+            transcripts, spans, logprobs = run_turns(engine, episodes, [3] * 6)
+        assert engine.cache.kernel_attention == kernel
+        errors[kernel] = []
+        for transcript, turn_spans, got in zip(transcripts, spans, logprobs):
+            logp = torch.log_softmax(full_logits(model, transcript).float(), -1)
+            want = [logp[j - 1, transcript[j]].item() for start, end in turn_spans for j in range(start, end)]
+            errors[kernel] += [abs(a - b) for a, b in zip(got, want)]
+    assert any(t > 1 for _, t in rows_and_tokens)  # the continuations' rows of several tokens went through it
+    for kernel, errs in errors.items():
+        assert max(errs) < 0.1 and sum(errs) / len(errs) < 0.02, (kernel, max(errs))
