@@ -47,7 +47,7 @@ the compiled step used it too: tiny at 512 rows 9.3 ms against SDPA's 12.6, at 6
 2 rows SDPA's kernel was 7-12% faster (docs/LOG.md, 2026-12-02). The kernel against the compiled step's summed
 attention, whole decode calls interleaved in one process (docs/LOG.md, 2026-12-04, twenty-seventh session): tiny at
 512 rows (RL's rollouts) 1.18x, at 64 rows 1.25x (eagerly against matmul attention 1.20x), tiny-moe at 32 rows
-0.96x and small at 8 rows 0.98x, where the call's own cost (~20 us) outweighs the loops it saves."""
+0.89-0.96x and small at 8 rows 0.98x, where the call's own cost (~20 us) outweighs the loops it saves."""
 
 KERNEL_ATTENTION = True
 """Set to False to keep the engine's own attention paths where the CPU kernel would apply (benchmarks compare both)."""
