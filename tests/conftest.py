@@ -24,3 +24,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def attention_kernel_calls(monkeypatch) -> list[tuple[int, int]]:
+    """Each call of nanoseek's CPU decode-attention kernel, as (rows, tokens a row), while the test runs; the test is
+    skipped where the kernel does not apply (`model.cpu_kernel`)."""
+    from nanoseek.model import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("nanoseek's CPU kernel does not apply here")
+    kernels, calls = cpu_kernel._kernels, []
+
+    def counted(*args):
+        calls.append((args[11], args[14]))  # B and T of `nanoseek_decode_attention_bf16`
+        kernels.attention(*args)
+
+    monkeypatch.setattr(cpu_kernel, "_kernels", kernels._replace(attention=counted))
+    return calls

@@ -16,7 +16,7 @@ from nanoseek.engine import Engine, SamplingParams, compiled
 from nanoseek.engine.cache import CPU_MANY_ROWS
 from nanoseek.engine.sampling import sample
 from nanoseek.engine.slots import LIVE, POSITION, STEP, TOKEN
-from nanoseek.model import Transformer, cpu_kernel, get_preset
+from nanoseek.model import Transformer, get_preset
 from nanoseek.model import linear as L
 from nanoseek.model import moe as moe_mod
 from nanoseek.model.norm import RMSNorm
@@ -461,20 +461,13 @@ def test_bf16_decoding_is_within_tolerance_of_float32():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not cpu_kernel.available(), reason="nanoseek's CPU kernel does not apply here")
-def test_many_rows_over_a_bf16_cache_attend_through_the_kernel_within_bf16_tolerance(monkeypatch):
+def test_many_rows_over_a_bf16_cache_attend_through_the_kernel_within_bf16_tolerance(attention_kernel_calls):
     """From CPU_MANY_ROWS slots x heads a bf16 cache decodes through nanoseek's attention kernel, eagerly and
     compiled, and for MLA's cache (the values inside the keys): each greedy token's log-prob within bf16's
     tolerance of the float32 model's in the same context. Fewer slots keep the engine's own attention."""
     from nanoseek.engine.twin import rollout_policy
 
-    kernels, calls = cpu_kernel._kernels, []
-
-    def counted(*args):
-        calls.append(args[11])  # the rows
-        kernels.attention(*args)
-
-    monkeypatch.setattr(cpu_kernel, "_kernels", kernels._replace(attention=counted))
+    calls = attention_kernel_calls
     mla = dict(attn_type="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8)
     prompts = prompts_of([4, 11, 20, 7, 30, 2], seed=5)
     params = SamplingParams(max_new_tokens=16, temperature=0)

@@ -167,23 +167,13 @@ def test_continue_and_release_contract():
     engine.release()
 
 
-def test_continuations_through_the_cpu_attention_kernel_within_bf16_tolerance(monkeypatch):
+def test_continuations_through_the_cpu_attention_kernel_within_bf16_tolerance(monkeypatch, attention_kernel_calls):
     """A bf16 cache of many slots attends through nanoseek's CPU kernel, continuations too (rows of several new
     tokens, each reading its own slot): every generated token's log-prob within bf16's tolerance of the float32
     model's on the transcript, as close as the engine's own attention paths come."""
     from nanoseek.engine import cache as cache_mod
     from nanoseek.engine.twin import rollout_policy
-    from nanoseek.model import cpu_kernel
 
-    if not cpu_kernel.available():
-        pytest.skip("nanoseek's CPU kernel does not apply here")
-    kernels, rows_and_tokens = cpu_kernel._kernels, []
-
-    def counted(*args):
-        rows_and_tokens.append((args[11], args[14]))
-        kernels.attention(*args)
-
-    monkeypatch.setattr(cpu_kernel, "_kernels", kernels._replace(attention=counted))
     torch.manual_seed(0)
     model = Transformer(get_preset("tiny", init_std=0.05)).eval()
     twin = rollout_policy(model, torch.bfloat16)
@@ -200,6 +190,6 @@ def test_continuations_through_the_cpu_attention_kernel_within_bf16_tolerance(mo
             logp = torch.log_softmax(full_logits(model, transcript).float(), -1)
             want = [logp[j - 1, transcript[j]].item() for start, end in turn_spans for j in range(start, end)]
             errors[kernel] += [abs(a - b) for a, b in zip(got, want)]
-    assert any(t > 1 for _, t in rows_and_tokens)  # the continuations' rows of several tokens went through it
+    assert any(t > 1 for _, t in attention_kernel_calls)  # the continuations' rows of several tokens went through it
     for kernel, errs in errors.items():
         assert max(errs) < 0.1 and sum(errs) / len(errs) < 0.02, (kernel, max(errs))
