@@ -11,7 +11,9 @@ The experts run without a Python loop: token copies are sorted by expert and the
 three expert matmuls each go through one call, `grouped_mm`, which is the seam to
 swap kernels: torch._grouped_mm where this torch has it for the rows' dtype (bfloat16
 on CUDA; float32 and bfloat16 on CPU for decoding only: `_kernel_ok`), a padded
-bmm elsewhere (float64, other dtypes, training on CPU).
+bmm elsewhere (float64, other dtypes, training on CPU). A compiled CPU decode step of few rows
+(`ROWS_AS_ONE_LOOP`) does not sort at all: each token copy is multiplied by its own expert's
+weights in one fused loop (`MoE._each_copy_by_its_expert`).
 """
 
 from __future__ import annotations
@@ -80,23 +82,23 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     if _kernel_ok(x) and w.shape[-2] % 8 == 0:  # 16-byte aligned output rows too
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         if x.device.type == "cpu" and torch.compiler.is_compiling():
-            if x.shape[0] <= _ROWS_AS_ONE_LOOP:
-                return _each_row_times_its_expert(x, w, counts)
             return _cpu_grouped_mm(x, w.transpose(-2, -1), offsets)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     return _padded_grouped_mm(x, w, counts)
 
 
-# A compiled CPU decode step with at most this many token copies runs its experts as one fused loop.
-_ROWS_AS_ONE_LOOP = 256
+ROWS_AS_ONE_LOOP = 256
+"""A compiled CPU decode step with at most this many token copies (tokens x top_k) runs its experts as one fused
+loop per matmul, each copy times its own expert's weights where they lie (`MoE.forward`), unsorted: no sort, no
+counts, no scatter-add back, ~15 library calls a step fewer at tiny-moe's 3 MoE layers (whole calls, one process,
+alternated: batch 32 1.07x / 1.03x, batch 4 1.09x against the same loop over sorted copies; docs/LOG.md, 2026-12-05).
+torch._grouped_mm's per-expert calls cost ~10 us each (tiny-moe, batch 2 / 32 / 64 / 256: 0.57 -> 0.47, 1.7 -> 1.6,
+5.6 -> 2.9, 19 -> 16 ms a step as one loop, sorted)."""
 
 
-def _each_row_times_its_expert(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-    """The same product written as one reduction, x[i] . w[expert of row i] per output, which inductor
-    compiles into a single loop reading each row's expert weights where they lie. For the few rows of a
-    decode step on CPU this beats torch._grouped_mm, whose per-expert calls cost ~10 us each (measured:
-    tiny-moe, batch 2 / 32 / 64 / 256: 0.57 -> 0.47, 1.7 -> 1.6, 5.6 -> 2.9, 19 -> 16 ms per step)."""
-    expert = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts, output_size=x.shape[0])
+def _times_own_expert(x: Tensor, w: Tensor, expert: Tensor) -> Tensor:
+    """x [M, d_in] row i times w[expert[i]].T ([E, d_out, d_in]) -> [M, d_out], written as one reduction, which
+    inductor compiles into one loop."""
     return (x[:, None, :] * w[expert]).sum(-1)
 
 
@@ -346,8 +348,26 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         expert_ids, weights, scores = self.router(flat)
-        k = expert_ids.shape[1]
+        if self._experts_as_one_loop(flat, expert_ids.shape[1]):
+            routed = self._each_copy_by_its_expert(flat, expert_ids, weights)
+        else:
+            routed = self._sorted_by_expert(flat, expert_ids, weights)
 
+        if self.shared is not None:
+            shared = self.shared(flat)
+            if self.shared_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_gate(flat))
+            routed = routed + shared
+
+        self.aux_loss = None
+        if self.training and self.cfg.aux_loss_coef > 0:
+            self.aux_loss = self._sequence_aux_loss(expert_ids, scores, shape)
+        return routed.view(shape)
+
+    def _sorted_by_expert(self, flat: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
+        """The routed experts' output [N, D], the N*k token copies sorted by expert for `experts` (or the
+        expert-parallel dispatch) and combined back, each token's k outputs weighted and summed."""
+        k = expert_ids.shape[1]
         # Sort the N*k token copies (copy c = token c // k, its (c % k)-th expert) by expert; stable so equal
         # experts keep token order. order[i]: the copy at sorted position i.
         flat_ids = expert_ids.flatten()
@@ -360,22 +380,33 @@ class MoE(nn.Module):
             inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
             out_sorted = run_experts(_GatherRows.apply(flat, order // k, inverse, k), counts)
             per_copy = _GatherRows.apply(out_sorted, inverse, order, 1).view(flat.shape[0], k, -1)
-            routed = (per_copy * weights.unsqueeze(-1)).sum(1).to(flat.dtype)
-        else:  # inference, and CPU training: the scatter-add combine (~30 us a layer less in eager CPU decoding)
-            token_of_copy = order // k
-            out_sorted = run_experts(flat.index_select(0, token_of_copy), counts) * weights.flatten()[order, None]
-            routed = torch.zeros_like(flat).index_add_(0, token_of_copy, out_sorted)
+            return (per_copy * weights.unsqueeze(-1)).sum(1).to(flat.dtype)
+        # inference, and CPU training: the scatter-add combine (~30 us a layer less in eager CPU decoding)
+        token_of_copy = order // k
+        out_sorted = run_experts(flat.index_select(0, token_of_copy), counts) * weights.flatten()[order, None]
+        return torch.zeros_like(flat).index_add_(0, token_of_copy, out_sorted)
 
-        if self.shared is not None:
-            shared = self.shared(flat)
-            if self.shared_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_gate(flat))
-            routed = routed + shared
+    def _experts_as_one_loop(self, flat: Tensor, k: int) -> bool:
+        """Whether this is a compiled CPU decode step of at most `ROWS_AS_ONE_LOOP` token copies."""
+        return (
+            flat.device.type == "cpu"
+            and torch.compiler.is_compiling()
+            and not torch.is_grad_enabled()
+            and self.expert_dispatch is None
+            and flat.shape[0] * k <= ROWS_AS_ONE_LOOP
+        )
 
-        self.aux_loss = None
-        if self.training and self.cfg.aux_loss_coef > 0:
-            self.aux_loss = self._sequence_aux_loss(expert_ids, scores, shape)
-        return routed.view(shape)
+    def _each_copy_by_its_expert(self, flat: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
+        """The routed experts' output [N, D], copy (n, j) multiplied by expert expert_ids[n, j]'s weights where
+        they lie: no sort, no counts, no scatter-add; each token's k outputs summed in the order of its choices."""
+        N, k = expert_ids.shape
+        dtype = _experts_dtype(flat, self.cfg.n_routed_experts, self.cfg.moe_d_ff)
+        copies = flat.to(dtype)[:, None].expand(N, k, flat.shape[-1]).reshape(N * k, -1)
+        expert = expert_ids.flatten()
+        h = F.silu(_times_own_expert(copies, self.w1.to(dtype), expert))
+        h = h * _times_own_expert(copies, self.w3.to(dtype), expert)
+        out = _times_own_expert(h, self.w2.to(dtype), expert).view(N, k, -1)
+        return (out * weights[..., None].to(out.dtype)).sum(1).to(flat.dtype)
 
     def _sequence_aux_loss(self, expert_ids: Tensor, scores: Tensor, shape: torch.Size) -> Tensor:
         """DeepSeek-V3 sequence-wise balance loss: alpha * sum_i f_i * P_i, averaged over sequences."""
