@@ -406,7 +406,7 @@ class MoE(nn.Module):
         h = F.silu(_times_own_expert(copies, self.w1.to(dtype), expert))
         h = h * _times_own_expert(copies, self.w3.to(dtype), expert)
         out = _times_own_expert(h, self.w2.to(dtype), expert).view(N, k, -1)
-        return (out * weights[..., None].to(out.dtype)).sum(1).to(flat.dtype)
+        return (out * weights[..., None]).sum(1).to(flat.dtype)  # in the wider dtype of the two, as the sorted path
 
     def _sequence_aux_loss(self, expert_ids: Tensor, scores: Tensor, shape: torch.Size) -> Tensor:
         """DeepSeek-V3 sequence-wise balance loss: alpha * sum_i f_i * P_i, averaged over sequences."""
