@@ -353,50 +353,6 @@ def test_cpu_grouped_mm_equals_the_padded_path(dtype, tol, monkeypatch):
     assert not seen  # float64: the padded path
 
 
-def experts_loop(layer: moe_mod.MoE, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The routed experts' output in float64, one token and one chosen expert at a time."""
-    w1, w3, w2 = (w.detach().double() for w in (layer.w1, layer.w3, layer.w2))
-    out = torch.zeros(flat.shape, dtype=torch.float64)
-    for n in range(flat.shape[0]):
-        x = flat[n].double()
-        for j, e in enumerate(ids[n].tolist()):
-            out[n] += weights[n, j].double() * ((F.silu(w1[e] @ x) * (w3[e] @ x)) @ w2[e].T)
-    return out
-
-
-def test_compiled_decode_runs_each_copy_by_its_own_expert(monkeypatch):
-    """A compiled CPU decode step of few rows multiplies each token copy by its own expert's weights, unsorted
-    (`MoE._each_copy_by_its_expert`): equal to a float64 loop over tokens and their experts, and the whole layer
-    compiled equal to the eager layer (which sorts); more copies than ROWS_AS_ONE_LOOP, or gradients on, sort."""
-    layer = moe_mod.moe_layers(build("tiny-moe"))[0]
-    x = torch.randn(3, 5, layer.cfg.d_model, generator=torch.Generator().manual_seed(0))
-    flat = x.reshape(-1, x.shape[-1])
-    with torch.no_grad():
-        ids, weights, _ = layer.router(flat)
-        got = layer._each_copy_by_its_expert(flat, ids, weights)
-    assert ids.shape[1] > 1 and len(set(ids.flatten().tolist())) > 3  # several experts, several copies a token
-    torch.testing.assert_close(got.double(), experts_loop(layer, flat, ids, weights), rtol=1e-5, atol=1e-5)
-
-    ran = []
-    real = moe_mod.MoE._each_copy_by_its_expert
-    monkeypatch.setattr(moe_mod.MoE, "_each_copy_by_its_expert", lambda self, *a: ran.append(1) or real(self, *a))
-    with torch.no_grad():
-        eager = layer(x)
-        assert not ran  # eager: sorted
-        torch._dynamo.reset()
-        compiled_out = torch.compile(layer, backend="eager", fullgraph=True)(x)
-        assert ran
-        torch.testing.assert_close(compiled_out, eager, rtol=1e-5, atol=1e-5)
-        ran.clear()
-        monkeypatch.setattr(moe_mod, "ROWS_AS_ONE_LOOP", 2 * flat.shape[0] - 1)
-        torch._dynamo.reset()
-        torch.compile(layer, backend="eager", fullgraph=True)(x)
-    assert not ran
-    torch._dynamo.reset()
-    torch.compile(layer, backend="eager")(x)  # gradients on: training sorts
-    assert not ran
-
-
 # ----------------------------------------------------------------------------- bf16
 def float32_logprobs(model: Transformer, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():

@@ -65,24 +65,29 @@ def naive_moe(m: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(score_func="softmax", norm_topk_prob=False),
-        dict(score_func="softmax", norm_topk_prob=True, shared_expert_gate=True),
-        dict(score_func="sigmoid", routed_scaling_factor=2.5, n_groups=4, topk_groups=2),
-        dict(score_func="sigmoid", n_shared_experts=0),
-    ],
-)
-@pytest.mark.parametrize("gathers", [False, True], ids=["scatter_add", "gathers"])
-def test_moe_matches_naive_loop_float64(kw, gathers, monkeypatch):
-    # gathers: the routing CUDA trains with (moe.GATHER_ROUTING_DEVICES), here on CPU
-    monkeypatch.setattr(moe_mod, "GATHER_ROUTING_DEVICES", {"cpu", "cuda"} if gathers else set())
+MOE_VARIANTS = [
+    dict(score_func="softmax", norm_topk_prob=False),
+    dict(score_func="softmax", norm_topk_prob=True, shared_expert_gate=True),
+    dict(score_func="sigmoid", routed_scaling_factor=2.5, n_groups=4, topk_groups=2),
+    dict(score_func="sigmoid", n_shared_experts=0),
+]
+
+
+def float64_moe(**kw) -> MoE:
     torch.manual_seed(0)
     m = MoE(moe_config(**kw)).double()
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.5)
     m.router.e_score_correction_bias.normal_(std=0.1)
+    return m
+
+
+@pytest.mark.parametrize("kw", MOE_VARIANTS)
+@pytest.mark.parametrize("gathers", [False, True], ids=["scatter_add", "gathers"])
+def test_moe_matches_naive_loop_float64(kw, gathers, monkeypatch):
+    # gathers: the routing CUDA trains with (moe.GATHER_ROUTING_DEVICES), here on CPU
+    monkeypatch.setattr(moe_mod, "GATHER_ROUTING_DEVICES", {"cpu", "cuda"} if gathers else set())
+    m = float64_moe(**kw)
     x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
 
@@ -98,6 +103,33 @@ def test_moe_matches_naive_loop_float64(kw, gathers, monkeypatch):
             assert g is None or g.abs().max() == 0
         else:
             assert (g - r).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("kw", MOE_VARIANTS)
+def test_compiled_cpu_decode_runs_each_copy_by_its_own_expert(kw, monkeypatch):
+    """A compiled CPU step without gradients of at most ROWS_AS_ONE_LOOP token copies multiplies each copy by its
+    own expert's weights, unsorted (`MoE._each_copy_by_its_expert`): equal to the per-token loop; more copies, or
+    gradients on, sort (the path the test above checks)."""
+    m = float64_moe(**kw)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    ran = []
+    real = MoE._each_copy_by_its_expert
+    monkeypatch.setattr(MoE, "_each_copy_by_its_expert", lambda self, *a: ran.append(1) or real(self, *a))
+    with torch.no_grad():
+        torch._dynamo.reset()
+        out = torch.compile(m, backend="eager", fullgraph=True)(x)
+        assert len(ran) == 1
+        m(x)
+        assert len(ran) == 1  # eagerly: sorted
+        ref = naive_moe(m, x.view(-1, 16)).view(2, 7, 16)
+        assert (out - ref).abs().max().item() < 1e-10
+        ran.clear()
+        monkeypatch.setattr(moe_mod, "ROWS_AS_ONE_LOOP", 14 * m.cfg.top_k - 1)
+        torch._dynamo.reset()
+        torch.compile(m, backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    torch.compile(m, backend="eager")(x)  # gradients on: training sorts
+    assert not ran
 
 
 def test_padded_grouped_mm_equals_loop():
