@@ -407,14 +407,17 @@ def test_blocked_cpu_attention_equals_each_document_alone(dtype, packed):
         assert (g.double() - r).abs().max().item() < tol * 10
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_causal_matmul_attention_equals_the_causal_reference(dtype):
+def test_causal_matmul_attention_equals_the_causal_reference(dtype, kv_heads):
     """The compiled CPU training path's attention (one block of the whole chunk) against the naive reference,
-    forward and gradients; and `fits_one_block` keeps long or large chunks on SDPA."""
+    forward and gradients, with 1, 2 and 4 query heads a kv head (values narrower than keys); and
+    `fits_one_block` keeps long or large chunks on SDPA."""
     from nanoseek.model.chunk_attention import causal_matmul_attention, fits_one_block
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 90, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k = (torch.randn(2, h, 90, 16, dtype=torch.float64, requires_grad=True) for h in (4, kv_heads))
+    v = torch.randn(2, kv_heads, 90, 8, dtype=torch.float64, requires_grad=True)
     ref = _attention_doc_by_doc(q, k, v, 0.25, _packed_doc_ids([[90], [90]]))
     grad_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)

@@ -31,10 +31,8 @@ kernels keep none, which is what long sequences need."""
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | None) -> Tensor:
-    """Causal attention over one chunk, blocked across documents when doc_ids [B, T] is given."""
-    if k.shape[1] != q.shape[1]:  # GQA: share each kv head across n_heads // n_kv_heads query heads
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    """Causal attention over one chunk, blocked across documents when doc_ids [B, T] is given. GQA: each of k's
+    and v's heads serves n_heads // n_kv_heads consecutive heads of q."""
     # On CPU, SDPA's flash kernel computes every one of the T x T scores under a mask, and its backward pass
     # costs ~0.1-0.2 ms per (row, head) at the lengths training runs on CPU (5-8x its forward): plain matmuls
     # over the blocks that can attend are faster there (CUDA keeps SDPA's kernels). Under torch.compile the
@@ -46,6 +44,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | N
             return blocked_attention(q, k, v, scale, doc_ids, starts, BLOCK)
     elif q.device.type == "cpu" and doc_ids is None and q.requires_grad and fits_one_block(q):
         return causal_matmul_attention(q, k, v, scale)
+    if k.shape[1] != q.shape[1]:  # SDPA takes as many kv heads as query heads
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     T = q.shape[2]
@@ -88,7 +89,7 @@ def causal_matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Te
     """`blocked_attention` of a causal chunk as one block, with no Python loop over its length, so torch.compile
     keeps the length dynamic (a loop over range(T) would specialise the graph to one length)."""
     T = q.shape[2]
-    return _masked_attention(q, k, v, scale, torch.ones(T, T, dtype=torch.bool, device=q.device).tril())
+    return _masked_attention(q, k, v, scale, torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1))
 
 
 def blocked_attention(
@@ -101,15 +102,24 @@ def blocked_attention(
     out = []
     for s, lo in zip(range(0, T, block), starts):
         e = min(s + block, T)
-        seen = pos[s:e, None] >= pos[None, lo:e]
+        hidden = pos[s:e, None] < pos[None, lo:e]
         if doc_ids is not None:
-            seen = (seen & (doc_ids[:, s:e, None] == doc_ids[:, None, lo:e]))[:, None]
-        out.append(_masked_attention(q[:, :, s:e], k[:, :, lo:e], v[:, :, lo:e], scale, seen))
+            hidden = (hidden | (doc_ids[:, s:e, None] != doc_ids[:, None, lo:e]))[:, None]
+        out.append(_masked_attention(q[:, :, s:e], k[:, :, lo:e], v[:, :, lo:e], scale, hidden))
     return torch.cat(out, dim=2)
 
 
-def _masked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, seen: Tensor) -> Tensor:
-    """softmax(q k^T * scale) v over the keys each query has `seen`: the scores are taken in q's dtype and the
-    softmax in float32 (float64 for a float64 model), as transformers' eager attention does."""
-    scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
-    return scores.masked_fill(~seen, float("-inf")).softmax(-1).to(v.dtype) @ v
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, hidden: Tensor) -> Tensor:
+    """softmax(q k^T * scale) v over the keys not `hidden` from each query ([Tq, Tk], or [B, 1, Tq, Tk] per row):
+    the scores are taken in q's dtype and the softmax in float32 (float64 for a float64 model), as transformers'
+    eager attention does. GQA without copies of k and v: the query heads that share a kv head are one block of
+    rows against it (their mask broadcast over them). Repeating k and v, and summing their gradients back, made
+    the --quick training shape's attention 0.97 ms forward and backward against 0.80 (docs/LOG.md, 2026-12-05)."""
+    B, H, Tq, _ = q.shape
+    n_kv, Tk = k.shape[1], k.shape[2]
+    rep = H // n_kv
+    rows = q.reshape(B, n_kv, rep * Tq, q.shape[-1])
+    scores = (rows @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    scores = scores.view(B, n_kv, rep, Tq, Tk).masked_fill(hidden.unsqueeze(-3), float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype).view(B, n_kv, rep * Tq, Tk)
+    return (probs @ v).view(B, H, Tq, v.shape[-1])
