@@ -44,7 +44,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | N
             return blocked_attention(q, k, v, scale, doc_ids, starts, BLOCK)
     elif q.device.type == "cpu" and doc_ids is None and q.requires_grad and fits_one_block(q):
         return causal_matmul_attention(q, k, v, scale)
-    if k.shape[1] != q.shape[1]:  # SDPA takes as many kv heads as query heads
+    if k.shape[1] != q.shape[1]:  # SDPA gets k and v repeated to every query head (GQA)
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if doc_ids is None:
