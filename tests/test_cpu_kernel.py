@@ -235,3 +235,129 @@ def test_decode_attention_refuses_what_it_cannot_read():
         args = dict(q=q, keys=keys, values=keys, positions=positions, slots=None, kv_len=8, scale=1.0) | bad
         with pytest.raises(ValueError, match="cpu_kernel.decode_attention"):
             cpu_kernel.decode_attention(**args)
+
+
+needs_float32 = pytest.mark.skipif(
+    not cpu_kernel.float32_available(), reason="nanoseek's float32 CPU kernel does not apply here (AVX-512, g++)"
+)
+
+
+def f32(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@needs_float32
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("outputs", "k"), [((16,), 16), ((48, 32, 16), 128), ((64,), 400)])
+def test_float32_rows_against_float64_and_mkl(outputs, k, threads):
+    """1-20 rows (chunks of 8 and every tail), 64 and 130; one weight or several side by side (odd counts of blocks
+    of 16, so a thread's last group holds one block); with and without biases: within float32 rounding of the float64
+    product, and of F.linear's (MKL's) float32 product."""
+    weights = [f32(n, k, seed=i) / k**0.5 for i, n in enumerate(outputs)]
+    biases = [f32(n, seed=10 + i) for i, n in enumerate(outputs)]
+    x = f32(130, k, seed=20)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in [*range(1, 21), 64, 130]:
+            for bias in ([], biases):
+                got = cpu_kernel.float32_rows(x[:rows], weights, bias)
+                parts = [F.linear(x[:rows], w, bias[i] if bias else None) for i, w in enumerate(weights)]
+                want = torch.cat(
+                    [F.linear(x[:rows].double(), w.double(), bias[i].double() if bias else None) for i, w in
+                     enumerate(weights)], dim=-1,
+                )  # fmt: skip
+                assert got.dtype == torch.float32 and got.shape == (rows, sum(outputs))
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got, torch.cat(parts, dim=-1), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_float32
+def test_float32_rows_of_any_leading_shape_none_and_bad_input():
+    w = f32(32, 64, seed=0)
+    x = f32(3, 5, 128, seed=1)[..., ::2]  # [3, 5, 64], not contiguous
+    got = cpu_kernel.float32_rows(x, [w], [])
+    assert got.shape == (3, 5, 32)
+    torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-5)
+    assert cpu_kernel.float32_rows(x[:0], [w], []).shape == (0, 5, 32)
+    # the kernel reads raw memory: what it cannot read is an error, not a wrong answer
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_kernel.float32_rows(f32(2, 24, seed=2), [f32(16, 24, seed=3)], [])
+    with pytest.raises(RuntimeError, match="weight 0 must be float32"):
+        cpu_kernel.float32_rows(f32(2, 64, seed=2), [f32(24, 64, seed=3)], [])
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        cpu_kernel.float32_rows(x.double(), [w], [])
+    with pytest.raises(RuntimeError, match="bias 0"):
+        cpu_kernel.float32_rows(x, [w], [f32(16, seed=4)])
+
+
+@needs_float32
+def test_linear_takes_float32_rows_only_where_it_applies(monkeypatch):
+    """No gradient wanted, no autocast, float32, at most FLOAT32_MAX_ROWS rows, shapes it takes; else F.linear. The
+    q/k/v-style stack: one call, each output as its own layer's."""
+    calls = []
+    real = cpu_kernel.float32_rows
+
+    def counted(x, weights, biases):
+        calls.append(len(weights))
+        return real(x, weights, biases)
+
+    monkeypatch.setattr(cpu_kernel, "float32_rows", counted)
+    layers = [L.Linear(64, n, bias=False) for n in (64, 32, 32)]
+    x = f32(4, 64, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(L.linear(x, layers[0].weight), F.linear(x, layers[0].weight), rtol=1e-5, atol=1e-6)
+        assert calls == [1]
+        outs = L.linears(x, layers)
+        assert calls == [1, 3]
+        for out, layer in zip(outs, layers):
+            torch.testing.assert_close(out, F.linear(x, layer.weight), rtol=1e-5, atol=1e-6)
+        L.linear(f32(cpu_kernel.FLOAT32_MAX_ROWS + 1, 64, seed=1), layers[0].weight)  # many rows: MKL's
+        L.linear(x, f32(24, 64, seed=2))  # not whole blocks of 16 outputs
+        L.linear(x.double(), layers[0].weight.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            L.linear(x, layers[0].weight)
+        monkeypatch.setattr(L, "FLOAT32_ROWS", False)
+        L.linear(x, layers[0].weight)
+    assert calls == [1, 3]
+    monkeypatch.setattr(L, "FLOAT32_ROWS", True)
+    out = L.linear(x, layers[0].weight)  # a gradient wanted: the kernel has no backward
+    out.sum().backward()
+    assert calls == [1, 3] and layers[0].weight.grad is not None
+
+
+@needs_float32
+def test_float32_rows_inside_a_compiled_graph():
+    """Traced as one operation (its shape function), rows dynamic: the compiled product equals the eager one."""
+    w = f32(48, 32, seed=0)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(L.linear(x, w) * 2)
+
+    compiled = torch.compile(step, dynamic=True)
+    with torch.no_grad():
+        for rows in (3, 7):
+            x = f32(rows, 32, seed=rows)
+            torch.testing.assert_close(compiled(x), step(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_failed_float32_build_warns_once_and_the_products_stay_mkls(fresh, monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_float32_state", None)
+    monkeypatch.setenv("CXX", "false")  # exits 1
+    x86_avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    if not x86_avx512 or cpu_kernel.platform.machine() not in ("x86_64", "AMD64"):
+        assert not cpu_kernel.float32_available()
+        return
+    with pytest.warns(UserWarning, match="float32 CPU kernel is off"):
+        assert not cpu_kernel.float32_available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu_kernel.float32_available()  # warned once
+        w, x = f32(32, 64, seed=0), f32(4, 64, seed=1)
+        with torch.no_grad():
+            assert torch.equal(L.linear(x, w), F.linear(x, w))
+    monkeypatch.setenv(cpu_kernel.ENV, "0")
+    monkeypatch.setattr(cpu_kernel, "_float32_state", None)
+    assert not cpu_kernel.float32_available() and not list(fresh.iterdir())  # off: nothing built

@@ -1,5 +1,6 @@
 """Our CPU kernels, for the decode step on a CPU with AVX-512 BF16: a few rows times a bf16 weight (`few_rows.cpp`)
-and attention over a bf16 KV cache (`decode_attention.cpp`).
+and attention over a bf16 KV cache (`decode_attention.cpp`); and on any CPU with AVX-512, rows times float32 weights
+(`float32_rows.cpp`, the last paragraph).
 
 A decode step multiplies a few rows by every weight, so it is bound by how fast the weights stream from memory.
 oneDNN's prepacked kernel reads them below the memory's rate at a few rows; this loop (one 64-byte load of a
@@ -21,6 +22,15 @@ kernels' OpenMP threads are torch's own pool. Only on x86-64 Linux with AVX-512 
 AMX kernels were not measured against them); `NANOSEEK_CPU_KERNEL=0` turns them off. A failed build or a wrong answer
 in the check that follows it: one warning, and `model.linear` keeps oneDNN's prepacked kernel, the cache its own
 attention.
+
+The float32 product (`float32_rows`) is a torch operation, `nanoseek::float32_rows`, built against torch's headers
+(about ten seconds, once per source and torch version, into the same directory) and loaded into torch's operator
+registry, so a compiled decode step calls it from its C++ wrapper, without a crossing into Python (~11 us a call,
+which would eat most of what it saves at tiny's shapes). At 8-512 rows MKL's sgemm multiplies on one of two threads;
+this kernel splits the outputs between the threads and packs each group's weights in L1 as it goes: tiny's products
+at 64 rows 1.3-1.6x faster, at 8 rows 2.6x, equal from ~2,000 rows (docs/LOG.md, 2026-12-05, thirtieth session).
+`model.linear` sends it a float32 model's products where no gradient is wanted and no autocast is on (decoding,
+evaluation) up to FLOAT32_MAX_ROWS rows, on x86-64 Linux with AVX-512; NANOSEEK_CPU_KERNEL=0 turns it off too.
 """
 
 from __future__ import annotations
@@ -62,6 +72,13 @@ FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mav
 _lock = threading.Lock()
 _kernels: Kernels | None = None  # the loaded library's functions; None until tried
 _failure: str | None = None
+
+FLOAT32_SOURCE = Path(__file__).with_name("float32_rows.cpp")
+FLOAT32_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-w"]
+FLOAT32_MAX_ROWS = 1024
+"""Rows up to which `model.linear` takes `float32_rows` (when the rows are known; a compiled decode step's rows are
+the engine's slots). 64 x 128 x 768: 1.5x MKL; 1,024 rows 1.10x; 4,096 rows 0.96x (2 threads, the 2-core EPYC)."""
+_float32_state: str | None = None  # "ok" once loaded and checked, else why not; None until tried
 
 
 def fits(weight: Tensor) -> bool:
@@ -172,12 +189,17 @@ def available() -> bool:
     return _kernels is not None
 
 
-def _applies() -> bool:
+def _applies_at_all() -> bool:
+    """NANOSEEK_CPU_KERNEL, read: 1 (the default) or 0."""
     setting = os.environ.get(ENV, "1").strip()
     if setting not in ("0", "1"):
         raise ValueError(f"{ENV}={setting!r}: must be 1 (use nanoseek's CPU kernel where it applies) or 0 (never)")
+    return setting == "1"
+
+
+def _applies() -> bool:
     x86_linux = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
-    return setting == "1" and x86_linux and precision.cpu_bf16_instructions() == "AVX-512 BF16"
+    return _applies_at_all() and x86_linux and precision.cpu_bf16_instructions() == "AVX-512 BF16"
 
 
 def _compiler() -> str:
@@ -188,22 +210,25 @@ def _compiler() -> str:
     return path
 
 
-def _build() -> Path:
-    """The shared library, compiled now unless a build of these sources with these flags is already there."""
+def _build(
+    sources: tuple[Path, ...] = SOURCES, flags: list[str] = FLAGS, name: str = "kernels", links: tuple[str, ...] = ()
+) -> Path:
+    """The shared library, compiled now unless a build of these sources with these flags (and libraries to link,
+    named after the sources, as the linker wants them) is already there."""
     compiler = _compiler()
-    sources = b"".join(path.read_bytes() for path in SOURCES)
-    tag = hashlib.sha256(sources + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    text = b"".join(path.read_bytes() for path in sources)
+    tag = hashlib.sha256(text + " ".join([compiler, *flags, "--link", *links]).encode()).hexdigest()[:16]
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoseek" / "kernels"
     directory = Path(os.environ.get(DIR_ENV) or default)
-    library = directory / f"kernels-{tag}.so"
+    library = directory / f"{name}-{tag}.so"
     if library.exists():
         return library
     directory.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=directory, prefix=".kernels-", suffix=".so")
+    fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{name}-", suffix=".so")
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, *map(str, SOURCES), "-o", partial], capture_output=True, text=True, timeout=300
+            [compiler, *flags, *map(str, sources), *links, "-o", partial], capture_output=True, text=True, timeout=300
         )
         if done.returncode != 0:
             last = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
@@ -256,4 +281,101 @@ def _check(kernels: Kernels) -> None:
         raise AssertionError(f"the built kernel's attention is off by {err:.3g}")
 
 
-__all__ = ["ENV", "USE", "Kernels", "available", "decode_attention", "fits", "fits_shape", "pack", "product"]
+def float32_fits(weights: list[Tensor], k: int) -> bool:
+    """Whether `float32_rows` takes these weights for rows of k inputs: 2-D float32 [16n, k], k a multiple of 16."""
+    return k % 16 == 0 and all(w.dim() == 2 and w.shape[1] == k and w.shape[0] % 16 == 0 for w in weights)
+
+
+def float32_rows(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
+    """x [..., K] (float32) times each weight [N_i, K] transposed, plus its bias (one per weight, or none), side by
+    side: [..., sum N_i] float32. `float32_available()` must be True."""
+    return torch.ops.nanoseek.float32_rows.default(x, weights, biases)
+
+
+def float32_available() -> bool:
+    """Whether `float32_rows` is built, loaded and checked (building it now if not yet tried): False where it does
+    not apply (not x86-64 Linux with AVX-512, NANOSEEK_CPU_KERNEL=0, USE off) or failed once (warned)."""
+    global _float32_state
+    if not USE:
+        return False
+    if _float32_state is not None:
+        return _float32_state == "ok"
+    x86_linux = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+    if not (_applies_at_all() and x86_linux and torch.backends.cpu.get_cpu_capability().startswith("AVX512")):
+        return False
+    with _lock:
+        if _float32_state is None:
+            try:
+                flags, links = _float32_flags()
+                _load_float32(_build((FLOAT32_SOURCE,), flags, "float32-rows", links))
+                _check_float32()
+                _float32_state = "ok"
+            except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as e:
+                _float32_state = f"{type(e).__name__}: {str(e).strip()[:300]}"
+                warnings.warn(
+                    f"nanoseek's float32 CPU kernel is off, float32 products stay MKL's: {_float32_state}",
+                    stacklevel=2,
+                )
+    return _float32_state == "ok"
+
+
+def _float32_flags() -> tuple[list[str], tuple[str, ...]]:
+    """(flags, libraries): FLOAT32_FLAGS and what building against this torch takes (its headers, ABI and
+    libraries; its version, so an upgrade builds anew)."""
+    from torch.utils import cpp_extension
+
+    lib = Path(torch.__file__).parent / "lib"
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    links = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch", "-ltorch_cpu"]
+    return [*FLOAT32_FLAGS, abi, f"-DNANOSEEK_TORCH={torch.__version__}", *includes], tuple(links)
+
+
+_float32_registered = False  # the operation's shape function, registered once a library defining it is loaded
+
+
+def _load_float32(library: Path) -> None:
+    global _float32_registered
+    if not hasattr(torch.ops.nanoseek, "float32_rows"):
+        torch.ops.load_library(str(library))
+    if not _float32_registered:
+
+        @torch.library.register_fake("nanoseek::float32_rows")
+        def _(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
+            return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
+
+        _float32_registered = True
+
+
+def _check_float32() -> None:
+    """1-17 rows (chunks of 8 and every tail), three weights of 16, 32 and 48 outputs (a lone last block of 16), with
+    and without biases, against float64: a build that miscomputes is not used."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(17, 48, generator=g)
+    weights = [torch.randn(n, 48, generator=g) for n in (16, 32, 48)]
+    biases = [torch.randn(w.shape[0], generator=g) for w in weights]
+    for bias in ([], biases):
+        want = torch.cat([x.double() @ w.double().T for w in weights], dim=-1)
+        if bias:
+            want = want + torch.cat(bias).double()
+        for m in range(1, 18):
+            err = (float32_rows(x[:m], weights, bias).double() - want[:m]).abs().max().item()
+            if not err <= 1e-4:
+                raise AssertionError(f"the built float32 kernel's product at {m} rows is off by {err:.3g}")
+
+
+__all__ = [
+    "ENV",
+    "FLOAT32_MAX_ROWS",
+    "USE",
+    "Kernels",
+    "available",
+    "decode_attention",
+    "fits",
+    "fits_shape",
+    "float32_available",
+    "float32_fits",
+    "float32_rows",
+    "pack",
+    "product",
+]

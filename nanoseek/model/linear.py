@@ -27,6 +27,12 @@ step's other loops. oneDNN's kernel reads a weight at one row at ~17-22 GB/s on 
 `small`'s 49 products a step 11.1 -> 8.6 ms, its whole one-row decode 1.17-1.20x (docs/LOG.md, 2026-12-03,
 nineteenth session). From two rows on the loop converts every weight once per row and loses (2 rows 1.4x slower).
 The row itself is written out once before the loops (`REALIZE_ROW`), not recomputed inside each of them.
+
+A float32 model's products where no gradient is wanted and no autocast is on (the engine's decode steps for models
+that fit the cache, evaluation) go through `cpu_kernel.float32_rows` where it is built (x86-64 Linux, AVX-512): MKL's
+sgemm multiplies a decode step's 8-512 rows on one of two threads, this kernel on both (tiny's products at 64 rows
+1.3-1.6x faster), and `linears` passes it the q/k/v or gate/up weights together, one call for their outputs side by
+side, without a stacked copy (the kernel reads each weight where it lies).
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ SUMMED_ONE_ROW = True
 REALIZE_ROW = True
 """Set to False to let inductor recompute the row inside every product-sum's loop (`_summed_products`)."""
 
+FLOAT32_ROWS = True
+"""Set to False to keep F.linear for float32 products (`_float32_rows`; benchmarks compare both)."""
+
 _AVAILABLE = (
     torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -84,6 +93,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return _summed_products(x, [weight], biases)[0]
     if _packable(x, [weight], biases):
         return _packed_linear(x.to(weight.dtype), [weight], biases)
+    if _float32_rows(x, [weight], biases):
+        return cpu_kernel.float32_rows(x, [weight], biases)
     return F.linear(x, weight, bias)
 
 
@@ -99,6 +110,9 @@ def linears(x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
             return _summed_products(x, weights, biases)
         if _packable(x, weights, biases):
             out = _packed_linear(x.to(weights[0].dtype), weights, biases)
+            return list(out.split([w.shape[0] for w in weights], dim=-1))
+        if _float32_rows(x, weights, biases):
+            out = cpu_kernel.float32_rows(x, weights, biases)
             return list(out.split([w.shape[0] for w in weights], dim=-1))
     return [m(x) for m in layers]
 
@@ -149,6 +163,21 @@ def _bf16_inference(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> b
         return False
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     return x.dtype == torch.bfloat16 or (autocast_bf16 and x.is_floating_point())
+
+
+def _float32_rows(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> bool:
+    """A CPU product of float32 x by float32 weights (and biases) that wants no gradient, under no autocast, of at
+    most FLOAT32_MAX_ROWS rows (rows unknown until the call, a compiled step's, count as few) and shapes the kernel
+    takes: `cpu_kernel.float32_rows`, where it is built."""
+    tensors = (x, *weights, *biases)
+    if not FLOAT32_ROWS or x.device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
+        return False
+    if torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return False
+    rows = math.prod(x.shape[:-1])
+    if isinstance(rows, int) and rows > cpu_kernel.FLOAT32_MAX_ROWS:
+        return False
+    return cpu_kernel.float32_fits(weights, x.shape[-1]) and cpu_kernel.float32_available()
 
 
 def _one_row_in_graph(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> bool:
