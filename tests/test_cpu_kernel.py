@@ -361,3 +361,19 @@ def test_a_failed_float32_build_warns_once_and_the_products_stay_mkls(fresh, mon
     monkeypatch.setenv(cpu_kernel.ENV, "0")
     monkeypatch.setattr(cpu_kernel, "_float32_state", None)
     assert not cpu_kernel.float32_available() and not list(fresh.iterdir())  # off: nothing built
+
+
+def test_no_build_while_dynamo_traces(monkeypatch):
+    """Before the float32 kernel was tried, a graph traced now multiplies with F.linear and builds nothing: the engine
+    builds the kernel before it compiles (`engine.compiled`)."""
+    monkeypatch.setattr(cpu_kernel, "_float32_state", None)
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("built while Dynamo traced")
+
+    monkeypatch.setattr(cpu_kernel, "_build", no_building)
+    w = f32(32, 32, seed=0)
+    compiled = torch.compile(lambda x: L.linear(x, w) * 2)
+    with torch.no_grad():
+        x = f32(4, 32, seed=1)
+        torch.testing.assert_close(compiled(x), F.linear(x, w) * 2)

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from nanoseek import precision
 from nanoseek.engine.cache import KVCache
 from nanoseek.engine.sampling import SamplingBatch, draw, sample
+from nanoseek.model import cpu_kernel
 
 COMPILE_ENV = "NANOSEEK_COMPILE"
 COMPILE_AFTER_STEPS = 512
@@ -219,6 +220,7 @@ class _Compiled:
             return None
         compiled_fn = self._compiled.get(fn)
         if compiled_fn is None:
+            cpu_kernel.float32_available()  # built now, not while Dynamo traces (`model.linear`)
             compiled_fn = self._compiled[fn] = torch.compile(fn, options=_OPTIONS)
         # Rows, keys read, and the cache's slots and length: engines of other sizes reuse the graph.
         dynamic = [(ids, 0), (pos, 0), (keys, 1)] + [(t, 0) for t in rest[:3]]

@@ -319,6 +319,11 @@ def float32_available() -> bool:
     return _float32_state == "ok"
 
 
+def float32_built() -> bool:
+    """Whether `float32_rows` has been built, loaded and checked in this process (`float32_available` tries)."""
+    return USE and _float32_state == "ok"
+
+
 def _float32_flags() -> tuple[list[str], tuple[str, ...]]:
     """(flags, libraries): FLOAT32_FLAGS and what building against this torch takes (its headers, ABI and
     libraries; its version, so an upgrade builds anew)."""
@@ -374,6 +379,7 @@ __all__ = [
     "fits",
     "fits_shape",
     "float32_available",
+    "float32_built",
     "float32_fits",
     "float32_rows",
     "pack",

@@ -112,8 +112,10 @@ def linears(x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
             out = _packed_linear(x.to(weights[0].dtype), weights, biases)
             return list(out.split([w.shape[0] for w in weights], dim=-1))
         if _float32_rows(x, weights, biases):
+            # Each output a tensor of its own, not a view of the stack: an elementwise operation over a view can round
+            # unlike the same operation over a tensor (torch's SiLU does), and stacking should not change the numbers.
             out = cpu_kernel.float32_rows(x, weights, biases)
-            return list(out.split([w.shape[0] for w in weights], dim=-1))
+            return [part.contiguous() for part in out.split([w.shape[0] for w in weights], dim=-1)]
     return [m(x) for m in layers]
 
 
@@ -177,7 +179,11 @@ def _float32_rows(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> boo
     rows = math.prod(x.shape[:-1])
     if isinstance(rows, int) and rows > cpu_kernel.FLOAT32_MAX_ROWS:
         return False
-    return cpu_kernel.float32_fits(weights, x.shape[-1]) and cpu_kernel.float32_available()
+    if not cpu_kernel.float32_fits(weights, x.shape[-1]):
+        return False
+    if torch.compiler.is_compiling():  # no build while Dynamo traces: the engine builds it before compiling
+        return cpu_kernel.float32_built()
+    return cpu_kernel.float32_available()
 
 
 def _one_row_in_graph(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> bool:
