@@ -171,10 +171,12 @@ def _float32_rows(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> boo
     """A CPU product of float32 x by float32 weights (and biases) that wants no gradient, under no autocast, of at
     most FLOAT32_MAX_ROWS rows (rows unknown until the call, a compiled step's, count as few) and shapes the kernel
     takes: `cpu_kernel.float32_rows`, where it is built."""
-    tensors = (x, *weights, *biases)
-    if not FLOAT32_ROWS or x.device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
+    if not FLOAT32_ROWS or x.device.type != "cpu":
         return False
-    if torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    tensors = (x, *weights, *biases)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):  # first: every eager training product asks
+        return False
+    if torch.is_autocast_enabled("cpu") or any(t.dtype != torch.float32 for t in tensors):
         return False
     rows = math.prod(x.shape[:-1])
     if isinstance(rows, int) and rows > cpu_kernel.FLOAT32_MAX_ROWS:
