@@ -160,23 +160,24 @@ def _bf16_inference(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> b
         return False
     if any(w.shape[1] != x.shape[-1] for w in weights) or any(b.dtype != torch.bfloat16 for b in biases):
         return False
-    wants_grad = x.requires_grad or any(t.requires_grad for t in (*weights, *biases))
-    if torch.is_grad_enabled() and wants_grad:
+    if _wants_grad(x, weights, biases):
         return False
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     return x.dtype == torch.bfloat16 or (autocast_bf16 and x.is_floating_point())
+
+
+def _wants_grad(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> bool:
+    """Whether autograd would record this product (the packed kernels and `float32_rows` have no backward)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *biases))
 
 
 def _float32_rows(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> bool:
     """A CPU product of float32 x by float32 weights (and biases) that wants no gradient, under no autocast, of at
     most FLOAT32_MAX_ROWS rows (rows unknown until the call, a compiled step's, count as few) and shapes the kernel
     takes: `cpu_kernel.float32_rows`, where it is built."""
-    if not FLOAT32_ROWS or x.device.type != "cpu":
+    if not FLOAT32_ROWS or x.device.type != "cpu" or _wants_grad(x, weights, biases):  # every training product asks
         return False
-    tensors = (x, *weights, *biases)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):  # first: every eager training product asks
-        return False
-    if torch.is_autocast_enabled("cpu") or any(t.dtype != torch.float32 for t in tensors):
+    if torch.is_autocast_enabled("cpu") or any(t.dtype != torch.float32 for t in (x, *weights, *biases)):
         return False
     rows = math.prod(x.shape[:-1])
     if isinstance(rows, int) and rows > cpu_kernel.FLOAT32_MAX_ROWS:
