@@ -377,3 +377,48 @@ def test_no_build_while_dynamo_traces(monkeypatch):
     with torch.no_grad():
         x = f32(4, 32, seed=1)
         torch.testing.assert_close(compiled(x), F.linear(x, w) * 2)
+
+
+@needs_float32
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("tokens", "k", "experts", "hidden", "width"),
+    [(1, 1, 4, 16, 16), (21, 2, 8, 96, 128), (37, 3, 5, 32, 48), (300, 2, 4, 16, 32)],
+)
+def test_float32_experts_against_a_float64_loop(tokens, k, experts, hidden, width, threads):
+    """Token copies routed to experts (the last expert never chosen; expert 0 by most tokens: chunks of 8 rows and
+    tails), a weighted sum per token in the order of its choices: within float32 rounding of a float64 loop over
+    tokens and choices (`cpu_kernel.experts_float64`)."""
+    g = torch.Generator().manual_seed(tokens)
+    w1, w3 = (torch.randn(experts, hidden, width, generator=g) / width**0.5 for _ in range(2))
+    w2 = torch.randn(experts, width, hidden, generator=g) / hidden**0.5
+    x, weights = torch.randn(tokens, width, generator=g), torch.rand(tokens, k, generator=g)
+    ids = torch.randint(0, experts - 1, (tokens, k), generator=g)
+    ids[: tokens // 2, 0] = 0
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernel.float32_experts(x, ids, weights, w1, w3, w2)
+        empty = cpu_kernel.float32_experts(x[:0], ids[:0], weights[:0], w1, w3, w2)
+    finally:
+        torch.set_num_threads(previous)
+    assert got.dtype == torch.float32 and got.shape == (tokens, width) and empty.shape == (0, width)
+    want = cpu_kernel.experts_float64(x, ids, weights, w1, w3, w2)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_float32
+def test_float32_experts_refuses_what_it_cannot_read():
+    w1, w3, w2 = f32(4, 16, 32, seed=0), f32(4, 16, 32, seed=1), f32(4, 32, 16, seed=2)
+    x, ids, weights = f32(3, 32, seed=3), torch.tensor([[0, 1], [2, 3], [1, 1]]), f32(3, 2, seed=4)
+    cpu_kernel.float32_experts(x, ids, weights, w1, w3, w2)  # the shapes it takes
+    with pytest.raises(RuntimeError, match="out of range for 4 experts"):
+        cpu_kernel.float32_experts(x, ids + 1, weights, w1, w3, w2)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        cpu_kernel.float32_experts(x[:, :24], ids, weights, w1[..., :24], w3[..., :24], w2[:, :24])
+    with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
+        cpu_kernel.float32_experts(x.double(), ids, weights, w1, w3, w2)
+    with pytest.raises(RuntimeError, match=r"ids \[N, k\] \(int64\)"):
+        cpu_kernel.float32_experts(x, ids.int(), weights, w1, w3, w2)
+    with pytest.raises(RuntimeError, match="w2 \\[E, D, F\\]"):
+        cpu_kernel.float32_experts(x, ids, weights, w1, w3, w2.transpose(1, 2))

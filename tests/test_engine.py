@@ -722,8 +722,10 @@ def test_rl_engine_twin_with_16_bit_matmul_weights_decodes_bit_identically_under
     """`rollout_policy`: under bf16 autocast the twin (bf16 copies of the matmul weights, everything else
     shared) gives the engine the float32 policy's exact tokens and log-probs, and stays so after an
     optimizer step once synced. CPU autocast stands in for CUDA's here, so the CPU-only rule that keeps experts
-    with little work in float32 (moe._experts_dtype, which the twin does not follow) is off."""
+    with little work in float32 (moe._experts_dtype, and through the float32 kernel moe._FLOAT32_KERNEL_MIN_MACS,
+    which the twin does not follow) is off."""
     monkeypatch.setattr("nanoseek.model.moe._CPU_BF16_MIN_MACS", 0)
+    monkeypatch.setattr("nanoseek.model.moe._FLOAT32_KERNEL_MIN_MACS", 0)
     model = build(name).train()
     twin = rollout_policy(model, torch.bfloat16)
     assert rollout_policy(model, None) is model and rollout_policy(model, torch.float32) is model

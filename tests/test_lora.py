@@ -17,6 +17,7 @@ from nanoseek.errors import InputError
 from nanoseek.interop.peft import load_adapters, save_adapters
 from nanoseek.loading import load_checkpoint
 from nanoseek.model import Transformer, get_preset, save_model
+from nanoseek.model import moe as moe_mod
 from nanoseek.model.lora import adapter_key, apply_lora, lora_of, merge_lora
 from nanoseek.train.loop import model_loss
 from nanoseek.train.optim import build_optimizers
@@ -45,7 +46,10 @@ def ids(seed: int = 0, shape=(2, 12), vocab: int = VOCAB) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_zero_b_gives_exactly_the_base_outputs_and_only_adapters_train(preset):
+def test_zero_b_gives_exactly_the_base_outputs_and_only_adapters_train(preset, monkeypatch):
+    # Adapters run beside the routed experts through `MoE.experts`; the plain layer would take the float32 kernel
+    # (a sum in another order), so both sides here take `experts`, and zero adapters must change nothing at all.
+    monkeypatch.setattr(moe_mod, "FLOAT32_EXPERTS", False)
     model = small_model(preset).eval()
     x = ids()
     with torch.no_grad():
@@ -342,3 +346,21 @@ def test_pretraining_with_lora_keeps_its_random_base_beside_the_adapters(tmp_pat
     assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)
     model, tokenizer = load_checkpoint(tmp_path / "straight", device="cpu", dtype=torch.float32)
     assert tokenizer is not None and Path(lora_of(model).base) == (tmp_path / "straight" / "base").resolve()
+
+
+def test_a_compiled_cpu_decode_step_keeps_the_experts_adapters():
+    """A compiled CPU pass without gradients multiplies token copies by the experts' weights where they lie (one loop
+    per copy, or `cpu_kernel.float32_experts`): an MoE layer with adapters runs them through `experts` instead, so
+    its compiled output equals its eager one (it once dropped the adapters), in float64 and in float32."""
+    for dtype in (torch.float64, torch.float32):
+        model = small_model("tiny-moe", seed=3).to(dtype)
+        apply_lora(model, rank=2, alpha=4, targets=["w1", "w2", "w3"], dtype=dtype)
+        randomize_adapters(model, 2)
+        layer = next(m for m in model.modules() if type(m).__name__ == "LoRAMoE")
+        x = torch.randn(5, model.cfg.d_model, dtype=dtype)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            want = layer(x)
+            got = torch.compile(layer, backend="eager", fullgraph=True)(x)
+        torch.testing.assert_close(got, want, atol=1e-5 if dtype == torch.float32 else 1e-10, rtol=0)
+    torch._dynamo.reset()

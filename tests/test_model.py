@@ -8,7 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model import ATTENTIONS, ModelConfig, Transformer, get_preset, load_model, router_stats, save_model
+from nanoseek.model import (
+    ATTENTIONS,
+    ModelConfig,
+    Transformer,
+    cpu_kernel,
+    get_preset,
+    load_model,
+    router_stats,
+    save_model,
+)
 from nanoseek.model import moe as moe_mod
 from nanoseek.model.moe import MoE, _padded_grouped_mm, install_balancing_hook
 
@@ -721,3 +730,37 @@ def test_module_to_bf16_keeps_router_buffers_float32():
     assert router.tokens_per_expert.sum().item() == 300 * model.cfg.top_k  # exact, not rounded
     model.float()
     assert torch.equal(router.e_score_correction_bias, want)
+
+
+@pytest.mark.skipif(not cpu_kernel.float32_available(), reason="nanoseek's float32 CPU kernel does not apply here")
+def test_float32_moe_runs_its_experts_through_the_kernel_where_it_applies(monkeypatch):
+    """A float32 CPU pass without gradients (eager, compiled, under bf16 autocast) runs the routed experts as one
+    `cpu_kernel.float32_experts` call, equal to the per-token float64 loop to float32 rounding; gradients on, widths
+    not in multiples of 16, a float64 layer or FLOAT32_EXPERTS off: the other paths."""
+    calls = []
+    real = cpu_kernel.float32_experts
+    monkeypatch.setattr(cpu_kernel, "float32_experts", lambda *a: calls.append(1) or real(*a))
+    m = float64_moe(score_func="sigmoid", routed_scaling_factor=2.5, moe_d_ff=16).float()
+    x = torch.randn(2, 9, 16)
+    want = naive_moe(m.double(), x.view(-1, 16).double()).view(2, 9, 16)
+    m.float()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).double(), want, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(m, backend="eager", fullgraph=True)(x).double(), want, rtol=1e-5,
+                                   atol=1e-5)  # fmt: skip
+        assert len(calls) == 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x)
+        assert len(calls) == 3
+        monkeypatch.setattr(moe_mod, "FLOAT32_EXPERTS", False)
+        torch.testing.assert_close(m(x).double(), want, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 3
+    torch._dynamo.reset()
+    monkeypatch.setattr(moe_mod, "FLOAT32_EXPERTS", True)
+    m(x).sum().backward()  # gradients: sorted, through `experts`
+    with torch.no_grad():
+        m.double()(x.double())
+        float64_moe(moe_d_ff=12).float()(x)  # 12 wide: not the kernel's
+    assert len(calls) == 3

@@ -31,6 +31,8 @@ this kernel splits the outputs between the threads and packs each group's weight
 at 64 rows 1.3-1.6x faster, at 8 rows 2.6x, equal from ~2,000 rows (docs/LOG.md, 2026-12-05, thirtieth session).
 `model.linear` sends it a float32 model's products where no gradient is wanted and no autocast is on (decoding,
 evaluation) up to FLOAT32_MAX_ROWS rows, on x86-64 Linux with AVX-512; NANOSEEK_CPU_KERNEL=0 turns it off too.
+The same library's `float32_experts` (`nanoseek::float32_experts`) is a float32 MoE layer's routed experts without
+gradients in one call, token copies sorted by expert inside (`MoE._float32_experts` says where).
 """
 
 from __future__ import annotations
@@ -292,6 +294,13 @@ def float32_rows(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tens
     return torch.ops.nanoseek.float32_rows.default(x, weights, biases)
 
 
+def float32_experts(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """Routed SwiGLU experts, float32: x [N, D], ids and weights [N, k] (ids int64) -> [N, D], token t's output the
+    sum over j, in order, of weights[t, j] * (silu(x[t] w1[e]^T) * (x[t] w3[e]^T)) w2[e]^T with e = ids[t, j];
+    w1, w3 [E, F, D], w2 [E, D, F], D and F multiples of 16. `float32_available()` must be True."""
+    return torch.ops.nanoseek.float32_experts.default(x, ids, weights, w1, w3, w2)
+
+
 def float32_available() -> bool:
     """Whether `float32_rows` is built, loaded and checked (building it now if not yet tried): False where it does
     not apply (not x86-64 Linux with AVX-512, NANOSEEK_CPU_KERNEL=0, USE off) or failed once (warned)."""
@@ -349,6 +358,10 @@ def _load_float32(library: Path) -> None:
         def _(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
             return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
 
+        @torch.library.register_fake("nanoseek::float32_experts")
+        def _(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+            return x.new_empty(x.shape)
+
         _float32_registered = True
 
 
@@ -367,6 +380,26 @@ def _check_float32() -> None:
             err = (float32_rows(x[:m], weights, bias).double() - want[:m]).abs().max().item()
             if not err <= 1e-4:
                 raise AssertionError(f"the built float32 kernel's product at {m} rows is off by {err:.3g}")
+    # experts: 19 tokens x 2 choices among 5 experts (one unchosen), 20 copies for one expert (chunks of 8 and a tail)
+    w1, w3 = (torch.randn(5, 32, 48, generator=g) / 7 for _ in range(2))
+    w2 = torch.randn(5, 48, 32, generator=g) / 6
+    ids = torch.cat([torch.full((19, 1), 3), torch.randint(0, 4, (19, 1), generator=g)], dim=1)
+    x, weights = torch.randn(19, 48, generator=g), torch.rand(19, 2, generator=g)
+    got = float32_experts(x, ids, weights, w1, w3, w2).double()
+    err = (got - experts_float64(x, ids, weights, w1, w3, w2)).abs().max().item()
+    if not err <= 1e-4:
+        raise AssertionError(f"the built float32 kernel's experts are off by {err:.3g}")
+
+
+def experts_float64(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """`float32_experts` in float64, one token and choice at a time (the reference it is checked against)."""
+    x, weights, w1, w3, w2 = (t.double() for t in (x, weights, w1, w3, w2))
+    out = torch.zeros_like(x)
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            out[t] += weights[t, j] * ((torch.nn.functional.silu(w1[e] @ x[t]) * (w3[e] @ x[t])) @ w2[e].T)
+    return out
 
 
 __all__ = [
@@ -376,10 +409,12 @@ __all__ = [
     "Kernels",
     "available",
     "decode_attention",
+    "experts_float64",
     "fits",
     "fits_shape",
     "float32_available",
     "float32_built",
+    "float32_experts",
     "float32_fits",
     "float32_rows",
     "pack",

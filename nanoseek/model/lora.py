@@ -78,6 +78,7 @@ class LoRAMoE(MoE):
     `apply_lora` turns an `MoE` into one in place (its class and new Parameters), so the layer keeps
     its own weights and names."""
 
+    experts_are_weights_alone = False  # the adapters run beside them, through `experts`
     lora_targets: tuple[str, ...]
     lora_scale: float
     lora_dropout: nn.Module

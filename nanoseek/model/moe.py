@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nanoseek.model import cpu_kernel
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.linear import Linear, linears
 
@@ -96,6 +97,11 @@ torch._grouped_mm's per-expert calls cost ~10 us each (tiny-moe, batch 2 / 32 / 
 5.6 -> 2.9, 19 -> 16 ms a step as one loop, sorted)."""
 
 
+FLOAT32_EXPERTS = True
+"""Set to False to keep the routed experts of a float32 pass without gradients off `cpu_kernel.float32_experts`
+(`MoE._float32_experts`; benchmarks compare both)."""
+
+
 def _times_own_expert(x: Tensor, w: Tensor, expert: Tensor) -> Tensor:
     """x [M, d_in] row i times w[expert[i]].T ([E, d_out, d_in]) -> [M, d_out], written as one reduction, which
     inductor compiles into one loop."""
@@ -132,15 +138,27 @@ _cpu_grouped_mm = torch.ops.nanoseek.cpu_grouped_mm.default
 _CPU_BF16_MIN_MACS = 1 << 19
 
 
+# Under bf16 autocast, float32 experts through `cpu_kernel.float32_experts` still beat bf16 products (their casts,
+# sort and scatter) at 25M multiply-adds per expert per matmul (small-moe, 2,048 tokens, one layer: 13.4 against
+# 14.5 ms; tiny-moe 2.6 against 3.6 at 6M; AMX, torch 2.13: docs/LOG.md, 2026-12-05, thirty-first session), so a
+# long prefill's experts stay float32 below this many (`MoE._float32_experts`). Not measured above it.
+_FLOAT32_KERNEL_MIN_MACS = 1 << 25
+
+
 def _experts_dtype(x: Tensor, n_experts: int, d_ff: int) -> torch.dtype:
     """The dtype the experts multiply in: autocast's, as for any matmul (autocast does not cover
     _grouped_mm), except on CPU for too little work per expert (the rows' own dtype, float32 in training)."""
     if not torch.is_autocast_enabled(x.device.type):
         return x.dtype
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        if x.shape[0] / max(n_experts, 1) * x.shape[-1] * d_ff < _CPU_BF16_MIN_MACS:
-            return x.dtype
+    if x.device.type == "cpu" and _too_little_for_bf16(x.shape[0], n_experts, x.shape[-1] * d_ff, _CPU_BF16_MIN_MACS):
+        return x.dtype
     return torch.get_autocast_dtype(x.device.type)
+
+
+def _too_little_for_bf16(rows: int, n_experts: int, macs_per_row: int, min_macs: int) -> bool:
+    """Whether, under autocast on a CPU, experts sharing `rows` rows do fewer than `min_macs` multiply-adds each per
+    matmul, so they keep float32 (eager only: a compiled step follows autocast)."""
+    return not torch.compiler.is_compiling() and rows / max(n_experts, 1) * macs_per_row < min_macs
 
 
 def count_per_expert(expert_ids: Tensor, n_experts: int) -> Tensor:
@@ -307,6 +325,10 @@ class Router(nn.Module):
 class MoE(nn.Module):
     """Routed experts (stacked weights, grouped GEMMs) + fused shared experts."""
 
+    experts_are_weights_alone = True
+    """The routed experts are w1, w3 and w2 alone, so paths that read them directly (not through `experts`) may run
+    (`LoRAMoE` adds adapters beside them)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -348,7 +370,9 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         expert_ids, weights, scores = self.router(flat)
-        if self._experts_as_one_loop(flat, expert_ids.shape[1]):
+        if self._float32_experts(flat, weights):
+            routed = cpu_kernel.float32_experts(flat, expert_ids, weights, self.w1, self.w3, self.w2)
+        elif self._experts_as_one_loop(flat, expert_ids.shape[1]):
             routed = self._each_copy_by_its_expert(flat, expert_ids, weights)
         else:
             routed = self._sorted_by_expert(flat, expert_ids, weights)
@@ -386,12 +410,35 @@ class MoE(nn.Module):
         out_sorted = run_experts(flat.index_select(0, token_of_copy), counts) * weights.flatten()[order, None]
         return torch.zeros_like(flat).index_add_(0, token_of_copy, out_sorted)
 
+    def _float32_experts(self, flat: Tensor, weights: Tensor) -> bool:
+        """Whether the routed experts run as one `cpu_kernel.float32_experts` call: a CPU pass without gradients
+        over float32 rows and weights with widths in multiples of 16, where the kernel is built (compiled and eager
+        decoding, prefill, evaluation); under autocast, where the experts keep float32 at the kernel's own threshold,
+        `_FLOAT32_KERNEL_MIN_MACS` (a long prefill's)."""
+        if not (FLOAT32_EXPERTS and flat.device.type == "cpu") or torch.is_grad_enabled():
+            return False
+        if not self.experts_are_weights_alone or self.expert_dispatch is not None:
+            return False
+        if any(t.dtype != torch.float32 for t in (flat, weights, self.w1, self.w3, self.w2)):
+            return False
+        E, F_, D = self.w1.shape
+        if F_ % 16 or D % 16:
+            return False
+        copies = flat.shape[0] * weights.shape[1]
+        if torch.is_autocast_enabled("cpu") and not _too_little_for_bf16(copies, E, D * F_, _FLOAT32_KERNEL_MIN_MACS):
+            return False
+        if torch.compiler.is_compiling():  # no build while Dynamo traces: the engine builds it before compiling
+            return cpu_kernel.float32_built()
+        return cpu_kernel.float32_available()
+
     def _experts_as_one_loop(self, flat: Tensor, k: int) -> bool:
-        """Whether this is a compiled CPU decode step of at most `ROWS_AS_ONE_LOOP` token copies."""
+        """Whether this is a compiled CPU decode step of at most `ROWS_AS_ONE_LOOP` token copies (with the experts'
+        weights alone: the loop reads them directly)."""
         return (
             flat.device.type == "cpu"
             and torch.compiler.is_compiling()
             and not torch.is_grad_enabled()
+            and self.experts_are_weights_alone
             and self.expert_dispatch is None
             and flat.shape[0] * k <= ROWS_AS_ONE_LOOP
         )
