@@ -11,7 +11,8 @@ than float32 at the tiny presets (the trainer's whole step 1.3-1.7x), 2.4x at `s
 Without those instructions bf16 is emulated and slower than float32, so such CPUs stay in float32.
 
 Decoding (`inference_dtype`): bf16 on CUDA; on a CPU with native bf16 only when the model's float32
-weights do not fit in the last-level cache: a decode step then reads every weight from memory and
+weights do not fit in the last-level cache (the share of it this process can count on: `cpu_cache_bytes`, at most
+16 MiB a CPU, since a VM sees its host's whole cache): a decode step then reads every weight from memory and
 bf16 halves those bytes (the 100M `small` preset decodes 1.5-2x faster), while weights that fit are
 read from the cache at no such cost and bf16's conversions make the 0.85M `tiny` presets slower.
 Those bf16 weights are multiplied through prepacked copies where a weight is large enough (`model.linear`:
@@ -69,7 +70,11 @@ def cpu_bf16() -> bool:
 
 @cache
 def cpu_cache_bytes() -> int:
-    """The size of the CPU's largest (last-level) cache, from sysfs; 32 MiB where it is not there."""
+    """The last-level cache this process can count on: the largest cache sysfs lists (32 MiB where it lists none),
+    at most CACHE_BYTES_PER_CPU for each CPU the process may run on. A virtual machine's sysfs shows the whole host
+    processor's cache, shared with every other tenant: 480 MiB on a 2-CPU Xeon VM, where `small`'s 400 MB of float32
+    weights then counted as cached and decoded from memory at 24 GB/s (37 tok/s at one sequence; docs/LOG.md,
+    2026-12-05, thirty-first session)."""
     sizes = []
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
@@ -80,7 +85,19 @@ def cpu_cache_bytes() -> int:
         digits = text.rstrip("KMG")
         if digits.isdigit():
             sizes.append(int(digits) * scale)
-    return max(sizes, default=_DEFAULT_CACHE_BYTES)
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every CPU
+    cpus = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    return usable_cache_bytes(max(sizes, default=_DEFAULT_CACHE_BYTES), cpus)
+
+
+CACHE_BYTES_PER_CPU = 16 * 2**20
+"""The most last-level cache counted per CPU: above what processors hold (AMD Zen 4: 4 MiB a core, 12 with 3D
+V-Cache; Intel server parts ~2-5 MiB), so only a cache shared beyond the process's CPUs is cut."""
+
+
+def usable_cache_bytes(largest_cache: int, cpus: int) -> int:
+    """`cpu_cache_bytes` from what sysfs lists and how many CPUs the process may run on."""
+    return min(largest_cache, CACHE_BYTES_PER_CPU * max(cpus, 1))
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -161,6 +178,7 @@ def describe_inference(device: torch.device | str, dtype: torch.dtype) -> str:
 
 
 __all__ = [
+    "CACHE_BYTES_PER_CPU",
     "CPU_BF16_ENV",
     "autocast",
     "autocast_dtype",
@@ -171,4 +189,5 @@ __all__ = [
     "describe_inference",
     "inference_dtype",
     "kv_cache_dtype",
+    "usable_cache_bytes",
 ]

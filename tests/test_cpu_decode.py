@@ -6,6 +6,7 @@ The two tests that compile (marked slow) take tens of seconds each on a 2-core m
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -527,6 +528,19 @@ def test_a_long_prefill_autocasts_to_bf16_within_tolerance_of_float32(monkeypatc
             assert 1e-4 < errors.max() < BF16_LOGPROB_MAX and errors.mean() < BF16_LOGPROB_MEAN, errors
         else:
             assert errors.max() < 1e-4, errors
+
+
+def test_the_cache_counted_is_at_most_a_share_per_cpu():
+    """A VM's sysfs lists the host's whole last-level cache (480 MiB on a 2-CPU Xeon VM): counted at most
+    CACHE_BYTES_PER_CPU for each CPU this process may run on; a cache within that counts whole."""
+    from nanoseek import precision
+
+    per_cpu = precision.CACHE_BYTES_PER_CPU
+    assert precision.usable_cache_bytes(480 * 2**20, 2) == 2 * per_cpu
+    assert precision.usable_cache_bytes(32 * 2**20, 2) == 32 * 2**20
+    assert precision.usable_cache_bytes(480 * 2**20, 64) == 480 * 2**20
+    assert precision.usable_cache_bytes(480 * 2**20, 0) == per_cpu
+    assert precision.cpu_cache_bytes() <= per_cpu * len(os.sched_getaffinity(0))
 
 
 def test_precision_rule_bf16_where_native_and_the_weights_outgrow_the_cache(monkeypatch):
