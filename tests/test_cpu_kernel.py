@@ -15,7 +15,10 @@ from nanoseek.model import cpu_kernel
 from nanoseek.model import linear as L
 
 needs_kernel = pytest.mark.skipif(
-    not cpu_kernel.available(), reason="nanoseek's CPU kernel does not apply here (AVX-512 BF16 without AMX, g++)"
+    not cpu_kernel.available(), reason="nanoseek's CPU kernel does not apply here (AVX-512 BF16, g++)"
+)
+needs_products = pytest.mark.skipif(
+    not cpu_kernel.products_available(), reason="nanoseek's bf16 product is not linear's here (AMX: oneDNN's)"
 )
 
 
@@ -141,11 +144,23 @@ def test_where_it_does_not_apply(fresh, monkeypatch):
     with pytest.raises(ValueError, match="NANOSEEK_CPU_KERNEL"):
         cpu_kernel.available()
     monkeypatch.delenv(cpu_kernel.ENV)
-    monkeypatch.setattr(cpu_kernel.precision, "cpu_bf16_instructions", lambda: "AMX")
+    monkeypatch.setattr(cpu_kernel.precision, "cpu_bf16_instructions", lambda: None)
     assert not cpu_kernel.available() and not list(fresh.iterdir())  # nothing built
 
 
 @needs_kernel
+def test_with_amx_the_attention_applies_and_the_product_is_onednns(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_has_amx", lambda: True)
+    assert cpu_kernel.available() and not cpu_kernel.products_available()
+    w, x = bf16(2048, 512, seed=0), bf16(3, 512, seed=1)
+    with torch.no_grad():
+        L.linear(x, w)
+    assert L._packed[w][1] == "onednn"
+    monkeypatch.setattr(cpu_kernel, "_has_amx", lambda: False)
+    assert cpu_kernel.products_available()
+
+
+@needs_products
 def test_linear_packs_for_the_kernel_in_use(monkeypatch):
     """`model.linear` multiplies a 2 MiB bf16 weight through ours; with USE off, the same weight is packed again for
     oneDNN at its next product (not multiplied through a copy laid out for the other kernel), and back."""

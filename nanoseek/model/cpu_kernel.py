@@ -18,8 +18,9 @@ cache on a CPU where it is built.
 Built at first use with the C++ compiler inductor also needs (`$CXX`, else g++; about two seconds) into
 `$NANOSEEK_KERNEL_DIR` (default `~/.cache/nanoseek/kernels`), one library under a name that hashes the sources and
 the flags, written atomically; loaded with ctypes (which releases the GIL during the call) after torch, so the
-kernels' OpenMP threads are torch's own pool. Only on x86-64 Linux with AVX-512 BF16 and without AMX (where oneDNN's
-AMX kernels were not measured against them); `NANOSEEK_CPU_KERNEL=0` turns them off. A failed build or a wrong answer
+kernels' OpenMP threads are torch's own pool. Only on x86-64 Linux with AVX-512 BF16, and the product only without
+AMX (`products_available`: oneDNN's AMX kernel is faster from 4 rows; the attention gains there, tiny at 64 rows
+1.14x); `NANOSEEK_CPU_KERNEL=0` turns them off. A failed build or a wrong answer
 in the check that follows it: one warning, and `model.linear` keeps oneDNN's prepacked kernel, the cache its own
 attention.
 
@@ -38,6 +39,7 @@ gradients in one call, token copies sorted by expert inside (`MoE._float32_exper
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -201,7 +203,19 @@ def _applies_at_all() -> bool:
 
 def _applies() -> bool:
     x86_linux = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
-    return _applies_at_all() and x86_linux and precision.cpu_bf16_instructions() == "AVX-512 BF16"
+    return _applies_at_all() and x86_linux and precision.cpu_bf16_instructions() in ("AVX-512 BF16", "AMX")
+
+
+def products_available() -> bool:
+    """Whether `model.linear` packs bf16 weights for our few-rows product (`available()`, and no AMX): against
+    oneDNN's AMX kernel it is ahead at 1-2 rows only and 1.7-4x behind from 8 (`small`; the decode attention gains
+    there: docs/LOG.md, 2026-12-05, thirty-first session), and a packed copy serves every batch size."""
+    return available() and not _has_amx()
+
+
+@functools.cache
+def _has_amx() -> bool:  # read once: every eager bf16 product asks `products_available`
+    return precision.cpu_bf16_instructions() == "AMX"
 
 
 def _compiler() -> str:
@@ -419,4 +433,5 @@ __all__ = [
     "float32_rows",
     "pack",
     "product",
+    "products_available",
 ]

@@ -128,7 +128,7 @@ def describe_packing(model: nn.Module) -> str:
     if not any(_weights_packable([m.weight]) for m in linears):
         return ""
     size = f"{PACKED_MIN_BYTES >> 20} MiB"
-    kernel = "nanoseek's AVX-512 BF16 kernel" if cpu_kernel.available() else "oneDNN's kernel"
+    kernel = "nanoseek's AVX-512 BF16 kernel" if cpu_kernel.products_available() else "oneDNN's kernel"
     return f"bf16 weights of {size} or more (and q/k/v, gate/up stacked) multiply prepacked, through {kernel}"
 
 
@@ -234,7 +234,8 @@ def _packed_weights(weights: list[Tensor]) -> tuple[str, Tensor] | None:
         return None
     key = tuple((id(w), w._version, w.data_ptr()) for w in weights)
     rows = sum(w.shape[0] for w in weights)
-    kernel = "ours" if cpu_kernel.fits_shape(rows, weights[0].shape[1]) and cpu_kernel.available() else "onednn"
+    ours = cpu_kernel.fits_shape(rows, weights[0].shape[1]) and cpu_kernel.products_available()
+    kernel = "ours" if ours else "onednn"
     hit = _packed.get(weights[0])  # every product of a decode step asks: the hit needs no lock (one dict read)
     if hit is not None and hit[0] == key and hit[1] == kernel:
         return kernel, hit[2]
