@@ -232,7 +232,8 @@ def _build(
     """The shared library, compiled now unless a build of these sources with these flags (and libraries to link,
     named after the sources, as the linker wants them) is already there."""
     compiler = _compiler()
-    text = b"".join(path.read_bytes() for path in sources)
+    headers = sorted(Path(__file__).parent.glob("*.h"))  # what the sources include: a change rebuilds
+    text = b"".join(path.read_bytes() for path in (*sources, *headers))
     tag = hashlib.sha256(text + " ".join([compiler, *flags, "--link", *links]).encode()).hexdigest()[:16]
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoseek" / "kernels"
     directory = Path(os.environ.get(DIR_ENV) or default)

@@ -13,22 +13,7 @@
 #include <cmath>
 #include <vector>
 
-// exp(x) = 2^n 2^f, f in [-0.5, 0.5]: 2^f by its Taylor series in f ln 2 to the 7th power (truncation < 1e-8,
-// below float32's rounding).
-static inline __m512 exp_ps(__m512 x) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5252734e-5f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530e-4f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);  // 0 below 2^-149, as exp's own underflow
-}
+#include "vector_exp.h"  // exp16: the softmax's
 
 // 16 bf16 numbers (the low `m` of them) widened to float32: the 16 bits to the top of a word.
 static inline __m512 widen(const uint16_t* p, __mmask16 m) {
@@ -165,7 +150,7 @@ extern "C" void nanoseek_decode_attention_bf16(const uint16_t* q, const uint16_t
         __m512 total = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
           const __mmask16 m = first16(n - j);
-          const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift)));
+          const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift)));
           _mm512_storeu_ps(row + j, e);
           total = _mm512_add_ps(total, e);
         }

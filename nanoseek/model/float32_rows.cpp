@@ -22,6 +22,8 @@
 #include <utility>
 #include <vector>
 
+#include "vector_exp.h"  // exp16: SiLU's e^-x (2^n by scalef: 0 or inf at the ends, so SiLU is x or 0)
+
 namespace {
 
 // The 16 x 16 floats in r transposed in registers (unpacks, then two rounds of 128-bit lane shuffles); row i of
@@ -158,24 +160,6 @@ at::Tensor float32_rows(const at::Tensor& x, at::TensorList weights, at::TensorL
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(N);
   return out.view(shape);
-}
-
-// e^x for 16 floats: x = n ln2 + r (|r| <= ln2 / 2; ln2 in two parts), e^r by Cephes' expf polynomial, times 2^n
-// (scalef). x is clamped to where e^x is a normal float: SiLU's x / (1 + e^-x) is then x, or 0 to float32 rounding.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
 }
 
 // A unit of work's cost in rows passing over its packed weights: its expert's rows plus the packing (~4 rows' worth).
