@@ -123,7 +123,7 @@ def run_nanoseek(args, lora: bool, device: torch.device) -> dict:
     from nanoseek.train.optim import build_optimizers
     from nanoseek.train.parallel import checkpoint_blocks
     from nanoseek.train.rollouts import PromptSampler, collect
-    from nanoseek.train.run import autocast_dtype
+    from nanoseek.train.run import autocast_dtype, rollout_dtype
     from nanoseek.train.update import update
 
     tokenizer = Tokenizer.load(args.model)
@@ -151,7 +151,7 @@ def run_nanoseek(args, lora: bool, device: torch.device) -> dict:
         dict(id=f"p{i}", prompt=p, answer="0")
         for i, p in enumerate(prompts(tokenizer, args.prompts, args.prompt_tokens))
     ]
-    engine_policy = rollout_policy(model, autocast_dtype(device))
+    engine_policy = rollout_policy(model, rollout_dtype(model, device))
     engine = Engine(
         engine_policy,
         tokenizer,

@@ -14,7 +14,8 @@ generation_kwargs min_new_tokens = max_completion_length (eos suppressed until t
 
 nanoseek: `collect` (nanoseek.train.rollouts) + `update` (nanoseek.train.update), as `nanoseek rl` runs them
 (float32 master weights, bf16 autocast on CUDA and on CPUs with AVX-512 BF16 or AMX, the engine on a twin
-holding bf16 copies of the matmul weights, refreshed after each optimizer step; AdamW, `nanoseek rl`'s default
+holding bf16 copies of the matmul weights, refreshed after each optimizer step, or on a CPU the float32 policy itself
+where it fits the cache (`train.run.rollout_dtype`); AdamW, `nanoseek rl`'s default
 optimizer, as TRL's; one pass over the batch, whose detached log-probs serve as the old policy's for the
 truncated importance-sampling weights, so no extra forward).
 TRL: GRPOConfig(per_device_train_batch_size=micro-batch, gradient_accumulation_steps=P*G/micro-batch,
@@ -83,7 +84,7 @@ from nanoseek.train import grpo
 from nanoseek.train.optim import build_optimizers
 from nanoseek.train.rl import rl_defaults
 from nanoseek.train.rollouts import PromptSampler, collect
-from nanoseek.train.run import autocast_dtype
+from nanoseek.train.run import rollout_dtype
 from nanoseek.train.update import compiled_hidden_states, update
 
 QUICK_SHAPE = dict(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256)
@@ -160,7 +161,8 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
         micro_batch_size=args.micro_batch,
     )
     max_prompt = max(len(prompt_ids(tokenizer, r["prompt"])) for r in rows)
-    engine_policy = rollout_policy(model, autocast_dtype(device))  # bf16 matmul weights on CUDA, as `nanoseek rl`
+    # bf16 matmul weights on CUDA; on a CPU the float32 policy where it fits the cache: as `nanoseek rl`
+    engine_policy = rollout_policy(model, rollout_dtype(model, device))
     engine = Engine(
         engine_policy,
         tokenizer,

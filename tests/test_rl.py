@@ -78,6 +78,7 @@ class ScriptedEngine:
 
     device = torch.device("cpu")
     max_seq_len = 10_000
+    model = torch.nn.Linear(2, 2)  # what it "decodes": float32 weights, so rollouts run without autocast
 
     def __init__(self, script: list[list[str]], max_new_tokens: int | None = None) -> None:
         self.script = list(script)
@@ -500,15 +501,46 @@ def test_rl_with_a_16_bit_engine_twin_trains_exactly_as_without_it(tmp_path, mon
     monkeypatch.setattr(
         parallel_module, "sync_rollout_policy", lambda twin, model: syncs.append(1) or real_sync(twin, model)
     )
-    monkeypatch.setattr(rl_module, "autocast_dtype", lambda device: torch.bfloat16)
+    # Rollouts under bf16 autocast in both runs (a float32 tiny model would decode without it on a CPU).
+    monkeypatch.setattr(run_module, "rollout_dtype", lambda model, device: torch.bfloat16)
+    monkeypatch.setattr(rl_module, "rollout_dtype", lambda model, device: torch.bfloat16)
     rl(rl_run(), tmp_path / "twin", ckpt, quiet=True, stop_at=2)
     rl(rl_run(), tmp_path / "twin", ckpt, quiet=True, resume=True)
     assert len(syncs) == 4  # after each of the 4 updates
-    monkeypatch.setattr(rl_module, "autocast_dtype", lambda device: None)  # the engine runs the policy itself
+    monkeypatch.setattr(rl_module, "rollout_dtype", lambda model, device: None)  # the engine runs the policy itself
     rl(rl_run(), tmp_path / "policy", ckpt, quiet=True)
     a = load_file(str(tmp_path / "twin" / "checkpoints" / "step_4" / "model.safetensors"))
     b = load_file(str(tmp_path / "policy" / "checkpoints" / "step_4" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rollouts_decode_a_float32_policy_that_fits_a_cpus_cache_as_it_is(monkeypatch):
+    """`rollout_dtype` / `rollout_autocast`: on a CPU with bf16, a float32 policy whose weights fit the cache is
+    decoded as it is, without autocast (`precision.inference_dtype`'s rule); a larger one through its bf16 twin under
+    autocast; a model that holds bf16 weights (a twin) under autocast; on CUDA bf16; without bf16, float32."""
+    from types import SimpleNamespace
+
+    from nanoseek import precision
+    from nanoseek.engine.twin import rollout_policy
+    from nanoseek.train.run import rollout_autocast, rollout_dtype
+
+    model = Transformer(get_preset("tiny"))
+    float32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_cache_bytes", lambda: float32_bytes)
+    assert rollout_dtype(model, cpu) is None
+    with rollout_autocast(SimpleNamespace(model=model, device=cpu)):
+        assert not torch.is_autocast_enabled("cpu")
+    twin = rollout_policy(model, torch.bfloat16)
+    assert rollout_dtype(twin, cpu) == torch.bfloat16
+    with rollout_autocast(SimpleNamespace(model=twin, device=cpu)):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_cache_bytes", lambda: float32_bytes - 1)
+    assert rollout_dtype(model, cpu) == torch.bfloat16
+    assert rollout_dtype(model, torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: False)
+    assert rollout_dtype(model, cpu) is None
 
 
 # ----------------------------------------------------------------------------- held-out evaluation

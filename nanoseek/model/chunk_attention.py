@@ -25,6 +25,13 @@ BLOCKED_MAX_CAUSAL_LEN = 256
 """A causal chunk (no doc_ids) with gradients takes `blocked_attention` up to this length: forward + backward
 of [B, 4, T, 32] bf16 took 0.16x SDPA's time at T = 48, 0.28x at 80, 0.74x at 256, 1.07x at 512, 1.7x at 1024."""
 
+KEY_MULTIPLE = 32
+"""`causal_matmul_attention` pads its keys to a multiple of this: inductor's fused softmax over rows of another
+length runs the last keys of each row through a scalar loop with a scalar exp (its `_tail_vec_worthwhile` judges a
+masked vector tail not worth it). Forward + backward of [16, 4, T, 32] compiled under bf16 autocast, padded against
+not: T = 70 1.15x, 88 1.27x, 100 1.22x, 150 1.40x, 250 1.50x faster (2 threads, AMX; docs/LOG.md, 2026-12-05,
+thirty-second session)."""
+
 BLOCKED_MAX_BYTES = 1 << 25
 """... and when one layer's float32 scores in the blocks (kept for the backward pass) fit in 32 MiB; SDPA's
 kernels keep none, which is what long sequences need."""
@@ -87,9 +94,13 @@ def fits_one_block(q: Tensor) -> bool:
 
 def causal_matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """`blocked_attention` of a causal chunk as one block, with no Python loop over its length, so torch.compile
-    keeps the length dynamic (a loop over range(T) would specialise the graph to one length)."""
+    keeps the length dynamic (a loop over range(T) would specialise the graph to one length). The keys are padded
+    with zeros to a multiple of KEY_MULTIPLE, hidden from every query like the later keys: the same result."""
     T = q.shape[2]
-    return _masked_attention(q, k, v, scale, torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1))
+    padded = -(-T // KEY_MULTIPLE) * KEY_MULTIPLE
+    k, v = (F.pad(t, (0, 0, 0, padded - T)) for t in (k, v))
+    hidden = torch.arange(T, device=q.device)[:, None] < torch.arange(padded, device=q.device)
+    return _masked_attention(q, k, v, scale, hidden)
 
 
 def blocked_attention(

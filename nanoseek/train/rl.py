@@ -48,7 +48,7 @@ from nanoseek.train.rollouts import (
     task_rows,
     turn_advantages,
 )
-from nanoseek.train.run import Run, RunOptions, autocast, autocast_dtype
+from nanoseek.train.run import Run, RunOptions, rollout_autocast, rollout_dtype
 from nanoseek.train.update import compiled_hidden_states, update
 
 
@@ -97,7 +97,7 @@ def evaluate(engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RL
     mine = rows[topo.rank :: topo.world]
     if rows and "env" in rows[0]:
         return evaluate_episodes(engine, tokenizer, mine, cfg, params)
-    with autocast(engine.device):
+    with rollout_autocast(engine):
         records, wall = run_problems(engine, tokenizer, mine, grade, params) if mine else ([], 0.0)
     records = distributed.gather_lists(records)
     (wall,) = distributed.max_over_ranks(wall)
@@ -199,7 +199,7 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
         generated = state.get("generated", 0)
     run.ending = bool(r.max_samples) and generated >= r.max_samples
     # The engine decodes the policy's twin (16-bit matmul weights; whole weights when the policy is sharded).
-    engine_policy = parallel.generation_policy(model, autocast_dtype(run.device))
+    engine_policy = parallel.generation_policy(model, rollout_dtype(model, run.device))
     engine = Engine(
         engine_policy,
         tokenizer,

@@ -9,7 +9,8 @@ groups dropped and refilled). A prompt row's completions are scored by the rewar
 as single-turn rows always were; an environment episode's reward is its return (the sum of its
 turns' rewards), and its environment-written tokens are masked out of the loss (`policy_masks`).
 Under torchrun every rank draws the same rows and keeps its share. The engine runs
-`engine.twin.rollout_policy(model)`: on CUDA a twin with 16-bit copies of the matmul weights.
+`engine.twin.rollout_policy(model)`: on CUDA a twin with 16-bit copies of the matmul weights; on a CPU the
+float32 policy itself where it fits the cache (`train.run.rollout_dtype`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from nanoseek.envs.episodes import Episode, run_episodes
 from nanoseek.rewards import RewardSet, code_reward, code_tests, grade_many, has_code_tests, math_reward, task_reward
 from nanoseek.tasks.corpus import task_mixture
 from nanoseek.train import distributed, grpo
-from nanoseek.train.run import autocast
+from nanoseek.train.run import rollout_autocast
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -217,9 +218,10 @@ def play(
     engine: Engine, tokenizer: Any, rows: list[dict[str, Any]], cfg: RLConfig, params: SamplingParams, G: int
 ) -> list[Episode]:
     """G episodes of each row (prompt rows: one turn each), as `run_episodes` plays them."""
-    # The policy keeps float32 master weights; on CUDA, rollouts decode under bf16 autocast like the
-    # trainer's forward (MoE experts then reach the grouped GEMM, and decode runs as CUDA graphs).
-    with autocast(engine.device):
+    # The policy keeps float32 master weights; on CUDA, rollouts decode its bf16 twin under bf16 autocast like the
+    # trainer's forward (MoE experts then reach the grouped GEMM, and decode runs as CUDA graphs); on a CPU a
+    # model that fits the cache decodes in float32 (`rollout_dtype`).
+    with rollout_autocast(engine):
         episodes = run_episodes(
             engine, tokenizer, make_envs(rows, cfg, G), [row.get("seed", 0) for row in rows], params, group_size=G
         )

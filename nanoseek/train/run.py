@@ -71,6 +71,25 @@ def autocast(device: torch.device):
     return precision.autocast(device, autocast_dtype(device))
 
 
+def rollout_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype | None:
+    """The dtype RL's engine decodes `model` (the float32 policy, or its twin) in: training's autocast dtype (a twin
+    of 16-bit matmul weights decoded under autocast: `engine.twin`), except on a CPU for a float32 model that fits
+    the cache, decoded as it is without autocast, as `precision.inference_dtype` picks for any decoding there: its
+    float32 decode step is the faster (tiny, 64 rows x 256 tokens, 1.12x the bf16 one; the GRPO step's rollouts at
+    8 x 8 x 64 tokens 1.09x; 2 threads, AMX; docs/LOG.md, 2026-12-05, thirty-second session). A model that holds
+    16-bit weights already (a twin, LoRA's frozen base) keeps autocast."""
+    dtype = autocast_dtype(device)
+    if dtype is None or any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        return dtype
+    n_params = sum(p.numel() for p in model.parameters())
+    return None if precision.inference_dtype(device, n_params) == torch.float32 else dtype
+
+
+def rollout_autocast(engine: Any):
+    """The autocast an RL engine's rollouts and evaluations decode under (`rollout_dtype` of what it decodes)."""
+    return precision.autocast(engine.device, rollout_dtype(engine.model, engine.device))
+
+
 def with_context(model: Transformer, max_seq_len: int) -> None:
     """Give `model` a context of `max_seq_len` tokens, its positional encoding unchanged.
 
