@@ -42,6 +42,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 CPU_BF16_ENV = "NANOSEEK_CPU_BF16"
 _DEFAULT_CACHE_BYTES = 32 * 2**20  # where sysfs does not say
@@ -140,6 +141,22 @@ def prefill_dtype(device: torch.device | str, model_dtype: torch.dtype, tokens: 
     if device.type == "cpu" and model_dtype == torch.float32 and tokens >= PREFILL_BF16_MIN_TOKENS and cpu_bf16():
         return torch.bfloat16
     return None
+
+
+CPU_BF16_MIN_MACS = 1 << 23
+"""Under bf16 autocast on a CPU, an eager training product of fewer multiply-adds than this runs in float32
+(`too_little_for_bf16`): oneDNN's bf16 call casts and reorders its operands each time, which small products do not
+win back. Forward + backward of one product (rows x in x out), 2 threads, AMX: 2^19 multiply-adds 2.2x slower in bf16,
+2^22 1.2x slower, 2^23.6 0.89x, 2^25 0.70x of float32's time (docs/LOG.md, 2026-12-05, thirty-second session)."""
+
+
+def too_little_for_bf16(x: Tensor, macs: int) -> bool:
+    """Whether a product of `macs` multiply-adds on x's rows, under bf16 autocast on a CPU, eager and outside
+    inference mode (training's passes, with or without gradients, alike), runs in float32 (CPU_BF16_MIN_MACS)
+    instead: `model.linear` and the CPU training attention ask. A compiled graph follows autocast."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not torch.is_autocast_enabled("cpu"):
+        return False
+    return not torch.is_inference_mode_enabled() and macs < CPU_BF16_MIN_MACS
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

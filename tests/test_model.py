@@ -441,6 +441,39 @@ def test_causal_matmul_attention_equals_the_causal_reference(dtype, kv_heads):
     assert not fits_one_block(torch.zeros(1, 1, 1, 1).expand(256, 16, 256, 16))  # 256 MiB of float32 scores
 
 
+def test_small_training_products_run_in_float32_under_cpu_autocast():
+    """`precision.too_little_for_bf16`: under bf16 autocast on a CPU, an eager product of fewer than
+    CPU_BF16_MIN_MACS multiply-adds (a `linear`, the training attention) runs in float32, equal to the float32
+    product, gradients too; a larger one, one in inference mode and one inside a compiled graph follow autocast."""
+    from nanoseek import precision
+    from nanoseek.model.chunk_attention import _masked_attention
+    from nanoseek.model.linear import linear
+
+    torch.manual_seed(0)
+    x, w = torch.randn(128, 64, requires_grad=True), torch.randn(64, 64, requires_grad=True)  # 2^19 macs
+    assert 128 * 64 * 64 < precision.CPU_BF16_MIN_MACS
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x, w)
+        y_bf16_input = linear(x.to(torch.bfloat16), w)
+    assert y.dtype == torch.float32 and torch.equal(y, F.linear(x, w))
+    assert torch.equal(y_bf16_input, F.linear(x.to(torch.bfloat16).float(), w))
+    (gx, gw), (rx, rw) = torch.autograd.grad(y.sum(), (x, w)), torch.autograd.grad(F.linear(x, w).sum(), (x, w))
+    assert torch.equal(gx, rx) and torch.equal(gw, rw)
+    big = torch.randn(2048, 64)  # 2048 x 64 x 64 = 2^23 multiply-adds: bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(big, w).dtype == torch.bfloat16
+        with torch.inference_mode():
+            assert linear(x.detach(), w.detach()).dtype == torch.bfloat16
+        assert torch.compile(linear, backend="eager", fullgraph=True)(x, w).dtype == torch.bfloat16
+    # The attention: [2, 4, 64, 16] queries against 2 kv heads, 2^19 macs a product.
+    q, k, v = torch.randn(2, 4, 64, 16), torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
+    hidden = torch.ones(64, 64, dtype=torch.bool).triu(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _masked_attention(q.to(torch.bfloat16), k, v, 0.25, hidden)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, _masked_attention(q.to(torch.bfloat16).float(), k, v, 0.25, hidden))
+
+
 def test_cpu_block_starts_fall_back_to_sdpa_where_blocks_do_not_pay():
     from nanoseek.model import chunk_attention as A
 

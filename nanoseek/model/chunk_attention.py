@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nanoseek import precision
+
 BLOCK = 64
 """Query rows per block of `blocked_attention`; at 64 the tiny preset's packed step on CPU was fastest (32 and
 128 slower; docs/LOG.md, 2026-12-02)."""
@@ -128,6 +130,9 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, hidden: Ten
     the --quick training shape's attention 0.97 ms forward and backward against 0.80 (docs/LOG.md, 2026-12-05)."""
     B, H, Tq, _ = q.shape
     n_kv, Tk = k.shape[1], k.shape[2]
+    if q.dtype != torch.float64 and precision.too_little_for_bf16(q, B * H * Tq * Tk * q.shape[-1]):
+        with torch.autocast("cpu", enabled=False):  # a small training attention: float32 (precision.py)
+            return _masked_attention(q.float(), k.float(), v.float(), scale, hidden)
     rep = H // n_kv
     rows = q.reshape(B, n_kv, rep * Tq, q.shape[-1])
     scores = (rows @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
