@@ -151,7 +151,7 @@ def run_nanoseek(args, lora: bool, device: torch.device) -> dict:
         dict(id=f"p{i}", prompt=p, answer="0")
         for i, p in enumerate(prompts(tokenizer, args.prompts, args.prompt_tokens))
     ]
-    engine_policy = rollout_policy(model, rollout_dtype(model, device))
+    engine_policy = rollout_policy(model, rollout_dtype(model, device, args.prompts * args.samples))
     engine = Engine(
         engine_policy,
         tokenizer,

@@ -15,7 +15,7 @@ generation_kwargs min_new_tokens = max_completion_length (eos suppressed until t
 nanoseek: `collect` (nanoseek.train.rollouts) + `update` (nanoseek.train.update), as `nanoseek rl` runs them
 (float32 master weights, bf16 autocast on CUDA and on CPUs with AVX-512 BF16 or AMX, the engine on a twin
 holding bf16 copies of the matmul weights, refreshed after each optimizer step, or on a CPU the float32 policy itself
-where it fits the cache (`train.run.rollout_dtype`); AdamW, `nanoseek rl`'s default
+where it fits the cache, at up to 64 rows (`train.run.rollout_dtype`); AdamW, `nanoseek rl`'s default
 optimizer, as TRL's; one pass over the batch, whose detached log-probs serve as the old policy's for the
 truncated importance-sampling weights, so no extra forward).
 TRL: GRPOConfig(per_device_train_batch_size=micro-batch, gradient_accumulation_steps=P*G/micro-batch,
@@ -162,7 +162,7 @@ def bench_nanoseek(cfg: ModelConfig, tokenizer: Tokenizer, rows: list[dict], arg
     )
     max_prompt = max(len(prompt_ids(tokenizer, r["prompt"])) for r in rows)
     # bf16 matmul weights on CUDA; on a CPU the float32 policy where it fits the cache: as `nanoseek rl`
-    engine_policy = rollout_policy(model, rollout_dtype(model, device))
+    engine_policy = rollout_policy(model, rollout_dtype(model, device, args.prompts * args.samples))
     engine = Engine(
         engine_policy,
         tokenizer,

@@ -79,6 +79,7 @@ class ScriptedEngine:
     device = torch.device("cpu")
     max_seq_len = 10_000
     model = torch.nn.Linear(2, 2)  # what it "decodes": float32 weights, so rollouts run without autocast
+    n_slots = 8
 
     def __init__(self, script: list[list[str]], max_new_tokens: int | None = None) -> None:
         self.script = list(script)
@@ -502,12 +503,13 @@ def test_rl_with_a_16_bit_engine_twin_trains_exactly_as_without_it(tmp_path, mon
         parallel_module, "sync_rollout_policy", lambda twin, model: syncs.append(1) or real_sync(twin, model)
     )
     # Rollouts under bf16 autocast in both runs (a float32 tiny model would decode without it on a CPU).
-    monkeypatch.setattr(run_module, "rollout_dtype", lambda model, device: torch.bfloat16)
-    monkeypatch.setattr(rl_module, "rollout_dtype", lambda model, device: torch.bfloat16)
+    monkeypatch.setattr(run_module, "rollout_dtype", lambda model, device, rows: torch.bfloat16)
+    monkeypatch.setattr(rl_module, "rollout_dtype", lambda model, device, rows: torch.bfloat16)
     rl(rl_run(), tmp_path / "twin", ckpt, quiet=True, stop_at=2)
     rl(rl_run(), tmp_path / "twin", ckpt, quiet=True, resume=True)
     assert len(syncs) == 4  # after each of the 4 updates
-    monkeypatch.setattr(rl_module, "rollout_dtype", lambda model, device: None)  # the engine runs the policy itself
+    # The engine runs the policy itself.
+    monkeypatch.setattr(rl_module, "rollout_dtype", lambda model, device, rows: None)
     rl(rl_run(), tmp_path / "policy", ckpt, quiet=True)
     a = load_file(str(tmp_path / "twin" / "checkpoints" / "step_4" / "model.safetensors"))
     b = load_file(str(tmp_path / "policy" / "checkpoints" / "step_4" / "model.safetensors"))
@@ -515,32 +517,34 @@ def test_rl_with_a_16_bit_engine_twin_trains_exactly_as_without_it(tmp_path, mon
 
 
 def test_rollouts_decode_a_float32_policy_that_fits_a_cpus_cache_as_it_is(monkeypatch):
-    """`rollout_dtype` / `rollout_autocast`: on a CPU with bf16, a float32 policy whose weights fit the cache is
-    decoded as it is, without autocast (`precision.inference_dtype`'s rule); a larger one through its bf16 twin under
-    autocast; a model that holds bf16 weights (a twin) under autocast; on CUDA bf16; without bf16, float32."""
+    """`rollout_dtype` / `rollout_autocast`: on a CPU with bf16, a float32 policy whose weights fit the cache, at up to
+    ROLLOUT_FLOAT32_MAX_ROWS rows, is decoded as it is, without autocast; with more rows, or a larger policy, through
+    its bf16 twin under autocast; a model that holds bf16 weights (a twin) under autocast; on CUDA bf16; without bf16,
+    float32."""
     from types import SimpleNamespace
 
     from nanoseek import precision
     from nanoseek.engine.twin import rollout_policy
-    from nanoseek.train.run import rollout_autocast, rollout_dtype
+    from nanoseek.train.run import ROLLOUT_FLOAT32_MAX_ROWS, rollout_autocast, rollout_dtype
 
     model = Transformer(get_preset("tiny"))
     float32_bytes = 4 * sum(p.numel() for p in model.parameters())
-    cpu = torch.device("cpu")
+    cpu, rows = torch.device("cpu"), ROLLOUT_FLOAT32_MAX_ROWS
     monkeypatch.setattr(precision, "cpu_bf16", lambda: True)
     monkeypatch.setattr(precision, "cpu_cache_bytes", lambda: float32_bytes)
-    assert rollout_dtype(model, cpu) is None
-    with rollout_autocast(SimpleNamespace(model=model, device=cpu)):
+    assert rollout_dtype(model, cpu, rows) is None
+    assert rollout_dtype(model, cpu, rows + 1) == torch.bfloat16
+    with rollout_autocast(SimpleNamespace(model=model, device=cpu, n_slots=rows)):
         assert not torch.is_autocast_enabled("cpu")
     twin = rollout_policy(model, torch.bfloat16)
-    assert rollout_dtype(twin, cpu) == torch.bfloat16
-    with rollout_autocast(SimpleNamespace(model=twin, device=cpu)):
+    assert rollout_dtype(twin, cpu, 8) == torch.bfloat16
+    with rollout_autocast(SimpleNamespace(model=twin, device=cpu, n_slots=8)):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     monkeypatch.setattr(precision, "cpu_cache_bytes", lambda: float32_bytes - 1)
-    assert rollout_dtype(model, cpu) == torch.bfloat16
-    assert rollout_dtype(model, torch.device("cuda")) == torch.bfloat16
+    assert rollout_dtype(model, cpu, 8) == torch.bfloat16
+    assert rollout_dtype(model, torch.device("cuda"), 8) == torch.bfloat16
     monkeypatch.setattr(precision, "cpu_bf16", lambda: False)
-    assert rollout_dtype(model, cpu) is None
+    assert rollout_dtype(model, cpu, 8) is None
 
 
 # ----------------------------------------------------------------------------- held-out evaluation

@@ -199,11 +199,12 @@ def rl(cfg: RunConfig, run_dir: str | Path, checkpoint: str | Path, **options: U
         generated = state.get("generated", 0)
     run.ending = bool(r.max_samples) and generated >= r.max_samples
     # The engine decodes the policy's twin (16-bit matmul weights; whole weights when the policy is sharded).
-    engine_policy = parallel.generation_policy(model, rollout_dtype(model, run.device))
+    slots = max(math.ceil(r.prompts_per_step / run.topo.world) * r.group_size, 8)
+    engine_policy = parallel.generation_policy(model, rollout_dtype(model, run.device, slots))
     engine = Engine(
         engine_policy,
         tokenizer,
-        max_batch=max(math.ceil(r.prompts_per_step / run.topo.world) * r.group_size, 8),
+        max_batch=slots,
         max_seq_len=max_seq_len,
         compile=compile_for(run.device, run.steps_ahead * r.max_new_tokens),  # a long run: compiled from the first step
     )

@@ -10,7 +10,7 @@ as single-turn rows always were; an environment episode's reward is its return (
 turns' rewards), and its environment-written tokens are masked out of the loss (`policy_masks`).
 Under torchrun every rank draws the same rows and keeps its share. The engine runs
 `engine.twin.rollout_policy(model)`: on CUDA a twin with 16-bit copies of the matmul weights; on a CPU the
-float32 policy itself where it fits the cache (`train.run.rollout_dtype`).
+float32 policy itself where it fits the cache and the engine runs at most 64 sequences (`train.run.rollout_dtype`).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def play(
     """G episodes of each row (prompt rows: one turn each), as `run_episodes` plays them."""
     # The policy keeps float32 master weights; on CUDA, rollouts decode its bf16 twin under bf16 autocast like the
     # trainer's forward (MoE experts then reach the grouped GEMM, and decode runs as CUDA graphs); on a CPU a
-    # model that fits the cache decodes in float32 (`rollout_dtype`).
+    # model that fits the cache decodes in float32 at up to 64 rows (`rollout_dtype`).
     with rollout_autocast(engine):
         episodes = run_episodes(
             engine, tokenizer, make_envs(rows, cfg, G), [row.get("seed", 0) for row in rows], params, group_size=G

@@ -71,15 +71,22 @@ def autocast(device: torch.device):
     return precision.autocast(device, autocast_dtype(device))
 
 
-def rollout_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype | None:
-    """The dtype RL's engine decodes `model` (the float32 policy, or its twin) in: training's autocast dtype (a twin
-    of 16-bit matmul weights decoded under autocast: `engine.twin`), except on a CPU for a float32 model that fits
-    the cache, decoded as it is without autocast, as `precision.inference_dtype` picks for any decoding there: its
-    float32 decode step is the faster (tiny, 64 rows x 256 tokens, 1.12x the bf16 one; the GRPO step's rollouts at
-    8 x 8 x 64 tokens 1.09x; 2 threads, AMX; docs/LOG.md, 2026-12-05, thirty-second session). A model that holds
-    16-bit weights already (a twin, LoRA's frozen base) keeps autocast."""
+ROLLOUT_FLOAT32_MAX_ROWS = 64
+"""On a CPU, RL's engine decodes a float32 policy that fits the cache as it is (no twin, no autocast) when it runs at
+most this many sequences at once. tiny, 48 new tokens, float32 against the bf16 twin under autocast, 2 threads, AMX:
+64 rows 1.09x faster; 128 rows 0.87x, 256 0.85x, 512 0.72x: the twin's bf16 products win once the rows make a step
+bound by arithmetic (docs/LOG.md, 2026-12-05, thirty-second session)."""
+
+
+def rollout_dtype(model: torch.nn.Module, device: torch.device, rows: int) -> torch.dtype | None:
+    """The dtype RL's engine of `rows` slots decodes `model` (the float32 policy, or its twin) in: training's autocast
+    dtype (a twin of 16-bit matmul weights decoded under autocast: `engine.twin`), except on a CPU for a float32 model
+    that fits the cache (`precision.inference_dtype`) at up to ROLLOUT_FLOAT32_MAX_ROWS rows: decoded as it is,
+    without autocast. A model that holds 16-bit weights already (a twin, LoRA's frozen base) keeps autocast."""
     dtype = autocast_dtype(device)
-    if dtype is None or any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+    if dtype is None or rows > ROLLOUT_FLOAT32_MAX_ROWS:
+        return dtype
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
         return dtype
     n_params = sum(p.numel() for p in model.parameters())
     return None if precision.inference_dtype(device, n_params) == torch.float32 else dtype
@@ -87,7 +94,7 @@ def rollout_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype |
 
 def rollout_autocast(engine: Any):
     """The autocast an RL engine's rollouts and evaluations decode under (`rollout_dtype` of what it decodes)."""
-    return precision.autocast(engine.device, rollout_dtype(engine.model, engine.device))
+    return precision.autocast(engine.device, rollout_dtype(engine.model, engine.device, engine.n_slots))
 
 
 def with_context(model: Transformer, max_seq_len: int) -> None:
