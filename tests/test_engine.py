@@ -768,9 +768,12 @@ class RawMatrixMLP(torch.nn.Module):
         return x @ self.w
 
 
-def test_rl_twin_casts_the_matmul_weights_of_any_module_type():
+def test_rl_twin_casts_the_matmul_weights_of_any_module_type(monkeypatch):
     """The twin's rule is 'floating, two or more dimensions, not an embedding table', not a list of module
-    types: a new module's raw matrix gets a bf16 copy that syncs, and the logits stay autocast's exactly."""
+    types: a new module's raw matrix gets a bf16 copy that syncs, and the logits stay autocast's exactly. CPU
+    autocast stands in for CUDA's here, so the CPU-only rule that keeps small eager products of float32 weights in
+    float32 (`precision.CPU_BF16_MIN_MACS`, which the twin's bf16 weights cannot follow) is off."""
+    monkeypatch.setattr("nanoseek.precision.CPU_BF16_MIN_MACS", 0)
     model = build("tiny").train()
     model.layers[1].mlp = RawMatrixMLP(model.cfg.d_model)
     twin = rollout_policy(model, torch.bfloat16)
