@@ -36,6 +36,7 @@ session). Only the keys and values it caches and the first token's logits see it
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import nullcontext
 from functools import cache
@@ -150,13 +151,14 @@ win back. Forward + backward of one product (rows x in x out), 2 threads, AMX: 2
 2^22 1.2x slower, 2^23.6 0.89x, 2^25 0.70x of float32's time (docs/LOG.md, 2026-12-05, thirty-second session)."""
 
 
-def too_little_for_bf16(x: Tensor, macs: int) -> bool:
-    """Whether a product of `macs` multiply-adds on x's rows, under bf16 autocast on a CPU, eager and outside
-    inference mode (training's passes, with or without gradients, alike), runs in float32 (CPU_BF16_MIN_MACS)
-    instead: `model.linear` and the CPU training attention ask. A compiled graph follows autocast."""
+def too_little_for_bf16(x: Tensor, macs_per_row: int) -> bool:
+    """Whether a product of `macs_per_row` multiply-adds for each row of x (all but its last dimension), under bf16
+    autocast on a CPU, eager and outside inference mode (training's passes, with or without gradients, alike), runs
+    in float32 (CPU_BF16_MIN_MACS) instead: `model.linear` and the CPU training attention ask. A compiled graph
+    follows autocast."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or not torch.is_autocast_enabled("cpu"):
         return False
-    return not torch.is_inference_mode_enabled() and macs < CPU_BF16_MIN_MACS
+    return not torch.is_inference_mode_enabled() and math.prod(x.shape[:-1]) * macs_per_row < CPU_BF16_MIN_MACS
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -130,7 +130,7 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, hidden: Ten
     the --quick training shape's attention 0.97 ms forward and backward against 0.80 (docs/LOG.md, 2026-12-05)."""
     B, H, Tq, _ = q.shape
     n_kv, Tk = k.shape[1], k.shape[2]
-    if q.dtype != torch.float64 and precision.too_little_for_bf16(q, B * H * Tq * Tk * q.shape[-1]):
+    if q.dtype != torch.float64 and precision.too_little_for_bf16(q, Tk * q.shape[-1]):
         with torch.autocast("cpu", enabled=False):  # a small training attention: float32 (precision.py)
             return _masked_attention(q.float(), k.float(), v.float(), scale, hidden)
     rep = H // n_kv

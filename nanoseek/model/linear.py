@@ -96,8 +96,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return _packed_linear(x.to(weight.dtype), [weight], biases)
     if _float32_rows(x, [weight], biases):
         return cpu_kernel.float32_rows(x, [weight], biases)
-    macs = math.prod(x.shape[:-1]) * weight.numel()
-    if weight.dtype == torch.float32 and precision.too_little_for_bf16(x, macs):  # a small training product
+    if weight.dtype == torch.float32 and precision.too_little_for_bf16(x, weight.numel()):  # a small training product
         with torch.autocast("cpu", enabled=False):
             return F.linear(x.float(), weight, bias)
     return F.linear(x, weight, bias)
