@@ -27,18 +27,29 @@ def one_thread():
 
 
 @pytest.fixture
-def attention_kernel_calls(monkeypatch) -> list[tuple[int, int]]:
-    """Each call of nanoseek's CPU decode-attention kernel, as (rows, tokens a row), while the test runs; the test is
-    skipped where the kernel does not apply (`model.cpu_kernel`)."""
+def attention_kernel_calls():
+    """`with attention_kernel_calls() as calls: ...` fills the list `calls`, on leaving the block, with each call of
+    nanoseek's CPU decode-attention kernel made inside it: eager or from a compiled graph's C++ wrapper alike, the
+    torch profiler sees every dispatch of `nanoseek::decode_attention`. A call is (rows, tokens a row) where the
+    profiler records its inputs' shapes (eager calls), else None. The test is skipped where the kernel does not apply
+    (`model.cpu_kernel`)."""
+    from contextlib import contextmanager
+
+    from torch.profiler import ProfilerActivity, profile
+
     from nanoseek.model import cpu_kernel
 
-    if not cpu_kernel.available():
-        pytest.skip("nanoseek's CPU kernel does not apply here")
-    kernels, calls = cpu_kernel._kernels, []
+    if not cpu_kernel.attention_available():
+        pytest.skip("nanoseek's CPU attention kernel does not apply here")
 
-    def counted(*args):
-        calls.append((args[11], args[14]))  # B and T of `nanoseek_decode_attention_bf16`
-        kernels.attention(*args)
+    @contextmanager
+    def counting():
+        calls: list[tuple[int, int] | None] = []
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            yield calls
+        for event in prof.events():
+            if event.name == "nanoseek::decode_attention":
+                positions = event.input_shapes[3] if event.input_shapes else []  # [B, T]
+                calls.append((positions[0], positions[1]) if positions else None)
 
-    monkeypatch.setattr(cpu_kernel, "_kernels", kernels._replace(attention=counted))
-    return calls
+    return counting

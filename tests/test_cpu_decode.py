@@ -468,17 +468,16 @@ def test_many_rows_over_a_bf16_cache_attend_through_the_kernel_within_bf16_toler
     tolerance of the float32 model's in the same context. Fewer slots keep the engine's own attention."""
     from nanoseek.engine.twin import rollout_policy
 
-    calls = attention_kernel_calls
     mla = dict(attn_type="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8)
     prompts = prompts_of([4, 11, 20, 7, 30, 2], seed=5)
     params = SamplingParams(max_new_tokens=16, temperature=0)
     for name, overrides, compile_ in (("tiny-moe", {}, False), ("tiny-moe", {}, True), ("tiny", mla, False)):
         model = build(name, init_std=0.05, **overrides)
         twin = rollout_policy(model, torch.bfloat16)
-        calls.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             engine = Engine(twin, max_batch=64, compile=compile_)
-            results = engine.generate(prompts, params)
+            with attention_kernel_calls() as calls:
+                results = engine.generate(prompts, params)
             assert engine.cache.kernel_attention and calls and engine.n_slots * model.cfg.n_heads >= CPU_MANY_ROWS
             few = Engine(twin, max_batch=8, compile=False)
             few.generate(prompts[:1], params)

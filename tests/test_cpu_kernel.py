@@ -17,6 +17,9 @@ from nanoseek.model import linear as L
 needs_kernel = pytest.mark.skipif(
     not cpu_kernel.available(), reason="nanoseek's CPU kernel does not apply here (AVX-512 BF16, g++)"
 )
+needs_attention = pytest.mark.skipif(
+    not cpu_kernel.attention_available(), reason="nanoseek's CPU attention does not apply here (AVX-512 BF16, g++)"
+)
 needs_products = pytest.mark.skipif(
     not cpu_kernel.products_available(), reason="nanoseek's bf16 product is not linear's here (AMX: oneDNN's)"
 )
@@ -98,7 +101,7 @@ def test_a_build_is_kept_and_reused(fresh, monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("failure", ["compiler", "wrong product", "wrong attention"])
+@pytest.mark.parametrize("failure", ["compiler", "wrong product"])
 def test_a_failed_build_warns_once_and_the_products_stay_onednns(failure, fresh, monkeypatch):
     if failure == "compiler":
         monkeypatch.setenv("CXX", "false")  # exits 1
@@ -116,14 +119,7 @@ def test_a_failed_build_warns_once_and_the_products_stay_onednns(failure, fresh,
                 kernels.product(x, m, p, bias, out, n, k, threads)
                 flip_top_mantissa_bits(out, m * n)
 
-            def wrong_attention(*args):
-                kernels.attention(*args)
-                B, Hkv, R, dv, out = args[11], args[12], args[13], args[17], args[19]
-                flip_top_mantissa_bits(out, B * Hkv * R * dv)
-
-            if failure == "wrong product":
-                return kernels._replace(product=wrong_product)
-            return kernels._replace(attention=wrong_attention)
+            return kernels._replace(product=wrong_product)
 
         monkeypatch.setattr(cpu_kernel, "_load", kernels_with_a_bug)
     with pytest.warns(UserWarning, match="CPU kernel is off"):
@@ -151,7 +147,7 @@ def test_where_it_does_not_apply(fresh, monkeypatch):
 @needs_kernel
 def test_with_amx_the_attention_applies_and_the_product_is_onednns(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_has_amx", lambda: True)
-    assert cpu_kernel.available() and not cpu_kernel.products_available()
+    assert cpu_kernel.attention_available() and not cpu_kernel.products_available()
     w, x = bf16(2048, 512, seed=0), bf16(3, 512, seed=1)
     with torch.no_grad():
         L.linear(x, w)
@@ -193,7 +189,7 @@ def attention_loop(q, keys, values, positions, slots, kv_len, scale):
     return out
 
 
-@needs_kernel
+@needs_attention
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     ("rep", "T", "dk", "dv", "kv_len"),
@@ -204,24 +200,28 @@ def attention_loop(q, keys, values, positions, slots, kv_len, scale):
         (4, 2, 144, 128, 33),  # five chunks a key: the loop for any key width
     ],
 )
-def test_decode_attention_against_a_float64_loop(rep, T, dk, dv, kv_len, threads, monkeypatch):
-    """Rows reading their own slot or other slots, positions before, at and past the keys read: within bf16 output
-    rounding of the float64 attention over the same bf16 numbers."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+def test_decode_attention_against_a_float64_loop(rep, T, dk, dv, kv_len, threads):
+    """Rows reading their own slot or other slots (int64 and int32 indices), positions before, at and past the keys
+    read: within bf16 output rounding of the float64 attention over the same bf16 numbers."""
     n_slots, max_len, Hkv, B = 6, 96, 2, 5
     keys, values = bf16(n_slots, Hkv, max_len, dk, seed=0), bf16(n_slots, Hkv, max_len, dv, seed=1)
     q = bf16(B, Hkv, rep * T, dk, seed=2)
     g = torch.Generator().manual_seed(3)
     positions = torch.randint(0, kv_len + 4, (B, T), generator=g)
     positions[0] = 0  # a row that sees one key
-    for slots in (None, torch.tensor([4, 0, 5, 2, 2])):
-        got = cpu_kernel.decode_attention(q, keys, values, positions, slots, kv_len, dk**-0.5)
-        want = attention_loop(q, keys, values, positions, slots, kv_len, dk**-0.5)
-        assert got.dtype == torch.bfloat16 and got.shape == want.shape
-        torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for slots in (None, torch.tensor([4, 0, 5, 2, 2]), torch.tensor([1, 1, 3, 0, 5], dtype=torch.int32)):
+            got = cpu_kernel.decode_attention(q, keys, values, positions, slots, kv_len, dk**-0.5)
+            want = attention_loop(q, keys, values, positions, slots, kv_len, dk**-0.5)
+            assert got.dtype == torch.bfloat16 and got.shape == want.shape
+            torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
 
 
-@needs_kernel
+@needs_attention
 def test_decode_attention_reads_values_inside_the_keys():
     """MLA's absorbed cache: the value is the first v_dim numbers of each key (a strided view, no copy)."""
     keys = bf16(3, 1, 40, 80, seed=0)  # [slots, one kv "head", positions, latent + rope]
@@ -233,7 +233,7 @@ def test_decode_attention_reads_values_inside_the_keys():
     torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5)
 
 
-@needs_kernel
+@needs_attention
 def test_decode_attention_refuses_what_it_cannot_read():
     keys = bf16(2, 1, 8, 32, seed=0)
     q, positions = bf16(2, 1, 2, 32, seed=1), torch.zeros(2, 1, dtype=torch.int64)
@@ -246,6 +246,8 @@ def test_decode_attention_refuses_what_it_cannot_read():
         dict(kv_len=0),
         dict(values=bf16(2, 1, 4, 32, seed=2)),  # fewer positions than the keys
         dict(q=bf16(3, 1, 2, 32, seed=3), positions=torch.zeros(3, 1, dtype=torch.int64)),  # rows past the cache's
+        dict(slots=torch.tensor([0])),  # a slot for each row, not fewer
+        dict(positions=torch.zeros(2, 3, dtype=torch.int64)),  # query rows not whole tokens (2 rows, 3 tokens)
     ):
         args = dict(q=q, keys=keys, values=keys, positions=positions, slots=None, kv_len=8, scale=1.0) | bad
         with pytest.raises(ValueError, match="cpu_kernel.decode_attention"):
@@ -376,6 +378,19 @@ def test_a_failed_float32_build_warns_once_and_the_products_stay_mkls(fresh, mon
     monkeypatch.setenv(cpu_kernel.ENV, "0")
     monkeypatch.setattr(cpu_kernel, "_float32_state", None)
     assert not cpu_kernel.float32_available() and not list(fresh.iterdir())  # off: nothing built
+
+
+@needs_attention
+def test_a_wrong_attention_turns_its_library_off_with_one_warning(monkeypatch):
+    """The attention is checked with the float32 library it is built into: a wrong answer there turns both off."""
+    monkeypatch.setattr(cpu_kernel, "_float32_state", None)
+    right = cpu_kernel.decode_attention
+    monkeypatch.setattr(cpu_kernel, "decode_attention", lambda *args: right(*args) * 1.02)
+    with pytest.warns(UserWarning, match="float32 CPU kernel is off.*attention is off by"):
+        assert not cpu_kernel.attention_available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu_kernel.float32_available() and not cpu_kernel.attention_available()  # warned once
 
 
 def test_no_build_while_dynamo_traces(monkeypatch):

@@ -181,15 +181,16 @@ def test_continuations_through_the_cpu_attention_kernel_within_bf16_tolerance(mo
     errors = {}
     for kernel in (True, False):
         monkeypatch.setattr(cache_mod, "KERNEL_ATTENTION", kernel)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), attention_kernel_calls() as calls:
             engine = Engine(twin, max_batch=64, compile=False)
             transcripts, spans, logprobs = run_turns(engine, episodes, [3] * 6)
-        assert engine.cache.kernel_attention == kernel
+        assert engine.cache.kernel_attention == kernel and bool(calls) == kernel
+        if kernel:  # the continuations' rows of several tokens went through it
+            assert any(t > 1 for _, t in calls)  # eager: every call's shapes recorded
         errors[kernel] = []
         for transcript, turn_spans, got in zip(transcripts, spans, logprobs):
             logp = torch.log_softmax(full_logits(model, transcript).float(), -1)
             want = [logp[j - 1, transcript[j]].item() for start, end in turn_spans for j in range(start, end)]
             errors[kernel] += [abs(a - b) for a, b in zip(got, want)]
-    assert any(t > 1 for _, t in attention_kernel_calls)  # the continuations' rows of several tokens went through it
     for kernel, errs in errors.items():
         assert max(errs) < 0.1 and sum(errs) / len(errs) < 0.02, (kernel, max(errs))

@@ -52,19 +52,6 @@ attention, whole decode calls interleaved in one process (docs/LOG.md, 2026-12-0
 KERNEL_ATTENTION = True
 """Set to False to keep the engine's own attention paths where the CPU kernel would apply (benchmarks compare both)."""
 
-# The kernel as an operation of our own, opaque to torch.compile, defined as `model.linear`'s packed product is
-# (torch.library.define/impl: a plain CPU kernel, none of custom_op's Python layers). Inference only.
-torch.library.define(
-    "nanoseek::decode_attention",
-    "(Tensor q, Tensor keys, Tensor values, Tensor positions, Tensor? slots, SymInt kv_len, float scale) -> Tensor",
-)
-torch.library.impl("nanoseek::decode_attention", "cpu", cpu_kernel.decode_attention)
-
-
-@torch.library.register_fake("nanoseek::decode_attention")
-def _(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, slots: Tensor | None, kv_len, scale: float):
-    return q.new_empty(*q.shape[:3], values.shape[-1])
-
 
 class KVCache:
     def __init__(
@@ -118,6 +105,7 @@ class KVCache:
     ) -> KVCache:
         layout = model.cache_layout()
         many_rows = torch.device(device).type == "cpu" and n_slots * model.cfg.n_heads >= CPU_MANY_ROWS
+        kernel = many_rows and dtype == torch.bfloat16 and KERNEL_ATTENTION and cpu_kernel.attention_available()
         return cls(
             model.cfg.n_layers,
             n_slots,
@@ -129,7 +117,7 @@ class KVCache:
             device,
             layout.values_in_keys,
             matmul_attention=many_rows,
-            kernel_attention=many_rows and dtype == torch.bfloat16 and KERNEL_ATTENTION and cpu_kernel.available(),
+            kernel_attention=kernel,
         )
 
     @property
@@ -189,7 +177,7 @@ class KVCache:
         q = q.to(self.dtype).reshape(B, Hkv, rep * T, dk)
         if self.kernel_attention:  # the layer's whole cache and the positions: the kernel reads the keys in place
             values = V if V is not None else K[..., : self.v_dim]
-            out = torch.ops.nanoseek.decode_attention(q, K, values, pos, self._slots, L, scale)
+            out = cpu_kernel.decode_attention(q, K, values, pos, self._slots, L, scale)  # a C++ operation
             return out.reshape(B, H, T, -1).to(out_dtype)
         keys = K[:B, :, :L] if self._slots is None else K[self._slots, :, :L]  # a view [B, Hkv, L, dk] (or a gather)
         if V is not None:

@@ -1,6 +1,6 @@
 """Our CPU kernels, for the decode step on a CPU with AVX-512 BF16: a few rows times a bf16 weight (`few_rows.cpp`)
 and attention over a bf16 KV cache (`decode_attention.cpp`); and on any CPU with AVX-512, rows times float32 weights
-(`float32_rows.cpp`, the last paragraph).
+(`float32_rows.cpp`, the last paragraph; the attention is built into that library).
 
 A decode step multiplies a few rows by every weight, so it is bound by how fast the weights stream from memory.
 oneDNN's prepacked kernel reads them below the memory's rate at a few rows; this loop (one 64-byte load of a
@@ -13,16 +13,17 @@ for an occasional last bit, tested against float64).
 The decode attention computes each score once (inductor's fused loop recomputed it in every pass of the softmax,
 with the query's RoPE inside), soft-maxes and sums the values in float32, and rounds once to bf16: the same sums as
 the engine's other attention paths in another order (tested against float64). `engine.cache` calls it for a bf16
-cache on a CPU where it is built.
+cache on a CPU where it is built (`attention_available`). It is a torch operation, `nanoseek::decode_attention`,
+in the float32 library below (its functions compiled for AVX-512 BF16 there), so a compiled step calls it from C++:
+as a Python operation its crossing cost ~11 us a call, 2-3% of tiny's 64-row decode.
 
-Built at first use with the C++ compiler inductor also needs (`$CXX`, else g++; about two seconds) into
+The product is built at first use with the C++ compiler inductor also needs (`$CXX`, else g++; about two seconds) into
 `$NANOSEEK_KERNEL_DIR` (default `~/.cache/nanoseek/kernels`), one library under a name that hashes the sources and
 the flags, written atomically; loaded with ctypes (which releases the GIL during the call) after torch, so the
 kernels' OpenMP threads are torch's own pool. Only on x86-64 Linux with AVX-512 BF16, and the product only without
 AMX (`products_available`: oneDNN's AMX kernel is faster from 4 rows; the attention gains there, tiny at 64 rows
 1.14x); `NANOSEEK_CPU_KERNEL=0` turns them off. A failed build or a wrong answer
-in the check that follows it: one warning, and `model.linear` keeps oneDNN's prepacked kernel, the cache its own
-attention.
+in the check that follows it: one warning, and `model.linear` keeps oneDNN's prepacked kernel.
 
 The float32 product (`float32_rows`) is a torch operation, `nanoseek::float32_rows`, built against torch's headers
 (about ten seconds, once per source and torch version, into the same directory) and loaded into torch's operator
@@ -62,12 +63,11 @@ class Kernels(NamedTuple):
     """The built library's functions (ctypes)."""
 
     product: Callable[..., None]  # nanoseek_few_rows_bf16
-    attention: Callable[..., None]  # nanoseek_decode_attention_bf16
 
 
 ENV = "NANOSEEK_CPU_KERNEL"
 DIR_ENV = "NANOSEEK_KERNEL_DIR"
-SOURCES = (Path(__file__).with_name("few_rows.cpp"), Path(__file__).with_name("decode_attention.cpp"))
+SOURCES = (Path(__file__).with_name("few_rows.cpp"),)
 USE = True
 """Set to False for oneDNN's prepacked kernel (weights packed for ours are packed again for it at their next product;
 benchmarks and tests compare both)."""
@@ -77,7 +77,7 @@ _lock = threading.Lock()
 _kernels: Kernels | None = None  # the loaded library's functions; None until tried
 _failure: str | None = None
 
-FLOAT32_SOURCE = Path(__file__).with_name("float32_rows.cpp")
+FLOAT32_SOURCES = (Path(__file__).with_name("float32_rows.cpp"), Path(__file__).with_name("decode_attention.cpp"))
 FLOAT32_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-w"]
 FLOAT32_MAX_ROWS = 1024
 """Rows up to which `model.linear` takes `float32_rows` (when the rows are known; a compiled decode step's rows are
@@ -127,50 +127,14 @@ def decode_attention(
     over a bf16 cache layer's keys [n_slots, Hkv, max_seq_len, dk] and values [..., dv] (a view of the keys is
     fine): batch row b reads cache row slots[b] (b without slots), and its query row r, the token t = r % T at
     positions[b, t], sees keys 0..min(positions[b, t], kv_len - 1). -> [B, Hkv, R, dv] bf16. Shapes, dtypes and
-    layouts are checked; the slot indices are not (a reduction per call): the engine's own."""
-    return _attention(_kernels.attention, q, keys, values, positions, slots, kv_len, scale)
-
-
-def _attention(
-    function: Callable[..., None],
-    q: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    positions: Tensor,
-    slots: Tensor | None,
-    kv_len: int,
-    scale: float,
-) -> Tensor:
-    B, Hkv, R, dk = q.shape
-    ok = q.dtype == keys.dtype == values.dtype == torch.bfloat16 and keys.shape[-1] == dk and keys.shape[1] == Hkv
-    ok = ok and keys.stride(-1) == values.stride(-1) == 1 and positions.dtype == torch.int64 and positions.dim() == 2
-    ok = ok and values.shape[:3] == keys.shape[:3] and (slots is not None or B <= keys.shape[0])
-    if not ok or not 0 < kv_len <= keys.shape[2] or positions.shape[0] != B or R % positions.shape[1]:
-        # the kernel reads raw memory: a wrong input is not an error there
-        raise ValueError(
-            f"cpu_kernel.decode_attention: q {q.dtype} {tuple(q.shape)}, keys {keys.dtype} {tuple(keys.shape)}, "
-            f"values {values.dtype} {tuple(values.shape)}, positions {positions.dtype} {tuple(positions.shape)}, "
-            f"kv_len {kv_len}"
-        )
-    q, positions = q.contiguous(), positions.contiguous()
-    if slots is not None:
-        slots = slots.to(torch.int64).contiguous()
-    dv = values.shape[-1]
-    out = torch.empty((B, Hkv, R, dv), dtype=torch.bfloat16)
-    if B:
-        ks, kh, kl = keys.stride()[:3]
-        vs, vh, vl = values.stride()[:3]
-        function(
-            q.data_ptr(), keys.data_ptr(), ks, kh, kl, values.data_ptr(), vs, vh, vl,
-            None if slots is None else slots.data_ptr(), positions.data_ptr(),
-            B, Hkv, R, positions.shape[1], kv_len, dk, dv, scale, out.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-    return out
+    layouts are checked (ValueError); the slot indices are not (a reduction per call): the engine's own.
+    `attention_available()` must be True."""
+    return torch.ops.nanoseek.decode_attention.default(q, keys, values, positions, slots, kv_len, scale)
 
 
 def available() -> bool:
-    """Whether the kernels are on and built (building them now if not yet tried): False where they do not apply,
-    are turned off, or failed once (warned)."""
+    """Whether the few-rows product is on and built (building it now if not yet tried): False where it does not
+    apply, is turned off, or failed once (warned)."""
     global _kernels, _failure
     if not USE:
         return False
@@ -187,7 +151,7 @@ def available() -> bool:
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as e:
                 _failure = f"{type(e).__name__}: {str(e).strip()[:300]}"
                 warnings.warn(
-                    f"nanoseek's CPU kernel is off, products stay oneDNN's and attention the engine's own: {_failure}",
+                    f"nanoseek's CPU kernel is off, products stay oneDNN's: {_failure}",
                     stacklevel=2,
                 )
     return _kernels is not None
@@ -211,6 +175,12 @@ def products_available() -> bool:
     oneDNN's AMX kernel it is ahead at 1-2 rows only and 1.7-4x behind from 8 (`small`; the decode attention gains
     there: docs/LOG.md, 2026-12-05, thirty-first session), and a packed copy serves every batch size."""
     return available() and not _has_amx()
+
+
+def attention_available() -> bool:
+    """Whether `decode_attention` applies: a CPU with AVX-512 BF16 (or AMX) where the product would (`_applies`), and
+    the float32 library, which holds the attention, built and checked (building it now if not yet tried)."""
+    return USE and _applies() and float32_available()
 
 
 @functools.cache
@@ -260,17 +230,14 @@ def _build(
 def _load(library: Path) -> Kernels:
     loaded = ctypes.CDLL(str(library))
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    product, attention = loaded.nanoseek_few_rows_bf16, loaded.nanoseek_decode_attention_bf16
+    product = loaded.nanoseek_few_rows_bf16
     product.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64, ctypes.c_int]
-    attention.argtypes = [pointer, pointer, i64, i64, i64, pointer, i64, i64, i64, pointer, pointer]
-    attention.argtypes += [i64] * 7 + [ctypes.c_float, pointer, ctypes.c_int]
-    product.restype = attention.restype = None
-    return Kernels(product, attention)
+    product.restype = None
+    return Kernels(product)
 
 
 def _check(kernels: Kernels) -> None:
-    """Every row count the product specialises (1-9) and an attention of every masked edge against float64: a
-    build that miscomputes is not used."""
+    """Every row count the product specialises (1-9) against float64: a build that miscomputes is not used."""
     g = torch.Generator().manual_seed(0)
     # The product on odd sizes (a lone last block of 16 outputs).
     w = torch.randn(48, 36, generator=g).to(torch.bfloat16)
@@ -283,19 +250,6 @@ def _check(kernels: Kernels) -> None:
         err = (got - want).abs().max().item()
         if not err <= 2**-7 * want.abs().max().item() + 1e-3:
             raise AssertionError(f"the built kernel's product at {m} rows is off by {err:.3g}")
-    # The attention: a partial last chunk of the key (40 = 32 + 8) and of the value (24), 37 keys read (a partial
-    # last block of 16), rows reading other slots, 3 query heads x 2 tokens, one position past the keys read.
-    keys = torch.randn(4, 2, 40, 40, generator=g).to(torch.bfloat16)
-    values = torch.randn(4, 2, 40, 24, generator=g).to(torch.bfloat16)
-    q = torch.randn(3, 2, 6, 40, generator=g).to(torch.bfloat16)
-    positions, slots = torch.tensor([[3, 4], [20, 36], [38, 39]]), torch.tensor([2, 0, 3])
-    got = _attention(kernels.attention, q, keys, values, positions, slots, 37, 0.125).double()
-    k, v = keys[slots, :, :37].double(), values[slots, :, :37].double()
-    seen = torch.arange(37)[None, None, :] <= positions.repeat(1, 3)[:, :, None]  # [B, R, L]
-    scores = (q.double() @ k.transpose(-1, -2) * 0.125).masked_fill(~seen[:, None], float("-inf"))
-    err = (got - scores.softmax(-1) @ v).abs().max().item()
-    if not err <= 2**-7:
-        raise AssertionError(f"the built kernel's attention is off by {err:.3g}")
 
 
 def float32_fits(weights: list[Tensor], k: int) -> bool:
@@ -331,13 +285,14 @@ def float32_available() -> bool:
         if _float32_state is None:
             try:
                 flags, links = _float32_flags()
-                _load_float32(_build((FLOAT32_SOURCE,), flags, "float32-rows", links))
+                _load_float32(_build(FLOAT32_SOURCES, flags, "float32-rows", links))
                 _check_float32()
                 _float32_state = "ok"
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as e:
                 _float32_state = f"{type(e).__name__}: {str(e).strip()[:300]}"
                 warnings.warn(
-                    f"nanoseek's float32 CPU kernel is off, float32 products stay MKL's: {_float32_state}",
+                    f"nanoseek's float32 CPU kernel is off, float32 products stay MKL's and the decode attention "
+                    f"the engine's own: {_float32_state}",
                     stacklevel=2,
                 )
     return _float32_state == "ok"
@@ -377,12 +332,17 @@ def _load_float32(library: Path) -> None:
         def _(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
             return x.new_empty(x.shape)
 
+        @torch.library.register_fake("nanoseek::decode_attention")
+        def _(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, slots: Tensor | None, kv_len, scale: float):
+            return q.new_empty(*q.shape[:3], values.shape[-1])
+
         _float32_registered = True
 
 
 def _check_float32() -> None:
     """1-17 rows (chunks of 8 and every tail), three weights of 16, 32 and 48 outputs (a lone last block of 16), with
-    and without biases, against float64: a build that miscomputes is not used."""
+    and without biases, the experts, and on a CPU with AVX-512 BF16 the decode attention at every masked edge, against
+    float64: a build that miscomputes is not used."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(17, 48, generator=g)
     weights = [torch.randn(n, 48, generator=g) for n in (16, 32, 48)]
@@ -404,6 +364,21 @@ def _check_float32() -> None:
     err = (got - experts_float64(x, ids, weights, w1, w3, w2)).abs().max().item()
     if not err <= 1e-4:
         raise AssertionError(f"the built float32 kernel's experts are off by {err:.3g}")
+    if not _applies():
+        return
+    # The attention: a partial last chunk of the key (40 = 32 + 8) and of the value (24), 37 keys read (a partial
+    # last block of 16), rows reading other slots, 3 query heads x 2 tokens, one position past the keys read.
+    keys = torch.randn(4, 2, 40, 40, generator=g).to(torch.bfloat16)
+    values = torch.randn(4, 2, 40, 24, generator=g).to(torch.bfloat16)
+    q = torch.randn(3, 2, 6, 40, generator=g).to(torch.bfloat16)
+    positions, slots = torch.tensor([[3, 4], [20, 36], [38, 39]]), torch.tensor([2, 0, 3])
+    got = decode_attention(q, keys, values, positions, slots, 37, 0.125).double()
+    k, v = keys[slots, :, :37].double(), values[slots, :, :37].double()
+    seen = torch.arange(37)[None, None, :] <= positions.repeat(1, 3)[:, :, None]  # [B, R, L]
+    scores = (q.double() @ k.transpose(-1, -2) * 0.125).masked_fill(~seen[:, None], float("-inf"))
+    err = (got - scores.softmax(-1) @ v).abs().max().item()
+    if not err <= 2**-7:
+        raise AssertionError(f"the built kernel's attention is off by {err:.3g}")
 
 
 def experts_float64(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
@@ -422,6 +397,7 @@ __all__ = [
     "FLOAT32_MAX_ROWS",
     "USE",
     "Kernels",
+    "attention_available",
     "available",
     "decode_attention",
     "experts_float64",

@@ -1,5 +1,6 @@
-// Decode attention over a bf16 KV cache on a CPU with AVX-512 BF16: the engine's many-row decode step
-// (nanoseek/model/cpu_kernel.py builds this file beside few_rows.cpp and calls it through ctypes).
+// Decode attention over a bf16 KV cache on a CPU with AVX-512 BF16: the engine's many-row decode step, as the torch
+// operation nanoseek::decode_attention (nanoseek/model/cpu_kernel.py builds this file with float32_rows.cpp against
+// torch's headers, so a compiled step calls it from C++, not through Python: ~11 us a call).
 //
 // One (sequence, kv head) at a time: its R query rows (the query heads sharing the kv head, times the step's new
 // tokens) against the keys each may see. Every score is computed once (a key's 32-wide chunks by vdpbf16ps against
@@ -7,13 +8,25 @@
 // in float32 weighted by the probabilities; the output is rounded to bf16 once. Inductor's fused loop for the same
 // sums recomputed each score in each pass of the softmax, with the query's RoPE inside (docs/LOG.md, 2026-12-04,
 // twenty-seventh session).
+//
+// The library is built for AVX-512F (float32_rows.cpp runs on any such CPU): the kernel's own functions, below the
+// includes, are compiled for AVX-512 BF16 by the pragma, and the operation refuses a CPU without it.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <stdint.h>
+#include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "vector_exp.h"  // exp16: the softmax's
+
+// After the includes: only the functions defined here take the target, never a library template instantiated here.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 
 // 16 bf16 numbers (the low `m` of them) widened to float32: the 16 bits to the top of a word.
 static inline __m512 widen(const uint16_t* p, __mmask16 m) {
@@ -102,11 +115,9 @@ static inline void weighted_rows(const uint16_t* values, int64_t vl, int64_t n, 
 // K + s * ks + h * kh + j * kl (dk contiguous numbers); values likewise in V. Row b of the batch reads cache row
 // slots[b] (row b where slots is null). Query row r is the step's token t = r % T, which sees keys
 // 0..min(pos[b, t], L - 1).
-extern "C" void nanoseek_decode_attention_bf16(const uint16_t* q, const uint16_t* K, int64_t ks, int64_t kh,
-                                               int64_t kl, const uint16_t* V, int64_t vs, int64_t vh, int64_t vl,
-                                               const int64_t* slots, const int64_t* pos, int64_t B, int64_t Hkv,
-                                               int64_t R, int64_t T, int64_t L, int64_t dk, int64_t dv, float scale,
-                                               uint16_t* out, int threads) {
+static void attention_bf16(const uint16_t* q, const uint16_t* K, int64_t ks, int64_t kh, int64_t kl,
+                           const uint16_t* V, int64_t vs, int64_t vh, int64_t vl, const int64_t* slots, const int64_t* pos, int64_t B, int64_t Hkv, int64_t R, int64_t T,
+                           int64_t L, int64_t dk, int64_t dv, float scale, uint16_t* out, int threads) {
   const int64_t dk32 = (dk + 31) / 32, Lpad = (L + 15) / 16 * 16;
 #pragma omp parallel num_threads(threads)
   {
@@ -171,3 +182,49 @@ extern "C" void nanoseek_decode_attention_bf16(const uint16_t* q, const uint16_t
     }
   }
 }
+#pragma GCC pop_options
+
+namespace {
+
+// q [B, Hkv, R, dk] against a cache layer's keys [n_slots, Hkv, max_seq_len, dk] and values [..., dv] (a view of the
+// keys is fine): see cpu_kernel.decode_attention. The kernel reads raw memory, so a wrong input is an error here,
+// never a wrong read; the slot indices are not checked (a reduction per call): the engine's own.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& positions, const std::optional<at::Tensor>& slots, int64_t kv_len,
+                            double scale) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "nanoseek::decode_attention needs a CPU with AVX-512 BF16");
+  const auto bf16 = at::kBFloat16;
+  bool ok = q.dim() == 4 && keys.dim() == 4 && values.dim() == 4 && positions.dim() == 2;
+  ok = ok && q.scalar_type() == bf16 && keys.scalar_type() == bf16 && values.scalar_type() == bf16;
+  ok = ok && q.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu() && positions.device().is_cpu();
+  ok = ok && keys.size(3) == q.size(3) && keys.size(1) == q.size(1) && keys.stride(3) == 1 && values.stride(3) == 1;
+  ok = ok && positions.scalar_type() == at::kLong && values.size(0) == keys.size(0) &&
+       values.size(1) == keys.size(1) && values.size(2) == keys.size(2);
+  ok = ok && (slots.has_value() ? slots->dim() == 1 && slots->size(0) == q.size(0) : q.size(0) <= keys.size(0));
+  ok = ok && 0 < kv_len && kv_len <= keys.size(2) && positions.size(0) == q.size(0) && positions.size(1) > 0 &&
+       q.size(2) % positions.size(1) == 0;
+  TORCH_CHECK_VALUE(ok, "cpu_kernel.decode_attention: q ", q.scalar_type(), " ", q.sizes(), ", keys ", keys.scalar_type(),
+                    " ", keys.sizes(), ", values ", values.scalar_type(), " ", values.sizes(), ", positions ",
+                    positions.scalar_type(), " ", positions.sizes(), ", kv_len ", kv_len);
+  const int64_t B = q.size(0), Hkv = q.size(1), R = q.size(2), dk = q.size(3), dv = values.size(3);
+  const at::Tensor qc = q.contiguous(), pc = positions.contiguous();
+  const std::optional<at::Tensor> sc = slots ? std::optional<at::Tensor>(slots->to(at::kLong).contiguous()) : std::nullopt;
+  at::Tensor out = at::empty({B, Hkv, R, dv}, q.options());
+  if (B > 0)
+    attention_bf16(reinterpret_cast<const uint16_t*>(qc.data_ptr()), reinterpret_cast<const uint16_t*>(keys.data_ptr()),
+                   keys.stride(0), keys.stride(1), keys.stride(2), reinterpret_cast<const uint16_t*>(values.data_ptr()),
+                   values.stride(0), values.stride(1), values.stride(2), sc ? sc->data_ptr<int64_t>() : nullptr,
+                   pc.data_ptr<int64_t>(), B, Hkv, R, pc.size(1), kv_len, dk, dv, static_cast<float>(scale),
+                   reinterpret_cast<uint16_t*>(out.data_ptr()), at::get_num_threads());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
+  m.def(
+      "decode_attention(Tensor q, Tensor keys, Tensor values, Tensor positions, Tensor? slots, SymInt kv_len, "
+      "float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nanoseek, CPU, m) { m.impl("decode_attention", decode_attention); }
