@@ -19,7 +19,7 @@ from nanoseek import precision
 from nanoseek.errors import InputError, missing
 from nanoseek.interop.hf import load_hf_model
 from nanoseek.interop.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapters, read_adapter_config
-from nanoseek.model import Transformer, load_model
+from nanoseek.model import Transformer, cpu_kernel, load_model
 from nanoseek.model.linear import describe_packing
 from nanoseek.tokenizer import Tokenizer
 
@@ -136,7 +136,8 @@ def describe_precision(model: Transformer, device: torch.device, how: str) -> st
     """The line a command or benchmark prints at its start: the model's dtype, why (`how`: auto or the flag that
     set it), and whether its bf16 weights multiply through prepacked copies."""
     packing = describe_packing(model)
-    line = precision.describe_inference(device, model.output_weight.dtype) + f" ({how})"
+    bf16_attention = cpu_kernel.attention_applies(device)
+    line = precision.describe_inference(device, model.output_weight.dtype, bf16_attention) + f" ({how})"
     return f"{line}; {packing}" if packing else line
 
 

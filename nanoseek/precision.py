@@ -23,7 +23,10 @@ The engine's KV cache (`kv_cache_dtype`): bf16 on CUDA; on a CPU with native bf1
 whose float32 cache would not fit in the last-level cache, for the same reason: every decode step reads the keys
 and values of every running sequence from memory (the tiny preset, 64 sequences of 320 tokens: 1.17-1.26x the
 tokens/s of a float32 cache; at one sequence, 4% fewer). Attention still sums in float32 (docs/LOG.md,
-2026-12-02, tenth session).
+2026-12-02, tenth session). And bf16 for any float32 model's cache where nanoseek's decode attention kernel applies
+(`model.cpu_kernel.attention_available`; it reads a bf16 cache): as a C++ operation it beats the compiled step's own
+attention over a float32 cache at every batch measured, 1.06x at one sequence of tiny, 1.10-1.23x at 8-64 of tiny
+and tiny-moe (docs/LOG.md, 2026-12-05, thirty-third session).
 
 The engine's prefill (`prefill_dtype`): a float32 model's prefill autocasts its matmuls to bf16 on a CPU with native
 bf16 when the chunk holds at least PREFILL_BF16_MIN_TOKENS tokens. Unlike a decode step, a prefill of many tokens
@@ -119,14 +122,18 @@ def inference_dtype(device: torch.device | str, n_params: int) -> torch.dtype:
     return torch.float32
 
 
-def kv_cache_dtype(device: torch.device | str, model_dtype: torch.dtype, float32_bytes: int) -> torch.dtype:
+def kv_cache_dtype(
+    device: torch.device | str, model_dtype: torch.dtype, float32_bytes: int, bf16_attention: bool = False
+) -> torch.dtype:
     """The dtype of an engine's KV cache for a model of `model_dtype` whose cache would take float32_bytes in
-    float32 (see the module docstring)."""
+    float32, `bf16_attention` saying whether nanoseek's CPU decode attention applies here (the caller asks
+    `model.cpu_kernel.attention_available()`: this module is a leaf); see the module docstring."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16
-    if device.type == "cpu" and model_dtype == torch.float32 and cpu_bf16() and float32_bytes > cpu_cache_bytes():
-        return torch.bfloat16
+    if device.type == "cpu" and model_dtype == torch.float32 and cpu_bf16():
+        if bf16_attention or float32_bytes > cpu_cache_bytes():
+            return torch.bfloat16
     return model_dtype
 
 
@@ -179,8 +186,8 @@ def describe(device: torch.device) -> str:
     return f"bf16 autocast, float32 weights (CPU has {found})" if found else f"bf16 autocast ({CPU_BF16_ENV}=1)"
 
 
-def describe_inference(device: torch.device | str, dtype: torch.dtype) -> str:
-    """One line for the start of decoding: the dtype chosen and why."""
+def describe_inference(device: torch.device | str, dtype: torch.dtype, bf16_attention: bool = False) -> str:
+    """One line for the start of decoding: the dtype chosen and why (`bf16_attention` as for `kv_cache_dtype`)."""
     device = torch.device(device)
     name = str(dtype).removeprefix("torch.")
     if device.type != "cpu":
@@ -190,9 +197,11 @@ def describe_inference(device: torch.device | str, dtype: torch.dtype) -> str:
         return f"precision: {name} ({f'{CPU_BF16_ENV}=0' if found else 'CPU without native bf16'})"
     has = f"CPU has {found}" if found else f"{CPU_BF16_ENV}=1"
     cache_mib = cpu_cache_bytes() / 2**20
+    caches = "bf16 KV caches (nanoseek's decode attention reads them); " if bf16_attention else ""
+    weights = "bf16 weights" if bf16_attention else "bf16 weights, and KV caches,"
     return (
-        f"precision: {name} ({has}; bf16 weights, and KV caches, when their float32 bytes exceed the {cache_mib:.0f} "
-        f"MiB CPU cache; bf16 autocast for prefills of {PREFILL_BF16_MIN_TOKENS}+ tokens)"
+        f"precision: {name} ({has}; {caches}{weights} when their float32 bytes exceed the {cache_mib:.0f} MiB CPU "
+        f"cache; bf16 autocast for prefills of {PREFILL_BF16_MIN_TOKENS}+ tokens)"
     )
 
 

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.engine import Engine, SamplingParams, compiled
+from nanoseek.engine import cache as cache_module
 from nanoseek.engine.cache import CPU_MANY_ROWS
 from nanoseek.engine.sampling import sample
 from nanoseek.engine.slots import LIVE, POSITION, STEP, TOKEN
-from nanoseek.model import Transformer, get_preset
+from nanoseek.model import Transformer, cpu_kernel, get_preset
 from nanoseek.model import linear as L
 from nanoseek.model import moe as moe_mod
 from nanoseek.model.norm import RMSNorm
@@ -462,10 +463,10 @@ def test_bf16_decoding_is_within_tolerance_of_float32():
 
 
 @pytest.mark.slow
-def test_many_rows_over_a_bf16_cache_attend_through_the_kernel_within_bf16_tolerance(attention_kernel_calls):
-    """From CPU_MANY_ROWS slots x heads a bf16 cache decodes through nanoseek's attention kernel, eagerly and
-    compiled, and for MLA's cache (the values inside the keys): each greedy token's log-prob within bf16's
-    tolerance of the float32 model's in the same context. Fewer slots keep the engine's own attention."""
+def test_a_bf16_cache_attends_through_the_kernel_within_bf16_tolerance(attention_kernel_calls):
+    """A bf16 cache decodes through nanoseek's attention kernel, eagerly and compiled, many slots or few, and for
+    MLA's cache (the values inside the keys): each greedy token's log-prob within bf16's tolerance of the float32
+    model's in the same context."""
     from nanoseek.engine.twin import rollout_policy
 
     mla = dict(attn_type="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8)
@@ -479,19 +480,24 @@ def test_many_rows_over_a_bf16_cache_attend_through_the_kernel_within_bf16_toler
             with attention_kernel_calls() as calls:
                 results = engine.generate(prompts, params)
             assert engine.cache.kernel_attention and calls and engine.n_slots * model.cfg.n_heads >= CPU_MANY_ROWS
-            few = Engine(twin, max_batch=8, compile=False)
-            few.generate(prompts[:1], params)
-            assert not few.cache.kernel_attention
+            few = Engine(twin, max_batch=2, compile=compile_)
+            with attention_kernel_calls() as calls:
+                alone = few.generate(prompts[:1], params)
+            assert few.cache.kernel_attention and calls and alone[0][0].token_ids == results[0][0].token_ids
         want = [float32_logprobs(model, p, c.token_ids) for p, [c] in zip(prompts, results)]
         errors = torch.cat([(torch.tensor(c.logprobs) - w).abs() for w, [c] in zip(want, results)])
         assert errors.max() < BF16_LOGPROB_MAX and errors.mean() < BF16_LOGPROB_MEAN, (name, compile_, errors)
 
 
-def test_the_twin_caches_keys_in_its_16bit_dtype_with_the_float32_cache_outputs():
+def test_the_twin_caches_keys_in_its_16bit_dtype_with_the_float32_cache_outputs(monkeypatch):
     """RL's twin decodes under bf16 autocast, where the attention matmuls read the cache in bf16 anyway: its
     engine caches in bf16 (half the bytes, no cast of the cache at every layer), with the tokens and log-probs
-    of a float32 cache. The plain float32 model keeps a float32 cache."""
+    of a float32 cache. The plain float32 model keeps a float32 cache (the suite runs with NANOSEEK_CPU_BF16=0).
+    Both through the engine's own attention: nanoseek's kernel, which a bf16 cache takes where it applies, sums in
+    another order (its tolerance: `test_a_bf16_cache_attends_through_the_kernel_within_bf16_tolerance`)."""
     from nanoseek.engine.twin import rollout_policy
+
+    monkeypatch.setattr(cache_module, "KERNEL_ATTENTION", False)
 
     model = build("tiny", init_std=0.05)
     twin = rollout_policy(model, torch.bfloat16)
@@ -509,12 +515,14 @@ def test_the_twin_caches_keys_in_its_16bit_dtype_with_the_float32_cache_outputs(
 def test_a_long_prefill_autocasts_to_bf16_within_tolerance_of_float32(monkeypatch):
     """A prefill chunk of PREFILL_BF16_MIN_TOKENS or more through a float32 model runs its matmuls in bf16 on a
     CPU with native bf16: the first tokens' log-probs and the cached keys and values move (so every later token's
-    log-prob does), within the bf16 tolerance of the float32 model's; a shorter chunk stays float32 exactly."""
+    log-prob does), within the bf16 tolerance of the float32 model's; a shorter chunk stays float32 exactly (the KV
+    cache float32 too: nanoseek's attention kernel, for which it would be bf16, off)."""
     from nanoseek import precision
 
     model = build("tiny-moe", init_std=0.05)
     params = SamplingParams(max_new_tokens=8, temperature=0)
     monkeypatch.setattr(precision, "cpu_bf16", lambda: True)
+    monkeypatch.setattr(cache_module, "KERNEL_ATTENTION", False)
     long, short = prompts_of([300, 40, 120], seed=7), prompts_of([30, 40], seed=8)  # 3 x 300 and 2 x 40 padded
     assert 2 * 40 < precision.PREFILL_BF16_MIN_TOKENS <= 3 * 300
     for prompts, bf16 in ((long, True), (short, False)):
@@ -552,13 +560,20 @@ def test_precision_rule_bf16_where_native_and_the_weights_outgrow_the_cache(monk
     assert precision.inference_dtype("cuda", 1000) == torch.bfloat16
     assert "32 MiB" in precision.describe_inference("cpu", torch.float32)
     # The KV cache: bf16 for a float32 model whose float32 cache outgrows the CPU cache; other models keep theirs.
+    # And for any float32 model's cache where nanoseek's decode attention kernel reads it.
     assert precision.kv_cache_dtype("cpu", torch.float32, 32 * 2**20) == torch.float32
     assert precision.kv_cache_dtype("cpu", torch.float32, 32 * 2**20 + 1) == torch.bfloat16
-    assert precision.kv_cache_dtype("cpu", torch.float64, 2**40) == torch.float64
+    assert precision.kv_cache_dtype("cpu", torch.float32, 1, bf16_attention=True) == torch.bfloat16
+    assert precision.kv_cache_dtype("cpu", torch.float64, 2**40, bf16_attention=True) == torch.float64
     assert precision.kv_cache_dtype("cuda", torch.float32, 1) == torch.bfloat16
+    assert "KV caches (nanoseek's decode attention" in precision.describe_inference("cpu", torch.float32, True)
     model = build("tiny")  # 2 KiB of float32 keys and values a token: 64 sequences of 320 tokens are 40 MiB
+    monkeypatch.setattr(cache_module, "KERNEL_ATTENTION", False)  # the cache-size rule alone
     assert Engine(model, max_batch=64, max_seq_len=320).kv_dtype == torch.bfloat16
     assert Engine(model, max_batch=16, max_seq_len=320).kv_dtype == torch.float32
+    monkeypatch.setattr(cache_module, "KERNEL_ATTENTION", True)
+    kernel = cpu_kernel.attention_available()
+    assert Engine(model, max_batch=16, max_seq_len=320).kv_dtype == (torch.bfloat16 if kernel else torch.float32)
     # The prefill: bf16 autocast for a float32 model's chunks of PREFILL_BF16_MIN_TOKENS tokens or more, on the CPU.
     n = precision.PREFILL_BF16_MIN_TOKENS
     assert precision.prefill_dtype("cpu", torch.float32, n - 1) is None

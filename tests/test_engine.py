@@ -723,8 +723,10 @@ def test_rl_engine_twin_with_16_bit_matmul_weights_decodes_bit_identically_under
     shared) gives the engine the float32 policy's exact tokens and log-probs, and stays so after an
     optimizer step once synced. CPU autocast stands in for CUDA's here, so the CPU-only rule that keeps experts
     with little work in float32 (moe._experts_dtype, and through the float32 kernel moe._FLOAT32_KERNEL_MIN_MACS,
-    which the twin does not follow) is off."""
+    which the twin does not follow) is off, and so is nanoseek's CPU attention kernel, which the twin's bf16 cache
+    would take and the policy's float32 cache (the suite runs with NANOSEEK_CPU_BF16=0) would not."""
     monkeypatch.setattr("nanoseek.model.moe._CPU_BF16_MIN_MACS", 0)
+    monkeypatch.setattr("nanoseek.engine.cache.KERNEL_ATTENTION", False)
     monkeypatch.setattr("nanoseek.model.moe._FLOAT32_KERNEL_MIN_MACS", 0)
     model = build(name).train()
     twin = rollout_policy(model, torch.bfloat16)

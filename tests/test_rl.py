@@ -492,10 +492,12 @@ def test_rl_with_a_16_bit_engine_twin_trains_exactly_as_without_it(tmp_path, mon
 
     monkeypatch.setattr(run_module, "autocast_dtype", lambda device: torch.bfloat16)  # autocast() on CPU too
     # CPU only: experts with little work stay float32 under autocast (moe._experts_dtype, and through the float32
-    # kernel moe._FLOAT32_KERNEL_MIN_MACS), which the twin's bf16 weights do not follow; off here, where the CPU
-    # stands in for CUDA.
+    # kernel moe._FLOAT32_KERNEL_MIN_MACS), which the twin's bf16 weights do not follow, and a bf16 cache (the
+    # twin's) attends through nanoseek's kernel, a float32 one (the policy's) not; off here, where the CPU stands in
+    # for CUDA.
     monkeypatch.setattr(moe_module, "_CPU_BF16_MIN_MACS", 0)
     monkeypatch.setattr(moe_module, "_FLOAT32_KERNEL_MIN_MACS", 0)
+    monkeypatch.setattr("nanoseek.engine.cache.KERNEL_ATTENTION", False)
     ckpt = tiny_checkpoint(tmp_path / "sft")
     syncs = []
     real_sync = parallel_module.sync_rollout_policy

@@ -40,17 +40,25 @@ from nanoseek.model import cpu_kernel
 from nanoseek.model.transformer import Transformer
 
 CPU_MANY_ROWS = 256
-"""A CPU cache of this many slots x query heads decodes with nanoseek's kernel where it applies (a bf16 cache, the
-kernel built: `KVCache.kernel_attention`), else eagerly with plain matmul attention (`KVCache.matmul_attention`; a
-compiled step sums instead, `_summed_attention`). Decided per cache, not per step. Matmul attention, measured when
-the compiled step used it too: tiny at 512 rows 9.3 ms against SDPA's 12.6, at 64 rows 1.47 against 1.78; at 8 and
-2 rows SDPA's kernel was 7-12% faster (docs/LOG.md, 2026-12-02). The kernel against the compiled step's summed
-attention, whole decode calls interleaved in one process (docs/LOG.md, 2026-12-04, twenty-seventh session): tiny at
-512 rows (RL's rollouts) 1.18x, at 64 rows 1.25x (eagerly against matmul attention 1.20x), tiny-moe at 32 rows
-0.89-0.96x and small at 8 rows 0.98x, where the call's own cost (~20 us) outweighs the loops it saves."""
+"""A CPU cache of this many slots x query heads that nanoseek's kernel does not read decodes eagerly with plain matmul
+attention (`KVCache.matmul_attention`; a compiled step sums instead, `_summed_attention`). Decided per cache, not per
+step. Matmul attention, measured when the compiled step used it too: tiny at 512 rows 9.3 ms against SDPA's 12.6, at
+64 rows 1.47 against 1.78; at 8 and 2 rows SDPA's kernel was 7-12% faster (docs/LOG.md, 2026-12-02).
+
+A bf16 CPU cache attends through the kernel wherever it applies (`KVCache.kernel_attention`), at any number of rows:
+as a C++ operation, against the compiled step's summed attention over a float32 cache, whole decode calls alternated
+in one process, tiny at 1 / 8 / 16 / 32 sequences 1.06x / 1.10x / 1.15x / 1.23x, tiny-moe at 16 / 32 1.08x / 1.13x,
+`small` (bf16) at 8 1.06x, with the same greedy tokens (docs/LOG.md, 2026-12-05, thirty-third session); as a Python
+operation (~20 us a call more) it had lost below 256 rows."""
 
 KERNEL_ATTENTION = True
 """Set to False to keep the engine's own attention paths where the CPU kernel would apply (benchmarks compare both)."""
+
+
+def bf16_for_the_kernel(device: torch.device | str) -> bool:
+    """Whether an engine on `device` makes a float32 model's cache bf16 so that it attends through nanoseek's CPU
+    kernel (`precision.kv_cache_dtype`): KERNEL_ATTENTION, and `cpu_kernel.attention_applies`."""
+    return KERNEL_ATTENTION and cpu_kernel.attention_applies(device)
 
 
 class KVCache:
@@ -105,7 +113,8 @@ class KVCache:
     ) -> KVCache:
         layout = model.cache_layout()
         many_rows = torch.device(device).type == "cpu" and n_slots * model.cfg.n_heads >= CPU_MANY_ROWS
-        kernel = many_rows and dtype == torch.bfloat16 and KERNEL_ATTENTION and cpu_kernel.attention_available()
+        kernel = dtype == torch.bfloat16 and KERNEL_ATTENTION and torch.device(device).type == "cpu"
+        kernel = kernel and cpu_kernel.attention_available()
         return cls(
             model.cfg.n_layers,
             n_slots,

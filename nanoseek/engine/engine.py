@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from nanoseek import precision
 from nanoseek.engine import compiled
-from nanoseek.engine.cache import KVCache
+from nanoseek.engine.cache import KVCache, bf16_for_the_kernel
 from nanoseek.engine.cuda_graphs import DecodeGraphs
 from nanoseek.engine.requests import (
     Completion,
@@ -68,7 +68,8 @@ class Engine(MultiTurn):
     kv_cache_gb: KV budget in GiB; default: kv_cache_fraction of the free GPU memory on CUDA,
     min(2 GiB, a quarter of the available RAM) on CPU. Only what max_batch slots need is allocated.
     kv_dtype: default `precision.kv_cache_dtype`: bfloat16 on CUDA, and on a CPU with native bf16 for a float32
-    model whose float32 cache for max_batch sequences would outgrow the CPU's last-level cache; elsewhere the dtype
+    model where nanoseek's decode attention applies (`engine.cache.bf16_for_the_kernel`) or whose float32 cache
+    for max_batch sequences would outgrow the CPU's last-level cache; elsewhere the dtype
     of the model's output-layer weight (the model's dtype; 16-bit for a twin from `engine.twin.rollout_policy`,
     which decodes under autocast).
     eos_ids: ids that end a sequence unless ignore_eos (default: the tokenizer's stop_ids).
@@ -108,7 +109,9 @@ class Engine(MultiTurn):
         # (engine/twin.py) its 16-bit copies'. Under autocast a float32 cache is what every step's attention
         # matmuls would cast (and, for the keys, transpose) in full at each layer: the same values, read twice.
         float32_bytes = max_batch * KVCache.bytes_per_slot(model, self.max_seq_len, torch.float32)
-        self.kv_dtype = kv_dtype or precision.kv_cache_dtype(self.device, model.output_weight.dtype, float32_bytes)
+        self.kv_dtype = kv_dtype or precision.kv_cache_dtype(
+            self.device, model.output_weight.dtype, float32_bytes, bf16_for_the_kernel(self.device)
+        )
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_ids = list(eos_ids) if eos_ids is not None else list(tokenizer.stop_ids if tokenizer else [])
         self.detokenize = detokenize or (tokenizer.decode if tokenizer is not None else None)
