@@ -19,12 +19,12 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <optional>
-#include <vector>
 
 #include "vector_exp.h"  // exp16: the softmax's
 
-// After the includes: only the functions defined here take the target, never a library template instantiated here.
+// After the includes: only the functions defined below take the target.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 
@@ -116,13 +116,16 @@ static inline void weighted_rows(const uint16_t* values, int64_t vl, int64_t n, 
 // slots[b] (row b where slots is null). Query row r is the step's token t = r % T, which sees keys
 // 0..min(pos[b, t], L - 1).
 static void attention_bf16(const uint16_t* q, const uint16_t* K, int64_t ks, int64_t kh, int64_t kl,
-                           const uint16_t* V, int64_t vs, int64_t vh, int64_t vl, const int64_t* slots, const int64_t* pos, int64_t B, int64_t Hkv, int64_t R, int64_t T,
-                           int64_t L, int64_t dk, int64_t dv, float scale, uint16_t* out, int threads) {
+                           const uint16_t* V, int64_t vs, int64_t vh, int64_t vl, const int64_t* slots,
+                           const int64_t* pos, int64_t B, int64_t Hkv, int64_t R, int64_t T, int64_t L, int64_t dk,
+                           int64_t dv, float scale, uint16_t* out, int threads) {
   const int64_t dk32 = (dk + 31) / 32, Lpad = (L + 15) / 16 * 16;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> probs(R * Lpad);  // row r's scores, then its probabilities, zero past its last key
-    std::vector<int64_t> seen(R);        // how many keys row r sees
+    // Row r's scores, then its probabilities, zero past its last key; how many keys row r sees. By malloc, not in
+    // std::vectors: no library template is instantiated under this file's target pragma.
+    float* probs = static_cast<float*>(std::malloc(sizeof(float) * R * Lpad));
+    int64_t* seen = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * R));
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * Hkv; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv, s = slots ? slots[b] : b;
@@ -139,7 +142,7 @@ static void attention_bf16(const uint16_t* q, const uint16_t* K, int64_t ks, int
       // Scores, 16 keys at a time, one query row after another (the keys stay in the core's cache between them).
       for (int64_t r = 0; r < R; ++r) {
         const uint16_t* qr = qs + r * dk;
-        float* row = probs.data() + r * Lpad;
+        float* row = probs + r * Lpad;
         for (int64_t j = 0; j < most; j += 16) {
           const int64_t n = most - j;
           switch (dk32) {
@@ -153,7 +156,7 @@ static void attention_bf16(const uint16_t* q, const uint16_t* K, int64_t ks, int
       }
       // Softmax of each row over the keys it sees; zero past them (the weighted sum runs to `most`).
       for (int64_t r = 0; r < R; ++r) {
-        float* row = probs.data() + r * Lpad;
+        float* row = probs + r * Lpad;
         const int64_t n = seen[r];
         __m512 top = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < n; j += 16) top = _mm512_mask_max_ps(top, first16(n - j), top, _mm512_loadu_ps(row + j));
@@ -171,7 +174,7 @@ static void attention_bf16(const uint16_t* q, const uint16_t* K, int64_t ks, int
       }
       // The weighted sum, up to 4 rows per pass over the values.
       for (int64_t r0 = 0; r0 < R; r0 += 4) {
-        const float* rows = probs.data() + r0 * Lpad;
+        const float* rows = probs + r0 * Lpad;
         switch (R - r0 < 4 ? R - r0 : 4) {
           case 1: weighted_rows<1>(values, vl, most, rows, Lpad, dv, o + r0 * dv); break;
           case 2: weighted_rows<2>(values, vl, most, rows, Lpad, dv, o + r0 * dv); break;
@@ -180,6 +183,8 @@ static void attention_bf16(const uint16_t* q, const uint16_t* K, int64_t ks, int
         }
       }
     }
+    std::free(probs);
+    std::free(seen);
   }
 }
 #pragma GCC pop_options
@@ -203,17 +208,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   ok = ok && (slots.has_value() ? slots->dim() == 1 && slots->size(0) == q.size(0) : q.size(0) <= keys.size(0));
   ok = ok && 0 < kv_len && kv_len <= keys.size(2) && positions.size(0) == q.size(0) && positions.size(1) > 0 &&
        q.size(2) % positions.size(1) == 0;
-  TORCH_CHECK_VALUE(ok, "cpu_kernel.decode_attention: q ", q.scalar_type(), " ", q.sizes(), ", keys ", keys.scalar_type(),
-                    " ", keys.sizes(), ", values ", values.scalar_type(), " ", values.sizes(), ", positions ",
-                    positions.scalar_type(), " ", positions.sizes(), ", kv_len ", kv_len);
+  TORCH_CHECK_VALUE(ok, "cpu_kernel.decode_attention: q ", q.scalar_type(), " ", q.sizes(), ", keys ",
+                    keys.scalar_type(), " ", keys.sizes(), ", values ", values.scalar_type(), " ", values.sizes(),
+                    ", positions ", positions.scalar_type(), " ", positions.sizes(), ", kv_len ", kv_len);
   const int64_t B = q.size(0), Hkv = q.size(1), R = q.size(2), dk = q.size(3), dv = values.size(3);
   const at::Tensor qc = q.contiguous(), pc = positions.contiguous();
-  const std::optional<at::Tensor> sc = slots ? std::optional<at::Tensor>(slots->to(at::kLong).contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> sc =
+      slots ? std::optional<at::Tensor>(slots->to(at::kLong).contiguous()) : std::nullopt;
   at::Tensor out = at::empty({B, Hkv, R, dv}, q.options());
   if (B > 0)
-    attention_bf16(reinterpret_cast<const uint16_t*>(qc.data_ptr()), reinterpret_cast<const uint16_t*>(keys.data_ptr()),
-                   keys.stride(0), keys.stride(1), keys.stride(2), reinterpret_cast<const uint16_t*>(values.data_ptr()),
-                   values.stride(0), values.stride(1), values.stride(2), sc ? sc->data_ptr<int64_t>() : nullptr,
+    attention_bf16(reinterpret_cast<const uint16_t*>(qc.data_ptr()),
+                   reinterpret_cast<const uint16_t*>(keys.data_ptr()), keys.stride(0), keys.stride(1), keys.stride(2),
+                   reinterpret_cast<const uint16_t*>(values.data_ptr()), values.stride(0), values.stride(1),
+                   values.stride(2), sc ? sc->data_ptr<int64_t>() : nullptr,
                    pc.data_ptr<int64_t>(), B, Hkv, R, pc.size(1), kv_len, dk, dv, static_cast<float>(scale),
                    reinterpret_cast<uint16_t*>(out.data_ptr()), at::get_num_threads());
   return out;
