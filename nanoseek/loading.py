@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from nanoseek import precision
+from nanoseek.engine.cache import bf16_for_the_kernel
 from nanoseek.errors import InputError, missing
 from nanoseek.interop.hf import load_hf_model
 from nanoseek.interop.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapters, read_adapter_config
-from nanoseek.model import Transformer, cpu_kernel, load_model
+from nanoseek.model import Transformer, load_model
 from nanoseek.model.linear import describe_packing
 from nanoseek.tokenizer import Tokenizer
 
@@ -120,15 +121,17 @@ def load_for_inference(
     """`load_checkpoint` for decoding (generate, chat, serve, eval): with `dtype` None on a CPU the model loads in
     float32 and is cast to `precision.inference_dtype`'s choice for its size (bf16 on a CPU with native bf16 once
     the float32 weights outgrow its cache; the benchmarks' choice too). Returns (model, tokenizer, line): the line
-    says so when that cast happened, to print at the start; '' otherwise."""
+    says so when that cast happened, or when float32 weights decode over bf16 KV caches (nanoseek's CPU attention
+    reads them: `engine.cache.bf16_for_the_kernel`), to print at the start; '' otherwise."""
     device = pick_device(device) if isinstance(device, str) else device
     model, tokenizer = load_checkpoint(path, device, dtype)
     if dtype is not None or device.type != "cpu":
         return model, tokenizer, ""
     chosen = precision.inference_dtype(device, model.num_params())  # needs the parameter count: after the load
-    if chosen == torch.float32:
+    if chosen != torch.float32:
+        model.to(chosen)
+    elif not bf16_for_the_kernel(device):  # float32 throughout: nothing to say
         return model, tokenizer, ""
-    model.to(chosen)
     return model, tokenizer, describe_precision(model, device, "auto")
 
 
@@ -136,8 +139,7 @@ def describe_precision(model: Transformer, device: torch.device, how: str) -> st
     """The line a command or benchmark prints at its start: the model's dtype, why (`how`: auto or the flag that
     set it), and whether its bf16 weights multiply through prepacked copies."""
     packing = describe_packing(model)
-    bf16_attention = cpu_kernel.attention_applies(device)
-    line = precision.describe_inference(device, model.output_weight.dtype, bf16_attention) + f" ({how})"
+    line = precision.describe_inference(device, model.output_weight.dtype, bf16_for_the_kernel(device)) + f" ({how})"
     return f"{line}; {packing}" if packing else line
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nanoseek.engine import Engine, KVCache, SamplingParams
+from nanoseek.engine.cache import bf16_for_the_kernel
 from nanoseek.engine.cuda_graphs import batch_buckets, kv_len_bucket
 from nanoseek.engine.twin import rollout_policy, sync_rollout_policy
 from nanoseek.model import ModelConfig, Transformer, get_preset, save_model
@@ -501,8 +502,12 @@ def test_cli_dtype_auto_follows_the_precision_rule(checkpoint, monkeypatch, caps
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert "precision: bfloat16" in err and "(auto)" in err
     assert torch.equal(model.output_weight, reference.output_weight.to(torch.bfloat16))  # a cast, nothing more
-    model, err = load("auto", 4 * n_params)  # they fit: float32, nothing said
-    assert {p.dtype for p in model.parameters()} == {torch.float32} and err == ""
+    model, err = load("auto", 4 * n_params)  # they fit: float32, said only where the KV caches are bf16 for our kernel
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    if bf16_for_the_kernel("cpu"):
+        assert "precision: float32" in err and "bf16 KV caches (nanoseek's decode attention reads them)" in err
+    else:
+        assert err == ""
     model, err = load("float32", 1)  # an explicit dtype stands
     assert {p.dtype for p in model.parameters()} == {torch.float32} and err == ""
     monkeypatch.setattr(precision, "cpu_bf16", lambda: False)  # no native bf16: float32 at any size
