@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nanoseek import precision
 from nanoseek.model import cpu_kernel
 from nanoseek.model.transformer import Transformer
 
@@ -57,8 +58,10 @@ KERNEL_ATTENTION = True
 
 def bf16_for_the_kernel(device: torch.device | str) -> bool:
     """Whether an engine on `device` makes a float32 model's cache bf16 so that it attends through nanoseek's CPU
-    kernel (`precision.kv_cache_dtype`): KERNEL_ATTENTION, and `cpu_kernel.attention_applies`."""
-    return KERNEL_ATTENTION and cpu_kernel.attention_applies(device)
+    kernel (`precision.kv_cache_dtype`): KERNEL_ATTENTION, a CPU whose bf16 rules are on (`precision.cpu_bf16`: not
+    NANOSEEK_CPU_BF16=0), and the kernel available there."""
+    cpu = torch.device(device).type == "cpu"
+    return KERNEL_ATTENTION and cpu and precision.cpu_bf16() and cpu_kernel.attention_available()
 
 
 class KVCache:

@@ -183,12 +183,6 @@ def attention_available() -> bool:
     return USE and _applies() and float32_available()
 
 
-def attention_applies(device: torch.device | str) -> bool:
-    """Whether an engine on `device` decodes through `decode_attention`, its KV cache bf16 for it: a CPU whose bf16
-    rules are on (`precision.cpu_bf16`: not NANOSEEK_CPU_BF16=0) where the attention is available."""
-    return torch.device(device).type == "cpu" and precision.cpu_bf16() and attention_available()
-
-
 @functools.cache
 def _has_amx() -> bool:  # read once: every eager bf16 product asks `products_available`
     return precision.cpu_bf16_instructions() == "AMX"
@@ -403,7 +397,6 @@ __all__ = [
     "FLOAT32_MAX_ROWS",
     "USE",
     "Kernels",
-    "attention_applies",
     "attention_available",
     "available",
     "decode_attention",
