@@ -24,7 +24,7 @@ whose float32 cache would not fit in the last-level cache, for the same reason: 
 and values of every running sequence from memory (the tiny preset, 64 sequences of 320 tokens: 1.17-1.26x the
 tokens/s of a float32 cache; at one sequence, 4% fewer). Attention still sums in float32 (docs/LOG.md,
 2026-12-02, tenth session). And bf16 for any float32 model's cache where nanoseek's decode attention kernel applies
-(`model.cpu_kernel.attention_available`; it reads a bf16 cache): as a C++ operation it beats the compiled step's own
+(`engine.cache.bf16_for_the_kernel`; it reads a bf16 cache): as a C++ operation it beats the compiled step's own
 attention over a float32 cache at every batch measured, 1.06x at one sequence of tiny, 1.10-1.23x at 8-64 of tiny
 and tiny-moe (docs/LOG.md, 2026-12-05, thirty-third session).
 
@@ -127,7 +127,7 @@ def kv_cache_dtype(
 ) -> torch.dtype:
     """The dtype of an engine's KV cache for a model of `model_dtype` whose cache would take float32_bytes in
     float32, `bf16_attention` saying whether nanoseek's CPU decode attention applies here (the caller asks
-    `model.cpu_kernel.attention_available()`: this module is a leaf); see the module docstring."""
+    `engine.cache.bf16_for_the_kernel`: this module is a leaf); see the module docstring."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16
