@@ -22,10 +22,10 @@ Models (--presets, comma-separated):
 Precisions (--precisions): `amp` = float32 weights and optimizer under the autocast of the nanoseek trainer
 (`nanoseek.precision`: bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, none elsewhere, where `amp` is plain
 float32), for both sides (transformers' Trainer with bf16=True autocasts the same way). `bf16` = bf16 weights
-and AdamW states, no autocast. The JSON says per run whether nanoseek's MoE
-layers took the grouped-GEMM kernel (`moe_grouped_kernel`: on CUDA it needs bf16 activations at the MoE
-input; on CPU training always takes the padded bmm, `nanoseek.model.moe._kernel_ok`) and
-which experts implementation transformers used.
+and AdamW states, no autocast. The JSON says per run how nanoseek's first MoE layer ran its routed experts
+(`moe_experts`: "grouped kernel", torch._grouped_mm, on CUDA with bf16 activations at the MoE input; "float32
+kernel", nanoseek's CPU forward and backward operations, `MoE.uses_float32_kernel`; else "padded bmm"), in which
+dtype (`moe_input_dtype`), and which experts implementation transformers used.
 
 The process keeps freed memory for reuse, as the `nanoseek` command does (`nanoseek.host`: glibc's thresholds,
 process-wide, so for both sides; `malloc_keeps_freed` in the JSON).
@@ -167,19 +167,22 @@ def build_hf(seq_len: int, quick: bool, device: torch.device, experts_impl: str 
 
 
 def moe_input_probe(model: torch.nn.Module) -> dict:
-    """Records the dtype reaching the first nanoseek MoE layer and whether its experts take the grouped kernel
-    (on CUDA it needs bf16 there; on CPU only decoding takes it)."""
+    """Records how the first nanoseek MoE layer runs its routed experts and in which dtype."""
     seen: dict = {}
     layers = moe_mod.moe_layers(model)
     if layers:
 
         def hook(module, args):
             x = args[0]
+            flat = x.reshape(-1, x.shape[-1])
             dtype = x.dtype
             if torch.is_autocast_enabled(x.device.type):  # the experts cast to the autocast dtype
                 dtype = torch.get_autocast_dtype(x.device.type)
-            seen["dtype"] = dtype
-            seen["kernel"] = module.uses_grouped_kernel(x.reshape(-1, x.shape[-1]), dtype)
+            if module.uses_float32_kernel(flat, module.cfg.top_k):
+                seen.update(dtype=x.dtype, experts="float32 kernel")
+            else:
+                grouped = module.uses_grouped_kernel(flat, dtype)
+                seen.update(dtype=dtype, experts="grouped kernel" if grouped else "padded bmm")
 
         layers[0].register_forward_pre_hook(hook)
     return seen
@@ -292,7 +295,8 @@ def run_one(model_name: str, impl: str, precision: str, args, device: torch.devi
     )
     if probe:
         row["moe_input_dtype"] = str(probe["dtype"]).removeprefix("torch.")
-        row["moe_grouped_kernel"] = bool(probe["kernel"])
+        row["moe_experts"] = probe["experts"]
+        row["moe_grouped_kernel"] = probe["experts"] == "grouped kernel"
     if args.profile:
         row["profile"] = profile_step(partial(step, args.warmup + args.steps), device, args.profile, median)
         print_profile(f"{model_name} {impl} {precision}", row["profile"])
@@ -373,10 +377,8 @@ def print_table(rows: list[dict]) -> None:
         mfu = f"{100 * r['mfu']:6.1f}%" if r.get("mfu") is not None else "      -"
         mem = f"{r['peak_mem_gb']:9.2f}" if r.get("peak_mem_gb") is not None else "        -"
         notes = []
-        if "moe_grouped_kernel" in r:
-            notes.append(
-                f"moe in {r['moe_input_dtype']}, " + ("grouped kernel" if r["moe_grouped_kernel"] else "padded bmm")
-            )
+        if "moe_experts" in r:
+            notes.append(f"moe in {r['moe_input_dtype']}, {r['moe_experts']}")
         if r.get("experts_implementation"):
             notes.append(f"experts={r['experts_implementation']}")
         if not r["finite"]:

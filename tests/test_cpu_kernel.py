@@ -438,6 +438,58 @@ def test_float32_experts_against_a_float64_loop(tokens, k, experts, hidden, widt
 
 
 @needs_float32
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("tokens", "k", "experts", "hidden", "width"),
+    [(1, 1, 4, 16, 16), (21, 2, 8, 96, 128), (37, 3, 5, 32, 48), (128, 8, 64, 32, 64)],
+)
+def test_float32_experts_gradients_against_float64_autograd(tokens, k, experts, hidden, width, threads):
+    """With gradients on, `float32_experts` runs its training operations: the output and the gradients of the rows,
+    the gate weights and the three expert weights (zero for the expert no copy chose) within float32 rounding of
+    autograd through the float64 loop; the rows' own gradient as well through a second use of them."""
+    g = torch.Generator().manual_seed(tokens + 1)
+    w1, w3 = (torch.randn(experts, hidden, width, generator=g) / width**0.5 for _ in range(2))
+    w2 = torch.randn(experts, width, hidden, generator=g) / hidden**0.5
+    x, weights = torch.randn(tokens, width, generator=g), torch.rand(tokens, k, generator=g)
+    ids = torch.randint(0, experts - 1, (tokens, k), generator=g)
+    ids[: tokens // 2, 0] = 0
+    grad = torch.randn(tokens, width, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w3, w2)]
+    wide = [t.double().requires_grad_() for t in (x, weights, w1, w3, w2)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernel.float32_experts(leaves[0], ids, *leaves[1:])
+        (got * grad + leaves[0] ** 2).sum().backward()
+    finally:
+        torch.set_num_threads(previous)
+    want = cpu_kernel.experts_float64(wide[0], ids, *wide[1:])
+    (want * grad.double() + wide[0] ** 2).sum().backward()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("x", "weights", "w1", "w3", "w2"), leaves, wide, strict=True):
+        assert a.grad.dtype == torch.float32, name
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert not leaves[2].grad[experts - 1].any() and not leaves[4].grad[experts - 1].any()
+
+
+@needs_float32
+def test_float32_experts_training_operations_refuse_what_they_cannot_read():
+    """The backward checks what the forward kept: a wrong saved shape is one error, not a read out of bounds."""
+    w1, w3, w2 = f32(4, 16, 32, seed=0), f32(4, 16, 32, seed=1), f32(4, 32, 16, seed=2)
+    x, ids, weights = f32(3, 32, seed=3), torch.tensor([[0, 1], [2, 3], [1, 1]]), f32(3, 2, seed=4)
+    out, gate, up, ys = torch.ops.nanoseek.float32_experts_train.default(x, ids, weights, w1, w3, w2)
+    assert gate.shape == up.shape == (6, 16) and ys.shape == (6, 32)
+    backward = torch.ops.nanoseek.float32_experts_backward.default
+    backward(out, x, ids, weights, w1, w3, w2, gate, up, ys)  # what it takes
+    with pytest.raises(RuntimeError, match=r"gate and up \[N \* k, F\]"):
+        backward(out, x, ids, weights, w1, w3, w2, gate[:5], up[:5], ys)
+    with pytest.raises(RuntimeError, match=r"grad \[N, D\]"):
+        backward(out[:, :16], x, ids, weights, w1, w3, w2, gate, up, ys)
+    with pytest.raises(RuntimeError, match="out of range for 4 experts"):
+        backward(out, x, ids + 1, weights, w1, w3, w2, gate, up, ys)
+
+
+@needs_float32
 def test_float32_experts_refuses_what_it_cannot_read():
     w1, w3, w2 = f32(4, 16, 32, seed=0), f32(4, 16, 32, seed=1), f32(4, 32, 16, seed=2)
     x, ids, weights = f32(3, 32, seed=3), torch.tensor([[0, 1], [2, 3], [1, 1]]), f32(3, 2, seed=4)

@@ -768,8 +768,9 @@ def test_module_to_bf16_keeps_router_buffers_float32():
 @pytest.mark.skipif(not cpu_kernel.float32_available(), reason="nanoseek's float32 CPU kernel does not apply here")
 def test_float32_moe_runs_its_experts_through_the_kernel_where_it_applies(monkeypatch):
     """A float32 CPU pass without gradients (eager, compiled, under bf16 autocast) runs the routed experts as one
-    `cpu_kernel.float32_experts` call, equal to the per-token float64 loop to float32 rounding; gradients on, widths
-    not in multiples of 16, a float64 layer or FLOAT32_EXPERTS off: the other paths."""
+    `cpu_kernel.float32_experts` call, equal to the per-token float64 loop to float32 rounding; so does an eager
+    pass with gradients (the next test checks those); widths not in multiples of 16, a float64 layer or
+    FLOAT32_EXPERTS off: the other paths."""
     calls = []
     real = cpu_kernel.float32_experts
     monkeypatch.setattr(cpu_kernel, "float32_experts", lambda *a: calls.append(1) or real(*a))
@@ -792,8 +793,47 @@ def test_float32_moe_runs_its_experts_through_the_kernel_where_it_applies(monkey
         assert len(calls) == 3
     torch._dynamo.reset()
     monkeypatch.setattr(moe_mod, "FLOAT32_EXPERTS", True)
-    m(x).sum().backward()  # gradients: sorted, through `experts`
+    m(x).sum().backward()  # gradients, eager: the kernel's training operations
+    assert len(calls) == 4
     with torch.no_grad():
         m.double()(x.double())
         float64_moe(moe_d_ff=12).float()(x)  # 12 wide: not the kernel's
-    assert len(calls) == 3
+    assert len(calls) == 4
+
+
+@pytest.mark.skipif(not cpu_kernel.float32_available(), reason="nanoseek's float32 CPU kernel does not apply here")
+@pytest.mark.parametrize("kw", MOE_VARIANTS)
+def test_float32_moe_trains_through_the_kernel(kw, monkeypatch):
+    """An eager float32 CPU pass with gradients runs the routed experts through the kernel's forward and backward:
+    the output and every gradient (the rows', the router's through the gate weights, the experts') within float32
+    rounding of autograd through the per-token float64 loop. Under bf16 autocast it does only below
+    `_FLOAT32_TRAIN_MAX_MACS` per expert; a compiled training step keeps the padded path."""
+    calls = []
+    real = cpu_kernel.float32_experts
+    monkeypatch.setattr(cpu_kernel, "float32_experts", lambda *a: calls.append(1) or real(*a))
+    m = float64_moe(moe_d_ff=16, **kw)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    wide = x.clone().requires_grad_()
+    params = list(m.parameters())
+    ref = naive_moe(m, wide.view(-1, 16)).view(2, 9, 16)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), [wide, *params], allow_unused=True)
+    m.float()
+    narrow = x.float().requires_grad_()
+    out = m(narrow)
+    grads = torch.autograd.grad(out.pow(2).sum(), [narrow, *params], allow_unused=True)
+    assert len(calls) == 1
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        if r is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6 * r.abs().max().item())  # float32's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(narrow).float().sum().backward()
+        assert len(calls) == 2  # 18 copies of 16 x 16: little work per expert
+        monkeypatch.setattr(moe_mod, "_FLOAT32_TRAIN_MAX_MACS", 0)
+        m(narrow).float().sum().backward()
+        assert len(calls) == 2
+    torch._dynamo.reset()
+    torch.compile(m, backend="eager")(narrow).sum().backward()
+    assert len(calls) == 2

@@ -1,6 +1,7 @@
 """Our CPU kernels, for the decode step on a CPU with AVX-512 BF16: a few rows times a bf16 weight (`few_rows.cpp`)
 and attention over a bf16 KV cache (`decode_attention.cpp`); and on any CPU with AVX-512, rows times float32 weights
-(`float32_rows.cpp`, the last paragraph; the attention is built into that library).
+(`float32_rows.cpp`, and an MoE layer's routed experts, forward and backward, `float32_experts.cpp`: the last
+paragraph; the attention is built into that library).
 
 A decode step multiplies a few rows by every weight, so it is bound by how fast the weights stream from memory.
 oneDNN's prepacked kernel reads them below the memory's rate at a few rows; this loop (one 64-byte load of a
@@ -33,8 +34,9 @@ this kernel splits the outputs between the threads and packs each group's weight
 at 64 rows 1.3-1.6x faster, at 8 rows 2.6x, equal from ~2,000 rows (docs/LOG.md, 2026-12-05, thirtieth session).
 `model.linear` sends it a float32 model's products where no gradient is wanted and no autocast is on (decoding,
 evaluation) up to FLOAT32_MAX_ROWS rows, on x86-64 Linux with AVX-512; NANOSEEK_CPU_KERNEL=0 turns it off too.
-The same library's `float32_experts` (`nanoseek::float32_experts`) is a float32 MoE layer's routed experts without
-gradients in one call, token copies sorted by expert inside (`MoE._float32_experts` says where).
+The same library's `float32_experts` (`float32_experts.cpp`) is a float32 MoE layer's routed experts in one call,
+token copies sorted by expert inside, and with gradients one call forward and one backward (`MoE.uses_float32_kernel`
+says where: decoding and evaluation, and eager training where float32 beats the padded bf16 bmm).
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ _lock = threading.Lock()
 _kernels: Kernels | None = None  # the loaded library's functions; None until tried
 _failure: str | None = None
 
-FLOAT32_SOURCES = (Path(__file__).with_name("float32_rows.cpp"), Path(__file__).with_name("decode_attention.cpp"))
+FLOAT32_SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("float32_rows.cpp", "float32_experts.cpp", "decode_attention.cpp")
+)
 FLOAT32_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-w"]
 FLOAT32_MAX_ROWS = 1024
 """Rows up to which `model.linear` takes `float32_rows` (when the rows are known; a compiled decode step's rows are
@@ -266,8 +270,29 @@ def float32_rows(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tens
 def float32_experts(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
     """Routed SwiGLU experts, float32: x [N, D], ids and weights [N, k] (ids int64) -> [N, D], token t's output the
     sum over j, in order, of weights[t, j] * (silu(x[t] w1[e]^T) * (x[t] w3[e]^T)) w2[e]^T with e = ids[t, j];
-    w1, w3 [E, F, D], w2 [E, D, F], D and F multiples of 16. `float32_available()` must be True."""
+    w1, w3 [E, F, D], w2 [E, D, F], D and F multiples of 16. `float32_available()` must be True. Where gradients are
+    wanted (grad mode on and an input requiring one; eager: the backward is not traced), the gradients of x, weights,
+    w1, w3 and w2 come from the backward operation (once differentiable)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w1, w3, w2)):
+        return _Float32Experts.apply(x, ids, weights, w1, w3, w2)
     return torch.ops.nanoseek.float32_experts.default(x, ids, weights, w1, w3, w2)
+
+
+class _Float32Experts(torch.autograd.Function):
+    """`float32_experts` with gradients: the forward keeps the copies' gate and up pre-activations and outputs
+    ([N * k, F] twice and [N * k, D]), the backward recomputes the sort and the hidden rows from them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+        out, gate, up, ys = torch.ops.nanoseek.float32_experts_train.default(x, ids, weights, w1, w3, w2)
+        ctx.save_for_backward(x, ids, weights, w1, w3, w2, gate, up, ys)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        dx, dweights, dw1, dw3, dw2 = torch.ops.nanoseek.float32_experts_backward.default(grad, *ctx.saved_tensors)
+        return dx, None, dweights, dw1, dw3, dw2
 
 
 def float32_available() -> bool:
@@ -341,8 +366,8 @@ def _load_float32(library: Path) -> None:
 
 def _check_float32() -> None:
     """1-17 rows (chunks of 8 and every tail), three weights of 16, 32 and 48 outputs (a lone last block of 16), with
-    and without biases, the experts, and on a CPU with AVX-512 BF16 the decode attention at every masked edge, against
-    float64: a build that miscomputes is not used."""
+    and without biases, the experts and their gradients, and on a CPU with AVX-512 BF16 the decode attention at every
+    masked edge, against float64: a build that miscomputes is not used."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(17, 48, generator=g)
     weights = [torch.randn(n, 48, generator=g) for n in (16, 32, 48)]
@@ -364,6 +389,7 @@ def _check_float32() -> None:
     err = (got - experts_float64(x, ids, weights, w1, w3, w2)).abs().max().item()
     if not err <= 1e-4:
         raise AssertionError(f"the built float32 kernel's experts are off by {err:.3g}")
+    _check_experts_gradients(x, ids, weights, w1, w3, w2)
     if not _applies():
         return
     # The attention: a partial last chunk of the key (40 = 32 + 8) and of the value (24), 37 keys read (a partial
@@ -379,6 +405,22 @@ def _check_float32() -> None:
     err = (got - scores.softmax(-1) @ v).abs().max().item()
     if not err <= 2**-7:
         raise AssertionError(f"the built kernel's attention is off by {err:.3g}")
+
+
+def _check_experts_gradients(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> None:
+    """The experts' gradients (the training operations) against autograd through `experts_float64`. Checked callers
+    may sit in inference mode or no_grad (the engine): the check leaves both."""
+    with torch.inference_mode(False), torch.enable_grad():
+        ids = ids.clone()  # a tensor made in inference mode cannot be saved for backward: a copy made outside it
+        leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w3, w2)]
+        wide = [t.detach().double().requires_grad_() for t in leaves]
+        grad = torch.linspace(-1, 1, x.numel()).view_as(x)
+        float32_experts(leaves[0], ids, *leaves[1:]).backward(grad)
+        experts_float64(wide[0], ids, *wide[1:]).backward(grad.double())
+        for name, got, want in zip(("x", "weights", "w1", "w3", "w2"), leaves, wide, strict=True):
+            err = (got.grad.double() - want.grad).abs().max().item()
+            if not err <= 1e-4:
+                raise AssertionError(f"the built float32 kernel's experts' gradient of {name} is off by {err:.3g}")
 
 
 def experts_float64(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:

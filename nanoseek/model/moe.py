@@ -99,7 +99,7 @@ torch._grouped_mm's per-expert calls cost ~10 us each (tiny-moe, batch 2 / 32 / 
 
 FLOAT32_EXPERTS = True
 """Set to False to keep the routed experts of a float32 pass without gradients off `cpu_kernel.float32_experts`
-(`MoE._float32_experts`; benchmarks compare both)."""
+(`MoE.uses_float32_kernel`; benchmarks compare both)."""
 
 
 def _times_own_expert(x: Tensor, w: Tensor, expert: Tensor) -> Tensor:
@@ -141,8 +141,15 @@ _CPU_BF16_MIN_MACS = 1 << 19
 # Under bf16 autocast, float32 experts through `cpu_kernel.float32_experts` still beat bf16 products (their casts,
 # sort and scatter) at 25M multiply-adds per expert per matmul (small-moe, 2,048 tokens, one layer: 13.4 against
 # 14.5 ms; tiny-moe 2.6 against 3.6 at 6M; AMX, torch 2.13: docs/LOG.md, 2026-12-05, thirty-first session), so a
-# long prefill's experts stay float32 below this many (`MoE._float32_experts`). Not measured above it.
+# long prefill's experts stay float32 below this many (`MoE.uses_float32_kernel`). Not measured above it.
 _FLOAT32_KERNEL_MIN_MACS = 1 << 25
+
+# Eager training through the kernel's forward and backward operations, one MoE layer's forward + backward against
+# the padded bmm (AMX, 2 threads; docs/LOG.md, 2026-12-05, thirty-fourth session): in float32 1.18-1.6x faster at
+# every shape measured (tiny-moe 128 and 4,096 tokens, small-moe 1,024 and 4,096), so a float32 trainer always takes
+# it; under bf16 autocast 1.63x / 1.19x / 0.97x at 2^18.6 / 2^21.6 / 2^23.6 multiply-adds per expert per matmul
+# (tiny-moe), 1.28x / 1.05x / 0.91x at 2^20.6 / 2^23.6 / 2^25.6 (small-moe), so below this many.
+_FLOAT32_TRAIN_MAX_MACS = 1 << 23
 
 
 def _experts_dtype(x: Tensor, n_experts: int, d_ff: int) -> torch.dtype:
@@ -370,7 +377,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         expert_ids, weights, scores = self.router(flat)
-        if self._float32_experts(flat, weights):
+        if self.uses_float32_kernel(flat, expert_ids.shape[1]):
             routed = cpu_kernel.float32_experts(flat, expert_ids, weights, self.w1, self.w3, self.w2)
         elif self._experts_as_one_loop(flat, expert_ids.shape[1]):
             routed = self._each_copy_by_its_expert(flat, expert_ids, weights)
@@ -410,22 +417,28 @@ class MoE(nn.Module):
         out_sorted = run_experts(flat.index_select(0, token_of_copy), counts) * weights.flatten()[order, None]
         return torch.zeros_like(flat).index_add_(0, token_of_copy, out_sorted)
 
-    def _float32_experts(self, flat: Tensor, weights: Tensor) -> bool:
-        """Whether the routed experts run as one `cpu_kernel.float32_experts` call: a CPU pass without gradients
-        over float32 rows and weights with widths in multiples of 16, where the kernel is built (compiled and eager
-        decoding, prefill, evaluation); under autocast, where the experts keep float32 at the kernel's own threshold,
-        `_FLOAT32_KERNEL_MIN_MACS` (a long prefill's)."""
-        if not (FLOAT32_EXPERTS and flat.device.type == "cpu") or torch.is_grad_enabled():
+    def uses_float32_kernel(self, flat: Tensor, k: int) -> bool:
+        """Whether the routed experts of rows `flat` [N, D], k copies each, run as one `cpu_kernel.float32_experts`
+        call: a CPU pass over float32 rows and weights with widths in multiples of 16, where the kernel is built.
+        Without gradients (compiled and eager decoding, prefill, evaluation) under autocast only below the kernel's
+        threshold, `_FLOAT32_KERNEL_MIN_MACS` (a long prefill's). With gradients (eager training; the backward is
+        the kernel's own operation, which Dynamo does not trace) under autocast only below `_FLOAT32_TRAIN_MAX_MACS`,
+        where float32 beats the padded bf16 bmm."""
+        if not (FLOAT32_EXPERTS and flat.device.type == "cpu"):
             return False
         if not self.experts_are_weights_alone or self.expert_dispatch is not None:
             return False
-        if any(t.dtype != torch.float32 for t in (flat, weights, self.w1, self.w3, self.w2)):
+        if any(t.dtype != torch.float32 for t in (flat, self.w1, self.w3, self.w2)):  # the gate weights: flat's
             return False
         E, F_, D = self.w1.shape
         if F_ % 16 or D % 16:
             return False
-        copies = flat.shape[0] * weights.shape[1]
-        if torch.is_autocast_enabled("cpu") and not _too_little_for_bf16(copies, E, D * F_, _FLOAT32_KERNEL_MIN_MACS):
+        copies = flat.shape[0] * k
+        training = torch.is_grad_enabled()
+        if training and torch.compiler.is_compiling():
+            return False
+        most = _FLOAT32_TRAIN_MAX_MACS if training else _FLOAT32_KERNEL_MIN_MACS
+        if torch.is_autocast_enabled("cpu") and not _too_little_for_bf16(copies, E, D * F_, most):
             return False
         if torch.compiler.is_compiling():  # no build while Dynamo traces: the engine builds it before compiling
             return cpu_kernel.float32_built()

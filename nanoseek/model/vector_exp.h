@@ -1,4 +1,4 @@
-// Shared by nanoseek's CPU kernels (decode_attention.cpp, float32_rows.cpp): e^x for 16 floats. Included by both
+// Shared by nanoseek's CPU kernels (decode_attention.cpp, float32_experts.cpp): e^x for 16 floats. Included by both
 // builds; cpu_kernel.py hashes every header here into each library's tag, so a change here rebuilds both.
 #pragma once
 #include <immintrin.h>
