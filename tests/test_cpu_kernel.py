@@ -5,6 +5,8 @@ compiler or a wrong answer: a warning, oneDNN's kernel and the cache's own atten
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -487,6 +489,100 @@ def test_float32_experts_training_operations_refuse_what_they_cannot_read():
         backward(out[:, :16], x, ids, weights, w1, w3, w2, gate, up, ys)
     with pytest.raises(RuntimeError, match="out of range for 4 experts"):
         backward(out, x, ids + 1, weights, w1, w3, w2, gate, up, ys)
+
+
+@needs_float32
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "tokens", "width", "value_width", "docs"),
+    [
+        (2, 4, 2, 37, 32, 32, "packed"),  # a partial last block of keys
+        (3, 2, 1, 70, 16, 48, None),  # causal, values wider than keys
+        (2, 4, 4, 64, 32, 16, "out of order"),  # ids that go back: every earlier key tested
+        (4, 4, 2, 256, 32, 32, "packed"),  # the demo's length
+        (1, 2, 2, 1, 16, 16, None),  # one token
+    ],
+)
+def test_chunk_attention_against_float64(batch, heads, kv_heads, tokens, width, value_width, docs, threads):
+    """The training attention's output and the gradients of q, k and v within float32 rounding of autograd through
+    the float64 reference over the whole masked T x T scores (`cpu_kernel.chunk_attention_float64`); bf16 heads in,
+    bf16 out, within bf16 rounding."""
+    g = torch.Generator().manual_seed(tokens)
+    q = torch.randn(batch, heads, tokens, width, generator=g)
+    k = torch.randn(batch, kv_heads, tokens, width, generator=g)
+    v = torch.randn(batch, kv_heads, tokens, value_width, generator=g)
+    doc_ids = None
+    if docs == "packed":
+        doc_ids = torch.cumsum((torch.rand(batch, tokens, generator=g) < 0.05).long(), dim=1)
+    elif docs == "out of order":
+        doc_ids = torch.randint(0, 3, (batch, tokens), generator=g)
+    grad = torch.randn(batch, heads, tokens, value_width, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    wide = [t.double().requires_grad_() for t in (q, k, v)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpu_kernel.chunk_attention(*leaves, 0.3, doc_ids)
+        out.backward(grad)
+        half = cpu_kernel.chunk_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), 0.3, doc_ids)
+    finally:
+        torch.set_num_threads(previous)
+    want = cpu_kernel.chunk_attention_float64(*wide, 0.3, doc_ids)
+    want.backward(grad.double())
+    assert out.dtype == torch.float32 and out.shape == want.shape
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    for name, a, b in zip("qkv", leaves, wide, strict=True):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), want.detach(), rtol=0, atol=5e-2)
+
+
+CHECKPOINTED_FIRST_USE = """
+import sys
+import torch
+from nanoseek.model import Transformer, cpu_kernel, get_preset
+from nanoseek.train.parallel import checkpoint_blocks
+torch.manual_seed(0)
+model = Transformer(get_preset("tiny-moe", n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, moe_d_ff=16)).train()
+checkpoint_blocks(model, sys.argv[1])
+ids, docs = torch.randint(0, 512, (2, 33)), torch.tensor([[0] * 10 + [1] * 22, [0] * 32])
+ce, aux = model.loss(ids[:, :-1], ids[:, 1:], None, docs)
+(ce + aux).backward()
+print(cpu_kernel._float32_state, all(p.grad is not None for p in model.parameters() if p.requires_grad))
+"""
+
+
+@needs_float32
+@pytest.mark.parametrize("checkpointing", ["block", "selective"])
+def test_the_check_runs_apart_from_a_checkpointed_forward(checkpointing):
+    """The library first asked for inside an activation-checkpointed training forward (its attention and experts):
+    the build's check runs in a thread of its own, so the checkpoint's saved-tensor hooks and selective dispatch mode
+    neither record its operations as the layer's (a recompute replayed them: a shape error in torchrun ranks) nor
+    run the layer again under the lock the check holds (a hang). A fresh process, so the library is untried there;
+    the build is the one this session made."""
+    done = subprocess.run(
+        [sys.executable, "-c", CHECKPOINTED_FIRST_USE, checkpointing], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok", "True"]
+
+
+@needs_float32
+def test_chunk_attention_refuses_what_it_cannot_read():
+    q, k, v = f32(2, 4, 8, 16, seed=0), f32(2, 2, 8, 16, seed=1), f32(2, 2, 8, 16, seed=2)
+    attend = torch.ops.nanoseek.chunk_attention.default
+    attend(q, k, v, None, 0.25)  # the shapes it takes
+    with pytest.raises(ValueError, match="H a multiple of Hkv"):
+        attend(q, k[:, :1].expand(2, 3, 8, 16), v[:, :1].expand(2, 3, 8, 16), None, 0.25)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        attend(q[..., :8], k[..., :8], v, None, 0.25)
+    with pytest.raises(ValueError, match="float32 CPU tensors only"):
+        attend(q.double(), k, v, None, 0.25)
+    with pytest.raises(ValueError, match=r"doc_ids \[B, T\] int64"):
+        attend(q, k, v, torch.zeros(2, 7, dtype=torch.long), 0.25)
+    out, lse = attend(q, k, v, None, 0.25)
+    with pytest.raises(ValueError, match=r"lse \[B, H, T\]"):
+        torch.ops.nanoseek.chunk_attention_backward.default(out, q, k, v, None, out, lse[:, :2], 0.25)
 
 
 @needs_float32

@@ -389,11 +389,22 @@ def _attention_doc_by_doc(q, k, v, scale, doc_ids):
     return out
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["blocked", "kernel"])
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_blocked_cpu_attention_equals_each_document_alone(dtype, packed):
+def test_blocked_cpu_attention_equals_each_document_alone(dtype, packed, kernel, monkeypatch):
+    """A CPU training chunk's attention (packed documents or one causal document a row, GQA), forward and
+    gradients, against each document alone in float64: through `blocked_attention` (kernel off), or through
+    `cpu_kernel.chunk_attention` where it is built (float32 and bf16; float64 keeps the blocked path)."""
+    from nanoseek.model import chunk_attention as A
     from nanoseek.model.chunk_attention import BLOCK, attention, cpu_block_starts
 
+    if kernel and not cpu_kernel.float32_available():
+        pytest.skip("nanoseek's float32 CPU kernel does not apply here")
+    monkeypatch.setattr(A, "KERNEL", kernel)
+    calls = []
+    real = cpu_kernel.chunk_attention
+    monkeypatch.setattr(cpu_kernel, "chunk_attention", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     # 3 rows of 200 tokens (not a multiple of the block), documents of 7-90 tokens (or one causal document
     # per row); GQA (4 query heads, 2 kv)
@@ -410,28 +421,30 @@ def test_blocked_cpu_attention_equals_each_document_alone(dtype, packed):
     out = attention(qd, kd, vd, 0.25, doc_ids if packed else None)
     grads = torch.autograd.grad(out, (qd, kd, vd), grad_out.to(dtype))
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
-    assert out.dtype == dtype
+    assert out.dtype == dtype and len(calls) == (kernel and dtype != torch.float64)
     assert (out.double() - ref).abs().max().item() < tol
     for g, r in zip(grads, ref_grads):
         assert (g.double() - r).abs().max().item() < tol * 10
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_causal_matmul_attention_equals_the_causal_reference(dtype, kv_heads):
-    """The compiled CPU training path's attention (one block of the whole chunk) against the naive reference,
-    forward and gradients, with 1, 2 and 4 query heads a kv head (values narrower than keys); and
-    `fits_one_block` keeps long or large chunks on SDPA."""
+def test_causal_matmul_attention_equals_the_causal_reference(dtype, kv_heads, packed):
+    """The compiled CPU training path's attention without our kernel (one block of the whole chunk, packed
+    documents masked apart) against the naive reference, forward and gradients, with 1, 2 and 4 query heads a kv
+    head (values narrower than keys); and `fits_one_block` keeps long or large chunks on SDPA."""
     from nanoseek.model.chunk_attention import causal_matmul_attention, fits_one_block
 
     torch.manual_seed(0)
     q, k = (torch.randn(2, h, 90, 16, dtype=torch.float64, requires_grad=True) for h in (4, kv_heads))
     v = torch.randn(2, kv_heads, 90, 8, dtype=torch.float64, requires_grad=True)
-    ref = _attention_doc_by_doc(q, k, v, 0.25, _packed_doc_ids([[90], [90]]))
+    doc_ids = _packed_doc_ids([[30, 45, 15], [7, 83]] if packed else [[90], [90]])
+    ref = _attention_doc_by_doc(q, k, v, 0.25, doc_ids)
     grad_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
     qd, kd, vd = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
-    out = causal_matmul_attention(qd, kd, vd, 0.25)
+    out = causal_matmul_attention(qd, kd, vd, 0.25, doc_ids if packed else None)
     grads = torch.autograd.grad(out, (qd, kd, vd), grad_out.to(dtype))
     tol = {torch.float64: 1e-10, torch.bfloat16: 5e-2}[dtype]
     assert out.dtype == dtype and (out.double() - ref).abs().max().item() < tol

@@ -91,6 +91,35 @@ def test_compiled_step_matches_eager_without_recompiling(shape):
     assert not cfg.is_moe or len(capacities) > 1  # the batches did need different capacities
 
 
+def test_compiled_step_attends_through_the_kernel(monkeypatch):
+    """A compiled CPU training step on packed rows calls nanoseek's training attention and its backward once a layer
+    (seen by the profiler from the graph's wrapper), with the eager step's loss and gradients through the blocked
+    matmuls (the kernel off)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanoseek.model import chunk_attention, cpu_kernel
+
+    if not cpu_kernel.float32_available():
+        pytest.skip("nanoseek's float32 CPU kernel does not apply here")
+    torch._dynamo.reset()
+    cfg = SHAPES["gqa"]
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    compiled = compile_model(model.loss)
+    batch = packed_batch(cfg.vocab_size, 0)
+    loss_and_grads(model, compiled, batch)  # compiles
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss_c, grads_c = loss_and_grads(model, compiled, batch)
+    names = [event.name for event in prof.events()]
+    assert names.count("nanoseek::chunk_attention") == cfg.n_layers
+    assert names.count("nanoseek::chunk_attention_backward") == cfg.n_layers
+    monkeypatch.setattr(chunk_attention, "KERNEL", False)
+    loss_e, grads_e = loss_and_grads(model, model.loss, batch)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=0)
+    for (name, _), g_c, g_e in zip(model.named_parameters(), grads_c, grads_e, strict=True):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 

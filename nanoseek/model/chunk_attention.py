@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nanoseek import precision
+from nanoseek.model import cpu_kernel
+
+KERNEL = True
+"""Set to False to keep a CPU chunk with gradients off `cpu_kernel.chunk_attention` (benchmarks and tests compare)."""
 
 BLOCK = 64
 """Query rows per block of `blocked_attention`; at 64 the tiny preset's packed step on CPU was fastest (32 and
@@ -45,14 +49,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | N
     # On CPU, SDPA's flash kernel computes every one of the T x T scores under a mask, and its backward pass
     # costs ~0.1-0.2 ms per (row, head) at the lengths training runs on CPU (5-8x its forward): plain matmuls
     # over the blocks that can attend are faster there (CUDA keeps SDPA's kernels). Under torch.compile the
-    # blocks' data-dependent shapes would break the graph: a short causal chunk with gradients (RL's update)
-    # takes one block of the whole chunk there, whose mask and softmax inductor fuses.
+    # blocks' data-dependent shapes would break the graph: a short chunk with gradients (RL's update, packed
+    # pretraining and SFT rows) takes one block of the whole chunk there, whose mask and softmax inductor fuses.
+    if q.device.type == "cpu" and _kernel_trains(q, v):
+        return cpu_kernel.chunk_attention(q, k, v, scale, doc_ids)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         starts = cpu_block_starts(q, doc_ids, BLOCK)
         if starts is not None:
             return blocked_attention(q, k, v, scale, doc_ids, starts, BLOCK)
-    elif q.device.type == "cpu" and doc_ids is None and q.requires_grad and fits_one_block(q):
-        return causal_matmul_attention(q, k, v, scale)
+    elif q.device.type == "cpu" and q.requires_grad and fits_one_block(q):
+        return causal_matmul_attention(q, k, v, scale, doc_ids)
     if k.shape[1] != q.shape[1]:  # SDPA gets k and v repeated to every query head (GQA)
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -62,6 +68,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | N
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
+
+
+def _kernel_trains(q: Tensor, v: Tensor) -> bool:
+    """Whether a CPU chunk with gradients takes `cpu_kernel.chunk_attention` (built and checked; inside a compiled
+    graph only if already built: no build while Dynamo traces)."""
+    if not (KERNEL and torch.is_grad_enabled() and q.requires_grad and cpu_kernel.chunk_attention_fits(q, v)):
+        return False
+    return cpu_kernel.float32_built() if torch.compiler.is_compiling() else cpu_kernel.float32_available()
 
 
 def cpu_block_starts(q: Tensor, doc_ids: Tensor | None, block: int) -> list[int] | None:
@@ -94,14 +108,17 @@ def fits_one_block(q: Tensor) -> bool:
     return T <= BLOCKED_MAX_CAUSAL_LEN and 4 * B * H * T * T <= BLOCKED_MAX_BYTES
 
 
-def causal_matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """`blocked_attention` of a causal chunk as one block, with no Python loop over its length, so torch.compile
-    keeps the length dynamic (a loop over range(T) would specialise the graph to one length). The keys are padded
-    with zeros to a multiple of KEY_MULTIPLE, hidden from every query like the later keys: the same result."""
+def causal_matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | None = None) -> Tensor:
+    """`blocked_attention` of a causal chunk (within documents, with doc_ids) as one block, with no Python loop over
+    its length, so torch.compile keeps the length dynamic (a loop over range(T) would specialise the graph to one
+    length). The keys are padded with zeros to a multiple of KEY_MULTIPLE, hidden from every query like the later
+    keys: the same result."""
     T = q.shape[2]
     padded = -(-T // KEY_MULTIPLE) * KEY_MULTIPLE
     k, v = (F.pad(t, (0, 0, 0, padded - T)) for t in (k, v))
     hidden = torch.arange(T, device=q.device)[:, None] < torch.arange(padded, device=q.device)
+    if doc_ids is not None:  # the padded keys' documents do not matter: they are hidden already
+        hidden = (hidden | (doc_ids[:, :, None] != F.pad(doc_ids, (0, padded - T))[:, None, :]))[:, None]
     return _masked_attention(q, k, v, scale, hidden)
 
 

@@ -80,7 +80,8 @@ _kernels: Kernels | None = None  # the loaded library's functions; None until tr
 _failure: str | None = None
 
 FLOAT32_SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("float32_rows.cpp", "float32_experts.cpp", "decode_attention.cpp")
+    Path(__file__).with_name(name)
+    for name in ("float32_rows.cpp", "float32_experts.cpp", "chunk_attention.cpp", "decode_attention.cpp")
 )
 FLOAT32_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-w"]
 FLOAT32_MAX_ROWS = 1024
@@ -150,7 +151,7 @@ def available() -> bool:
         if _kernels is None and _failure is None:
             try:
                 kernels = _load(_build())
-                _check(kernels)
+                _apart(lambda: _check(kernels))
                 _kernels = kernels  # only checked kernels are ever seen by another thread
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as e:
                 _failure = f"{type(e).__name__}: {str(e).strip()[:300]}"
@@ -159,6 +160,27 @@ def available() -> bool:
                     stacklevel=2,
                 )
     return _kernels is not None
+
+
+def _apart(check: Callable[[], None]) -> None:
+    """Run a build's check in a thread of its own and raise what it raised. The first use of a kernel can come
+    anywhere: in the engine's inference mode, under autocast, inside an activation-checkpointed forward, whose
+    saved-tensor hooks and dispatch mode would record the check's operations as the layer's (a recompute then
+    replayed them, or waited on the lock the check holds: torchrun ranks failed and hung). That state is per thread;
+    a new thread starts with none of it."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            check()
+        except BaseException as e:  # raised again below, in the caller's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="nanoseek-kernel-check")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def _applies_at_all() -> bool:
@@ -295,6 +317,34 @@ class _Float32Experts(torch.autograd.Function):
         return dx, None, dweights, dw1, dw3, dw2
 
 
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | None) -> Tensor:
+    """Causal attention of q [B, H, T, d] over k [B, Hkv, T, d] and v [B, Hkv, T, dv] (each kv head serving H / Hkv
+    consecutive query heads; d and dv multiples of 16), query i seeing key j <= i of its own document where doc_ids
+    [B, T] (int64) is given: [B, H, T, dv] in q's dtype, computed in float32, differentiable (eager and compiled:
+    the backward is an operation of its own). `float32_available()` must be True."""
+    out, _ = torch.ops.nanoseek.chunk_attention.default(q.float(), k.float(), v.float(), doc_ids, scale)
+    return out.to(q.dtype)
+
+
+def chunk_attention_fits(q: Tensor, v: Tensor) -> bool:
+    """Whether `chunk_attention` takes these heads: float32 or bf16 (float64 keeps the reference paths), widths in
+    multiples of 16."""
+    return q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 16 == 0 and v.shape[-1] % 16 == 0
+
+
+def _chunk_attention_setup(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, doc_ids, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, *output, *([] if doc_ids is None else [doc_ids]))
+
+
+def _chunk_attention_backward(ctx, grad: Tensor, _grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+    q, k, v, out, lse, *doc_ids = ctx.saved_tensors
+    doc = doc_ids[0] if doc_ids else None
+    dq, dk, dv = torch.ops.nanoseek.chunk_attention_backward.default(grad, q, k, v, doc, out, lse, ctx.scale)
+    return dq, dk, dv, None, None
+
+
 def float32_available() -> bool:
     """Whether `float32_rows` is built, loaded and checked (building it now if not yet tried): False where it does
     not apply (not x86-64 Linux with AVX-512, NANOSEEK_CPU_KERNEL=0, USE off) or failed once (warned)."""
@@ -311,7 +361,7 @@ def float32_available() -> bool:
             try:
                 flags, links = _float32_flags()
                 _load_float32(_build(FLOAT32_SOURCES, flags, "float32-rows", links))
-                _check_float32()
+                _apart(_check_float32)
                 _float32_state = "ok"
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as e:
                 _float32_state = f"{type(e).__name__}: {str(e).strip()[:300]}"
@@ -357,6 +407,18 @@ def _load_float32(library: Path) -> None:
         def _(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
             return x.new_empty(x.shape)
 
+        @torch.library.register_fake("nanoseek::chunk_attention")
+        def _(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+            return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape[:3])
+
+        @torch.library.register_fake("nanoseek::chunk_attention_backward")
+        def _(grad, q: Tensor, k: Tensor, v: Tensor, doc_ids, out, lse, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+            return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+        torch.library.register_autograd(
+            "nanoseek::chunk_attention", _chunk_attention_backward, setup_context=_chunk_attention_setup
+        )
+
         @torch.library.register_fake("nanoseek::decode_attention")
         def _(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, slots: Tensor | None, kv_len, scale: float):
             return q.new_empty(*q.shape[:3], values.shape[-1])
@@ -366,8 +428,8 @@ def _load_float32(library: Path) -> None:
 
 def _check_float32() -> None:
     """1-17 rows (chunks of 8 and every tail), three weights of 16, 32 and 48 outputs (a lone last block of 16), with
-    and without biases, the experts and their gradients, and on a CPU with AVX-512 BF16 the decode attention at every
-    masked edge, against float64: a build that miscomputes is not used."""
+    and without biases, the experts and their gradients, the training attention and its gradients, and on a CPU with
+    AVX-512 BF16 the decode attention at every masked edge, against float64: a build that miscomputes is not used."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(17, 48, generator=g)
     weights = [torch.randn(n, 48, generator=g) for n in (16, 32, 48)]
@@ -390,6 +452,7 @@ def _check_float32() -> None:
     if not err <= 1e-4:
         raise AssertionError(f"the built float32 kernel's experts are off by {err:.3g}")
     _check_experts_gradients(x, ids, weights, w1, w3, w2)
+    _check_chunk_attention(g)
     if not _applies():
         return
     # The attention: a partial last chunk of the key (40 = 32 + 8) and of the value (24), 37 keys read (a partial
@@ -408,10 +471,8 @@ def _check_float32() -> None:
 
 
 def _check_experts_gradients(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> None:
-    """The experts' gradients (the training operations) against autograd through `experts_float64`. Checked callers
-    may sit in inference mode or no_grad (the engine): the check leaves both."""
-    with torch.inference_mode(False), torch.enable_grad():
-        ids = ids.clone()  # a tensor made in inference mode cannot be saved for backward: a copy made outside it
+    """The experts' gradients (the training operations) against autograd through `experts_float64`."""
+    with torch.enable_grad():
         leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w3, w2)]
         wide = [t.detach().double().requires_grad_() for t in leaves]
         grad = torch.linspace(-1, 1, x.numel()).view_as(x)
@@ -421,6 +482,39 @@ def _check_experts_gradients(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor
             err = (got.grad.double() - want.grad).abs().max().item()
             if not err <= 1e-4:
                 raise AssertionError(f"the built float32 kernel's experts' gradient of {name} is off by {err:.3g}")
+
+
+def _check_chunk_attention(g: torch.Generator) -> None:
+    """The training attention, forward and gradients, against `chunk_attention_float64`: 37 tokens (a partial last
+    block of 16 keys), two kv heads serving two query heads each, values wider than keys; one row of packed
+    documents, one whose ids go back (every earlier key tested)."""
+    q, k = torch.randn(2, 4, 37, 16, generator=g), torch.randn(2, 2, 37, 16, generator=g)
+    v, grad = torch.randn(2, 2, 37, 32, generator=g), torch.randn(2, 4, 37, 32, generator=g)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 20 + [2] * 12, [0, 1, 0, 2] * 9 + [1]])
+    with torch.enable_grad():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        wide = [t.detach().double().requires_grad_() for t in leaves]
+        out = chunk_attention(*leaves, 0.3, doc_ids)
+        want = chunk_attention_float64(*wide, 0.3, doc_ids)
+        out.backward(grad)
+        want.backward(grad.double())
+        errors = [(out.detach().double() - want.detach()).abs().max().item()]
+        errors += [(a.grad.double() - b.grad).abs().max().item() for a, b in zip(leaves, wide, strict=True)]
+    if not max(errors) <= 1e-4:
+        raise AssertionError(f"the built float32 kernel's training attention is off by {max(errors):.3g}")
+
+
+def chunk_attention_float64(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | None) -> Tensor:
+    """`chunk_attention` in float64 over the whole T x T scores under an explicit mask (the reference it is checked
+    against)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
+    T = q.shape[2]
+    seen = torch.ones(T, T, dtype=torch.bool).tril()
+    if doc_ids is not None:
+        seen = (seen & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+    scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
+    return scores.softmax(-1) @ v
 
 
 def experts_float64(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
@@ -441,6 +535,9 @@ __all__ = [
     "Kernels",
     "attention_available",
     "available",
+    "chunk_attention",
+    "chunk_attention_fits",
+    "chunk_attention_float64",
     "decode_attention",
     "experts_float64",
     "fits",

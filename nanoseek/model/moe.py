@@ -237,10 +237,14 @@ def compile_model(fn: Callable, **options: Any) -> Callable:
     `capture_scalar_outputs`), so the forward and backward stay one graph each, not split at every MoE layer.
     Measured: a compiled CPU training step at `train_step.py --quick`'s shape went from 13 graphs to 1 (docs/LOG.md,
     2026-12-02, ninth session). The setting holds only while `fn` runs (Dynamo traces at the call; ~15 us a
-    call, why the engine's decode step, which takes the grouped kernel and reads nothing, does without)."""
+    call, why the engine's decode step, which takes the grouped kernel and reads nothing, does without). On a CPU
+    our float32 library is built before the first trace (Dynamo may not run a build: the training attention's
+    kernel, `chunk_attention`, is in it)."""
     compiled = torch.compile(fn, **options)
 
     def run(*args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(a, Tensor) and a.device.type == "cpu" for a in args):
+            cpu_kernel.float32_available()  # once: it remembers
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return compiled(*args, **kwargs)
 

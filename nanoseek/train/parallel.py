@@ -195,8 +195,13 @@ _SAVED_OPS = {
 }
 
 
+# ... and nanoseek's CPU kernels for the same (`model/cpu_kernel.py`; loaded at their first use, so named here).
+_SAVED_OWN_OPS = {"nanoseek.chunk_attention", "nanoseek.float32_experts_train"}
+
+
 def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op.overloadpacket in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    saved = op.overloadpacket in _SAVED_OPS or str(op.overloadpacket) in _SAVED_OWN_OPS
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @contextmanager
