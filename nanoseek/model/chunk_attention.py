@@ -47,11 +47,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | N
     """Causal attention over one chunk, blocked across documents when doc_ids [B, T] is given. GQA: each of k's
     and v's heads serves n_heads // n_kv_heads consecutive heads of q."""
     # On CPU, SDPA's flash kernel computes every one of the T x T scores under a mask, and its backward pass
-    # costs ~0.1-0.2 ms per (row, head) at the lengths training runs on CPU (5-8x its forward): plain matmuls
-    # over the blocks that can attend are faster there (CUDA keeps SDPA's kernels). Under torch.compile the
-    # blocks' data-dependent shapes would break the graph: a short chunk with gradients (RL's update, packed
-    # pretraining and SFT rows) takes one block of the whole chunk there, whose mask and softmax inductor fuses.
-    if q.device.type == "cpu" and _kernel_trains(q, v):
+    # costs ~0.1-0.2 ms per (row, head) at the lengths training runs on CPU (5-8x its forward). With gradients our
+    # kernel computes only the scores each query sees, forward and backward, eager or compiled (CUDA keeps SDPA's
+    # kernels). Without it, plain matmuls over the blocks that can attend; under torch.compile the blocks'
+    # data-dependent shapes would break the graph, so a short chunk with gradients takes one block of the whole
+    # chunk there, whose mask and softmax inductor fuses.
+    if q.device.type == "cpu" and _kernel_trains(q, v, doc_ids):
         return cpu_kernel.chunk_attention(q, k, v, scale, doc_ids)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         starts = cpu_block_starts(q, doc_ids, BLOCK)
@@ -70,10 +71,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | N
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
 
 
-def _kernel_trains(q: Tensor, v: Tensor) -> bool:
+def _kernel_trains(q: Tensor, v: Tensor, doc_ids: Tensor | None) -> bool:
     """Whether a CPU chunk with gradients takes `cpu_kernel.chunk_attention` (built and checked; inside a compiled
     graph only if already built: no build while Dynamo traces)."""
-    if not (KERNEL and torch.is_grad_enabled() and q.requires_grad and cpu_kernel.chunk_attention_fits(q, v)):
+    if not (KERNEL and torch.is_grad_enabled() and q.requires_grad):
+        return False
+    if not cpu_kernel.chunk_attention_fits(q, v, doc_ids):
         return False
     return cpu_kernel.float32_built() if torch.compiler.is_compiling() else cpu_kernel.float32_available()
 

@@ -326,9 +326,11 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tens
     return out.to(q.dtype)
 
 
-def chunk_attention_fits(q: Tensor, v: Tensor) -> bool:
+def chunk_attention_fits(q: Tensor, v: Tensor, doc_ids: Tensor | None) -> bool:
     """Whether `chunk_attention` takes these heads: float32 or bf16 (float64 keeps the reference paths), widths in
-    multiples of 16."""
+    multiples of 16, document ids (if any) int64."""
+    if doc_ids is not None and doc_ids.dtype != torch.int64:
+        return False
     return q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 16 == 0 and v.shape[-1] % 16 == 0
 
 

@@ -438,10 +438,10 @@ class MoE(nn.Module):
         if F_ % 16 or D % 16:
             return False
         copies = flat.shape[0] * k
-        training = torch.is_grad_enabled()
-        if training and torch.compiler.is_compiling():
+        with_grad = torch.is_grad_enabled()
+        if with_grad and torch.compiler.is_compiling():
             return False
-        most = _FLOAT32_TRAIN_MAX_MACS if training else _FLOAT32_KERNEL_MIN_MACS
+        most = _FLOAT32_TRAIN_MAX_MACS if with_grad else _FLOAT32_KERNEL_MIN_MACS
         if torch.is_autocast_enabled("cpu") and not _too_little_for_bf16(copies, E, D * F_, most):
             return False
         if torch.compiler.is_compiling():  # no build while Dynamo traces: the engine builds it before compiling
