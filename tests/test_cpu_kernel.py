@@ -411,6 +411,17 @@ def test_no_build_while_dynamo_traces(monkeypatch):
         torch.testing.assert_close(compiled(x), F.linear(x, w) * 2)
 
 
+def routed_case(tokens: int, k: int, experts: int, hidden: int, width: int, g: torch.Generator) -> tuple:
+    """(x, ids, weights, w1, w3, w2) for the experts: the last expert never chosen, expert 0 by most tokens (chunks of
+    8 rows and tails)."""
+    w1, w3 = (torch.randn(experts, hidden, width, generator=g) / width**0.5 for _ in range(2))
+    w2 = torch.randn(experts, width, hidden, generator=g) / hidden**0.5
+    x, weights = torch.randn(tokens, width, generator=g), torch.rand(tokens, k, generator=g)
+    ids = torch.randint(0, experts - 1, (tokens, k), generator=g)
+    ids[: tokens // 2, 0] = 0
+    return x, ids, weights, w1, w3, w2
+
+
 @needs_float32
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
@@ -421,12 +432,7 @@ def test_float32_experts_against_a_float64_loop(tokens, k, experts, hidden, widt
     """Token copies routed to experts (the last expert never chosen; expert 0 by most tokens: chunks of 8 rows and
     tails), a weighted sum per token in the order of its choices: within float32 rounding of a float64 loop over
     tokens and choices (`cpu_kernel.experts_float64`)."""
-    g = torch.Generator().manual_seed(tokens)
-    w1, w3 = (torch.randn(experts, hidden, width, generator=g) / width**0.5 for _ in range(2))
-    w2 = torch.randn(experts, width, hidden, generator=g) / hidden**0.5
-    x, weights = torch.randn(tokens, width, generator=g), torch.rand(tokens, k, generator=g)
-    ids = torch.randint(0, experts - 1, (tokens, k), generator=g)
-    ids[: tokens // 2, 0] = 0
+    x, ids, weights, w1, w3, w2 = routed_case(tokens, k, experts, hidden, width, torch.Generator().manual_seed(tokens))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -450,11 +456,7 @@ def test_float32_experts_gradients_against_float64_autograd(tokens, k, experts, 
     the gate weights and the three expert weights (zero for the expert no copy chose) within float32 rounding of
     autograd through the float64 loop; the rows' own gradient as well through a second use of them."""
     g = torch.Generator().manual_seed(tokens + 1)
-    w1, w3 = (torch.randn(experts, hidden, width, generator=g) / width**0.5 for _ in range(2))
-    w2 = torch.randn(experts, width, hidden, generator=g) / hidden**0.5
-    x, weights = torch.randn(tokens, width, generator=g), torch.rand(tokens, k, generator=g)
-    ids = torch.randint(0, experts - 1, (tokens, k), generator=g)
-    ids[: tokens // 2, 0] = 0
+    x, ids, weights, w1, w3, w2 = routed_case(tokens, k, experts, hidden, width, g)
     grad = torch.randn(tokens, width, generator=g)
     leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w3, w2)]
     wide = [t.double().requires_grad_() for t in (x, weights, w1, w3, w2)]
