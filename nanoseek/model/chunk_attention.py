@@ -72,13 +72,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | N
 
 
 def _kernel_trains(q: Tensor, v: Tensor, doc_ids: Tensor | None) -> bool:
-    """Whether a CPU chunk with gradients takes `cpu_kernel.chunk_attention` (built and checked; inside a compiled
-    graph only if already built: no build while Dynamo traces)."""
+    """Whether a CPU chunk with gradients takes `cpu_kernel.chunk_attention` (the library built and checked)."""
     if not (KERNEL and torch.is_grad_enabled() and q.requires_grad):
         return False
-    if not cpu_kernel.chunk_attention_fits(q, v, doc_ids):
-        return False
-    return cpu_kernel.float32_built() if torch.compiler.is_compiling() else cpu_kernel.float32_available()
+    return cpu_kernel.chunk_attention_fits(q, v, doc_ids) and cpu_kernel.float32_ready()
 
 
 def cpu_block_starts(q: Tensor, doc_ids: Tensor | None, block: int) -> list[int] | None:

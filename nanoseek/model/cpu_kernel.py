@@ -375,6 +375,13 @@ def float32_available() -> bool:
     return _float32_state == "ok"
 
 
+def float32_ready() -> bool:
+    """Whether a caller may send work to the float32 library now: `float32_available()`, building it if not yet
+    tried, except while Dynamo traces, where a build may not run (the engine and `moe.compile_model` build it before
+    they compile): then `float32_built()`."""
+    return float32_built() if torch.compiler.is_compiling() else float32_available()
+
+
 def float32_built() -> bool:
     """Whether `float32_rows` has been built, loaded and checked in this process (`float32_available` tries)."""
     return USE and _float32_state == "ok"
@@ -548,6 +555,7 @@ __all__ = [
     "float32_built",
     "float32_experts",
     "float32_fits",
+    "float32_ready",
     "float32_rows",
     "pack",
     "product",

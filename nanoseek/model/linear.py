@@ -188,9 +188,7 @@ def _float32_rows(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> boo
         return False
     if not cpu_kernel.float32_fits(weights, x.shape[-1]):
         return False
-    if torch.compiler.is_compiling():  # no build while Dynamo traces: the engine builds it before compiling
-        return cpu_kernel.float32_built()
-    return cpu_kernel.float32_available()
+    return cpu_kernel.float32_ready()
 
 
 def _one_row_in_graph(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> bool:

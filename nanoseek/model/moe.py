@@ -444,9 +444,7 @@ class MoE(nn.Module):
         most = _FLOAT32_TRAIN_MAX_MACS if with_grad else _FLOAT32_KERNEL_MIN_MACS
         if torch.is_autocast_enabled("cpu") and not _too_little_for_bf16(copies, E, D * F_, most):
             return False
-        if torch.compiler.is_compiling():  # no build while Dynamo traces: the engine builds it before compiling
-            return cpu_kernel.float32_built()
-        return cpu_kernel.float32_available()
+        return cpu_kernel.float32_ready()
 
     def _experts_as_one_loop(self, flat: Tensor, k: int) -> bool:
         """Whether this is a compiled CPU decode step of at most `ROWS_AS_ONE_LOOP` token copies (with the experts'
