@@ -100,5 +100,6 @@ for part in parts:
     elif part == "decode_floor":
         for b, s in r.get("summary", {}).items():
             print(f"decode_floor batch {b}: nanoseek / peer {s['nanoseek_over_peer']['median']:.2f}x, floor / peer "
-                  f"{s['floor_over_peer']['median']:.2f}x, nanoseek / floor {s['nanoseek_over_floor']['median']:.2f}")
+                  f"{s['floor_over_peer']['median']:.2f}x, nanoseek / floor {s['nanoseek_over_floor']['median']:.2f}, "
+                  f"read floor / peer {s['read_floor_over_peer']['median']:.2f}x")
 EOF

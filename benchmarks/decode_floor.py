@@ -14,7 +14,10 @@ the first token's logits). Attention, norms, sampling and the host's work are fr
 tokens / (the prefill's products + (new tokens - 1) x one step's products). With the products this torch and
 nanoseek make, no implementation of the same weights in the same precision beats it on this machine at that
 moment: where 3x the peer's rate is above it, a 3x goal is out of reach there (a faster way to make a product moves
-the floor: the one-row product-sums did, 2026-12-03, and the few-rows kernel, 2026-12-04).
+the floor: the one-row product-sums did, 2026-12-03, and the few-rows kernel, 2026-12-04). The read floor is the
+same rate with each step's products replaced by one read of the step's weight bytes (`read_once`), the prefill's
+products kept: no kernel can make a step's products faster than it reads their weights, so no implementation of
+these weights in this precision, whatever its kernels, beats the read floor on this machine at that moment.
 
 Why interleaved: the 2-core VM's memory rate moves by up to 2x within minutes (`small`'s products at one row took
 3.8 to 9.5 ms a step in one session), and the peer's and nanoseek's rates with it. Each round measures, for each
@@ -120,6 +123,19 @@ def products(weights: list[Tensor], rows: int) -> list[Callable[[], None]]:
     return runs
 
 
+def read_once(weights: list[Tensor]) -> Callable[[], None]:
+    """The step's weight bytes read once, with no arithmetic: every matrix's bytes in one buffer, reduced by an int32
+    max (the fastest whole read of those measured: 29-30 GB/s over 201 MB on the Xeon, against 28 for a float32 sum
+    and 24 for a float32 max). No product of these weights in this precision can take less time than reading them,
+    so this floor bounds every implementation, whatever its kernel; the products' floor bounds the ones this torch
+    and nanoseek can make."""
+    buffer = torch.cat([w.detach().reshape(-1) for w in weights])
+    if buffer.numel() * buffer.element_size() % 4:
+        buffer = torch.cat([buffer, buffer.new_zeros(1)])
+    words = buffer.view(torch.uint8).view(torch.int32)
+    return partial(torch.amax, words)
+
+
 def check_product(y: Tensor, x: Tensor, w: Tensor) -> None:
     want = F.linear(x.float(), w.float())
     if not torch.allclose(y.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
@@ -191,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     prompts = torch.randint(0, cfg.vocab_size, (max(batch_sizes), args.prompt_len))
     steps = {b: products(weights, b) for b in batch_sizes}
+    read = read_once(weights)
     prefills = {b: (products(blocks, b * args.prompt_len), products([output], b)) for b in batch_sizes}
 
     peers = {(b, cache): hf_call(hf, prompts[:b], new_tokens, cache) for b in batch_sizes for cache in (None, "static")}
@@ -225,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                 step_s = min(seconds(run, args.product_calls) for run in steps[b])
                 prefill_s = sum(min(warm_seconds(run) for run in runs) for runs in prefills[b])
                 floor_rate = tokens / (prefill_s + (new_tokens - 1) * step_s)
+                read_s = seconds(read, args.product_calls)
+                read_rate = tokens / (prefill_s + (new_tokens - 1) * read_s)
                 row = dict(
                     round=r,
                     batch=b,
@@ -234,13 +253,17 @@ def main(argv: list[str] | None = None) -> int:
                     products_ms=round(step_s * 1e3, 3),
                     prefill_products_ms=round(prefill_s * 1e3, 2),
                     gb_per_s=round(weight_bytes / step_s / 1e9, 1),
+                    read_floor=round(read_rate, 1),
+                    read_ms=round(read_s * 1e3, 3),
+                    read_gb_per_s=round(weight_bytes / read_s / 1e9, 1),
                 )
                 measured.append(row)
                 print(
                     f"round {r} batch {b:>3}: transformers {peer_rate:8.1f}  nanoseek {ours_rate:8.1f} "
                     f"({ours_rate / peer_rate:.2f}x)  floor {floor_rate:8.1f} ({floor_rate / peer_rate:.2f}x the peer: "
                     f"products {step_s * 1e3:.2f} ms a step, {row['gb_per_s']} GB/s, the prefill's "
-                    f"{prefill_s * 1e3:.1f} ms)",
+                    f"{prefill_s * 1e3:.1f} ms)  read floor {read_rate:8.1f} ({read_rate / peer_rate:.2f}x: "
+                    f"{read_s * 1e3:.2f} ms, {row['read_gb_per_s']} GB/s)",
                     flush=True,
                 )
 
@@ -255,12 +278,16 @@ def main(argv: list[str] | None = None) -> int:
             nanoseek_over_peer=spread([m["nanoseek"] / m["peer"] for m in rows]),
             floor_over_peer=spread([m["floor"] / m["peer"] for m in rows]),
             nanoseek_over_floor=spread([m["nanoseek"] / m["floor"] for m in rows]),
+            read_floor_tokens_per_s=spread([m["read_floor"] for m in rows]),
+            read_floor_over_peer=spread([m["read_floor"] / m["peer"] for m in rows]),
+            nanoseek_over_read_floor=spread([m["nanoseek"] / m["read_floor"] for m in rows]),
         )
         over_peer = summary[str(b)]["floor_over_peer"]
         print(
             f"batch {b:>3}: nanoseek / peer {summary[str(b)]['nanoseek_over_peer']['median']:.2f}x, floor / peer "
             f"{over_peer['median']:.2f}x ({over_peer['min']:.2f}-{over_peer['max']:.2f}), "
-            f"nanoseek / floor {summary[str(b)]['nanoseek_over_floor']['median']:.2f} (median rounds)",
+            f"nanoseek / floor {summary[str(b)]['nanoseek_over_floor']['median']:.2f}, read floor / peer "
+            f"{summary[str(b)]['read_floor_over_peer']['median']:.2f}x (median rounds)",
             flush=True,
         )
     result = dict(
