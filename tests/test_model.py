@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from nanoseek.model import (
     ATTENTIONS,
@@ -820,7 +821,8 @@ def test_float32_moe_trains_through_the_kernel(kw, monkeypatch):
     """An eager float32 CPU pass with gradients runs the routed experts through the kernel's forward and backward:
     the output and every gradient (the rows', the router's through the gate weights, the experts') within float32
     rounding of autograd through the per-token float64 loop. Under bf16 autocast it does only below
-    `_FLOAT32_TRAIN_MAX_MACS` per expert; a compiled training step keeps the padded path."""
+    `_FLOAT32_TRAIN_MAX_MACS` per expert. A compiled pass with gradients calls the same two operations (the
+    profiler sees them from the graph) and gives the eager pass's output and gradients."""
     calls = []
     real = cpu_kernel.float32_experts
     monkeypatch.setattr(cpu_kernel, "float32_experts", lambda *a: calls.append(1) or real(*a))
@@ -847,6 +849,19 @@ def test_float32_moe_trains_through_the_kernel(kw, monkeypatch):
         monkeypatch.setattr(moe_mod, "_FLOAT32_TRAIN_MAX_MACS", 0)
         m(narrow).float().sum().backward()
         assert len(calls) == 2
+    monkeypatch.undo()  # the compiled graph calls the operations, not the Python wrapper
     torch._dynamo.reset()
-    torch.compile(m, backend="eager")(narrow).sum().backward()
-    assert len(calls) == 2
+    compiled = torch.compile(m)
+    compiled(narrow).sum().backward()  # compiles the forward and (at its first use) the backward
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out_c = compiled(narrow)
+        grads_c = torch.autograd.grad(out_c.pow(2).sum(), [narrow, *params], allow_unused=True)
+    names = [event.name for event in prof.events()]
+    assert names.count("nanoseek::float32_experts_train") == 1
+    assert names.count("nanoseek::float32_experts_backward") == 1
+    torch.testing.assert_close(out_c, out, rtol=1e-6, atol=1e-6)
+    for g_c, g in zip(grads_c, grads, strict=True):
+        if g is None or g_c is None:
+            assert (g is None or not g.any()) and (g_c is None or not g_c.any())
+        else:
+            torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-6 * g.abs().max().item())

@@ -36,7 +36,7 @@ at 64 rows 1.3-1.6x faster, at 8 rows 2.6x, equal from ~2,000 rows (docs/LOG.md,
 evaluation) up to FLOAT32_MAX_ROWS rows, on x86-64 Linux with AVX-512; NANOSEEK_CPU_KERNEL=0 turns it off too.
 The same library's `float32_experts` (`float32_experts.cpp`) is a float32 MoE layer's routed experts in one call,
 token copies sorted by expert inside, and with gradients one call forward and one backward (`MoE.uses_float32_kernel`
-says where: decoding and evaluation, and eager training where float32 beats the padded bf16 bmm).
+says where: decoding and evaluation, and eager or compiled training where float32 beats the padded bf16 bmm).
 """
 
 from __future__ import annotations
@@ -293,28 +293,24 @@ def float32_experts(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Ten
     """Routed SwiGLU experts, float32: x [N, D], ids and weights [N, k] (ids int64) -> [N, D], token t's output the
     sum over j, in order, of weights[t, j] * (silu(x[t] w1[e]^T) * (x[t] w3[e]^T)) w2[e]^T with e = ids[t, j];
     w1, w3 [E, F, D], w2 [E, D, F], D and F multiples of 16. `float32_available()` must be True. Where gradients are
-    wanted (grad mode on and an input requiring one; eager: the backward is not traced), the gradients of x, weights,
-    w1, w3 and w2 come from the backward operation (once differentiable)."""
+    wanted (grad mode on and an input requiring one), the training operation keeps what its backward operation reads
+    and the gradients of x, weights, w1, w3 and w2 come from that (once differentiable; eager and compiled: the
+    formula is registered with the operation, as the training attention's)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w1, w3, w2)):
-        return _Float32Experts.apply(x, ids, weights, w1, w3, w2)
+        return torch.ops.nanoseek.float32_experts_train.default(x, ids, weights, w1, w3, w2)[0]
     return torch.ops.nanoseek.float32_experts.default(x, ids, weights, w1, w3, w2)
 
 
-class _Float32Experts(torch.autograd.Function):
-    """`float32_experts` with gradients: the forward keeps the copies' gate and up pre-activations and outputs
-    ([N * k, F] twice and [N * k, D]), the backward recomputes the sort and the hidden rows from them."""
+def _float32_experts_setup(ctx, inputs: tuple, output: tuple) -> None:
+    # The gate and up pre-activations and each copy's output ([N * k, F] twice and [N * k, D]): the backward
+    # recomputes the sort and the hidden rows from them.
+    ctx.save_for_backward(*inputs, *output[1:])
 
-    @staticmethod
-    def forward(ctx, x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-        out, gate, up, ys = torch.ops.nanoseek.float32_experts_train.default(x, ids, weights, w1, w3, w2)
-        ctx.save_for_backward(x, ids, weights, w1, w3, w2, gate, up, ys)
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        dx, dweights, dw1, dw3, dw2 = torch.ops.nanoseek.float32_experts_backward.default(grad, *ctx.saved_tensors)
-        return dx, None, dweights, dw1, dw3, dw2
+def _float32_experts_backward(ctx, grad: Tensor, *_kept_grads: Tensor | None) -> tuple[Tensor | None, ...]:
+    # Only the layer's output feeds the loss; what the forward kept for this backward has no gradient of its own.
+    dx, dweights, dw1, dw3, dw2 = torch.ops.nanoseek.float32_experts_backward.default(grad, *ctx.saved_tensors)
+    return dx, None, dweights, dw1, dw3, dw2
 
 
 def chunk_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Tensor | None) -> Tensor:
@@ -426,6 +422,24 @@ def _load_float32(library: Path) -> None:
 
         torch.library.register_autograd(
             "nanoseek::chunk_attention", _chunk_attention_backward, setup_context=_chunk_attention_setup
+        )
+
+        @torch.library.register_fake("nanoseek::float32_experts_train")
+        def _(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor):
+            copies = ids.numel()
+            return (
+                x.new_empty(x.shape),
+                x.new_empty(copies, w1.shape[1]),
+                x.new_empty(copies, w1.shape[1]),
+                x.new_empty(copies, x.shape[1]),
+            )
+
+        @torch.library.register_fake("nanoseek::float32_experts_backward")
+        def _(grad, x: Tensor, ids, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, gate, up, ys):
+            return tuple(t.new_empty(t.shape) for t in (x, weights, w1, w3, w2))
+
+        torch.library.register_autograd(
+            "nanoseek::float32_experts_train", _float32_experts_backward, setup_context=_float32_experts_setup
         )
 
         @torch.library.register_fake("nanoseek::decode_attention")

@@ -425,9 +425,10 @@ class MoE(nn.Module):
         """Whether the routed experts of rows `flat` [N, D], k copies each, run as one `cpu_kernel.float32_experts`
         call: a CPU pass over float32 rows and weights with widths in multiples of 16, where the kernel is built.
         Without gradients (compiled and eager decoding, prefill, evaluation) under autocast only below the kernel's
-        threshold, `_FLOAT32_KERNEL_MIN_MACS` (a long prefill's). With gradients (eager training; the backward is
-        the kernel's own operation, which Dynamo does not trace) under autocast only below `_FLOAT32_TRAIN_MAX_MACS`,
-        where float32 beats the padded bf16 bmm."""
+        threshold, `_FLOAT32_KERNEL_MIN_MACS` (a long prefill's). With gradients (eager and compiled training: the
+        backward is the kernel's own operation) under autocast only below `_FLOAT32_TRAIN_MAX_MACS`, where float32
+        beats the padded bf16 bmm. Compiled, the rule reads the traced shapes (a guard: a batch across the line
+        compiles anew)."""
         if not (FLOAT32_EXPERTS and flat.device.type == "cpu"):
             return False
         if not self.experts_are_weights_alone or self.expert_dispatch is not None:
@@ -437,12 +438,8 @@ class MoE(nn.Module):
         E, F_, D = self.w1.shape
         if F_ % 16 or D % 16:
             return False
-        copies = flat.shape[0] * k
-        with_grad = torch.is_grad_enabled()
-        if with_grad and torch.compiler.is_compiling():
-            return False
-        most = _FLOAT32_TRAIN_MAX_MACS if with_grad else _FLOAT32_KERNEL_MIN_MACS
-        if torch.is_autocast_enabled("cpu") and not _too_little_for_bf16(copies, E, D * F_, most):
+        most = _FLOAT32_TRAIN_MAX_MACS if torch.is_grad_enabled() else _FLOAT32_KERNEL_MIN_MACS
+        if torch.is_autocast_enabled("cpu") and flat.shape[0] * k * D * F_ >= most * E:
             return False
         return cpu_kernel.float32_ready()
 
