@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     weights = [(torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16) for n, k in shapes]
     nbytes = sum(w.numel() * 2 for w in weights)
     macs = sum(w.numel() for w in weights)
+    kernel = cpu_kernel.products_name() if cpu_kernel.available() else "not here"
     print(
         f"preset {args.preset}: {len(weights)} products a step, {nbytes / 2**20:.0f} MiB of bf16 weights, "
-        f"{torch.get_num_threads()} threads, nanoseek's kernel {'built' if cpu_kernel.available() else 'not here'}",
+        f"{torch.get_num_threads()} threads, nanoseek's kernel {kernel}",
         flush=True,
     )
     summary: dict[str, dict] = {}

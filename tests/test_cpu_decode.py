@@ -363,7 +363,9 @@ def float32_logprobs(model: Transformer, prompt: list[int], tokens: list[int]) -
 
 
 def summed_calls(monkeypatch) -> list[int]:
-    """The rows of each product `model.linear` sends to its one-row product-sums (counted when a graph is traced)."""
+    """The rows of each product `model.linear` sends to its one-row product-sums (counted when a graph is traced),
+    with our AMX product off: where it is on, a one-row graph calls it instead (tested below)."""
+    monkeypatch.setattr(cpu_kernel, "AMX", False)
     calls = []
     summed = L._summed_products
     monkeypatch.setattr(L, "_summed_products", lambda x, *a: calls.append(x.shape[:-1].numel()) or summed(x, *a))
@@ -394,6 +396,24 @@ def test_a_compiled_one_row_product_is_summed_within_bf16_rounding_of_float64(bi
     q.requires_grad_(True)
     out = torch.compile(q, dynamic=False)(x)
     assert out.grad_fn is not None and not calls
+
+
+def test_with_our_amx_product_a_compiled_one_row_product_calls_it(monkeypatch):
+    """Where our AMX product is in use, a one-row graph's bf16 products call it (through the packed copy), not the
+    product-sums: within the output's bf16 rounding of the float64 product, alone and stacked (q/k/v)."""
+    if not (cpu_kernel.available() and cpu_kernel.products_through_amx()):
+        pytest.skip("no AMX product here")
+    calls = []
+    summed = L._summed_products
+    monkeypatch.setattr(L, "_summed_products", lambda x, *a: calls.append(1) or summed(x, *a))
+    torch.manual_seed(0)
+    q, k = (L.Linear(512, n, bias=False).to(torch.bfloat16).requires_grad_(False) for n in (1024, 256))
+    with torch.no_grad():
+        x = torch.randn(1, 1, 512).to(torch.bfloat16)
+        outs = torch.compile(lambda x: (q(x), *L.linears(x, (q, k))), dynamic=False)(x)
+    assert not calls and L._packed[q.weight][1] == "ours"
+    for out, layer in zip(outs, (q, q, k)):
+        torch.testing.assert_close(out.double(), x.double() @ layer.weight.double().T, rtol=2**-7, atol=1e-3)
 
 
 @pytest.mark.parametrize("realize", [True, False])

@@ -31,16 +31,31 @@ def bf16(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
 
+def amx_granted() -> bool:
+    return cpu_kernel.available() and cpu_kernel._kernels.amx_product is not None
+
+
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize(("n", "k"), [(16, 2), (48, 36), (1056, 768)])  # one block; a lone last block; many
-def test_the_product_at_every_row_count_against_float64_and_onednn(n, k, threads, monkeypatch):
-    """1-20 rows (chunks of 8 and every tail), with and without a bias: within bf16 output rounding of the float64
-    product of the same numbers, and oneDNN's prepacked product of the same weight but for an occasional last bit."""
+@pytest.mark.parametrize(
+    ("kernel", "n", "k"),
+    [
+        *[("avx512", n, k) for n, k in [(16, 2), (48, 36), (1056, 768)]],  # one block; a lone last block; many
+        *[("amx", n, k) for n, k in [(16, 32), (80, 64), (1056, 768)]],  # one tile; four blocks and one; many
+    ],
+)
+def test_the_product_at_every_row_count_against_float64_and_onednn(kernel, n, k, threads, monkeypatch):
+    """1-20 rows (the AVX-512 loop's chunks of 8 and every tail; AMX's chunk of 16 and the zero-padded tails past it)
+    and 33, with and without a bias: within bf16 output rounding of the float64 product of the same numbers, and
+    oneDNN's prepacked product of the same weight but for an occasional last bit. The AMX product only where the CPU
+    has it and Linux granted its tiles; the AVX-512 one everywhere (`AMX` off)."""
+    if kernel == "amx" and not amx_granted():
+        pytest.skip("no AMX here (or Linux did not grant its tiles)")
+    monkeypatch.setattr(cpu_kernel, "AMX", kernel == "amx")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    w, b, x = bf16(n, k, seed=0) / k**0.5, bf16(n, seed=1), bf16(20, k, seed=2)
+    w, b, x = bf16(n, k, seed=0) / k**0.5, bf16(n, seed=1), bf16(33, k, seed=2)
     packed, onednn = cpu_kernel.pack(w), torch.ops.mkldnn._reorder_linear_weight(w, None)
-    for rows in range(1, 21):
+    for rows in [*range(1, 21), 33]:
         for bias in (None, b):
             got = cpu_kernel.product(x[:rows], packed, bias)
             want = F.linear(x[:rows].double(), w.double(), None if bias is None else bias.double())
@@ -68,7 +83,8 @@ def test_rows_of_any_leading_shape_and_none():
         cpu_kernel.product(x[..., :16], packed)
 
 
-def test_the_shapes_it_takes():
+def test_the_shapes_it_takes(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_has_amx", lambda: False)
     assert cpu_kernel.fits(torch.empty(32, 64)) and cpu_kernel.fits(torch.empty(16, 2))
     assert not cpu_kernel.fits(torch.empty(24, 64))  # not whole blocks of 16 outputs
     assert not cpu_kernel.fits(torch.empty(32, 63))  # not whole pairs of inputs
@@ -76,6 +92,10 @@ def test_the_shapes_it_takes():
     packed = cpu_kernel.pack(w)  # [N/16, K/2, 16, 2]: block, input pair, output in the block, the pair's two
     assert packed.shape == (2, 2, 16, 2)
     assert packed[1, 1, 3].tolist() == [w[16 + 3, 2].item(), w[16 + 3, 3].item()]
+    monkeypatch.setattr(cpu_kernel, "_has_amx", lambda: True)  # AMX's tiles take 32 inputs
+    assert cpu_kernel.fits(torch.empty(32, 64)) and not cpu_kernel.fits(torch.empty(32, 48))
+    monkeypatch.setattr(cpu_kernel, "AMX", False)
+    assert cpu_kernel.fits(torch.empty(32, 48))
 
 
 @pytest.fixture
@@ -147,13 +167,23 @@ def test_where_it_does_not_apply(fresh, monkeypatch):
 
 
 @needs_kernel
-def test_with_amx_the_attention_applies_and_the_product_is_onednns(monkeypatch):
+def test_with_amx_the_product_is_ours_only_through_amx(monkeypatch):
+    """On a CPU with AMX, `model.linear` packs for our product where the AMX product is built and Linux granted its
+    tiles (not for the AVX-512 loop alone, 1.7-4x behind oneDNN's AMX kernel from 8 rows); with `AMX` off, oneDNN's.
+    The attention applies either way."""
     monkeypatch.setattr(cpu_kernel, "_has_amx", lambda: True)
-    assert cpu_kernel.attention_available() and not cpu_kernel.products_available()
+    granted = amx_granted()
+    assert cpu_kernel.attention_available() and cpu_kernel.products_available() == granted
     w, x = bf16(2048, 512, seed=0), bf16(3, 512, seed=1)
     with torch.no_grad():
-        L.linear(x, w)
+        want = L.linear(x, w)
+    assert L._packed[w][1] == ("ours" if granted else "onednn")
+    monkeypatch.setattr(cpu_kernel, "AMX", False)
+    assert not cpu_kernel.products_available()
+    with torch.no_grad():
+        got = L.linear(x, w)
     assert L._packed[w][1] == "onednn"
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-5)
     monkeypatch.setattr(cpu_kernel, "_has_amx", lambda: False)
     assert cpu_kernel.products_available()
 

@@ -220,7 +220,8 @@ class _Compiled:
             return None
         compiled_fn = self._compiled.get(fn)
         if compiled_fn is None:
-            cpu_kernel.float32_available()  # built now, not while Dynamo traces (`model.linear`)
+            cpu_kernel.float32_available()  # both libraries built now, not while Dynamo traces (`model.linear`)
+            cpu_kernel.available()
             compiled_fn = self._compiled[fn] = torch.compile(fn, options=_OPTIONS)
         # Rows, keys read, and the cache's slots and length: engines of other sizes reuse the graph.
         dynamic = [(ids, 0), (pos, 0), (keys, 1)] + [(t, 0) for t in rest[:3]]

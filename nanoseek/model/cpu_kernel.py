@@ -9,7 +9,10 @@ packed weight feeds a vdpbf16ps per row) reads them at it: `small`'s 49 products
 1.9 / 1.3-1.4 / 1.1-1.5x faster than oneDNN's, and within 3% of it at 128-2048 rows, where both are bound by the
 arithmetic (2 threads, the 2-core EPYC; docs/LOG.md, 2026-12-04, twenty-second session). Each output's sum runs along
 the inputs in order, as oneDNN's does: the same float32 sums, rounded to bf16 once (equal to oneDNN's output but
-for an occasional last bit, tested against float64).
+for an occasional last bit, tested against float64). On a CPU with AMX the same packed weights feed AMX's tile
+product instead (`nanoseek_amx_rows_bf16`: the layout is already the tile's), which reads `small`'s step in 7.0 ms
+at 1-16 rows, at the memory's rate, where oneDNN's AMX kernel takes 8.2-9.4 and the AVX-512 BF16 loop 8.3-18.5
+(docs/LOG.md, 2026-12-05, thirty-fifth session).
 
 The decode attention computes each score once (inductor's fused loop recomputed it in every pass of the softmax,
 with the query's RoPE inside), soft-maxes and sums the values in float32, and rounds once to bf16: the same sums as
@@ -21,10 +24,10 @@ as a Python operation its crossing cost ~11 us a call, 2-3% of tiny's 64-row dec
 The product is built at first use with the C++ compiler inductor also needs (`$CXX`, else g++; about two seconds) into
 `$NANOSEEK_KERNEL_DIR` (default `~/.cache/nanoseek/kernels`), one library under a name that hashes the sources and
 the flags, written atomically; loaded with ctypes (which releases the GIL during the call) after torch, so the
-kernels' OpenMP threads are torch's own pool. Only on x86-64 Linux with AVX-512 BF16, and the product only without
-AMX (`products_available`: oneDNN's AMX kernel is faster from 4 rows; the attention gains there, tiny at 64 rows
-1.14x); `NANOSEEK_CPU_KERNEL=0` turns them off. A failed build or a wrong answer
-in the check that follows it: one warning, and `model.linear` keeps oneDNN's prepacked kernel.
+kernels' OpenMP threads are torch's own pool. Only on x86-64 Linux with AVX-512 BF16, and on a CPU with AMX the
+product only through AMX, once Linux grants the process its tiles (`products_available`: the AVX-512 BF16 loop
+alone is behind oneDNN's AMX kernel from 4 rows); `NANOSEEK_CPU_KERNEL=0` turns them off. A failed build or a
+wrong answer in the check that follows it: one warning, and `model.linear` keeps oneDNN's prepacked kernel.
 
 The float32 product (`float32_rows`) is a torch operation, `nanoseek::float32_rows`, built against torch's headers
 (about ten seconds, once per source and torch version, into the same directory) and loaded into torch's operator
@@ -65,6 +68,7 @@ class Kernels(NamedTuple):
     """The built library's functions (ctypes)."""
 
     product: Callable[..., None]  # nanoseek_few_rows_bf16
+    amx_product: Callable[..., None] | None  # nanoseek_amx_rows_bf16, on a CPU with AMX whose tiles Linux granted
 
 
 ENV = "NANOSEEK_CPU_KERNEL"
@@ -73,6 +77,9 @@ SOURCES = (Path(__file__).with_name("few_rows.cpp"),)
 USE = True
 """Set to False for oneDNN's prepacked kernel (weights packed for ours are packed again for it at their next product;
 benchmarks and tests compare both)."""
+AMX = True
+"""Set to False to keep oneDNN's kernel for `model.linear` on a CPU with AMX (and the AVX-512 BF16 loop for direct
+calls of `product`), as before the AMX product (benchmarks compare both)."""
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
 _lock = threading.Lock()
@@ -96,8 +103,9 @@ def fits(weight: Tensor) -> bool:
 
 
 def fits_shape(n: int, k: int) -> bool:
-    """N outputs a multiple of 16 (whole packed blocks), K inputs even (whole pairs)."""
-    return n % 16 == 0 and k % 2 == 0
+    """N outputs a multiple of 16 (whole packed blocks), K inputs even (whole pairs; on a CPU with AMX a multiple of
+    32, whole tiles: AVX-512 BF16 alone is 1.7-4x slower than oneDNN's AMX kernel from 8 rows)."""
+    return n % 16 == 0 and k % (32 if _has_amx() and AMX else 2) == 0
 
 
 def pack(weight: Tensor) -> Tensor:
@@ -107,7 +115,11 @@ def pack(weight: Tensor) -> Tensor:
 
 
 def product(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] (bf16) times the packed weight's [N, K] transposed, plus bias [N] (bf16): [..., N] bf16."""
+    """x [..., K] (bf16) times the packed weight's [N, K] transposed, plus bias [N] (bf16): [..., N] bf16. Through AMX
+    where the CPU has it (and Linux granted its tiles) and K is a multiple of 32, else the AVX-512 BF16 loop."""
+    amx = _kernels.amx_product
+    if amx is not None and AMX and packed.shape[1] % 16 == 0:  # K / 2 pairs
+        return _product(amx, x, packed, bias)
     return _product(_kernels.product, x, packed, bias)
 
 
@@ -197,10 +209,23 @@ def _applies() -> bool:
 
 
 def products_available() -> bool:
-    """Whether `model.linear` packs bf16 weights for our few-rows product (`available()`, and no AMX): against
-    oneDNN's AMX kernel it is ahead at 1-2 rows only and 1.7-4x behind from 8 (`small`; the decode attention gains
-    there: docs/LOG.md, 2026-12-05, thirty-first session), and a packed copy serves every batch size."""
-    return available() and not _has_amx()
+    """Whether `model.linear` packs bf16 weights for our product (`available()`; on a CPU with AMX, only where the
+    AMX product is on and Linux granted its tiles: the AVX-512 BF16 loop alone is ahead of oneDNN's AMX kernel at 1-2
+    rows only and 1.7-4x behind from 8, docs/LOG.md, 2026-12-05, thirty-first session; a packed copy serves every
+    batch size)."""
+    return available() and (not _has_amx() or products_through_amx())
+
+
+def products_through_amx() -> bool:
+    """Whether our bf16 products run through AMX (`products_available()` on a CPU with AMX), read without building
+    the library (False until it is built), so a graph being traced may ask."""
+    return USE and AMX and _kernels is not None and _kernels.amx_product is not None
+
+
+def products_name() -> str:
+    """Which of our products `model.linear` takes for bf16 weights: "AMX" or "AVX-512 BF16" (`products_available()`
+    must be True)."""
+    return "AMX" if products_through_amx() else "AVX-512 BF16"
 
 
 def attention_available() -> bool:
@@ -257,25 +282,35 @@ def _load(library: Path) -> Kernels:
     loaded = ctypes.CDLL(str(library))
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     product = loaded.nanoseek_few_rows_bf16
-    product.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64, ctypes.c_int]
-    product.restype = None
-    return Kernels(product)
+    amx: Callable[..., None] | None = None
+    if _has_amx() and loaded.nanoseek_amx_request() == 0:  # else the tile instructions would fault
+        amx = loaded.nanoseek_amx_rows_bf16
+    for function in (product, amx):
+        if function is not None:
+            function.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64, ctypes.c_int]
+            function.restype = None
+    return Kernels(product, amx)
 
 
 def _check(kernels: Kernels) -> None:
-    """Every row count the product specialises (1-9) against float64: a build that miscomputes is not used."""
+    """Every row count the product specialises (1-9) against float64, and the AMX product where there is one (1-9
+    rows, a full chunk of 16 and tails past it): a build that miscomputes is not used."""
     g = torch.Generator().manual_seed(0)
-    # The product on odd sizes (a lone last block of 16 outputs).
-    w = torch.randn(48, 36, generator=g).to(torch.bfloat16)
-    b = torch.randn(48, generator=g).to(torch.bfloat16)
-    x = torch.randn(9, 36, generator=g).to(torch.bfloat16)
-    packed = pack(w)
-    for m in range(1, 10):
-        want = x[:m].double() @ w.double().T + b.double()
-        got = _product(kernels.product, x[:m], packed, b).double()
-        err = (got - want).abs().max().item()
-        if not err <= 2**-7 * want.abs().max().item() + 1e-3:
-            raise AssertionError(f"the built kernel's product at {m} rows is off by {err:.3g}")
+    # Odd sizes: a lone last block of 16 outputs (and for AMX four blocks and one: 80 outputs, 2 tiles of inputs).
+    cases = [(kernels.product, 48, 36, range(1, 10))]
+    if kernels.amx_product is not None:
+        cases.append((kernels.amx_product, 80, 64, [*range(1, 10), 16, 17, 33]))
+    for function, n, k, row_counts in cases:
+        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        b = torch.randn(n, generator=g).to(torch.bfloat16)
+        x = torch.randn(max(row_counts), k, generator=g).to(torch.bfloat16)
+        packed = pack(w)
+        for m in row_counts:
+            want = x[:m].double() @ w.double().T + b.double()
+            got = _product(function, x[:m], packed, b).double()
+            err = (got - want).abs().max().item()
+            if not err <= 2**-7 * want.abs().max().item() + 1e-3:
+                raise AssertionError(f"the built kernel's product at {m} rows is off by {err:.3g}")
 
 
 def float32_fits(weights: list[Tensor], k: int) -> bool:

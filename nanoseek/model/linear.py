@@ -7,9 +7,11 @@ A decode step reads every weight once, for a few rows, so the reorder doubles th
 (the 100M `small` preset's MLP) multiplied one row at 22 GB/s, and at 45 GB/s prepacked; eight rows at 17 vs 37 GB/s
 (docs/LOG.md, 2026-12-02, twelfth session). `linear` keeps one prepacked copy per weight, made at its first use and
 made again when the weight changes (its version counter moves with an optimizer step or a `copy_`, its storage with
-`.data =`), and multiplies with it: through our own kernel (`cpu_kernel`: AVX-512 BF16 without AMX; at 1-8 rows it
-streams the weights 1.1-1.9x faster than oneDNN's prepacked kernel, equal at many) where it is built, else through
-oneDNN's prepacked kernel (the same values as F.linear, tested). Only where that pays and is safe:
+`.data =`), and multiplies with it: through our own kernel where it is built (`cpu_kernel`: AVX-512 BF16 where the CPU
+has no AMX, at 1-8 rows streaming the weights 1.1-1.9x faster than oneDNN's prepacked kernel, equal at many; AMX
+where it has, at 1-32 rows 1.1-1.2x faster than oneDNN's AMX kernel at reading `small`'s step, 64 and 512 rows
+level, 128 1.14x slower), else through oneDNN's prepacked kernel (the same values as F.linear, tested). Only where
+that pays and is safe:
 
 * a CPU, torch built with oneDNN and its bf16 kernels supported by the processor; a bf16 weight (float32 ones fit
   the cache where the engine keeps them float32: `precision.inference_dtype`);
@@ -26,7 +28,9 @@ one-row decode graph for a lone sequence), is neither: it is written as elementw
 step's other loops. oneDNN's kernel reads a weight at one row at ~17-22 GB/s on the 2-core EPYC, the loop at ~25:
 `small`'s 49 products a step 11.1 -> 8.6 ms, its whole one-row decode 1.17-1.20x (docs/LOG.md, 2026-12-03,
 nineteenth session). From two rows on the loop converts every weight once per row and loses (2 rows 1.4x slower).
-The row itself is written out once before the loops (`REALIZE_ROW`), not recomputed inside each of them.
+The row itself is written out once before the loops (`REALIZE_ROW`), not recomputed inside each of them. Where our
+AMX product is in use, the one-row graph calls it instead: it reads the weights at the memory's rate, which the
+loops do not (`small`'s one-row decode 80 -> 92 tok/s on a 2-core Xeon; docs/LOG.md, 2026-12-05, thirty-fifth session).
 
 A float32 model's products where no gradient is wanted and no autocast is on (the engine's decode steps for models
 that fit the cache, evaluation) go through `cpu_kernel.float32_rows` where it is built (x86-64 Linux, AVX-512): MKL's
@@ -132,7 +136,7 @@ def describe_packing(model: nn.Module) -> str:
     if not any(_weights_packable([m.weight]) for m in linears):
         return ""
     size = f"{PACKED_MIN_BYTES >> 20} MiB"
-    kernel = "nanoseek's AVX-512 BF16 kernel" if cpu_kernel.products_available() else "oneDNN's kernel"
+    kernel = f"nanoseek's {cpu_kernel.products_name()} kernel" if cpu_kernel.products_available() else "oneDNN's kernel"
     return f"bf16 weights of {size} or more (and q/k/v, gate/up stacked) multiply prepacked, through {kernel}"
 
 
@@ -193,8 +197,9 @@ def _float32_rows(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> boo
 
 def _one_row_in_graph(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> bool:
     """A bf16 product of one row, known to be one row when the graph is built (the engine's one-row decode graph),
-    inside torch.compile on a CPU: `_summed_products` there."""
-    if not (SUMMED_ONE_ROW and torch.compiler.is_compiling()):
+    inside torch.compile on a CPU: `_summed_products` there, unless our AMX product is in use, which reads the
+    weights at the memory's rate and beats the fused loops (`small`'s one-row decode 1.15-1.23x)."""
+    if not (SUMMED_ONE_ROW and torch.compiler.is_compiling()) or cpu_kernel.products_through_amx():
         return False
     rows = x.shape[:-1]
     one_row = all(isinstance(n, int) for n in rows) and math.prod(rows) == 1
