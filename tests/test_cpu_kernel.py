@@ -31,10 +31,6 @@ def bf16(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
 
-def amx_granted() -> bool:
-    return cpu_kernel.available() and cpu_kernel._kernels.amx_product is not None
-
-
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
@@ -49,7 +45,7 @@ def test_the_product_at_every_row_count_against_float64_and_onednn(kernel, n, k,
     and 33, with and without a bias: within bf16 output rounding of the float64 product of the same numbers, and
     oneDNN's prepacked product of the same weight but for an occasional last bit. The AMX product only where the CPU
     has it and Linux granted its tiles; the AVX-512 one everywhere (`AMX` off)."""
-    if kernel == "amx" and not amx_granted():
+    if kernel == "amx" and not (cpu_kernel.available() and cpu_kernel.products_through_amx()):
         pytest.skip("no AMX here (or Linux did not grant its tiles)")
     monkeypatch.setattr(cpu_kernel, "AMX", kernel == "amx")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
@@ -172,7 +168,7 @@ def test_with_amx_the_product_is_ours_only_through_amx(monkeypatch):
     tiles (not for the AVX-512 loop alone, 1.7-4x behind oneDNN's AMX kernel from 8 rows); with `AMX` off, oneDNN's.
     The attention applies either way."""
     monkeypatch.setattr(cpu_kernel, "_has_amx", lambda: True)
-    granted = amx_granted()
+    granted = cpu_kernel.available() and cpu_kernel.products_through_amx()
     assert cpu_kernel.attention_available() and cpu_kernel.products_available() == granted
     w, x = bf16(2048, 512, seed=0), bf16(3, 512, seed=1)
     with torch.no_grad():
