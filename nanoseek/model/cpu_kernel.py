@@ -117,9 +117,8 @@ def pack(weight: Tensor) -> Tensor:
 def product(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [..., K] (bf16) times the packed weight's [N, K] transposed, plus bias [N] (bf16): [..., N] bf16. Through AMX
     where the CPU has it (and Linux granted its tiles) and K is a multiple of 32, else the AVX-512 BF16 loop."""
-    amx = _kernels.amx_product
-    if amx is not None and AMX and packed.shape[1] % 16 == 0:  # K / 2 pairs
-        return _product(amx, x, packed, bias)
+    if products_through_amx() and packed.shape[1] % 16 == 0:  # K / 2 pairs
+        return _product(_kernels.amx_product, x, packed, bias)
     return _product(_kernels.product, x, packed, bias)
 
 

@@ -157,15 +157,17 @@ def _experts_dtype(x: Tensor, n_experts: int, d_ff: int) -> torch.dtype:
     _grouped_mm), except on CPU for too little work per expert (the rows' own dtype, float32 in training)."""
     if not torch.is_autocast_enabled(x.device.type):
         return x.dtype
-    if x.device.type == "cpu" and _too_little_for_bf16(x.shape[0], n_experts, x.shape[-1] * d_ff, _CPU_BF16_MIN_MACS):
-        return x.dtype
+    # Eager only: a compiled step's padded experts follow autocast.
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if _too_little_for_bf16(x.shape[0], n_experts, x.shape[-1] * d_ff, _CPU_BF16_MIN_MACS):
+            return x.dtype
     return torch.get_autocast_dtype(x.device.type)
 
 
 def _too_little_for_bf16(rows: int, n_experts: int, macs_per_row: int, min_macs: int) -> bool:
-    """Whether, under autocast on a CPU, experts sharing `rows` rows do fewer than `min_macs` multiply-adds each per
-    matmul, so they keep float32 (eager only: a compiled step follows autocast)."""
-    return not torch.compiler.is_compiling() and rows / max(n_experts, 1) * macs_per_row < min_macs
+    """Whether experts sharing `rows` rows do fewer than `min_macs` multiply-adds each per matmul, so that under
+    autocast on a CPU they are faster in float32. In integers: a traced row count stays a symbol, not a float."""
+    return rows * macs_per_row < min_macs * max(n_experts, 1)
 
 
 def count_per_expert(expert_ids: Tensor, n_experts: int) -> Tensor:
@@ -439,7 +441,7 @@ class MoE(nn.Module):
         if F_ % 16 or D % 16:
             return False
         most = _FLOAT32_TRAIN_MAX_MACS if torch.is_grad_enabled() else _FLOAT32_KERNEL_MIN_MACS
-        if torch.is_autocast_enabled("cpu") and flat.shape[0] * k * D * F_ >= most * E:
+        if torch.is_autocast_enabled("cpu") and not _too_little_for_bf16(flat.shape[0] * k, E, D * F_, most):
             return False
         return cpu_kernel.float32_ready()
 
